@@ -1,0 +1,225 @@
+//! [`MessageCodec`]: messages over frames, with per-batch zstd compression.
+//!
+//! Compression is per frame: a payload is compressed when it is at least
+//! [`MIN_COMPRESS_LEN`] long and the codec has a level, and is sent raw when compression
+//! does not save at least 1/[`MIN_SAVING_DIVISOR`] of it. Decompression is bounded by the
+//! frame's declared raw length (itself bounded by [`MAX_PAYLOAD_LEN`]), so a zip bomb is
+//! an error, not an allocation.
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::frame::{put_frame, Frame, FrameCodec, Header, FLAG_ZSTD, MAX_PAYLOAD_LEN};
+use crate::message::Message;
+use crate::version::PROTOCOL_VERSION_MAX;
+use crate::{Error, Result};
+
+/// Payloads shorter than this are never compressed: zstd's frame overhead eats the gain.
+pub const MIN_COMPRESS_LEN: usize = 512;
+/// Compression must save at least 1/32 of a payload (3%) to be worth the receiver's time.
+pub const MIN_SAVING_DIVISOR: usize = 32;
+
+/// How outgoing payloads are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Never compress.
+    #[default]
+    None,
+    /// zstd at this level (1..=19; negative levels are zstd's fast modes).
+    Zstd(i32),
+}
+
+/// Byte counters of one codec, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodecStats {
+    /// Frames encoded.
+    pub frames_out: u64,
+    /// Payload bytes before compression, encoded.
+    pub raw_bytes_out: u64,
+    /// Frame bytes written (headers, payloads, CRCs).
+    pub wire_bytes_out: u64,
+    /// Frames decoded.
+    pub frames_in: u64,
+    /// Frame bytes read.
+    pub wire_bytes_in: u64,
+    /// Payload bytes after decompression, decoded.
+    pub raw_bytes_in: u64,
+}
+
+/// Frames and messages together: the codec every connection uses.
+pub struct MessageCodec {
+    frames: FrameCodec,
+    compression: Compression,
+    version: u16,
+    scratch: BytesMut,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    /// Counters since the codec was made.
+    pub stats: CodecStats,
+}
+
+impl std::fmt::Debug for MessageCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageCodec")
+            .field("compression", &self.compression)
+            .field("version", &self.version)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Default for MessageCodec {
+    fn default() -> Self {
+        Self::new(Compression::None)
+    }
+}
+
+impl MessageCodec {
+    /// A codec that compresses outgoing payloads as `compression` says.
+    pub fn new(compression: Compression) -> Self {
+        MessageCodec {
+            frames: FrameCodec::default(),
+            compression,
+            version: PROTOCOL_VERSION_MAX,
+            scratch: BytesMut::new(),
+            compressor: None,
+            decompressor: None,
+            stats: CodecStats::default(),
+        }
+    }
+
+    /// Changes the compression of later frames (the adaptive level uses this).
+    pub fn set_compression(&mut self, compression: Compression) {
+        if self.compression != compression {
+            self.compressor = None;
+        }
+        self.compression = compression;
+    }
+
+    /// Sets the protocol version written into outgoing frames (after negotiation).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+
+    /// Encodes `msg` into a standalone frame (for caches and benches).
+    pub fn encode_to_bytes(&mut self, msg: &Message) -> Result<Bytes> {
+        let mut out = BytesMut::new();
+        self.encode(msg, &mut out)?;
+        Ok(out.freeze())
+    }
+
+    /// Decodes the message in an already verified frame (for caches that store frames).
+    pub fn decode_frame(&mut self, frame: Frame) -> Result<Message> {
+        let payload = if frame.header.flags & FLAG_ZSTD != 0 {
+            let raw_len = frame.header.raw_len as usize;
+            debug_assert!(raw_len <= MAX_PAYLOAD_LEN, "checked in Header::parse");
+            let d = match &mut self.decompressor {
+                Some(d) => d,
+                None => self.decompressor.insert(
+                    zstd::bulk::Decompressor::new()
+                        .map_err(|e| Error::Decompress(e.to_string()))?,
+                ),
+            };
+            // The capacity bounds the output: zstd fails rather than writing past it.
+            let out = d
+                .decompress(&frame.payload, raw_len)
+                .map_err(|e| Error::Decompress(e.to_string()))?;
+            if out.len() != raw_len {
+                return Err(Error::Decompress(format!(
+                    "{} bytes decompressed, {raw_len} declared",
+                    out.len()
+                )));
+            }
+            Bytes::from(out)
+        } else {
+            frame.payload
+        };
+        self.stats.raw_bytes_in += payload.len() as u64;
+        Message::decode_payload(frame.header.msg_type, payload)
+    }
+}
+
+impl Decoder for MessageCodec {
+    type Item = Message;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>> {
+        let before = src.len();
+        let Some(frame) = self.frames.decode(src)? else {
+            return Ok(None);
+        };
+        self.stats.frames_in += 1;
+        self.stats.wire_bytes_in += (before - src.len()) as u64;
+        self.decode_frame(frame).map(Some)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>> {
+        match self.decode(src)? {
+            Some(m) => Ok(Some(m)),
+            None if src.is_empty() => Ok(None),
+            None => Err(Error::UnexpectedEof {
+                buffered: src.len(),
+            }),
+        }
+    }
+}
+
+impl Encoder<&Message> for MessageCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<()> {
+        self.scratch.clear();
+        msg.encode_payload(&mut self.scratch)?;
+        let raw_len = self.scratch.len();
+        if raw_len > MAX_PAYLOAD_LEN {
+            return Err(Error::TooLarge {
+                what: "outgoing payload",
+                len: raw_len as u64,
+                max: MAX_PAYLOAD_LEN as u64,
+            });
+        }
+        let before = dst.len();
+        let mut header = Header {
+            version: self.version,
+            msg_type: msg.msg_type(),
+            flags: 0,
+            wire_len: raw_len as u32,
+            raw_len: raw_len as u32,
+        };
+        let mut compressed = None;
+        if let Compression::Zstd(level) = self.compression {
+            if raw_len >= MIN_COMPRESS_LEN {
+                let c = match &mut self.compressor {
+                    Some(c) => c,
+                    None => self
+                        .compressor
+                        .insert(zstd::bulk::Compressor::new(level).map_err(Error::Io)?),
+                };
+                let out = c.compress(&self.scratch).map_err(Error::Io)?;
+                if out.len() <= raw_len - raw_len / MIN_SAVING_DIVISOR {
+                    compressed = Some(out);
+                }
+            }
+        }
+        match compressed {
+            Some(out) => {
+                header.flags = FLAG_ZSTD;
+                header.wire_len = out.len() as u32;
+                put_frame(header, &out, dst)?;
+            }
+            None => put_frame(header, &self.scratch, dst)?,
+        }
+        self.stats.frames_out += 1;
+        self.stats.raw_bytes_out += raw_len as u64;
+        self.stats.wire_bytes_out += (dst.len() - before) as u64;
+        Ok(())
+    }
+}
+
+impl Encoder<Message> for MessageCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<()> {
+        self.encode(&msg, dst)
+    }
+}

@@ -1,0 +1,44 @@
+//! The wire protocol of the failback data plane.
+//!
+//! Every byte between the agent, the process server and the master target travels in the
+//! frames defined here, over mutual TLS 1.3.
+//!
+//! # Layout
+//! - [`frame`]: the frame layer: a fixed header with its own CRC32C, the payload (zstd or
+//!   raw) and a CRC32C over the payload. Tokio-util [`Decoder`](tokio_util::codec::Decoder)
+//!   and [`Encoder`](tokio_util::codec::Encoder) implementations.
+//! - [`message`]: the messages carried in frames, their payload layouts and their stable
+//!   type numbers.
+//! - [`codec`]: [`MessageCodec`], frames and messages together, with per-batch compression.
+//! - [`version`]: protocol version negotiation.
+//! - [`tls`]: rustls configurations from PEM files, and certificate generation with rcgen.
+//!
+//! # Design constraints
+//! - Nothing a peer declares makes us allocate beyond a named limit: a frame's declared
+//!   lengths are checked against [`frame::MAX_PAYLOAD_LEN`] before any buffer grows, and
+//!   decompression is bounded by the declared raw length.
+//! - Corruption anywhere in a frame is detected: the header carries its own CRC32C (so a
+//!   flipped length is caught before we wait for bytes that will never come) and the payload
+//!   carries another.
+//! - Block data is zero-copy on receipt: each write's data is a [`bytes::Bytes`] slice of the
+//!   received (or decompressed) payload.
+//! - This crate does no I/O of its own except reading and writing PEM files in [`tls`].
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod tls;
+pub mod version;
+
+pub use codec::{CodecStats, Compression, MessageCodec};
+pub use error::{Error, Result};
+pub use message::{
+    Ack, AckEntry, Bookmark, BookmarkKind, DigestList, DigestRequest, DiskAttach, ErrorCode,
+    ErrorMsg, Hello, LocationKind, Message, Nack, Role, Write, WriteBatch, CAP_ZSTD,
+};
+
+/// The blake3 digest of a block of data, as carried on the wire.
+pub fn digest(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}

@@ -1,0 +1,55 @@
+//! Protocol version negotiation.
+//!
+//! Each side's first frame is a `Hello` carrying the range of protocol versions it speaks
+//! (DRBD's `P_CONNECTION_FEATURES` habit). Both use the highest version in both ranges. A peer
+//! whose range does not overlap gets an `Error` frame naming both ranges, then the
+//! connection closes.
+
+use crate::{Error, Result};
+
+/// The oldest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
+const _: () = assert!(
+    PROTOCOL_VERSION_MIN >= 1,
+    "version 0 is never valid on the wire"
+);
+
+/// The version two peers speak: the highest one in both ranges.
+pub fn negotiate(ours: (u16, u16), theirs: (u16, u16)) -> Result<u16> {
+    let low = ours.0.max(theirs.0);
+    let high = ours.1.min(theirs.1);
+    if theirs.0 > theirs.1 || low > high {
+        return Err(Error::VersionMismatch {
+            ours_min: ours.0,
+            ours_max: ours.1,
+            theirs_min: theirs.0,
+            theirs_max: theirs.1,
+        });
+    }
+    Ok(high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_highest_common() {
+        assert_eq!(negotiate((1, 3), (2, 5)).unwrap(), 3);
+        assert_eq!(negotiate((1, 1), (1, 1)).unwrap(), 1);
+    }
+
+    #[test]
+    fn disjoint_ranges_name_both() {
+        let e = negotiate((1, 2), (3, 4)).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("1..=2") && text.contains("3..=4"), "{text}");
+        assert!(
+            negotiate((1, 2), (2, 1)).is_err(),
+            "an inverted range is refused"
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! Properties of the codec: round trips, corruption detection, bounded input handling.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use proptest::prelude::*;
+use tokio_util::codec::{Decoder, Encoder};
+use wire_protocol::frame::{put_frame, Header, FLAG_ZSTD, HEADER_LEN, MAX_PAYLOAD_LEN};
+use wire_protocol::message::{types, MAX_BATCH_DATA_LEN};
+use wire_protocol::*;
+
+fn arb_string() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9 _.:/-]{0,40}"
+}
+
+fn arb_write() -> impl Strategy<Value = Write> {
+    (
+        any::<u64>(),
+        0u64..(1 << 40),
+        prop::collection::vec(any::<u8>(), 0..2048),
+        any::<bool>(),
+    )
+        .prop_map(|(ts, offset, data, zeros)| {
+            let data = if zeros { vec![0u8; data.len()] } else { data };
+            Write {
+                timestamp_us: ts,
+                offset,
+                digest: digest(&data),
+                data: Bytes::from(data),
+            }
+        })
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    let code = prop_oneof![
+        Just(ErrorCode::VersionMismatch),
+        Just(ErrorCode::DiskLimit),
+        Just(ErrorCode::DigestMismatch),
+        Just(ErrorCode::LsnGap),
+        Just(ErrorCode::CacheFull),
+    ];
+    prop_oneof![
+        (any::<u16>(), any::<u16>(), any::<u32>(), arb_string()).prop_map(|(a, b, c, n)| {
+            Message::Hello(Hello {
+                proto_min: a,
+                proto_max: b,
+                role: Role::Agent,
+                capabilities: c,
+                node_id: n,
+            })
+        }),
+        (
+            any::<u64>(),
+            arb_string(),
+            arb_string(),
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            any::<bool>(),
+            arb_string()
+        )
+            .prop_map(
+                |(id, vm, g, uuid, size, alt, t)| Message::DiskAttach(DiskAttach {
+                    disk_id: id,
+                    vm_id: vm,
+                    group_id: g,
+                    disk_uuid: uuid,
+                    size_bytes: size,
+                    sector_size: 512,
+                    location: if alt {
+                        LocationKind::Alternate
+                    } else {
+                        LocationKind::Original
+                    },
+                    target: t,
+                })
+            ),
+        (
+            any::<u64>(),
+            1u64..(1 << 50),
+            prop::collection::vec(arb_write(), 1..12)
+        )
+            .prop_map(|(d, lsn, writes)| Message::WriteBatch(WriteBatch {
+                disk_id: d,
+                first_lsn: lsn,
+                writes
+            })),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            arb_string()
+        )
+            .prop_map(|(d, lsn, app, t, g, tag)| Message::Bookmark(Bookmark {
+                disk_id: d,
+                lsn,
+                kind: if app {
+                    BookmarkKind::AppConsistent
+                } else {
+                    BookmarkKind::CrashConsistent
+                },
+                time_us: t,
+                group_marker: g,
+                tag,
+            })),
+        prop::collection::vec((any::<u64>(), any::<u64>()), 0..20).prop_map(|v| Message::Ack(
+            Ack {
+                entries: v
+                    .into_iter()
+                    .map(|(disk_id, durable_lsn)| AckEntry {
+                        disk_id,
+                        durable_lsn
+                    })
+                    .collect()
+            }
+        )),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(d, bs, fb, n)| {
+            Message::DigestRequest(DigestRequest {
+                disk_id: d,
+                block_size: bs,
+                first_block: fb,
+                block_count: n,
+            })
+        }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            prop::collection::vec(any::<[u8; 32]>(), 0..50)
+        )
+            .prop_map(|(d, bs, fb, digests)| Message::DigestList(DigestList {
+                disk_id: d,
+                block_size: bs,
+                first_block: fb,
+                digests
+            })),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, time_us)| Message::Heartbeat { seq, time_us }),
+        (code.clone(), any::<u64>(), arb_string()).prop_map(|(code, d, m)| Message::Error(
+            ErrorMsg {
+                code,
+                disk_id: d,
+                message: m
+            }
+        )),
+        (any::<u64>(), any::<u64>(), code, arb_string()).prop_map(|(d, l, code, r)| Message::Nack(
+            Nack {
+                disk_id: d,
+                from_lsn: l,
+                code,
+                reason: r
+            }
+        )),
+        any::<u64>().prop_map(|d| Message::Detach { disk_id: d }),
+    ]
+}
+
+fn arb_compression() -> impl Strategy<Value = Compression> {
+    prop_oneof![
+        Just(Compression::None),
+        (1i32..6).prop_map(Compression::Zstd)
+    ]
+}
+
+fn encode(msg: &Message, c: Compression) -> BytesMut {
+    let mut out = BytesMut::new();
+    MessageCodec::new(c).encode(msg, &mut out).expect("encodes");
+    out
+}
+
+/// Decodes everything in `buf`, then EOF; returns messages or the first error.
+fn decode_all(mut buf: BytesMut) -> Result<Vec<Message>> {
+    let mut codec = MessageCodec::default();
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        match codec.decode_eof(&mut buf)? {
+            Some(m) => out.push(m),
+            None => return Ok(out),
+        }
+    }
+    panic!("decoder did not finish in 10000 steps");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_round_trips(msg in arb_message(), c in arb_compression()) {
+        let bytes = encode(&msg, c);
+        prop_assert_eq!(decode_all(bytes).unwrap(), vec![msg]);
+    }
+
+    #[test]
+    fn split_at_every_byte_decodes_the_same(msg in arb_message(), c in arb_compression()) {
+        let bytes = encode(&msg, c).freeze();
+        // Feed the frame in two pieces split at every position, as a socket might.
+        for cut in 0..=bytes.len() {
+            let mut codec = MessageCodec::default();
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            let first = codec.decode(&mut buf).unwrap();
+            if cut < bytes.len() {
+                prop_assert!(first.is_none());
+                buf.put_slice(&bytes[cut..]);
+                prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(msg.clone()));
+            } else {
+                prop_assert_eq!(first, Some(msg.clone()));
+            }
+            prop_assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected(msg in arb_message(), c in arb_compression()) {
+        let bytes = encode(&msg, c);
+        for bit in 0..bytes.len() * 8 {
+            let mut bad = bytes.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(decode_all(bad).is_err(), "flip of bit {} went undetected", bit);
+        }
+    }
+
+    #[test]
+    fn truncation_is_a_typed_error(msg in arb_message(), c in arb_compression()) {
+        let bytes = encode(&msg, c);
+        for len in 1..bytes.len() {
+            let err = decode_all(BytesMut::from(&bytes[..len])).unwrap_err();
+            prop_assert!(matches!(err, Error::UnexpectedEof { .. }), "{:?}", err);
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics(data in prop::collection::vec(any::<u8>(), 0..4096)) {
+        let _ = decode_all(BytesMut::from(&data[..]));
+    }
+
+    #[test]
+    fn garbage_with_a_valid_header_never_panics(
+        msg_type in 1u16..12, payload in prop::collection::vec(any::<u8>(), 0..512), zstd in any::<bool>()
+    ) {
+        // Valid framing around hostile payloads reaches the message parser and the
+        // decompressor; both must answer with errors, not panics.
+        let mut buf = BytesMut::new();
+        let header = Header {
+            version: 1,
+            msg_type,
+            flags: if zstd { FLAG_ZSTD } else { 0 },
+            wire_len: payload.len() as u32,
+            raw_len: if zstd { 4096 } else { payload.len() as u32 },
+        };
+        put_frame(header, &payload, &mut buf).unwrap();
+        let _ = decode_all(buf);
+    }
+}
+
+#[test]
+fn oversized_declared_length_fails_before_buffering() {
+    let mut buf = BytesMut::new();
+    let header = Header {
+        version: 1,
+        msg_type: types::WRITE_BATCH,
+        flags: 0,
+        wire_len: (MAX_PAYLOAD_LEN + 1) as u32,
+        raw_len: (MAX_PAYLOAD_LEN + 1) as u32,
+    };
+    header.put(&mut buf);
+    let mut codec = MessageCodec::default();
+    let err = codec.decode(&mut buf).unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
+    assert!(
+        buf.capacity() < 1 << 20,
+        "the buffer did not grow toward the declared length"
+    );
+}
+
+#[test]
+fn zip_bomb_is_an_error_not_an_allocation() {
+    // 16 MiB of zeros compresses to a few hundred bytes; declare a raw length of 1 KiB.
+    let bomb = zstd::bulk::compress(&vec![0u8; MAX_PAYLOAD_LEN], 3).unwrap();
+    let mut buf = BytesMut::new();
+    let header = Header {
+        version: 1,
+        msg_type: types::WRITE_BATCH,
+        flags: FLAG_ZSTD,
+        wire_len: bomb.len() as u32,
+        raw_len: 1024,
+    };
+    put_frame(header, &bomb, &mut buf).unwrap();
+    let err = decode_all(buf).unwrap_err();
+    assert!(matches!(err, Error::Decompress(_)), "{err:?}");
+}
+
+#[test]
+fn nonzero_reserved_bytes_are_refused() {
+    let mut buf = encode(
+        &Message::Heartbeat { seq: 1, time_us: 2 },
+        Compression::None,
+    );
+    buf[10] = 1; // reserved
+    let crc = crc32c::crc32c(&buf[..HEADER_LEN - 4]);
+    buf[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
+    let err = decode_all(buf).unwrap_err();
+    assert!(matches!(err, Error::ReservedNotZero { .. }), "{err:?}");
+}
+
+#[test]
+fn unknown_types_are_errors_unless_ignorable() {
+    for (t, ignorable) in [(200u16, false), (0x8001, true)] {
+        let mut buf = BytesMut::new();
+        let header = Header {
+            version: 1,
+            msg_type: t,
+            flags: 0,
+            wire_len: 0,
+            raw_len: 0,
+        };
+        put_frame(header, &[], &mut buf).unwrap();
+        let r = decode_all(buf);
+        if ignorable {
+            assert_eq!(r.unwrap(), vec![Message::Ignored { msg_type: t }]);
+        } else {
+            assert!(matches!(r.unwrap_err(), Error::UnknownMessage(200)));
+        }
+    }
+}
+
+#[test]
+fn compression_is_used_only_when_it_pays() {
+    let zeros = Bytes::from(vec![0u8; 64 << 10]);
+    let mut random = vec![0u8; 64 << 10];
+    blake3::Hasher::new().finalize_xof().fill(&mut random);
+    for (data, expect_compressed) in [(zeros, true), (Bytes::from(random), false)] {
+        let msg = Message::WriteBatch(WriteBatch {
+            disk_id: 1,
+            first_lsn: 1,
+            writes: vec![Write {
+                timestamp_us: 0,
+                offset: 0,
+                digest: digest(&data),
+                data,
+            }],
+        });
+        let bytes = encode(&msg, Compression::Zstd(3));
+        let header = Header::parse(&bytes[..HEADER_LEN]).unwrap();
+        assert_eq!(header.flags & FLAG_ZSTD != 0, expect_compressed);
+        assert_eq!(decode_all(bytes).unwrap(), vec![msg]);
+    }
+}
+
+#[test]
+fn batch_data_limit_is_enforced_on_encode() {
+    let data = Bytes::from(vec![1u8; MAX_BATCH_DATA_LEN / 2 + 1]);
+    let w = Write {
+        timestamp_us: 0,
+        offset: 0,
+        digest: digest(&data),
+        data,
+    };
+    let msg = Message::WriteBatch(WriteBatch {
+        disk_id: 1,
+        first_lsn: 1,
+        writes: vec![w.clone(), w],
+    });
+    let mut out = BytesMut::new();
+    let err = MessageCodec::default().encode(&msg, &mut out).unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
+}
+
+#[test]
+fn received_block_data_is_zero_copy() {
+    let data = Bytes::from(vec![7u8; 4096]);
+    let msg = Message::WriteBatch(WriteBatch {
+        disk_id: 1,
+        first_lsn: 1,
+        writes: vec![Write {
+            timestamp_us: 0,
+            offset: 0,
+            digest: digest(&data),
+            data,
+        }],
+    });
+    let mut buf = encode(&msg, Compression::None);
+    let range = buf.as_ptr_range();
+    let Some(Message::WriteBatch(b)) = MessageCodec::default().decode(&mut buf).unwrap() else {
+        panic!("not a batch")
+    };
+    let p = b.writes[0].data.as_ptr();
+    assert!(
+        range.contains(&p),
+        "write data points into the receive buffer"
+    );
+}
