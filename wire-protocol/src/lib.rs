@@ -28,6 +28,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod ops;
 pub mod tls;
 pub mod version;
 

@@ -1,0 +1,214 @@
+//! The `master-target` command line: `serve`, `points`, `export`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Settings;
+use crate::error::Result;
+use crate::export::{self, Format, PointSel};
+use crate::service::Disks;
+
+/// The on-premises end of failback: applies replicated writes to VMDK disks, keeps a
+/// retention journal of recovery points, exports any point.
+#[derive(Debug, Parser)]
+#[command(name = "master-target", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// TOML configuration file; flags override its keys.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// List recovery points (works with the service stopped).
+    Points {
+        /// TOML configuration file (for data-dir and retention-dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+        /// Only this disk.
+        #[arg(long)]
+        disk: Option<u64>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a disk as it was at a recovery point (works with the service stopped).
+    Export {
+        /// TOML configuration file (for data-dir and retention-dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+        /// The disk.
+        #[arg(long)]
+        disk: u64,
+        /// latest, latest-app, a point id, or an RFC 3339 time (the newest point at or before it).
+        #[arg(long)]
+        point: PointSel,
+        /// Output file (for vmdk: the descriptor; the flat extent goes beside it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "raw")]
+        format: Format,
+    },
+}
+
+fn settings(config: Option<PathBuf>, flags: Settings) -> Result<crate::config::Config> {
+    let file = match config {
+        Some(p) => Settings::from_file(&p)?,
+        None => Settings::default(),
+    };
+    flags.or(file).resolve()
+}
+
+/// Runs the command line with `args` (the first is the program name). Returns the exit code.
+pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("master-target: error: {e}");
+            1
+        }
+    }
+}
+
+fn fmt_time(us: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
+        .to_string()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            settings: s,
+        } => {
+            let cfg = settings(config, s)?;
+            wire_protocol::ops::init_logging(cfg.log_json);
+            let rt = tokio::runtime::Runtime::new().map_err(|e| crate::error::Error::Io {
+                context: "start runtime".into(),
+                source: e,
+            })?;
+            rt.block_on(serve(cfg))
+        }
+        Command::Points {
+            config,
+            settings: s,
+            disk,
+            json,
+        } => {
+            let cfg = settings(config, s)?;
+            for (disk_id, points, committed) in
+                export::list(&cfg.data_dir, &cfg.retention_dir, disk)?
+            {
+                if json {
+                    for p in &points {
+                        let mut v = serde_json::to_value(p).expect("serializable");
+                        v["disk"] = disk_id.into();
+                        v["time"] = fmt_time(p.time_us).into();
+                        println!("{v}");
+                    }
+                } else {
+                    println!(
+                        "disk {disk_id}: {} points, committed lsn {committed}",
+                        points.len()
+                    );
+                    println!(
+                        "{:>8}  {:<24}  {:<16}  {:>12}  tag",
+                        "id", "time", "kind", "lsn"
+                    );
+                    for p in &points {
+                        let kind = match p.kind {
+                            crate::journal::PointKind::AppConsistent => "app-consistent",
+                            crate::journal::PointKind::CrashConsistent => "crash-consistent",
+                        };
+                        println!(
+                            "{:>8}  {:<24}  {:<16}  {:>12}  {}",
+                            p.id,
+                            fmt_time(p.time_us),
+                            kind,
+                            p.lsn,
+                            p.tag
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Export {
+            config,
+            settings: s,
+            disk,
+            point,
+            out,
+            format,
+        } => {
+            let cfg = settings(config, s)?;
+            let (p, undone) = export::export(
+                &cfg.data_dir,
+                &cfg.retention_dir,
+                disk,
+                &point,
+                &out,
+                format,
+            )?;
+            println!("exported disk {disk} at point {} (lsn {}, {}, tag {:?}) to {} ({undone} journal records applied)", p.id, p.lsn, fmt_time(p.time_us), p.tag, out.display());
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: crate::config::Config) -> Result<()> {
+    let vol = crate::retention::check(
+        &cfg.retention_dir,
+        &[("the data directory", &cfg.data_dir)],
+        cfg.allow_shared_retention_volume,
+    )?;
+    tracing::info!(retention = %cfg.retention_dir.display(), free_bytes = vol.free_bytes, total_bytes = vol.total_bytes, "retention volume accepted");
+    let tls = wire_protocol::tls::server_config(&cfg.tls)?;
+    let disks = Disks::open(cfg.clone())?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| crate::error::Error::Io {
+            context: format!("listen on {}", cfg.listen),
+            source: e,
+        })?;
+    let d = Arc::clone(&disks);
+    let admin = wire_protocol::ops::serve_admin(
+        cfg.admin_listen,
+        move || {
+            let d = Arc::clone(&d);
+            async move { crate::metrics::render(&d) }
+        },
+        || (true, "master-target".into()),
+    )
+    .await
+    .map_err(|e| crate::error::Error::Io {
+        context: format!("admin endpoint on {}", cfg.admin_listen),
+        source: e,
+    })?;
+    tracing::info!(listen = %listener.local_addr().map_err(|e| crate::error::Error::Io { context: "local addr".into(), source: e })?, admin = %admin, "master-target ready");
+    let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "master-target".into());
+    crate::server::serve(listener, TlsAcceptor::from(tls), disks, node).await
+}

@@ -1,0 +1,169 @@
+//! Configuration: a TOML file (kebab-case keys), every key also a command-line flag; flags
+//! win. `master-target serve --help` explains each key with its unit and default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Settings as given (file or flags); `None` means "use the default".
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Address process servers connect to (mutual TLS). Default: 0.0.0.0:7443
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address of the admin endpoint (/metrics, /health). Default: 127.0.0.1:9443
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Directory of the master target's own state (disk list). Default: /var/lib/failback/master-target
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Retention journal directory; must be a volume of its own. Default: /mnt/retention
+    #[arg(long)]
+    pub retention_dir: Option<PathBuf>,
+    /// Datastore directory for new disks (alternate location) when an attach names none. Default: /var/lib/failback/datastore
+    #[arg(long)]
+    pub datastore_dir: Option<PathBuf>,
+    /// CA certificate (PEM) that signs process servers' client certificates. Default: /etc/failback/tls/ca.pem
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This server's certificate (PEM). Default: /etc/failback/tls/server.pem
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// This server's private key (PEM). Default: /etc/failback/tls/server.key
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// A crash-consistent recovery point at least this often, in milliseconds of replicated time. Default: 5000
+    #[arg(long)]
+    pub crash_point_interval_ms: Option<u64>,
+    /// Recovery-point retention window, in hours. Default: 24
+    #[arg(long)]
+    pub retention_hours: Option<u64>,
+    /// Size limit of each disk's retention journal (e.g. 100GiB); the oldest points go first. Default: 64GiB
+    #[arg(long)]
+    pub journal_quota: Option<String>,
+    /// Allow the retention directory on a filesystem shared with disks or data (demos and tests only). Default: false
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_shared_retention_volume: Option<bool>,
+    /// Log format: text or json. Default: text
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// See [`Settings::listen`].
+    pub listen: SocketAddr,
+    /// See [`Settings::admin_listen`].
+    pub admin_listen: SocketAddr,
+    /// See [`Settings::data_dir`].
+    pub data_dir: PathBuf,
+    /// See [`Settings::retention_dir`].
+    pub retention_dir: PathBuf,
+    /// See [`Settings::datastore_dir`].
+    pub datastore_dir: PathBuf,
+    /// TLS files.
+    pub tls: wire_protocol::tls::TlsFiles,
+    /// See [`Settings::crash_point_interval_ms`].
+    pub crash_point_interval_ms: u64,
+    /// See [`Settings::retention_hours`].
+    pub retention_hours: u64,
+    /// See [`Settings::journal_quota`], in bytes.
+    pub journal_quota_bytes: u64,
+    /// See [`Settings::allow_shared_retention_volume`].
+    pub allow_shared_retention_volume: bool,
+    /// JSON logs.
+    pub log_json: bool,
+}
+
+impl Settings {
+    /// Reads a TOML file of settings.
+    pub fn from_file(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidParameter {
+            param: "config",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|e| Error::InvalidParameter {
+            param: "config",
+            reason: format!("{}: {e}", path.display()),
+        })
+    }
+
+    /// `self` with every unset key taken from `base`.
+    pub fn or(self, base: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(base.listen),
+            admin_listen: self.admin_listen.or(base.admin_listen),
+            data_dir: self.data_dir.or(base.data_dir),
+            retention_dir: self.retention_dir.or(base.retention_dir),
+            datastore_dir: self.datastore_dir.or(base.datastore_dir),
+            tls_ca: self.tls_ca.or(base.tls_ca),
+            tls_cert: self.tls_cert.or(base.tls_cert),
+            tls_key: self.tls_key.or(base.tls_key),
+            crash_point_interval_ms: self
+                .crash_point_interval_ms
+                .or(base.crash_point_interval_ms),
+            retention_hours: self.retention_hours.or(base.retention_hours),
+            journal_quota: self.journal_quota.or(base.journal_quota),
+            allow_shared_retention_volume: self
+                .allow_shared_retention_volume
+                .or(base.allow_shared_retention_volume),
+            log_format: self.log_format.or(base.log_format),
+        }
+    }
+
+    /// Applies defaults and checks values.
+    pub fn resolve(self) -> Result<Config> {
+        let quota = self.journal_quota.as_deref().unwrap_or("64GiB");
+        let journal_quota_bytes =
+            wire_protocol::ops::parse_bytes(quota).map_err(|reason| Error::InvalidParameter {
+                param: "journal-quota",
+                reason,
+            })?;
+        let crash_point_interval_ms = self.crash_point_interval_ms.unwrap_or(5000);
+        if crash_point_interval_ms == 0 {
+            return Err(Error::InvalidParameter {
+                param: "crash-point-interval-ms",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let log_json = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            f => {
+                return Err(Error::InvalidParameter {
+                    param: "log-format",
+                    reason: format!("{f:?}: use text or json"),
+                })
+            }
+        };
+        let tls_dir = Path::new("/etc/failback/tls");
+        Ok(Config {
+            listen: self.listen.unwrap_or(([0, 0, 0, 0], 7443).into()),
+            admin_listen: self.admin_listen.unwrap_or(([127, 0, 0, 1], 9443).into()),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| "/var/lib/failback/master-target".into()),
+            retention_dir: self
+                .retention_dir
+                .unwrap_or_else(|| "/mnt/retention".into()),
+            datastore_dir: self
+                .datastore_dir
+                .unwrap_or_else(|| "/var/lib/failback/datastore".into()),
+            tls: wire_protocol::tls::TlsFiles {
+                ca: self.tls_ca.unwrap_or_else(|| tls_dir.join("ca.pem")),
+                cert: self.tls_cert.unwrap_or_else(|| tls_dir.join("server.pem")),
+                key: self.tls_key.unwrap_or_else(|| tls_dir.join("server.key")),
+            },
+            crash_point_interval_ms,
+            retention_hours: self.retention_hours.unwrap_or(24),
+            journal_quota_bytes,
+            allow_shared_retention_volume: self.allow_shared_retention_volume.unwrap_or(false),
+            log_json,
+        })
+    }
+}

@@ -1,0 +1,113 @@
+//! An attached disk's data file, held under an exclusive lock while attached.
+//!
+//! The on-premises VM is powered off during reprotect, so nothing but the master target
+//! may write its disks: the lock makes that a fact rather than a hope.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// A disk's flat extent (or raw image), open for reading and writing, exclusively locked.
+#[derive(Debug)]
+pub struct DiskFile {
+    file: File,
+    path: PathBuf,
+    size_bytes: u64,
+}
+
+impl DiskFile {
+    /// Opens and exclusively locks `path`. Fails with [`Error::DiskLocked`] if another
+    /// process (or another attachment) holds it.
+    pub fn open(path: &Path) -> Result<DiskFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ctx(|| format!("open disk {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(Error::DiskLocked { path: path.into() }),
+            Err(TryLockError::Error(e)) => {
+                return Err(Error::Io {
+                    context: format!("lock {}", path.display()),
+                    source: e,
+                })
+            }
+        }
+        let size_bytes = file
+            .metadata()
+            .ctx(|| format!("stat {}", path.display()))?
+            .len();
+        Ok(DiskFile {
+            file,
+            path: path.into(),
+            size_bytes,
+        })
+    }
+
+    /// Opens `path` read-only under a shared lock, for exports with the service stopped.
+    pub fn open_shared(path: &Path) -> Result<DiskFile> {
+        let file = File::open(path).ctx(|| format!("open disk {}", path.display()))?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(Error::DiskLocked { path: path.into() }),
+            Err(TryLockError::Error(e)) => {
+                return Err(Error::Io {
+                    context: format!("lock {}", path.display()),
+                    source: e,
+                })
+            }
+        }
+        let size_bytes = file
+            .metadata()
+            .ctx(|| format!("stat {}", path.display()))?
+            .len();
+        Ok(DiskFile {
+            file,
+            path: path.into(),
+            size_bytes,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .ctx(|| format!("read {} at {offset}", self.path.display()))
+    }
+
+    /// Writes all of `data` at `offset` (into the page cache; see [`DiskFile::sync`]).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        debug_assert!(
+            offset + data.len() as u64 <= self.size_bytes,
+            "callers check ranges"
+        );
+        self.file
+            .write_all_at(data, offset)
+            .ctx(|| format!("write {} at {offset}", self.path.display()))
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .ctx(|| format!("fsync {}", self.path.display()))
+    }
+
+    /// The underlying file (for copies).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}

@@ -1,0 +1,155 @@
+//! The one error type of the master target.
+
+use std::io;
+use std::path::PathBuf;
+
+use wire_protocol::ErrorCode;
+
+/// Result with the master target's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong; each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The wire protocol failed.
+    #[error(transparent)]
+    Wire(#[from] wire_protocol::Error),
+    /// The master target has its maximum number of disks.
+    #[error(
+        "at most {max} disks per master target: deploy another master target for disk {disk_id}"
+    )]
+    DiskLimit {
+        /// The limit.
+        max: usize,
+        /// The disk refused.
+        disk_id: u64,
+    },
+    /// A disk with the same UUID is attached already.
+    #[error("disk {disk_id} has UUID {uuid}, the same as attached disk {other}: VMs cloned from one template need new disk UUIDs (set a new ddb.uuid) before reprotect")]
+    DuplicateUuid {
+        /// The disk refused.
+        disk_id: u64,
+        /// The UUID.
+        uuid: String,
+        /// The disk attached already.
+        other: u64,
+    },
+    /// The disk cannot be written consistently (sparse, snapshot, delta).
+    #[error("{path}: {reason}")]
+    UnsupportedDisk {
+        /// The descriptor or image.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// Another process holds the disk file.
+    #[error("{path} is locked by another process: power off the on-premises VM (or stop whatever holds the disk) and retry")]
+    DiskLocked {
+        /// The locked file.
+        path: PathBuf,
+    },
+    /// The disk's size does not match the source's.
+    #[error("disk {disk_id}: target {path} holds {actual} bytes but the source disk has {expected}: choose the matching disk, or recover to an alternate location")]
+    SizeMismatch {
+        /// The disk.
+        disk_id: u64,
+        /// The target file.
+        path: PathBuf,
+        /// Source size.
+        expected: u64,
+        /// Target size.
+        actual: u64,
+    },
+    /// A write falls outside the disk.
+    #[error("disk {disk_id}: write at {offset}+{len} ends past the disk's {size} bytes")]
+    OutOfRange {
+        /// The disk.
+        disk_id: u64,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// A write's data does not match its digest.
+    #[error("disk {disk_id}: write lsn {lsn} does not match its digest; asking for a resend")]
+    DigestMismatch {
+        /// The disk.
+        disk_id: u64,
+        /// The write.
+        lsn: u64,
+    },
+    /// No such disk.
+    #[error("disk {0} is not attached to this master target")]
+    UnknownDisk(u64),
+    /// The retention volume does not qualify.
+    #[error("retention directory {path} refused: {reason}")]
+    RetentionVolume {
+        /// The directory.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// A journal is damaged where it cannot be repaired.
+    #[error("journal {path} is corrupt at byte {offset}: {detail}")]
+    JournalCorrupt {
+        /// The segment.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// What.
+        detail: String,
+    },
+    /// No recovery point matches.
+    #[error("{0}")]
+    NoSuchPoint(String),
+    /// A configuration value is unusable.
+    #[error("invalid {param}: {reason}")]
+    InvalidParameter {
+        /// Which setting.
+        param: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// The wire error code a peer sees for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::DiskLimit { .. } => ErrorCode::DiskLimit,
+            Error::DuplicateUuid { .. } => ErrorCode::DuplicateUuid,
+            Error::UnsupportedDisk { .. } => ErrorCode::UnsupportedDisk,
+            Error::DiskLocked { .. } => ErrorCode::DiskLocked,
+            Error::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+            Error::OutOfRange { .. } => ErrorCode::OutOfRange,
+            Error::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            Error::UnknownDisk(_) => ErrorCode::UnknownDisk,
+            Error::Wire(_) => ErrorCode::Malformed,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Attaches a context to an I/O error.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
+    }
+}

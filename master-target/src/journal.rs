@@ -1,0 +1,574 @@
+//! The retention journal: undo records, commit markers and recovery points of one disk.
+//!
+//! # Design constraints
+//! - The attached disk is always the latest state: failing back to "latest" replays nothing.
+//! - Any earlier point inside the window costs one copy of the disk plus the undo records
+//!   newer than the point, applied newest first.
+//! - Write-ahead: the bytes a write overwrites are durable in the journal before the write
+//!   can reach the disk; a batch is acknowledged only after its commit record is durable.
+//!   After a crash, undo records after the last commit are rolled back, so nothing
+//!   half-applied is ever visible.
+//! - Only the tail of the last segment may be torn (a crash mid-append): it is truncated.
+//!   A bad record anywhere else is corruption and a hard error (raft-engine's habit).
+//!
+//! # Layout
+//! Segments `seg-NNNNNNNN.fbj` in the disk's retention directory, each a sequence of:
+//! ```text
+//! struct Record {              // all integers big-endian; don't reorder
+//!     magic:    [u8; 4],       // b"FBJ1"
+//!     kind:     u8,            // 1 undo, 2 commit, 3 point
+//!     reserved: [u8; 3],       // zero
+//!     body_len: u32,           // <= MAX_BODY_LEN
+//!     crc:      u32,           // CRC32C of kind, reserved, body_len and body
+//!     body:     [u8; body_len],
+//! }
+//! Undo   { lsn: u64, timestamp_us: u64, offset: u64, old_data: [u8] }  // bytes write `lsn` overwrote
+//! Commit { lsn: u64, time_us: u64 }     // every item up to lsn is durable on the disk
+//! Point  { id: u64, lsn: u64, time_us: u64, kind: u8, tag_len: u16, tag: [u8; tag_len] }
+//! ```
+//! Every segment starts with a commit record (a checkpoint of the committed LSN), so the
+//! committed LSN is always found in the last segment.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::disk::DiskFile;
+use crate::error::{Error, IoContext, Result};
+use crate::vmdk::sync_dir;
+
+const MAGIC: [u8; 4] = *b"FBJ1";
+const HEADER_LEN: usize = 16;
+/// Largest record body: one write's undo data (bounded by the wire's batch data limit) plus
+/// its metadata. A larger declared length is corruption, never an allocation.
+pub const MAX_BODY_LEN: usize = wire_protocol::message::MAX_BATCH_DATA_LEN + 64;
+/// A segment is closed once it holds this much; pruning frees whole segments.
+pub const SEGMENT_TARGET_BYTES: u64 = 64 << 20;
+const KIND_UNDO: u8 = 1;
+const KIND_COMMIT: u8 = 2;
+const KIND_POINT: u8 = 3;
+const UNDO_META_LEN: usize = 24;
+
+/// The kind of a recovery point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointKind {
+    /// Taken by the master target at least every crash-point interval of replicated time.
+    CrashConsistent,
+    /// From a source bookmark.
+    AppConsistent,
+}
+
+/// A recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Point {
+    /// Id, unique per disk, increasing.
+    pub id: u64,
+    /// Every item with an LSN up to this one, and none after, is in the point.
+    pub lsn: u64,
+    /// Replicated time of the point, microseconds since the Unix epoch.
+    pub time_us: u64,
+    /// Crash- or app-consistent.
+    pub kind: PointKind,
+    /// The bookmark's tag ("" for crash-consistent points).
+    pub tag: String,
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    seq: u32,
+    path: PathBuf,
+    bytes: u64,
+    /// Highest undo LSN in the segment (0: none).
+    last_undo_lsn: u64,
+}
+
+/// One scanned record's place and metadata.
+#[derive(Debug, Clone, Copy)]
+struct UndoRef {
+    lsn: u64,
+    pos: u64,
+    body_len: u32,
+}
+
+/// The journal of one disk.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    active: File,
+    points: Vec<Point>,
+    committed_lsn: u64,
+    /// Points with an LSN below this can no longer be built (their undo records were dropped).
+    horizon_lsn: u64,
+    next_point_id: u64,
+}
+
+fn seg_path(dir: &Path, seq: u32) -> PathBuf {
+    dir.join(format!("seg-{seq:08}.fbj"))
+}
+
+fn encode(kind: u8, body: &[u8], out: &mut Vec<u8>) {
+    assert!(
+        body.len() <= MAX_BODY_LEN,
+        "journal bodies are bounded by the batch limit"
+    );
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = kind;
+    h[8..12].copy_from_slice(&(body.len() as u32).to_be_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[4..12]), body);
+    h[12..16].copy_from_slice(&crc.to_be_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(body);
+}
+
+/// Appends an undo record for a write at `offset` that overwrites `old`.
+pub fn encode_undo(lsn: u64, timestamp_us: u64, offset: u64, old: &[u8], out: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(UNDO_META_LEN + old.len());
+    body.extend_from_slice(&lsn.to_be_bytes());
+    body.extend_from_slice(&timestamp_us.to_be_bytes());
+    body.extend_from_slice(&offset.to_be_bytes());
+    body.extend_from_slice(old);
+    encode(KIND_UNDO, &body, out);
+}
+
+fn encode_commit(lsn: u64, time_us: u64, out: &mut Vec<u8>) {
+    let mut body = [0u8; 16];
+    body[..8].copy_from_slice(&lsn.to_be_bytes());
+    body[8..].copy_from_slice(&time_us.to_be_bytes());
+    encode(KIND_COMMIT, &body, out);
+}
+
+fn encode_point(p: &Point, out: &mut Vec<u8>) {
+    let tag = &p.tag.as_bytes()[..p.tag.len().min(u16::MAX as usize)];
+    let mut body = Vec::with_capacity(27 + tag.len());
+    body.extend_from_slice(&p.id.to_be_bytes());
+    body.extend_from_slice(&p.lsn.to_be_bytes());
+    body.extend_from_slice(&p.time_us.to_be_bytes());
+    body.push(match p.kind {
+        PointKind::CrashConsistent => 0,
+        PointKind::AppConsistent => 1,
+    });
+    body.extend_from_slice(&(tag.len() as u16).to_be_bytes());
+    body.extend_from_slice(tag);
+    encode(KIND_POINT, &body, out);
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+/// What one pass over a segment found.
+#[derive(Debug, Default)]
+struct Scan {
+    /// Bytes of whole, valid records.
+    valid_len: u64,
+    /// Set when the scan stopped at a bad or torn record.
+    bad: Option<String>,
+    undos: Vec<UndoRef>,
+    points: Vec<Point>,
+    /// (lsn, end position of the record) of the last commit.
+    last_commit: Option<(u64, u64)>,
+}
+
+/// Reads a segment's records. `verify` checks every body's CRC; without it undo bodies are
+/// skipped (their CRCs are checked when an export reads them).
+fn scan(path: &Path, verify: bool) -> Result<Scan> {
+    let f = File::open(path).ctx(|| format!("open journal {}", path.display()))?;
+    let len = f
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .len();
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut s = Scan::default();
+    let mut pos = 0u64;
+    let mut body = Vec::new();
+    while pos < len {
+        let mut h = [0u8; HEADER_LEN];
+        if len - pos < HEADER_LEN as u64 {
+            s.bad = Some("torn record header".into());
+            break;
+        }
+        r.read_exact(&mut h)
+            .ctx(|| format!("read {}", path.display()))?;
+        let kind = h[4];
+        let body_len = u32::from_be_bytes(h[8..12].try_into().expect("4")) as usize;
+        let crc = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        if h[..4] != MAGIC
+            || h[5..8] != [0, 0, 0]
+            || !(1..=3).contains(&kind)
+            || body_len > MAX_BODY_LEN
+        {
+            s.bad = Some("bad record header".into());
+            break;
+        }
+        if len - pos - (HEADER_LEN as u64) < body_len as u64 {
+            s.bad = Some("torn record body".into());
+            break;
+        }
+        let skip = kind == KIND_UNDO && !verify;
+        let read_len = if skip {
+            UNDO_META_LEN.min(body_len)
+        } else {
+            body_len
+        };
+        body.resize(read_len, 0);
+        r.read_exact(&mut body)
+            .ctx(|| format!("read {}", path.display()))?;
+        if skip {
+            r.seek_relative((body_len - read_len) as i64)
+                .ctx(|| format!("seek {}", path.display()))?;
+        } else if crc32c::crc32c_append(crc32c::crc32c(&h[4..12]), &body) != crc {
+            s.bad = Some("record checksum mismatch".into());
+            break;
+        }
+        let end = pos + (HEADER_LEN + body_len) as u64;
+        match kind {
+            KIND_UNDO if body_len >= UNDO_META_LEN => s.undos.push(UndoRef {
+                lsn: be64(&body),
+                pos,
+                body_len: body_len as u32,
+            }),
+            KIND_COMMIT if body_len == 16 => s.last_commit = Some((be64(&body), end)),
+            KIND_POINT if body_len >= 27 => {
+                let tag_len = u16::from_be_bytes([body[25], body[26]]) as usize;
+                let tag = body
+                    .get(27..27 + tag_len)
+                    .map(|t| String::from_utf8_lossy(t).into_owned());
+                let Some(tag) = tag else {
+                    s.bad = Some("point tag past its record".into());
+                    break;
+                };
+                s.points.push(Point {
+                    id: be64(&body),
+                    lsn: be64(&body[8..]),
+                    time_us: be64(&body[16..]),
+                    kind: if body[24] == 1 {
+                        PointKind::AppConsistent
+                    } else {
+                        PointKind::CrashConsistent
+                    },
+                    tag,
+                });
+            }
+            _ => {
+                s.bad = Some(format!("record kind {kind} with a {body_len}-byte body"));
+                break;
+            }
+        }
+        pos = end;
+    }
+    s.valid_len = pos;
+    Ok(s)
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
+        let e = e.ctx(|| format!("list {}", dir.display()))?;
+        let name = e.file_name();
+        let Some(seq) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("seg-")?.strip_suffix(".fbj")?.parse().ok())
+        else {
+            continue;
+        };
+        v.push((seq, e.path()));
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Reads the body of the undo record at `r` and checks its CRC.
+fn read_undo(f: &File, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8>)> {
+    let mut buf = vec![0u8; HEADER_LEN + r.body_len as usize];
+    f.read_exact_at(&mut buf, r.pos)
+        .ctx(|| format!("read {}", path.display()))?;
+    let crc = u32::from_be_bytes(buf[12..16].try_into().expect("4"));
+    if crc32c::crc32c_append(crc32c::crc32c(&buf[4..12]), &buf[HEADER_LEN..]) != crc {
+        return Err(Error::JournalCorrupt {
+            path: path.into(),
+            offset: r.pos,
+            detail: "undo record checksum mismatch".into(),
+        });
+    }
+    let body = buf.split_off(HEADER_LEN);
+    let offset = be64(&body[16..]);
+    Ok((offset, body[UNDO_META_LEN..].to_vec()))
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir` and recovers: truncates a torn tail of the last
+    /// segment and rolls back on `disk` every undo record after the last commit.
+    pub fn open(dir: &Path, disk: &DiskFile) -> Result<Journal> {
+        fs::create_dir_all(dir).ctx(|| format!("create journal directory {}", dir.display()))?;
+        let mut listed = list_segments(dir)?;
+        // A segment created by a rotation that crashed before its checkpoint is empty.
+        while let Some((_, p)) = listed.last() {
+            if fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 0 || listed.len() == 1 {
+                break;
+            }
+            fs::remove_file(p).ctx(|| format!("remove empty segment {}", p.display()))?;
+            listed.pop();
+        }
+        let mut segments = Vec::new();
+        let mut points = Vec::new();
+        let mut committed = (0u64, 0u64);
+        let n = listed.len();
+        for (i, (seq, path)) in listed.into_iter().enumerate() {
+            let last = i + 1 == n;
+            let s = scan(&path, last)?;
+            if let Some(bad) = &s.bad {
+                if !last {
+                    return Err(Error::JournalCorrupt { path, offset: s.valid_len, detail: format!("{bad} in a sealed segment; restore the retention volume from backup or detach and re-attach the disk (this drops its earlier points)") });
+                }
+            }
+            let mut keep_len = s.valid_len;
+            if last {
+                // Roll back what was applied after the last commit, newest first.
+                let commit_end = s.last_commit.map_or(0, |c| c.1);
+                let f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
+                let mut rolled = 0;
+                for r in s.undos.iter().rev().filter(|r| r.pos >= commit_end) {
+                    let (offset, old) = read_undo(&f, &path, *r)?;
+                    disk.write_at(&old, offset)?;
+                    rolled += 1;
+                }
+                if rolled > 0 {
+                    disk.sync()?;
+                    tracing::warn!(disk = %disk.path().display(), rolled, "rolled back writes that were not committed before a crash");
+                }
+                keep_len = commit_end;
+                points.extend(
+                    s.points
+                        .iter()
+                        .filter(|p| p.lsn <= s.last_commit.map_or(0, |c| c.0))
+                        .cloned(),
+                );
+            } else {
+                points.extend(s.points.iter().cloned());
+            }
+            if let Some(c) = s.last_commit {
+                committed = c;
+            }
+            let last_undo_lsn = s
+                .undos
+                .iter()
+                .filter(|r| r.pos < keep_len)
+                .map(|r| r.lsn)
+                .max()
+                .unwrap_or(0);
+            segments.push(Segment {
+                seq,
+                path,
+                bytes: keep_len,
+                last_undo_lsn,
+            });
+        }
+        let next_point_id = points.iter().map(|p| p.id + 1).max().unwrap_or(1);
+        let (active, segments) = match segments.last() {
+            Some(seg) => {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&seg.path)
+                    .ctx(|| format!("open {}", seg.path.display()))?;
+                f.set_len(seg.bytes)
+                    .ctx(|| format!("truncate {}", seg.path.display()))?;
+                f.sync_all()
+                    .ctx(|| format!("fsync {}", seg.path.display()))?;
+                (f, segments)
+            }
+            None => {
+                let seg = Segment {
+                    seq: 1,
+                    path: seg_path(dir, 1),
+                    bytes: 0,
+                    last_undo_lsn: 0,
+                };
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&seg.path)
+                    .ctx(|| format!("create {}", seg.path.display()))?;
+                (f, vec![seg])
+            }
+        };
+        let mut j = Journal {
+            dir: dir.into(),
+            segments,
+            active,
+            points,
+            committed_lsn: committed.0,
+            horizon_lsn: 0,
+            next_point_id,
+        };
+        j.horizon_lsn = j.points.first().map_or(0, |p| p.lsn);
+        if j.segments.last().expect("one segment").bytes == 0 {
+            let mut buf = Vec::new();
+            encode_commit(j.committed_lsn, 0, &mut buf);
+            j.append(&buf)?;
+            j.sync()?;
+            sync_dir(dir)?;
+        }
+        Ok(j)
+    }
+
+    /// The highest LSN durable on the disk.
+    pub fn committed_lsn(&self) -> u64 {
+        self.committed_lsn
+    }
+
+    /// Recovery points kept, oldest first.
+    pub fn points(&self) -> &[Point] {
+        &self.points
+    }
+
+    /// Bytes the journal occupies.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Appends encoded records to the active segment (not yet durable).
+    pub fn append(&mut self, records: &[u8]) -> Result<()> {
+        let seg = self.segments.last_mut().expect("always one segment");
+        self.active
+            .write_all_at(records, seg.bytes)
+            .ctx(|| format!("append to {}", seg.path.display()))?;
+        seg.bytes += records.len() as u64;
+        Ok(())
+    }
+
+    /// Notes that undo records up to `lsn` are in the active segment.
+    pub fn note_undo(&mut self, lsn: u64) {
+        let seg = self.segments.last_mut().expect("always one segment");
+        seg.last_undo_lsn = seg.last_undo_lsn.max(lsn);
+    }
+
+    /// Makes everything appended durable.
+    pub fn sync(&self) -> Result<()> {
+        self.active
+            .sync_data()
+            .ctx(|| format!("fsync journal {}", self.dir.display()))
+    }
+
+    /// Records that everything up to `lsn` is durable on the disk, with the new `points`, and
+    /// makes it durable. Rotates the segment when it is full.
+    pub fn commit(
+        &mut self,
+        lsn: u64,
+        time_us: u64,
+        points: Vec<(u64, u64, PointKind, String)>,
+    ) -> Result<Vec<Point>> {
+        let mut buf = Vec::new();
+        let mut made = Vec::new();
+        for (plsn, ptime, kind, tag) in points {
+            let p = Point {
+                id: self.next_point_id,
+                lsn: plsn,
+                time_us: ptime,
+                kind,
+                tag,
+            };
+            self.next_point_id += 1;
+            encode_point(&p, &mut buf);
+            made.push(p);
+        }
+        encode_commit(lsn, time_us, &mut buf);
+        self.append(&buf)?;
+        self.sync()?;
+        self.committed_lsn = lsn;
+        self.points.extend(made.iter().cloned());
+        if self.segments.last().expect("one").bytes >= SEGMENT_TARGET_BYTES {
+            self.rotate(time_us)?;
+        }
+        Ok(made)
+    }
+
+    fn rotate(&mut self, time_us: u64) -> Result<()> {
+        let seq = self.segments.last().expect("one").seq + 1;
+        let path = seg_path(&self.dir, seq);
+        let f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("create {}", path.display()))?;
+        self.active = f;
+        self.segments.push(Segment {
+            seq,
+            path,
+            bytes: 0,
+            last_undo_lsn: 0,
+        });
+        let mut buf = Vec::new();
+        encode_commit(self.committed_lsn, time_us, &mut buf);
+        self.append(&buf)?;
+        self.sync()?;
+        sync_dir(&self.dir)
+    }
+
+    /// Drops points older than `window_us` before the newest point, then drops whole
+    /// segments no kept point needs; then, while over `quota_bytes`, drops the oldest
+    /// segments and the points they make unbuildable. Returns true when the quota forced
+    /// points inside the window out.
+    pub fn prune(&mut self, window_us: u64, quota_bytes: u64) -> Result<bool> {
+        if let Some(newest) = self.points.last().map(|p| p.time_us) {
+            let cutoff = newest.saturating_sub(window_us);
+            self.points.retain(|p| p.time_us >= cutoff);
+        }
+        let needed_from = self.points.first().map_or(self.committed_lsn, |p| p.lsn);
+        while self.segments.len() > 1 && self.segments[0].last_undo_lsn <= needed_from {
+            self.drop_oldest_segment()?;
+        }
+        let mut forced = false;
+        while self.bytes() > quota_bytes && self.segments.len() > 1 {
+            let dropped_lsn = self.drop_oldest_segment()?;
+            self.horizon_lsn = self.horizon_lsn.max(dropped_lsn);
+            let before = self.points.len();
+            let h = self.horizon_lsn;
+            self.points.retain(|p| p.lsn >= h);
+            forced |= self.points.len() < before;
+        }
+        Ok(forced)
+    }
+
+    fn drop_oldest_segment(&mut self) -> Result<u64> {
+        let seg = self.segments.remove(0);
+        fs::remove_file(&seg.path).ctx(|| format!("remove {}", seg.path.display()))?;
+        Ok(seg.last_undo_lsn)
+    }
+
+    /// Writes the disk as it was at `point` into `out`, which holds a copy of the disk at
+    /// the committed LSN: applies every undo record newer than the point, newest first.
+    pub fn rewind(&self, point_lsn: u64, out: &File) -> Result<u64> {
+        if point_lsn < self.horizon_lsn {
+            return Err(Error::NoSuchPoint(format!(
+                "lsn {point_lsn} is older than the journal kept (from lsn {})",
+                self.horizon_lsn
+            )));
+        }
+        let mut applied = 0;
+        for seg in self.segments.iter().rev() {
+            if seg.last_undo_lsn <= point_lsn {
+                break;
+            }
+            let s = scan(&seg.path, false)?;
+            let f = File::open(&seg.path).ctx(|| format!("open {}", seg.path.display()))?;
+            for r in s
+                .undos
+                .iter()
+                .rev()
+                .filter(|r| r.lsn > point_lsn && r.pos < seg.bytes)
+            {
+                let (offset, old) = read_undo(&f, &seg.path, *r)?;
+                out.write_all_at(&old, offset)
+                    .ctx(|| "write export".to_owned())?;
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+}

@@ -1,0 +1,500 @@
+//! The master target's disks: attach rules, one apply worker per disk, detach.
+//!
+//! Each attached disk has a worker thread that owns its [`Applier`] and drains a bounded
+//! queue, applying everything queued at once as one group (group commit: one set of
+//! fsyncs per group, however many batches it holds). Acks go back on each sender's
+//! outbound queue once the group's commit is durable.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use wire_protocol::{
+    Ack, AckEntry, Bookmark, DigestList, DigestRequest, DiskAttach, ErrorCode, ErrorMsg,
+    LocationKind, Message, Nack, WriteBatch,
+};
+
+use crate::apply::{Applier, RetentionPolicy, Verdict};
+use crate::config::Config;
+use crate::disk::DiskFile;
+use crate::error::{Error, Result};
+use crate::journal::Journal;
+use crate::registry::{uuid_hex, DiskRecord, Registry};
+use crate::vmdk;
+
+/// At most this many disks per master target (the product's documented limit).
+pub const MAX_DISKS: usize = 60;
+/// Batches queued per disk before senders wait: with 8 MiB batches, 16 bound a disk's queue
+/// to 128 MiB, and 60 disks to 7.5 GiB in the worst case.
+pub const DISK_QUEUE_DEPTH: usize = 16;
+/// A group stops growing at this many bytes of block data (bounds the undo buffer).
+pub const MAX_GROUP_BYTES: usize = 64 << 20;
+/// Most blocks one digest request may ask for (one digest list's worth).
+pub const MAX_DIGEST_BLOCKS: u32 = wire_protocol::message::MAX_DIGESTS_PER_LIST as u32;
+
+/// Where replies to a sender go.
+pub type Reply = mpsc::Sender<Message>;
+
+enum Work {
+    Batch(WriteBatch, Reply),
+    Bookmark(Bookmark, Reply),
+    Digests(DigestRequest, Reply),
+}
+
+struct DiskHandle {
+    tx: mpsc::Sender<Work>,
+    committed: Arc<AtomicU64>,
+    stats: Arc<Mutex<DiskStats>>,
+}
+
+/// Per-disk figures for metrics and status.
+#[derive(Debug, Clone, Default)]
+pub struct DiskStats {
+    /// Highest durable LSN.
+    pub committed_lsn: u64,
+    /// Block bytes applied since start.
+    pub bytes_applied: u64,
+    /// Groups applied since start.
+    pub groups: u64,
+    /// Sum of group apply times, microseconds.
+    pub apply_us_total: u64,
+    /// Journal bytes.
+    pub journal_bytes: u64,
+    /// Recovery points kept.
+    pub points: u64,
+    /// Seconds between the oldest and newest point kept.
+    pub window_kept_s: u64,
+    /// Whether the quota is forcing points out.
+    pub quota_limited: bool,
+}
+
+/// The master target's disks and their workers.
+pub struct Disks {
+    cfg: Config,
+    registry: Mutex<Registry>,
+    handles: Mutex<HashMap<u64, DiskHandle>>,
+}
+
+impl Disks {
+    /// Loads the disk list and re-attaches every disk that was attached (recovering each
+    /// journal: torn tails truncated, uncommitted writes rolled back).
+    pub fn open(cfg: Config) -> Result<Arc<Disks>> {
+        let registry = Registry::load(&cfg.data_dir)?;
+        let disks = Arc::new(Disks {
+            cfg,
+            registry: Mutex::new(registry),
+            handles: Mutex::new(HashMap::new()),
+        });
+        let attached: Vec<DiskRecord> = disks
+            .registry
+            .lock()
+            .expect("poisoned")
+            .disks
+            .iter()
+            .filter(|d| d.attached)
+            .cloned()
+            .collect();
+        for rec in attached {
+            let committed = disks.start(&rec)?;
+            tracing::info!(disk = rec.disk_id, committed_lsn = committed, path = %rec.data_path.display(), "disk re-attached after restart");
+        }
+        Ok(disks)
+    }
+
+    fn policy(&self) -> RetentionPolicy {
+        RetentionPolicy {
+            crash_point_interval_us: self.cfg.crash_point_interval_ms * 1000,
+            window_us: self.cfg.retention_hours * 3600 * 1_000_000,
+            quota_bytes: self.cfg.journal_quota_bytes,
+        }
+    }
+
+    /// The journal directory of a disk.
+    pub fn journal_dir(retention_dir: &Path, disk_id: u64) -> PathBuf {
+        retention_dir.join(format!("disk-{disk_id}"))
+    }
+
+    /// Attaches a disk (or confirms one attached already). Returns its committed LSN.
+    pub fn attach(&self, req: &DiskAttach) -> Result<u64> {
+        if req.disk_id == 0 {
+            return Err(Error::InvalidParameter {
+                param: "disk_id",
+                reason: "0 is not a disk id".into(),
+            });
+        }
+        let mut reg = self.registry.lock().expect("poisoned");
+        let uuid = uuid_hex(&req.disk_uuid);
+        if let Some(h) = self.handles.lock().expect("poisoned").get(&req.disk_id) {
+            let rec = reg.get(req.disk_id).expect("attached disks are registered");
+            if rec.uuid != uuid || rec.size_bytes != req.size_bytes {
+                return Err(Error::DuplicateUuid {
+                    disk_id: req.disk_id,
+                    uuid,
+                    other: rec.disk_id,
+                });
+            }
+            return Ok(h.committed.load(Ordering::Acquire));
+        }
+        let attached: Vec<&DiskRecord> = reg.disks.iter().filter(|d| d.attached).collect();
+        if attached.len() >= MAX_DISKS {
+            return Err(Error::DiskLimit {
+                max: MAX_DISKS,
+                disk_id: req.disk_id,
+            });
+        }
+        let dup = |u: &str| {
+            attached
+                .iter()
+                .find(|d| d.uuid == u && d.disk_id != req.disk_id)
+                .map(|d| d.disk_id)
+        };
+        if let Some(other) = dup(&uuid) {
+            return Err(Error::DuplicateUuid {
+                disk_id: req.disk_id,
+                uuid: vmdk::format_uuid(&req.disk_uuid),
+                other,
+            });
+        }
+        let image = match (reg.get(req.disk_id), req.location) {
+            // Re-attached after a detach: the disk we made or were given before.
+            (Some(rec), _) => vmdk::inspect(&rec.descriptor)?,
+            (None, LocationKind::Original) => vmdk::inspect(Path::new(&req.target))?,
+            (None, LocationKind::Alternate) => {
+                let dir = if req.target.is_empty() {
+                    self.cfg.datastore_dir.clone()
+                } else {
+                    PathBuf::from(&req.target)
+                };
+                let name: String = format!("{}-disk{}", req.vm_id, req.disk_id)
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                vmdk::create(&dir, &name, req.size_bytes, &req.disk_uuid)?
+            }
+        };
+        if let Some(u) = image.uuid.map(|u| uuid_hex(&u)) {
+            if let Some(other) = dup(&u) {
+                return Err(Error::DuplicateUuid {
+                    disk_id: req.disk_id,
+                    uuid: u,
+                    other,
+                });
+            }
+        }
+        let actual = std::fs::metadata(&image.data_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if image.size_bytes != req.size_bytes || actual < req.size_bytes {
+            return Err(Error::SizeMismatch {
+                disk_id: req.disk_id,
+                path: image.descriptor.clone(),
+                expected: req.size_bytes,
+                actual: image.size_bytes.min(actual),
+            });
+        }
+        crate::retention::check(
+            &self.cfg.retention_dir,
+            &[("the disk", &image.data_path)],
+            self.cfg.allow_shared_retention_volume,
+        )?;
+        let rec = DiskRecord {
+            disk_id: req.disk_id,
+            vm_id: req.vm_id.clone(),
+            group_id: req.group_id.clone(),
+            uuid,
+            size_bytes: req.size_bytes,
+            descriptor: image.descriptor,
+            data_path: image.data_path,
+            attached: true,
+        };
+        let committed = self.start(&rec)?;
+        reg.put(rec)?;
+        tracing::info!(disk = req.disk_id, vm = %req.vm_id, committed_lsn = committed, "disk attached");
+        Ok(committed)
+    }
+
+    /// Opens, locks and recovers a disk, and starts its worker.
+    fn start(&self, rec: &DiskRecord) -> Result<u64> {
+        let disk = DiskFile::open(&rec.data_path)?;
+        let journal = Journal::open(
+            &Self::journal_dir(&self.cfg.retention_dir, rec.disk_id),
+            &disk,
+        )?;
+        let applier = Applier::new(rec.disk_id, disk, journal, self.policy());
+        let committed = applier.committed_lsn();
+        let (tx, rx) = mpsc::channel(DISK_QUEUE_DEPTH);
+        let committed_cell = Arc::new(AtomicU64::new(committed));
+        let stats = Arc::new(Mutex::new(DiskStats::default()));
+        let (c, s) = (Arc::clone(&committed_cell), Arc::clone(&stats));
+        std::thread::Builder::new()
+            .name(format!("apply-{}", rec.disk_id))
+            .spawn(move || worker(applier, rx, c, s))
+            .map_err(|e| Error::Io {
+                context: "spawn apply worker".into(),
+                source: e,
+            })?;
+        self.handles.lock().expect("poisoned").insert(
+            rec.disk_id,
+            DiskHandle {
+                tx,
+                committed: committed_cell,
+                stats,
+            },
+        );
+        Ok(committed)
+    }
+
+    /// Detaches a disk: its worker finishes what is queued, then its lock is released so
+    /// the on-premises VM can boot from it. Its journal stays for exports.
+    pub fn detach(&self, disk_id: u64) -> Result<u64> {
+        let mut reg = self.registry.lock().expect("poisoned");
+        let h = self
+            .handles
+            .lock()
+            .expect("poisoned")
+            .remove(&disk_id)
+            .ok_or(Error::UnknownDisk(disk_id))?;
+        let committed = h.committed.clone();
+        // Dropping the sender ends the worker once its queue is drained; it drops the disk
+        // file (and its lock) on the way out. Wait for that, bounded.
+        let weak = Arc::downgrade(&h.stats);
+        drop(h);
+        for _ in 0..2000 {
+            if weak.strong_count() == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if let Some(mut rec) = reg.get(disk_id).cloned() {
+            rec.attached = false;
+            reg.put(rec)?;
+        }
+        tracing::info!(disk = disk_id, "disk detached; its lock is released");
+        Ok(committed.load(Ordering::Acquire))
+    }
+
+    /// Queues a batch for its disk's worker (waits while the queue is full).
+    pub async fn submit_batch(&self, b: WriteBatch, reply: Reply) -> Result<()> {
+        let tx = self.sender(b.disk_id)?;
+        tx.send(Work::Batch(b, reply))
+            .await
+            .map_err(|_| Error::UnknownDisk(0))
+    }
+
+    /// Queues a bookmark.
+    pub async fn submit_bookmark(&self, b: Bookmark, reply: Reply) -> Result<()> {
+        let tx = self.sender(b.disk_id)?;
+        tx.send(Work::Bookmark(b, reply))
+            .await
+            .map_err(|_| Error::UnknownDisk(0))
+    }
+
+    /// Queues a digest request.
+    pub async fn submit_digests(&self, r: DigestRequest, reply: Reply) -> Result<()> {
+        if r.block_size == 0 || r.block_count > MAX_DIGEST_BLOCKS {
+            return Err(Error::InvalidParameter {
+                param: "digest request",
+                reason: format!(
+                    "block size {} and count {} (at most {MAX_DIGEST_BLOCKS})",
+                    r.block_size, r.block_count
+                ),
+            });
+        }
+        let tx = self.sender(r.disk_id)?;
+        tx.send(Work::Digests(r, reply))
+            .await
+            .map_err(|_| Error::UnknownDisk(0))
+    }
+
+    fn sender(&self, disk_id: u64) -> Result<mpsc::Sender<Work>> {
+        self.handles
+            .lock()
+            .expect("poisoned")
+            .get(&disk_id)
+            .map(|h| h.tx.clone())
+            .ok_or(Error::UnknownDisk(disk_id))
+    }
+
+    /// Figures of every attached disk.
+    pub fn stats(&self) -> Vec<(u64, DiskStats)> {
+        let mut v: Vec<_> = self
+            .handles
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(id, h)| (*id, h.stats.lock().expect("poisoned").clone()))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    }
+}
+
+fn send(reply: &Reply, msg: Message) {
+    // A sender that went away will resend after it reconnects; nothing to do here.
+    let _ = reply.blocking_send(msg);
+}
+
+fn worker(
+    mut applier: Applier,
+    mut rx: mpsc::Receiver<Work>,
+    committed: Arc<AtomicU64>,
+    stats: Arc<Mutex<DiskStats>>,
+) {
+    let disk_id_of = |w: &Work| match w {
+        Work::Batch(b, _) => b.disk_id,
+        Work::Bookmark(b, _) => b.disk_id,
+        Work::Digests(r, _) => r.disk_id,
+    };
+    let mut next = applier.committed_lsn() + 1;
+    publish(&applier, &stats, 0);
+    while let Some(first) = rx.blocking_recv() {
+        let disk_id = disk_id_of(&first);
+        let mut works = vec![first];
+        let mut bytes = 0usize;
+        while bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(w) => {
+                    if let Work::Batch(b, _) = &w {
+                        bytes += b.data_len();
+                    }
+                    works.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut items = Vec::new();
+        let mut acks: Vec<Reply> = Vec::new();
+        let mut later = Vec::new();
+        for w in works {
+            let (verdict, reply) = match w {
+                Work::Batch(b, r) => (applier.check_batch(&b, next), r),
+                Work::Bookmark(b, r) => (applier.check_bookmark(&b, next), r),
+                Work::Digests(req, r) => {
+                    later.push((req, r));
+                    continue;
+                }
+            };
+            match verdict {
+                Verdict::Accept(it) => {
+                    next += it.len() as u64;
+                    items.extend(it);
+                    acks.push(reply);
+                }
+                Verdict::Duplicate => acks.push(reply),
+                Verdict::Gap { expected } => send(
+                    &reply,
+                    Message::Nack(Nack {
+                        disk_id,
+                        from_lsn: expected,
+                        code: ErrorCode::LsnGap,
+                        reason: format!("expected lsn {expected}"),
+                    }),
+                ),
+                Verdict::Refuse(e @ Error::DigestMismatch { .. }) => {
+                    tracing::warn!(disk = disk_id, error = %e, "asking for a resend");
+                    send(
+                        &reply,
+                        Message::Nack(Nack {
+                            disk_id,
+                            from_lsn: next,
+                            code: ErrorCode::DigestMismatch,
+                            reason: e.to_string(),
+                        }),
+                    )
+                }
+                Verdict::Refuse(e) => {
+                    tracing::error!(disk = disk_id, error = %e, "batch refused");
+                    send(
+                        &reply,
+                        Message::Error(ErrorMsg {
+                            code: e.code(),
+                            disk_id,
+                            message: e.to_string(),
+                        }),
+                    )
+                }
+            }
+        }
+        let started = Instant::now();
+        if let Err(e) = applier.apply(&items) {
+            // The group is not committed; nothing of it is acknowledged. The journal's
+            // recovery at the next start rolls back whatever reached the disk.
+            tracing::error!(disk = disk_id, error = %e, "apply failed; the disk stops taking writes until the master target restarts");
+            for r in &acks {
+                send(
+                    r,
+                    Message::Error(ErrorMsg {
+                        code: ErrorCode::Internal,
+                        disk_id,
+                        message: format!(
+                            "apply failed: {e}; restart the master target after fixing the cause"
+                        ),
+                    }),
+                );
+            }
+            break;
+        }
+        next = applier.committed_lsn() + 1;
+        committed.store(applier.committed_lsn(), Ordering::Release);
+        publish(&applier, &stats, started.elapsed().as_micros() as u64);
+        let ack = Message::Ack(Ack {
+            entries: vec![AckEntry {
+                disk_id,
+                durable_lsn: applier.committed_lsn(),
+            }],
+        });
+        let mut sent: Vec<&Reply> = Vec::new();
+        for r in &acks {
+            if !sent.iter().any(|s| s.same_channel(r)) {
+                send(r, ack.clone());
+                sent.push(r);
+            }
+        }
+        for (req, r) in later {
+            let msg = match applier.block_digests(req.block_size, req.first_block, req.block_count)
+            {
+                Ok(digests) => Message::DigestList(DigestList {
+                    disk_id,
+                    block_size: req.block_size,
+                    first_block: req.first_block,
+                    digests,
+                }),
+                Err(e) => Message::Error(ErrorMsg {
+                    code: ErrorCode::Internal,
+                    disk_id,
+                    message: format!("digests: {e}"),
+                }),
+            };
+            send(&r, msg);
+        }
+    }
+    // The disk (and its lock) goes before the stats, which detach watches.
+    drop(applier);
+    drop(stats);
+}
+
+fn publish(applier: &Applier, stats: &Mutex<DiskStats>, apply_us: u64) {
+    let j = applier.journal();
+    let pts = j.points();
+    let mut s = stats.lock().expect("poisoned");
+    s.committed_lsn = applier.committed_lsn();
+    s.bytes_applied = applier.stats.bytes_applied;
+    s.groups = applier.stats.groups;
+    s.apply_us_total += apply_us;
+    s.journal_bytes = j.bytes();
+    s.points = pts.len() as u64;
+    s.window_kept_s = pts
+        .first()
+        .zip(pts.last())
+        .map_or(0, |(a, b)| (b.time_us - a.time_us) / 1_000_000);
+    s.quota_limited = applier.stats.quota_limited;
+}

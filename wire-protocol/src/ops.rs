@@ -1,0 +1,167 @@
+//! Operational helpers every service shares: size and rate parsing, logging set-up, and the
+//! admin HTTP endpoint (`/metrics`, `/health`).
+//!
+//! The admin endpoint answers GET requests only, one request per connection, with request
+//! heads bounded by [`MAX_REQUEST_HEAD_BYTES`]; it is meant for a loopback or management
+//! address, scraped by Prometheus.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A request head larger than this is refused: Prometheus sends a few hundred bytes.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 8192;
+/// At most this many admin connections are served at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 16;
+
+/// Parses a byte size such as `16GiB`, `512 MiB`, `10G`, `4096` (binary units for both
+/// `G` and `GiB`; `GB` is decimal).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 16GiB or 512MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+/// Parses a link rate such as `200Mbit`, `1gbit`, `50MB/s` into bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate such as 200Mbit or 50MB/s"))?;
+    let bps: f64 = match unit.trim() {
+        "kbit" => 1e3 / 8.0,
+        "mbit" => 1e6 / 8.0,
+        "gbit" => 1e9 / 8.0,
+        "b/s" | "bps" => 1.0,
+        "kb/s" => 1e3,
+        "mb/s" => 1e6,
+        "gb/s" => 1e9,
+        u => {
+            return Err(format!(
+                "unknown rate unit {u:?} in {s:?} (use kbit, mbit, gbit, KB/s, MB/s, GB/s)"
+            ))
+        }
+    };
+    Ok((n * bps) as u64)
+}
+
+/// Sets up `tracing`: human-readable text by default, JSON lines when `json`. `RUST_LOG`
+/// overrides the level (default `info`).
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+/// Serves `/metrics` (the text `metrics` renders) and `/health` (`health` returns whether
+/// the service is healthy, with a line of detail) on `addr` until the process exits.
+pub async fn serve_admin<M, H, F>(
+    addr: SocketAddr,
+    metrics: M,
+    health: H,
+) -> std::io::Result<SocketAddr>
+where
+    M: Fn() -> F + Send + Sync + 'static,
+    F: Future<Output = String> + Send,
+    H: Fn() -> (bool, String) + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let metrics = Arc::new(metrics);
+    let health = Arc::new(health);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let (metrics, health) = (Arc::clone(&metrics), Arc::clone(&health));
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut head = Vec::with_capacity(512);
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n")
+                    && head.len() < MAX_REQUEST_HEAD_BYTES
+                {
+                    match tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        sock.read(&mut buf),
+                    )
+                    .await
+                    {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let path = line.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/metrics" => ("200 OK", metrics().await),
+                    "/health" => match health() {
+                        (true, d) => ("200 OK", format!("ok {d}\n")),
+                        (false, d) => ("503 Service Unavailable", format!("unhealthy {d}\n")),
+                    },
+                    _ => ("404 Not Found", "try /metrics or /health\n".to_owned()),
+                };
+                let resp = format!("HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_rates() {
+        assert_eq!(parse_bytes("16GiB").unwrap(), 16 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("10GB").unwrap(), 10_000_000_000);
+        assert!(parse_bytes("10 parsecs").is_err());
+        assert_eq!(parse_rate("200Mbit").unwrap(), 25_000_000);
+        assert_eq!(parse_rate("1gbit").unwrap(), 125_000_000);
+        assert!(parse_rate("fast").is_err());
+    }
+}
