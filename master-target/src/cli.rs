@@ -195,14 +195,16 @@ async fn serve(cfg: crate::config::Config) -> Result<()> {
             source: e,
         })?;
     let d = Arc::clone(&disks);
-    let admin = wire_protocol::ops::serve_admin(
-        cfg.admin_listen,
-        move || {
-            let d = Arc::clone(&d);
-            async move { crate::metrics::render(&d) }
-        },
-        || (true, "master-target".into()),
-    )
+    let admin = wire_protocol::ops::serve_admin(cfg.admin_listen, move |path| {
+        let d = Arc::clone(&d);
+        async move {
+            match path.as_str() {
+                "/metrics" => (200, crate::metrics::render(&d)),
+                "/health" => (200, "ok\n".to_owned()),
+                _ => (404, "try /metrics or /health\n".to_owned()),
+            }
+        }
+    })
     .await
     .map_err(|e| crate::error::Error::Io {
         context: format!("admin endpoint on {}", cfg.admin_listen),

@@ -89,22 +89,16 @@ pub fn init_logging(json: bool) {
     };
 }
 
-/// Serves `/metrics` (the text `metrics` renders) and `/health` (`health` returns whether
-/// the service is healthy, with a line of detail) on `addr` until the process exits.
-pub async fn serve_admin<M, H, F>(
-    addr: SocketAddr,
-    metrics: M,
-    health: H,
-) -> std::io::Result<SocketAddr>
+/// Serves GET requests on `addr` until the process exits: `handler(path)` returns the HTTP
+/// status and the plain-text body (services answer `/metrics`, `/health`, and more).
+pub async fn serve_admin<H, F>(addr: SocketAddr, handler: H) -> std::io::Result<SocketAddr>
 where
-    M: Fn() -> F + Send + Sync + 'static,
-    F: Future<Output = String> + Send,
-    H: Fn() -> (bool, String) + Send + Sync + 'static,
+    H: Fn(String) -> F + Send + Sync + 'static,
+    F: Future<Output = (u16, String)> + Send,
 {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let metrics = Arc::new(metrics);
-    let health = Arc::new(health);
+    let handler = Arc::new(handler);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     tokio::spawn(async move {
         loop {
@@ -114,7 +108,7 @@ where
             let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                 return;
             };
-            let (metrics, health) = (Arc::clone(&metrics), Arc::clone(&health));
+            let handler = Arc::clone(&handler);
             tokio::spawn(async move {
                 let _permit = permit;
                 let mut head = Vec::with_capacity(512);
@@ -133,21 +127,47 @@ where
                     }
                 }
                 let line = String::from_utf8_lossy(&head);
-                let path = line.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = match path {
-                    "/metrics" => ("200 OK", metrics().await),
-                    "/health" => match health() {
-                        (true, d) => ("200 OK", format!("ok {d}\n")),
-                        (false, d) => ("503 Service Unavailable", format!("unhealthy {d}\n")),
-                    },
-                    _ => ("404 Not Found", "try /metrics or /health\n".to_owned()),
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let (status, body) = handler(path).await;
+                let reason = match status {
+                    200 => "OK",
+                    404 => "Not Found",
+                    503 => "Service Unavailable",
+                    _ => "Error",
                 };
-                let resp = format!("HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let resp = format!("HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
                 let _ = sock.write_all(resp.as_bytes()).await;
             });
         }
     });
     Ok(bound)
+}
+
+/// Fetches `path` from an admin endpoint (for status commands and tests).
+pub async fn admin_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut resp = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        sock.read_to_end(&mut resp),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
 }
 
 #[cfg(test)]

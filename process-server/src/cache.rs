@@ -1,0 +1,325 @@
+//! The durable cache: an append-only, segmented, checksummed log per disk.
+//!
+//! # Design constraints
+//! - A record is acknowledged to the agent only once fsynced (the connection groups the
+//!   fsyncs of everything it read in one burst).
+//! - Records are the frames exactly as the agent sent them (they carry their own CRC32Cs),
+//!   behind a small header of their own, so a corrupt record is detected and never shipped.
+//! - Memory stays bounded whatever the backlog: records stay on disk; memory holds an index
+//!   entry of [`INDEX_ENTRY_BYTES`] per record.
+//! - Segments are deleted whole once the master target has acknowledged every LSN in them.
+//!
+//! # Layout
+//! `CACHE_DIR/disk-ID/seg-NNNNNNNN.fbc`, each a sequence of:
+//! ```text
+//! struct CacheRecord {          // big-endian; don't reorder
+//!     magic:      [u8; 4],      // b"FBC1"
+//!     first_lsn:  u64,
+//!     last_lsn:   u64,
+//!     first_ts_us: u64,         // capture time of the oldest write, for RPO
+//!     frame_len:  u32,          // <= wire_protocol::frame::MAX_FRAME_LEN
+//!     header_crc: u32,          // CRC32C of the 32 bytes above
+//!     frame:      [u8; frame_len], // a wire frame, with its own CRCs
+//! }
+//! ```
+//! `CACHE_DIR/disk-ID/disk.json` holds the disk's attach request.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+use wire_protocol::frame::{FrameCodec, MAX_FRAME_LEN};
+
+use crate::error::{Error, IoContext, Result};
+
+const MAGIC: [u8; 4] = *b"FBC1";
+/// Bytes of a record's header.
+pub const RECORD_HEADER_LEN: usize = 36;
+/// A segment is sealed once it holds this much.
+pub const SEGMENT_TARGET_BYTES: u64 = 64 << 20;
+/// Memory per cached record in the index (what bounds memory with a large backlog).
+pub const INDEX_ENTRY_BYTES: usize = size_of::<Entry>();
+
+/// Where one record is.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// Segment number.
+    pub seg: u32,
+    /// Byte position of the record header.
+    pub pos: u64,
+    /// LSN range.
+    pub first_lsn: u64,
+    /// LSN range.
+    pub last_lsn: u64,
+    /// Capture time of its oldest write.
+    pub first_ts_us: u64,
+    /// Frame bytes.
+    pub frame_len: u32,
+}
+
+/// The cache log of one disk.
+#[derive(Debug)]
+pub struct DiskCache {
+    dir: PathBuf,
+    /// Records in LSN order.
+    entries: std::collections::VecDeque<Entry>,
+    active_seq: u32,
+    active: File,
+    active_len: u64,
+    segs: Vec<(u32, u64)>,
+    /// LSNs up to this are acknowledged by the master target (and trimmed).
+    pub trimmed_lsn: u64,
+}
+
+fn seg_path(dir: &Path, seq: u32) -> PathBuf {
+    dir.join(format!("seg-{seq:08}.fbc"))
+}
+
+fn header(
+    first_lsn: u64,
+    last_lsn: u64,
+    first_ts_us: u64,
+    frame_len: u32,
+) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4..12].copy_from_slice(&first_lsn.to_be_bytes());
+    h[12..20].copy_from_slice(&last_lsn.to_be_bytes());
+    h[20..28].copy_from_slice(&first_ts_us.to_be_bytes());
+    h[28..32].copy_from_slice(&frame_len.to_be_bytes());
+    let crc = crc32c::crc32c(&h[..32]);
+    h[32..36].copy_from_slice(&crc.to_be_bytes());
+    h
+}
+
+fn parse_header(h: &[u8; RECORD_HEADER_LEN]) -> Option<(u64, u64, u64, u32)> {
+    let be = |r: std::ops::Range<usize>| u64::from_be_bytes(h[r].try_into().expect("8"));
+    let crc = u32::from_be_bytes(h[32..36].try_into().expect("4"));
+    if h[..4] != MAGIC || crc32c::crc32c(&h[..32]) != crc {
+        return None;
+    }
+    let frame_len = u32::from_be_bytes(h[28..32].try_into().expect("4"));
+    if frame_len as usize > MAX_FRAME_LEN {
+        return None;
+    }
+    Some((be(4..12), be(12..20), be(20..28), frame_len))
+}
+
+impl DiskCache {
+    /// Opens (or creates) a disk's cache, scanning every segment. A torn tail of the last
+    /// segment (a crash mid-append, never acknowledged) is truncated.
+    pub fn open(dir: &Path, trimmed_lsn: u64) -> Result<DiskCache> {
+        fs::create_dir_all(dir).ctx(|| format!("create cache directory {}", dir.display()))?;
+        let mut seqs: Vec<u32> = fs::read_dir(dir)
+            .ctx(|| format!("list {}", dir.display()))?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("seg-")?
+                    .strip_suffix(".fbc")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        seqs.sort();
+        let mut entries = std::collections::VecDeque::new();
+        let mut segs = Vec::new();
+        for (i, &seq) in seqs.iter().enumerate() {
+            let path = seg_path(dir, seq);
+            let mut f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
+            let len = f
+                .metadata()
+                .ctx(|| format!("stat {}", path.display()))?
+                .len();
+            let mut pos = 0u64;
+            while pos + RECORD_HEADER_LEN as u64 <= len {
+                let mut h = [0u8; RECORD_HEADER_LEN];
+                f.read_exact(&mut h)
+                    .ctx(|| format!("read {}", path.display()))?;
+                let Some((first_lsn, last_lsn, first_ts_us, frame_len)) = parse_header(&h) else {
+                    break;
+                };
+                if pos + (RECORD_HEADER_LEN as u64) + u64::from(frame_len) > len {
+                    break;
+                }
+                std::io::copy(
+                    &mut (&mut f).take(u64::from(frame_len)),
+                    &mut std::io::sink(),
+                )
+                .ctx(|| format!("read {}", path.display()))?;
+                entries.push_back(Entry {
+                    seg: seq,
+                    pos,
+                    first_lsn,
+                    last_lsn,
+                    first_ts_us,
+                    frame_len,
+                });
+                pos += RECORD_HEADER_LEN as u64 + u64::from(frame_len);
+            }
+            if pos < len {
+                if i + 1 != seqs.len() {
+                    tracing::error!(segment = %path.display(), offset = pos, "corrupt cache record header in a sealed segment; later records of this segment are skipped and their range will be resent from the agent");
+                } else {
+                    tracing::warn!(segment = %path.display(), offset = pos, "truncating a torn cache tail (never acknowledged)");
+                    let w = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .ctx(|| format!("open {}", path.display()))?;
+                    w.set_len(pos)
+                        .ctx(|| format!("truncate {}", path.display()))?;
+                    w.sync_all().ctx(|| format!("fsync {}", path.display()))?;
+                }
+            }
+            segs.push((seq, pos));
+        }
+        let active_seq = segs.last().map_or(1, |s| s.0);
+        if segs.is_empty() {
+            segs.push((1, 0));
+        }
+        let path = seg_path(dir, active_seq);
+        let active = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ctx(|| format!("open {}", path.display()))?;
+        let active_len = segs.last().expect("one").1;
+        let mut c = DiskCache {
+            dir: dir.into(),
+            entries,
+            active_seq,
+            active,
+            active_len,
+            segs,
+            trimmed_lsn,
+        };
+        c.trim(trimmed_lsn)?;
+        Ok(c)
+    }
+
+    /// The highest LSN cached (or trimmed, if the cache is empty).
+    pub fn last_lsn(&self) -> u64 {
+        self.entries.back().map_or(self.trimmed_lsn, |e| e.last_lsn)
+    }
+
+    /// Bytes on disk.
+    pub fn bytes(&self) -> u64 {
+        self.segs.iter().map(|s| s.1).sum()
+    }
+
+    /// Capture time of the oldest write not yet acknowledged by the master target.
+    pub fn oldest_unacked_ts_us(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.first_ts_us)
+    }
+
+    /// Appends one frame covering `first_lsn..=last_lsn` (not yet durable: see [`DiskCache::sync`]).
+    pub fn append(
+        &mut self,
+        first_lsn: u64,
+        last_lsn: u64,
+        first_ts_us: u64,
+        frame: &[u8],
+    ) -> Result<()> {
+        assert!(
+            first_lsn == self.last_lsn() + 1 && last_lsn >= first_lsn,
+            "callers append in LSN order"
+        );
+        if self.active_len >= SEGMENT_TARGET_BYTES {
+            self.sync()?;
+            self.active_seq += 1;
+            let path = seg_path(&self.dir, self.active_seq);
+            self.active = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .ctx(|| format!("create {}", path.display()))?;
+            self.active_len = 0;
+            self.segs.push((self.active_seq, 0));
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .ctx(|| format!("fsync {}", self.dir.display()))?;
+        }
+        let h = header(first_lsn, last_lsn, first_ts_us, frame.len() as u32);
+        let mut rec = Vec::with_capacity(RECORD_HEADER_LEN + frame.len());
+        rec.extend_from_slice(&h);
+        rec.extend_from_slice(frame);
+        self.active
+            .write_all_at(&rec, self.active_len)
+            .ctx(|| format!("append to cache {}", self.dir.display()))?;
+        self.entries.push_back(Entry {
+            seg: self.active_seq,
+            pos: self.active_len,
+            first_lsn,
+            last_lsn,
+            first_ts_us,
+            frame_len: frame.len() as u32,
+        });
+        self.active_len += rec.len() as u64;
+        self.segs.last_mut().expect("one").1 = self.active_len;
+        Ok(())
+    }
+
+    /// Makes every append durable.
+    pub fn sync(&self) -> Result<()> {
+        self.active
+            .sync_data()
+            .ctx(|| format!("fsync cache {}", self.dir.display()))
+    }
+
+    /// Forgets records the master target has made durable; deletes segments left empty.
+    pub fn trim(&mut self, durable_lsn: u64) -> Result<()> {
+        self.trimmed_lsn = self.trimmed_lsn.max(durable_lsn);
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| e.last_lsn <= self.trimmed_lsn)
+        {
+            self.entries.pop_front();
+        }
+        let first_needed = self.entries.front().map_or(self.active_seq, |e| e.seg);
+        while self.segs.len() > 1 && self.segs[0].0 < first_needed {
+            let (seq, _) = self.segs.remove(0);
+            let p = seg_path(&self.dir, seq);
+            fs::remove_file(&p).ctx(|| format!("remove {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Index entries of records holding LSNs from `from_lsn` on, at most `max` of them.
+    pub fn entries_from(&self, from_lsn: u64, max: usize) -> Vec<Entry> {
+        let start = self.entries.partition_point(|e| e.last_lsn < from_lsn);
+        self.entries.iter().skip(start).take(max).copied().collect()
+    }
+
+    /// Reads and verifies one record's frame.
+    pub fn read(&self, e: &Entry) -> Result<wire_protocol::frame::Frame> {
+        let path = seg_path(&self.dir, e.seg);
+        let corrupt = |detail: String| Error::CacheCorrupt {
+            path: path.display().to_string(),
+            offset: e.pos,
+            detail,
+            first_lsn: e.first_lsn,
+            last_lsn: e.last_lsn,
+        };
+        let f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
+        let mut buf = vec![0u8; RECORD_HEADER_LEN + e.frame_len as usize];
+        f.read_exact_at(&mut buf, e.pos)
+            .ctx(|| format!("read {}", path.display()))?;
+        let h: [u8; RECORD_HEADER_LEN] = buf[..RECORD_HEADER_LEN].try_into().expect("len");
+        if parse_header(&h)
+            .is_none_or(|(a, b, _, l)| (a, b, l) != (e.first_lsn, e.last_lsn, e.frame_len))
+        {
+            return Err(corrupt("record header changed on disk".into()));
+        }
+        let mut frame = BytesMut::from(Bytes::from(buf).slice(RECORD_HEADER_LEN..));
+        match FrameCodec::default().decode(&mut frame) {
+            Ok(Some(f)) if frame.is_empty() => Ok(f),
+            Ok(_) => Err(corrupt("record frame is incomplete".into())),
+            Err(err) => Err(corrupt(err.to_string())),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The `process-server` command line: `serve` and `status`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::state::State;
+
+/// The Azure end of failback: caches the change streams of many VMs durably, then
+/// coalesces, compresses and ships them to the master target over mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "process-server", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service. SIGHUP re-reads max-bandwidth from the config file.
+    Serve {
+        /// TOML configuration file; flags override its keys.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print a table of every disk: LSNs, backlog, RPO, rates, compression.
+    Status {
+        /// The admin endpoint of the running service.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        admin: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the bandwidth limit of the running service (e.g. 200Mbit; 0 for none).
+    SetBandwidth {
+        /// The admin endpoint of the running service.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        admin: String,
+        /// The new limit.
+        rate: String,
+    },
+}
+
+/// Runs the command line with `args`. Returns the exit code.
+pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("process-server: error: start runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("process-server: error: {e}");
+            1
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { config, settings } => {
+            let file = match &config {
+                Some(p) => Settings::from_file(p)?,
+                None => Settings::default(),
+            };
+            let cfg = settings.clone().or(file).resolve()?;
+            wire_protocol::ops::init_logging(cfg.log_json);
+            serve(cfg, config, settings).await
+        }
+        Command::Status { admin, json } => {
+            let (code, body) = wire_protocol::ops::admin_get(&admin, "/status")
+                .await
+                .map_err(|e| Error::Io {
+                    context: format!(
+                        "reach the process server's admin endpoint at {admin} (is it running?)"
+                    ),
+                    source: e,
+                })?;
+            if code != 200 {
+                return Err(Error::Refused(format!("status: HTTP {code}: {body}")));
+            }
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let rows: Vec<crate::metrics::DiskStatus> =
+                serde_json::from_str(&body).map_err(|e| Error::Refused(format!("status: {e}")))?;
+            println!(
+                "{:>6} {:<16} {:>10} {:>10} {:>12} {:>9} {:>12} {:>12} {:>7}",
+                "disk", "vm", "cached", "durable", "backlog", "rpo", "logical", "wire", "ratio"
+            );
+            for r in rows {
+                let ratio = if r.wire_bytes > 0 {
+                    r.logical_bytes as f64 / r.wire_bytes as f64
+                } else {
+                    0.0
+                };
+                println!(
+                    "{:>6} {:<16} {:>10} {:>10} {:>12} {:>8.1}s {:>12} {:>12} {:>6.2}x",
+                    r.disk_id,
+                    r.vm_id,
+                    r.cached_lsn,
+                    r.durable_lsn,
+                    r.backlog_bytes,
+                    r.rpo_ms as f64 / 1000.0,
+                    r.logical_bytes,
+                    r.wire_bytes,
+                    ratio
+                );
+            }
+            Ok(())
+        }
+        Command::SetBandwidth { admin, rate } => {
+            let (code, body) = wire_protocol::ops::admin_get(&admin, &format!("/bandwidth/{rate}"))
+                .await
+                .map_err(|e| Error::Io {
+                    context: format!("reach {admin}"),
+                    source: e,
+                })?;
+            print!("{body}");
+            if code == 200 {
+                Ok(())
+            } else {
+                Err(Error::Refused(format!("HTTP {code}")))
+            }
+        }
+    }
+}
+
+async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Settings) -> Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let state = State::open(cfg.clone(), tx)?;
+    let tls = wire_protocol::tls::server_config(&cfg.tls_server)?;
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| Error::Io {
+        context: format!("listen on {}", cfg.listen),
+        source: e,
+    })?;
+    let st = Arc::clone(&state);
+    let admin = wire_protocol::ops::serve_admin(cfg.admin_listen, move |path| {
+        let st = Arc::clone(&st);
+        async move { admin(&st, &path) }
+    })
+    .await
+    .map_err(|e| Error::Io {
+        context: format!("admin endpoint on {}", cfg.admin_listen),
+        source: e,
+    })?;
+    tokio::spawn(crate::uplink::run(Arc::clone(&state), rx));
+    let st = Arc::clone(&state);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            crate::metrics::check_rpo(&st);
+        }
+    });
+    let st = Arc::clone(&state);
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let file = config.as_deref().map(Settings::from_file).transpose();
+            match file.and_then(|f| flags.clone().or(f.unwrap_or_default()).resolve()) {
+                Ok(c) => {
+                    st.max_bandwidth_bps
+                        .store(c.max_bandwidth_bps, Ordering::Relaxed);
+                    tracing::info!(
+                        max_bandwidth_bps = c.max_bandwidth_bps,
+                        "configuration reloaded"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
+                }
+            }
+        }
+    });
+    tracing::info!(listen = %listener.local_addr().map_err(|e| Error::Io { context: "local addr".into(), source: e })?, admin = %admin, master_target = %cfg.master_target, "process-server ready");
+    crate::ingest::serve(listener, TlsAcceptor::from(tls), state).await;
+    Ok(())
+}
+
+fn admin(state: &State, path: &str) -> (u16, String) {
+    match path {
+        "/metrics" => (200, crate::metrics::render(state)),
+        "/health" => {
+            if state.connected.load(Ordering::Acquire) {
+                (200, "ok: linked to the master target\n".into())
+            } else {
+                (503, "the master target is not reachable\n".into())
+            }
+        }
+        "/status" => (
+            200,
+            serde_json::to_string(&crate::metrics::status(state)).expect("serializable"),
+        ),
+        p if p.starts_with("/bandwidth/") => match &p["/bandwidth/".len()..] {
+            "0" | "none" => {
+                state.max_bandwidth_bps.store(0, Ordering::Relaxed);
+                (200, "bandwidth limit removed\n".into())
+            }
+            r => match wire_protocol::ops::parse_rate(r) {
+                Ok(bps) => {
+                    state.max_bandwidth_bps.store(bps, Ordering::Relaxed);
+                    tracing::info!(max_bandwidth_bps = bps, "bandwidth limit changed");
+                    (200, format!("bandwidth limit set to {bps} bytes/s\n"))
+                }
+                Err(e) => (400, format!("{e}\n")),
+            },
+        },
+        _ => (
+            404,
+            "try /metrics, /health, /status or /bandwidth/RATE\n".into(),
+        ),
+    }
+}

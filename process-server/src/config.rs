@@ -1,0 +1,206 @@
+//! Configuration: a TOML file (kebab-case keys), every key also a flag; flags win.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Settings as given; `None` means "use the default".
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Address agents connect to (mutual TLS). Default: 0.0.0.0:7444
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Admin endpoint (/metrics, /health, /status). Default: 127.0.0.1:9444
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// The master target, HOST:PORT, reached over the VPN/ExpressRoute link. Default: 127.0.0.1:7443
+    #[arg(long)]
+    pub master_target: Option<String>,
+    /// Name the master target's certificate carries (DNS name or IP). Default: the host part of master-target
+    #[arg(long)]
+    pub master_target_name: Option<String>,
+    /// Cache directory (its own volume in production). Default: /var/cache/failback/process-server
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache size limit (e.g. 500GiB); past it agents wait (nothing is dropped). Default: 90% of the cache volume
+    #[arg(long)]
+    pub cache_limit: Option<String>,
+    /// CA certificate (PEM) that signs agents' and the master target's certificates. Default: /etc/failback/tls/ca.pem
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Server certificate for the agent listener (PEM). Default: /etc/failback/tls/server.pem
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Server key (PEM). Default: /etc/failback/tls/server.key
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Client certificate toward the master target (PEM). Default: /etc/failback/tls/client.pem
+    #[arg(long)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Client key toward the master target (PEM). Default: /etc/failback/tls/client.key
+    #[arg(long)]
+    pub tls_client_key: Option<PathBuf>,
+    /// zstd level for the link (1-19), or 0 to send uncompressed. Default: 3
+    #[arg(long)]
+    pub compression_level: Option<i32>,
+    /// Bandwidth limit on the link (e.g. 200Mbit, 50MB/s); 0 or unset: none. Reloaded on SIGHUP. Default: none
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    /// Bytes in flight to the master target (size it to bandwidth x round-trip time). Default: 64MiB
+    #[arg(long)]
+    pub window: Option<String>,
+    /// RPO threshold per disk, in seconds: a WARN when passed and when recovered. Default: 900
+    #[arg(long)]
+    pub rpo_threshold_s: Option<u64>,
+    /// Log format: text or json. Default: text
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Agent listener.
+    pub listen: SocketAddr,
+    /// Admin endpoint.
+    pub admin_listen: SocketAddr,
+    /// Master target address.
+    pub master_target: String,
+    /// Name in its certificate.
+    pub master_target_name: String,
+    /// Cache directory.
+    pub cache_dir: PathBuf,
+    /// Cache limit in bytes (None: 90% of the volume).
+    pub cache_limit_bytes: Option<u64>,
+    /// Server TLS files.
+    pub tls_server: wire_protocol::tls::TlsFiles,
+    /// Client TLS files.
+    pub tls_client: wire_protocol::tls::TlsFiles,
+    /// zstd level, 0 for none.
+    pub compression_level: i32,
+    /// Bytes per second, 0 for no limit.
+    pub max_bandwidth_bps: u64,
+    /// In-flight window in bytes.
+    pub window_bytes: u64,
+    /// RPO threshold.
+    pub rpo_threshold_s: u64,
+    /// JSON logs.
+    pub log_json: bool,
+}
+
+impl Settings {
+    /// Reads a TOML file of settings.
+    pub fn from_file(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidParameter {
+            param: "config",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|e| Error::InvalidParameter {
+            param: "config",
+            reason: format!("{}: {e}", path.display()),
+        })
+    }
+
+    /// `self` with every unset key taken from `base`.
+    pub fn or(self, b: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(b.listen),
+            admin_listen: self.admin_listen.or(b.admin_listen),
+            master_target: self.master_target.or(b.master_target),
+            master_target_name: self.master_target_name.or(b.master_target_name),
+            cache_dir: self.cache_dir.or(b.cache_dir),
+            cache_limit: self.cache_limit.or(b.cache_limit),
+            tls_ca: self.tls_ca.or(b.tls_ca),
+            tls_cert: self.tls_cert.or(b.tls_cert),
+            tls_key: self.tls_key.or(b.tls_key),
+            tls_client_cert: self.tls_client_cert.or(b.tls_client_cert),
+            tls_client_key: self.tls_client_key.or(b.tls_client_key),
+            compression_level: self.compression_level.or(b.compression_level),
+            max_bandwidth: self.max_bandwidth.or(b.max_bandwidth),
+            window: self.window.or(b.window),
+            rpo_threshold_s: self.rpo_threshold_s.or(b.rpo_threshold_s),
+            log_format: self.log_format.or(b.log_format),
+        }
+    }
+
+    /// Applies defaults and checks values.
+    pub fn resolve(self) -> Result<Config> {
+        let bytes = |param: &'static str, v: &str| {
+            wire_protocol::ops::parse_bytes(v)
+                .map_err(|reason| Error::InvalidParameter { param, reason })
+        };
+        let master_target = self
+            .master_target
+            .unwrap_or_else(|| "127.0.0.1:7443".into());
+        let host = master_target
+            .rsplit_once(':')
+            .map_or(master_target.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let level = self.compression_level.unwrap_or(3);
+        if !(0..=19).contains(&level) {
+            return Err(Error::InvalidParameter {
+                param: "compression-level",
+                reason: format!("{level}: use 0 (none) to 19"),
+            });
+        }
+        let max_bandwidth_bps = match self.max_bandwidth.as_deref() {
+            None | Some("0") | Some("") => 0,
+            Some(r) => {
+                wire_protocol::ops::parse_rate(r).map_err(|reason| Error::InvalidParameter {
+                    param: "max-bandwidth",
+                    reason,
+                })?
+            }
+        };
+        let log_json = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            f => {
+                return Err(Error::InvalidParameter {
+                    param: "log-format",
+                    reason: format!("{f:?}: use text or json"),
+                })
+            }
+        };
+        let tls = Path::new("/etc/failback/tls");
+        let ca = self.tls_ca.unwrap_or_else(|| tls.join("ca.pem"));
+        Ok(Config {
+            listen: self.listen.unwrap_or(([0, 0, 0, 0], 7444).into()),
+            admin_listen: self.admin_listen.unwrap_or(([127, 0, 0, 1], 9444).into()),
+            master_target_name: self.master_target_name.unwrap_or(host),
+            master_target,
+            cache_dir: self
+                .cache_dir
+                .unwrap_or_else(|| "/var/cache/failback/process-server".into()),
+            cache_limit_bytes: self
+                .cache_limit
+                .as_deref()
+                .map(|v| bytes("cache-limit", v))
+                .transpose()?,
+            tls_server: wire_protocol::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: self.tls_cert.unwrap_or_else(|| tls.join("server.pem")),
+                key: self.tls_key.unwrap_or_else(|| tls.join("server.key")),
+            },
+            tls_client: wire_protocol::tls::TlsFiles {
+                ca,
+                cert: self
+                    .tls_client_cert
+                    .unwrap_or_else(|| tls.join("client.pem")),
+                key: self
+                    .tls_client_key
+                    .unwrap_or_else(|| tls.join("client.key")),
+            },
+            compression_level: level,
+            max_bandwidth_bps,
+            window_bytes: bytes("window", self.window.as_deref().unwrap_or("64MiB"))?,
+            rpo_threshold_s: self.rpo_threshold_s.unwrap_or(900),
+            log_json,
+        })
+    }
+}

@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(process_server::cli::main_with(std::env::args_os()));
+}

@@ -1,0 +1,143 @@
+//! Prometheus metrics and the status table of the process server.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use crate::state::{now_us, State};
+
+/// Figures of one disk at one instant.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DiskStatus {
+    /// Disk id.
+    pub disk_id: u64,
+    /// VM.
+    pub vm_id: String,
+    /// Highest LSN cached here.
+    pub cached_lsn: u64,
+    /// Highest LSN durable on the master target.
+    pub durable_lsn: u64,
+    /// Bytes waiting in the cache.
+    pub backlog_bytes: u64,
+    /// Age of the oldest write not yet durable on the master target, milliseconds.
+    pub rpo_ms: u64,
+    /// Block bytes received.
+    pub ingest_bytes: u64,
+    /// Block bytes shipped before coalescing and compression.
+    pub logical_bytes: u64,
+    /// Bytes put on the link.
+    pub wire_bytes: u64,
+    /// Bytes coalescing kept off the link.
+    pub coalesced_bytes: u64,
+}
+
+/// Status of every disk.
+pub fn status(state: &State) -> Vec<DiskStatus> {
+    let now = now_us();
+    state
+        .all()
+        .iter()
+        .map(|d| {
+            let c = d.cache.lock().expect("poisoned");
+            DiskStatus {
+                disk_id: d.attach.disk_id,
+                vm_id: d.attach.vm_id.clone(),
+                cached_lsn: c.last_lsn(),
+                durable_lsn: d.counters.mt_durable_lsn.load(Ordering::Acquire),
+                backlog_bytes: c.bytes(),
+                rpo_ms: c
+                    .oldest_unacked_ts_us()
+                    .map_or(0, |t| now.saturating_sub(t) / 1000),
+                ingest_bytes: d.counters.ingest_bytes.load(Ordering::Relaxed),
+                logical_bytes: d.counters.logical_bytes_shipped.load(Ordering::Relaxed),
+                wire_bytes: d.counters.wire_bytes.load(Ordering::Relaxed),
+                coalesced_bytes: d.counters.coalesced_bytes.load(Ordering::Relaxed),
+            }
+        })
+        .collect()
+}
+
+/// Prometheus text exposition.
+pub fn render(state: &State) -> String {
+    let st = status(state);
+    let mut s = String::new();
+    let _ = writeln!(s, "# HELP failback_ps_link_up 1 while connected to the master target.\n# TYPE failback_ps_link_up gauge\nfailback_ps_link_up {}", u8::from(state.connected.load(Ordering::Acquire)));
+    let _ = writeln!(s, "# HELP failback_ps_max_bandwidth_bytes_per_second Link bandwidth limit (0: none).\n# TYPE failback_ps_max_bandwidth_bytes_per_second gauge\nfailback_ps_max_bandwidth_bytes_per_second {}", state.max_bandwidth_bps.load(Ordering::Relaxed));
+    let series: [(&str, &str, &str, fn(&DiskStatus) -> f64); 8] = [
+        (
+            "failback_ps_rpo_seconds",
+            "gauge",
+            "Age of the oldest write not yet durable on the master target.",
+            |d| d.rpo_ms as f64 / 1000.0,
+        ),
+        (
+            "failback_ps_backlog_bytes",
+            "gauge",
+            "Bytes cached and not yet acknowledged by the master target.",
+            |d| d.backlog_bytes as f64,
+        ),
+        (
+            "failback_ps_ingest_bytes_total",
+            "counter",
+            "Block bytes received from agents.",
+            |d| d.ingest_bytes as f64,
+        ),
+        (
+            "failback_ps_logical_bytes_total",
+            "counter",
+            "Block bytes shipped, before coalescing and compression.",
+            |d| d.logical_bytes as f64,
+        ),
+        (
+            "failback_ps_wire_bytes_total",
+            "counter",
+            "Bytes put on the link.",
+            |d| d.wire_bytes as f64,
+        ),
+        (
+            "failback_ps_coalesced_bytes_total",
+            "counter",
+            "Bytes coalescing kept off the link.",
+            |d| d.coalesced_bytes as f64,
+        ),
+        (
+            "failback_ps_cached_lsn",
+            "gauge",
+            "Highest LSN durable in the cache.",
+            |d| d.cached_lsn as f64,
+        ),
+        (
+            "failback_ps_durable_lsn",
+            "gauge",
+            "Highest LSN durable on the master target.",
+            |d| d.durable_lsn as f64,
+        ),
+    ];
+    for (name, kind, help, f) in series {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for d in &st {
+            let _ = writeln!(
+                s,
+                "{name}{{disk=\"{}\",vm=\"{}\"}} {}",
+                d.disk_id,
+                d.vm_id,
+                f(d)
+            );
+        }
+    }
+    s
+}
+
+/// Warns when a disk's RPO passes the threshold, and again when it recovers.
+pub fn check_rpo(state: &State) {
+    let threshold_ms = state.cfg.rpo_threshold_s * 1000;
+    for (d, s) in state.all().iter().zip(status(state)) {
+        let over = s.rpo_ms > threshold_ms;
+        if over != d.rpo_alarm.swap(over, Ordering::AcqRel) {
+            if over {
+                tracing::warn!(disk = s.disk_id, vm = %s.vm_id, rpo_s = s.rpo_ms / 1000, threshold_s = state.cfg.rpo_threshold_s, backlog_bytes = s.backlog_bytes, "RPO threshold passed: check the link to the master target and its bandwidth limit");
+            } else {
+                tracing::info!(disk = s.disk_id, vm = %s.vm_id, rpo_s = s.rpo_ms / 1000, "RPO back under its threshold");
+            }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! What the process server knows: its disks, each with its cache and counters.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Notify};
+use wire_protocol::{DigestList, DigestRequest, DiskAttach, ErrorMsg, LocationKind};
+
+use crate::cache::DiskCache;
+use crate::config::Config;
+use crate::error::{Error, IoContext, Result};
+
+/// Requests relayed to the master target; each gets its answer on the oneshot.
+#[derive(Debug)]
+pub enum UplinkRequest {
+    /// Attach a disk; answered with its durable LSN.
+    Attach(DiskAttach, oneshot::Sender<Result<u64, ErrorMsg>>),
+    /// Per-block digests of the target disk.
+    Digests(DigestRequest, oneshot::Sender<Result<DigestList, ErrorMsg>>),
+    /// Detach a disk; answered with its durable LSN.
+    Detach(u64, oneshot::Sender<Result<u64, ErrorMsg>>),
+}
+
+/// Counters of one disk.
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    /// Block bytes received from the agent.
+    pub ingest_bytes: AtomicU64,
+    /// Block bytes shipped (before coalescing and compression).
+    pub logical_bytes_shipped: AtomicU64,
+    /// Bytes the coalescer kept off the link.
+    pub coalesced_bytes: AtomicU64,
+    /// Frame bytes put on the link.
+    pub wire_bytes: AtomicU64,
+    /// Highest LSN durable on the master target.
+    pub mt_durable_lsn: AtomicU64,
+}
+
+/// One disk.
+#[derive(Debug)]
+pub struct Disk {
+    /// The agent's attach request.
+    pub attach: DiskAttach,
+    /// Its cache.
+    pub cache: Mutex<DiskCache>,
+    /// Counters.
+    pub counters: DiskCounters,
+    /// Set while its RPO is past the threshold.
+    pub rpo_alarm: AtomicBool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DiskMeta {
+    disk_id: u64,
+    vm_id: String,
+    group_id: String,
+    disk_uuid: String,
+    size_bytes: u64,
+    sector_size: u32,
+    alternate: bool,
+    target: String,
+}
+
+/// Shared state.
+pub struct State {
+    /// Configuration.
+    pub cfg: Config,
+    /// Disks by id.
+    pub disks: RwLock<HashMap<u64, Arc<Disk>>>,
+    /// Relay toward the master target.
+    pub uplink: mpsc::Sender<UplinkRequest>,
+    /// Signalled when new data is cached.
+    pub work: Notify,
+    /// Signalled when the cache shrinks.
+    pub space: Notify,
+    /// True while connected to the master target.
+    pub connected: AtomicBool,
+    /// Current bandwidth limit, bytes per second (0: none).
+    pub max_bandwidth_bps: AtomicU64,
+    /// The cache limit in bytes.
+    pub cache_limit_bytes: u64,
+}
+
+fn disk_dir(cache_dir: &Path, disk_id: u64) -> std::path::PathBuf {
+    cache_dir.join(format!("disk-{disk_id}"))
+}
+
+impl State {
+    /// Opens every disk's cache under the cache directory.
+    pub fn open(cfg: Config, uplink: mpsc::Sender<UplinkRequest>) -> Result<Arc<State>> {
+        std::fs::create_dir_all(&cfg.cache_dir)
+            .ctx(|| format!("create cache directory {}", cfg.cache_dir.display()))?;
+        let mut disks = HashMap::new();
+        for e in
+            std::fs::read_dir(&cfg.cache_dir).ctx(|| format!("list {}", cfg.cache_dir.display()))?
+        {
+            let e = e.ctx(|| "list cache".into())?;
+            let meta = e.path().join("disk.json");
+            let Ok(bytes) = std::fs::read(&meta) else {
+                continue;
+            };
+            let m: DiskMeta =
+                serde_json::from_slice(&bytes).map_err(|err| Error::InvalidParameter {
+                    param: "cache",
+                    reason: format!("{}: {err}", meta.display()),
+                })?;
+            let mut uuid = [0u8; 16];
+            for (i, b) in uuid.iter_mut().enumerate() {
+                *b = u8::from_str_radix(m.disk_uuid.get(i * 2..i * 2 + 2).unwrap_or("00"), 16)
+                    .unwrap_or(0);
+            }
+            let attach = DiskAttach {
+                disk_id: m.disk_id,
+                vm_id: m.vm_id,
+                group_id: m.group_id,
+                disk_uuid: uuid,
+                size_bytes: m.size_bytes,
+                sector_size: m.sector_size,
+                location: if m.alternate {
+                    LocationKind::Alternate
+                } else {
+                    LocationKind::Original
+                },
+                target: m.target,
+            };
+            let cache = DiskCache::open(&e.path(), 0)?;
+            tracing::info!(
+                disk = attach.disk_id,
+                cached_to_lsn = cache.last_lsn(),
+                cache_bytes = cache.bytes(),
+                "cache opened"
+            );
+            disks.insert(
+                attach.disk_id,
+                Arc::new(Disk {
+                    attach,
+                    cache: Mutex::new(cache),
+                    counters: DiskCounters::default(),
+                    rpo_alarm: AtomicBool::new(false),
+                }),
+            );
+        }
+        let cache_limit_bytes = match cfg.cache_limit_bytes {
+            Some(b) => b,
+            None => volume_bytes(&cfg.cache_dir)
+                .map(|t| t / 10 * 9)
+                .unwrap_or(u64::MAX),
+        };
+        Ok(Arc::new(State {
+            max_bandwidth_bps: AtomicU64::new(cfg.max_bandwidth_bps),
+            cfg,
+            disks: RwLock::new(disks),
+            uplink,
+            work: Notify::new(),
+            space: Notify::new(),
+            connected: AtomicBool::new(false),
+            cache_limit_bytes,
+        }))
+    }
+
+    /// A disk by id.
+    pub fn disk(&self, id: u64) -> Option<Arc<Disk>> {
+        self.disks.read().expect("poisoned").get(&id).cloned()
+    }
+
+    /// Every disk, by id.
+    pub fn all(&self) -> Vec<Arc<Disk>> {
+        let mut v: Vec<_> = self
+            .disks
+            .read()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|d| d.attach.disk_id);
+        v
+    }
+
+    /// Registers a disk the master target accepted, durably.
+    pub fn add_disk(&self, attach: DiskAttach, durable_lsn: u64) -> Result<Arc<Disk>> {
+        let dir = disk_dir(&self.cfg.cache_dir, attach.disk_id);
+        std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        let meta = DiskMeta {
+            disk_id: attach.disk_id,
+            vm_id: attach.vm_id.clone(),
+            group_id: attach.group_id.clone(),
+            disk_uuid: attach
+                .disk_uuid
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            size_bytes: attach.size_bytes,
+            sector_size: attach.sector_size,
+            alternate: attach.location == LocationKind::Alternate,
+            target: attach.target.clone(),
+        };
+        let tmp = dir.join("disk.json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&meta).expect("serializable"),
+            )?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, dir.join("disk.json"))?;
+            std::fs::File::open(&dir)?.sync_all()
+        };
+        write().ctx(|| format!("write {}", dir.join("disk.json").display()))?;
+        let cache = DiskCache::open(&dir, durable_lsn)?;
+        let disk = Arc::new(Disk {
+            attach,
+            cache: Mutex::new(cache),
+            counters: DiskCounters::default(),
+            rpo_alarm: AtomicBool::new(false),
+        });
+        disk.counters
+            .mt_durable_lsn
+            .store(durable_lsn, Ordering::Release);
+        self.disks
+            .write()
+            .expect("poisoned")
+            .entry(disk.attach.disk_id)
+            .or_insert(disk.clone());
+        Ok(self.disk(disk.attach.disk_id).expect("just inserted"))
+    }
+
+    /// Bytes held by every cache.
+    pub fn cache_bytes(&self) -> u64 {
+        self.all()
+            .iter()
+            .map(|d| d.cache.lock().expect("poisoned").bytes())
+            .sum()
+    }
+}
+
+fn volume_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and a writable statvfs.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_blocks as u64 * st.f_frsize as u64)
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

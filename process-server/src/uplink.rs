@@ -1,0 +1,465 @@
+//! The link to the master target: connect, re-attach, resume, ship, trim.
+//!
+//! # Design constraints
+//! - Resume is exact: on every (re)connection each disk is attached again and the master
+//!   target answers with its highest durable LSN; shipping restarts right after it, and the
+//!   master target ignores anything it already holds (same LSN: no change).
+//! - The link stays full: up to `window` bytes are in flight, and batches are read,
+//!   coalesced and compressed on every core (ordered: a disk's LSNs leave in order).
+//! - The cache is trimmed only by the master target's acks, so a write leaves the process
+//!   server only once it is durable on-premises.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::{Encoder, Framed, FramedRead};
+use wire_protocol::version::{negotiate, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use wire_protocol::{
+    Compression, DigestList, ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Role, CAP_ZSTD,
+};
+
+use crate::error::{Error, Result};
+use crate::state::{Disk, State, UplinkRequest};
+
+/// Longest wait between reconnection attempts.
+pub const MAX_BACKOFF_MS: u64 = 5_000;
+/// Shortest wait between reconnection attempts.
+pub const MIN_BACKOFF_MS: u64 = 100;
+/// Batches being read and compressed at once, per core.
+pub const JOBS_PER_CORE: usize = 2;
+/// Records taken from one disk before the next disk's turn (fairness across disks).
+pub const RECORDS_PER_TURN: usize = 8;
+
+/// Where shipping stands.
+#[derive(Debug, Default)]
+struct Ship {
+    /// Next LSN to send, per disk.
+    cursor: HashMap<u64, u64>,
+    /// (disk, last LSN, wire bytes) sent and not yet acknowledged.
+    in_flight: VecDeque<(u64, u64, u64)>,
+    in_flight_bytes: u64,
+    /// The LSN of the last rewind per disk: later nacks for the same LSN are echoes of
+    /// batches that were in flight when it happened.
+    last_rewind: HashMap<u64, u64>,
+}
+
+type Pending = Arc<Mutex<Pendings>>;
+
+#[derive(Debug, Default)]
+struct Pendings {
+    attach: HashMap<u64, oneshot::Sender<Result<u64, ErrorMsg>>>,
+    digests: HashMap<u64, VecDeque<oneshot::Sender<Result<DigestList, ErrorMsg>>>>,
+    detach: HashMap<u64, oneshot::Sender<Result<u64, ErrorMsg>>>,
+}
+
+/// Runs the link forever: connects, ships, and reconnects with backoff when it drops.
+pub async fn run(state: Arc<State>, mut requests: mpsc::Receiver<UplinkRequest>) {
+    let mut backoff_ms = MIN_BACKOFF_MS;
+    loop {
+        let started = Instant::now();
+        match session(&state, &mut requests).await {
+            Ok(()) => tracing::info!("link to the master target closed"),
+            Err(e) => {
+                tracing::warn!(error = %e, master_target = %state.cfg.master_target, "link to the master target down; retrying")
+            }
+        }
+        state.connected.store(false, Ordering::Release);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff_ms = MIN_BACKOFF_MS;
+        }
+        // Requests that arrive while the link is down are answered at once.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(backoff_ms);
+        while let Ok(Some(r)) = tokio::time::timeout_at(deadline, requests.recv()).await {
+            refuse(r);
+        }
+        backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
+    }
+}
+
+fn refuse(r: UplinkRequest) {
+    let e = |id| ErrorMsg {
+        code: ErrorCode::NotReady,
+        disk_id: id,
+        message: "the master target is not reachable; retry later".into(),
+    };
+    match r {
+        UplinkRequest::Attach(a, tx) => drop(tx.send(Err(e(a.disk_id)))),
+        UplinkRequest::Digests(d, tx) => drop(tx.send(Err(e(d.disk_id)))),
+        UplinkRequest::Detach(id, tx) => drop(tx.send(Err(e(id)))),
+    }
+}
+
+fn io(context: &str, source: std::io::Error) -> Error {
+    Error::Io {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+async fn session(state: &Arc<State>, requests: &mut mpsc::Receiver<UplinkRequest>) -> Result<()> {
+    let cfg = &state.cfg;
+    let tls = wire_protocol::tls::client_config(&cfg.tls_client)?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        TcpStream::connect(&cfg.master_target),
+    )
+    .await
+    .map_err(|_| {
+        io(
+            "connect to the master target",
+            std::io::ErrorKind::TimedOut.into(),
+        )
+    })?
+    .map_err(|e| {
+        io(
+            &format!("connect to the master target at {}", cfg.master_target),
+            e,
+        )
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let name = wire_protocol::tls::server_name(&cfg.master_target_name)?;
+    let stream = TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| io("TLS handshake with the master target", e))?;
+    let mut framed = Framed::new(stream, MessageCodec::default());
+    framed
+        .send(Message::Hello(Hello {
+            proto_min: PROTOCOL_VERSION_MIN,
+            proto_max: PROTOCOL_VERSION_MAX,
+            role: Role::ProcessServer,
+            capabilities: CAP_ZSTD,
+            node_id: "process-server".into(),
+        }))
+        .await?;
+    let version = match framed.next().await {
+        Some(Ok(Message::Hello(h))) => negotiate(
+            (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
+            (h.proto_min, h.proto_max),
+        )?,
+        Some(Ok(Message::Error(e))) => return Err(Error::Refused(e.message)),
+        Some(Ok(m)) => return Err(Error::Refused(format!("expected hello, got {}", m.name()))),
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(Error::Refused("closed during the handshake".into())),
+    };
+    // Re-attach every disk and learn where the master target stands.
+    let mut ship = Ship::default();
+    for disk in state.all() {
+        framed
+            .send(Message::DiskAttach(disk.attach.clone()))
+            .await?;
+        match framed.next().await {
+            Some(Ok(Message::Ack(a))) => {
+                let lsn = a.entries.first().map_or(0, |e| e.durable_lsn);
+                on_durable(state, &disk, lsn)?;
+                ship.cursor.insert(disk.attach.disk_id, lsn + 1);
+            }
+            Some(Ok(Message::Error(e))) => {
+                tracing::error!(disk = disk.attach.disk_id, error = %e.message, "the master target refused the disk; it is not shipped")
+            }
+            Some(Ok(m)) => {
+                return Err(Error::Refused(format!(
+                    "expected an ack to attach, got {}",
+                    m.name()
+                )))
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(Error::Refused("closed while attaching".into())),
+        }
+    }
+    state.connected.store(true, Ordering::Release);
+    tracing::info!(master_target = %cfg.master_target, version, disks = ship.cursor.len(), "link to the master target up");
+
+    let parts = framed.into_parts();
+    let (rd, mut wr) = tokio::io::split(parts.io);
+    let mut reader = FramedRead::new(rd, MessageCodec::default());
+    reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+    let ship = Arc::new(Mutex::new(ship));
+    let pending: Pending = Arc::default();
+    let acked = Arc::new(tokio::sync::Notify::new());
+    let (st, sh, pe, ak) = (
+        Arc::clone(state),
+        Arc::clone(&ship),
+        Arc::clone(&pending),
+        Arc::clone(&acked),
+    );
+    let mut reader_task = tokio::spawn(async move {
+        while let Some(m) = reader.next().await {
+            handle_reply(&st, &sh, &pe, m?)?;
+            ak.notify_one();
+        }
+        Err::<(), Error>(Error::Refused("the master target closed the link".into()))
+    });
+
+    let mut jobs: VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>> = VecDeque::new();
+    let parallel = JOBS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut limiter = Limiter::default();
+    let mut control = BytesMut::new();
+    let mut codec = MessageCodec::default();
+    codec.set_version(version);
+    loop {
+        // Fill the pipeline with read+coalesce+compress jobs while the window has room.
+        fill(state, &ship, &mut jobs, parallel);
+        tokio::select! {
+            r = &mut reader_task => return r.map_err(|e| Error::Refused(format!("reader: {e}")))?,
+            req = requests.recv() => {
+                let Some(req) = req else { return Ok(()) };
+                let msg = {
+                    let mut p = pending.lock().expect("poisoned");
+                    match req {
+                        UplinkRequest::Attach(a, tx) => {
+                            p.attach.insert(a.disk_id, tx);
+                            ship.lock().expect("poisoned").cursor.entry(a.disk_id).or_insert(0);
+                            Message::DiskAttach(a)
+                        }
+                        UplinkRequest::Digests(d, tx) => {
+                            p.digests.entry(d.disk_id).or_default().push_back(tx);
+                            Message::DigestRequest(d)
+                        }
+                        UplinkRequest::Detach(id, tx) => {
+                            p.detach.insert(id, tx);
+                            Message::Detach { disk_id: id }
+                        }
+                    }
+                };
+                control.clear();
+                codec.encode(&msg, &mut control)?;
+                wr.write_all(&control).await.map_err(|e| io("send to the master target", e))?;
+            }
+            done = async { jobs.front_mut().expect("checked").await }, if !jobs.is_empty() => {
+                jobs.pop_front();
+                let Some(s) = done.map_err(|e| Error::Refused(format!("compression task: {e}")))?? else { continue };
+                limiter.wait(state.max_bandwidth_bps.load(Ordering::Relaxed), s.frame.len()).await;
+                wr.write_all(&s.frame).await.map_err(|e| io("send to the master target", e))?;
+                s.disk.counters.wire_bytes.fetch_add(s.frame.len() as u64, Ordering::Relaxed);
+                s.disk.counters.logical_bytes_shipped.fetch_add(s.logical, Ordering::Relaxed);
+                s.disk.counters.coalesced_bytes.fetch_add(s.coalesced, Ordering::Relaxed);
+            }
+            _ = state.work.notified(), if jobs.is_empty() => {}
+            _ = acked.notified(), if jobs.is_empty() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)), if jobs.is_empty() => {}
+        }
+    }
+}
+
+/// One record made ready for the link.
+struct Shipped {
+    disk: Arc<Disk>,
+    frame: Bytes,
+    logical: u64,
+    coalesced: u64,
+}
+
+fn fill(
+    state: &Arc<State>,
+    ship: &Arc<Mutex<Ship>>,
+    jobs: &mut VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>,
+    parallel: usize,
+) {
+    let level = state.cfg.compression_level;
+    let window = state.cfg.window_bytes;
+    let mut s = ship.lock().expect("poisoned");
+    for disk in state.all() {
+        let id = disk.attach.disk_id;
+        let Some(&cursor) = s.cursor.get(&id) else {
+            continue;
+        };
+        if cursor == 0 {
+            continue; // attach still pending
+        }
+        let entries = disk
+            .cache
+            .lock()
+            .expect("poisoned")
+            .entries_from(cursor, RECORDS_PER_TURN);
+        for e in entries {
+            if jobs.len() >= parallel || s.in_flight_bytes >= window {
+                return;
+            }
+            // Count the record's cached size now; the ack releases it.
+            let bytes = u64::from(e.frame_len);
+            s.in_flight.push_back((id, e.last_lsn, bytes));
+            s.in_flight_bytes += bytes;
+            s.cursor.insert(id, e.last_lsn + 1);
+            let disk = Arc::clone(&disk);
+            jobs.push_back(tokio::task::spawn_blocking(move || prepare(disk, e, level)));
+        }
+    }
+}
+
+thread_local! {
+    static CODECS: std::cell::RefCell<HashMap<i32, MessageCodec>> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// Reads a cached record, coalesces it, and encodes it for the link.
+fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option<Shipped>> {
+    let frame = match disk.cache.lock().expect("poisoned").read(&e) {
+        Ok(f) => f,
+        Err(err) => {
+            tracing::error!(disk = disk.attach.disk_id, error = %err, "corrupt cache record: not shipped; resync the disk from its agent (agent resync --mode differential)");
+            return Ok(None);
+        }
+    };
+    let mut msg = MessageCodec::default().decode_frame(frame)?;
+    let mut coalesced = 0;
+    let mut logical = 0;
+    if let Message::WriteBatch(b) = &mut msg {
+        logical = b.data_len() as u64;
+        coalesced = crate::coalesce::coalesce(b);
+    }
+    let compression = if level == 0 {
+        Compression::None
+    } else {
+        Compression::Zstd(level)
+    };
+    let out = CODECS.with(|c| {
+        let mut c = c.borrow_mut();
+        let codec = c
+            .entry(level)
+            .or_insert_with(|| MessageCodec::new(compression));
+        let mut out = BytesMut::new();
+        codec.encode(&msg, &mut out).map(|()| out.freeze())
+    })?;
+    Ok(Some(Shipped {
+        disk,
+        frame: out,
+        logical,
+        coalesced,
+    }))
+}
+
+fn on_durable(state: &State, disk: &Disk, lsn: u64) -> Result<()> {
+    disk.counters
+        .mt_durable_lsn
+        .fetch_max(lsn, Ordering::AcqRel);
+    disk.cache.lock().expect("poisoned").trim(lsn)?;
+    state.space.notify_waiters();
+    Ok(())
+}
+
+fn handle_reply(
+    state: &State,
+    ship: &Mutex<Ship>,
+    pending: &Mutex<Pendings>,
+    m: Message,
+) -> Result<()> {
+    match m {
+        Message::Ack(a) => {
+            for e in a.entries {
+                if let Some(tx) = pending.lock().expect("poisoned").attach.remove(&e.disk_id) {
+                    let _ = tx.send(Ok(e.durable_lsn));
+                    ship.lock()
+                        .expect("poisoned")
+                        .cursor
+                        .insert(e.disk_id, e.durable_lsn + 1);
+                    continue;
+                }
+                if let Some(tx) = pending.lock().expect("poisoned").detach.remove(&e.disk_id) {
+                    let _ = tx.send(Ok(e.durable_lsn));
+                }
+                if let Some(disk) = state.disk(e.disk_id) {
+                    on_durable(state, &disk, e.durable_lsn)?;
+                }
+                let mut s = ship.lock().expect("poisoned");
+                if s.last_rewind
+                    .get(&e.disk_id)
+                    .is_some_and(|&r| r <= e.durable_lsn)
+                {
+                    s.last_rewind.remove(&e.disk_id);
+                }
+                let mut freed = 0;
+                s.in_flight.retain(|&(d, last, bytes)| {
+                    let done = d == e.disk_id && last <= e.durable_lsn;
+                    freed += if done { bytes } else { 0 };
+                    !done
+                });
+                s.in_flight_bytes -= freed;
+            }
+        }
+        Message::Nack(n) => {
+            let mut s = ship.lock().expect("poisoned");
+            if s.last_rewind.get(&n.disk_id) != Some(&n.from_lsn) {
+                tracing::warn!(disk = n.disk_id, from_lsn = n.from_lsn, reason = %n.reason, "master target asks for a resend");
+                s.last_rewind.insert(n.disk_id, n.from_lsn);
+                s.cursor.insert(n.disk_id, n.from_lsn);
+                let mut freed = 0;
+                s.in_flight.retain(|&(d, last, bytes)| {
+                    let drop = d == n.disk_id && last >= n.from_lsn;
+                    freed += if drop { bytes } else { 0 };
+                    !drop
+                });
+                s.in_flight_bytes -= freed;
+            }
+        }
+        Message::DigestList(l) => {
+            if let Some(tx) = pending
+                .lock()
+                .expect("poisoned")
+                .digests
+                .get_mut(&l.disk_id)
+                .and_then(VecDeque::pop_front)
+            {
+                let _ = tx.send(Ok(l));
+            }
+        }
+        Message::Error(e) => {
+            let mut p = pending.lock().expect("poisoned");
+            if let Some(tx) = p.attach.remove(&e.disk_id) {
+                let _ = tx.send(Err(e));
+            } else if let Some(tx) = p.digests.get_mut(&e.disk_id).and_then(VecDeque::pop_front) {
+                let _ = tx.send(Err(e));
+            } else if let Some(tx) = p.detach.remove(&e.disk_id) {
+                let _ = tx.send(Err(e));
+            } else {
+                tracing::error!(disk = e.disk_id, code = ?e.code, error = %e.message, "master target error");
+            }
+        }
+        Message::Heartbeat { .. } | Message::Ignored { .. } => {}
+        other => tracing::warn!(
+            message = other.name(),
+            "unexpected message from the master target"
+        ),
+    }
+    Ok(())
+}
+
+/// Paces writes to a byte rate (token bucket with a 100 ms burst).
+#[derive(Debug)]
+struct Limiter {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter {
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl Limiter {
+    async fn wait(&mut self, rate_bps: u64, bytes: usize) {
+        if rate_bps == 0 {
+            return;
+        }
+        let rate = rate_bps as f64;
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate / 10.0);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(-self.tokens / rate)).await;
+        }
+    }
+}
