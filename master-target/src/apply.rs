@@ -217,9 +217,22 @@ impl Applier {
                     let kind = match b.kind {
                         BookmarkKind::AppConsistent => PointKind::AppConsistent,
                         BookmarkKind::CrashConsistent => PointKind::CrashConsistent,
+                        BookmarkKind::ResyncStarted => PointKind::ResyncStarted,
+                        BookmarkKind::ResyncCompleted => PointKind::ResyncCompleted,
                     };
-                    points.push((b.lsn, b.time_us, kind, b.tag.clone()));
                     last_time_us = last_time_us.max(b.time_us);
+                    let resyncing = points
+                        .iter()
+                        .rev()
+                        .find(|p: &&(u64, u64, PointKind, String)| !p.2.is_point())
+                        .map_or(self.journal.resyncing(), |p| {
+                            p.2 == PointKind::ResyncStarted
+                        });
+                    if kind.is_point() && resyncing {
+                        tracing::warn!(disk = self.disk_id, tag = %b.tag, "bookmark during a resync is not a consistent point; skipped");
+                        continue;
+                    }
+                    points.push((b.lsn, b.time_us, kind, b.tag.clone()));
                     self.last_point_time_us = b.time_us;
                 }
             }
@@ -236,7 +249,15 @@ impl Applier {
             self.disk.sync()?;
             self.stats.writes += pending.len() as u64;
         }
-        if last_time_us >= self.last_point_time_us + self.policy.crash_point_interval_us
+        let resyncing = points
+            .iter()
+            .rev()
+            .find(|p| !p.2.is_point())
+            .map_or(self.journal.resyncing(), |p| {
+                p.2 == PointKind::ResyncStarted
+            });
+        if !resyncing
+            && last_time_us >= self.last_point_time_us + self.policy.crash_point_interval_us
             && !matches!(last, Item::Bookmark(_))
         {
             points.push((

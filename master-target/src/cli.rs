@@ -141,7 +141,7 @@ fn run(cli: Cli) -> Result<()> {
                     for p in &points {
                         let kind = match p.kind {
                             crate::journal::PointKind::AppConsistent => "app-consistent",
-                            crate::journal::PointKind::CrashConsistent => "crash-consistent",
+                            _ => "crash-consistent",
                         };
                         println!(
                             "{:>8}  {:<24}  {:<16}  {:>12}  {}",

@@ -60,6 +60,33 @@ pub enum PointKind {
     CrashConsistent,
     /// From a source bookmark.
     AppConsistent,
+    /// Marker (not a point): a resync began; no point is consistent until it completes.
+    ResyncStarted,
+    /// Marker (not a point): the resync completed.
+    ResyncCompleted,
+}
+
+impl PointKind {
+    fn code(self) -> u8 {
+        match self {
+            PointKind::CrashConsistent => 0,
+            PointKind::AppConsistent => 1,
+            PointKind::ResyncStarted => 2,
+            PointKind::ResyncCompleted => 3,
+        }
+    }
+    fn from_code(c: u8) -> PointKind {
+        match c {
+            1 => PointKind::AppConsistent,
+            2 => PointKind::ResyncStarted,
+            3 => PointKind::ResyncCompleted,
+            _ => PointKind::CrashConsistent,
+        }
+    }
+    /// Whether this is a recovery point (not a resync marker).
+    pub fn is_point(self) -> bool {
+        matches!(self, PointKind::CrashConsistent | PointKind::AppConsistent)
+    }
 }
 
 /// A recovery point.
@@ -105,6 +132,8 @@ pub struct Journal {
     /// Points with an LSN below this can no longer be built (their undo records were dropped).
     horizon_lsn: u64,
     next_point_id: u64,
+    /// A resync began and has not completed: no point may be made.
+    resyncing: bool,
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {
@@ -149,10 +178,7 @@ fn encode_point(p: &Point, out: &mut Vec<u8>) {
     body.extend_from_slice(&p.id.to_be_bytes());
     body.extend_from_slice(&p.lsn.to_be_bytes());
     body.extend_from_slice(&p.time_us.to_be_bytes());
-    body.push(match p.kind {
-        PointKind::CrashConsistent => 0,
-        PointKind::AppConsistent => 1,
-    });
+    body.push(p.kind.code());
     body.extend_from_slice(&(tag.len() as u16).to_be_bytes());
     body.extend_from_slice(tag);
     encode(KIND_POINT, &body, out);
@@ -247,11 +273,7 @@ fn scan(path: &Path, verify: bool) -> Result<Scan> {
                     id: be64(&body),
                     lsn: be64(&body[8..]),
                     time_us: be64(&body[16..]),
-                    kind: if body[24] == 1 {
-                        PointKind::AppConsistent
-                    } else {
-                        PointKind::CrashConsistent
-                    },
+                    kind: PointKind::from_code(body[24]),
                     tag,
                 });
             }
@@ -370,6 +392,12 @@ impl Journal {
             });
         }
         let next_point_id = points.iter().map(|p| p.id + 1).max().unwrap_or(1);
+        let resyncing = points
+            .iter()
+            .rev()
+            .find(|p| !p.kind.is_point())
+            .is_some_and(|p| p.kind == PointKind::ResyncStarted);
+        points.retain(|p| p.kind.is_point());
         let (active, segments) = match segments.last() {
             Some(seg) => {
                 let f = OpenOptions::new()
@@ -405,6 +433,7 @@ impl Journal {
             committed_lsn: committed.0,
             horizon_lsn: 0,
             next_point_id,
+            resyncing,
         };
         j.horizon_lsn = j.points.first().map_or(0, |p| p.lsn);
         if j.segments.last().expect("one segment").bytes == 0 {
@@ -420,6 +449,11 @@ impl Journal {
     /// The highest LSN durable on the disk.
     pub fn committed_lsn(&self) -> u64 {
         self.committed_lsn
+    }
+
+    /// True while a resync is under way (no point may be made).
+    pub fn resyncing(&self) -> bool {
+        self.resyncing
     }
 
     /// Recovery points kept, oldest first.
@@ -481,7 +515,14 @@ impl Journal {
         self.append(&buf)?;
         self.sync()?;
         self.committed_lsn = lsn;
-        self.points.extend(made.iter().cloned());
+        for p in &made {
+            match p.kind {
+                PointKind::ResyncStarted => self.resyncing = true,
+                PointKind::ResyncCompleted => self.resyncing = false,
+                _ => self.points.push(p.clone()),
+            }
+        }
+        made.retain(|p| p.kind.is_point());
         if self.segments.last().expect("one").bytes >= SEGMENT_TARGET_BYTES {
             self.rotate(time_us)?;
         }

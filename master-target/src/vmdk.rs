@@ -129,7 +129,7 @@ pub fn parse_descriptor(path: &Path, text: &str) -> Result<DiskImage> {
     if !matches!(kind.as_str(), "VMFS" | "FLAT") || offset != 0 {
         return Err(unsupported(path, &format!("extent type {kind} at offset {offset}: only a flat extent at offset 0 is supported")));
     }
-    let data_path = path.parent().unwrap_or(Path::new(".")).join(file);
+    let data_path = parent_dir(path).join(file);
     Ok(DiskImage {
         descriptor: path.into(),
         data_path,
@@ -234,7 +234,15 @@ pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
         .ctx(|| format!("write {}", tmp.display()))?;
     f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
     fs::rename(&tmp, path).ctx(|| format!("rename to {}", path.display()))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent_dir(path))
+}
+
+/// The directory holding `path` ("." for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// Fsyncs a directory, making renames and new files in it durable.

@@ -211,6 +211,14 @@ impl DiskCache {
         self.segs.iter().map(|s| s.1).sum()
     }
 
+    /// Bytes of records not yet acknowledged by the master target.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| RECORD_HEADER_LEN as u64 + u64::from(e.frame_len))
+            .sum()
+    }
+
     /// Capture time of the oldest write not yet acknowledged by the master target.
     pub fn oldest_unacked_ts_us(&self) -> Option<u64> {
         self.entries.front().map(|e| e.first_ts_us)

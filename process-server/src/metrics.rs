@@ -43,7 +43,7 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
                 vm_id: d.attach.vm_id.clone(),
                 cached_lsn: c.last_lsn(),
                 durable_lsn: d.counters.mt_durable_lsn.load(Ordering::Acquire),
-                backlog_bytes: c.bytes(),
+                backlog_bytes: c.backlog_bytes(),
                 rpo_ms: c
                     .oldest_unacked_ts_us()
                     .map_or(0, |t| now.saturating_sub(t) / 1000),

@@ -80,6 +80,11 @@ pub enum BookmarkKind {
     CrashConsistent = 0,
     /// Marked clean by the application.
     AppConsistent = 1,
+    /// A resync of the disk begins: until it completes the target is inconsistent, and no
+    /// recovery point may be made.
+    ResyncStarted = 2,
+    /// The resync is complete: the target equals the source as of this LSN.
+    ResyncCompleted = 3,
 }
 
 /// Stable error codes carried in [`ErrorMsg`] and [`Nack`]. Fixed forever, never reused.
@@ -660,6 +665,8 @@ impl Message {
                 kind: match r.u8()? {
                     0 => BookmarkKind::CrashConsistent,
                     1 => BookmarkKind::AppConsistent,
+                    2 => BookmarkKind::ResyncStarted,
+                    3 => BookmarkKind::ResyncCompleted,
                     v => return Err(invalid("bookmark kind", v)),
                 },
                 time_us: r.u64()?,

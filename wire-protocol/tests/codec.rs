@@ -85,18 +85,19 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (
             any::<u64>(),
             any::<u64>(),
-            any::<bool>(),
+            0u8..4,
             any::<u64>(),
             any::<u64>(),
             arb_string()
         )
-            .prop_map(|(d, lsn, app, t, g, tag)| Message::Bookmark(Bookmark {
+            .prop_map(|(d, lsn, kind, t, g, tag)| Message::Bookmark(Bookmark {
                 disk_id: d,
                 lsn,
-                kind: if app {
-                    BookmarkKind::AppConsistent
-                } else {
-                    BookmarkKind::CrashConsistent
+                kind: match kind {
+                    0 => BookmarkKind::CrashConsistent,
+                    1 => BookmarkKind::AppConsistent,
+                    2 => BookmarkKind::ResyncStarted,
+                    _ => BookmarkKind::ResyncCompleted,
                 },
                 time_us: t,
                 group_marker: g,

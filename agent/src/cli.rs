@@ -1,0 +1,358 @@
+//! The `agent` command line: `replay`, `resync`, `bookmark`, `digest`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use wire_protocol::tls::TlsFiles;
+use wire_protocol::{Compression, DiskAttach, LocationKind};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::link::{Endpoint, Link};
+use crate::replay::{self, OutOfRange, Pace, ReplayOpts};
+use crate::source::{hex, image_digest, SourceDisk};
+use crate::trace::Format;
+
+/// The source side of failback: captures a VM's writes (here: replays recorded block
+/// traces against a source disk file), streams them to the process server, and resyncs.
+#[derive(Debug, Parser)]
+#[command(name = "agent", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the disk is and where it goes.
+#[derive(Debug, Clone, Args)]
+pub struct DiskArgs {
+    /// The source disk file (created zeroed if absent).
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Its size (e.g. 16GiB); must match an existing file.
+    #[arg(long, default_value = "1GiB")]
+    pub disk_size: String,
+    /// The disk's id in the data plane.
+    #[arg(long, default_value_t = 1)]
+    pub disk_id: u64,
+    /// The VM's id.
+    #[arg(long, default_value = "vm1")]
+    pub vm_id: String,
+    /// The disk's UUID (32 hex digits). Default: derived from vm id and disk id.
+    #[arg(long)]
+    pub disk_uuid: Option<String>,
+    /// On the master target: the existing VMDK (original) or the datastore directory (alternate).
+    #[arg(long, default_value = "")]
+    pub target: String,
+    /// original: the on-premises disk exists; alternate: create a new one.
+    #[arg(long, value_enum, default_value = "alternate")]
+    pub location: Location,
+    /// The process server, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    pub process_server: String,
+    /// Name in the process server's certificate. Default: its host.
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Directory with ca.pem, client.pem, client.key.
+    #[arg(long, default_value = "/etc/failback/tls")]
+    pub tls_dir: PathBuf,
+    /// Directory for the agent's bookmarks and resync progress.
+    #[arg(long, default_value = "agent-state")]
+    pub state_dir: PathBuf,
+    /// Writes kept until acknowledged (e.g. 256MiB); past it, dirty regions are tracked.
+    #[arg(long, default_value = "256MiB")]
+    pub buffer: String,
+    /// zstd level toward the process server (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub compression_level: i32,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+}
+
+/// Location kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Location {
+    /// The on-premises disk exists.
+    Original,
+    /// Create a new disk.
+    Alternate,
+}
+
+/// Resync modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResyncMode {
+    /// None.
+    None,
+    /// Only blocks whose digests differ.
+    Differential,
+    /// Every block.
+    Full,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay a block trace against the source disk and stream it.
+    Replay {
+        #[command(flatten)]
+        disk: DiskArgs,
+        /// The trace file.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Its format.
+        #[arg(long, value_enum)]
+        format: Format,
+        /// Replay this device only (default: the first seen).
+        #[arg(long)]
+        device: Option<String>,
+        /// Writes beyond the disk's end.
+        #[arg(long, value_enum, default_value = "wrap")]
+        out_of_range: OutOfRange,
+        /// fast, realtime, or a speed such as 4x.
+        #[arg(long, default_value = "fast")]
+        pace: Pace,
+        /// Seed of the data written.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How compressible the data is: 0.0 random .. 1.0 zeros (0.5: zstd halves it).
+        #[arg(long, default_value_t = 0.5)]
+        compressibility: f64,
+        /// App-consistent bookmark every this many seconds of trace time.
+        #[arg(long)]
+        bookmark_every_s: Option<f64>,
+        /// Stop after this many writes.
+        #[arg(long)]
+        max_writes: Option<u64>,
+        /// Count malformed trace lines instead of stopping at the first.
+        #[arg(long)]
+        skip_bad_lines: bool,
+        /// Resync before replaying.
+        #[arg(long, value_enum, default_value = "none")]
+        resync: ResyncMode,
+    },
+    /// Resync the target disk with the source.
+    Resync {
+        #[command(flatten)]
+        disk: DiskArgs,
+        /// differential: send only differing blocks; full: send everything.
+        #[arg(long, value_enum)]
+        mode: ResyncMode,
+    },
+    /// Ask a running replay for an app-consistent bookmark.
+    Bookmark {
+        /// The running agent's state directory.
+        #[arg(long, default_value = "agent-state")]
+        state_dir: PathBuf,
+        /// The bookmark's tag.
+        #[arg(long)]
+        tag: String,
+    },
+    /// Print the disk digest of an image (to check an exported recovery point).
+    Digest {
+        /// The image (raw, or a VMDK's flat extent).
+        image: PathBuf,
+    },
+}
+
+/// Runs the command line with `args`. Returns the exit code.
+pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agent: error: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("agent: error: {e}");
+            1
+        }
+    }
+}
+
+/// Builds the engine for a disk: opens the source, connects, attaches.
+pub async fn engine(d: &DiskArgs) -> Result<Engine> {
+    wire_protocol::ops::init_logging(d.log_format == "json");
+    let size = wire_protocol::ops::parse_bytes(&d.disk_size).map_err(|reason| {
+        Error::InvalidParameter {
+            param: "disk-size",
+            reason,
+        }
+    })?;
+    if size == 0 || size % 512 != 0 {
+        return Err(Error::InvalidParameter {
+            param: "disk-size",
+            reason: format!("{size} is not a positive multiple of 512"),
+        });
+    }
+    let buffer =
+        wire_protocol::ops::parse_bytes(&d.buffer).map_err(|reason| Error::InvalidParameter {
+            param: "buffer",
+            reason,
+        })? as usize;
+    let uuid = match &d.disk_uuid {
+        Some(h) => {
+            let v: Vec<u8> = (0..h.len() / 2)
+                .filter_map(|i| u8::from_str_radix(h.get(i * 2..i * 2 + 2)?, 16).ok())
+                .collect();
+            v.try_into().map_err(|_| Error::InvalidParameter {
+                param: "disk-uuid",
+                reason: format!("{h:?} is not 32 hex digits"),
+            })?
+        }
+        None => {
+            let h = blake3::hash(format!("{}/{}", d.vm_id, d.disk_id).as_bytes());
+            h.as_bytes()[..16].try_into().expect("16 bytes")
+        }
+    };
+    let attach = DiskAttach {
+        disk_id: d.disk_id,
+        vm_id: d.vm_id.clone(),
+        group_id: String::new(),
+        disk_uuid: uuid,
+        size_bytes: size,
+        sector_size: 512,
+        location: if d.location == Location::Original {
+            LocationKind::Original
+        } else {
+            LocationKind::Alternate
+        },
+        target: d.target.clone(),
+    };
+    let host = d
+        .process_server
+        .rsplit_once(':')
+        .map_or(d.process_server.as_str(), |(h, _)| h)
+        .to_owned();
+    let ep = Endpoint {
+        addr: d.process_server.clone(),
+        server_name: d.server_name.clone().unwrap_or(host),
+        tls: TlsFiles::client_in(&d.tls_dir),
+    };
+    let compression = if d.compression_level > 0 {
+        Compression::Zstd(d.compression_level)
+    } else {
+        Compression::None
+    };
+    let source = SourceDisk::open(&d.source, size)?;
+    Engine::start(
+        Link::new(ep, attach, compression, buffer),
+        source,
+        d.disk_id,
+        &d.state_dir,
+        Duration::from_secs(120),
+    )
+    .await
+}
+
+fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let p = indicatif::ProgressBar::new(len);
+    p.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    p
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Replay {
+            disk,
+            trace,
+            format,
+            device,
+            out_of_range,
+            pace,
+            seed,
+            compressibility,
+            bookmark_every_s,
+            max_writes,
+            skip_bad_lines,
+            resync,
+        } => {
+            let mut e = engine(&disk).await?;
+            if resync != ResyncMode::None {
+                let p = bar(0, "resync");
+                e.resync(resync == ResyncMode::Full, Some(&p)).await?;
+                p.finish_and_clear();
+                println!(
+                    "resync: compared {} bytes, sent {} bytes",
+                    e.stats.resync_compared_bytes, e.stats.resync_sent_bytes
+                );
+            }
+            let opts = ReplayOpts {
+                trace,
+                format,
+                device,
+                out_of_range,
+                pace,
+                seed,
+                compressibility,
+                bookmark_every_s,
+                max_writes,
+                skip_bad_lines,
+            };
+            let p = indicatif::ProgressBar::new_spinner();
+            let sum = replay::replay(&mut e, &opts, |s| {
+                if s.writes % 256 == 0 {
+                    p.set_message(format!("{} writes, {} bytes", s.writes, s.bytes));
+                    p.tick();
+                }
+            })
+            .await?;
+            e.drain(Duration::from_secs(600)).await?;
+            p.finish_and_clear();
+            println!("{}", serde_json::to_string(&sum).expect("serializable"));
+            println!(
+                "replayed {} writes ({} bytes) of device {:?} over {:.2} s of trace; {} wrapped into the disk, {} skipped, {} of other devices, {} bad lines skipped; {} bookmarks; last lsn {}",
+                sum.writes, sum.bytes, sum.device, sum.trace_seconds, sum.wrapped, sum.skipped, sum.other_device, sum.bad_lines, sum.bookmarks, e.next_lsn() - 1
+            );
+            Ok(())
+        }
+        Command::Resync { disk, mode } => {
+            let mut e = engine(&disk).await?;
+            let p = bar(0, "resync");
+            let started = std::time::Instant::now();
+            e.resync(mode == ResyncMode::Full, Some(&p)).await?;
+            e.drain(Duration::from_secs(600)).await?;
+            p.finish_and_clear();
+            let (c, s) = (e.stats.resync_compared_bytes, e.stats.resync_sent_bytes);
+            println!("resync {mode:?}: compared {c} bytes, sent {s} bytes, saved {} bytes ({:.1}%), {:.2} s", c - s.min(c), 100.0 * (c - s.min(c)) as f64 / c.max(1) as f64, started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Command::Bookmark { state_dir, tag } => {
+            let dir = state_dir.join("bookmark-requests");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+                context: format!("create {}", dir.display()),
+                source: e,
+            })?;
+            let name = format!(
+                "{}.req",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            );
+            std::fs::write(dir.join(name), &tag).map_err(|e| Error::Io {
+                context: format!("write to {}", dir.display()),
+                source: e,
+            })?;
+            println!("bookmark {tag:?} requested; the running agent takes it within 100 ms of its next write");
+            Ok(())
+        }
+        Command::Digest { image } => {
+            println!("{}  {}", hex(&image_digest(&image)?), image.display());
+            Ok(())
+        }
+    }
+}

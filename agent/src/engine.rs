@@ -1,0 +1,430 @@
+//! The agent's engine: captures writes into batches with LSNs, takes bookmarks with disk
+//! digests, falls back to a dirty-region bitmap in long outages, and resyncs.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use wire_protocol::{Bookmark, BookmarkKind, DigestRequest, Message, Write, WriteBatch};
+
+use crate::error::{Error, IoContext, Result};
+use crate::link::{Link, Sent};
+use crate::source::{hex, SourceDisk, DIGEST_BLOCK_BYTES};
+
+/// A batch is sent once it holds this much data (1 MiB batches compress best with zstd and
+/// keep per-batch overhead far below 0.1%).
+pub const BATCH_BYTES: usize = 1 << 20;
+/// ... or this many writes.
+pub const BATCH_WRITES: usize = 1024;
+/// Blocks per digest request during resync (1 GiB of disk at 64 KiB blocks).
+pub const RESYNC_CHUNK_BLOCKS: u32 = 16 * 1024;
+
+/// A bookmark the agent took, with the source disk's digest at that instant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BookmarkRecord {
+    /// The bookmark's LSN.
+    pub lsn: u64,
+    /// Its tag.
+    pub tag: String,
+    /// Its time, microseconds since the Unix epoch.
+    pub time_us: u64,
+    /// The source disk digest (see [`crate::source`]), hex.
+    pub disk_digest: String,
+}
+
+/// Counters of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunStats {
+    /// Writes captured.
+    pub writes: u64,
+    /// Bytes captured.
+    pub bytes: u64,
+    /// Bookmarks taken.
+    pub bookmarks: u64,
+    /// Bookmarks skipped (dirty tracking or resync under way).
+    pub bookmarks_skipped: u64,
+    /// Times the buffer overflowed into dirty tracking.
+    pub overflows: u64,
+    /// Blocks resent from dirty tracking.
+    pub dirty_blocks_resent: u64,
+    /// Resync: bytes compared.
+    pub resync_compared_bytes: u64,
+    /// Resync: bytes sent.
+    pub resync_sent_bytes: u64,
+}
+
+/// The engine.
+pub struct Engine {
+    /// The link.
+    pub link: Link,
+    /// The source disk.
+    pub source: SourceDisk,
+    disk_id: u64,
+    batch: Vec<Write>,
+    batch_bytes: usize,
+    next_lsn: u64,
+    dirty: BTreeSet<u64>,
+    state_dir: PathBuf,
+    /// Counters.
+    pub stats: RunStats,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Engine {
+    /// Connects (retrying `NotReady` until `connect_timeout`) and resumes after the LSN the
+    /// process server holds.
+    pub async fn start(
+        mut link: Link,
+        source: SourceDisk,
+        disk_id: u64,
+        state_dir: &Path,
+        connect_timeout: Duration,
+    ) -> Result<Engine> {
+        std::fs::create_dir_all(state_dir)
+            .ctx(|| format!("create state directory {}", state_dir.display()))?;
+        let deadline = Instant::now() + connect_timeout;
+        let resume = loop {
+            match link.connect().await {
+                Ok(r) => break r,
+                Err(e)
+                    if Instant::now() < deadline
+                        && !matches!(&e, Error::Refused(m) if !m.contains("retry later")) =>
+                {
+                    tracing::info!(error = %e, "waiting for the process server");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(Engine {
+            link,
+            source,
+            disk_id,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            next_lsn: resume + 1,
+            dirty: BTreeSet::new(),
+            state_dir: state_dir.into(),
+            stats: RunStats::default(),
+        })
+    }
+
+    /// The next LSN to be assigned.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// Captures one write: applies it to the source disk and queues it.
+    pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<()> {
+        self.source.write(offset, &data)?;
+        self.stats.writes += 1;
+        self.stats.bytes += data.len() as u64;
+        if !self.dirty.is_empty() && !self.link.is_up() {
+            self.mark_dirty(offset, data.len() as u64);
+            return Ok(());
+        }
+        self.batch_bytes += data.len();
+        self.batch.push(Write {
+            timestamp_us: now_us(),
+            offset,
+            digest: wire_protocol::digest(&data),
+            data,
+        });
+        if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_WRITES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for b in offset / DIGEST_BLOCK_BYTES..=(offset + len - 1) / DIGEST_BLOCK_BYTES {
+            self.dirty.insert(b);
+        }
+    }
+
+    /// Sends the pending batch.
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return self.resend_dirty().await;
+        }
+        let writes = std::mem::take(&mut self.batch);
+        let bytes = std::mem::take(&mut self.batch_bytes);
+        let n = writes.len() as u64;
+        let first = self.next_lsn;
+        let spans: Vec<(u64, u64)> = writes
+            .iter()
+            .map(|w| (w.offset, w.data.len() as u64))
+            .collect();
+        let msg = Message::WriteBatch(WriteBatch {
+            disk_id: self.disk_id,
+            first_lsn: first,
+            writes,
+        });
+        match self.link.send(msg, first, first + n - 1, bytes).await {
+            Sent::Queued => self.next_lsn += n,
+            Sent::Overflow => {
+                if self.dirty.is_empty() {
+                    self.stats.overflows += 1;
+                    tracing::warn!(buffered_bytes = self.link.unacked_bytes(), "link down longer than the buffer holds: tracking dirty regions; they are resynced when the link returns");
+                }
+                for (o, l) in spans {
+                    self.mark_dirty(o, l);
+                }
+            }
+        }
+        self.resend_dirty().await
+    }
+
+    /// Once the link is back, sends the current content of every dirty block.
+    async fn resend_dirty(&mut self) -> Result<()> {
+        if self.dirty.is_empty() || !self.link.ensure_up().await {
+            return Ok(());
+        }
+        let blocks: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
+        tracing::info!(
+            blocks = blocks.len(),
+            "link is back: resending dirty regions"
+        );
+        self.send_blocks(&blocks).await?;
+        self.stats.dirty_blocks_resent += blocks.len() as u64;
+        Ok(())
+    }
+
+    /// Sends the current content of `blocks` as writes (in the LSN stream, so later writes
+    /// to the same blocks stay ordered after them).
+    async fn send_blocks(&mut self, blocks: &[u64]) -> Result<u64> {
+        let mut buf = vec![0u8; DIGEST_BLOCK_BYTES as usize];
+        let mut sent = 0;
+        for &b in blocks {
+            let data = Bytes::copy_from_slice(self.source.read_block(b, &mut buf)?);
+            sent += data.len() as u64;
+            self.batch_bytes += data.len();
+            self.batch.push(Write {
+                timestamp_us: now_us(),
+                offset: b * DIGEST_BLOCK_BYTES,
+                digest: wire_protocol::digest(&data),
+                data,
+            });
+            if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_WRITES {
+                Box::pin(self.flush()).await?;
+            }
+        }
+        Box::pin(self.flush()).await?;
+        Ok(sent)
+    }
+
+    async fn marker(&mut self, kind: BookmarkKind, tag: &str) -> Result<u64> {
+        self.flush().await?;
+        let lsn = self.next_lsn;
+        let time_us = now_us();
+        let msg = Message::Bookmark(Bookmark {
+            disk_id: self.disk_id,
+            lsn,
+            kind,
+            time_us,
+            group_marker: 0,
+            tag: tag.to_owned(),
+        });
+        match self.link.send(msg, lsn, lsn, 0).await {
+            Sent::Queued => {
+                self.next_lsn += 1;
+                Ok(lsn)
+            }
+            Sent::Overflow => Err(Error::Refused("link down and buffer full".into())),
+        }
+    }
+
+    /// Takes an app-consistent bookmark and records the source digest at that instant.
+    pub async fn bookmark(&mut self, tag: &str) -> Result<Option<BookmarkRecord>> {
+        self.flush().await?;
+        if !self.dirty.is_empty() {
+            self.stats.bookmarks_skipped += 1;
+            tracing::warn!(
+                tag,
+                "bookmark skipped: dirty regions are waiting for resync"
+            );
+            return Ok(None);
+        }
+        let digest = hex(&self.source.disk_digest());
+        let lsn = match self.marker(BookmarkKind::AppConsistent, tag).await {
+            Ok(l) => l,
+            Err(_) => {
+                self.stats.bookmarks_skipped += 1;
+                return Ok(None);
+            }
+        };
+        let rec = BookmarkRecord {
+            lsn,
+            tag: tag.to_owned(),
+            time_us: now_us(),
+            disk_digest: digest,
+        };
+        let path = self.state_dir.join("bookmarks.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ctx(|| format!("open {}", path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(&rec).expect("serializable"))
+            .ctx(|| format!("write {}", path.display()))?;
+        self.stats.bookmarks += 1;
+        Ok(Some(rec))
+    }
+
+    /// Takes bookmarks asked for with `agent bookmark` (files in STATE_DIR/bookmark-requests).
+    pub async fn take_requested_bookmarks(&mut self) -> Result<()> {
+        let dir = self.state_dir.join("bookmark-requests");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut reqs: Vec<PathBuf> = rd.filter_map(|e| Some(e.ok()?.path())).collect();
+        reqs.sort();
+        for p in reqs {
+            let tag = std::fs::read_to_string(&p)
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let _ = std::fs::remove_file(&p);
+            if let Some(r) = self.bookmark(&tag).await? {
+                tracing::info!(tag = %r.tag, lsn = r.lsn, "bookmark taken on request");
+            }
+        }
+        Ok(())
+    }
+
+    /// Resyncs the target: `full` sends every block; otherwise only blocks whose digest
+    /// differs from the target's. Writes may keep flowing; the target has no consistent
+    /// recovery point until this returns. Resumes an interrupted resync.
+    pub async fn resync(
+        &mut self,
+        full: bool,
+        progress: Option<&indicatif::ProgressBar>,
+    ) -> Result<()> {
+        let progress_path = self.state_dir.join("resync-progress");
+        let start_block: u64 = std::fs::read_to_string(&progress_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if start_block > 0 {
+            tracing::info!(start_block, "resuming an interrupted resync");
+        }
+        self.marker(
+            BookmarkKind::ResyncStarted,
+            if full {
+                "resync-full"
+            } else {
+                "resync-differential"
+            },
+        )
+        .await?;
+        let blocks = self.source.blocks();
+        if let Some(p) = progress {
+            p.set_length(blocks * DIGEST_BLOCK_BYTES);
+            p.set_position(start_block * DIGEST_BLOCK_BYTES);
+        }
+        let mut b = start_block;
+        while b < blocks {
+            let count = RESYNC_CHUNK_BLOCKS.min((blocks - b) as u32);
+            let differing: Vec<u64> = if full {
+                (b..b + u64::from(count)).collect()
+            } else {
+                let req = Message::DigestRequest(DigestRequest {
+                    disk_id: self.disk_id,
+                    block_size: DIGEST_BLOCK_BYTES as u32,
+                    first_block: b,
+                    block_count: count,
+                });
+                let theirs = match self.link.request(req, Duration::from_secs(300)).await? {
+                    Message::DigestList(l)
+                        if l.first_block == b && l.digests.len() == count as usize =>
+                    {
+                        l.digests
+                    }
+                    Message::Error(e) => {
+                        return Err(Error::Refused(format!(
+                            "digest request refused: {}",
+                            e.message
+                        )))
+                    }
+                    other => {
+                        return Err(Error::Refused(format!(
+                            "unexpected reply to a digest request: {}",
+                            other.name()
+                        )))
+                    }
+                };
+                let ours = &self.source.digests()[b as usize..(b + u64::from(count)) as usize];
+                (0..count as usize)
+                    .filter(|&i| ours[i] != theirs[i])
+                    .map(|i| b + i as u64)
+                    .collect()
+            };
+            self.stats.resync_compared_bytes += u64::from(count) * DIGEST_BLOCK_BYTES;
+            self.stats.resync_sent_bytes += self.send_blocks(&differing).await?;
+            b += u64::from(count);
+            std::fs::write(&progress_path, b.to_string())
+                .ctx(|| format!("write {}", progress_path.display()))?;
+            if let Some(p) = progress {
+                p.set_position(b * DIGEST_BLOCK_BYTES);
+            }
+        }
+        self.marker(BookmarkKind::ResyncCompleted, "resync-completed")
+            .await?;
+        let _ = std::fs::remove_file(&progress_path);
+        Ok(())
+    }
+
+    /// Flushes and waits until the process server holds everything.
+    pub async fn drain(&mut self, max: Duration) -> Result<()> {
+        self.flush().await?;
+        let mut waited = Duration::ZERO;
+        while !self.dirty.is_empty() && waited < max {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            waited += Duration::from_millis(200);
+            self.flush().await?;
+        }
+        if self.link.drain(max).await && self.dirty.is_empty() {
+            self.link.close().await;
+            Ok(())
+        } else {
+            Err(Error::Refused(format!(
+                "the process server did not acknowledge everything within {max:?}"
+            )))
+        }
+    }
+}
+
+/// Reads the bookmark records of a state directory.
+pub fn read_bookmarks(state_dir: &Path) -> Result<Vec<BookmarkRecord>> {
+    let path = state_dir.join("bookmarks.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("read {}", path.display()),
+                source: e,
+            })
+        }
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| Error::InvalidParameter {
+                param: "bookmarks.jsonl",
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}

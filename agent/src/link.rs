@@ -1,0 +1,373 @@
+//! The agent's link to the process server.
+//!
+//! Every batch and bookmark stays in a bounded buffer until the process server acknowledges
+//! it (it is then durable in its cache). When the link drops, the agent reconnects with
+//! backoff, re-attaches, learns the highest LSN the process server holds and resends the
+//! rest. When the buffer is full and the link is down, [`Link::send`] says so and the
+//! caller falls back to tracking dirty regions.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures::stream::SplitSink;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::Framed;
+use wire_protocol::tls::TlsFiles;
+use wire_protocol::version::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use wire_protocol::{
+    Compression, DiskAttach, ErrorCode, Hello, Message, MessageCodec, Role, CAP_ZSTD,
+};
+
+use crate::error::{Error, Result};
+
+/// Where the process server is and how to prove who we are.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// HOST:PORT.
+    pub addr: String,
+    /// The name its certificate carries.
+    pub server_name: String,
+    /// Our TLS files.
+    pub tls: TlsFiles,
+}
+
+type Sink = SplitSink<Framed<TlsStream<TcpStream>, MessageCodec>, Message>;
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF_MS: u64 = 2_000;
+
+/// The link.
+pub struct Link {
+    ep: Endpoint,
+    attach: DiskAttach,
+    compression: Compression,
+    sink: Option<Sink>,
+    events: Option<mpsc::Receiver<Message>>,
+    unacked: VecDeque<(u64, u64, Message, usize)>,
+    unacked_bytes: usize,
+    max_unacked_bytes: usize,
+    /// Highest LSN the process server has made durable.
+    pub acked_lsn: u64,
+    next_attempt: Instant,
+    backoff_ms: u64,
+    /// Messages other than acks, for callers waiting on replies.
+    replies: VecDeque<Message>,
+}
+
+/// What became of a send.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Buffered (and sent if the link is up).
+    Queued,
+    /// The buffer is full and the link is down: nothing was taken.
+    Overflow,
+}
+
+impl Link {
+    /// A link for one disk; not yet connected.
+    pub fn new(
+        ep: Endpoint,
+        attach: DiskAttach,
+        compression: Compression,
+        max_unacked_bytes: usize,
+    ) -> Link {
+        Link {
+            ep,
+            attach,
+            compression,
+            sink: None,
+            events: None,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            max_unacked_bytes,
+            acked_lsn: 0,
+            next_attempt: Instant::now(),
+            backoff_ms: 100,
+            replies: VecDeque::new(),
+        }
+    }
+
+    /// True while connected.
+    pub fn is_up(&self) -> bool {
+        self.sink.is_some()
+    }
+
+    /// Bytes waiting for an ack.
+    pub fn unacked_bytes(&self) -> usize {
+        self.unacked_bytes
+    }
+
+    /// Connects and attaches. Returns the highest LSN the process server holds for the disk.
+    /// Refusals that retrying will not fix (too many disks, duplicate UUID, ...) are errors;
+    /// `NotReady` (no master target yet) is an error the caller may retry.
+    pub async fn connect(&mut self) -> Result<u64> {
+        self.sink = None;
+        self.events = None;
+        let io = |c: &str, e: std::io::Error| Error::Io {
+            context: format!("{c} {}", self.ep.addr),
+            source: e,
+        };
+        let cfg = wire_protocol::tls::client_config(&self.ep.tls)?;
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.ep.addr))
+            .await
+            .map_err(|_| {
+                io(
+                    "connect to the process server at",
+                    std::io::ErrorKind::TimedOut.into(),
+                )
+            })?
+            .map_err(|e| io("connect to the process server at", e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(cfg)
+            .connect(wire_protocol::tls::server_name(&self.ep.server_name)?, tcp)
+            .await
+            .map_err(|e| io("TLS handshake with", e))?;
+        let mut framed = Framed::new(tls, MessageCodec::new(self.compression));
+        framed
+            .send(Message::Hello(Hello {
+                proto_min: PROTOCOL_VERSION_MIN,
+                proto_max: PROTOCOL_VERSION_MAX,
+                role: Role::Agent,
+                capabilities: CAP_ZSTD,
+                node_id: self.attach.vm_id.clone(),
+            }))
+            .await?;
+        match framed.next().await {
+            Some(Ok(Message::Hello(_))) => {}
+            Some(Ok(Message::Error(e))) => return Err(Error::Refused(e.message)),
+            other => {
+                return Err(Error::Refused(format!(
+                    "process server handshake failed: {other:?}"
+                )))
+            }
+        }
+        framed
+            .send(Message::DiskAttach(self.attach.clone()))
+            .await?;
+        let resume = match tokio::time::timeout(Duration::from_secs(90), framed.next()).await {
+            Ok(Some(Ok(Message::Ack(a)))) => a.entries.first().map_or(0, |e| e.durable_lsn),
+            Ok(Some(Ok(Message::Error(e)))) => {
+                let hint = if e.code == ErrorCode::NotReady {
+                    " (retry later)"
+                } else {
+                    ""
+                };
+                return Err(Error::Refused(format!(
+                    "attach of disk {} refused: {}{hint}",
+                    self.attach.disk_id, e.message
+                )));
+            }
+            other => {
+                return Err(Error::Refused(format!(
+                    "attach: unexpected answer {other:?}"
+                )))
+            }
+        };
+        let (sink, mut stream) = framed.split();
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.sink = Some(sink);
+        self.events = Some(rx);
+        self.backoff_ms = 100;
+        self.on_ack(resume);
+        // Resend what the process server does not hold.
+        let resend: Vec<Message> = self
+            .unacked
+            .iter()
+            .filter(|u| u.1 > resume)
+            .map(|u| u.2.clone())
+            .collect();
+        if resend.first().is_some()
+            && self
+                .unacked
+                .iter()
+                .find(|u| u.1 > resume)
+                .is_some_and(|u| u.0 > resume + 1)
+        {
+            tracing::error!(resume, "the process server lost writes the agent no longer holds; run a differential resync");
+        }
+        for m in resend {
+            self.write(m).await;
+        }
+        tracing::info!(
+            disk = self.attach.disk_id,
+            resume_after_lsn = resume,
+            "linked to the process server"
+        );
+        Ok(resume)
+    }
+
+    /// Tries to reconnect if the link is down and the backoff allows. Returns whether up.
+    pub async fn ensure_up(&mut self) -> bool {
+        if self.is_up() {
+            return true;
+        }
+        if Instant::now() < self.next_attempt {
+            return false;
+        }
+        match self.connect().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_ms = self.backoff_ms, "process server unreachable");
+                self.next_attempt = Instant::now() + Duration::from_millis(self.backoff_ms);
+                self.backoff_ms = (self.backoff_ms * 2).min(MAX_BACKOFF_MS);
+                false
+            }
+        }
+    }
+
+    async fn write(&mut self, m: Message) {
+        if let Some(sink) = &mut self.sink {
+            if let Err(e) = sink.send(m).await {
+                tracing::warn!(error = %e, "link to the process server dropped");
+                self.sink = None;
+                self.events = None;
+            }
+        }
+    }
+
+    fn on_ack(&mut self, lsn: u64) {
+        self.acked_lsn = self.acked_lsn.max(lsn);
+        while self.unacked.front().is_some_and(|u| u.1 <= self.acked_lsn) {
+            let (_, _, _, b) = self.unacked.pop_front().expect("checked");
+            self.unacked_bytes -= b;
+        }
+    }
+
+    async fn handle(&mut self, m: Message) {
+        match m {
+            Message::Ack(a) => {
+                let id = self.attach.disk_id;
+                for e in a.entries.iter().filter(|e| e.disk_id == id) {
+                    self.on_ack(e.durable_lsn);
+                }
+            }
+            Message::Nack(n) => {
+                tracing::warn!(from_lsn = n.from_lsn, reason = %n.reason, "process server asks for a resend");
+                let resend: Vec<Message> = self
+                    .unacked
+                    .iter()
+                    .filter(|u| u.1 >= n.from_lsn)
+                    .map(|u| u.2.clone())
+                    .collect();
+                for m in resend {
+                    self.write(m).await;
+                }
+            }
+            Message::Error(ref e) if e.code == ErrorCode::CacheFull => {
+                tracing::warn!(error = %e.message, "process server cache full; waiting")
+            }
+            other => self.replies.push_back(other),
+        }
+    }
+
+    /// Handles every event already received, without waiting.
+    pub async fn poll(&mut self) {
+        loop {
+            let m = match &mut self.events {
+                Some(rx) => match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(mpsc::error::TryRecvError::Empty) => return,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.sink = None;
+                        self.events = None;
+                        return;
+                    }
+                },
+                None => return,
+            };
+            self.handle(m).await;
+        }
+    }
+
+    /// Waits up to `max` for one event; returns false if the link is down.
+    async fn wait_event(&mut self, max: Duration) -> bool {
+        let Some(rx) = &mut self.events else {
+            return false;
+        };
+        match tokio::time::timeout(max, rx.recv()).await {
+            Ok(Some(m)) => {
+                self.handle(m).await;
+                true
+            }
+            Ok(None) => {
+                self.sink = None;
+                self.events = None;
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Buffers and sends `m` (covering LSNs `first..=last`, `bytes` of data). Waits while
+    /// the buffer is full and the link is up.
+    pub async fn send(&mut self, m: Message, first: u64, last: u64, bytes: usize) -> Sent {
+        self.poll().await;
+        while self.unacked_bytes + bytes > self.max_unacked_bytes && !self.unacked.is_empty() {
+            if !self.ensure_up().await {
+                return Sent::Overflow;
+            }
+            self.wait_event(Duration::from_millis(200)).await;
+        }
+        self.unacked.push_back((first, last, m.clone(), bytes));
+        self.unacked_bytes += bytes;
+        if self.ensure_up().await {
+            self.write(m).await;
+        }
+        Sent::Queued
+    }
+
+    /// Waits until everything sent is acknowledged, for at most `max`. Returns whether it was.
+    pub async fn drain(&mut self, max: Duration) -> bool {
+        let deadline = Instant::now() + max;
+        while !self.unacked.is_empty() && Instant::now() < deadline {
+            if !self.ensure_up().await {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            self.wait_event(Duration::from_millis(200)).await;
+        }
+        self.unacked.is_empty()
+    }
+
+    /// Closes the link cleanly (TLS close_notify).
+    pub async fn close(&mut self) {
+        if let Some(mut sink) = self.sink.take() {
+            let _ = sink.close().await;
+        }
+        self.events = None;
+    }
+
+    /// Sends a request that is not part of the LSN stream and waits for its reply.
+    pub async fn request(&mut self, m: Message, max: Duration) -> Result<Message> {
+        let deadline = Instant::now() + max;
+        while !self.ensure_up().await {
+            if Instant::now() > deadline {
+                return Err(Error::Refused("the process server is unreachable".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.write(m).await;
+        while Instant::now() < deadline {
+            if let Some(r) = self.replies.pop_front() {
+                return Ok(r);
+            }
+            if !self.wait_event(Duration::from_millis(200)).await {
+                return Err(Error::Refused(
+                    "the link dropped while waiting for a reply; retry".into(),
+                ));
+            }
+        }
+        Err(Error::Refused("no reply in time".into()))
+    }
+}

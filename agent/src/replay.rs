@@ -1,0 +1,176 @@
+//! Replaying a recorded trace through the engine.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use serde::Serialize;
+
+use crate::datagen;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::trace::{Format, TraceReader};
+
+/// What to do with a write beyond the disk's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutOfRange {
+    /// Map it into the disk (offset modulo the size, kept whole).
+    Wrap,
+    /// Leave it out.
+    Skip,
+}
+
+/// How fast to replay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// As fast as possible.
+    Fast,
+    /// At `factor` times the trace's own speed (1.0 is real time).
+    Speed(f64),
+}
+
+impl std::str::FromStr for Pace {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Pace, String> {
+        match s {
+            "fast" => Ok(Pace::Fast),
+            "realtime" => Ok(Pace::Speed(1.0)),
+            _ => s
+                .strip_suffix('x')
+                .and_then(|n| n.parse().ok())
+                .filter(|f: &f64| *f > 0.0)
+                .map(Pace::Speed)
+                .ok_or_else(|| format!("{s:?}: use fast, realtime or a speed such as 4x")),
+        }
+    }
+}
+
+/// A replay's settings.
+#[derive(Debug, Clone)]
+pub struct ReplayOpts {
+    /// The trace.
+    pub trace: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// Replay only this device (default: the first one seen).
+    pub device: Option<String>,
+    /// Beyond the disk's end.
+    pub out_of_range: OutOfRange,
+    /// Pacing.
+    pub pace: Pace,
+    /// Data seed.
+    pub seed: u64,
+    /// 0.0 (random) to 1.0 (zeros).
+    pub compressibility: f64,
+    /// App-consistent bookmark every this many seconds of trace time.
+    pub bookmark_every_s: Option<f64>,
+    /// Stop after this many writes.
+    pub max_writes: Option<u64>,
+    /// Count malformed lines instead of failing.
+    pub skip_bad_lines: bool,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplaySummary {
+    /// Writes replayed.
+    pub writes: u64,
+    /// Bytes replayed.
+    pub bytes: u64,
+    /// Writes mapped into the disk from beyond its end.
+    pub wrapped: u64,
+    /// Writes left out (beyond the end with `skip`, or longer than the disk).
+    pub skipped: u64,
+    /// Writes of other devices.
+    pub other_device: u64,
+    /// Malformed lines skipped.
+    pub bad_lines: u64,
+    /// The device replayed.
+    pub device: String,
+    /// Trace seconds covered.
+    pub trace_seconds: f64,
+    /// Bookmarks taken.
+    pub bookmarks: u64,
+}
+
+/// Replays `opts.trace` into `engine`. `on_progress` is called after each write.
+pub async fn replay(
+    engine: &mut Engine,
+    opts: &ReplayOpts,
+    mut on_progress: impl FnMut(&ReplaySummary),
+) -> Result<ReplaySummary> {
+    let mut reader = TraceReader::open(&opts.trace, opts.format, opts.skip_bad_lines)?;
+    let size = engine.source.size_bytes();
+    let mut sum = ReplaySummary::default();
+    let started = Instant::now();
+    let mut next_bookmark_ns = opts.bookmark_every_s.map(|s| (s * 1e9) as u64);
+    let mut device: Option<String> = opts.device.clone();
+    let mut last_request_check = Instant::now();
+    let mut index = 0u64;
+    for w in &mut reader {
+        let w = w?;
+        let dev = device.get_or_insert_with(|| w.device.clone());
+        if *dev != w.device {
+            sum.other_device += 1;
+            continue;
+        }
+        if let Some(max) = opts.max_writes {
+            if sum.writes >= max {
+                break;
+            }
+        }
+        if let (Pace::Speed(f), true) = (opts.pace, w.time_ns > 0) {
+            let due = Duration::from_nanos((w.time_ns as f64 / f) as u64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                engine.flush().await?;
+                tokio::time::sleep(wait).await;
+            }
+        }
+        while let Some(at) = next_bookmark_ns.filter(|&at| w.time_ns >= at) {
+            let tag = format!("auto-{}", sum.bookmarks + 1);
+            if engine.bookmark(&tag).await?.is_some() {
+                sum.bookmarks += 1;
+            }
+            next_bookmark_ns = Some(at + (opts.bookmark_every_s.unwrap_or(1.0) * 1e9) as u64);
+        }
+        let mut offset = w.offset;
+        if w.len > size {
+            sum.skipped += 1;
+            continue;
+        }
+        if offset + w.len > size {
+            if opts.out_of_range == OutOfRange::Skip {
+                sum.skipped += 1;
+                continue;
+            }
+            offset = (offset % size).min(size - w.len) / 512 * 512;
+            sum.wrapped += 1;
+        }
+        let mut data = BytesMut::zeroed(w.len as usize);
+        datagen::fill(opts.seed, index, opts.compressibility, &mut data);
+        index += 1;
+        engine.write(offset, data.freeze()).await?;
+        sum.writes += 1;
+        sum.bytes += w.len;
+        sum.trace_seconds = w.time_ns as f64 / 1e9;
+        if last_request_check.elapsed() > Duration::from_millis(100) {
+            engine.take_requested_bookmarks().await?;
+            last_request_check = Instant::now();
+        }
+        on_progress(&sum);
+    }
+    engine.flush().await?;
+    sum.bad_lines = reader.bad_lines;
+    sum.device = device.unwrap_or_default();
+    if sum.writes == 0 {
+        return Err(Error::InvalidParameter {
+            param: "trace",
+            reason: format!(
+                "{} holds no write for device {:?}",
+                opts.trace.display(),
+                sum.device
+            ),
+        });
+    }
+    Ok(sum)
+}

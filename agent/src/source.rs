@@ -1,0 +1,161 @@
+//! The source disk: the failed-over VM's disk, as a file the agent owns, with per-block
+//! digests kept current as writes land.
+//!
+//! The disk digest is blake3 over the concatenated per-block blake3 digests
+//! ([`DIGEST_BLOCK_BYTES`] blocks, the last one possibly short). [`image_digest`] computes
+//! the same over any image file, so a recovery point exported by the master target can be
+//! checked against the digest the agent recorded at its bookmark, cheaply at any disk size.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Block size of digests (and of resync).
+pub const DIGEST_BLOCK_BYTES: u64 = 64 << 10;
+
+/// The source disk.
+#[derive(Debug)]
+pub struct SourceDisk {
+    file: File,
+    path: PathBuf,
+    size_bytes: u64,
+    digests: Vec<[u8; 32]>,
+}
+
+/// Per-block digests of `len` bytes of `file`, in parallel.
+pub fn block_digests(file: &File, len: u64, block: u64) -> Result<Vec<[u8; 32]>> {
+    let n = len.div_ceil(block);
+    (0..n)
+        .into_par_iter()
+        .map_init(
+            || vec![0u8; block as usize],
+            |buf, i| {
+                let start = i * block;
+                let l = block.min(len - start) as usize;
+                file.read_exact_at(&mut buf[..l], start)
+                    .ctx(|| format!("read block {i}"))?;
+                Ok(*blake3::hash(&buf[..l]).as_bytes())
+            },
+        )
+        .collect()
+}
+
+/// The disk digest of per-block digests.
+pub fn digest_of(digests: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for d in digests {
+        h.update(d);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The disk digest of an image file (raw, or a VMDK's flat extent).
+pub fn image_digest(path: &Path) -> Result<[u8; 32]> {
+    let f = File::open(path).ctx(|| format!("open {}", path.display()))?;
+    let len = f
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .len();
+    Ok(digest_of(&block_digests(&f, len, DIGEST_BLOCK_BYTES)?))
+}
+
+/// Hex of a digest.
+pub fn hex(d: &[u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl SourceDisk {
+    /// Opens `path` (creating a zeroed disk of `size_bytes` if absent) and hashes it.
+    pub fn open(path: &Path, size_bytes: u64) -> Result<SourceDisk> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .ctx(|| format!("open source disk {}", path.display()))?;
+        let len = file
+            .metadata()
+            .ctx(|| format!("stat {}", path.display()))?
+            .len();
+        if len == 0 {
+            file.set_len(size_bytes)
+                .ctx(|| format!("size {}", path.display()))?;
+        } else if len != size_bytes {
+            return Err(Error::InvalidParameter {
+                param: "disk-size",
+                reason: format!("{} holds {len} bytes, not {size_bytes}", path.display()),
+            });
+        }
+        let digests = block_digests(&file, size_bytes, DIGEST_BLOCK_BYTES)?;
+        Ok(SourceDisk {
+            file,
+            path: path.into(),
+            size_bytes,
+            digests,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Per-block digests, current.
+    pub fn digests(&self) -> &[[u8; 32]] {
+        &self.digests
+    }
+
+    /// The disk digest now.
+    pub fn disk_digest(&self) -> [u8; 32] {
+        digest_of(&self.digests)
+    }
+
+    /// Writes `data` at `offset` and rehashes the blocks it touched.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        assert!(
+            offset + data.len() as u64 <= self.size_bytes,
+            "callers map writes into the disk"
+        );
+        self.file
+            .write_all_at(data, offset)
+            .ctx(|| format!("write {}", self.path.display()))?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let first = offset / DIGEST_BLOCK_BYTES;
+        let last = (offset + data.len() as u64 - 1) / DIGEST_BLOCK_BYTES;
+        let mut buf = vec![0u8; DIGEST_BLOCK_BYTES as usize];
+        for b in first..=last {
+            let data = self.read_block(b, &mut buf)?;
+            self.digests[b as usize] = *blake3::hash(data).as_bytes();
+        }
+        Ok(())
+    }
+
+    /// Reads block `b` into `buf`, returning the part that is on the disk.
+    pub fn read_block<'a>(&self, b: u64, buf: &'a mut [u8]) -> Result<&'a [u8]> {
+        let start = b * DIGEST_BLOCK_BYTES;
+        let l = DIGEST_BLOCK_BYTES.min(self.size_bytes - start) as usize;
+        self.file
+            .read_exact_at(&mut buf[..l], start)
+            .ctx(|| format!("read {}", self.path.display()))?;
+        Ok(&buf[..l])
+    }
+
+    /// Number of digest blocks.
+    pub fn blocks(&self) -> u64 {
+        self.digests.len() as u64
+    }
+
+    /// Makes the disk durable (the agent's own bookkeeping, not the replication's).
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .ctx(|| format!("fsync {}", self.path.display()))
+    }
+}

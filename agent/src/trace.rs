@@ -1,0 +1,319 @@
+//! Block trace readers. Every format yields the writes it holds as [`TraceWrite`]s, in file
+//! order; reads are skipped.
+//!
+//! | format | line | time unit | offset, length |
+//! |---|---|---|---|
+//! | `msr` (SNIA/MSR-Cambridge CSV) | `Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime` | 100 ns ticks | bytes |
+//! | `disksim` / `disksim-ns` (DiskSim ASCII) | `time devno blkno bcount flags` (flags bit 0: read) | ms / ns | 512-byte sectors |
+//! | `vscsi` (CloudPhysics CSV) | header `version,time,op,size,lbn`; op is the SCSI opcode in hex | s | bytes, 512-byte sectors |
+//! | `blkparse` (default text) | `maj,min cpu seq time pid action rwbs sector + count [proc]`; `Q` events with `W` | s | 512-byte sectors |
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// A trace line longer than this is refused (bounds memory on hostile input).
+pub const MAX_LINE_BYTES: usize = 4096;
+/// Sector size of sector-addressed formats.
+const SECTOR_BYTES: u64 = 512;
+/// One write is at most this long (a trace naming more is refused): the wire's batch limit.
+pub const MAX_WRITE_BYTES: u64 = wire_protocol::message::MAX_BATCH_DATA_LEN as u64;
+
+/// Trace formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// SNIA / MSR-Cambridge CSV.
+    Msr,
+    /// DiskSim ASCII, times in milliseconds (the DiskSim default).
+    Disksim,
+    /// DiskSim ASCII, times in nanoseconds.
+    DisksimNs,
+    /// CloudPhysics vscsi CSV.
+    Vscsi,
+    /// Linux blkparse default text output.
+    Blkparse,
+}
+
+/// One write of a trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceWrite {
+    /// Time since the trace's first record, nanoseconds.
+    pub time_ns: u64,
+    /// The device it addresses.
+    pub device: String,
+    /// Byte offset.
+    pub offset: u64,
+    /// Bytes written.
+    pub len: u64,
+}
+
+/// Reads a trace file.
+pub struct TraceReader {
+    path: PathBuf,
+    lines: std::io::Lines<std::io::BufReader<std::fs::File>>,
+    format: Format,
+    line_no: u64,
+    first_time_ns: Option<u64>,
+    skip_bad: bool,
+    /// Lines skipped as malformed (with `skip_bad`).
+    pub bad_lines: u64,
+}
+
+impl TraceReader {
+    /// Opens `path`. With `skip_bad`, malformed lines are counted instead of failing.
+    pub fn open(path: &Path, format: Format, skip_bad: bool) -> Result<TraceReader> {
+        let f = std::fs::File::open(path).ctx(|| format!("open trace {}", path.display()))?;
+        Ok(TraceReader {
+            path: path.into(),
+            lines: std::io::BufReader::new(f).lines(),
+            format,
+            line_no: 0,
+            first_time_ns: None,
+            skip_bad,
+            bad_lines: 0,
+        })
+    }
+
+    fn bad(&self, reason: impl Into<String>) -> Error {
+        Error::TraceLine {
+            file: self.path.clone(),
+            line: self.line_no,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Iterator for TraceReader {
+    type Item = Result<TraceWrite>;
+
+    fn next(&mut self) -> Option<Result<TraceWrite>> {
+        loop {
+            let line = match self.lines.next()? {
+                Ok(l) => l,
+                Err(e) => {
+                    return Some(Err(Error::Io {
+                        context: format!("read {}", self.path.display()),
+                        source: e,
+                    }))
+                }
+            };
+            self.line_no += 1;
+            let parsed = if line.len() > MAX_LINE_BYTES {
+                Err(format!(
+                    "line of {} bytes (at most {MAX_LINE_BYTES})",
+                    line.len()
+                ))
+            } else {
+                parse_line(self.format, line.trim())
+            };
+            match parsed {
+                Ok(None) => continue,
+                Ok(Some(mut w)) => {
+                    if w.len > MAX_WRITE_BYTES {
+                        let e = self.bad(format!(
+                            "a write of {} bytes (at most {MAX_WRITE_BYTES})",
+                            w.len
+                        ));
+                        if self.skip_bad {
+                            self.bad_lines += 1;
+                            continue;
+                        }
+                        return Some(Err(e));
+                    }
+                    let first = *self.first_time_ns.get_or_insert(w.time_ns);
+                    w.time_ns = w.time_ns.saturating_sub(first);
+                    return Some(Ok(w));
+                }
+                Err(reason) => {
+                    if self.skip_bad {
+                        self.bad_lines += 1;
+                        continue;
+                    }
+                    return Some(Err(self.bad(reason)));
+                }
+            }
+        }
+    }
+}
+
+fn num<T: std::str::FromStr>(s: Option<&str>, what: &str) -> Result<T, String> {
+    let s = s.ok_or_else(|| format!("missing {what}"))?.trim();
+    s.parse()
+        .map_err(|_| format!("{what} {s:?} is not a number"))
+}
+
+fn secs_to_ns(s: &str, what: &str) -> Result<u64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{what} {s:?} is not a number"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("{what} {s:?} is negative or not finite"));
+    }
+    Ok((v * 1e9) as u64)
+}
+
+/// Parses one line: `Ok(None)` for reads, headers, comments and blank lines.
+pub fn parse_line(format: Format, line: &str) -> Result<Option<TraceWrite>, String> {
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    match format {
+        Format::Msr => {
+            let f: Vec<&str> = line.split(',').collect();
+            if f.len() < 6 {
+                return Err(format!("{} fields, expected 7 (Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime)", f.len()));
+            }
+            let ticks: u64 = num(Some(f[0]), "timestamp")?;
+            match f[3].trim().to_ascii_lowercase().as_str() {
+                "write" => {}
+                "read" => return Ok(None),
+                t => return Err(format!("type {t:?} is neither Read nor Write")),
+            }
+            Ok(Some(TraceWrite {
+                time_ns: ticks.saturating_mul(100),
+                device: format!("{}:{}", f[1].trim(), f[2].trim()),
+                offset: num(Some(f[4]), "offset")?,
+                len: num(Some(f[5]), "size")?,
+            }))
+        }
+        Format::Disksim | Format::DisksimNs => {
+            let mut it = line.split_whitespace();
+            let time = it.next().ok_or("empty line")?;
+            let time_ns = if format == Format::DisksimNs {
+                num::<f64>(Some(time), "time")? as u64
+            } else {
+                secs_to_ns(time, "time")? / 1000
+            };
+            let dev: u32 = num(it.next(), "devno")?;
+            let blk: u64 = num(it.next(), "blkno")?;
+            let cnt: u64 = num(it.next(), "bcount")?;
+            let flags: u32 = num(it.next(), "flags")?;
+            if flags & 1 == 1 {
+                return Ok(None);
+            }
+            Ok(Some(TraceWrite {
+                time_ns,
+                device: dev.to_string(),
+                offset: blk.checked_mul(SECTOR_BYTES).ok_or("blkno overflows")?,
+                len: cnt.checked_mul(SECTOR_BYTES).ok_or("bcount overflows")?,
+            }))
+        }
+        Format::Vscsi => {
+            if line.starts_with("version") {
+                return Ok(None);
+            }
+            let f: Vec<&str> = line.split(',').collect();
+            if f.len() < 5 {
+                return Err(format!(
+                    "{} fields, expected 5 (version,time,op,size,lbn)",
+                    f.len()
+                ));
+            }
+            let op = u8::from_str_radix(f[2].trim().trim_start_matches("0x"), 16)
+                .map_err(|_| format!("op {:?} is not a hex SCSI opcode", f[2]))?;
+            // WRITE(6), WRITE(10), WRITE(12), WRITE(16).
+            if !matches!(op, 0x0a | 0x2a | 0xaa | 0x8a) {
+                return Ok(None);
+            }
+            let lbn: u64 = num(Some(f[4]), "lbn")?;
+            Ok(Some(TraceWrite {
+                time_ns: secs_to_ns(f[1], "time")?,
+                device: "0".into(),
+                offset: lbn.checked_mul(SECTOR_BYTES).ok_or("lbn overflows")?,
+                len: num(Some(f[3]), "size")?,
+            }))
+        }
+        Format::Blkparse => {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Summary sections and other event lines are not I/O records.
+            if f.len() < 10 || !f[0].contains(',') || f[5] != "Q" || f[8] != "+" {
+                return Ok(None);
+            }
+            if !f[6].contains('W') {
+                return Ok(None);
+            }
+            let sector: u64 = num(Some(f[7]), "sector")?;
+            let count: u64 = num(Some(f[9]), "count")?;
+            Ok(Some(TraceWrite {
+                time_ns: secs_to_ns(f[3], "time")?,
+                device: f[0].to_owned(),
+                offset: sector * SECTOR_BYTES,
+                len: count * SECTOR_BYTES,
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_format() {
+        let w = parse_line(
+            Format::Msr,
+            "128166372003061629,hm,1,Write,3154059264,4096,30465",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (w.offset, w.len, w.device.as_str()),
+            (3154059264, 4096, "hm:1")
+        );
+        assert_eq!(
+            parse_line(Format::Msr, "128166372003061629,hm,1,Read,0,4096,1").unwrap(),
+            None
+        );
+        let w = parse_line(Format::DisksimNs, "1500 0 16 8 0")
+            .unwrap()
+            .unwrap();
+        assert_eq!((w.time_ns, w.offset, w.len), (1500, 8192, 4096));
+        let w = parse_line(Format::Disksim, "2.5 1 16 8 0")
+            .unwrap()
+            .unwrap();
+        assert_eq!((w.time_ns, w.device.as_str()), (2_500_000, "1"));
+        assert_eq!(parse_line(Format::Disksim, "2.5 1 16 8 1").unwrap(), None);
+        let w = parse_line(Format::Vscsi, "1,5,2a,4096,100")
+            .unwrap()
+            .unwrap();
+        assert_eq!((w.time_ns, w.offset, w.len), (5_000_000_000, 51200, 4096));
+        assert_eq!(parse_line(Format::Vscsi, "1,5,28,4096,100").unwrap(), None);
+        let w = parse_line(
+            Format::Blkparse,
+            "  8,0    3        1     0.000000000   697  Q  WS 223490 + 8 [kjournald]",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (w.offset, w.len, w.device.as_str()),
+            (223490 * 512, 4096, "8,0")
+        );
+        assert_eq!(
+            parse_line(
+                Format::Blkparse,
+                "  8,0    3        2     0.000001000   697  G  WS 223490 + 8 [kjournald]"
+            )
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_line(
+                Format::Blkparse,
+                "  8,0    3        2     0.000001000   697  Q   R 223490 + 8 [cat]"
+            )
+            .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn malformed_lines_are_errors() {
+        assert!(parse_line(Format::Msr, "x,hm,1,Write,1,2,3").is_err());
+        assert!(parse_line(Format::Msr, "1,hm,1,Erase,1,2,3").is_err());
+        assert!(parse_line(Format::Disksim, "1 0 16").is_err());
+        assert!(parse_line(Format::Vscsi, "1,5,zz,4096,100").is_err());
+        assert!(parse_line(Format::Disksim, "-1 0 16 8 0").is_err());
+    }
+}
