@@ -102,7 +102,7 @@ enum Command {
         /// Its format.
         #[arg(long, value_enum)]
         format: Format,
-        /// Replay this device only (default: the first seen).
+        /// Replay this device only (default: the first seen; "all" merges every device onto the disk).
         #[arg(long)]
         device: Option<String>,
         /// Writes beyond the disk's end.
@@ -129,6 +129,9 @@ enum Command {
         /// Resync before replaying.
         #[arg(long, value_enum, default_value = "none")]
         resync: ResyncMode,
+        /// Take a last app-consistent bookmark with this tag when the trace ends.
+        #[arg(long)]
+        final_bookmark: Option<String>,
     },
     /// Resync the target disk with the source.
     Resync {
@@ -280,6 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_writes,
             skip_bad_lines,
             resync,
+            final_bookmark,
         } => {
             let mut e = engine(&disk).await?;
             if resync != ResyncMode::None {
@@ -311,9 +315,16 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             })
             .await?;
+            if let Some(tag) = final_bookmark {
+                e.bookmark(&tag).await?;
+            }
             e.drain(Duration::from_secs(600)).await?;
             p.finish_and_clear();
-            println!("{}", serde_json::to_string(&sum).expect("serializable"));
+            let mut v = serde_json::to_value(&sum).expect("serializable");
+            v["last_lsn"] = (e.next_lsn() - 1).into();
+            v["resync_compared_bytes"] = e.stats.resync_compared_bytes.into();
+            v["resync_sent_bytes"] = e.stats.resync_sent_bytes.into();
+            println!("{v}");
             println!(
                 "replayed {} writes ({} bytes) of device {:?} over {:.2} s of trace; {} wrapped into the disk, {} skipped, {} of other devices, {} bad lines skipped; {} bookmarks; last lsn {}",
                 sum.writes, sum.bytes, sum.device, sum.trace_seconds, sum.wrapped, sum.skipped, sum.other_device, sum.bad_lines, sum.bookmarks, e.next_lsn() - 1

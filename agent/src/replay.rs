@@ -52,7 +52,7 @@ pub struct ReplayOpts {
     pub trace: PathBuf,
     /// Its format.
     pub format: Format,
-    /// Replay only this device (default: the first one seen).
+    /// Replay only this device (default: the first one seen; "all": every device onto one disk).
     pub device: Option<String>,
     /// Beyond the disk's end.
     pub out_of_range: OutOfRange,
@@ -110,7 +110,7 @@ pub async fn replay(
     for w in &mut reader {
         let w = w?;
         let dev = device.get_or_insert_with(|| w.device.clone());
-        if *dev != w.device {
+        if dev != "all" && *dev != w.device {
             sum.other_device += 1;
             continue;
         }

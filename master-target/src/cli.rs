@@ -45,6 +45,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Detach a disk from the running service: it finishes what is queued and releases the
+    /// disk's lock, so the on-premises VM can boot from it.
+    Detach {
+        /// The running master target, HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        connect: String,
+        /// Name in its certificate. Default: the host part of --connect.
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Directory with ca.pem, client.pem, client.key.
+        #[arg(long, default_value = "/etc/failback/tls")]
+        tls_dir: PathBuf,
+        /// The disk.
+        #[arg(long)]
+        disk: u64,
+    },
     /// Write a disk as it was at a recovery point (works with the service stopped).
     Export {
         /// TOML configuration file (for data-dir and retention-dir).
@@ -154,6 +170,31 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Detach {
+            connect,
+            server_name,
+            tls_dir,
+            disk,
+        } => {
+            let name = server_name.unwrap_or_else(|| {
+                connect
+                    .rsplit_once(':')
+                    .map_or(connect.as_str(), |(h, _)| h)
+                    .to_owned()
+            });
+            let rt = tokio::runtime::Runtime::new().map_err(|e| crate::error::Error::Io {
+                context: "start runtime".into(),
+                source: e,
+            })?;
+            let lsn = rt.block_on(crate::admin::detach(
+                &connect,
+                &name,
+                &wire_protocol::tls::TlsFiles::client_in(&tls_dir),
+                disk,
+            ))?;
+            println!("disk {disk} detached at lsn {lsn}; its lock is released and the on-premises VM can boot from it");
             Ok(())
         }
         Command::Export {

@@ -21,6 +21,7 @@
 //! - Bounded memory: per-disk queues of [`service::DISK_QUEUE_DEPTH`] batches, groups of at
 //!   most [`service::MAX_GROUP_BYTES`], at most [`service::MAX_DISKS`] disks.
 
+pub mod admin;
 pub mod apply;
 pub mod cli;
 pub mod config;

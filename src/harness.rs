@@ -1,0 +1,460 @@
+//! Runs a master target and a process server as real processes on loopback, with real
+//! certificates, and drives agents against them.
+//!
+//! Every wait is bounded in time; children are killed when the harness is dropped.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What can go wrong while running the services.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A step did not go as it must.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Result with the harness's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io<T>(r: std::io::Result<T>, context: impl FnOnce() -> String) -> Result<T> {
+    r.map_err(|source| Error::Io {
+        context: context(),
+        source,
+    })
+}
+
+/// A free port on loopback (bound, then released).
+pub fn free_port() -> Result<u16> {
+    let l = io(TcpListener::bind("127.0.0.1:0"), || {
+        "find a free port".into()
+    })?;
+    Ok(io(l.local_addr(), || "local addr".into())?.port())
+}
+
+/// Per-disk figures from the process server's `/status`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct DiskStatus {
+    /// Disk id.
+    pub disk_id: u64,
+    /// Highest LSN cached.
+    pub cached_lsn: u64,
+    /// Highest LSN durable on the master target.
+    pub durable_lsn: u64,
+    /// Bytes waiting.
+    pub backlog_bytes: u64,
+    /// RPO, ms.
+    pub rpo_ms: u64,
+    /// Block bytes received.
+    pub ingest_bytes: u64,
+    /// Block bytes shipped before coalescing and compression.
+    pub logical_bytes: u64,
+    /// Bytes on the link.
+    pub wire_bytes: u64,
+    /// Bytes coalescing kept off the link.
+    pub coalesced_bytes: u64,
+}
+
+/// The two services and their directories.
+pub struct Cluster {
+    /// Working directory.
+    pub dir: PathBuf,
+    /// The `failback` binary (runs every service).
+    pub bin: PathBuf,
+    /// Certificates.
+    pub tls: PathBuf,
+    /// Master target address.
+    pub mt_addr: String,
+    /// Master target admin address.
+    pub mt_admin: String,
+    /// Process server address.
+    pub ps_addr: String,
+    /// Process server admin address.
+    pub ps_admin: String,
+    /// Extra process-server flags (e.g. `--max-bandwidth`).
+    pub ps_extra: Vec<String>,
+    /// Extra master-target flags.
+    pub mt_extra: Vec<String>,
+    mt: Option<Child>,
+    ps: Option<Child>,
+}
+
+impl Cluster {
+    /// Makes certificates and directories under `dir`; starts nothing yet.
+    pub fn new(dir: &Path, bin: &Path) -> Result<Cluster> {
+        for d in [
+            "tls",
+            "logs",
+            "data/master-target",
+            "data/retention",
+            "data/process-server",
+            "onprem",
+            "source",
+            "agents",
+        ] {
+            io(std::fs::create_dir_all(dir.join(d)), || {
+                format!("create {}", dir.join(d).display())
+            })?;
+        }
+        let tls = dir.join("tls");
+        if !tls.join("ca.pem").exists() {
+            wire_protocol::tls::generate(&tls, &["localhost".into(), "127.0.0.1".into()])
+                .map_err(|e| Error::Failed(format!("certificates: {e}")))?;
+        }
+        let port = |_| -> Result<String> { Ok(format!("127.0.0.1:{}", free_port()?)) };
+        Ok(Cluster {
+            dir: dir.into(),
+            bin: bin.into(),
+            tls,
+            mt_addr: port(0)?,
+            mt_admin: port(1)?,
+            ps_addr: port(2)?,
+            ps_admin: port(3)?,
+            ps_extra: Vec::new(),
+            mt_extra: Vec::new(),
+            mt: None,
+            ps: None,
+        })
+    }
+
+    fn spawn(&self, name: &str, args: &[String]) -> Result<Child> {
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let out = io(File::options().create(true).append(true).open(&log), || {
+            format!("open {}", log.display())
+        })?;
+        let err = io(out.try_clone(), || "dup log".into())?;
+        io(
+            Command::new(&self.bin)
+                .arg(name)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn(),
+            || format!("start {name} ({})", self.bin.display()),
+        )
+    }
+
+    /// Starts the master target.
+    pub fn start_mt(&mut self) -> Result<()> {
+        let d = &self.dir;
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            format!("--listen={}", self.mt_addr),
+            format!("--admin-listen={}", self.mt_admin),
+            format!("--data-dir={}", d.join("data/master-target").display()),
+            format!("--retention-dir={}", d.join("data/retention").display()),
+            format!("--datastore-dir={}", d.join("onprem").display()),
+            format!("--tls-ca={}", self.tls.join("ca.pem").display()),
+            format!("--tls-cert={}", self.tls.join("server.pem").display()),
+            format!("--tls-key={}", self.tls.join("server.key").display()),
+            "--allow-shared-retention-volume".into(),
+        ];
+        args.extend(self.mt_extra.iter().cloned());
+        self.mt = Some(self.spawn("master-target", &args)?);
+        self.wait_http(
+            &self.mt_admin.clone(),
+            "/health",
+            |c| c == 200,
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Starts the process server.
+    pub fn start_ps(&mut self) -> Result<()> {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            format!("--listen={}", self.ps_addr),
+            format!("--admin-listen={}", self.ps_admin),
+            format!("--master-target={}", self.mt_addr),
+            format!(
+                "--cache-dir={}",
+                self.dir.join("data/process-server").display()
+            ),
+            format!("--tls-ca={}", self.tls.join("ca.pem").display()),
+            format!("--tls-cert={}", self.tls.join("server.pem").display()),
+            format!("--tls-key={}", self.tls.join("server.key").display()),
+            format!(
+                "--tls-client-cert={}",
+                self.tls.join("client.pem").display()
+            ),
+            format!("--tls-client-key={}", self.tls.join("client.key").display()),
+        ];
+        args.extend(self.ps_extra.iter().cloned());
+        self.ps = Some(self.spawn("process-server", &args)?);
+        self.wait_http(
+            &self.ps_admin.clone(),
+            "/metrics",
+            |c| c == 200,
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Waits until the process server is linked to the master target.
+    pub fn wait_linked(&self, max: Duration) -> Result<()> {
+        self.wait_http(&self.ps_admin, "/health", |c| c == 200, max)
+    }
+
+    fn wait_http(
+        &self,
+        addr: &str,
+        path: &str,
+        ok: impl Fn(u16) -> bool,
+        max: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + max;
+        while Instant::now() < deadline {
+            if let Ok((code, _)) = http_get(addr, path) {
+                if ok(code) {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(Error::Failed(format!(
+            "{addr}{path} did not answer in {max:?}; see the logs in {}",
+            self.dir.join("logs").display()
+        )))
+    }
+
+    /// SIGKILLs the master target (as a crash would).
+    pub fn kill_mt(&mut self) {
+        kill(self.mt.take());
+    }
+
+    /// SIGKILLs the process server.
+    pub fn kill_ps(&mut self) {
+        kill(self.ps.take());
+    }
+
+    /// Per-disk status from the process server.
+    pub fn ps_status(&self) -> Result<Vec<DiskStatus>> {
+        let (code, body) = io(http_get(&self.ps_admin, "/status"), || {
+            format!("status from {}", self.ps_admin)
+        })?;
+        if code != 200 {
+            return Err(Error::Failed(format!("status: HTTP {code}")));
+        }
+        serde_json::from_str(&body).map_err(|e| Error::Failed(format!("status: {e}")))
+    }
+
+    /// Waits until the master target holds `lsn` of `disk_id`. Calls `tick` with each status.
+    pub fn wait_durable(
+        &self,
+        disk_id: u64,
+        lsn: u64,
+        max: Duration,
+        mut tick: impl FnMut(&DiskStatus),
+    ) -> Result<()> {
+        let deadline = Instant::now() + max;
+        while Instant::now() < deadline {
+            if let Some(s) = self
+                .ps_status()
+                .ok()
+                .and_then(|v| v.into_iter().find(|s| s.disk_id == disk_id))
+            {
+                tick(&s);
+                if s.durable_lsn >= lsn {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(Error::Failed(format!(
+            "disk {disk_id} did not reach lsn {lsn} on the master target within {max:?}"
+        )))
+    }
+
+    /// An `agent` command for a disk, with the cluster's addresses and certificates.
+    pub fn agent(&self, sub: &str, disk_id: u64, source: &Path, disk_size: &str) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("agent").arg(sub);
+        c.arg(format!("--source={}", source.display()))
+            .arg(format!("--disk-size={disk_size}"))
+            .arg(format!("--disk-id={disk_id}"))
+            .arg(format!("--vm-id=vm{disk_id}"))
+            .arg(format!("--process-server={}", self.ps_addr))
+            .arg(format!("--tls-dir={}", self.tls.display()))
+            .arg(format!(
+                "--state-dir={}",
+                self.agent_state(disk_id).display()
+            ));
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// The state directory of the agent of `disk_id`.
+    pub fn agent_state(&self, disk_id: u64) -> PathBuf {
+        self.dir.join("agents").join(format!("disk-{disk_id}"))
+    }
+
+    /// Runs `failback master-target ARGS` (points, export, detach) and returns its stdout.
+    pub fn mt_cmd(&self, args: &[String]) -> Result<String> {
+        let mut c = Command::new(&self.bin);
+        c.arg("master-target").args(args);
+        let out = io(c.output(), || "run master-target".into())?;
+        if !out.status.success() {
+            return Err(Error::Failed(format!(
+                "master-target {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The directory flags of the master target's offline commands.
+    pub fn mt_dirs(&self) -> Vec<String> {
+        vec![
+            format!(
+                "--data-dir={}",
+                self.dir.join("data/master-target").display()
+            ),
+            format!(
+                "--retention-dir={}",
+                self.dir.join("data/retention").display()
+            ),
+            "--allow-shared-retention-volume".into(),
+        ]
+    }
+
+    /// Detaches a disk from the running master target (releasing its lock).
+    pub fn detach(&self, disk_id: u64) -> Result<String> {
+        self.mt_cmd(&[
+            "detach".into(),
+            format!("--connect={}", self.mt_addr),
+            format!("--tls-dir={}", self.tls.display()),
+            format!("--disk={disk_id}"),
+        ])
+    }
+
+    /// Exports `disk_id` at `point` to `out` (the disk must be detached or the service stopped).
+    pub fn export(&self, disk_id: u64, point: &str, out: &Path, format: &str) -> Result<String> {
+        let mut args = vec![
+            "export".to_string(),
+            format!("--disk={disk_id}"),
+            format!("--point={point}"),
+            format!("--out={}", out.display()),
+            format!("--format={format}"),
+        ];
+        args.extend(self.mt_dirs());
+        self.mt_cmd(&args)
+    }
+
+    /// Recovery points of a disk, as JSON objects.
+    pub fn points(&self, disk_id: u64) -> Result<Vec<serde_json::Value>> {
+        let mut args = vec![
+            "points".to_string(),
+            format!("--disk={disk_id}"),
+            "--json".into(),
+        ];
+        args.extend(self.mt_dirs());
+        let out = self.mt_cmd(&args)?;
+        out.lines()
+            .map(|l| serde_json::from_str(l).map_err(|e| Error::Failed(format!("points: {e}"))))
+            .collect()
+    }
+
+    /// Stops both services.
+    pub fn stop(&mut self) {
+        self.kill_ps();
+        self.kill_mt();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn kill(child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = c.kill(); // SIGKILL
+        let _ = c.wait();
+    }
+}
+
+/// A plain HTTP GET on loopback (admin endpoints).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &addr
+            .parse()
+            .map_err(|_| std::io::Error::other("bad address"))?,
+        Duration::from_secs(2),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((
+        code,
+        resp.split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned(),
+    ))
+}
+
+/// blake3 of a whole file.
+pub fn file_blake3(path: &Path) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    io(h.update_mmap_rayon(path), || {
+        format!("hash {}", path.display())
+    })?;
+    Ok(h.finalize())
+}
+
+/// The first block of `block` bytes where two files differ, if any.
+pub fn first_difference(a: &Path, b: &Path, block: usize) -> Result<Option<u64>> {
+    use std::io::Read;
+    let mut fa = io(File::open(a), || format!("open {}", a.display()))?;
+    let mut fb = io(File::open(b), || format!("open {}", b.display()))?;
+    let (mut ba, mut bb) = (vec![0u8; block], vec![0u8; block]);
+    for i in 0u64.. {
+        let na = read_full(&mut fa, &mut ba).map_err(|source| Error::Io {
+            context: format!("read {}", a.display()),
+            source,
+        })?;
+        let nb = read_full(&mut fb, &mut bb).map_err(|source| Error::Io {
+            context: format!("read {}", b.display()),
+            source,
+        })?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(Some(i));
+        }
+        if na == 0 {
+            return Ok(None);
+        }
+    }
+    fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    }
+    unreachable!("the loop returns")
+}
