@@ -134,6 +134,8 @@ pub struct Journal {
     next_point_id: u64,
     /// A resync began and has not completed: no point may be made.
     resyncing: bool,
+    /// Rotate the active segment past this many bytes.
+    segment_target_bytes: u64,
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {
@@ -434,6 +436,7 @@ impl Journal {
             horizon_lsn: 0,
             next_point_id,
             resyncing,
+            segment_target_bytes: SEGMENT_TARGET_BYTES,
         };
         j.horizon_lsn = j.points.first().map_or(0, |p| p.lsn);
         if j.segments.last().expect("one segment").bytes == 0 {
@@ -449,6 +452,13 @@ impl Journal {
     /// The highest LSN durable on the disk.
     pub fn committed_lsn(&self) -> u64 {
         self.committed_lsn
+    }
+
+    /// Rotates segments past `bytes` instead of [`SEGMENT_TARGET_BYTES`] (tests use small
+    /// segments to exercise pruning).
+    pub fn with_segment_target_bytes(mut self, bytes: u64) -> Journal {
+        self.segment_target_bytes = bytes.max(1);
+        self
     }
 
     /// True while a resync is under way (no point may be made).
@@ -523,7 +533,7 @@ impl Journal {
             }
         }
         made.retain(|p| p.kind.is_point());
-        if self.segments.last().expect("one").bytes >= SEGMENT_TARGET_BYTES {
+        if self.segments.last().expect("one").bytes >= self.segment_target_bytes {
             self.rotate(time_us)?;
         }
         Ok(made)
@@ -593,6 +603,13 @@ impl Journal {
         }
         let mut applied = 0;
         for seg in self.segments.iter().rev() {
+            // A segment without undo records (a fresh one holds only its checkpoint) says
+            // nothing about older segments: look further back.
+            if seg.last_undo_lsn == 0 {
+                continue;
+            }
+            // Segments are in LSN order: once one is wholly older than the point, all
+            // earlier ones are too.
             if seg.last_undo_lsn <= point_lsn {
                 break;
             }
