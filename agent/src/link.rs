@@ -187,7 +187,7 @@ impl Link {
             .filter(|u| u.1 > resume)
             .map(|u| u.2.clone())
             .collect();
-        if resend.first().is_some()
+        if !resend.is_empty()
             && self
                 .unacked
                 .iter()

@@ -2,68 +2,70 @@
 
 use std::fmt::Write;
 
-use crate::service::Disks;
+use wire_protocol::ops::{render_series, Series};
+
+use crate::service::{DiskStats, Disks};
+
+const SERIES: [Series<DiskStats>; 8] = [
+    Series {
+        name: "failback_mt_applied_bytes_total",
+        kind: "counter",
+        help: "Block bytes applied to the disk.",
+        value: |d| d.bytes_applied as f64,
+    },
+    Series {
+        name: "failback_mt_apply_groups_total",
+        kind: "counter",
+        help: "Groups (group commits) applied.",
+        value: |d| d.groups as f64,
+    },
+    Series {
+        name: "failback_mt_apply_seconds_total",
+        kind: "counter",
+        help: "Time spent applying groups; divide by groups for the mean apply latency.",
+        value: |d| d.apply_us_total as f64 / 1e6,
+    },
+    Series {
+        name: "failback_mt_committed_lsn",
+        kind: "gauge",
+        help: "Highest durable LSN.",
+        value: |d| d.committed_lsn as f64,
+    },
+    Series {
+        name: "failback_mt_journal_bytes",
+        kind: "gauge",
+        help: "Bytes in the retention journal.",
+        value: |d| d.journal_bytes as f64,
+    },
+    Series {
+        name: "failback_mt_recovery_points",
+        kind: "gauge",
+        help: "Recovery points kept.",
+        value: |d| d.points as f64,
+    },
+    Series {
+        name: "failback_mt_retention_window_kept_seconds",
+        kind: "gauge",
+        help: "Span between the oldest and newest recovery point kept.",
+        value: |d| d.window_kept_s as f64,
+    },
+    Series {
+        name: "failback_mt_journal_quota_limited",
+        kind: "gauge",
+        help: "1 while the journal quota forces points inside the window out.",
+        value: |d| u8::from(d.quota_limited) as f64,
+    },
+];
 
 /// Renders every metric.
 pub fn render(disks: &Disks) -> String {
-    let stats = disks.stats();
+    let rows: Vec<(String, DiskStats)> = disks
+        .stats()
+        .into_iter()
+        .map(|(id, s)| (format!("disk=\"{id}\""), s))
+        .collect();
     let mut s = String::new();
-    let _ = writeln!(s, "# HELP failback_mt_disks_attached Disks attached to this master target.\n# TYPE failback_mt_disks_attached gauge\nfailback_mt_disks_attached {}", stats.len());
-    let series: [(&str, &str, &str, fn(&crate::service::DiskStats) -> f64); 8] = [
-        (
-            "failback_mt_applied_bytes_total",
-            "counter",
-            "Block bytes applied to the disk.",
-            |d| d.bytes_applied as f64,
-        ),
-        (
-            "failback_mt_apply_groups_total",
-            "counter",
-            "Groups (group commits) applied.",
-            |d| d.groups as f64,
-        ),
-        (
-            "failback_mt_apply_seconds_total",
-            "counter",
-            "Time spent applying groups; divide by groups for the mean latency.",
-            |d| d.apply_us_total as f64 / 1e6,
-        ),
-        (
-            "failback_mt_committed_lsn",
-            "gauge",
-            "Highest durable LSN.",
-            |d| d.committed_lsn as f64,
-        ),
-        (
-            "failback_mt_journal_bytes",
-            "gauge",
-            "Bytes in the retention journal.",
-            |d| d.journal_bytes as f64,
-        ),
-        (
-            "failback_mt_recovery_points",
-            "gauge",
-            "Recovery points kept.",
-            |d| d.points as f64,
-        ),
-        (
-            "failback_mt_retention_window_kept_seconds",
-            "gauge",
-            "Span between the oldest and newest recovery point kept.",
-            |d| d.window_kept_s as f64,
-        ),
-        (
-            "failback_mt_journal_quota_limited",
-            "gauge",
-            "1 while the journal quota forces points inside the window out.",
-            |d| u8::from(d.quota_limited) as f64,
-        ),
-    ];
-    for (name, kind, help, f) in series {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (id, d) in &stats {
-            let _ = writeln!(s, "{name}{{disk=\"{id}\"}} {}", f(d));
-        }
-    }
+    let _ = writeln!(s, "# HELP failback_mt_disks_attached Disks attached to this master target.\n# TYPE failback_mt_disks_attached gauge\nfailback_mt_disks_attached {}", rows.len());
+    render_series(&mut s, &SERIES, &rows);
     s
 }

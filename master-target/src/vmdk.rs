@@ -155,7 +155,7 @@ fn parse_extent(s: &str) -> Option<(u64, String, String, u64)> {
 /// Parses `ddb.uuid` ("60 00 C2 9f ... 0c 8f", with a '-' in the middle as ESXi writes it).
 pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     let hex: Vec<u8> = s
-        .split(|c: char| c == ' ' || c == '-')
+        .split([' ', '-'])
         .filter(|p| !p.is_empty())
         .map(|p| u8::from_str_radix(p, 16).ok())
         .collect::<Option<_>>()?;
@@ -171,7 +171,7 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
 /// Creates a new flat VMDK (`createType="vmfs"`, as ESXi writes it) in `dir`:
 /// `NAME.vmdk` and a sparse `NAME-flat.vmdk` of `size_bytes`. Refuses to overwrite.
 pub fn create(dir: &Path, name: &str, size_bytes: u64, uuid: &[u8; 16]) -> Result<DiskImage> {
-    if size_bytes == 0 || size_bytes % SECTOR_BYTES != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
         return Err(Error::InvalidParameter {
             param: "size_bytes",
             reason: format!("{size_bytes} is not a positive multiple of 512"),

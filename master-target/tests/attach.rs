@@ -21,7 +21,16 @@ fn disks(root: &Path) -> std::sync::Arc<Disks> {
 fn req(id: u64, location: LocationKind, target: &Path, size: u64) -> DiskAttach {
     let mut uuid = [0u8; 16];
     uuid[..8].copy_from_slice(&id.to_be_bytes());
-    DiskAttach { disk_id: id, vm_id: format!("vm{id}"), group_id: String::new(), disk_uuid: uuid, size_bytes: size, sector_size: 512, location, target: target.display().to_string() }
+    DiskAttach {
+        disk_id: id,
+        vm_id: format!("vm{id}"),
+        group_id: String::new(),
+        disk_uuid: uuid,
+        size_bytes: size,
+        sector_size: 512,
+        location,
+        target: target.display().to_string(),
+    }
 }
 
 #[test]
@@ -29,45 +38,97 @@ fn at_most_sixty_disks_then_a_clear_refusal() {
     let dir = tempfile::tempdir().unwrap();
     let d = disks(dir.path());
     for id in 1..=MAX_DISKS as u64 {
-        d.attach(&req(id, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20)).unwrap();
+        d.attach(&req(
+            id,
+            LocationKind::Alternate,
+            &dir.path().join("ds"),
+            1 << 20,
+        ))
+        .unwrap();
     }
-    let e = d.attach(&req(61, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20)).unwrap_err();
+    let e = d
+        .attach(&req(
+            61,
+            LocationKind::Alternate,
+            &dir.path().join("ds"),
+            1 << 20,
+        ))
+        .unwrap_err();
     assert!(matches!(e, Error::DiskLimit { .. }));
-    assert!(e.to_string().contains("deploy another master target"), "{e}");
+    assert!(
+        e.to_string().contains("deploy another master target"),
+        "{e}"
+    );
     // Re-attaching an attached disk is fine (a process server reconnecting).
-    d.attach(&req(5, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20)).unwrap();
+    d.attach(&req(
+        5,
+        LocationKind::Alternate,
+        &dir.path().join("ds"),
+        1 << 20,
+    ))
+    .unwrap();
 }
 
 #[test]
 fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = disks(dir.path());
-    d.attach(&req(1, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20)).unwrap();
+    d.attach(&req(
+        1,
+        LocationKind::Alternate,
+        &dir.path().join("ds"),
+        1 << 20,
+    ))
+    .unwrap();
     let mut dup = req(2, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20);
     dup.disk_uuid = req(1, LocationKind::Alternate, Path::new(""), 0).disk_uuid;
     let e = d.attach(&dup).unwrap_err();
-    assert!(matches!(e, Error::DuplicateUuid { .. }) && e.to_string().contains("template"), "{e}");
+    assert!(
+        matches!(e, Error::DuplicateUuid { .. }) && e.to_string().contains("template"),
+        "{e}"
+    );
 
     // A snapshot (delta) disk.
     let vm = dir.path().join("vm3");
     std::fs::create_dir_all(&vm).unwrap();
     std::fs::write(vm.join("d-flat.vmdk"), vec![0u8; 1 << 20]).unwrap();
-    std::fs::write(vm.join("d.vmdk"), "createType=\"vmfsSparse\"\nparentCID=12345678\nRW 2048 VMFSSPARSE \"d-flat.vmdk\"\n").unwrap();
-    let e = d.attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20)).unwrap_err();
+    std::fs::write(
+        vm.join("d.vmdk"),
+        "createType=\"vmfsSparse\"\nparentCID=12345678\nRW 2048 VMFSSPARSE \"d-flat.vmdk\"\n",
+    )
+    .unwrap();
+    let e = d
+        .attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20))
+        .unwrap_err();
     assert!(matches!(e, Error::UnsupportedDisk { .. }), "{e}");
 
     // Size mismatch.
-    std::fs::write(vm.join("d.vmdk"), "createType=\"vmfs\"\nparentCID=ffffffff\nRW 2048 VMFS \"d-flat.vmdk\"\n").unwrap();
-    let e = d.attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 2 << 20)).unwrap_err();
+    std::fs::write(
+        vm.join("d.vmdk"),
+        "createType=\"vmfs\"\nparentCID=ffffffff\nRW 2048 VMFS \"d-flat.vmdk\"\n",
+    )
+    .unwrap();
+    let e = d
+        .attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 2 << 20))
+        .unwrap_err();
     assert!(matches!(e, Error::SizeMismatch { .. }), "{e}");
 
     // Locked by another process (here: another open file description holding the lock).
     let held = std::fs::File::open(vm.join("d-flat.vmdk")).unwrap();
     held.lock().unwrap();
-    let e = d.attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20)).unwrap_err();
-    assert!(matches!(e, Error::DiskLocked { .. }) && e.to_string().contains("power off"), "{e}");
+    let e = d
+        .attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20))
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::DiskLocked { .. }) && e.to_string().contains("power off"),
+        "{e}"
+    );
     drop(held);
-    assert_eq!(d.attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20)).unwrap(), 0);
+    assert_eq!(
+        d.attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20))
+            .unwrap(),
+        0
+    );
 
     // Detach releases the lock.
     d.detach(3).unwrap();
@@ -79,18 +140,49 @@ fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
 fn alternate_location_vmdk_passes_qemu_img_check() {
     let dir = tempfile::tempdir().unwrap();
     let d = disks(dir.path());
-    d.attach(&req(1, LocationKind::Alternate, &dir.path().join("ds"), 8 << 20)).unwrap();
+    d.attach(&req(
+        1,
+        LocationKind::Alternate,
+        &dir.path().join("ds"),
+        8 << 20,
+    ))
+    .unwrap();
     let desc = dir.path().join("ds/vm1-disk1.vmdk");
-    let out = std::process::Command::new("qemu-img").arg("info").arg(&desc).output().expect("qemu-img is installed (.ci/run installs qemu-utils)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("8 MiB"), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = std::process::Command::new("qemu-img")
+        .arg("info")
+        .arg(&desc)
+        .output()
+        .expect("qemu-img is installed (.ci/run installs qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("8 MiB"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
 fn retention_volume_on_the_disks_filesystem_is_refused_without_the_demo_setting() {
     let dir = tempfile::tempdir().unwrap();
-    let e = master_target::retention::check(&dir.path().join("ret"), &[("the data directory", dir.path())], false).unwrap_err();
-    assert!(matches!(e, Error::RetentionVolume { .. }) && e.to_string().contains("volume of its own"), "{e}");
-    let info = master_target::retention::check(&dir.path().join("ret"), &[("the data directory", dir.path())], true).unwrap();
+    let e = master_target::retention::check(
+        &dir.path().join("ret"),
+        &[("the data directory", dir.path())],
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::RetentionVolume { .. }) && e.to_string().contains("volume of its own"),
+        "{e}"
+    );
+    let info = master_target::retention::check(
+        &dir.path().join("ret"),
+        &[("the data directory", dir.path())],
+        true,
+    )
+    .unwrap();
     assert!(info.free_bytes > 0);
 }

@@ -26,7 +26,15 @@ enum Op {
 
 fn arb_writes() -> impl Strategy<Value = Vec<(u64, usize, u8)>> {
     prop::collection::vec((0..DISK_BYTES / 512, 1usize..32, any::<u8>()), 1..8).prop_map(|v| {
-        v.into_iter().map(|(sector, sectors, fill)| (sector * 512, ((sectors * 512) as u64).min(DISK_BYTES - sector * 512) as usize, fill)).collect()
+        v.into_iter()
+            .map(|(sector, sectors, fill)| {
+                (
+                    sector * 512,
+                    ((sectors * 512) as u64).min(DISK_BYTES - sector * 512) as usize,
+                    fill,
+                )
+            })
+            .collect()
     })
 }
 
@@ -35,13 +43,19 @@ fn arb_op() -> impl Strategy<Value = Op> {
 }
 
 fn policy() -> RetentionPolicy {
-    RetentionPolicy { crash_point_interval_us: 3, window_us: u64::MAX / 2, quota_bytes: u64::MAX }
+    RetentionPolicy {
+        crash_point_interval_us: 3,
+        window_us: u64::MAX / 2,
+        quota_bytes: u64::MAX,
+    }
 }
 
 fn open(dir: &Path) -> Applier {
     let disk = DiskFile::open(&dir.join("disk.img")).unwrap();
     // Small segments, so rotation and multi-segment rewinds are exercised.
-    let journal = Journal::open(&dir.join("journal"), &disk).unwrap().with_segment_target_bytes(16 << 10);
+    let journal = Journal::open(&dir.join("journal"), &disk)
+        .unwrap()
+        .with_segment_target_bytes(16 << 10);
     Applier::new(1, disk, journal, policy())
 }
 
@@ -53,7 +67,12 @@ fn batch(first_lsn: u64, ts: u64, writes: &[(u64, usize, u8)]) -> WriteBatch {
             .iter()
             .map(|&(offset, len, fill)| {
                 let data = Bytes::from(vec![fill; len]);
-                Write { timestamp_us: ts, offset, digest: wire_protocol::digest(&data), data }
+                Write {
+                    timestamp_us: ts,
+                    offset,
+                    digest: wire_protocol::digest(&data),
+                    data,
+                }
             })
             .collect(),
     }
@@ -148,30 +167,58 @@ proptest! {
 #[test]
 fn bad_digest_and_out_of_range_are_refused_before_any_write() {
     let dir = tempfile::tempdir().unwrap();
-    File::create(dir.path().join("disk.img")).unwrap().set_len(DISK_BYTES).unwrap();
+    File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
     let a = open(dir.path());
     let mut b = batch(1, 1, &[(0, 512, 7)]);
     b.writes[0].digest[0] ^= 1;
-    assert!(matches!(a.check_batch(&b, 1), Verdict::Refuse(master_target::Error::DigestMismatch { lsn: 1, .. })));
+    assert!(matches!(
+        a.check_batch(&b, 1),
+        Verdict::Refuse(master_target::Error::DigestMismatch { lsn: 1, .. })
+    ));
     let b = batch(1, 1, &[(DISK_BYTES - 512, 1024, 7)]);
-    assert!(matches!(a.check_batch(&b, 1), Verdict::Refuse(master_target::Error::OutOfRange { .. })));
-    assert!(matches!(a.check_batch(&batch(5, 1, &[(0, 512, 1)]), 1), Verdict::Gap { expected: 1 }));
+    assert!(matches!(
+        a.check_batch(&b, 1),
+        Verdict::Refuse(master_target::Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        a.check_batch(&batch(5, 1, &[(0, 512, 1)]), 1),
+        Verdict::Gap { expected: 1 }
+    ));
 }
 
 #[test]
 fn quota_drops_oldest_points_never_the_disk() {
     let dir = tempfile::tempdir().unwrap();
-    File::create(dir.path().join("disk.img")).unwrap().set_len(DISK_BYTES).unwrap();
+    File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
     let disk = DiskFile::open(&dir.path().join("disk.img")).unwrap();
-    let journal = Journal::open(&dir.path().join("journal"), &disk).unwrap().with_segment_target_bytes(128 << 10);
+    let journal = Journal::open(&dir.path().join("journal"), &disk)
+        .unwrap()
+        .with_segment_target_bytes(128 << 10);
     // Each batch journals 64 KiB of undo; a 512 KiB quota keeps only the newest few.
-    let mut a = Applier::new(1, disk, journal, RetentionPolicy { crash_point_interval_us: 1, window_us: u64::MAX / 2, quota_bytes: 512 << 10 });
+    let mut a = Applier::new(
+        1,
+        disk,
+        journal,
+        RetentionPolicy {
+            crash_point_interval_us: 1,
+            window_us: u64::MAX / 2,
+            quota_bytes: 512 << 10,
+        },
+    );
     let mut model = vec![0u8; DISK_BYTES as usize];
     let mut snapshots = Vec::new();
     for i in 0..40u64 {
         let next = a.committed_lsn() + 1;
         let w = [((i % 4) * 65536, 65536usize, i as u8 + 1)];
-        let Verdict::Accept(items) = a.check_batch(&batch(next, i * 10 + 10, &w), next) else { panic!() };
+        let Verdict::Accept(items) = a.check_batch(&batch(next, i * 10 + 10, &w), next) else {
+            panic!()
+        };
         a.apply(&items).unwrap();
         model[((i % 4) * 65536) as usize..][..65536].fill(i as u8 + 1);
         snapshots.push((a.committed_lsn(), model.clone()));
@@ -180,14 +227,26 @@ fn quota_drops_oldest_points_never_the_disk() {
     a.disk().read_at(&mut now, 0).unwrap();
     assert!(now == model, "the quota never touches replicated data");
     let points = a.journal().points();
-    assert!(a.journal().bytes() <= 640 << 10, "journal {} bytes stays near its quota", a.journal().bytes());
-    assert!(points.len() >= 3 && points.len() < 40, "oldest points dropped, newest kept: {}", points.len());
+    assert!(
+        a.journal().bytes() <= 640 << 10,
+        "journal {} bytes stays near its quota",
+        a.journal().bytes()
+    );
+    assert!(
+        points.len() >= 3 && points.len() < 40,
+        "oldest points dropped, newest kept: {}",
+        points.len()
+    );
     assert!(points[0].lsn > 1);
     for p in points {
         let want = &snapshots.iter().find(|(l, _)| *l == p.lsn).unwrap().1;
         let out = dir.path().join("export.img");
         std::fs::copy(dir.path().join("disk.img"), &out).unwrap();
-        let f = OpenOptions::new().read(true).write(true).open(&out).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&out)
+            .unwrap();
         a.journal().rewind(p.lsn, &f).unwrap();
         let mut got = vec![0u8; DISK_BYTES as usize];
         f.read_exact_at(&mut got, 0).unwrap();

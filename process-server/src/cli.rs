@@ -30,7 +30,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: Settings,
+        settings: Box<Settings>,
     },
     /// Print a table of every disk: LSNs, backlog, RPO, rates, compression.
     Status {
@@ -85,7 +85,7 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let cfg = settings.clone().or(file).resolve()?;
             wire_protocol::ops::init_logging(cfg.log_json);
-            serve(cfg, config, settings).await
+            serve(cfg, config, *settings).await
         }
         Command::Status { admin, json } => {
             let (code, body) = wire_protocol::ops::admin_get(&admin, "/status")

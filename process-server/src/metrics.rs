@@ -3,6 +3,8 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use wire_protocol::ops::{render_series, Series};
+
 use crate::state::{now_us, State};
 
 /// Figures of one disk at one instant.
@@ -56,74 +58,68 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
         .collect()
 }
 
+const SERIES: [Series<DiskStatus>; 8] = [
+    Series {
+        name: "failback_ps_rpo_seconds",
+        kind: "gauge",
+        help: "Age of the oldest write not yet durable on the master target.",
+        value: |d| d.rpo_ms as f64 / 1000.0,
+    },
+    Series {
+        name: "failback_ps_backlog_bytes",
+        kind: "gauge",
+        help: "Bytes cached and not yet acknowledged by the master target.",
+        value: |d| d.backlog_bytes as f64,
+    },
+    Series {
+        name: "failback_ps_ingest_bytes_total",
+        kind: "counter",
+        help: "Block bytes received from agents.",
+        value: |d| d.ingest_bytes as f64,
+    },
+    Series {
+        name: "failback_ps_logical_bytes_total",
+        kind: "counter",
+        help: "Block bytes shipped, before coalescing and compression.",
+        value: |d| d.logical_bytes as f64,
+    },
+    Series {
+        name: "failback_ps_wire_bytes_total",
+        kind: "counter",
+        help: "Bytes put on the link.",
+        value: |d| d.wire_bytes as f64,
+    },
+    Series {
+        name: "failback_ps_coalesced_bytes_total",
+        kind: "counter",
+        help: "Bytes coalescing kept off the link.",
+        value: |d| d.coalesced_bytes as f64,
+    },
+    Series {
+        name: "failback_ps_cached_lsn",
+        kind: "gauge",
+        help: "Highest LSN durable in the cache.",
+        value: |d| d.cached_lsn as f64,
+    },
+    Series {
+        name: "failback_ps_durable_lsn",
+        kind: "gauge",
+        help: "Highest LSN durable on the master target.",
+        value: |d| d.durable_lsn as f64,
+    },
+];
+
 /// Prometheus text exposition.
 pub fn render(state: &State) -> String {
     let st = status(state);
     let mut s = String::new();
     let _ = writeln!(s, "# HELP failback_ps_link_up 1 while connected to the master target.\n# TYPE failback_ps_link_up gauge\nfailback_ps_link_up {}", u8::from(state.connected.load(Ordering::Acquire)));
     let _ = writeln!(s, "# HELP failback_ps_max_bandwidth_bytes_per_second Link bandwidth limit (0: none).\n# TYPE failback_ps_max_bandwidth_bytes_per_second gauge\nfailback_ps_max_bandwidth_bytes_per_second {}", state.max_bandwidth_bps.load(Ordering::Relaxed));
-    let series: [(&str, &str, &str, fn(&DiskStatus) -> f64); 8] = [
-        (
-            "failback_ps_rpo_seconds",
-            "gauge",
-            "Age of the oldest write not yet durable on the master target.",
-            |d| d.rpo_ms as f64 / 1000.0,
-        ),
-        (
-            "failback_ps_backlog_bytes",
-            "gauge",
-            "Bytes cached and not yet acknowledged by the master target.",
-            |d| d.backlog_bytes as f64,
-        ),
-        (
-            "failback_ps_ingest_bytes_total",
-            "counter",
-            "Block bytes received from agents.",
-            |d| d.ingest_bytes as f64,
-        ),
-        (
-            "failback_ps_logical_bytes_total",
-            "counter",
-            "Block bytes shipped, before coalescing and compression.",
-            |d| d.logical_bytes as f64,
-        ),
-        (
-            "failback_ps_wire_bytes_total",
-            "counter",
-            "Bytes put on the link.",
-            |d| d.wire_bytes as f64,
-        ),
-        (
-            "failback_ps_coalesced_bytes_total",
-            "counter",
-            "Bytes coalescing kept off the link.",
-            |d| d.coalesced_bytes as f64,
-        ),
-        (
-            "failback_ps_cached_lsn",
-            "gauge",
-            "Highest LSN durable in the cache.",
-            |d| d.cached_lsn as f64,
-        ),
-        (
-            "failback_ps_durable_lsn",
-            "gauge",
-            "Highest LSN durable on the master target.",
-            |d| d.durable_lsn as f64,
-        ),
-    ];
-    for (name, kind, help, f) in series {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for d in &st {
-            let _ = writeln!(
-                s,
-                "{name}{{disk=\"{}\",vm=\"{}\"}} {}",
-                d.disk_id,
-                d.vm_id,
-                f(d)
-            );
-        }
-    }
+    let rows: Vec<(String, DiskStatus)> = st
+        .into_iter()
+        .map(|d| (format!("disk=\"{}\",vm=\"{}\"", d.disk_id, d.vm_id), d))
+        .collect();
+    render_series(&mut s, &SERIES, &rows);
     s
 }
 

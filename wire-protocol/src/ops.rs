@@ -170,6 +170,34 @@ pub async fn admin_get(addr: &str, path: &str) -> std::io::Result<(u16, String)>
     Ok((status, body))
 }
 
+/// One Prometheus metric family drawn from rows of `T`.
+pub struct Series<T> {
+    /// Metric name.
+    pub name: &'static str,
+    /// `counter` or `gauge`.
+    pub kind: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// The value of a row.
+    pub value: fn(&T) -> f64,
+}
+
+/// Appends each series in the Prometheus text format, one sample per row with its labels
+/// (already formatted, e.g. `disk="1"`).
+pub fn render_series<T>(out: &mut String, series: &[Series<T>], rows: &[(String, T)]) {
+    use std::fmt::Write;
+    for s in series {
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} {}",
+            s.name, s.help, s.name, s.kind
+        );
+        for (labels, row) in rows {
+            let _ = writeln!(out, "{}{{{labels}}} {}", s.name, (s.value)(row));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,308 @@
+//! End-to-end: agent → process server → master target as real processes over mutual TLS
+//! on loopback. Each test ends with the master target's disk equal to the source (blake3
+//! over the whole image) and every app-consistent point exported to exactly the digest the
+//! agent recorded at its bookmark.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use failback::harness::{file_blake3, http_get, Cluster};
+
+const BIN: &str = env!("CARGO_BIN_EXE_failback");
+
+fn traces() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/traces")
+}
+
+fn cluster(dir: &Path) -> Cluster {
+    let mut c = Cluster::new(dir, Path::new(BIN)).unwrap();
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    c
+}
+
+fn source(c: &Cluster, disk: u64) -> PathBuf {
+    c.dir.join("source").join(format!("disk{disk}.img"))
+}
+
+fn onprem(c: &Cluster, disk: u64) -> PathBuf {
+    c.dir
+        .join("onprem")
+        .join(format!("vm{disk}-disk{disk}-flat.vmdk"))
+}
+
+/// Starts `agent replay` of a trace for `disk` (alternate location: a new VMDK).
+fn replay(c: &Cluster, disk: u64, trace: &str, format: &str, extra: &[&str]) -> Child {
+    let mut cmd = c.agent("replay", disk, &source(c, disk), "256MiB");
+    cmd.arg(format!("--trace={}", traces().join(trace).display()))
+        .arg(format!("--format={format}"))
+        .arg("--final-bookmark=final")
+        .args(extra);
+    cmd.stdout(std::process::Stdio::piped()).stderr(
+        std::fs::File::create(c.dir.join("logs").join(format!("agent-{disk}.log"))).unwrap(),
+    );
+    cmd.spawn().unwrap()
+}
+
+/// Waits for an agent (bounded) and returns its JSON report.
+fn finish(c: &Cluster, disk: u64, child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(c.dir.join("logs").join(format!("agent-{disk}.log")))
+        .unwrap_or_default();
+    assert!(out.status.success(), "agent {disk} failed: {log}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no report from agent {disk}: {text}"))
+}
+
+/// Drains, detaches and checks the disk and every app-consistent point.
+fn verify(c: &Cluster, disk: u64, last_lsn: u64) {
+    c.wait_durable(disk, last_lsn, Duration::from_secs(300), |_| {})
+        .unwrap();
+    c.detach(disk).unwrap();
+    assert_eq!(
+        file_blake3(&source(c, disk)).unwrap(),
+        file_blake3(&onprem(c, disk)).unwrap(),
+        "disk {disk}: on-premises disk equals the source"
+    );
+    let bookmarks = agent::engine::read_bookmarks(&c.agent_state(disk)).unwrap();
+    let points = c.points(disk).unwrap();
+    assert!(
+        bookmarks.len() >= 2,
+        "disk {disk}: bookmarks were taken ({})",
+        bookmarks.len()
+    );
+    for b in &bookmarks {
+        let p = points
+            .iter()
+            .find(|p| p["tag"] == b.tag.as_str())
+            .unwrap_or_else(|| panic!("disk {disk}: no point for bookmark {}", b.tag));
+        assert_eq!(p["kind"], "app-consistent");
+        let out = c.dir.join(format!("point-{disk}-{}.img", p["id"]));
+        c.export(disk, &p["id"].to_string(), &out, "raw").unwrap();
+        let d = agent::source::hex(&agent::source::image_digest(&out).unwrap());
+        assert_eq!(
+            d, b.disk_digest,
+            "disk {disk}: point {} ({}) exports exactly",
+            p["id"], b.tag
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+#[test]
+fn every_trace_replicates_exactly_with_concurrent_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    // Bounded slices keep CI short; each still spans many batches and bookmarks.
+    let a = replay(
+        &c,
+        1,
+        "tpcc-small.disksim",
+        "disksim-ns",
+        &["--device=all", "--bookmark-every-s=0.02"],
+    );
+    let b = replay(
+        &c,
+        2,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &["--max-writes=6000", "--bookmark-every-s=5"],
+    );
+    let d = replay(
+        &c,
+        3,
+        "cloudphysics-vm.vscsi.csv",
+        "vscsi",
+        &[
+            "--max-writes=6000",
+            "--bookmark-every-s=120",
+            "--compressibility=0.7",
+        ],
+    );
+    let reports: Vec<_> = [(1, a), (2, b), (3, d)]
+        .into_iter()
+        .map(|(disk, ch)| (disk, finish(&c, disk, ch)))
+        .collect();
+    for (disk, r) in &reports {
+        assert!(r["writes"].as_u64().unwrap() > 1000, "disk {disk}: {r}");
+        verify(&c, *disk, r["last_lsn"].as_u64().unwrap());
+    }
+    // The tpcc trace addresses up to 217 GiB: its writes were wrapped into 256 MiB, and said so.
+    assert!(reports[0].1["wrapped"].as_u64().unwrap() > 0);
+    let status = c.ps_status().unwrap();
+    let (logical, wire): (u64, u64) = status
+        .iter()
+        .fold((0, 0), |(l, w), s| (l + s.logical_bytes, w + s.wire_bytes));
+    assert!(
+        wire < logical,
+        "compression pays on 2:1 data ({logical} logical, {wire} wire)"
+    );
+}
+
+#[test]
+fn differential_resync_sends_only_the_blocks_that_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let size: u64 = 64 << 20;
+    // The source: deterministic data. The on-premises VMDK: the same but 37 blocks.
+    let src = source(&c, 1);
+    let mut data = vec![0u8; size as usize];
+    agent::datagen::fill(9, 0, 0.5, &mut data);
+    std::fs::write(&src, &data).unwrap();
+    let img =
+        master_target::vmdk::create(&c.dir.join("onprem"), "vm1-disk1", size, &[7; 16]).unwrap();
+    let differing: Vec<usize> = (0..37).map(|i| i * 27 + 3).collect();
+    for &b in &differing {
+        data[b * 65536 + 100] ^= 0xff;
+    }
+    std::fs::write(&img.data_path, &data).unwrap();
+    let out = c
+        .agent("resync", 1, &src, "64MiB")
+        .arg("--mode=differential")
+        .arg("--location=original")
+        .arg(format!("--target={}", img.descriptor.display()))
+        .arg("--disk-uuid=07070707070707070707070707070707")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("sent {} bytes", differing.len() * 65536)),
+        "only the differing blocks travel: {text}"
+    );
+    let st = c.ps_status().unwrap();
+    c.wait_durable(1, st[0].cached_lsn, Duration::from_secs(120), |_| {})
+        .unwrap();
+    c.detach(1).unwrap();
+    assert_eq!(
+        file_blake3(&src).unwrap(),
+        file_blake3(&img.data_path).unwrap()
+    );
+    // The disk was inconsistent during the resync: no recovery point was made then.
+    assert!(c.points(1).unwrap().is_empty());
+}
+
+#[test]
+fn link_outage_is_buffered_then_dirty_tracked_and_ends_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path());
+    // Paced so the replay spans the outage; a 2 MiB buffer overflows into dirty tracking.
+    let child = replay(
+        &c,
+        1,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &[
+            "--max-writes=5000",
+            "--pace=8x",
+            "--buffer=2MiB",
+            "--bookmark-every-s=4",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill_ps();
+    std::thread::sleep(Duration::from_secs(3));
+    c.start_ps().unwrap();
+    let r = finish(&c, 1, child);
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-1.log")).unwrap();
+    assert!(
+        log.contains("dirty regions"),
+        "the buffer overflowed into dirty tracking: {log}"
+    );
+    verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+}
+
+#[test]
+fn master_target_killed_mid_stream_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path());
+    let mut child = replay(
+        &c,
+        1,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &["--max-writes=8000", "--pace=4x", "--bookmark-every-s=3"],
+    );
+    let mut durable_seen = 0;
+    let mut kills_mid_stream = 0;
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(700 + 200 * round));
+        if child.try_wait().unwrap().is_none() {
+            kills_mid_stream += 1;
+        }
+        c.kill_mt(); // SIGKILL, at whatever instant the stream is in
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_mt().unwrap();
+        c.wait_linked(Duration::from_secs(30)).unwrap();
+        // After recovery the master target never reports less than it acknowledged.
+        let d = c.ps_status().unwrap().first().map_or(0, |s| s.durable_lsn);
+        assert!(
+            d >= durable_seen,
+            "durable lsn went back from {durable_seen} to {d}"
+        );
+        durable_seen = d;
+    }
+    assert!(
+        kills_mid_stream >= 3,
+        "only {kills_mid_stream} kills landed while the agent was writing"
+    );
+    let r = finish(&c, 1, child);
+    verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+}
+
+#[test]
+fn hostile_input_gets_an_error_and_other_streams_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    // Plain-text garbage and a TLS client without a certificate, at both services.
+    for addr in [&c.ps_addr, &c.mt_addr] {
+        for _ in 0..20 {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                let _ = std::io::Write::write_all(
+                    &mut s,
+                    b"GET / HTTP/1.1\r\n\r\n\x16\x03\x01\xff\xff garbage",
+                );
+            }
+        }
+        // A TLS client that presents no certificate is refused by the handshake.
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", addr.as_str(), "-quiet"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            !out.status.success() || String::from_utf8_lossy(&out.stderr).contains("alert"),
+            "a client without a certificate must be refused at {addr}"
+        );
+    }
+    assert_eq!(
+        http_get(&c.ps_admin, "/health").unwrap().0,
+        200,
+        "process server still up and linked"
+    );
+    assert_eq!(
+        http_get(&c.mt_admin, "/health").unwrap().0,
+        200,
+        "master target still up"
+    );
+    let r = finish(
+        &c,
+        1,
+        replay(
+            &c,
+            1,
+            "tpcc-small.disksim",
+            "disksim-ns",
+            &["--device=all", "--bookmark-every-s=0.05"],
+        ),
+    );
+    verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+}
