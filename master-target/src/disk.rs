@@ -47,30 +47,6 @@ impl DiskFile {
         })
     }
 
-    /// Opens `path` read-only under a shared lock, for exports with the service stopped.
-    pub fn open_shared(path: &Path) -> Result<DiskFile> {
-        let file = File::open(path).ctx(|| format!("open disk {}", path.display()))?;
-        match file.try_lock_shared() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(Error::DiskLocked { path: path.into() }),
-            Err(TryLockError::Error(e)) => {
-                return Err(Error::Io {
-                    context: format!("lock {}", path.display()),
-                    source: e,
-                })
-            }
-        }
-        let size_bytes = file
-            .metadata()
-            .ctx(|| format!("stat {}", path.display()))?
-            .len();
-        Ok(DiskFile {
-            file,
-            path: path.into(),
-            size_bytes,
-        })
-    }
-
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -1,0 +1,100 @@
+//! The shipping pipeline (read a cached frame, decode, coalesce, compress, frame) in MB/s of
+//! logical data, on 1 and 2 cores, for data that compresses about 2:1.
+//!
+//! Run: `cargo bench -p process-server --bench pipeline`
+
+use bytes::{Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rayon::prelude::*;
+use tokio_util::codec::{Decoder, Encoder};
+use wire_protocol::frame::FrameCodec;
+use wire_protocol::{Compression, Message, MessageCodec, Write, WriteBatch};
+
+const BATCHES: usize = 16;
+const BATCH_BYTES: usize = 1 << 20;
+const WRITE_BYTES: usize = 64 << 10;
+
+/// Cached frames as an agent sends them: 1 MiB batches of 64 KiB writes, about 2:1.
+fn frames() -> Vec<Bytes> {
+    (0..BATCHES)
+        .map(|b| {
+            let writes = (0..BATCH_BYTES / WRITE_BYTES)
+                .map(|i| {
+                    let mut v = vec![0u8; WRITE_BYTES];
+                    blake3::Hasher::new()
+                        .update(&[b as u8, i as u8])
+                        .finalize_xof()
+                        .fill(&mut v);
+                    for piece in v.chunks_mut(4096) {
+                        piece[2048..].fill(0);
+                    }
+                    let data = Bytes::from(v);
+                    Write {
+                        timestamp_us: 0,
+                        offset: ((b * 16 + i) * WRITE_BYTES) as u64,
+                        digest: wire_protocol::digest(&data),
+                        data,
+                    }
+                })
+                .collect();
+            let mut out = BytesMut::new();
+            MessageCodec::default()
+                .encode(
+                    &Message::WriteBatch(WriteBatch {
+                        disk_id: 1,
+                        first_lsn: 1 + (b * 16) as u64,
+                        writes,
+                    }),
+                    &mut out,
+                )
+                .unwrap();
+            out.freeze()
+        })
+        .collect()
+}
+
+fn ship(frame: &Bytes, level: i32) -> usize {
+    let mut buf = BytesMut::from(&frame[..]);
+    let f = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+    let mut msg = MessageCodec::default().decode_frame(f).unwrap();
+    if let Message::WriteBatch(b) = &mut msg {
+        process_server::coalesce::coalesce(b);
+    }
+    let mut out = BytesMut::new();
+    MessageCodec::new(Compression::Zstd(level))
+        .encode(&msg, &mut out)
+        .unwrap();
+    out.len()
+}
+
+fn bench(c: &mut Criterion) {
+    let frames = frames();
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Bytes((BATCHES * BATCH_BYTES) as u64))
+        .sample_size(10);
+    for level in [1, 3] {
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            g.bench_function(
+                BenchmarkId::new(format!("zstd{level}"), format!("{threads}-cores")),
+                |b| {
+                    b.iter(|| {
+                        pool.install(|| frames.par_iter().map(|f| ship(f, level)).sum::<usize>())
+                    })
+                },
+            );
+        }
+        let wire: usize = frames.iter().map(|f| ship(f, level)).sum();
+        println!(
+            "zstd-{level}: {:.2}:1 on the wire",
+            (BATCHES * BATCH_BYTES) as f64 / wire as f64
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
