@@ -12,6 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use master_target::apply::{Applier, RetentionPolicy, Verdict};
 use master_target::disk::DiskFile;
 use master_target::journal::Journal;
+use master_target::uring::{IoBackend, IoChoice};
 use wire_protocol::{Write, WriteBatch};
 
 const DISK_BYTES: u64 = 1 << 30;
@@ -31,7 +32,11 @@ struct Plain {
 
 impl Plain {
     fn batch(&mut self, d: &Bytes) {
-        for _ in 0..BATCH_BYTES / WRITE_BYTES {
+        self.group(d, 1);
+    }
+
+    fn group(&mut self, d: &Bytes, n: usize) {
+        for _ in 0..n * BATCH_BYTES / WRITE_BYTES {
             self.f.write_all_at(d, self.pos).unwrap();
             self.pos = (self.pos + WRITE_BYTES as u64) % DISK_BYTES;
         }
@@ -46,8 +51,13 @@ struct Journaled {
 
 impl Journaled {
     fn batch(&mut self, d: &Bytes) {
+        self.group(d, 1);
+    }
+
+    /// `n` 1 MiB batches applied as one group, as the service does when batches queue up.
+    fn group(&mut self, d: &Bytes, n: usize) {
         let next = self.a.committed_lsn() + 1;
-        let writes = (0..BATCH_BYTES / WRITE_BYTES)
+        let writes = (0..n * BATCH_BYTES / WRITE_BYTES)
             .map(|i| Write {
                 timestamp_us: next + i as u64,
                 offset: (self.pos + (i * WRITE_BYTES) as u64) % DISK_BYTES,
@@ -55,7 +65,7 @@ impl Journaled {
                 data: d.clone(),
             })
             .collect();
-        self.pos = (self.pos + BATCH_BYTES as u64) % DISK_BYTES;
+        self.pos = (self.pos + (n * BATCH_BYTES) as u64) % DISK_BYTES;
         let Verdict::Accept(items) = self.a.check_batch(
             &WriteBatch {
                 disk_id: 1,
@@ -70,7 +80,7 @@ impl Journaled {
     }
 }
 
-fn setup(dir: &std::path::Path) -> (Plain, Journaled) {
+fn setup(dir: &std::path::Path) -> (Plain, Journaled, Journaled) {
     let mk = |name: &str| {
         let p = dir.join(name);
         let f = OpenOptions::new()
@@ -96,36 +106,54 @@ fn setup(dir: &std::path::Path) -> (Plain, Journaled) {
             .unwrap(),
         pos: 0,
     };
-    let disk = DiskFile::open(&mk("disk.img")).unwrap();
-    let journal = Journal::open(&dir.join("journal"), &disk).unwrap();
     let policy = RetentionPolicy {
         crash_point_interval_us: 5_000_000,
         window_us: 86_400_000_000,
         quota_bytes: 2 << 30,
     };
+    let applier = |name: &str, io: IoChoice| {
+        let disk = DiskFile::open(&mk(&format!("{name}.img"))).unwrap();
+        let journal = Journal::open(&dir.join(format!("{name}-journal")), &disk).unwrap();
+        let (io, why) = IoBackend::new(io).unwrap();
+        println!("{name}: {} ({why})", io.name());
+        Journaled {
+            a: Applier::new(1, disk, journal, policy).with_io(io),
+            pos: 0,
+        }
+    };
     (
         plain,
-        Journaled {
-            a: Applier::new(1, disk, journal, policy),
-            pos: 0,
-        },
+        applier("syscall", IoChoice::Syscall),
+        applier("uring", IoChoice::Auto),
     )
 }
 
 fn bench(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()))
-        .unwrap();
-    let (mut plain, mut journaled) = setup(dir.path());
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (mut plain, mut journaled, mut uring) = setup(dir.path());
     let d = data();
     let mut g = c.benchmark_group("apply");
     g.throughput(Throughput::Bytes(BATCH_BYTES as u64))
         .sample_size(30)
         .measurement_time(Duration::from_secs(8));
     g.bench_function("plain-write-fdatasync-1MiB", |b| b.iter(|| plain.batch(&d)));
-    g.bench_function("journal-apply-1MiB", |b| b.iter(|| journaled.batch(&d)));
+    g.bench_function("journal-apply-syscall-1MiB", |b| {
+        b.iter(|| journaled.batch(&d))
+    });
+    g.bench_function("journal-apply-io_uring-1MiB", |b| {
+        b.iter(|| uring.batch(&d))
+    });
+    g.throughput(Throughput::Bytes(16 * BATCH_BYTES as u64));
+    g.bench_function("plain-write-fdatasync-16x1MiB", |b| {
+        b.iter(|| plain.group(&d, 16))
+    });
+    g.bench_function("journal-apply-io_uring-16x1MiB-group", |b| {
+        b.iter(|| uring.group(&d, 16))
+    });
     g.finish();
     // The ratio, measured interleaved so both see the same disk conditions.
-    let (mut tp, mut tj) = (Duration::ZERO, Duration::ZERO);
+    // The ratios, measured interleaved so all three see the same disk conditions.
+    let (mut tp, mut tj, mut tu) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for _ in 0..10 {
         let t = Instant::now();
         for _ in 0..32 {
@@ -137,13 +165,21 @@ fn bench(c: &mut Criterion) {
             journaled.batch(&d);
         }
         tj += t.elapsed();
+        let t = Instant::now();
+        for _ in 0..32 {
+            uring.batch(&d);
+        }
+        tu += t.elapsed();
     }
     let mb = (10 * 32 * BATCH_BYTES) as f64 / 1e6;
+    let rate = |t: Duration| mb / t.as_secs_f64();
     println!(
-        "plain write: {:.0} MB/s; journal+apply: {:.0} MB/s; ratio {:.2}",
-        mb / tp.as_secs_f64(),
-        mb / tj.as_secs_f64(),
-        tp.as_secs_f64() / tj.as_secs_f64()
+        "plain write: {:.0} MB/s; journal+apply (syscall): {:.0} MB/s, ratio {:.2}; journal+apply (io_uring): {:.0} MB/s, ratio {:.2}",
+        rate(tp),
+        rate(tj),
+        tp.as_secs_f64() / tj.as_secs_f64(),
+        rate(tu),
+        tp.as_secs_f64() / tu.as_secs_f64()
     );
 }
 

@@ -14,7 +14,8 @@ use wire_protocol::{Bookmark, BookmarkKind, WriteBatch};
 
 use crate::disk::DiskFile;
 use crate::error::{Error, Result};
-use crate::journal::{encode_undo, Journal, Point, PointKind};
+use crate::journal::{begin_undo, finish_undo, Journal, Point, PointKind};
+use crate::uring::IoBackend;
 
 /// One accepted item of a disk's stream.
 #[derive(Debug, Clone)]
@@ -81,6 +82,8 @@ pub struct ApplyStats {
     pub writes: u64,
     /// Set while the quota has forced points inside the window out.
     pub quota_limited: bool,
+    /// Blocks hashed for resync digest requests (cached digests are not counted).
+    pub digests_hashed: u64,
 }
 
 /// The apply state of one attached disk.
@@ -90,6 +93,8 @@ pub struct Applier {
     disk: DiskFile,
     journal: Journal,
     policy: RetentionPolicy,
+    io: IoBackend,
+    digest_cache: Option<DigestCache>,
     last_point_time_us: u64,
     /// Counters since start.
     pub stats: ApplyStats,
@@ -104,9 +109,17 @@ impl Applier {
             disk,
             journal,
             policy,
+            io: IoBackend::Syscall,
+            digest_cache: None,
             last_point_time_us,
             stats: ApplyStats::default(),
         }
+    }
+
+    /// Uses `io` for the disk writes of each group.
+    pub fn with_io(mut self, io: IoBackend) -> Self {
+        self.io = io;
+        self
     }
 
     /// The disk.
@@ -192,7 +205,18 @@ impl Applier {
             self.committed_lsn() + 1,
             "items follow the committed LSN"
         );
-        let mut undo = Vec::new();
+        // Sized once: every write's old bytes plus its record header and metadata.
+        let undo_len: usize = items
+            .iter()
+            .map(|i| {
+                if let Item::Write { data, .. } = i {
+                    data.len() + 40
+                } else {
+                    0
+                }
+            })
+            .sum();
+        let mut undo = Vec::with_capacity(undo_len);
         let mut pending: Vec<(u64, &Bytes)> = Vec::new();
         let mut max_undo_lsn = 0;
         let mut last_time_us = 0;
@@ -205,10 +229,12 @@ impl Applier {
                     offset,
                     data,
                 } => {
-                    let mut old = vec![0u8; data.len()];
-                    self.disk.read_at(&mut old, *offset)?;
-                    overlay(&mut old, *offset, &pending);
-                    encode_undo(*lsn, *timestamp_us, *offset, &old, &mut undo);
+                    // The old bytes go straight into the journal buffer.
+                    let start = undo.len();
+                    let at = begin_undo(*lsn, *timestamp_us, *offset, data.len(), &mut undo);
+                    self.disk.read_at(&mut undo[at..], *offset)?;
+                    overlay(&mut undo[at..], *offset, &pending);
+                    finish_undo(&mut undo, start);
                     pending.push((*offset, data));
                     max_undo_lsn = *lsn;
                     last_time_us = last_time_us.max(*timestamp_us);
@@ -242,11 +268,19 @@ impl Applier {
             self.journal.append(&undo)?;
             self.journal.note_undo(max_undo_lsn);
             self.journal.sync()?;
-            for (offset, data) in &pending {
-                self.disk.write_at(data, *offset)?;
-                self.stats.bytes_applied += data.len() as u64;
+            let writes: Vec<(u64, &[u8])> = pending.iter().map(|(o, d)| (*o, &d[..])).collect();
+            if let Some(c) = &mut self.digest_cache {
+                for (o, d) in &writes {
+                    c.invalidate(*o, d.len() as u64);
+                }
             }
-            self.disk.sync()?;
+            self.io
+                .write_all_sync(self.disk.file(), &writes)
+                .map_err(|e| Error::Io {
+                    context: format!("write and fsync {}", self.disk.path().display()),
+                    source: e,
+                })?;
+            self.stats.bytes_applied += writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
             self.stats.writes += pending.len() as u64;
         }
         let resyncing = points
@@ -288,9 +322,76 @@ impl Applier {
     }
 
     /// blake3 digests of `count` blocks of `block_size` from `first`, computed in parallel
-    /// (the last block of the disk may be short).
-    pub fn block_digests(&self, block_size: u32, first: u64, count: u32) -> Result<Vec<[u8; 32]>> {
-        block_digests(&self.disk, block_size, first, count)
+    /// (the last block of the disk may be short). Digests are cached per block size and
+    /// invalidated by writes, so an interrupted resync that asks again hashes only what
+    /// changed since.
+    pub fn block_digests(
+        &mut self,
+        block_size: u32,
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<[u8; 32]>> {
+        let blocks = self.disk.size_bytes().div_ceil(u64::from(block_size));
+        let last = (first + u64::from(count)).min(blocks);
+        if blocks > MAX_CACHED_DIGEST_BLOCKS {
+            return block_digests(&self.disk, block_size, first, count);
+        }
+        if self
+            .digest_cache
+            .as_ref()
+            .is_none_or(|c| c.block_size != u64::from(block_size))
+        {
+            self.digest_cache = Some(DigestCache {
+                block_size: u64::from(block_size),
+                digests: vec![None; blocks as usize],
+            });
+        }
+        let cache = self.digest_cache.as_mut().expect("just set");
+        let missing: Vec<u64> = (first..last)
+            .filter(|&b| cache.digests[b as usize].is_none())
+            .collect();
+        let disk = &self.disk;
+        let bs = u64::from(block_size);
+        let fresh: Vec<(u64, [u8; 32])> = missing
+            .into_par_iter()
+            .map(|b| {
+                let len = bs.min(disk.size_bytes() - b * bs) as usize;
+                let mut buf = vec![0u8; len];
+                disk.read_at(&mut buf, b * bs)?;
+                Ok((b, wire_protocol::digest(&buf)))
+            })
+            .collect::<Result<_>>()?;
+        self.stats.digests_hashed += fresh.len() as u64;
+        for (b, d) in fresh {
+            cache.digests[b as usize] = Some(d);
+        }
+        Ok((first..last)
+            .map(|b| cache.digests[b as usize].expect("filled above"))
+            .collect())
+    }
+}
+
+/// Disks with more blocks than this are not cached (33 bytes a block: 4 Mi blocks is about
+/// 140 MB, a 256 GiB disk at 64 KiB blocks).
+pub const MAX_CACHED_DIGEST_BLOCKS: u64 = 4 << 20;
+
+/// Per-block digests at one block size; `None` where a write changed the block.
+#[derive(Debug)]
+struct DigestCache {
+    block_size: u64,
+    digests: Vec<Option<[u8; 32]>>,
+}
+
+impl DigestCache {
+    fn invalidate(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for b in offset / self.block_size..=(offset + len - 1) / self.block_size {
+            if let Some(d) = self.digests.get_mut(b as usize) {
+                *d = None;
+            }
+        }
     }
 }
 

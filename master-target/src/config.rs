@@ -48,6 +48,9 @@ pub struct Settings {
     /// Allow the retention directory on a filesystem shared with disks or data (demos and tests only). Default: false
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub allow_shared_retention_volume: Option<bool>,
+    /// Disk I/O of the apply path: auto (io_uring where the kernel allows it), uring, or syscall. Default: auto
+    #[arg(long, value_enum)]
+    pub io_backend: Option<crate::uring::IoChoice>,
     /// Log format: text or json. Default: text
     #[arg(long)]
     pub log_format: Option<String>,
@@ -76,6 +79,8 @@ pub struct Config {
     pub journal_quota_bytes: u64,
     /// See [`Settings::allow_shared_retention_volume`].
     pub allow_shared_retention_volume: bool,
+    /// Apply-path I/O backend.
+    pub io_backend: crate::uring::IoChoice,
     /// JSON logs.
     pub log_json: bool,
 }
@@ -112,6 +117,7 @@ impl Settings {
             allow_shared_retention_volume: self
                 .allow_shared_retention_volume
                 .or(base.allow_shared_retention_volume),
+            io_backend: self.io_backend.or(base.io_backend),
             log_format: self.log_format.or(base.log_format),
         }
     }
@@ -163,6 +169,7 @@ impl Settings {
             retention_hours: self.retention_hours.unwrap_or(24),
             journal_quota_bytes,
             allow_shared_retention_volume: self.allow_shared_retention_volume.unwrap_or(false),
+            io_backend: self.io_backend.unwrap_or_default(),
             log_json,
         })
     }

@@ -159,12 +159,45 @@ fn encode(kind: u8, body: &[u8], out: &mut Vec<u8>) {
 
 /// Appends an undo record for a write at `offset` that overwrites `old`.
 pub fn encode_undo(lsn: u64, timestamp_us: u64, offset: u64, old: &[u8], out: &mut Vec<u8>) {
-    let mut body = Vec::with_capacity(UNDO_META_LEN + old.len());
-    body.extend_from_slice(&lsn.to_be_bytes());
-    body.extend_from_slice(&timestamp_us.to_be_bytes());
-    body.extend_from_slice(&offset.to_be_bytes());
-    body.extend_from_slice(old);
-    encode(KIND_UNDO, &body, out);
+    let data = begin_undo(lsn, timestamp_us, offset, old.len(), out);
+    out[data..].copy_from_slice(old);
+    finish_undo(out, data - UNDO_META_LEN - HEADER_LEN);
+}
+
+/// Appends an undo record's header and metadata and `len` bytes of room for the old data,
+/// which the caller fills in place (no intermediate copy). Returns where the data starts;
+/// [`finish_undo`] seals the record once it is filled.
+pub fn begin_undo(
+    lsn: u64,
+    timestamp_us: u64,
+    offset: u64,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> usize {
+    assert!(
+        UNDO_META_LEN + len <= MAX_BODY_LEN,
+        "journal bodies are bounded by the batch limit"
+    );
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = KIND_UNDO;
+    h[8..12].copy_from_slice(&((UNDO_META_LEN + len) as u32).to_be_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&lsn.to_be_bytes());
+    out.extend_from_slice(&timestamp_us.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    let data = out.len();
+    out.resize(data + len, 0);
+    data
+}
+
+/// Computes the CRC of the undo record that starts at `start` in `out` (the last one).
+pub fn finish_undo(out: &mut [u8], start: usize) {
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&out[start + 4..start + 12]),
+        &out[start + HEADER_LEN..],
+    );
+    out[start + 12..start + 16].copy_from_slice(&crc.to_be_bytes());
 }
 
 fn encode_commit(lsn: u64, time_us: u64, out: &mut Vec<u8>) {

@@ -11,6 +11,7 @@
 //! - [`server`]: the mutual-TLS network shell.
 //! - [`export`]: listing points and exporting a disk at a point.
 //! - [`retention`]: the retention volume rules.
+//! - [`uring`]: the apply path's disk I/O (io_uring, or syscalls).
 //! - [`config`], [`cli`], [`metrics`].
 //!
 //! # Design constraints
@@ -34,6 +35,7 @@ pub mod registry;
 pub mod retention;
 pub mod server;
 pub mod service;
+pub mod uring;
 pub mod vmdk;
 
 pub use error::{Error, Result};

@@ -23,6 +23,7 @@ use crate::disk::DiskFile;
 use crate::error::{Error, Result};
 use crate::journal::Journal;
 use crate::registry::{uuid_hex, DiskRecord, Registry};
+use crate::uring::IoBackend;
 use crate::vmdk;
 
 /// At most this many disks per master target (the product's documented limit).
@@ -229,7 +230,12 @@ impl Disks {
             &Self::journal_dir(&self.cfg.retention_dir, rec.disk_id),
             &disk,
         )?;
-        let applier = Applier::new(rec.disk_id, disk, journal, self.policy());
+        let (io, why) = IoBackend::new(self.cfg.io_backend).map_err(|e| Error::Io {
+            context: "io-backend = uring: the kernel refuses io_uring; use auto or syscall".into(),
+            source: e,
+        })?;
+        tracing::info!(disk = rec.disk_id, backend = io.name(), why = %why, "apply I/O backend chosen");
+        let applier = Applier::new(rec.disk_id, disk, journal, self.policy()).with_io(io);
         let committed = applier.committed_lsn();
         let (tx, rx) = mpsc::channel(DISK_QUEUE_DEPTH);
         let committed_cell = Arc::new(AtomicU64::new(committed));

@@ -56,7 +56,10 @@ fn open(dir: &Path) -> Applier {
     let journal = Journal::open(&dir.join("journal"), &disk)
         .unwrap()
         .with_segment_target_bytes(16 << 10);
-    Applier::new(1, disk, journal, policy())
+    // The service's default backend (io_uring where the kernel allows it).
+    let (io, _) =
+        master_target::uring::IoBackend::new(master_target::uring::IoChoice::Auto).unwrap();
+    Applier::new(1, disk, journal, policy()).with_io(io)
 }
 
 fn batch(first_lsn: u64, ts: u64, writes: &[(u64, usize, u8)]) -> WriteBatch {
@@ -252,4 +255,42 @@ fn quota_drops_oldest_points_never_the_disk() {
         f.read_exact_at(&mut got, 0).unwrap();
         assert!(&got == want, "kept point {} exports exactly", p.id);
     }
+}
+
+#[test]
+fn resync_digests_are_cached_and_invalidated_by_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    let mut a = open(dir.path());
+    let first = a.block_digests(65536, 0, 4).unwrap();
+    assert_eq!(a.stats.digests_hashed, 4);
+    assert_eq!(
+        a.block_digests(65536, 0, 4).unwrap(),
+        first,
+        "asked again: served from the cache"
+    );
+    assert_eq!(
+        a.stats.digests_hashed, 4,
+        "an interrupted resync does not hash again"
+    );
+    let Verdict::Accept(items) = a.check_batch(&batch(1, 1, &[(2 * 65536 + 512, 512, 9)]), 1)
+    else {
+        panic!()
+    };
+    a.apply(&items).unwrap();
+    let after = a.block_digests(65536, 0, 4).unwrap();
+    assert_eq!(
+        a.stats.digests_hashed, 5,
+        "only the written block is hashed again"
+    );
+    let mut block = vec![0u8; 65536];
+    block[512..1024].fill(9);
+    assert_eq!(after[2], wire_protocol::digest(&block));
+    assert_eq!(
+        (after[0], after[1], after[3]),
+        (first[0], first[1], first[3])
+    );
 }

@@ -41,6 +41,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until nothing is pending: every LSN cached here is durable on the master target
+    /// (for one disk, or all). Exits non-zero if that does not happen in time.
+    Drain {
+        /// The admin endpoint of the running service.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        admin: String,
+        /// Only this disk (repeat for a group of disks); default: every disk.
+        #[arg(long)]
+        disk: Vec<u64>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
     /// Change the bandwidth limit of the running service (e.g. 200Mbit; 0 for none).
     SetBandwidth {
         /// The admin endpoint of the running service.
@@ -129,6 +142,69 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Drain {
+            admin,
+            disk,
+            timeout_s,
+        } => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout_s);
+            let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
+            loop {
+                let (code, body) = wire_protocol::ops::admin_get(&admin, "/status")
+                    .await
+                    .map_err(|e| Error::Io {
+                        context: format!(
+                            "reach the process server's admin endpoint at {admin} (is it running?)"
+                        ),
+                        source: e,
+                    })?;
+                if code != 200 {
+                    return Err(Error::Refused(format!("status: HTTP {code}: {body}")));
+                }
+                let rows: Vec<crate::metrics::DiskStatus> = serde_json::from_str(&body)
+                    .map_err(|e| Error::Refused(format!("status: {e}")))?;
+                let rows: Vec<_> = rows
+                    .into_iter()
+                    .filter(|r| disk.is_empty() || disk.contains(&r.disk_id))
+                    .collect();
+                if let Some(missing) = disk.iter().find(|d| !rows.iter().any(|r| r.disk_id == **d))
+                {
+                    return Err(Error::Refused(format!(
+                        "disk {missing} is not known to this process server"
+                    )));
+                }
+                let pending: Vec<_> = rows
+                    .iter()
+                    .filter(|r| r.durable_lsn < r.cached_lsn)
+                    .collect();
+                if pending.is_empty() {
+                    for r in &rows {
+                        println!(
+                            "disk {}: drained, lsn {} durable on the master target",
+                            r.disk_id, r.durable_lsn
+                        );
+                    }
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(Error::Refused(format!("{} disk(s) still pending after {timeout_s} s; check the link (process-server status)", pending.len())));
+                }
+                if last_print.elapsed() >= Duration::from_secs(2) {
+                    for r in &pending {
+                        println!(
+                            "disk {}: {} of {} durable, {} bytes pending, RPO {:.1} s",
+                            r.disk_id,
+                            r.durable_lsn,
+                            r.cached_lsn,
+                            r.backlog_bytes,
+                            r.rpo_ms as f64 / 1000.0
+                        );
+                    }
+                    last_print = std::time::Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         Command::SetBandwidth { admin, rate } => {
             let (code, body) = wire_protocol::ops::admin_get(&admin, &format!("/bandwidth/{rate}"))
