@@ -58,6 +58,20 @@ fn finish(c: &Cluster, disk: u64, child: Child) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no report from agent {disk}: {text}"))
 }
 
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is installed (.ci/run installs qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Drains, detaches and checks the disk and every app-consistent point.
 fn verify(c: &Cluster, disk: u64, last_lsn: u64) {
     c.wait_durable(disk, last_lsn, Duration::from_secs(300), |_| {})
@@ -68,6 +82,21 @@ fn verify(c: &Cluster, disk: u64, last_lsn: u64) {
         file_blake3(&onprem(c, disk)).unwrap(),
         "disk {disk}: on-premises disk equals the source"
     );
+    // The VMDK as ESXi would open it: qemu-img checks it and finds it equal to the source.
+    let desc = c
+        .dir
+        .join("onprem")
+        .join(format!("vm{disk}-disk{disk}.vmdk"));
+    qemu_img(&["check", desc.to_str().unwrap()]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "vmdk",
+        "-F",
+        "raw",
+        desc.to_str().unwrap(),
+        source(c, disk).to_str().unwrap(),
+    ]);
     let bookmarks = agent::engine::read_bookmarks(&c.agent_state(disk)).unwrap();
     let points = c.points(disk).unwrap();
     assert!(
@@ -191,6 +220,99 @@ fn differential_resync_sends_only_the_blocks_that_differ() {
 }
 
 #[test]
+fn resync_resumes_after_a_kill_and_runs_alongside_live_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let size: u64 = 512 << 20; // four resync chunks
+    let src = source(&c, 1);
+    let mut data = vec![0u8; size as usize];
+    agent::datagen::fill(11, 0, 0.5, &mut data);
+    std::fs::write(&src, &data).unwrap();
+    let img =
+        master_target::vmdk::create(&c.dir.join("onprem"), "vm1-disk1", size, &[5; 16]).unwrap();
+    for b in (0..data.len() / 65536).step_by(50) {
+        data[b * 65536 + 7] ^= 0x5a; // the stale on-premises copy: 2% of blocks differ
+    }
+    std::fs::write(&img.data_path, &data).unwrap();
+    drop(data);
+    let args = |cmd: &mut Command| {
+        cmd.arg("--location=original")
+            .arg(format!("--target={}", img.descriptor.display()))
+            .arg("--disk-uuid=05050505050505050505050505050505");
+    };
+    // A resync, killed (SIGKILL) once its first chunk is done.
+    let mut first = c.agent("resync", 1, &src, "512MiB");
+    first.arg("--mode=differential");
+    args(&mut first);
+    let mut child = first.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let progress = c.agent_state(1).join("resync-progress");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&progress)
+        .map_or(true, |s| s.trim().parse::<u64>().unwrap_or(0) == 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync progress within 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The replay resumes the resync where it stopped, interleaved with live writes.
+    let mut cmd = c.agent("replay", 1, &src, "512MiB");
+    cmd.arg(format!(
+        "--trace={}",
+        traces().join("tencent-cbs-50k.msr.csv").display()
+    ))
+    .arg("--format=msr")
+    .arg("--max-writes=3000")
+    .arg("--resync=differential")
+    .arg("--bookmark-every-s=3")
+    .arg("--final-bookmark=final");
+    args(&mut cmd);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(c.dir.join("logs/agent-1.log")).unwrap());
+    let r = finish(&c, 1, cmd.spawn().unwrap());
+    assert!(
+        r["resync_compared_bytes"].as_u64().unwrap() < size,
+        "the resumed resync skipped the chunks already done: {r}"
+    );
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-1.log")).unwrap();
+    assert!(log.contains("resuming an interrupted resync"), "{log}");
+    c.wait_durable(
+        1,
+        r["last_lsn"].as_u64().unwrap(),
+        Duration::from_secs(300),
+        |_| {},
+    )
+    .unwrap();
+    c.detach(1).unwrap();
+    assert_eq!(
+        file_blake3(&src).unwrap(),
+        file_blake3(&img.data_path).unwrap(),
+        "exact after an interrupted resync with live writes"
+    );
+    // Points exist only from the end of the resync on, and they export exactly.
+    let points = c.points(1).unwrap();
+    let bookmarks = agent::engine::read_bookmarks(&c.agent_state(1)).unwrap();
+    assert!(
+        !bookmarks.is_empty()
+            && bookmarks.len()
+                == points
+                    .iter()
+                    .filter(|p| p["kind"] == "app-consistent")
+                    .count()
+    );
+    let last = bookmarks.last().unwrap();
+    let out = c.dir.join("final.img");
+    c.export(1, "latest-app", &out, "raw").unwrap();
+    assert_eq!(
+        agent::source::hex(&agent::source::image_digest(&out).unwrap()),
+        last.disk_digest
+    );
+}
+
+#[test]
 fn link_outage_is_buffered_then_dirty_tracked_and_ends_exact() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(dir.path());
@@ -229,12 +351,12 @@ fn master_target_killed_mid_stream_loses_nothing_acknowledged() {
         1,
         "tencent-cbs-50k.msr.csv",
         "msr",
-        &["--max-writes=8000", "--pace=4x", "--bookmark-every-s=3"],
+        &["--max-writes=9000", "--pace=4x", "--bookmark-every-s=3"],
     );
     let mut durable_seen = 0;
     let mut kills_mid_stream = 0;
-    for round in 0..5 {
-        std::thread::sleep(Duration::from_millis(700 + 200 * round));
+    for round in 0..8 {
+        std::thread::sleep(Duration::from_millis(500 + 100 * round));
         if child.try_wait().unwrap().is_none() {
             kills_mid_stream += 1;
         }
@@ -251,7 +373,7 @@ fn master_target_killed_mid_stream_loses_nothing_acknowledged() {
         durable_seen = d;
     }
     assert!(
-        kills_mid_stream >= 3,
+        kills_mid_stream >= 5,
         "only {kills_mid_stream} kills landed while the agent was writing"
     );
     let r = finish(&c, 1, child);

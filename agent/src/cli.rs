@@ -286,15 +286,12 @@ async fn run(cli: Cli) -> Result<()> {
             final_bookmark,
         } => {
             let mut e = engine(&disk).await?;
-            if resync != ResyncMode::None {
-                let p = bar(0, "resync");
-                e.resync(resync == ResyncMode::Full, Some(&p)).await?;
-                p.finish_and_clear();
-                println!(
-                    "resync: compared {} bytes, sent {} bytes",
-                    e.stats.resync_compared_bytes, e.stats.resync_sent_bytes
-                );
-            }
+            // A resync runs interleaved with the replay's writes, as it would with a live VM.
+            let mut rs = if resync != ResyncMode::None {
+                Some(e.resync_begin(resync == ResyncMode::Full).await?)
+            } else {
+                None
+            };
             let opts = ReplayOpts {
                 trace,
                 format,
@@ -308,13 +305,23 @@ async fn run(cli: Cli) -> Result<()> {
                 skip_bad_lines,
             };
             let p = indicatif::ProgressBar::new_spinner();
-            let sum = replay::replay(&mut e, &opts, |s| {
+            let sum = replay::replay(&mut e, &opts, rs.as_mut(), |s| {
                 if s.writes % 256 == 0 {
                     p.set_message(format!("{} writes, {} bytes", s.writes, s.bytes));
                     p.tick();
                 }
             })
             .await?;
+            if let Some(mut r) = rs {
+                while !r.done() {
+                    e.resync_step(&mut r).await?;
+                }
+                e.resync_end(r).await?;
+                eprintln!(
+                    "resync: compared {} bytes, sent {} bytes",
+                    e.stats.resync_compared_bytes, e.stats.resync_sent_bytes
+                );
+            }
             if let Some(tag) = final_bookmark {
                 e.bookmark(&tag).await?;
             }

@@ -19,8 +19,27 @@ use crate::source::{hex, SourceDisk, DIGEST_BLOCK_BYTES};
 pub const BATCH_BYTES: usize = 1 << 20;
 /// ... or this many writes.
 pub const BATCH_WRITES: usize = 1024;
-/// Blocks per digest request during resync (1 GiB of disk at 64 KiB blocks).
-pub const RESYNC_CHUNK_BLOCKS: u32 = 16 * 1024;
+/// Blocks per digest request and resync step (128 MiB of disk at 64 KiB blocks): the unit
+/// of resumption, and how much resync work sits between live writes.
+pub const RESYNC_CHUNK_BLOCKS: u32 = 2048;
+
+/// Where a resync stands.
+#[derive(Debug)]
+pub struct Resync {
+    full: bool,
+    /// The next block to resync.
+    pub next_block: u64,
+    /// Blocks of the disk.
+    pub blocks: u64,
+    progress_path: PathBuf,
+}
+
+impl Resync {
+    /// Every chunk resynced.
+    pub fn done(&self) -> bool {
+        self.next_block >= self.blocks
+    }
+}
 
 /// A bookmark the agent took, with the source disk's digest at that instant.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -54,6 +73,8 @@ pub struct RunStats {
     pub resync_compared_bytes: u64,
     /// Resync: bytes sent.
     pub resync_sent_bytes: u64,
+    /// Resync: digest bytes received.
+    pub resync_digest_bytes: u64,
 }
 
 /// The engine.
@@ -67,6 +88,8 @@ pub struct Engine {
     batch_bytes: usize,
     next_lsn: u64,
     dirty: BTreeSet<u64>,
+    /// A resync is under way: the target is not consistent, so bookmarks make no point.
+    resyncing: bool,
     state_dir: PathBuf,
     /// Counters.
     pub stats: RunStats,
@@ -112,6 +135,7 @@ impl Engine {
             batch_bytes: 0,
             next_lsn: resume + 1,
             dirty: BTreeSet::new(),
+            resyncing: false,
             state_dir: state_dir.into(),
             stats: RunStats::default(),
         })
@@ -248,6 +272,14 @@ impl Engine {
     /// Takes an app-consistent bookmark and records the source digest at that instant.
     pub async fn bookmark(&mut self, tag: &str) -> Result<Option<BookmarkRecord>> {
         self.flush().await?;
+        if self.resyncing {
+            self.stats.bookmarks_skipped += 1;
+            tracing::warn!(
+                tag,
+                "bookmark skipped: a resync is under way, the target is not consistent yet"
+            );
+            return Ok(None);
+        }
         if !self.dirty.is_empty() {
             self.stats.bookmarks_skipped += 1;
             tracing::warn!(
@@ -303,21 +335,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Resyncs the target: `full` sends every block; otherwise only blocks whose digest
-    /// differs from the target's. Writes may keep flowing; the target has no consistent
-    /// recovery point until this returns. Resumes an interrupted resync.
-    pub async fn resync(
-        &mut self,
-        full: bool,
-        progress: Option<&indicatif::ProgressBar>,
-    ) -> Result<()> {
+    /// Begins a resync of the target: `full` sends every block; otherwise only blocks whose
+    /// digest differs from the target's. The target has no consistent recovery point until
+    /// [`Engine::resync_end`]. An interrupted resync resumes at the chunk where it stopped.
+    pub async fn resync_begin(&mut self, full: bool) -> Result<Resync> {
         let progress_path = self.state_dir.join("resync-progress");
-        let start_block: u64 = std::fs::read_to_string(&progress_path)
+        let next_block: u64 = std::fs::read_to_string(&progress_path)
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        if start_block > 0 {
-            tracing::info!(start_block, "resuming an interrupted resync");
+        if next_block > 0 {
+            tracing::info!(next_block, "resuming an interrupted resync");
         }
         self.marker(
             BookmarkKind::ResyncStarted,
@@ -328,61 +356,102 @@ impl Engine {
             },
         )
         .await?;
-        let blocks = self.source.blocks();
-        if let Some(p) = progress {
-            p.set_length(blocks * DIGEST_BLOCK_BYTES);
-            p.set_position(start_block * DIGEST_BLOCK_BYTES);
+        self.resyncing = true;
+        Ok(Resync {
+            full,
+            next_block,
+            blocks: self.source.blocks(),
+            progress_path,
+        })
+    }
+
+    /// Resyncs one chunk. Live writes may be captured between steps: resync data travels in
+    /// the same LSN stream, read from the source when sent, so the newest data lands last
+    /// (and a block the target already holds in its newest form is not sent at all).
+    pub async fn resync_step(&mut self, r: &mut Resync) -> Result<()> {
+        if r.done() {
+            return Ok(());
         }
-        let mut b = start_block;
-        while b < blocks {
-            let count = RESYNC_CHUNK_BLOCKS.min((blocks - b) as u32);
-            let differing: Vec<u64> = if full {
-                (b..b + u64::from(count)).collect()
-            } else {
-                let req = Message::DigestRequest(DigestRequest {
-                    disk_id: self.disk_id,
-                    block_size: DIGEST_BLOCK_BYTES as u32,
-                    first_block: b,
-                    block_count: count,
-                });
-                let theirs = match self.link.request(req, Duration::from_secs(300)).await? {
-                    Message::DigestList(l)
-                        if l.first_block == b && l.digests.len() == count as usize =>
-                    {
-                        l.digests
-                    }
-                    Message::Error(e) => {
-                        return Err(Error::Refused(format!(
-                            "digest request refused: {}",
-                            e.message
-                        )))
-                    }
-                    other => {
-                        return Err(Error::Refused(format!(
-                            "unexpected reply to a digest request: {}",
-                            other.name()
-                        )))
-                    }
-                };
-                let ours = &self.source.digests()[b as usize..(b + u64::from(count)) as usize];
-                (0..count as usize)
-                    .filter(|&i| ours[i] != theirs[i])
-                    .map(|i| b + i as u64)
-                    .collect()
+        let b = r.next_block;
+        let count = RESYNC_CHUNK_BLOCKS.min((r.blocks - b) as u32);
+        let differing: Vec<u64> = if r.full {
+            (b..b + u64::from(count)).collect()
+        } else {
+            self.flush().await?;
+            let req = Message::DigestRequest(DigestRequest {
+                disk_id: self.disk_id,
+                block_size: DIGEST_BLOCK_BYTES as u32,
+                first_block: b,
+                block_count: count,
+            });
+            let theirs = match self.link.request(req, Duration::from_secs(300)).await? {
+                Message::DigestList(l)
+                    if l.first_block == b && l.digests.len() == count as usize =>
+                {
+                    l.digests
+                }
+                Message::Error(e) => {
+                    return Err(Error::Refused(format!(
+                        "digest request refused: {}",
+                        e.message
+                    )))
+                }
+                other => {
+                    return Err(Error::Refused(format!(
+                        "unexpected reply to a digest request: {}",
+                        other.name()
+                    )))
+                }
             };
-            self.stats.resync_compared_bytes += u64::from(count) * DIGEST_BLOCK_BYTES;
-            self.stats.resync_sent_bytes += self.send_blocks(&differing).await?;
-            b += u64::from(count);
-            std::fs::write(&progress_path, b.to_string())
-                .ctx(|| format!("write {}", progress_path.display()))?;
-            if let Some(p) = progress {
-                p.set_position(b * DIGEST_BLOCK_BYTES);
-            }
+            self.stats.resync_digest_bytes += 32 * u64::from(count);
+            let ours = &self.source.digests()[b as usize..(b + u64::from(count)) as usize];
+            (0..count as usize)
+                .filter(|&i| ours[i] != theirs[i])
+                .map(|i| b + i as u64)
+                .collect()
+        };
+        self.stats.resync_compared_bytes += u64::from(count) * DIGEST_BLOCK_BYTES;
+        self.stats.resync_sent_bytes += self.send_blocks(&differing).await?;
+        // The chunk counts as done only once the process server holds it durably: a resync
+        // resumed after a crash must not skip blocks that never arrived.
+        if !self.link.drain(Duration::from_secs(600)).await {
+            return Err(Error::Refused(
+                "the process server did not acknowledge a resync chunk within 10 minutes".into(),
+            ));
         }
+        r.next_block = b + u64::from(count);
+        std::fs::write(&r.progress_path, r.next_block.to_string())
+            .ctx(|| format!("write {}", r.progress_path.display()))?;
+        Ok(())
+    }
+
+    /// Ends a resync: the target is consistent from here on.
+    pub async fn resync_end(&mut self, r: Resync) -> Result<()> {
+        assert!(r.done(), "every chunk is resynced before the end marker");
         self.marker(BookmarkKind::ResyncCompleted, "resync-completed")
             .await?;
-        let _ = std::fs::remove_file(&progress_path);
+        self.resyncing = false;
+        let _ = std::fs::remove_file(&r.progress_path);
         Ok(())
+    }
+
+    /// A whole resync, with a progress bar.
+    pub async fn resync(
+        &mut self,
+        full: bool,
+        progress: Option<&indicatif::ProgressBar>,
+    ) -> Result<()> {
+        let mut r = self.resync_begin(full).await?;
+        if let Some(p) = progress {
+            p.set_length(r.blocks * DIGEST_BLOCK_BYTES);
+        }
+        while !r.done() {
+            self.resync_step(&mut r).await?;
+            if let Some(p) = progress {
+                p.set_position(r.next_block * DIGEST_BLOCK_BYTES);
+            }
+        }
+        self.resync_end(r).await
     }
 
     /// Flushes and waits until the process server holds everything.

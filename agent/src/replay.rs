@@ -11,6 +11,9 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::trace::{Format, TraceReader};
 
+/// Live writes between two resync chunks when a resync runs during a replay.
+pub const RESYNC_EVERY_WRITES: u64 = 64;
+
 /// What to do with a write beyond the disk's end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutOfRange {
@@ -93,10 +96,12 @@ pub struct ReplaySummary {
     pub bookmarks: u64,
 }
 
-/// Replays `opts.trace` into `engine`. `on_progress` is called after each write.
+/// Replays `opts.trace` into `engine`, advancing `resync` (if any) between writes.
+/// `on_progress` is called after each write.
 pub async fn replay(
     engine: &mut Engine,
     opts: &ReplayOpts,
+    mut resync: Option<&mut crate::engine::Resync>,
     mut on_progress: impl FnMut(&ReplaySummary),
 ) -> Result<ReplaySummary> {
     let mut reader = TraceReader::open(&opts.trace, opts.format, opts.skip_bad_lines)?;
@@ -153,6 +158,12 @@ pub async fn replay(
         sum.writes += 1;
         sum.bytes += w.len;
         sum.trace_seconds = w.time_ns as f64 / 1e9;
+        // A resync under way advances one chunk every RESYNC_EVERY_WRITES writes.
+        if let Some(r) = resync.as_deref_mut() {
+            if sum.writes % RESYNC_EVERY_WRITES == 0 {
+                engine.resync_step(r).await?;
+            }
+        }
         if last_request_check.elapsed() > Duration::from_millis(100) {
             engine.take_requested_bookmarks().await?;
             last_request_check = Instant::now();

@@ -72,7 +72,11 @@ pub fn check(dir: &Path, others: &[(&str, &Path)], allow_shared: bool) -> Result
         .ctx(|| format!("stat {}", dir.display()))?
         .dev();
     for (what, other) in others {
-        let Ok(m) = fs::metadata(other) else { continue };
+        // A directory that does not exist yet will be made on its nearest existing ancestor's
+        // filesystem: judge it by that.
+        let Some(m) = other.ancestors().find_map(|a| fs::metadata(a).ok()) else {
+            continue;
+        };
         if m.dev() == dev {
             if allow_shared {
                 tracing::warn!(retention = %dir.display(), other = %other.display(), what, "retention directory shares a filesystem with {what}: allowed for demos and tests only");

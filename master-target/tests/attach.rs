@@ -178,6 +178,14 @@ fn retention_volume_on_the_disks_filesystem_is_refused_without_the_demo_setting(
         matches!(e, Error::RetentionVolume { .. }) && e.to_string().contains("volume of its own"),
         "{e}"
     );
+    // A data directory that does not exist yet counts by the filesystem it will be made on.
+    let e = master_target::retention::check(
+        &dir.path().join("ret"),
+        &[("the data directory", &dir.path().join("not/yet/made"))],
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::RetentionVolume { .. }), "{e}");
     let info = master_target::retention::check(
         &dir.path().join("ret"),
         &[("the data directory", dir.path())],
