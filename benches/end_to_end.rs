@@ -74,5 +74,13 @@ fn main() {
         rpo.get(rpo.len() / 2).copied().unwrap_or(0),
         rpo.last().copied().unwrap_or(0)
     );
+    let metrics = failback::harness::http_get(&c.ps_admin, "/metrics")
+        .map(|r| r.1)
+        .unwrap_or_default();
+    let level = metrics
+        .lines()
+        .find(|l| l.starts_with("failback_ps_compression_level "))
+        .unwrap_or("failback_ps_compression_level ?");
+    println!("end_to_end: {level} at the end (auto mode adapts it to the bottleneck)");
     c.stop();
 }

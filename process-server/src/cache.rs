@@ -72,6 +72,8 @@ pub struct DiskCache {
     segs: Vec<(u32, u64)>,
     /// LSNs up to this are acknowledged by the master target (and trimmed).
     pub trimmed_lsn: u64,
+    /// Record bytes trimmed since open (for the drain rate).
+    pub trimmed_bytes: u64,
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {
@@ -196,6 +198,7 @@ impl DiskCache {
             active_len,
             segs,
             trimmed_lsn,
+            trimmed_bytes: 0,
         };
         c.trim(trimmed_lsn)?;
         Ok(c)
@@ -286,7 +289,8 @@ impl DiskCache {
             .front()
             .is_some_and(|e| e.last_lsn <= self.trimmed_lsn)
         {
-            self.entries.pop_front();
+            let e = self.entries.pop_front().expect("checked");
+            self.trimmed_bytes += RECORD_HEADER_LEN as u64 + u64::from(e.frame_len);
         }
         let first_needed = self.entries.front().map_or(self.active_seq, |e| e.seg);
         while self.segs.len() > 1 && self.segs[0].0 < first_needed {

@@ -119,26 +119,35 @@ async fn run(cli: Cli) -> Result<()> {
             let rows: Vec<crate::metrics::DiskStatus> =
                 serde_json::from_str(&body).map_err(|e| Error::Refused(format!("status: {e}")))?;
             println!(
-                "{:>6} {:<16} {:>10} {:>10} {:>12} {:>9} {:>12} {:>12} {:>7}",
-                "disk", "vm", "cached", "durable", "backlog", "rpo", "logical", "wire", "ratio"
+                "{:>6} {:<14} {:>9} {:>9} {:>11} {:>8} {:>10} {:>10} {:>10} {:>6} {:>8}",
+                "disk",
+                "vm",
+                "cached",
+                "durable",
+                "backlog",
+                "rpo",
+                "ingest/s",
+                "logical/s",
+                "wire/s",
+                "ratio",
+                "eta"
             );
+            let mb = |b: f64| format!("{:.1}M", b / 1e6);
             for r in rows {
-                let ratio = if r.wire_bytes > 0 {
-                    r.logical_bytes as f64 / r.wire_bytes as f64
-                } else {
-                    0.0
-                };
+                let eta = r.eta_s.map_or("-".to_string(), |s| format!("{s:.0}s"));
                 println!(
-                    "{:>6} {:<16} {:>10} {:>10} {:>12} {:>8.1}s {:>12} {:>12} {:>6.2}x",
+                    "{:>6} {:<14} {:>9} {:>9} {:>11} {:>7.1}s {:>10} {:>10} {:>10} {:>5.2}x {:>8}",
                     r.disk_id,
                     r.vm_id,
                     r.cached_lsn,
                     r.durable_lsn,
                     r.backlog_bytes,
                     r.rpo_ms as f64 / 1000.0,
-                    r.logical_bytes,
-                    r.wire_bytes,
-                    ratio
+                    mb(r.ingest_bps),
+                    mb(r.logical_bps),
+                    mb(r.wire_bps),
+                    r.compression_ratio,
+                    eta
                 );
             }
             Ok(())
@@ -246,6 +255,7 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            crate::metrics::sample_rates(&st, 1.0);
             crate::metrics::check_rpo(&st);
         }
     });

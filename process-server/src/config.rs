@@ -44,9 +44,9 @@ pub struct Settings {
     /// Client key toward the master target (PEM). Default: /etc/failback/tls/client.key
     #[arg(long)]
     pub tls_client_key: Option<PathBuf>,
-    /// zstd level for the link (1-19), or 0 to send uncompressed. Default: 3
+    /// zstd level on the link: auto (adapts 1-9 to whichever of link or CPU is the bottleneck), 1-19 fixed, or 0 for none. Default: auto
     #[arg(long)]
-    pub compression_level: Option<i32>,
+    pub compression_level: Option<String>,
     /// Bandwidth limit on the link (e.g. 200Mbit, 50MB/s); 0 or unset: none. Reloaded on SIGHUP. Default: none
     #[arg(long)]
     pub max_bandwidth: Option<String>,
@@ -80,8 +80,10 @@ pub struct Config {
     pub tls_server: wire_protocol::tls::TlsFiles,
     /// Client TLS files.
     pub tls_client: wire_protocol::tls::TlsFiles,
-    /// zstd level, 0 for none.
+    /// zstd level, 0 for none (the starting level when adaptive).
     pub compression_level: i32,
+    /// Adapt the level to the bottleneck.
+    pub adaptive_compression: bool,
     /// Bytes per second, 0 for no limit.
     pub max_bandwidth_bps: u64,
     /// In-flight window in bytes.
@@ -141,7 +143,17 @@ impl Settings {
             .map_or(master_target.as_str(), |(h, _)| h)
             .trim_matches(['[', ']'])
             .to_owned();
-        let level = self.compression_level.unwrap_or(3);
+        let (level, adaptive_compression) =
+            match self.compression_level.as_deref().unwrap_or("auto") {
+                "auto" => (3, true),
+                l => (
+                    l.parse().map_err(|_| Error::InvalidParameter {
+                        param: "compression-level",
+                        reason: format!("{l:?}: use auto, 0 (none) or 1 to 19"),
+                    })?,
+                    false,
+                ),
+            };
         if !(0..=19).contains(&level) {
             return Err(Error::InvalidParameter {
                 param: "compression-level",
@@ -197,6 +209,7 @@ impl Settings {
                     .unwrap_or_else(|| tls.join("client.key")),
             },
             compression_level: level,
+            adaptive_compression,
             max_bandwidth_bps,
             window_bytes: bytes("window", self.window.as_deref().unwrap_or("64MiB"))?,
             rpo_threshold_s: self.rpo_threshold_s.unwrap_or(900),

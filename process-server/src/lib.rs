@@ -14,6 +14,7 @@
 //!   entry per record, at most `window` bytes in flight, and a bounded number of jobs.
 //! - A full cache makes agents wait; nothing is dropped.
 
+pub mod adaptive;
 pub mod cache;
 pub mod cli;
 pub mod coalesce;

@@ -30,6 +30,16 @@ pub struct DiskStatus {
     pub wire_bytes: u64,
     /// Bytes coalescing kept off the link.
     pub coalesced_bytes: u64,
+    /// Block bytes received per second (smoothed).
+    pub ingest_bps: f64,
+    /// Block bytes shipped per second, before coalescing and compression.
+    pub logical_bps: f64,
+    /// Bytes on the link per second.
+    pub wire_bps: f64,
+    /// Logical bytes per wire byte so far.
+    pub compression_ratio: f64,
+    /// Seconds to drain the backlog at the current drain rate (None: not draining).
+    pub eta_s: Option<f64>,
 }
 
 /// Status of every disk.
@@ -40,6 +50,7 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
         .iter()
         .map(|d| {
             let c = d.cache.lock().expect("poisoned");
+            let rates = *d.counters.rates.lock().expect("poisoned");
             DiskStatus {
                 disk_id: d.attach.disk_id,
                 vm_id: d.attach.vm_id.clone(),
@@ -53,6 +64,30 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
                 logical_bytes: d.counters.logical_bytes_shipped.load(Ordering::Relaxed),
                 wire_bytes: d.counters.wire_bytes.load(Ordering::Relaxed),
                 coalesced_bytes: d.counters.coalesced_bytes.load(Ordering::Relaxed),
+                ingest_bps: rates.ingest_bps,
+                logical_bps: rates.logical_bps,
+                wire_bps: rates.wire_bps,
+                compression_ratio: {
+                    let (l, w) = (
+                        d.counters.logical_bytes_shipped.load(Ordering::Relaxed),
+                        d.counters.wire_bytes.load(Ordering::Relaxed),
+                    );
+                    if w > 0 {
+                        l as f64 / w as f64
+                    } else {
+                        0.0
+                    }
+                },
+                eta_s: {
+                    let backlog = c.backlog_bytes();
+                    if backlog == 0 {
+                        Some(0.0)
+                    } else if rates.drain_bps > 1.0 {
+                        Some(backlog as f64 / rates.drain_bps)
+                    } else {
+                        None
+                    }
+                },
             }
         })
         .collect()
@@ -114,13 +149,28 @@ pub fn render(state: &State) -> String {
     let st = status(state);
     let mut s = String::new();
     let _ = writeln!(s, "# HELP failback_ps_link_up 1 while connected to the master target.\n# TYPE failback_ps_link_up gauge\nfailback_ps_link_up {}", u8::from(state.connected.load(Ordering::Acquire)));
-    let _ = writeln!(s, "# HELP failback_ps_max_bandwidth_bytes_per_second Link bandwidth limit (0: none).\n# TYPE failback_ps_max_bandwidth_bytes_per_second gauge\nfailback_ps_max_bandwidth_bytes_per_second {}", state.max_bandwidth_bps.load(Ordering::Relaxed));
+    let _ = writeln!(s, "# HELP failback_ps_max_bandwidth_bytes_per_second Link bandwidth limit (0: none).\n# TYPE failback_ps_max_bandwidth_bytes_per_second gauge\nfailback_ps_max_bandwidth_bytes_per_second {}\n# HELP failback_ps_compression_level zstd level of new batches on the link (0: none).\n# TYPE failback_ps_compression_level gauge\nfailback_ps_compression_level {}", state.max_bandwidth_bps.load(Ordering::Relaxed), state.compression_level.load(Ordering::Relaxed));
     let rows: Vec<(String, DiskStatus)> = st
         .into_iter()
         .map(|d| (format!("disk=\"{}\",vm=\"{}\"", d.disk_id, d.vm_id), d))
         .collect();
     render_series(&mut s, &SERIES, &rows);
     s
+}
+
+/// Folds the counters of the last `dt_s` seconds into every disk's rates.
+pub fn sample_rates(state: &State, dt_s: f64) {
+    for d in state.all() {
+        let acked = d.cache.lock().expect("poisoned").trimmed_bytes;
+        let c = &d.counters;
+        c.rates.lock().expect("poisoned").sample(
+            c.ingest_bytes.load(Ordering::Relaxed),
+            c.logical_bytes_shipped.load(Ordering::Relaxed),
+            c.wire_bytes.load(Ordering::Relaxed),
+            acked,
+            dt_s,
+        );
+    }
 }
 
 /// Warns when a disk's RPO passes the threshold, and again when it recovers.

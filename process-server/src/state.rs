@@ -37,6 +37,37 @@ pub struct DiskCounters {
     pub wire_bytes: AtomicU64,
     /// Highest LSN durable on the master target.
     pub mt_durable_lsn: AtomicU64,
+    /// Rates over the last seconds, for status and ETA.
+    pub rates: Mutex<Rates>,
+}
+
+/// Smoothed per-second rates of one disk (exponentially weighted, 1 s samples).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rates {
+    /// Block bytes received per second.
+    pub ingest_bps: f64,
+    /// Block bytes shipped per second (before coalescing and compression).
+    pub logical_bps: f64,
+    /// Bytes put on the link per second.
+    pub wire_bps: f64,
+    /// Backlog bytes drained (acknowledged by the master target) per second.
+    pub drain_bps: f64,
+    last: Option<(u64, u64, u64, u64)>,
+}
+
+impl Rates {
+    /// Folds in the counters after `dt_s` seconds (`acked` counts backlog bytes drained).
+    pub fn sample(&mut self, ingest: u64, logical: u64, wire: u64, acked: u64, dt_s: f64) {
+        const ALPHA: f64 = 0.3;
+        if let Some((i, l, w, a)) = self.last {
+            let r = |now: u64, before: u64| now.saturating_sub(before) as f64 / dt_s.max(1e-3);
+            self.ingest_bps += ALPHA * (r(ingest, i) - self.ingest_bps);
+            self.logical_bps += ALPHA * (r(logical, l) - self.logical_bps);
+            self.wire_bps += ALPHA * (r(wire, w) - self.wire_bps);
+            self.drain_bps += ALPHA * (r(acked, a) - self.drain_bps);
+        }
+        self.last = Some((ingest, logical, wire, acked));
+    }
 }
 
 /// One disk.
@@ -82,6 +113,8 @@ pub struct State {
     pub max_bandwidth_bps: AtomicU64,
     /// The cache limit in bytes.
     pub cache_limit_bytes: u64,
+    /// The zstd level new batches are compressed at (adapted unless fixed).
+    pub compression_level: std::sync::atomic::AtomicI32,
 }
 
 fn disk_dir(cache_dir: &Path, disk_id: u64) -> std::path::PathBuf {
@@ -143,6 +176,7 @@ impl State {
                 }),
             );
         }
+        let cfg_level = cfg.compression_level;
         let cache_limit_bytes = match cfg.cache_limit_bytes {
             Some(b) => b,
             None => volume_bytes(&cfg.cache_dir)
@@ -158,6 +192,7 @@ impl State {
             space: Notify::new(),
             connected: AtomicBool::new(false),
             cache_limit_bytes,
+            compression_level: std::sync::atomic::AtomicI32::new(cfg_level),
         }))
     }
 
@@ -226,11 +261,12 @@ impl State {
         Ok(self.disk(disk.attach.disk_id).expect("just inserted"))
     }
 
-    /// Bytes held by every cache.
+    /// Bytes of every cache's records not yet durable on the master target: what the cache
+    /// limit bounds. (Files hold up to one more segment per disk until it rolls over.)
     pub fn cache_bytes(&self) -> u64 {
         self.all()
             .iter()
-            .map(|d| d.cache.lock().expect("poisoned").bytes())
+            .map(|d| d.cache.lock().expect("poisoned").backlog_bytes())
             .sum()
     }
 }

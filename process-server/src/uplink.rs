@@ -26,6 +26,7 @@ use wire_protocol::{
     Compression, DigestList, ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Role, CAP_ZSTD,
 };
 
+use crate::adaptive::{AdaptiveLevel, AUTO_MAX, AUTO_MIN};
 use crate::error::{Error, Result};
 use crate::state::{Disk, State, UplinkRequest};
 
@@ -205,9 +206,31 @@ async fn session(state: &Arc<State>, requests: &mut mpsc::Receiver<UplinkRequest
     let mut control = BytesMut::new();
     let mut codec = MessageCodec::default();
     codec.set_version(version);
+    let mut adaptive = AdaptiveLevel::new(
+        state.compression_level.load(Ordering::Relaxed),
+        AUTO_MIN,
+        AUTO_MAX,
+    );
+    let (mut link_wait, mut cpu_wait, mut period) =
+        (Duration::ZERO, Duration::ZERO, Instant::now());
     loop {
         // Fill the pipeline with read+coalesce+compress jobs while the window has room.
         fill(state, &ship, &mut jobs, parallel);
+        if state.cfg.adaptive_compression && period.elapsed() >= Duration::from_secs(1) {
+            let p = period.elapsed().as_secs_f64();
+            let level = adaptive.update(link_wait.as_secs_f64() / p, cpu_wait.as_secs_f64() / p);
+            if level != state.compression_level.swap(level, Ordering::Relaxed) {
+                tracing::debug!(
+                    level,
+                    link_wait_s = link_wait.as_secs_f64(),
+                    cpu_wait_s = cpu_wait.as_secs_f64(),
+                    "compression level adapted"
+                );
+            }
+            (link_wait, cpu_wait, period) = (Duration::ZERO, Duration::ZERO, Instant::now());
+        }
+        let window_full = ship.lock().expect("poisoned").in_flight_bytes >= state.cfg.window_bytes;
+        let waited_from = Instant::now();
         tokio::select! {
             r = &mut reader_task => return r.map_err(|e| Error::Refused(format!("reader: {e}")))?,
             req = requests.recv() => {
@@ -235,17 +258,30 @@ async fn session(state: &Arc<State>, requests: &mut mpsc::Receiver<UplinkRequest
                 wr.write_all(&control).await.map_err(|e| io("send to the master target", e))?;
             }
             done = async { jobs.front_mut().expect("checked").await }, if !jobs.is_empty() => {
-                jobs.pop_front();
+                                jobs.pop_front();
+                // Waiting here, with the window open, is waiting on compression.
+                cpu_wait += waited_from.elapsed();
                 let Some(s) = done.map_err(|e| Error::Refused(format!("compression task: {e}")))?? else { continue };
+                let sending = Instant::now();
                 limiter.wait(state.max_bandwidth_bps.load(Ordering::Relaxed), s.frame.len()).await;
                 wr.write_all(&s.frame).await.map_err(|e| io("send to the master target", e))?;
+                link_wait += sending.elapsed();
                 s.disk.counters.wire_bytes.fetch_add(s.frame.len() as u64, Ordering::Relaxed);
                 s.disk.counters.logical_bytes_shipped.fetch_add(s.logical, Ordering::Relaxed);
                 s.disk.counters.coalesced_bytes.fetch_add(s.coalesced, Ordering::Relaxed);
             }
-            _ = state.work.notified(), if jobs.is_empty() => {}
-            _ = acked.notified(), if jobs.is_empty() => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)), if jobs.is_empty() => {}
+                        _ = state.work.notified(), if jobs.is_empty() => {}
+            _ = acked.notified(), if jobs.is_empty() => {
+                // Nothing to compress because the window was full: waiting on the link.
+                if window_full {
+                    link_wait += waited_from.elapsed();
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)), if jobs.is_empty() => {
+                if window_full {
+                    link_wait += waited_from.elapsed();
+                }
+            }
         }
     }
 }
@@ -264,7 +300,7 @@ fn fill(
     jobs: &mut VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>,
     parallel: usize,
 ) {
-    let level = state.cfg.compression_level;
+    let level = state.compression_level.load(Ordering::Relaxed);
     let window = state.cfg.window_bytes;
     let mut s = ship.lock().expect("poisoned");
     for disk in state.all() {

@@ -24,7 +24,7 @@ fn bad_values_are_named() {
     .to_string();
     assert!(e.contains("max-bandwidth"), "{e}");
     let e = Settings {
-        compression_level: Some(40),
+        compression_level: Some("40".into()),
         ..Settings::default()
     }
     .resolve()
