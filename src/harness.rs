@@ -86,6 +86,8 @@ pub struct Cluster {
     pub ps_extra: Vec<String>,
     /// Extra master-target flags.
     pub mt_extra: Vec<String>,
+    /// Where the process server reaches the master target, if not directly (a relay).
+    pub ps_upstream: Option<String>,
     mt: Option<Child>,
     ps: Option<Child>,
 }
@@ -123,6 +125,7 @@ impl Cluster {
             ps_admin: port(3)?,
             ps_extra: Vec::new(),
             mt_extra: Vec::new(),
+            ps_upstream: None,
             mt: None,
             ps: None,
         })
@@ -177,7 +180,10 @@ impl Cluster {
             "serve".into(),
             format!("--listen={}", self.ps_addr),
             format!("--admin-listen={}", self.ps_admin),
-            format!("--master-target={}", self.mt_addr),
+            format!(
+                "--master-target={}",
+                self.ps_upstream.as_deref().unwrap_or(&self.mt_addr)
+            ),
             format!(
                 "--cache-dir={}",
                 self.dir.join("data/process-server").display()

@@ -428,3 +428,147 @@ fn hostile_input_gets_an_error_and_other_streams_carry_on() {
     );
     verify(&c, 1, r["last_lsn"].as_u64().unwrap());
 }
+
+#[test]
+fn cache_full_holds_the_agent_back_and_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
+    c.ps_extra.push("--cache-limit=4MiB".into());
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let mut child = replay(
+        &c,
+        1,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &["--max-writes=3000", "--pace=4x", "--bookmark-every-s=5"],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    c.kill_mt(); // nothing drains now: the 4 MiB cache fills
+    std::thread::sleep(Duration::from_secs(4));
+    let log = std::fs::read_to_string(c.dir.join("logs/process-server.log")).unwrap();
+    assert!(
+        log.contains("cache full"),
+        "the process server alerts when its cache is full"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent is held back, not failed"
+    );
+    let backlog: u64 = c.ps_status().unwrap().iter().map(|s| s.backlog_bytes).sum();
+    assert!(
+        backlog <= (4 << 20) + (9 << 20),
+        "the cache stays near its limit: {backlog}"
+    );
+    c.start_mt().unwrap();
+    let r = finish(&c, 1, child);
+    verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+}
+
+/// A TCP relay that can cut every connection through it and refuse new ones for a while.
+struct Relay {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn new(target: String) -> Relay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let r = Relay {
+            addr: l.local_addr().unwrap().to_string(),
+            cut: Default::default(),
+            stop: Default::default(),
+            conns: Default::default(),
+        };
+        let (cut, stop, conns) = (r.cut.clone(), r.stop.clone(), r.conns.clone());
+        std::thread::spawn(move || {
+            // Bounded: ends when the relay is dropped, or after 10 minutes.
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            while !stop.load(SeqCst) && std::time::Instant::now() < deadline {
+                let Ok((down, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                if cut.load(SeqCst) {
+                    continue; // dropped: the link is down
+                }
+                down.set_nonblocking(false).unwrap();
+                let Ok(up) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                conns
+                    .lock()
+                    .unwrap()
+                    .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
+                for (mut a, mut b) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        r
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+    }
+}
+
+#[test]
+fn link_cut_and_restored_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
+    let relay = Relay::new(c.mt_addr.clone());
+    c.ps_upstream = Some(relay.addr.clone());
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let child = replay(
+        &c,
+        1,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &["--max-writes=5000", "--pace=4x", "--bookmark-every-s=3"],
+    );
+    for down_ms in [2500, 1500, 800] {
+        std::thread::sleep(Duration::from_millis(1200));
+        relay.cut();
+        std::thread::sleep(Duration::from_millis(down_ms));
+        relay.restore();
+    }
+    let r = finish(&c, 1, child);
+    verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+    let log = std::fs::read_to_string(c.dir.join("logs/process-server.log")).unwrap();
+    let links: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("link to the master target"))
+        .collect();
+    assert!(
+        log.matches("link to the master target up").count() >= 3,
+        "the process server reconnected after each cut: {links:#?}"
+    );
+}

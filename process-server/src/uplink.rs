@@ -65,15 +65,15 @@ struct Pendings {
 pub async fn run(state: Arc<State>, mut requests: mpsc::Receiver<UplinkRequest>) {
     let mut backoff_ms = MIN_BACKOFF_MS;
     loop {
-        let started = Instant::now();
         match session(&state, &mut requests).await {
             Ok(()) => tracing::info!("link to the master target closed"),
             Err(e) => {
                 tracing::warn!(error = %e, master_target = %state.cfg.master_target, "link to the master target down; retrying")
             }
         }
-        state.connected.store(false, Ordering::Release);
-        if started.elapsed() > Duration::from_secs(30) {
+        // A session that came up proves the path works: start the backoff afresh. One that
+        // never did keeps backing off, up to MAX_BACKOFF_MS.
+        if state.connected.swap(false, Ordering::AcqRel) {
             backoff_ms = MIN_BACKOFF_MS;
         }
         // Requests that arrive while the link is down are answered at once.
