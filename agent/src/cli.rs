@@ -305,13 +305,17 @@ async fn run(cli: Cli) -> Result<()> {
                 skip_bad_lines,
             };
             let p = indicatif::ProgressBar::new_spinner();
-            let sum = replay::replay(&mut e, &opts, rs.as_mut(), |s| {
+            let sum = replay::replay(&mut e, &opts, &mut rs, |s| {
                 if s.writes % 256 == 0 {
                     p.set_message(format!("{} writes, {} bytes", s.writes, s.bytes));
                     p.tick();
                 }
             })
             .await?;
+            e.link.poll().await;
+            if rs.is_none() && e.link.take_resync_requested() {
+                rs = Some(e.resync_begin(false).await?);
+            }
             if let Some(mut r) = rs {
                 while !r.done() {
                     e.resync_step(&mut r).await?;

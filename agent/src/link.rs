@@ -56,6 +56,8 @@ pub struct Link {
     backoff_ms: u64,
     /// Messages other than acks, for callers waiting on replies.
     replies: VecDeque<Message>,
+    /// The process server lost data of this disk and asked for a resync.
+    resync_requested: bool,
 }
 
 /// What became of a send.
@@ -88,6 +90,7 @@ impl Link {
             next_attempt: Instant::now(),
             backoff_ms: 100,
             replies: VecDeque::new(),
+            resync_requested: false,
         }
     }
 
@@ -264,6 +267,10 @@ impl Link {
                     self.write(m).await;
                 }
             }
+            Message::Error(ref e) if e.code == ErrorCode::ResyncRequired => {
+                tracing::warn!(error = %e.message, "the process server asks for a resync of this disk");
+                self.resync_requested = true;
+            }
             Message::Error(ref e) if e.code == ErrorCode::CacheFull => {
                 tracing::warn!(error = %e.message, "process server cache full; waiting")
             }
@@ -338,6 +345,11 @@ impl Link {
             self.wait_event(Duration::from_millis(200)).await;
         }
         self.unacked.is_empty()
+    }
+
+    /// Whether the process server asked for a resync since the last call.
+    pub fn take_resync_requested(&mut self) -> bool {
+        std::mem::take(&mut self.resync_requested)
     }
 
     /// Closes the link cleanly (TLS close_notify).

@@ -96,12 +96,13 @@ pub struct ReplaySummary {
     pub bookmarks: u64,
 }
 
-/// Replays `opts.trace` into `engine`, advancing `resync` (if any) between writes.
+/// Replays `opts.trace` into `engine`, advancing `resync` (if any) between writes; starts a
+/// differential resync if the process server asks for one.
 /// `on_progress` is called after each write.
 pub async fn replay(
     engine: &mut Engine,
     opts: &ReplayOpts,
-    mut resync: Option<&mut crate::engine::Resync>,
+    resync: &mut Option<crate::engine::Resync>,
     mut on_progress: impl FnMut(&ReplaySummary),
 ) -> Result<ReplaySummary> {
     let mut reader = TraceReader::open(&opts.trace, opts.format, opts.skip_bad_lines)?;
@@ -159,7 +160,10 @@ pub async fn replay(
         sum.bytes += w.len;
         sum.trace_seconds = w.time_ns as f64 / 1e9;
         // A resync under way advances one chunk every RESYNC_EVERY_WRITES writes.
-        if let Some(r) = resync.as_deref_mut() {
+        if resync.is_none() && engine.link.take_resync_requested() {
+            *resync = Some(engine.resync_begin(false).await?);
+        }
+        if let Some(r) = resync.as_mut() {
             if sum.writes % RESYNC_EVERY_WRITES == 0 {
                 engine.resync_step(r).await?;
             }

@@ -18,7 +18,8 @@ use tokio_util::codec::{Decoder, Encoder, Framed};
 use wire_protocol::frame::{put_frame, Frame, FrameCodec};
 use wire_protocol::version::{negotiate, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use wire_protocol::{
-    Ack, AckEntry, ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Nack, Role, CAP_ZSTD,
+    Ack, AckEntry, BookmarkKind, ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Nack, Role,
+    CAP_ZSTD,
 };
 
 use crate::error::{Error, Result};
@@ -154,6 +155,11 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
         .await?;
     tracing::info!(agent = %hello.node_id, "agent connected");
 
+    // Disks this connection attached, and those it was told to resync.
+    let (mut attached, mut told) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
     loop {
         let Some(first) = framed.next().await else {
             return Ok(());
@@ -199,6 +205,8 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                 Message::Bookmark(b) => Some((b.disk_id, b.lsn, b.lsn, b.time_us, 0)),
                 _ => None,
             };
+            let completes_resync =
+                matches!(&msg, Message::Bookmark(b) if b.kind == BookmarkKind::ResyncCompleted);
             if let Some((disk_id, first, last, ts, data_len)) = span {
                 let Some(disk) = state.disk(disk_id) else {
                     replies.push(err_msg(
@@ -235,6 +243,10 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                     .ingest_bytes
                     .fetch_add(data_len, Ordering::Relaxed);
                 touched.insert(disk_id, last);
+                if completes_resync {
+                    disk.resync_done();
+                    told.remove(&disk_id);
+                }
                 continue;
             }
             match msg {
@@ -272,6 +284,7 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                             Err(e) => Message::Error(e),
                         },
                     };
+                    attached.insert(id);
                     replies.push(reply);
                 }
                 Message::DigestRequest(r) => {
@@ -308,6 +321,18 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                         other.name()
                     ),
                 )),
+            }
+        }
+        // A disk whose data was lost here (a corrupt cache record) is resynced by its agent:
+        // tell each connection that attached it, once.
+        for id in &attached {
+            if !told.contains(id)
+                && state
+                    .disk(*id)
+                    .is_some_and(|d| d.resync_required.load(Ordering::Acquire))
+            {
+                told.insert(*id);
+                replies.push(err_msg(ErrorCode::ResyncRequired, *id, format!("data of disk {id} was lost in the process server's cache (a corrupt record): resync the disk (agent resync --mode differential)")));
             }
         }
         // Group commit: one fsync per touched disk, then the acks.

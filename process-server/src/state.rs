@@ -79,8 +79,41 @@ pub struct Disk {
     pub cache: Mutex<DiskCache>,
     /// Counters.
     pub counters: DiskCounters,
+    /// The cache directory (for the disk's marker files).
+    pub cache_dir: std::path::PathBuf,
     /// Set while its RPO is past the threshold.
     pub rpo_alarm: AtomicBool,
+    /// Data of the disk was lost here (a corrupt cache record): its agent must resync it.
+    /// Persisted as `resync-required` in the disk's cache directory until the agent's
+    /// resync completes.
+    pub resync_required: AtomicBool,
+}
+
+impl Disk {
+    fn marker_path(&self, cache_dir: &Path) -> std::path::PathBuf {
+        disk_dir(cache_dir, self.attach.disk_id).join("resync-required")
+    }
+
+    /// Marks the disk for resync (durably) after the loss of LSNs `first..=last`.
+    pub fn require_resync(&self, first: u64, last: u64) -> Result<()> {
+        let p = self.marker_path(&self.cache_dir);
+        std::fs::write(&p, format!("lost lsn {first}..={last}\n"))
+            .and_then(|_| std::fs::File::open(&p)?.sync_all())
+            .ctx(|| format!("write {}", p.display()))?;
+        self.resync_required.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Clears the mark once the agent's resync has completed.
+    pub fn resync_done(&self) {
+        if self.resync_required.swap(false, Ordering::AcqRel) {
+            let _ = std::fs::remove_file(self.marker_path(&self.cache_dir));
+            tracing::info!(
+                disk = self.attach.disk_id,
+                "resync completed by the agent; the disk is consistent again"
+            );
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -173,6 +206,8 @@ impl State {
                     cache: Mutex::new(cache),
                     counters: DiskCounters::default(),
                     rpo_alarm: AtomicBool::new(false),
+                    resync_required: AtomicBool::new(e.path().join("resync-required").exists()),
+                    cache_dir: cfg.cache_dir.clone(),
                 }),
             );
         }
@@ -249,6 +284,8 @@ impl State {
             cache: Mutex::new(cache),
             counters: DiskCounters::default(),
             rpo_alarm: AtomicBool::new(false),
+            resync_required: AtomicBool::new(false),
+            cache_dir: self.cfg.cache_dir.clone(),
         });
         disk.counters
             .mt_durable_lsn

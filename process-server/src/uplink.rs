@@ -335,13 +335,57 @@ thread_local! {
     static CODECS: std::cell::RefCell<HashMap<i32, MessageCodec>> = std::cell::RefCell::new(HashMap::new());
 }
 
+/// What stands in for a corrupt record's LSNs `first..=last`: a resync-started marker (so
+/// the master target makes no recovery point until the agent's resync completes) and writes
+/// of nothing. The LSN order stays whole; the data comes back with the resync.
+fn substitute(disk_id: u64, first: u64, last: u64) -> Result<Bytes> {
+    let mut codec = MessageCodec::default();
+    let mut out = BytesMut::new();
+    let marker = Message::Bookmark(wire_protocol::Bookmark {
+        disk_id,
+        lsn: first,
+        kind: wire_protocol::BookmarkKind::ResyncStarted,
+        time_us: crate::state::now_us(),
+        group_marker: 0,
+        tag: "cache-corruption".into(),
+    });
+    codec.encode(&marker, &mut out)?;
+    let mut lsn = first + 1;
+    while lsn <= last {
+        let n = (last - lsn + 1).min(wire_protocol::message::MAX_WRITES_PER_BATCH as u64);
+        let empty = wire_protocol::Write {
+            timestamp_us: 0,
+            offset: 0,
+            digest: wire_protocol::digest(&[]),
+            data: Bytes::new(),
+        };
+        codec.encode(
+            &Message::WriteBatch(wire_protocol::WriteBatch {
+                disk_id,
+                first_lsn: lsn,
+                writes: vec![empty; n as usize],
+            }),
+            &mut out,
+        )?;
+        lsn += n;
+    }
+    Ok(out.freeze())
+}
+
 /// Reads a cached record, coalesces it, and encodes it for the link.
 fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option<Shipped>> {
-    let frame = match disk.cache.lock().expect("poisoned").read(&e) {
+    let read = disk.cache.lock().expect("poisoned").read(&e);
+    let frame = match read {
         Ok(f) => f,
         Err(err) => {
-            tracing::error!(disk = disk.attach.disk_id, error = %err, "corrupt cache record: not shipped; resync the disk from its agent (agent resync --mode differential)");
-            return Ok(None);
+            tracing::error!(disk = disk.attach.disk_id, first_lsn = e.first_lsn, last_lsn = e.last_lsn, error = %err, "corrupt cache record: not shipped; its range is replaced by a resync marker and the disk is marked for resync with its agent");
+            disk.require_resync(e.first_lsn, e.last_lsn)?;
+            return Ok(Some(Shipped {
+                frame: substitute(disk.attach.disk_id, e.first_lsn, e.last_lsn)?,
+                disk,
+                logical: 0,
+                coalesced: 0,
+            }));
         }
     };
     let mut msg = MessageCodec::default().decode_frame(frame)?;

@@ -119,6 +119,8 @@ pub enum ErrorCode {
     CacheFull = 13,
     /// A batch's LSN is not the next expected: resend from `from_lsn`.
     LsnGap = 14,
+    /// Data of this disk was lost on the way (a corrupt cache record): resync it.
+    ResyncRequired = 15,
 }
 
 impl ErrorCode {
@@ -139,6 +141,7 @@ impl ErrorCode {
             12 => Internal,
             13 => CacheFull,
             14 => LsnGap,
+            15 => ResyncRequired,
             _ => return Err(invalid("error code", v)),
         })
     }
