@@ -656,3 +656,143 @@ fn a_corrupt_cache_record_is_never_shipped_and_the_agent_resyncs() {
         "the mark is cleared once resynced"
     );
 }
+
+#[test]
+fn the_demo_verifies_and_reports_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("kept");
+    let out = Command::new(BIN)
+        .args(["demo", "--disk-size=128MiB", "--json"])
+        .arg(format!("--keep={}", keep.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["verified"], true, "{summary}");
+    for key in [
+        "logical_bytes",
+        "wire_bytes",
+        "seconds",
+        "rpo_p99_ms",
+        "recovery_points",
+    ] {
+        assert!(summary[key].is_number(), "{key} in {summary}");
+    }
+    assert!(summary["wire_bytes"].as_u64().unwrap() < summary["logical_bytes"].as_u64().unwrap());
+    assert!(summary["resync_saved_bytes"].as_u64().unwrap() > 0);
+    // --keep leaves the disks, logs and data where the issue says.
+    for p in [
+        "source/vm1-disk1.img",
+        "onprem/vm1-disk1.vmdk",
+        "onprem/vm1-disk1-flat.vmdk",
+        "logs/master-target.log",
+        "logs/process-server.log",
+        "data/retention",
+    ] {
+        assert!(keep.join(p).exists(), "{p} kept");
+    }
+}
+
+#[test]
+fn full_resync_to_an_alternate_location_and_an_on_demand_bookmark() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let src = source(&c, 1);
+    let mut data = vec![0u8; 64 << 20];
+    agent::datagen::fill(4, 0, 0.5, &mut data);
+    std::fs::write(&src, &data).unwrap();
+    // A paced replay with a full resync first (a new disk: alternate location).
+    let mut cmd = c.agent("replay", 1, &src, "64MiB");
+    cmd.arg(format!(
+        "--trace={}",
+        traces().join("tencent-cbs-50k.msr.csv").display()
+    ))
+    .arg("--format=msr")
+    .arg("--max-writes=2500")
+    .arg("--pace=8x")
+    .arg("--resync=full")
+    .arg("--final-bookmark=final");
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(c.dir.join("logs/agent-1.log")).unwrap());
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = Command::new(BIN)
+        .args(["agent", "bookmark", "--tag=operator-said-so"])
+        .arg(format!("--state-dir={}", c.agent_state(1).display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r = finish(&c, 1, child);
+    assert_eq!(
+        r["resync_compared_bytes"].as_u64().unwrap(),
+        64 << 20,
+        "a full resync covers the disk: {r}"
+    );
+    let bookmarks = agent::engine::read_bookmarks(&c.agent_state(1)).unwrap();
+    assert!(
+        bookmarks.iter().any(|b| b.tag == "operator-said-so"),
+        "the on-demand bookmark was taken: {bookmarks:?}"
+    );
+    verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+}
+
+#[test]
+fn thirty_two_agents_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let agents: Vec<(u64, Child)> = (1..=32u64)
+        .map(|disk| {
+            let mut cmd = c.agent("replay", disk, &source(&c, disk), "32MiB");
+            cmd.arg(format!(
+                "--trace={}",
+                traces().join("tpcc-small.disksim").display()
+            ))
+            .arg("--format=disksim-ns")
+            .arg("--device=all")
+            .arg("--max-writes=300")
+            .arg(format!("--seed={disk}"))
+            .arg("--final-bookmark=final");
+            cmd.stdout(std::process::Stdio::piped()).stderr(
+                std::fs::File::create(c.dir.join("logs").join(format!("agent-{disk}.log")))
+                    .unwrap(),
+            );
+            (disk, cmd.spawn().unwrap())
+        })
+        .collect();
+    let reports: Vec<(u64, serde_json::Value)> = agents
+        .into_iter()
+        .map(|(d, ch)| (d, finish(&c, d, ch)))
+        .collect();
+    for (disk, r) in reports {
+        c.wait_durable(
+            disk,
+            r["last_lsn"].as_u64().unwrap(),
+            Duration::from_secs(300),
+            |_| {},
+        )
+        .unwrap();
+        c.detach(disk).unwrap();
+        assert_eq!(
+            file_blake3(&source(&c, disk)).unwrap(),
+            file_blake3(&onprem(&c, disk)).unwrap(),
+            "disk {disk}"
+        );
+        let last = agent::engine::read_bookmarks(&c.agent_state(disk))
+            .unwrap()
+            .pop()
+            .unwrap();
+        let out = c.dir.join(format!("final-{disk}.img"));
+        c.export(disk, "latest-app", &out, "raw").unwrap();
+        assert_eq!(
+            agent::source::hex(&agent::source::image_digest(&out).unwrap()),
+            last.disk_digest,
+            "disk {disk}: final point"
+        );
+        std::fs::remove_file(out).unwrap();
+    }
+}

@@ -316,6 +316,9 @@ impl Engine {
 
     /// Takes bookmarks asked for with `agent bookmark` (files in STATE_DIR/bookmark-requests).
     pub async fn take_requested_bookmarks(&mut self) -> Result<()> {
+        if self.resyncing || !self.dirty.is_empty() {
+            return Ok(()); // taken once the target is consistent again
+        }
         let dir = self.state_dir.join("bookmark-requests");
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return Ok(());

@@ -167,6 +167,10 @@ pub async fn replay(
             if sum.writes % RESYNC_EVERY_WRITES == 0 {
                 engine.resync_step(r).await?;
             }
+            // Done: the target is consistent from here, and bookmarks make points again.
+            if r.done() {
+                engine.resync_end(resync.take().expect("checked")).await?;
+            }
         }
         if last_request_check.elapsed() > Duration::from_millis(100) {
             engine.take_requested_bookmarks().await?;
