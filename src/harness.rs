@@ -90,6 +90,8 @@ pub struct Cluster {
     pub ps_upstream: Option<String>,
     mt: Option<Child>,
     ps: Option<Child>,
+    /// Extra master targets: address and process.
+    extra_mts: Vec<(String, Child)>,
 }
 
 impl Cluster {
@@ -128,11 +130,14 @@ impl Cluster {
             ps_upstream: None,
             mt: None,
             ps: None,
+            extra_mts: Vec::new(),
         })
     }
 
-    fn spawn(&self, name: &str, args: &[String]) -> Result<Child> {
-        let log = self.dir.join("logs").join(format!("{name}.log"));
+    /// Starts `failback SERVICE ARGS`, logging to `logs/LOG.log`.
+    fn spawn(&self, service: &str, log: &str, args: &[String]) -> Result<Child> {
+        let name = service;
+        let log = self.dir.join("logs").join(format!("{log}.log"));
         let out = io(File::options().create(true).append(true).open(&log), || {
             format!("open {}", log.display())
         })?;
@@ -151,27 +156,52 @@ impl Cluster {
 
     /// Starts the master target.
     pub fn start_mt(&mut self) -> Result<()> {
+        let (addr, admin) = (self.mt_addr.clone(), self.mt_admin.clone());
+        self.mt = Some(self.spawn_mt("", &addr, &admin)?);
+        Ok(())
+    }
+
+    /// Starts one more master target (its directories end in `-N`, its VMDKs go to
+    /// `onprem-N`); the process server, started after, fills the master targets in order.
+    /// Returns its address.
+    pub fn start_extra_mt(&mut self) -> Result<String> {
+        let n = self.extra_mts.len() + 2;
+        let (addr, admin) = (
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
+        );
+        let child = self.spawn_mt(&format!("-{n}"), &addr, &admin)?;
+        self.extra_mts.push((addr.clone(), child));
+        Ok(addr)
+    }
+
+    fn spawn_mt(&self, suffix: &str, addr: &str, admin: &str) -> Result<Child> {
         let d = &self.dir;
         let mut args: Vec<String> = vec![
             "serve".into(),
-            format!("--listen={}", self.mt_addr),
-            format!("--admin-listen={}", self.mt_admin),
-            format!("--data-dir={}", d.join("data/master-target").display()),
-            format!("--retention-dir={}", d.join("data/retention").display()),
-            format!("--datastore-dir={}", d.join("onprem").display()),
+            format!("--listen={addr}"),
+            format!("--admin-listen={admin}"),
+            format!(
+                "--data-dir={}",
+                d.join(format!("data/master-target{suffix}")).display()
+            ),
+            format!(
+                "--retention-dir={}",
+                d.join(format!("data/retention{suffix}")).display()
+            ),
+            format!(
+                "--datastore-dir={}",
+                d.join(format!("onprem{suffix}")).display()
+            ),
             format!("--tls-ca={}", self.tls.join("ca.pem").display()),
             format!("--tls-cert={}", self.tls.join("server.pem").display()),
             format!("--tls-key={}", self.tls.join("server.key").display()),
             "--allow-shared-retention-volume".into(),
         ];
         args.extend(self.mt_extra.iter().cloned());
-        self.mt = Some(self.spawn("master-target", &args)?);
-        self.wait_http(
-            &self.mt_admin.clone(),
-            "/health",
-            |c| c == 200,
-            Duration::from_secs(30),
-        )
+        let child = self.spawn("master-target", &format!("master-target{suffix}"), &args)?;
+        self.wait_http(admin, "/health", |c| c == 200, Duration::from_secs(30))?;
+        Ok(child)
     }
 
     /// Starts the process server.
@@ -182,7 +212,12 @@ impl Cluster {
             format!("--admin-listen={}", self.ps_admin),
             format!(
                 "--master-target={}",
-                self.ps_upstream.as_deref().unwrap_or(&self.mt_addr)
+                self.ps_upstream.clone().unwrap_or_else(|| {
+                    std::iter::once(self.mt_addr.clone())
+                        .chain(self.extra_mts.iter().map(|m| m.0.clone()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
             ),
             format!(
                 "--cache-dir={}",
@@ -198,7 +233,7 @@ impl Cluster {
             format!("--tls-client-key={}", self.tls.join("client.key").display()),
         ];
         args.extend(self.ps_extra.iter().cloned());
-        self.ps = Some(self.spawn("process-server", &args)?);
+        self.ps = Some(self.spawn("process-server", "process-server", &args)?);
         self.wait_http(
             &self.ps_admin.clone(),
             "/metrics",
@@ -376,6 +411,9 @@ impl Cluster {
     pub fn stop(&mut self) {
         self.kill_ps();
         self.kill_mt();
+        for (_, c) in self.extra_mts.drain(..) {
+            kill(Some(c));
+        }
     }
 }
 

@@ -796,3 +796,67 @@ fn thirty_two_agents_at_once() {
         std::fs::remove_file(out).unwrap();
     }
 }
+
+#[test]
+fn one_hundred_twenty_eight_disk_streams_fill_three_master_targets_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
+    c.start_mt().unwrap();
+    let second = c.start_extra_mt().unwrap();
+    let third = c.start_extra_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    // 128 agents at once, one disk each: 60 fill the first master target, 60 the second,
+    // the rest go to the third (a full master target refuses the 61st disk).
+    let agents: Vec<(u64, Child)> = (1..=128u64)
+        .map(|disk| {
+            let mut cmd = c.agent("replay", disk, &source(&c, disk), "8MiB");
+            cmd.arg(format!(
+                "--trace={}",
+                traces().join("tpcc-small.disksim").display()
+            ))
+            .arg("--format=disksim-ns")
+            .arg("--device=all")
+            .arg("--max-writes=40")
+            .arg(format!("--seed={disk}"));
+            cmd.stdout(std::process::Stdio::piped()).stderr(
+                std::fs::File::create(c.dir.join("logs").join(format!("agent-{disk}.log")))
+                    .unwrap(),
+            );
+            (disk, cmd.spawn().unwrap())
+        })
+        .collect();
+    let reports: Vec<(u64, serde_json::Value)> = agents
+        .into_iter()
+        .map(|(d, ch)| (d, finish(&c, d, ch)))
+        .collect();
+    let mut per_target = [0usize; 3];
+    for (disk, r) in reports {
+        c.wait_durable(
+            disk,
+            r["last_lsn"].as_u64().unwrap(),
+            Duration::from_secs(300),
+            |_| {},
+        )
+        .unwrap();
+        let name = format!("vm{disk}-disk{disk}-flat.vmdk");
+        let (i, flat) = ["onprem", "onprem-2", "onprem-3"]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (i, c.dir.join(d).join(&name)))
+            .find(|(_, p)| p.exists())
+            .unwrap_or_else(|| panic!("disk {disk} has no on-premises disk"));
+        per_target[i] += 1;
+        // Durable on the master target; compare without detaching (the target is quiescent).
+        assert_eq!(
+            file_blake3(&source(&c, disk)).unwrap(),
+            file_blake3(&flat).unwrap(),
+            "disk {disk}"
+        );
+    }
+    assert_eq!(
+        per_target,
+        [60, 60, 8],
+        "master targets fill in order ({second}, {third})"
+    );
+}

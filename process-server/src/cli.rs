@@ -233,8 +233,12 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Settings) -> Result<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let state = State::open(cfg.clone(), tx)?;
+    let (txs, rxs): (Vec<_>, Vec<_>) = cfg
+        .master_targets
+        .iter()
+        .map(|_| tokio::sync::mpsc::channel(64))
+        .unzip();
+    let state = State::open(cfg.clone(), txs)?;
     let tls = wire_protocol::tls::server_config(&cfg.tls_server)?;
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| Error::Io {
         context: format!("listen on {}", cfg.listen),
@@ -250,7 +254,9 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
         context: format!("admin endpoint on {}", cfg.admin_listen),
         source: e,
     })?;
-    tokio::spawn(crate::uplink::run(Arc::clone(&state), rx));
+    for (index, rx) in rxs.into_iter().enumerate() {
+        tokio::spawn(crate::uplink::run(Arc::clone(&state), index, rx));
+    }
     let st = Arc::clone(&state);
     tokio::spawn(async move {
         loop {
@@ -282,7 +288,7 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
             }
         }
     });
-    tracing::info!(listen = %listener.local_addr().map_err(|e| Error::Io { context: "local addr".into(), source: e })?, admin = %admin, master_target = %cfg.master_target, "process-server ready");
+    tracing::info!(listen = %listener.local_addr().map_err(|e| Error::Io { context: "local addr".into(), source: e })?, admin = %admin, master_targets = ?cfg.master_targets.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>(), "process-server ready");
     crate::ingest::serve(listener, TlsAcceptor::from(tls), state).await;
     Ok(())
 }
@@ -291,7 +297,11 @@ fn admin(state: &State, path: &str) -> (u16, String) {
     match path {
         "/metrics" => (200, crate::metrics::render(state)),
         "/health" => {
-            if state.connected.load(Ordering::Acquire) {
+            if state
+                .uplinks
+                .iter()
+                .all(|u| u.connected.load(Ordering::Acquire))
+            {
                 (200, "ok: linked to the master target\n".into())
             } else {
                 (503, "the master target is not reachable\n".into())

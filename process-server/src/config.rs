@@ -17,10 +17,10 @@ pub struct Settings {
     /// Admin endpoint (/metrics, /health, /status). Default: 127.0.0.1:9444
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
-    /// The master target, HOST:PORT, reached over the VPN/ExpressRoute link. Default: 127.0.0.1:7443
+    /// The master target(s), HOST:PORT, over the VPN/ExpressRoute link; a comma-separated list is filled in order (at most 60 disks each). Default: 127.0.0.1:7443
     #[arg(long)]
     pub master_target: Option<String>,
-    /// Name the master target's certificate carries (DNS name or IP). Default: the host part of master-target
+    /// Name(s) the master targets' certificates carry (DNS name or IP), one per master target. Default: the host part of each
     #[arg(long)]
     pub master_target_name: Option<String>,
     /// Cache directory (its own volume in production). Default: /var/cache/failback/process-server
@@ -61,6 +61,15 @@ pub struct Settings {
     pub log_format: Option<String>,
 }
 
+/// A master target the process server ships to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterTarget {
+    /// HOST:PORT.
+    pub addr: String,
+    /// The name its certificate carries.
+    pub name: String,
+}
+
 /// Resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,10 +77,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin endpoint.
     pub admin_listen: SocketAddr,
-    /// Master target address.
-    pub master_target: String,
-    /// Name in its certificate.
-    pub master_target_name: String,
+    /// The master targets, in the order new disks fill them.
+    pub master_targets: Vec<MasterTarget>,
     /// Cache directory.
     pub cache_dir: PathBuf,
     /// Cache limit in bytes (None: 90% of the volume).
@@ -135,14 +142,46 @@ impl Settings {
             wire_protocol::ops::parse_bytes(v)
                 .map_err(|reason| Error::InvalidParameter { param, reason })
         };
-        let master_target = self
+        // One or more master targets, filled in order: a master target takes at most 60
+        // disks, so a larger site lists several.
+        let addrs: Vec<String> = self
             .master_target
-            .unwrap_or_else(|| "127.0.0.1:7443".into());
-        let host = master_target
-            .rsplit_once(':')
-            .map_or(master_target.as_str(), |(h, _)| h)
-            .trim_matches(['[', ']'])
-            .to_owned();
+            .as_deref()
+            .unwrap_or("127.0.0.1:7443")
+            .split(',')
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        let names: Vec<String> = self
+            .master_target_name
+            .as_deref()
+            .map(|n| n.split(',').map(|a| a.trim().to_owned()).collect())
+            .unwrap_or_default();
+        if addrs.is_empty() || (!names.is_empty() && names.len() != addrs.len()) {
+            return Err(Error::InvalidParameter {
+                param: "master-target-name",
+                reason: format!(
+                    "{} names for {} master targets: give one per master target, or none",
+                    names.len(),
+                    addrs.len()
+                ),
+            });
+        }
+        let master_targets: Vec<MasterTarget> = addrs
+            .into_iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr.as_str(), |(h, _)| h)
+                    .trim_matches(['[', ']'])
+                    .to_owned();
+                MasterTarget {
+                    name: names.get(i).cloned().unwrap_or(host),
+                    addr,
+                }
+            })
+            .collect();
         let (level, adaptive_compression) =
             match self.compression_level.as_deref().unwrap_or("auto") {
                 "auto" => (3, true),
@@ -184,8 +223,7 @@ impl Settings {
         Ok(Config {
             listen: self.listen.unwrap_or(([0, 0, 0, 0], 7444).into()),
             admin_listen: self.admin_listen.unwrap_or(([127, 0, 0, 1], 9444).into()),
-            master_target_name: self.master_target_name.unwrap_or(host),
-            master_target,
+            master_targets,
             cache_dir: self
                 .cache_dir
                 .unwrap_or_else(|| "/var/cache/failback/process-server".into()),

@@ -18,8 +18,8 @@ use tokio_util::codec::{Decoder, Encoder, Framed};
 use wire_protocol::frame::{put_frame, Frame, FrameCodec};
 use wire_protocol::version::{negotiate, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use wire_protocol::{
-    Ack, AckEntry, BookmarkKind, ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Nack, Role,
-    CAP_ZSTD,
+    Ack, AckEntry, BookmarkKind, DiskAttach, ErrorCode, ErrorMsg, Hello, Message, MessageCodec,
+    Nack, Role, CAP_ZSTD,
 };
 
 use crate::error::{Error, Result};
@@ -89,23 +89,56 @@ fn err_msg(code: ErrorCode, disk_id: u64, message: String) -> Message {
 
 async fn relay<T>(
     state: &State,
+    uplink: usize,
     make: impl FnOnce(oneshot::Sender<Result<T, ErrorMsg>>) -> UplinkRequest,
     disk_id: u64,
 ) -> Result<T, ErrorMsg> {
+    let u = &state.uplinks[uplink];
     let not_ready = || ErrorMsg {
         code: ErrorCode::NotReady,
         disk_id,
-        message: "the process server is not connected to the master target; retry later".into(),
+        message: format!(
+            "the process server is not connected to the master target {}; retry later",
+            u.target.addr
+        ),
     };
-    if !state.connected.load(Ordering::Acquire) {
+    if !u.connected.load(Ordering::Acquire) {
         return Err(not_ready());
     }
     let (tx, rx) = oneshot::channel();
-    state.uplink.send(make(tx)).await.map_err(|_| not_ready())?;
+    u.requests.send(make(tx)).await.map_err(|_| not_ready())?;
     match tokio::time::timeout(Duration::from_millis(RELAY_TIMEOUT_MS), rx).await {
         Ok(Ok(r)) => r,
         _ => Err(not_ready()),
     }
+}
+
+/// The master target a disk replicates to (the first, for a disk not known here: its
+/// request then gets that master target's own "not attached" answer).
+fn route_of(state: &State, disk_id: u64) -> usize {
+    state.disk(disk_id).map_or(0, |d| d.route)
+}
+
+/// Attaches a new disk on the first master target that takes it: a master target holds at
+/// most 60 disks, so a full one sends the disk on to the next. Returns the route and the
+/// durable LSN.
+async fn attach_new(state: &State, a: &DiskAttach) -> Result<(usize, u64), ErrorMsg> {
+    let mut last = None;
+    for i in 0..state.uplinks.len() {
+        match relay(
+            state,
+            i,
+            |tx| UplinkRequest::Attach(a.clone(), tx),
+            a.disk_id,
+        )
+        .await
+        {
+            Ok(lsn) => return Ok((i, lsn)),
+            Err(e) if e.code == ErrorCode::DiskLimit => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one master target"))
 }
 
 async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) -> Result<()> {
@@ -269,10 +302,8 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                             id,
                             format!("disk {id} is attached already with another UUID or size"),
                         ),
-                        None => match relay(&state, |tx| UplinkRequest::Attach(a.clone(), tx), id)
-                            .await
-                        {
-                            Ok(lsn) => match state.add_disk(a, lsn) {
+                        None => match attach_new(&state, &a).await {
+                            Ok((route, lsn)) => match state.add_disk(a, lsn, route) {
                                 Ok(d) => Message::Ack(Ack {
                                     entries: vec![AckEntry {
                                         disk_id: id,
@@ -289,7 +320,14 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                 }
                 Message::DigestRequest(r) => {
                     replies.push(
-                        match relay(&state, |tx| UplinkRequest::Digests(r, tx), r.disk_id).await {
+                        match relay(
+                            &state,
+                            route_of(&state, r.disk_id),
+                            |tx| UplinkRequest::Digests(r, tx),
+                            r.disk_id,
+                        )
+                        .await
+                        {
                             Ok(l) => Message::DigestList(l),
                             Err(e) => Message::Error(e),
                         },
@@ -297,7 +335,13 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                 }
                 Message::Detach { disk_id } => {
                     replies.push(
-                        match relay(&state, |tx| UplinkRequest::Detach(disk_id, tx), disk_id).await
+                        match relay(
+                            &state,
+                            route_of(&state, disk_id),
+                            |tx| UplinkRequest::Detach(disk_id, tx),
+                            disk_id,
+                        )
+                        .await
                         {
                             Ok(lsn) => Message::Ack(Ack {
                                 entries: vec![AckEntry {

@@ -148,7 +148,15 @@ const SERIES: [Series<DiskStatus>; 8] = [
 pub fn render(state: &State) -> String {
     let st = status(state);
     let mut s = String::new();
-    let _ = writeln!(s, "# HELP failback_ps_link_up 1 while connected to the master target.\n# TYPE failback_ps_link_up gauge\nfailback_ps_link_up {}", u8::from(state.connected.load(Ordering::Acquire)));
+    let _ = writeln!(s, "# HELP failback_ps_link_up 1 while connected to the master target.\n# TYPE failback_ps_link_up gauge");
+    for u in &state.uplinks {
+        let _ = writeln!(
+            s,
+            "failback_ps_link_up{{master_target=\"{}\"}} {}",
+            u.target.addr,
+            u8::from(u.connected.load(Ordering::Acquire))
+        );
+    }
     let _ = writeln!(s, "# HELP failback_ps_max_bandwidth_bytes_per_second Link bandwidth limit (0: none).\n# TYPE failback_ps_max_bandwidth_bytes_per_second gauge\nfailback_ps_max_bandwidth_bytes_per_second {}\n# HELP failback_ps_compression_level zstd level of new batches on the link (0: none).\n# TYPE failback_ps_compression_level gauge\nfailback_ps_compression_level {}", state.max_bandwidth_bps.load(Ordering::Relaxed), state.compression_level.load(Ordering::Relaxed));
     let rows: Vec<(String, DiskStatus)> = st
         .into_iter()

@@ -81,6 +81,8 @@ pub struct Disk {
     pub counters: DiskCounters,
     /// The cache directory (for the disk's marker files).
     pub cache_dir: std::path::PathBuf,
+    /// Index of the master target (in the configured list) this disk replicates to.
+    pub route: usize,
     /// Set while its RPO is past the threshold.
     pub rpo_alarm: AtomicBool,
     /// Data of the disk was lost here (a corrupt cache record): its agent must resync it.
@@ -126,6 +128,20 @@ struct DiskMeta {
     sector_size: u32,
     alternate: bool,
     target: String,
+    /// The master target's address (absent in caches from before several were allowed).
+    #[serde(default)]
+    master_target: String,
+}
+
+/// One master target and the link to it.
+#[derive(Debug)]
+pub struct Uplink {
+    /// Where it is.
+    pub target: crate::config::MasterTarget,
+    /// Requests relayed to it.
+    pub requests: mpsc::Sender<UplinkRequest>,
+    /// True while connected.
+    pub connected: AtomicBool,
 }
 
 /// Shared state.
@@ -134,14 +150,13 @@ pub struct State {
     pub cfg: Config,
     /// Disks by id.
     pub disks: RwLock<HashMap<u64, Arc<Disk>>>,
-    /// Relay toward the master target.
-    pub uplink: mpsc::Sender<UplinkRequest>,
+    /// The links to the master targets, in the configured order.
+    pub uplinks: Vec<Uplink>,
     /// Signalled when new data is cached.
     pub work: Notify,
     /// Signalled when the cache shrinks.
     pub space: Notify,
-    /// True while connected to the master target.
-    pub connected: AtomicBool,
+
     /// Current bandwidth limit, bytes per second (0: none).
     pub max_bandwidth_bps: AtomicU64,
     /// The cache limit in bytes.
@@ -156,7 +171,23 @@ fn disk_dir(cache_dir: &Path, disk_id: u64) -> std::path::PathBuf {
 
 impl State {
     /// Opens every disk's cache under the cache directory.
-    pub fn open(cfg: Config, uplink: mpsc::Sender<UplinkRequest>) -> Result<Arc<State>> {
+    pub fn open(cfg: Config, requests: Vec<mpsc::Sender<UplinkRequest>>) -> Result<Arc<State>> {
+        assert_eq!(
+            requests.len(),
+            cfg.master_targets.len(),
+            "one request queue per master target"
+        );
+        let uplinks: Vec<Uplink> = cfg
+            .master_targets
+            .iter()
+            .cloned()
+            .zip(requests)
+            .map(|(target, requests)| Uplink {
+                target,
+                requests,
+                connected: AtomicBool::new(false),
+            })
+            .collect();
         std::fs::create_dir_all(&cfg.cache_dir)
             .ctx(|| format!("create cache directory {}", cfg.cache_dir.display()))?;
         let mut disks = HashMap::new();
@@ -173,6 +204,14 @@ impl State {
                     param: "cache",
                     reason: format!("{}: {err}", meta.display()),
                 })?;
+            let route = if m.master_target.is_empty() {
+                0
+            } else {
+                cfg.master_targets.iter().position(|t| t.addr == m.master_target).ok_or_else(|| Error::InvalidParameter {
+                    param: "master-target",
+                    reason: format!("disk {} replicates to {}, which is no longer configured: add it back to master-target", m.disk_id, m.master_target),
+                })?
+            };
             let mut uuid = [0u8; 16];
             for (i, b) in uuid.iter_mut().enumerate() {
                 *b = u8::from_str_radix(m.disk_uuid.get(i * 2..i * 2 + 2).unwrap_or("00"), 16)
@@ -207,6 +246,7 @@ impl State {
                     counters: DiskCounters::default(),
                     rpo_alarm: AtomicBool::new(false),
                     resync_required: AtomicBool::new(e.path().join("resync-required").exists()),
+                    route,
                     cache_dir: cfg.cache_dir.clone(),
                 }),
             );
@@ -222,10 +262,9 @@ impl State {
             max_bandwidth_bps: AtomicU64::new(cfg.max_bandwidth_bps),
             cfg,
             disks: RwLock::new(disks),
-            uplink,
+            uplinks,
             work: Notify::new(),
             space: Notify::new(),
-            connected: AtomicBool::new(false),
             cache_limit_bytes,
             compression_level: std::sync::atomic::AtomicI32::new(cfg_level),
         }))
@@ -250,7 +289,12 @@ impl State {
     }
 
     /// Registers a disk the master target accepted, durably.
-    pub fn add_disk(&self, attach: DiskAttach, durable_lsn: u64) -> Result<Arc<Disk>> {
+    pub fn add_disk(
+        &self,
+        attach: DiskAttach,
+        durable_lsn: u64,
+        route: usize,
+    ) -> Result<Arc<Disk>> {
         let dir = disk_dir(&self.cfg.cache_dir, attach.disk_id);
         std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         let meta = DiskMeta {
@@ -266,6 +310,7 @@ impl State {
             sector_size: attach.sector_size,
             alternate: attach.location == LocationKind::Alternate,
             target: attach.target.clone(),
+            master_target: self.cfg.master_targets[route].addr.clone(),
         };
         let tmp = dir.join("disk.json.tmp");
         let write = || -> std::io::Result<()> {
@@ -286,6 +331,7 @@ impl State {
             rpo_alarm: AtomicBool::new(false),
             resync_required: AtomicBool::new(false),
             cache_dir: self.cfg.cache_dir.clone(),
+            route,
         });
         disk.counters
             .mt_durable_lsn

@@ -62,18 +62,19 @@ struct Pendings {
 }
 
 /// Runs the link forever: connects, ships, and reconnects with backoff when it drops.
-pub async fn run(state: Arc<State>, mut requests: mpsc::Receiver<UplinkRequest>) {
+pub async fn run(state: Arc<State>, index: usize, mut requests: mpsc::Receiver<UplinkRequest>) {
+    let up = &state.uplinks[index];
     let mut backoff_ms = MIN_BACKOFF_MS;
     loop {
-        match session(&state, &mut requests).await {
+        match session(&state, index, &mut requests).await {
             Ok(()) => tracing::info!("link to the master target closed"),
             Err(e) => {
-                tracing::warn!(error = %e, master_target = %state.cfg.master_target, "link to the master target down; retrying")
+                tracing::warn!(error = %e, master_target = %up.target.addr, "link to the master target down; retrying")
             }
         }
         // A session that came up proves the path works: start the backoff afresh. One that
         // never did keeps backing off, up to MAX_BACKOFF_MS.
-        if state.connected.swap(false, Ordering::AcqRel) {
+        if up.connected.swap(false, Ordering::AcqRel) {
             backoff_ms = MIN_BACKOFF_MS;
         }
         // Requests that arrive while the link is down are answered at once.
@@ -105,28 +106,30 @@ fn io(context: &str, source: std::io::Error) -> Error {
     }
 }
 
-async fn session(state: &Arc<State>, requests: &mut mpsc::Receiver<UplinkRequest>) -> Result<()> {
+async fn session(
+    state: &Arc<State>,
+    index: usize,
+    requests: &mut mpsc::Receiver<UplinkRequest>,
+) -> Result<()> {
     let cfg = &state.cfg;
+    let up = &state.uplinks[index];
     let tls = wire_protocol::tls::client_config(&cfg.tls_client)?;
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(10),
-        TcpStream::connect(&cfg.master_target),
-    )
-    .await
-    .map_err(|_| {
-        io(
-            "connect to the master target",
-            std::io::ErrorKind::TimedOut.into(),
-        )
-    })?
-    .map_err(|e| {
-        io(
-            &format!("connect to the master target at {}", cfg.master_target),
-            e,
-        )
-    })?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&up.target.addr))
+        .await
+        .map_err(|_| {
+            io(
+                "connect to the master target",
+                std::io::ErrorKind::TimedOut.into(),
+            )
+        })?
+        .map_err(|e| {
+            io(
+                &format!("connect to the master target at {}", up.target.addr),
+                e,
+            )
+        })?;
     let _ = tcp.set_nodelay(true);
-    let name = wire_protocol::tls::server_name(&cfg.master_target_name)?;
+    let name = wire_protocol::tls::server_name(&up.target.name)?;
     let stream = TlsConnector::from(tls)
         .connect(name, tcp)
         .await
@@ -153,7 +156,8 @@ async fn session(state: &Arc<State>, requests: &mut mpsc::Receiver<UplinkRequest
     };
     // Re-attach every disk and learn where the master target stands.
     let mut ship = Ship::default();
-    for disk in state.all() {
+    // Only the disks that replicate to this master target.
+    for disk in state.all().into_iter().filter(|d| d.route == index) {
         framed
             .send(Message::DiskAttach(disk.attach.clone()))
             .await?;
@@ -176,8 +180,8 @@ async fn session(state: &Arc<State>, requests: &mut mpsc::Receiver<UplinkRequest
             None => return Err(Error::Refused("closed while attaching".into())),
         }
     }
-    state.connected.store(true, Ordering::Release);
-    tracing::info!(master_target = %cfg.master_target, version, disks = ship.cursor.len(), "link to the master target up");
+    up.connected.store(true, Ordering::Release);
+    tracing::info!(master_target = %up.target.addr, version, disks = ship.cursor.len(), "link to the master target up");
 
     let parts = framed.into_parts();
     let (rd, mut wr) = tokio::io::split(parts.io);

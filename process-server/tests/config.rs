@@ -8,7 +8,27 @@ use process_server::config::Settings;
 fn deploy_example_parses() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/process-server.toml");
     let cfg = Settings::from_file(&p).unwrap().resolve().unwrap();
-    assert_eq!(cfg.master_target_name, "10.1.2.3");
+    assert_eq!(cfg.master_targets[0].name, "10.1.2.3");
+    let two = Settings {
+        master_target: Some("a:1, b:2".into()),
+        ..Settings::default()
+    }
+    .resolve()
+    .unwrap();
+    assert_eq!(
+        two.master_targets
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert!(Settings {
+        master_target: Some("a:1,b:2".into()),
+        master_target_name: Some("x".into()),
+        ..Settings::default()
+    }
+    .resolve()
+    .is_err());
     assert_eq!(cfg.window_bytes, 64 << 20);
     assert_eq!(cfg.rpo_threshold_s, 900);
 }
