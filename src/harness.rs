@@ -44,27 +44,7 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// Per-disk figures from the process server's `/status`.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct DiskStatus {
-    /// Disk id.
-    pub disk_id: u64,
-    /// Highest LSN cached.
-    pub cached_lsn: u64,
-    /// Highest LSN durable on the master target.
-    pub durable_lsn: u64,
-    /// Bytes waiting.
-    pub backlog_bytes: u64,
-    /// RPO, ms.
-    pub rpo_ms: u64,
-    /// Block bytes received.
-    pub ingest_bytes: u64,
-    /// Block bytes shipped before coalescing and compression.
-    pub logical_bytes: u64,
-    /// Bytes on the link.
-    pub wire_bytes: u64,
-    /// Bytes coalescing kept off the link.
-    pub coalesced_bytes: u64,
-}
+pub use process_server::metrics::DiskStatus;
 
 /// The two services and their directories.
 pub struct Cluster {

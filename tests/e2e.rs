@@ -741,22 +741,27 @@ fn full_resync_to_an_alternate_location_and_an_on_demand_bookmark() {
     verify(&c, 1, r["last_lsn"].as_u64().unwrap());
 }
 
-#[test]
-fn thirty_two_agents_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = cluster(dir.path());
-    let agents: Vec<(u64, Child)> = (1..=32u64)
+/// Runs `count` agents at once (disks 1..=count, one each) replaying the TPC-C trace, and
+/// returns their reports.
+fn many_agents(
+    c: &Cluster,
+    count: u64,
+    disk_size: &str,
+    max_writes: u64,
+    extra: &[&str],
+) -> Vec<(u64, serde_json::Value)> {
+    let agents: Vec<(u64, Child)> = (1..=count)
         .map(|disk| {
-            let mut cmd = c.agent("replay", disk, &source(&c, disk), "32MiB");
+            let mut cmd = c.agent("replay", disk, &source(c, disk), disk_size);
             cmd.arg(format!(
                 "--trace={}",
                 traces().join("tpcc-small.disksim").display()
             ))
             .arg("--format=disksim-ns")
             .arg("--device=all")
-            .arg("--max-writes=300")
+            .arg(format!("--max-writes={max_writes}"))
             .arg(format!("--seed={disk}"))
-            .arg("--final-bookmark=final");
+            .args(extra);
             cmd.stdout(std::process::Stdio::piped()).stderr(
                 std::fs::File::create(c.dir.join("logs").join(format!("agent-{disk}.log")))
                     .unwrap(),
@@ -764,10 +769,17 @@ fn thirty_two_agents_at_once() {
             (disk, cmd.spawn().unwrap())
         })
         .collect();
-    let reports: Vec<(u64, serde_json::Value)> = agents
+    agents
         .into_iter()
-        .map(|(d, ch)| (d, finish(&c, d, ch)))
-        .collect();
+        .map(|(d, ch)| (d, finish(c, d, ch)))
+        .collect()
+}
+
+#[test]
+fn thirty_two_agents_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let reports = many_agents(&c, 32, "32MiB", 300, &["--final-bookmark=final"]);
     for (disk, r) in reports {
         c.wait_durable(
             disk,
@@ -808,28 +820,7 @@ fn one_hundred_twenty_eight_disk_streams_fill_three_master_targets_in_order() {
     c.wait_linked(Duration::from_secs(30)).unwrap();
     // 128 agents at once, one disk each: 60 fill the first master target, 60 the second,
     // the rest go to the third (a full master target refuses the 61st disk).
-    let agents: Vec<(u64, Child)> = (1..=128u64)
-        .map(|disk| {
-            let mut cmd = c.agent("replay", disk, &source(&c, disk), "8MiB");
-            cmd.arg(format!(
-                "--trace={}",
-                traces().join("tpcc-small.disksim").display()
-            ))
-            .arg("--format=disksim-ns")
-            .arg("--device=all")
-            .arg("--max-writes=40")
-            .arg(format!("--seed={disk}"));
-            cmd.stdout(std::process::Stdio::piped()).stderr(
-                std::fs::File::create(c.dir.join("logs").join(format!("agent-{disk}.log")))
-                    .unwrap(),
-            );
-            (disk, cmd.spawn().unwrap())
-        })
-        .collect();
-    let reports: Vec<(u64, serde_json::Value)> = agents
-        .into_iter()
-        .map(|(d, ch)| (d, finish(&c, d, ch)))
-        .collect();
+    let reports = many_agents(&c, 128, "8MiB", 40, &[]);
     let mut per_target = [0usize; 3];
     for (disk, r) in reports {
         c.wait_durable(

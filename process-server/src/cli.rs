@@ -89,6 +89,22 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     }
 }
 
+/// The JSON of a running process server's `/status`.
+async fn fetch_status(admin: &str) -> Result<String> {
+    let (code, body) = wire_protocol::ops::admin_get(admin, "/status")
+        .await
+        .map_err(|e| Error::Io {
+            context: format!(
+                "reach the process server's admin endpoint at {admin} (is it running?)"
+            ),
+            source: e,
+        })?;
+    if code != 200 {
+        return Err(Error::Refused(format!("status: HTTP {code}: {body}")));
+    }
+    Ok(body)
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config, settings } => {
@@ -101,17 +117,7 @@ async fn run(cli: Cli) -> Result<()> {
             serve(cfg, config, *settings).await
         }
         Command::Status { admin, json } => {
-            let (code, body) = wire_protocol::ops::admin_get(&admin, "/status")
-                .await
-                .map_err(|e| Error::Io {
-                    context: format!(
-                        "reach the process server's admin endpoint at {admin} (is it running?)"
-                    ),
-                    source: e,
-                })?;
-            if code != 200 {
-                return Err(Error::Refused(format!("status: HTTP {code}: {body}")));
-            }
+            let body = fetch_status(&admin).await?;
             if json {
                 println!("{body}");
                 return Ok(());
@@ -160,17 +166,7 @@ async fn run(cli: Cli) -> Result<()> {
             let deadline = std::time::Instant::now() + Duration::from_secs(timeout_s);
             let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
             loop {
-                let (code, body) = wire_protocol::ops::admin_get(&admin, "/status")
-                    .await
-                    .map_err(|e| Error::Io {
-                        context: format!(
-                            "reach the process server's admin endpoint at {admin} (is it running?)"
-                        ),
-                        source: e,
-                    })?;
-                if code != 200 {
-                    return Err(Error::Refused(format!("status: HTTP {code}: {body}")));
-                }
+                let body = fetch_status(&admin).await?;
                 let rows: Vec<crate::metrics::DiskStatus> = serde_json::from_str(&body)
                     .map_err(|e| Error::Refused(format!("status: {e}")))?;
                 let rows: Vec<_> = rows

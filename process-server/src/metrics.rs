@@ -8,7 +8,7 @@ use wire_protocol::ops::{render_series, Series};
 use crate::state::{now_us, State};
 
 /// Figures of one disk at one instant.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DiskStatus {
     /// Disk id.
     pub disk_id: u64,
