@@ -86,6 +86,7 @@ fn main() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let agent_s = t.elapsed().as_secs_f64();
     let st = c.ps_status().unwrap().remove(0);
     c.wait_durable(1, st.cached_lsn, Duration::from_secs(600), |_| {})
         .unwrap();
@@ -106,6 +107,7 @@ fn main() {
     let ideal = compressed + digest_list_bytes;
     let sent = st.wire_bytes as usize + digest_list_bytes;
     println!("resync: {} of {} blocks differ; sent {} bytes on the link + {} bytes of digests = {:.3} x (compressed differing blocks + digest list = {ideal})", differing.len(), SIZE as usize / BLOCK, st.wire_bytes, digest_list_bytes, sent as f64 / ideal as f64);
+    println!("resync: the agent process took {agent_s:.2} s (hashing its source, comparing, sending, until the process server held everything)");
     println!("resync: {resync_s:.2} s end to end (agent start to durable); blake3 of both disks: {hash_both_s:.2} s on all cores ({:.2} x), {hash_both_1core_s:.2} s on one core ({:.2} x)", resync_s / hash_both_s, resync_s / hash_both_1core_s);
 
     let t = Instant::now();

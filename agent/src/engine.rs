@@ -32,6 +32,9 @@ pub struct Resync {
     /// Blocks of the disk.
     pub blocks: u64,
     progress_path: PathBuf,
+    /// The first block of the digest request sent ahead (the master target hashes the next
+    /// chunk while this one is compared and sent).
+    prefetched: Option<u64>,
 }
 
 impl Resync {
@@ -365,6 +368,7 @@ impl Engine {
             next_block,
             blocks: self.source.blocks(),
             progress_path,
+            prefetched: None,
         })
     }
 
@@ -381,13 +385,27 @@ impl Engine {
             (b..b + u64::from(count)).collect()
         } else {
             self.flush().await?;
-            let req = Message::DigestRequest(DigestRequest {
-                disk_id: self.disk_id,
-                block_size: DIGEST_BLOCK_BYTES as u32,
-                first_block: b,
-                block_count: count,
-            });
-            let theirs = match self.link.request(req, Duration::from_secs(300)).await? {
+            let chunk = |first: u64| {
+                let n = RESYNC_CHUNK_BLOCKS.min((r.blocks - first) as u32);
+                Message::DigestRequest(DigestRequest {
+                    disk_id: self.disk_id,
+                    block_size: DIGEST_BLOCK_BYTES as u32,
+                    first_block: first,
+                    block_count: n,
+                })
+            };
+            let max = Duration::from_secs(300);
+            if r.prefetched != Some(b) {
+                self.link.send_request(chunk(b), max).await?;
+            }
+            // Keep one request ahead: replies come in order, and the master target hashes the
+            // next chunk while this one is compared and sent.
+            let next = b + u64::from(count);
+            r.prefetched = (next < r.blocks).then_some(next);
+            if let Some(n) = r.prefetched {
+                self.link.send_request(chunk(n), max).await?;
+            }
+            let theirs = match self.link.reply(max).await? {
                 Message::DigestList(l)
                     if l.first_block == b && l.digests.len() == count as usize =>
                 {

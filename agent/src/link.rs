@@ -362,6 +362,13 @@ impl Link {
 
     /// Sends a request that is not part of the LSN stream and waits for its reply.
     pub async fn request(&mut self, m: Message, max: Duration) -> Result<Message> {
+        self.send_request(m, max).await?;
+        self.reply(max).await
+    }
+
+    /// Sends a request that is not part of the LSN stream; its reply comes, in order, from
+    /// [`Link::reply`] (so a caller may keep one request ahead).
+    pub async fn send_request(&mut self, m: Message, max: Duration) -> Result<()> {
         let deadline = Instant::now() + max;
         while !self.ensure_up().await {
             if Instant::now() > deadline {
@@ -370,6 +377,12 @@ impl Link {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.write(m).await;
+        Ok(())
+    }
+
+    /// The next reply to a request, in the order the requests were sent.
+    pub async fn reply(&mut self, max: Duration) -> Result<Message> {
+        let deadline = Instant::now() + max;
         while Instant::now() < deadline {
             if let Some(r) = self.replies.pop_front() {
                 return Ok(r);

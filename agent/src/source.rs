@@ -28,20 +28,21 @@ pub struct SourceDisk {
 
 /// Per-block digests of `len` bytes of `file`, in parallel.
 pub fn block_digests(file: &File, len: u64, block: u64) -> Result<Vec<[u8; 32]>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: read-only mapping of a file this process owns; nothing writes it while the
+    // digests are computed (the source disk is hashed before replay starts writing).
+    let map = unsafe { memmap2::Mmap::map(file) }.ctx(|| "map the disk for hashing".into())?;
     let n = len.div_ceil(block);
-    (0..n)
+    Ok((0..n)
         .into_par_iter()
-        .map_init(
-            || vec![0u8; block as usize],
-            |buf, i| {
-                let start = i * block;
-                let l = block.min(len - start) as usize;
-                file.read_exact_at(&mut buf[..l], start)
-                    .ctx(|| format!("read block {i}"))?;
-                Ok(*blake3::hash(&buf[..l]).as_bytes())
-            },
-        )
-        .collect()
+        .map(|i| {
+            let start = (i * block) as usize;
+            let end = ((i + 1) * block).min(len) as usize;
+            *blake3::hash(&map[start..end]).as_bytes()
+        })
+        .collect())
 }
 
 /// The disk digest of per-block digests.

@@ -353,14 +353,10 @@ impl Applier {
         let disk = &self.disk;
         let bs = u64::from(block_size);
         let fresh: Vec<(u64, [u8; 32])> = missing
-            .into_par_iter()
-            .map(|b| {
-                let len = bs.min(disk.size_bytes() - b * bs) as usize;
-                let mut buf = vec![0u8; len];
-                disk.read_at(&mut buf, b * bs)?;
-                Ok((b, wire_protocol::digest(&buf)))
-            })
-            .collect::<Result<_>>()?;
+            .iter()
+            .copied()
+            .zip(digest_blocks(disk, bs, missing.clone())?)
+            .collect();
         self.stats.digests_hashed += fresh.len() as u64;
         for (b, d) in fresh {
             cache.digests[b as usize] = Some(d);
@@ -395,25 +391,38 @@ impl DigestCache {
     }
 }
 
-/// blake3 digests of a range of blocks of `disk`, in parallel.
+/// blake3 digests of a range of blocks of `disk`, in parallel (blocks past the end are
+/// left out; the last block may be short).
 pub fn block_digests(
     disk: &DiskFile,
     block_size: u32,
     first: u64,
     count: u32,
 ) -> Result<Vec<[u8; 32]>> {
-    let bs = u64::from(block_size);
+    let blocks = disk.size_bytes().div_ceil(u64::from(block_size));
+    digest_blocks(
+        disk,
+        u64::from(block_size),
+        (first..(first + u64::from(count)).min(blocks)).collect(),
+    )
+}
+
+/// blake3 of each of `blocks`, in parallel, hashed straight from a read-only mapping of the
+/// disk (no copy, no buffer per block).
+fn digest_blocks(disk: &DiskFile, block_size: u64, blocks: Vec<u64>) -> Result<Vec<[u8; 32]>> {
+    if blocks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let map = disk.map()?;
     let size = disk.size_bytes();
-    (first..first + u64::from(count))
+    Ok(blocks
         .into_par_iter()
         .map(|b| {
-            let start = b * bs;
-            let len = bs.min(size.saturating_sub(start)) as usize;
-            let mut buf = vec![0u8; len];
-            disk.read_at(&mut buf, start)?;
-            Ok(wire_protocol::digest(&buf))
+            let start = (b * block_size).min(size) as usize;
+            let end = ((b + 1) * block_size).min(size) as usize;
+            wire_protocol::digest(&map[start..end])
         })
-        .collect()
+        .collect())
 }
 
 /// Copies into `old` (the disk's bytes at `offset`) the parts of earlier writes of the same

@@ -82,6 +82,15 @@ impl DiskFile {
             .ctx(|| format!("fsync {}", self.path.display()))
     }
 
+    /// A read-only mapping of the whole disk, for hashing without copies. The caller must
+    /// not write the disk while the mapping is in use (the apply worker, the only writer,
+    /// hashes between its groups).
+    pub fn map(&self) -> Result<memmap2::Mmap> {
+        // SAFETY: the file is locked exclusively by us, so no other process changes it, and
+        // the callers do not write it while the mapping lives (see above).
+        unsafe { memmap2::Mmap::map(&self.file) }.ctx(|| format!("map {}", self.path.display()))
+    }
+
     /// The underlying file (for copies).
     pub fn file(&self) -> &File {
         &self.file
