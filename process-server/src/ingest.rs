@@ -25,11 +25,15 @@ use wire_protocol::{
 use crate::error::{Error, Result};
 use crate::state::{State, UplinkRequest};
 
-/// At most this many agent connections at once (the issue asks for 32 agents; each may run
-/// several disks). Memory per connection is bounded by two frames and the ack queue.
+/// At most this many agent connections at once (agents keep one connection per disk; 128
+/// disk streams at once leave room). Memory per connection is bounded by one read group
+/// ([`MAX_GROUP_BYTES`] plus a frame) and its replies.
 pub const MAX_AGENT_CONNECTIONS: usize = 256;
 /// Frames appended before one fsync and one round of acks.
 pub const MAX_GROUP_FRAMES: usize = 64;
+/// ... or this many payload bytes: with frames of up to 16 MiB, the frame count alone would
+/// let one connection hold 1 GiB. This bounds it to 32 MiB plus one frame.
+pub const MAX_GROUP_BYTES: usize = 32 << 20;
 /// How long a relayed request waits for the master target.
 pub const RELAY_TIMEOUT_MS: u64 = 60_000;
 
@@ -198,9 +202,13 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
             return Ok(());
         };
         let mut frames = vec![first];
-        while frames.len() < MAX_GROUP_FRAMES {
+        let mut group_bytes = 0;
+        while frames.len() < MAX_GROUP_FRAMES && group_bytes < MAX_GROUP_BYTES {
             match framed.next().now_or_never() {
-                Some(Some(f)) => frames.push(f),
+                Some(Some(f)) => {
+                    group_bytes += f.as_ref().map_or(0, |f| f.payload.len());
+                    frames.push(f);
+                }
                 _ => break,
             }
         }
