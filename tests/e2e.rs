@@ -58,6 +58,22 @@ fn finish(c: &Cluster, disk: u64, child: Child) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no report from agent {disk}: {text}"))
 }
 
+/// Waits (bounded) until `disk` is attached and its writes are reaching the process server,
+/// so a fault injected next lands mid-stream whatever the machine's load.
+fn wait_streaming(c: &Cluster, disk: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !c
+        .ps_status()
+        .is_ok_and(|v| v.iter().any(|s| s.disk_id == disk && s.cached_lsn > 10))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "disk {disk} is not streaming after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img")
         .args(args)
@@ -341,7 +357,7 @@ fn link_outage_is_buffered_then_dirty_tracked_and_ends_exact() {
             "--bookmark-every-s=4",
         ],
     );
-    std::thread::sleep(Duration::from_secs(2));
+    wait_streaming(&c, 1);
     c.kill_ps();
     std::thread::sleep(Duration::from_secs(3));
     c.start_ps().unwrap();
@@ -456,7 +472,7 @@ fn cache_full_holds_the_agent_back_and_drops_nothing() {
         "msr",
         &["--max-writes=3000", "--pace=4x", "--bookmark-every-s=5"],
     );
-    std::thread::sleep(Duration::from_secs(1));
+    wait_streaming(&c, 1);
     c.kill_mt(); // nothing drains now: the 4 MiB cache fills
     std::thread::sleep(Duration::from_secs(4));
     let log = std::fs::read_to_string(c.dir.join("logs/process-server.log")).unwrap();
