@@ -462,6 +462,7 @@ fn cache_full_holds_the_agent_back_and_drops_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
     c.ps_extra.push("--cache-limit=4MiB".into());
+    c.ps_extra.push("--rpo-threshold-s=1".into());
     c.start_mt().unwrap();
     c.start_ps().unwrap();
     c.wait_linked(Duration::from_secs(30)).unwrap();
@@ -489,9 +490,50 @@ fn cache_full_holds_the_agent_back_and_drops_nothing() {
         backlog <= (4 << 20) + (9 << 20),
         "the cache stays near its limit: {backlog}"
     );
+    // The bandwidth limit changes while running (and back).
+    let set = |rate: &str| {
+        Command::new(BIN)
+            .args([
+                "process-server",
+                "set-bandwidth",
+                "--admin",
+                &c.ps_admin,
+                rate,
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(set("8mbit").status.success());
+    let gauge = || {
+        http_get(&c.ps_admin, "/metrics")
+            .unwrap()
+            .1
+            .lines()
+            .find(|l| l.starts_with("failback_ps_max_bandwidth_bytes_per_second "))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        gauge(),
+        "failback_ps_max_bandwidth_bytes_per_second 1000000"
+    );
+    assert!(!set("fast").status.success(), "a bad rate is refused");
+    assert!(set("0").status.success());
+    assert_eq!(gauge(), "failback_ps_max_bandwidth_bytes_per_second 0");
     c.start_mt().unwrap();
     let r = finish(&c, 1, child);
     verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+    // The RPO passed its 1 s threshold while the master target was down, and recovered.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = std::fs::read_to_string(c.dir.join("logs/process-server.log")).unwrap();
+    assert!(
+        log.contains("RPO threshold passed"),
+        "a WARN when the RPO passes its threshold"
+    );
+    assert!(
+        log.contains("RPO back under its threshold"),
+        "and a note when it recovers"
+    );
 }
 
 /// A TCP relay that can cut every connection through it and refuse new ones for a while.
