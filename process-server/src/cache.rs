@@ -25,7 +25,6 @@
 //! `CACHE_DIR/disk-ID/disk.json` holds the disk's attach request.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -58,6 +57,9 @@ pub struct Entry {
     pub first_ts_us: u64,
     /// Frame bytes.
     pub frame_len: u32,
+    /// The records of this LSN range were lost to a corrupt record header found at open:
+    /// shipping treats it like a corrupt record (resync marker, the agent resyncs).
+    pub lost: bool,
 }
 
 /// The cache log of one disk.
@@ -74,6 +76,31 @@ pub struct DiskCache {
     pub trimmed_lsn: u64,
     /// Record bytes trimmed since open (for the drain rate).
     pub trimmed_bytes: u64,
+}
+
+/// Turns every hole in the LSN sequence of `entries` (records hidden by a corrupt header)
+/// into a lost entry, and drops records that repeat LSNs already indexed.
+fn fill_gaps(entries: std::collections::VecDeque<Entry>) -> std::collections::VecDeque<Entry> {
+    let mut out = std::collections::VecDeque::with_capacity(entries.len());
+    let mut prev: Option<u64> = None;
+    for e in entries {
+        match prev {
+            Some(p) if e.last_lsn <= p => continue,
+            Some(p) if e.first_lsn > p + 1 => {
+                out.push_back(Entry {
+                    first_lsn: p + 1,
+                    last_lsn: e.first_lsn - 1,
+                    frame_len: 0,
+                    lost: true,
+                    ..e
+                });
+            }
+            _ => {}
+        }
+        prev = Some(e.last_lsn);
+        out.push_back(e);
+    }
+    out
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {
@@ -132,40 +159,46 @@ impl DiskCache {
         let mut segs = Vec::new();
         for (i, &seq) in seqs.iter().enumerate() {
             let path = seg_path(dir, seq);
-            let mut f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
-            let len = f
-                .metadata()
-                .ctx(|| format!("stat {}", path.display()))?
-                .len();
-            let mut pos = 0u64;
-            while pos + RECORD_HEADER_LEN as u64 <= len {
-                let mut h = [0u8; RECORD_HEADER_LEN];
-                f.read_exact(&mut h)
-                    .ctx(|| format!("read {}", path.display()))?;
-                let Some((first_lsn, last_lsn, first_ts_us, frame_len)) = parse_header(&h) else {
-                    break;
-                };
-                if pos + (RECORD_HEADER_LEN as u64) + u64::from(frame_len) > len {
-                    break;
+            let data = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+            let len = data.len() as u64;
+            let last_segment = i + 1 == seqs.len();
+            let header_at = |p: usize| -> Option<(u64, u64, u64, u32)> {
+                let h: [u8; RECORD_HEADER_LEN] =
+                    data.get(p..p + RECORD_HEADER_LEN)?.try_into().ok()?;
+                parse_header(&h).filter(|r| p + RECORD_HEADER_LEN + r.3 as usize <= data.len())
+            };
+            let mut p = 0usize;
+            while p + RECORD_HEADER_LEN <= data.len() {
+                if let Some((first_lsn, last_lsn, first_ts_us, frame_len)) = header_at(p) {
+                    entries.push_back(Entry {
+                        seg: seq,
+                        pos: p as u64,
+                        first_lsn,
+                        last_lsn,
+                        first_ts_us,
+                        frame_len,
+                        lost: false,
+                    });
+                    p += RECORD_HEADER_LEN + frame_len as usize;
+                    continue;
                 }
-                std::io::copy(
-                    &mut (&mut f).take(u64::from(frame_len)),
-                    &mut std::io::sink(),
-                )
-                .ctx(|| format!("read {}", path.display()))?;
-                entries.push_back(Entry {
-                    seg: seq,
-                    pos,
-                    first_lsn,
-                    last_lsn,
-                    first_ts_us,
-                    frame_len,
-                });
-                pos += RECORD_HEADER_LEN as u64 + u64::from(frame_len);
+                // A bad header: if a valid record follows, this is corruption, not a torn tail.
+                // Skip to it; the LSNs in between become a lost range (see below).
+                match (p + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1))
+                    .find(|&q| data[q..q + 4] == MAGIC && header_at(q).is_some())
+                {
+                    Some(q) => {
+                        tracing::error!(segment = %path.display(), offset = p, resumes_at = q, "corrupt cache record header; the records it hides are marked lost and will be resynced from the agent");
+                        p = q;
+                    }
+                    None => break,
+                }
             }
+            let mut pos = p as u64;
             if pos < len {
-                if i + 1 != seqs.len() {
-                    tracing::error!(segment = %path.display(), offset = pos, "corrupt cache record header in a sealed segment; later records of this segment are skipped and their range will be resent from the agent");
+                if !last_segment {
+                    tracing::error!(segment = %path.display(), offset = pos, "corrupt cache record at the end of a sealed segment; its range is marked lost");
+                    pos = len;
                 } else {
                     tracing::warn!(segment = %path.display(), offset = pos, "truncating a torn cache tail (never acknowledged)");
                     let w = OpenOptions::new()
@@ -179,6 +212,7 @@ impl DiskCache {
             }
             segs.push((seq, pos));
         }
+        let entries = fill_gaps(entries);
         let active_seq = segs.last().map_or(1, |s| s.0);
         if segs.is_empty() {
             segs.push((1, 0));
@@ -268,6 +302,7 @@ impl DiskCache {
             last_lsn,
             first_ts_us,
             frame_len: frame.len() as u32,
+            lost: false,
         });
         self.active_len += rec.len() as u64;
         self.segs.last_mut().expect("one").1 = self.active_len;
@@ -317,6 +352,9 @@ impl DiskCache {
             first_lsn: e.first_lsn,
             last_lsn: e.last_lsn,
         };
+        if e.lost {
+            return Err(corrupt("records lost to a corrupt record header".into()));
+        }
         let f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
         let mut buf = vec![0u8; RECORD_HEADER_LEN + e.frame_len as usize];
         f.read_exact_at(&mut buf, e.pos)

@@ -124,3 +124,51 @@ fn trim_deletes_sealed_segments_only_once_acknowledged() {
         "the active segment stays: it knows the last LSN"
     );
 }
+
+#[test]
+fn a_corrupt_header_found_at_open_marks_its_range_lost_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = DiskCache::open(dir.path(), 0).unwrap();
+    for lsn in 1..=10 {
+        c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
+    }
+    c.sync().unwrap();
+    let e4 = c.entries_from(4, 1)[0];
+    drop(c);
+    // Corrupt record 4's header: its length can no longer be trusted.
+    let seg = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[e4.pos as usize + 14] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let c = DiskCache::open(dir.path(), 0).unwrap();
+    assert_eq!(
+        c.last_lsn(),
+        10,
+        "records after the bad header are still there"
+    );
+    let entries = c.entries_from(1, 100);
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| (e.first_lsn, e.last_lsn, e.lost))
+            .collect::<Vec<_>>()[2..5],
+        [(3, 3, false), (4, 4, true), (5, 5, false)]
+    );
+    assert!(
+        matches!(
+            c.read(&entries[3]),
+            Err(Error::CacheCorrupt {
+                first_lsn: 4,
+                last_lsn: 4,
+                ..
+            })
+        ),
+        "the lost range is shipped as corrupt"
+    );
+    assert!(c.read(&entries[4]).is_ok());
+    assert_eq!(
+        std::fs::read(&seg).unwrap().len(),
+        bytes.len(),
+        "nothing acknowledged is truncated"
+    );
+}
