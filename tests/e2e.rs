@@ -74,6 +74,16 @@ fn wait_streaming(c: &Cluster, disk: u64) {
     }
 }
 
+/// The stdout of a command that must have succeeded (its stderr shown if not).
+fn stdout_of(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img")
         .args(args)
@@ -225,12 +235,7 @@ fn differential_resync_sends_only_the_blocks_that_differ() {
         .arg("--disk-uuid=07070707070707070707070707070707")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = stdout_of(&out);
     assert!(
         text.contains(&format!("sent {} bytes", differing.len() * 65536)),
         "only the differing blocks travel: {text}"
@@ -724,12 +729,7 @@ fn the_demo_verifies_and_reports_as_json() {
         .arg(format!("--keep={}", keep.display()))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = stdout_of(&out);
     let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(summary["verified"], true, "{summary}");
     for key in [

@@ -166,20 +166,7 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("agent: error: {e}");
-            return 1;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("agent: error: {e}");
-            1
-        }
-    }
+    wire_protocol::ops::block_on_cli("agent", run(cli))
 }
 
 /// Builds the engine for a disk: opens the source, connects, attaches.

@@ -170,6 +170,29 @@ pub async fn admin_get(addr: &str, path: &str) -> std::io::Result<(u16, String)>
     Ok((status, body))
 }
 
+/// Runs a command's future on a fresh tokio runtime and turns its outcome into an exit code,
+/// printing `NAME: error: ...` on failure (the tail every service's command line shares).
+pub fn block_on_cli<F, E>(name: &str, fut: F) -> i32
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: error: start runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{name}: error: {e}");
+            1
+        }
+    }
+}
+
 /// One Prometheus metric family drawn from rows of `T`.
 pub struct Series<T> {
     /// Metric name.
