@@ -93,7 +93,7 @@ fn fail(msg: impl Into<String>) -> Error {
 }
 
 fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
-    let disk_bytes = wire_protocol::ops::parse_bytes(&args.disk_size).map_err(fail)?;
+    let disk_bytes = runtime::units::parse_bytes(&args.disk_size).map_err(fail)?;
     if disk_bytes < BLOCK || disk_bytes % 512 != 0 {
         return Err(fail(format!(
             "--disk-size {disk_bytes} must be a multiple of 512 and at least 64 KiB"
@@ -109,9 +109,13 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     })?;
 
     step(1, "making a CA and server/client certificates");
+    let dir = &std::path::absolute(dir).map_err(|e| Error::Io {
+        context: format!("resolve {}", dir.display()),
+        source: e,
+    })?;
     let mut c = Cluster::new(dir, &bin)?;
     if let Some(l) = &args.link {
-        wire_protocol::ops::parse_rate(l).map_err(fail)?;
+        runtime::units::parse_rate(l).map_err(fail)?;
         c.ps_extra.push(format!("--max-bandwidth={l}"));
     }
 

@@ -77,6 +77,10 @@ pub struct Cluster {
 impl Cluster {
     /// Makes certificates and directories under `dir`; starts nothing yet.
     pub fn new(dir: &Path, bin: &Path) -> Result<Cluster> {
+        // Absolute: the master target takes only absolute datastore paths.
+        let dir = &io(std::path::absolute(dir), || {
+            format!("resolve {}", dir.display())
+        })?;
         for d in [
             "tls",
             "logs",
@@ -93,7 +97,7 @@ impl Cluster {
         }
         let tls = dir.join("tls");
         if !tls.join("ca.pem").exists() {
-            wire_protocol::tls::generate(&tls, &["localhost".into(), "127.0.0.1".into()])
+            runtime::tls::make_test_pki(&tls, &["localhost".into(), "127.0.0.1".into()], &[])
                 .map_err(|e| Error::Failed(format!("certificates: {e}")))?;
         }
         let port = |_| -> Result<String> { Ok(format!("127.0.0.1:{}", free_port()?)) };
@@ -170,12 +174,15 @@ impl Cluster {
                 d.join(format!("data/retention{suffix}")).display()
             ),
             format!(
-                "--datastore-dir={}",
+                "--datastore-dirs={}",
                 d.join(format!("onprem{suffix}")).display()
             ),
             format!("--tls-ca={}", self.tls.join("ca.pem").display()),
-            format!("--tls-cert={}", self.tls.join("server.pem").display()),
-            format!("--tls-key={}", self.tls.join("server.key").display()),
+            format!(
+                "--tls-cert={}",
+                self.tls.join("master-target.pem").display()
+            ),
+            format!("--tls-key={}", self.tls.join("master-target.key").display()),
             "--allow-shared-retention-volume".into(),
         ];
         args.extend(self.mt_extra.iter().cloned());
@@ -204,13 +211,14 @@ impl Cluster {
                 self.dir.join("data/process-server").display()
             ),
             format!("--tls-ca={}", self.tls.join("ca.pem").display()),
-            format!("--tls-cert={}", self.tls.join("server.pem").display()),
-            format!("--tls-key={}", self.tls.join("server.key").display()),
             format!(
-                "--tls-client-cert={}",
-                self.tls.join("client.pem").display()
+                "--tls-cert={}",
+                self.tls.join("process-server.pem").display()
             ),
-            format!("--tls-client-key={}", self.tls.join("client.key").display()),
+            format!(
+                "--tls-key={}",
+                self.tls.join("process-server.key").display()
+            ),
         ];
         args.extend(self.ps_extra.iter().cloned());
         self.ps = Some(self.spawn("process-server", "process-server", &args)?);
@@ -297,8 +305,19 @@ impl Cluster {
         )))
     }
 
-    /// An `agent` command for a disk, with the cluster's addresses and certificates.
+    /// The TLS directory of VM `vm`'s agent (its certificate is issued on first use).
+    pub fn agent_tls(&self, vm: &str) -> PathBuf {
+        let dir = self.tls.join("agents").join(vm);
+        if !dir.join("agent.pem").exists() {
+            runtime::tls::issue_agent(&self.tls, vm).expect("issue an agent certificate");
+        }
+        dir
+    }
+
+    /// An `agent` command for a disk (of VM `vm{disk_id}`), with the cluster's addresses and
+    /// that VM's certificate.
     pub fn agent(&self, sub: &str, disk_id: u64, source: &Path, disk_size: &str) -> Command {
+        let tls = self.agent_tls(&format!("vm{disk_id}"));
         let mut c = Command::new(&self.bin);
         c.arg("agent").arg(sub);
         c.arg(format!("--source={}", source.display()))
@@ -306,7 +325,7 @@ impl Cluster {
             .arg(format!("--disk-id={disk_id}"))
             .arg(format!("--vm-id=vm{disk_id}"))
             .arg(format!("--process-server={}", self.ps_addr))
-            .arg(format!("--tls-dir={}", self.tls.display()))
+            .arg(format!("--tls-dir={}", tls.display()))
             .arg(format!(
                 "--state-dir={}",
                 self.agent_state(disk_id).display()

@@ -23,15 +23,11 @@ struct Cli {
 enum Command {
     /// Run the whole failback on this machine, on built-in defaults, and verify it.
     Demo(demo::DemoArgs),
-    /// Make a CA and server and client certificates for a deployment.
-    Certs {
-        /// Directory to write ca.pem, ca.key, server.pem, server.key, client.pem, client.key.
-        #[arg(long)]
-        out: PathBuf,
-        /// Names (DNS or IP) the servers are reached by; repeat for several.
-        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
-        names: Vec<String>,
-    },
+    /// Make the deployment's CA, or issue one identity's certificate from it.
+    ///
+    /// Without --role: a new CA in --out (ca.pem, ca.key; keep ca.key offline). With --role:
+    /// ROLE.pem, ROLE.key and a copy of ca.pem in --out, for one host.
+    Certs(CertArgs),
     /// Run the master target (same as the master-target binary).
     #[command(disable_help_flag = true)]
     MasterTarget {
@@ -52,6 +48,82 @@ enum Command {
     },
 }
 
+/// `failback certs` options.
+#[derive(Debug, clap::Args)]
+struct CertArgs {
+    /// Where to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Issue a certificate for this role instead of making a CA.
+    #[arg(long, value_parser = ["agent", "process-server", "master-target", "operator"])]
+    role: Option<String>,
+    /// The VM an agent's certificate is for (required with --role agent).
+    #[arg(long)]
+    vm: Option<String>,
+    /// The identity's name (process-server, master-target, operator). Default: the role.
+    #[arg(long)]
+    name: Option<String>,
+    /// DNS names or IP addresses a server is reached by (process-server, master-target);
+    /// repeat for several.
+    #[arg(long = "dns")]
+    dns: Vec<String>,
+    /// The CA's directory (ca.pem, ca.key). Default: --out.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = runtime::tls::LEAF_VALIDITY_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    days: u32,
+}
+
+fn certs(a: CertArgs) -> Result<String, String> {
+    use runtime::tls::{issue, make_ca, Identity, IssueRequest, PeerRole};
+    let Some(role) = a.role.as_deref() else {
+        if a.vm.is_some() || a.name.is_some() || !a.dns.is_empty() || a.ca.is_some() {
+            return Err(
+                "--vm, --name, --dns and --ca go with --role: without it a new CA is made".into(),
+            );
+        }
+        make_ca(&a.out).map_err(|e| e.to_string())?;
+        return Ok(format!(
+            "made a CA in {0} (ca.pem, ca.key); keep ca.key offline. Next, one certificate per identity:\n  failback certs --ca {0} --role master-target --dns MT_HOST --out DIR\n  failback certs --ca {0} --role process-server --dns PS_HOST --out DIR\n  failback certs --ca {0} --role agent --vm VM --out DIR     (one per VM)\n  failback certs --ca {0} --role operator --name NAME --out DIR",
+            a.out.display()
+        ));
+    };
+    let role = PeerRole::parse(role).expect("clap checked the role");
+    let name =
+        match (role, a.vm, a.name) {
+            (PeerRole::Agent, Some(vm), None) => vm,
+            (PeerRole::Agent, _, _) => return Err(
+                "--role agent needs --vm VM (and no --name): an agent's certificate names its VM"
+                    .into(),
+            ),
+            (_, Some(_), _) => return Err("--vm goes with --role agent only".into()),
+            (r, None, name) => name.unwrap_or_else(|| r.as_str().to_owned()),
+        };
+    let req = IssueRequest {
+        identity: Identity { role, name },
+        server_names: a.dns,
+        days: a.days,
+    };
+    let ca = a.ca.unwrap_or_else(|| a.out.clone());
+    let written = issue(&ca, &req, &a.out).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "issued {} ({}) valid {} days: {}",
+        req.identity.uri(),
+        if req.server_names.is_empty() {
+            "client".to_owned()
+        } else {
+            format!("server names {}", req.server_names.join(", "))
+        },
+        a.days,
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
 fn with_name(name: &str, args: Vec<OsString>) -> Vec<OsString> {
     std::iter::once(OsString::from(name)).chain(args).collect()
 }
@@ -60,9 +132,9 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Demo(args) => demo::run(args),
-        Command::Certs { out, names } => match wire_protocol::tls::generate(&out, &names) {
-            Ok(()) => {
-                println!("wrote ca.pem, ca.key, server.pem, server.key, client.pem, client.key to {} (server names: {}); keep ca.key offline", out.display(), names.join(", "));
+        Command::Certs(a) => match certs(a) {
+            Ok(said) => {
+                println!("{said}");
                 0
             }
             Err(e) => {

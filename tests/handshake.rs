@@ -6,14 +6,16 @@ use std::time::Duration;
 
 use failback::harness::Cluster;
 use futures::{SinkExt, StreamExt};
+use runtime::tls::{self, PeerRole, TlsFiles};
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
-use wire_protocol::tls::{self, TlsFiles};
 use wire_protocol::{ErrorCode, Hello, Message, MessageCodec, Role};
 
-async fn hello(addr: &str, tls_dir: &Path, range: (u16, u16)) -> Vec<Message> {
+/// Connects with the files of `role` (an agent's to the process server, the process
+/// server's to the master target) and sends a Hello with `range`.
+async fn hello(addr: &str, files: &TlsFiles, role: Role, range: (u16, u16)) -> Vec<Message> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let cfg = tls::client_config(&TlsFiles::client_in(tls_dir)).unwrap();
+    let cfg = tls::client_config(files).unwrap();
     let stream = TlsConnector::from(cfg)
         .connect(tls::server_name("127.0.0.1").unwrap(), tcp)
         .await
@@ -22,9 +24,9 @@ async fn hello(addr: &str, tls_dir: &Path, range: (u16, u16)) -> Vec<Message> {
     f.send(Message::Hello(Hello {
         proto_min: range.0,
         proto_max: range.1,
-        role: Role::Agent,
+        role,
         capabilities: 0,
-        node_id: "future-agent".into(),
+        node_id: "future-peer".into(),
     }))
     .await
     .unwrap();
@@ -49,8 +51,13 @@ fn disjoint_versions_get_both_ranges_then_a_close() {
     c.start_mt().unwrap();
     c.start_ps().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for addr in [c.ps_addr.clone(), c.mt_addr.clone()] {
-        let got = rt.block_on(hello(&addr, &c.tls, (7, 9)));
+    let agent = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);
+    let ps = TlsFiles::of_role(&c.tls, PeerRole::ProcessServer);
+    for (addr, files, role) in [
+        (c.ps_addr.clone(), agent, Role::Agent),
+        (c.mt_addr.clone(), ps, Role::ProcessServer),
+    ] {
+        let got = rt.block_on(hello(&addr, &files, role, (7, 9)));
         assert_eq!(
             got.len(),
             1,
@@ -68,7 +75,7 @@ fn disjoint_versions_get_both_ranges_then_a_close() {
         // An overlapping range is welcomed with the server's own hello.
         let ok = rt.block_on(async {
             let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-            let cfg = tls::client_config(&TlsFiles::client_in(&c.tls)).unwrap();
+            let cfg = tls::client_config(&files).unwrap();
             let s = TlsConnector::from(cfg)
                 .connect(tls::server_name("127.0.0.1").unwrap(), tcp)
                 .await
@@ -77,9 +84,9 @@ fn disjoint_versions_get_both_ranges_then_a_close() {
             f.send(Message::Hello(Hello {
                 proto_min: 1,
                 proto_max: 5,
-                role: Role::Agent,
+                role,
                 capabilities: 0,
-                node_id: "newer-agent".into(),
+                node_id: "newer-peer".into(),
             }))
             .await
             .unwrap();

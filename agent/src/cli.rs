@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use wire_protocol::tls::TlsFiles;
+use runtime::tls::{PeerRole, TlsFiles};
 use wire_protocol::{Compression, DiskAttach, LocationKind};
 
 use crate::engine::Engine;
@@ -53,7 +53,8 @@ pub struct DiskArgs {
     /// Name in the process server's certificate. Default: its host.
     #[arg(long)]
     pub server_name: Option<String>,
-    /// Directory with ca.pem, client.pem, client.key.
+    /// Directory with ca.pem, agent.pem, agent.key: this VM's agent certificate
+    /// (failback certs --role agent --vm VM).
     #[arg(long, default_value = "/etc/failback/tls")]
     pub tls_dir: PathBuf,
     /// Directory for the agent's bookmarks and resync progress.
@@ -166,18 +167,17 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    wire_protocol::ops::block_on_cli("agent", run(cli))
+    runtime::cli::block_on_cli("agent", run(cli))
 }
 
 /// Builds the engine for a disk: opens the source, connects, attaches.
 pub async fn engine(d: &DiskArgs) -> Result<Engine> {
-    wire_protocol::ops::init_logging(d.log_format == "json");
-    let size = wire_protocol::ops::parse_bytes(&d.disk_size).map_err(|reason| {
-        Error::InvalidParameter {
+    runtime::log::init_logging(d.log_format == "json");
+    let size =
+        runtime::units::parse_bytes(&d.disk_size).map_err(|reason| Error::InvalidParameter {
             param: "disk-size",
             reason,
-        }
-    })?;
+        })?;
     if size == 0 || size % 512 != 0 {
         return Err(Error::InvalidParameter {
             param: "disk-size",
@@ -185,7 +185,7 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
         });
     }
     let buffer =
-        wire_protocol::ops::parse_bytes(&d.buffer).map_err(|reason| Error::InvalidParameter {
+        runtime::units::parse_bytes(&d.buffer).map_err(|reason| Error::InvalidParameter {
             param: "buffer",
             reason,
         })? as usize;
@@ -226,7 +226,7 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     let ep = Endpoint {
         addr: d.process_server.clone(),
         server_name: d.server_name.clone().unwrap_or(host),
-        tls: TlsFiles::client_in(&d.tls_dir),
+        tls: TlsFiles::of_role(&d.tls_dir, PeerRole::Agent),
     };
     let compression = if d.compression_level > 0 {
         Compression::Zstd(d.compression_level)
@@ -235,7 +235,7 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     };
     let source = SourceDisk::open(&d.source, size)?;
     Engine::start(
-        Link::new(ep, attach, compression, buffer),
+        Link::new(ep, attach, compression, buffer)?,
         source,
         d.disk_id,
         &d.state_dir,

@@ -23,6 +23,13 @@ pub const BATCH_WRITES: usize = 1024;
 /// of resumption, and how much resync work sits between live writes.
 pub const RESYNC_CHUNK_BLOCKS: u32 = 2048;
 
+/// The first wait between attempts to reach the process server at start.
+pub const START_BACKOFF_MIN_MS: u64 = 250;
+/// The longest wait between attempts to reach the process server at start.
+pub const START_BACKOFF_MAX_MS: u64 = 5_000;
+/// Attempts logged at INFO before they are logged at WARN.
+pub const QUIET_ATTEMPTS: u32 = 3;
+
 /// Where a resync stands.
 #[derive(Debug)]
 pub struct Resync {
@@ -105,8 +112,10 @@ fn now_us() -> u64 {
 }
 
 impl Engine {
-    /// Connects (retrying `NotReady` until `connect_timeout`) and resumes after the LSN the
-    /// process server holds.
+    /// Connects (retrying what may pass, with jittered backoff, until `connect_timeout`)
+    /// and resumes after the LSN the process server holds. A refusal retrying cannot fix
+    /// (another CA, a wrong server name, a disk of another VM, a detached disk, ...) fails
+    /// at once.
     pub async fn start(
         mut link: Link,
         source: SourceDisk,
@@ -117,15 +126,25 @@ impl Engine {
         std::fs::create_dir_all(state_dir)
             .ctx(|| format!("create state directory {}", state_dir.display()))?;
         let deadline = Instant::now() + connect_timeout;
+        let mut backoff = runtime::net::Backoff::new(START_BACKOFF_MIN_MS, START_BACKOFF_MAX_MS);
+        let mut attempts = 0u32;
         let resume = loop {
             match link.connect().await {
                 Ok(r) => break r,
                 Err(e)
                     if Instant::now() < deadline
-                        && !matches!(&e, Error::Refused(m) if !m.contains("retry later")) =>
+                        && e.retry() == wire_protocol::Retry::Transient =>
                 {
-                    tracing::info!(error = %e, "waiting for the process server");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    attempts += 1;
+                    let wait = backoff.next_delay();
+                    // A few misses are normal (the agent may start before the process
+                    // server); past them the operator should know.
+                    if attempts <= QUIET_ATTEMPTS {
+                        tracing::info!(error = %e, retry_ms = wait.as_millis() as u64, "waiting for the process server");
+                    } else {
+                        tracing::warn!(error = %e, attempts, retry_ms = wait.as_millis() as u64, "still cannot reach the process server");
+                    }
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -182,6 +201,9 @@ impl Engine {
 
     /// Sends the pending batch.
     pub async fn flush(&mut self) -> Result<()> {
+        if let Some(e) = self.link.take_fatal() {
+            return Err(e);
+        }
         if self.batch.is_empty() {
             return self.resend_dirty().await;
         }
@@ -484,7 +506,11 @@ impl Engine {
             waited += Duration::from_millis(200);
             self.flush().await?;
         }
-        if self.link.drain(max).await && self.dirty.is_empty() {
+        let drained = self.link.drain(max).await;
+        if let Some(e) = self.link.take_fatal() {
+            return Err(e);
+        }
+        if drained && self.dirty.is_empty() {
             self.link.close().await;
             Ok(())
         } else {

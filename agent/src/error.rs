@@ -30,9 +30,20 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// The process server (or master target behind it) refused something.
+    /// The process server (or master target behind it) refused a request with a code.
+    #[error("{message}")]
+    Peer {
+        /// Its stable code: [`ErrorCode::retry`] says whether to try again.
+        code: wire_protocol::ErrorCode,
+        /// What it said.
+        message: String,
+    },
+    /// Something did not happen in time or as it must; retrying may help.
     #[error("{0}")]
     Refused(String),
+    /// Setting up or using the connection failed.
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
     /// A configuration value is unusable.
     #[error("invalid {param}: {reason}")]
     InvalidParameter {
@@ -41,6 +52,19 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+}
+
+impl Error {
+    /// Whether retrying can help: decided by types and codes, never by an error's text.
+    pub fn retry(&self) -> wire_protocol::Retry {
+        use wire_protocol::Retry;
+        match self {
+            Error::Peer { code, .. } => code.retry(),
+            Error::Runtime(e) => e.retry(),
+            Error::Io { .. } | Error::Wire(_) | Error::Refused(_) => Retry::Transient,
+            Error::TraceLine { .. } | Error::InvalidParameter { .. } => Retry::Permanent,
+        }
+    }
 }
 
 /// Attaches a context to an I/O error.

@@ -11,16 +11,11 @@ use std::time::{Duration, Instant};
 
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use runtime::net::{connect, ClientSpec, ClientStream, Connected};
+use runtime::tls::{PeerRole, TlsFiles};
 use tokio::sync::mpsc;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
-use wire_protocol::tls::TlsFiles;
-use wire_protocol::version::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use wire_protocol::{
-    Compression, DiskAttach, ErrorCode, Hello, Message, MessageCodec, Role, CAP_ZSTD,
-};
+use wire_protocol::{Compression, DiskAttach, ErrorCode, Message, MessageCodec, Role};
 
 use crate::error::{Error, Result};
 
@@ -35,14 +30,18 @@ pub struct Endpoint {
     pub tls: TlsFiles,
 }
 
-type Sink = SplitSink<Framed<TlsStream<TcpStream>, MessageCodec>, Message>;
+type Sink = SplitSink<Framed<ClientStream, MessageCodec>, Message>;
+
+/// How long the process server may take to answer an attach (it asks the master target,
+/// which may create a disk).
+pub const ATTACH_TIMEOUT_MS: u64 = 90_000;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF_MS: u64 = 2_000;
 
 /// The link.
 pub struct Link {
-    ep: Endpoint,
+    spec: ClientSpec,
     attach: DiskAttach,
     compression: Compression,
     sink: Option<Sink>,
@@ -58,6 +57,9 @@ pub struct Link {
     replies: VecDeque<Message>,
     /// The process server lost data of this disk and asked for a resync.
     resync_requested: bool,
+    /// A refusal retrying cannot fix, met while reconnecting in the background: the engine
+    /// stops with it.
+    fatal: Option<Error>,
 }
 
 /// What became of a send.
@@ -70,15 +72,24 @@ pub enum Sent {
 }
 
 impl Link {
-    /// A link for one disk; not yet connected.
+    /// A link for one disk; not yet connected. Fails at once if the TLS files are missing
+    /// or unusable.
     pub fn new(
         ep: Endpoint,
         attach: DiskAttach,
         compression: Compression,
         max_unacked_bytes: usize,
-    ) -> Link {
-        Link {
-            ep,
+    ) -> Result<Link> {
+        let spec = ClientSpec {
+            config: runtime::tls::client_config(&ep.tls)?,
+            addr: ep.addr,
+            server_name: ep.server_name,
+            expect: PeerRole::ProcessServer,
+            role: Role::Agent,
+            node_id: attach.vm_id.clone(),
+        };
+        Ok(Link {
+            spec,
             attach,
             compression,
             sink: None,
@@ -91,7 +102,8 @@ impl Link {
             backoff_ms: 100,
             replies: VecDeque::new(),
             resync_requested: false,
-        }
+            fatal: None,
+        })
     }
 
     /// True while connected.
@@ -110,65 +122,37 @@ impl Link {
     pub async fn connect(&mut self) -> Result<u64> {
         self.sink = None;
         self.events = None;
-        let io = |c: &str, e: std::io::Error| Error::Io {
-            context: format!("{c} {}", self.ep.addr),
-            source: e,
-        };
-        let cfg = wire_protocol::tls::client_config(&self.ep.tls)?;
-        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.ep.addr))
-            .await
-            .map_err(|_| {
-                io(
-                    "connect to the process server at",
-                    std::io::ErrorKind::TimedOut.into(),
-                )
-            })?
-            .map_err(|e| io("connect to the process server at", e))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(cfg)
-            .connect(wire_protocol::tls::server_name(&self.ep.server_name)?, tcp)
-            .await
-            .map_err(|e| io("TLS handshake with", e))?;
-        let mut framed = Framed::new(tls, MessageCodec::new(self.compression));
-        framed
-            .send(Message::Hello(Hello {
-                proto_min: PROTOCOL_VERSION_MIN,
-                proto_max: PROTOCOL_VERSION_MAX,
-                role: Role::Agent,
-                capabilities: CAP_ZSTD,
-                node_id: self.attach.vm_id.clone(),
-            }))
-            .await?;
-        match framed.next().await {
-            Some(Ok(Message::Hello(_))) => {}
-            Some(Ok(Message::Error(e))) => return Err(Error::Refused(e.message)),
-            other => {
-                return Err(Error::Refused(format!(
-                    "process server handshake failed: {other:?}"
-                )))
-            }
-        }
+        let Connected { mut framed, .. } =
+            connect(&self.spec, MessageCodec::new(self.compression)).await?;
         framed
             .send(Message::DiskAttach(self.attach.clone()))
             .await?;
-        let resume = match tokio::time::timeout(Duration::from_secs(90), framed.next()).await {
+        let answer =
+            tokio::time::timeout(Duration::from_millis(ATTACH_TIMEOUT_MS), framed.next()).await;
+        let resume = match answer {
             Ok(Some(Ok(Message::Ack(a)))) => a.entries.first().map_or(0, |e| e.durable_lsn),
             Ok(Some(Ok(Message::Error(e)))) => {
-                let hint = if e.code == ErrorCode::NotReady {
-                    " (retry later)"
-                } else {
-                    ""
-                };
-                return Err(Error::Refused(format!(
-                    "attach of disk {} refused: {}{hint}",
-                    self.attach.disk_id, e.message
-                )));
+                return Err(Error::Peer {
+                    code: e.code,
+                    message: format!(
+                        "attach of disk {} refused: {}",
+                        self.attach.disk_id, e.message
+                    ),
+                });
             }
-            other => {
+            Ok(Some(Ok(m))) => {
                 return Err(Error::Refused(format!(
-                    "attach: unexpected answer {other:?}"
+                    "attach: unexpected answer {}",
+                    m.name()
                 )))
             }
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => {
+                return Err(Error::Refused(
+                    "the process server closed the link while attaching".into(),
+                ))
+            }
+            Err(_) => return Err(Error::Refused("no answer to the attach in time".into())),
         };
         let (sink, mut stream) = framed.split();
         let (tx, rx) = mpsc::channel(1024);
@@ -220,6 +204,11 @@ impl Link {
         }
         match self.connect().await {
             Ok(_) => true,
+            Err(e) if e.retry() == wire_protocol::Retry::Permanent => {
+                tracing::error!(error = %e, "the process server refused this disk for good");
+                self.fatal = Some(e);
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_ms = self.backoff_ms, "process server unreachable");
                 self.next_attempt = Instant::now() + Duration::from_millis(self.backoff_ms);
@@ -273,6 +262,13 @@ impl Link {
             }
             Message::Error(ref e) if e.code == ErrorCode::CacheFull => {
                 tracing::warn!(error = %e.message, "process server cache full; waiting")
+            }
+            Message::Error(e) if e.code.retry() == wire_protocol::Retry::Permanent => {
+                tracing::error!(code = ?e.code, error = %e.message, "the process server refused this disk's stream for good");
+                self.fatal = Some(Error::Peer {
+                    code: e.code,
+                    message: e.message,
+                });
             }
             other => self.replies.push_back(other),
         }
@@ -337,7 +333,7 @@ impl Link {
     /// Waits until everything sent is acknowledged, for at most `max`. Returns whether it was.
     pub async fn drain(&mut self, max: Duration) -> bool {
         let deadline = Instant::now() + max;
-        while !self.unacked.is_empty() && Instant::now() < deadline {
+        while !self.unacked.is_empty() && Instant::now() < deadline && self.fatal.is_none() {
             if !self.ensure_up().await {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -345,6 +341,11 @@ impl Link {
             self.wait_event(Duration::from_millis(200)).await;
         }
         self.unacked.is_empty()
+    }
+
+    /// A refusal met while reconnecting that retrying cannot fix, if any.
+    pub fn take_fatal(&mut self) -> Option<Error> {
+        self.fatal.take()
     }
 
     /// Whether the process server asked for a resync since the last call.
@@ -386,6 +387,9 @@ impl Link {
         while Instant::now() < deadline {
             if let Some(r) = self.replies.pop_front() {
                 return Ok(r);
+            }
+            if let Some(e) = self.fatal.take() {
+                return Err(e);
             }
             if !self.wait_event(Duration::from_millis(200)).await {
                 return Err(Error::Refused(

@@ -10,7 +10,10 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Settings;
 use crate::error::Result;
 use crate::export::{self, Format, PointSel};
+use crate::server::RequestRefusals;
 use crate::service::Disks;
+use runtime::admin::{AdminResponse, Method};
+use runtime::net::Refusals;
 
 /// The on-premises end of failback: applies replicated writes to VMDK disks, keeps a
 /// retention journal of recovery points, exports any point.
@@ -54,7 +57,8 @@ enum Command {
         /// Name in its certificate. Default: the host part of --connect.
         #[arg(long)]
         server_name: Option<String>,
-        /// Directory with ca.pem, client.pem, client.key.
+        /// Directory with ca.pem, operator.pem, operator.key (an operator's certificate:
+        /// failback certs --role operator).
         #[arg(long, default_value = "/etc/failback/tls")]
         tls_dir: PathBuf,
         /// The disk.
@@ -121,7 +125,7 @@ fn run(cli: Cli) -> Result<()> {
             settings: s,
         } => {
             let cfg = settings(config, s)?;
-            wire_protocol::ops::init_logging(cfg.log_json);
+            runtime::log::init_logging(cfg.log_json);
             let rt = tokio::runtime::Runtime::new().map_err(|e| crate::error::Error::Io {
                 context: "start runtime".into(),
                 source: e,
@@ -191,7 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             let lsn = rt.block_on(crate::admin::detach(
                 &connect,
                 &name,
-                &wire_protocol::tls::TlsFiles::client_in(&tls_dir),
+                &runtime::tls::TlsFiles::of_role(&tls_dir, runtime::tls::PeerRole::Operator),
                 disk,
             ))?;
             println!("disk {disk} detached at lsn {lsn}; its lock is released and the on-premises VM can boot from it");
@@ -227,7 +231,7 @@ async fn serve(cfg: crate::config::Config) -> Result<()> {
         cfg.allow_shared_retention_volume,
     )?;
     tracing::info!(retention = %cfg.retention_dir.display(), free_bytes = vol.free_bytes, total_bytes = vol.total_bytes, "retention volume accepted");
-    let tls = wire_protocol::tls::server_config(&cfg.tls)?;
+    let tls = runtime::tls::server_config(&cfg.tls)?;
     let disks = Disks::open(cfg.clone())?;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -235,14 +239,22 @@ async fn serve(cfg: crate::config::Config) -> Result<()> {
             context: format!("listen on {}", cfg.listen),
             source: e,
         })?;
-    let d = Arc::clone(&disks);
-    let admin = wire_protocol::ops::serve_admin(cfg.admin_listen, move |path| {
-        let d = Arc::clone(&d);
+    let refusals = Arc::new(Refusals::default());
+    let requests = Arc::new(RequestRefusals::default());
+    let (d, r, q) = (
+        Arc::clone(&disks),
+        Arc::clone(&refusals),
+        Arc::clone(&requests),
+    );
+    let admin = runtime::admin::serve_admin(cfg.admin_listen, move |req| {
+        let (d, r, q) = (Arc::clone(&d), Arc::clone(&r), Arc::clone(&q));
         async move {
-            match path.as_str() {
-                "/metrics" => (200, crate::metrics::render(&d)),
-                "/health" => (200, "ok\n".to_owned()),
-                _ => (404, "try /metrics or /health\n".to_owned()),
+            match (req.method, req.path.as_str()) {
+                (Method::Get, "/metrics") => {
+                    AdminResponse::text(200, crate::metrics::render(&d, &r, &q))
+                }
+                (Method::Get, "/health") => AdminResponse::text(200, "ok\n"),
+                _ => AdminResponse::text(404, "try GET /metrics or /health\n"),
             }
         }
     })
@@ -251,7 +263,21 @@ async fn serve(cfg: crate::config::Config) -> Result<()> {
         context: format!("admin endpoint on {}", cfg.admin_listen),
         source: e,
     })?;
-    tracing::info!(listen = %listener.local_addr().map_err(|e| crate::error::Error::Io { context: "local addr".into(), source: e })?, admin = %admin, "master-target ready");
+    let local = listener.local_addr().map_err(|e| crate::error::Error::Io {
+        context: "local addr".into(),
+        source: e,
+    })?;
     let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "master-target".into());
-    crate::server::serve(listener, TlsAcceptor::from(tls), disks, node).await
+    crate::server::spawn(
+        listener,
+        TlsAcceptor::from(tls),
+        disks,
+        node,
+        refusals,
+        requests,
+    );
+    tracing::info!(listen = %local, admin = %admin, datastores = ?cfg.datastore_dirs, "master-target ready");
+    runtime::cli::wait_for_shutdown().await;
+    tracing::info!("master-target shutting down");
+    Ok(())
 }

@@ -24,16 +24,16 @@ pub struct Settings {
     /// Retention journal directory; must be a volume of its own. Default: /mnt/retention
     #[arg(long)]
     pub retention_dir: Option<PathBuf>,
-    /// Datastore directory for new disks (alternate location) when an attach names none. Default: /var/lib/failback/datastore
-    #[arg(long)]
-    pub datastore_dir: Option<PathBuf>,
-    /// CA certificate (PEM) that signs process servers' client certificates. Default: /etc/failback/tls/ca.pem
+    /// Datastore directories (comma-separated on the command line, a list in TOML): the only places whose disks peers may name or create. New disks of an alternate location that names no directory go to the first. Default: /var/lib/failback/datastore
+    #[arg(long, value_delimiter = ',')]
+    pub datastore_dirs: Option<Vec<PathBuf>>,
+    /// CA certificate (PEM) of the deployment (signs process servers' and operators' certificates). Default: /etc/failback/tls/ca.pem
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
-    /// This server's certificate (PEM). Default: /etc/failback/tls/server.pem
+    /// This server's certificate (PEM), issued with `failback certs --role master-target`. Default: /etc/failback/tls/master-target.pem
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
-    /// This server's private key (PEM). Default: /etc/failback/tls/server.key
+    /// This server's private key (PEM). Default: /etc/failback/tls/master-target.key
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// A crash-consistent recovery point at least this often, in milliseconds of replicated time. Default: 5000
@@ -67,10 +67,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// See [`Settings::retention_dir`].
     pub retention_dir: PathBuf,
-    /// See [`Settings::datastore_dir`].
-    pub datastore_dir: PathBuf,
+    /// See [`Settings::datastore_dirs`].
+    pub datastore_dirs: Vec<PathBuf>,
     /// TLS files.
-    pub tls: wire_protocol::tls::TlsFiles,
+    pub tls: runtime::tls::TlsFiles,
     /// See [`Settings::crash_point_interval_ms`].
     pub crash_point_interval_ms: u64,
     /// See [`Settings::retention_hours`].
@@ -105,7 +105,7 @@ impl Settings {
             admin_listen: self.admin_listen.or(base.admin_listen),
             data_dir: self.data_dir.or(base.data_dir),
             retention_dir: self.retention_dir.or(base.retention_dir),
-            datastore_dir: self.datastore_dir.or(base.datastore_dir),
+            datastore_dirs: self.datastore_dirs.or(base.datastore_dirs),
             tls_ca: self.tls_ca.or(base.tls_ca),
             tls_cert: self.tls_cert.or(base.tls_cert),
             tls_key: self.tls_key.or(base.tls_key),
@@ -126,7 +126,7 @@ impl Settings {
     pub fn resolve(self) -> Result<Config> {
         let quota = self.journal_quota.as_deref().unwrap_or("64GiB");
         let journal_quota_bytes =
-            wire_protocol::ops::parse_bytes(quota).map_err(|reason| Error::InvalidParameter {
+            runtime::units::parse_bytes(quota).map_err(|reason| Error::InvalidParameter {
                 param: "journal-quota",
                 reason,
             })?;
@@ -157,13 +157,17 @@ impl Settings {
             retention_dir: self
                 .retention_dir
                 .unwrap_or_else(|| "/mnt/retention".into()),
-            datastore_dir: self
-                .datastore_dir
-                .unwrap_or_else(|| "/var/lib/failback/datastore".into()),
-            tls: wire_protocol::tls::TlsFiles {
+            datastore_dirs: self
+                .datastore_dirs
+                .unwrap_or_else(|| vec!["/var/lib/failback/datastore".into()]),
+            tls: runtime::tls::TlsFiles {
                 ca: self.tls_ca.unwrap_or_else(|| tls_dir.join("ca.pem")),
-                cert: self.tls_cert.unwrap_or_else(|| tls_dir.join("server.pem")),
-                key: self.tls_key.unwrap_or_else(|| tls_dir.join("server.key")),
+                cert: self
+                    .tls_cert
+                    .unwrap_or_else(|| tls_dir.join("master-target.pem")),
+                key: self
+                    .tls_key
+                    .unwrap_or_else(|| tls_dir.join("master-target.key")),
             },
             crash_point_interval_ms,
             retention_hours: self.retention_hours.unwrap_or(24),

@@ -26,6 +26,12 @@ impl DiskFile {
             .write(true)
             .open(path)
             .ctx(|| format!("open disk {}", path.display()))?;
+        DiskFile::lock(file, path)
+    }
+
+    /// Takes a file opened for reading and writing (by [`crate::datastore`], confined to a
+    /// datastore) and locks it exclusively; `path` names it in messages.
+    pub fn lock(file: File, path: &Path) -> Result<DiskFile> {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => return Err(Error::DiskLocked { path: path.into() }),

@@ -109,9 +109,35 @@ pub enum Error {
         /// What.
         detail: String,
     },
+    /// A target path from the wire is refused (outside the datastores, not a descriptor,
+    /// a link out, an existing file).
+    #[error("target {target:?} refused: {reason}")]
+    TargetRefused {
+        /// The path as named.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer's identity may not make this request.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The disk was detached for failback and is never attached or written again.
+    #[error("disk {disk_id} was detached for failback at lsn {lsn}; it is not attached again (give a new disk id to replicate into a new disk)")]
+    Detached {
+        /// The disk.
+        disk_id: u64,
+        /// Its last durable LSN.
+        lsn: u64,
+    },
     /// No recovery point matches.
     #[error("{0}")]
     NoSuchPoint(String),
+    /// A running master target refused an operator's request, or did not answer.
+    #[error("{0}")]
+    Refused(String),
+    /// Setting up or using a connection failed.
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
     /// A configuration value is unusable.
     #[error("invalid {param}: {reason}")]
     InvalidParameter {
@@ -135,7 +161,22 @@ impl Error {
             Error::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             Error::UnknownDisk(_) => ErrorCode::UnknownDisk,
             Error::Wire(_) => ErrorCode::Malformed,
+            Error::TargetRefused { .. } => ErrorCode::UnsupportedDisk,
+            Error::Forbidden(_) => ErrorCode::Forbidden,
+            Error::Detached { .. } => ErrorCode::Detached,
+            Error::InvalidParameter { .. } => ErrorCode::Malformed,
             _ => ErrorCode::Internal,
+        }
+    }
+
+    /// The text a peer sees: what it needs to act, never a file's size or an OS error
+    /// about a path it did not name (those go to this service's log).
+    pub fn wire_message(&self, disk_id: u64) -> String {
+        match self {
+            Error::SizeMismatch { expected, .. } => format!("disk {disk_id}: the target disk's size does not match the source disk's {expected} bytes: choose the matching disk, or recover to an alternate location"),
+            Error::Io { .. } | Error::JournalCorrupt { .. } | Error::RetentionVolume { .. } => format!("disk {disk_id}: the master target failed an operation on its storage; its log says more"),
+            Error::DiskLocked { .. } => format!("disk {disk_id}: the target disk is locked by another process: power off the on-premises VM (or stop whatever holds the disk) and retry"),
+            e => e.to_string(),
         }
     }
 }

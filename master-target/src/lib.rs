@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`vmdk`]: descriptors (ESXi `vmfs` and qemu `monolithicFlat`), refusal of sparse and
 //!   snapshot disks, creation of new disks (alternate location).
+//! - [`datastore`]: the datastore directories, the only places a peer's paths can reach.
 //! - [`disk`]: a disk's data file under an exclusive lock.
 //! - [`journal`]: the retention journal (undo records, commits, recovery points) and its
 //!   crash recovery.
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod datastore;
 pub mod disk;
 pub mod error;
 pub mod export;

@@ -2,7 +2,10 @@
 
 use std::fmt::Write;
 
-use wire_protocol::ops::{render_series, Series};
+use runtime::metrics::{render_series, Series};
+use runtime::net::Refusals;
+
+use crate::server::RequestRefusals;
 
 use crate::service::{DiskStats, Disks};
 
@@ -58,7 +61,7 @@ const SERIES: [Series<DiskStats>; 8] = [
 ];
 
 /// Renders every metric.
-pub fn render(disks: &Disks) -> String {
+pub fn render(disks: &Disks, refusals: &Refusals, requests: &RequestRefusals) -> String {
     let rows: Vec<(String, DiskStats)> = disks
         .stats()
         .into_iter()
@@ -67,5 +70,13 @@ pub fn render(disks: &Disks) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# HELP failback_mt_disks_attached Disks attached to this master target.\n# TYPE failback_mt_disks_attached gauge\nfailback_mt_disks_attached {}", rows.len());
     render_series(&mut s, &SERIES, &rows);
+    let _ = writeln!(s, "# HELP failback_mt_connections_refused_total Connections refused before they were served, by reason.\n# TYPE failback_mt_connections_refused_total counter");
+    for (reason, n) in refusals.counts() {
+        let _ = writeln!(
+            s,
+            "failback_mt_connections_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(s, "# HELP failback_mt_requests_refused_total Requests refused because the peer's identity may not make them.\n# TYPE failback_mt_requests_refused_total counter\nfailback_mt_requests_refused_total{{reason=\"forbidden\"}} {}", requests.forbidden.load(std::sync::atomic::Ordering::Relaxed));
     s
 }

@@ -28,8 +28,15 @@ pub struct DiskRecord {
     pub descriptor: PathBuf,
     /// The flat extent written.
     pub data_path: PathBuf,
-    /// True while attached (locked, receiving); false once detached for failback.
+    /// True while attached (locked, receiving); false once detached for failback, which
+    /// is final: a detached disk is never attached again.
     pub attached: bool,
+    /// The identity of the process server that attached it (only it may write the disk).
+    #[serde(default)]
+    pub process_server: String,
+    /// The committed LSN when it was detached.
+    #[serde(default)]
+    pub detached_lsn: u64,
 }
 
 /// The durable disk list.

@@ -1,149 +1,179 @@
-//! The network shell: mutual-TLS listener, handshake, and per-connection dispatch.
+//! The network shell: the guarded mutual-TLS listener, and per-connection dispatch with
+//! authorization.
+//!
+//! # Who may do what
+//! | identity | may send |
+//! |---|---|
+//! | process server | disk attach, write batches, bookmarks, digest requests, heartbeats: for the disks it attached |
+//! | operator | detach, heartbeats |
+//!
+//! Anything else is refused with `Error{Forbidden}`, logged with the identity and counted.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use runtime::net::{spawn_server, Peer, Refusals, ServerPolicy};
+use runtime::tls::{Identity, PeerRole};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::Framed;
-use wire_protocol::version::{negotiate, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use wire_protocol::{
-    Ack, AckEntry, ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Role, CAP_ZSTD,
-};
+use wire_protocol::{Ack, AckEntry, ErrorCode, ErrorMsg, Message, Role};
 
-use crate::error::Result;
+use crate::error::Error;
 use crate::service::Disks;
 
-/// At most this many process servers (connections) at once; more wait in the kernel's
-/// accept queue. Each connection's memory is bounded by its codec's frame limit and its
-/// outbound queue.
+/// At most this many peers (process servers and operators) at once. Each connection's
+/// memory is bounded by its codec's frame limit and its outbound queue.
 pub const MAX_CONNECTIONS: usize = 64;
+/// At most this many connections of one identity at once (a process server needs one).
+pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 8;
 /// Messages queued toward one connection before the disk workers wait for it.
 pub const OUTBOUND_QUEUE_DEPTH: usize = 256;
-/// A peer must finish its TLS handshake and Hello within this time.
-pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
-/// Accepts connections until the process ends.
-pub async fn serve(
+/// Requests refused past the handshake, for metrics.
+#[derive(Debug, Default)]
+pub struct RequestRefusals {
+    /// Requests the identity may not make.
+    pub forbidden: AtomicU64,
+}
+
+/// Accepts peers on `listener` until the process ends.
+pub fn spawn(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     disks: Arc<Disks>,
     node_id: String,
-) -> Result<()> {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = Arc::clone(&slots)
-            .acquire_owned()
-            .await
-            .expect("never closed");
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                continue;
+    refusals: Arc<Refusals>,
+    requests: Arc<RequestRefusals>,
+) {
+    let policy = ServerPolicy {
+        service: "master target",
+        our_role: Role::MasterTarget,
+        node_id,
+        allowed: vec![
+            (PeerRole::ProcessServer, Role::ProcessServer),
+            (PeerRole::Operator, Role::Admin),
+        ],
+        max_connections: MAX_CONNECTIONS,
+        max_connections_per_identity: MAX_CONNECTIONS_PER_IDENTITY,
+    };
+    spawn_server(listener, acceptor, policy, refusals, move |peer| {
+        let (disks, requests) = (Arc::clone(&disks), Arc::clone(&requests));
+        async move {
+            let (addr, identity) = (peer.addr, peer.identity.clone());
+            match connection(peer, disks, requests).await {
+                Ok(()) => tracing::info!(%addr, %identity, "peer disconnected"),
+                Err(e) => tracing::warn!(%addr, %identity, error = %e, "connection ended"),
             }
-        };
-        let (acceptor, disks, node_id) = (acceptor.clone(), Arc::clone(&disks), node_id.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = connection(tcp, acceptor, disks, node_id).await {
-                tracing::warn!(%peer, error = %e, "connection ended");
-            }
-        });
+        }
+    });
+}
+
+fn error_msg(code: ErrorCode, disk_id: u64, message: String) -> Message {
+    Message::Error(ErrorMsg {
+        code,
+        disk_id,
+        message,
+    })
+}
+
+fn reply_err(identity: &Identity, requests: &RequestRefusals, disk_id: u64, e: Error) -> Message {
+    if e.code() == ErrorCode::Forbidden {
+        requests.forbidden.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%identity, disk = disk_id, error = %e, "request refused");
+    }
+    error_msg(e.code(), disk_id, e.wire_message(disk_id))
+}
+
+/// Whether `identity` may send `msg`.
+fn allowed(identity: &Identity, msg: &Message) -> bool {
+    match identity.role {
+        PeerRole::ProcessServer => matches!(
+            msg,
+            Message::DiskAttach(_)
+                | Message::WriteBatch(_)
+                | Message::Bookmark(_)
+                | Message::DigestRequest(_)
+                | Message::Heartbeat { .. }
+                | Message::Ignored { .. }
+        ),
+        PeerRole::Operator => matches!(msg, Message::Detach { .. } | Message::Heartbeat { .. }),
+        _ => false,
+    }
+}
+
+fn disk_of(msg: &Message) -> u64 {
+    match msg {
+        Message::DiskAttach(a) => a.disk_id,
+        Message::WriteBatch(b) => b.disk_id,
+        Message::Bookmark(b) => b.disk_id,
+        Message::DigestRequest(r) => r.disk_id,
+        Message::Detach { disk_id } => *disk_id,
+        _ => 0,
     }
 }
 
 async fn connection(
-    tcp: TcpStream,
-    acceptor: TlsAcceptor,
+    peer: Peer,
     disks: Arc<Disks>,
-    node_id: String,
-) -> Result<()> {
-    let _ = tcp.set_nodelay(true);
-    let timeout = std::time::Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
-    let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
-        .await
-        .map_err(|_| io_err("TLS handshake timed out"))?
-        .map_err(|e| crate::error::Error::Io {
-            context: "TLS handshake (is the client certificate signed by our CA?)".into(),
-            source: e,
-        })?;
-    let mut framed = Framed::new(tls, MessageCodec::default());
-    let hello = match tokio::time::timeout(timeout, framed.next()).await {
-        Ok(Some(Ok(Message::Hello(h)))) => h,
-        Ok(Some(Ok(m))) => return Err(io_err(&format!("expected hello, got {}", m.name()))),
-        Ok(Some(Err(e))) => return Err(e.into()),
-        _ => return Err(io_err("no hello")),
-    };
-    match negotiate(
-        (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
-        (hello.proto_min, hello.proto_max),
-    ) {
-        Ok(v) => framed.codec_mut().set_version(v),
-        Err(e) => {
-            let _ = framed
-                .send(Message::Error(ErrorMsg {
-                    code: ErrorCode::VersionMismatch,
-                    disk_id: 0,
-                    message: e.to_string(),
-                }))
-                .await;
-            return Err(e.into());
-        }
-    }
-    framed
-        .send(Message::Hello(Hello {
-            proto_min: PROTOCOL_VERSION_MIN,
-            proto_max: PROTOCOL_VERSION_MAX,
-            role: Role::MasterTarget,
-            capabilities: CAP_ZSTD,
-            node_id,
-        }))
-        .await?;
-    tracing::info!(peer = %hello.node_id, "process server connected");
-
-    let (mut sink, mut stream) = framed.split();
+    requests: Arc<RequestRefusals>,
+) -> crate::error::Result<()> {
+    let identity = peer.identity;
+    let by = identity.name.clone();
+    let (mut sink, mut stream) = peer.framed.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE_DEPTH);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
-            if sink.send(m).await.is_err() {
-                break;
-            }
+            sink.send(m).await?;
         }
+        Ok::<(), wire_protocol::Error>(())
     });
-    while let Some(msg) = stream.next().await {
+    loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            // A writer that stops takes the connection down, loudly: nothing may be left
+            // half-working with acks silently lost.
+            w = &mut writer => {
+                return Err(match w {
+                    Ok(Err(e)) => e.into(),
+                    other => Error::Io {
+                        context: "the reply task stopped".into(),
+                        source: std::io::Error::other(format!("{other:?}")),
+                    },
+                });
+            }
+        };
+        let Some(msg) = msg else { break };
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {
                 // The stream is not trustworthy after a framing error: tell the peer, close.
                 let _ = out
-                    .send(Message::Error(ErrorMsg {
-                        code: ErrorCode::Malformed,
-                        disk_id: 0,
-                        message: e.to_string(),
-                    }))
+                    .send(error_msg(ErrorCode::Malformed, 0, e.to_string()))
                     .await;
                 drop(out);
                 let _ = writer.await;
                 return Err(e.into());
             }
         };
-        let reply_err = |disk_id: u64, e: crate::error::Error| {
-            Message::Error(ErrorMsg {
-                code: e.code(),
-                disk_id,
-                message: e.to_string(),
-            })
-        };
-        match msg {
+        let id = disk_of(&msg);
+        if !allowed(&identity, &msg) {
+            let e = Error::Forbidden(format!(
+                "a {} may not send {} messages to a master target",
+                identity.role,
+                msg.name()
+            ));
+            let _ = out.send(reply_err(&identity, &requests, id, e)).await;
+            continue;
+        }
+        let reply = match msg {
             Message::DiskAttach(a) => {
-                let d = Arc::clone(&disks);
-                let id = a.disk_id;
-                let r = tokio::task::spawn_blocking(move || d.attach(&a))
+                let (d, by) = (Arc::clone(&disks), by.clone());
+                let r = tokio::task::spawn_blocking(move || d.attach(&by, &a))
                     .await
                     .expect("attach does not panic");
-                let m = match r {
+                Some(match r {
                     Ok(lsn) => Message::Ack(Ack {
                         entries: vec![AckEntry {
                             disk_id: id,
@@ -151,69 +181,56 @@ async fn connection(
                         }],
                     }),
                     Err(e) => {
-                        tracing::warn!(disk = id, error = %e, "attach refused");
-                        reply_err(id, e)
+                        tracing::warn!(disk = id, %identity, error = %e, "attach refused");
+                        reply_err(&identity, &requests, id, e)
                     }
-                };
-                let _ = out.send(m).await;
+                })
             }
-            Message::WriteBatch(b) => {
-                let id = b.disk_id;
-                if let Err(e) = disks.submit_batch(b, out.clone()).await {
-                    let _ = out.send(reply_err(id, e)).await;
-                }
-            }
-            Message::Bookmark(b) => {
-                let id = b.disk_id;
-                if let Err(e) = disks.submit_bookmark(b, out.clone()).await {
-                    let _ = out.send(reply_err(id, e)).await;
-                }
-            }
-            Message::DigestRequest(r) => {
-                let id = r.disk_id;
-                if let Err(e) = disks.submit_digests(r, out.clone()).await {
-                    let _ = out.send(reply_err(id, e)).await;
-                }
-            }
+            Message::WriteBatch(b) => disks
+                .submit_batch(b, &by, out.clone())
+                .await
+                .err()
+                .map(|e| reply_err(&identity, &requests, id, e)),
+            Message::Bookmark(b) => disks
+                .submit_bookmark(b, &by, out.clone())
+                .await
+                .err()
+                .map(|e| reply_err(&identity, &requests, id, e)),
+            Message::DigestRequest(r) => disks
+                .submit_digests(r, &by, out.clone())
+                .await
+                .err()
+                .map(|e| reply_err(&identity, &requests, id, e)),
             Message::Detach { disk_id } => {
                 let d = Arc::clone(&disks);
-                let m = match tokio::task::spawn_blocking(move || d.detach(disk_id))
-                    .await
-                    .expect("detach does not panic")
-                {
-                    Ok(lsn) => Message::Ack(Ack {
-                        entries: vec![AckEntry {
-                            disk_id,
-                            durable_lsn: lsn,
-                        }],
-                    }),
-                    Err(e) => reply_err(disk_id, e),
-                };
-                let _ = out.send(m).await;
+                Some(
+                    match tokio::task::spawn_blocking(move || d.detach(disk_id))
+                        .await
+                        .expect("detach does not panic")
+                    {
+                        Ok(lsn) => {
+                            tracing::info!(disk = disk_id, %identity, lsn, "detached by the operator");
+                            Message::Ack(Ack {
+                                entries: vec![AckEntry {
+                                    disk_id,
+                                    durable_lsn: lsn,
+                                }],
+                            })
+                        }
+                        Err(e) => reply_err(&identity, &requests, disk_id, e),
+                    },
+                )
             }
-            Message::Heartbeat { seq, time_us } => {
-                let _ = out.send(Message::Heartbeat { seq, time_us }).await;
-            }
-            Message::Ignored { .. } => {}
-            other => {
-                let _ = out
-                    .send(Message::Error(ErrorMsg {
-                        code: ErrorCode::Malformed,
-                        disk_id: 0,
-                        message: format!("a master target does not take {} messages", other.name()),
-                    }))
-                    .await;
+            Message::Heartbeat { seq, time_us } => Some(Message::Heartbeat { seq, time_us }),
+            _ => None,
+        };
+        if let Some(r) = reply {
+            if out.send(r).await.is_err() {
+                break;
             }
         }
     }
     drop(out);
     let _ = writer.await;
     Ok(())
-}
-
-fn io_err(msg: &str) -> crate::error::Error {
-    crate::error::Error::Io {
-        context: msg.to_owned(),
-        source: std::io::Error::other(msg.to_owned()),
-    }
 }

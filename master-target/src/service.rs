@@ -19,6 +19,7 @@ use wire_protocol::{
 
 use crate::apply::{Applier, RetentionPolicy, Verdict};
 use crate::config::Config;
+use crate::datastore::Datastores;
 use crate::disk::DiskFile;
 use crate::error::{Error, Result};
 use crate::journal::Journal;
@@ -47,6 +48,8 @@ enum Work {
 
 struct DiskHandle {
     tx: mpsc::Sender<Work>,
+    /// The identity name of the process server that attached the disk: only it may write.
+    owner: String,
     committed: Arc<AtomicU64>,
     stats: Arc<Mutex<DiskStats>>,
 }
@@ -75,6 +78,7 @@ pub struct DiskStats {
 /// The master target's disks and their workers.
 pub struct Disks {
     cfg: Config,
+    datastores: Datastores,
     registry: Mutex<Registry>,
     handles: Mutex<HashMap<u64, DiskHandle>>,
 }
@@ -84,8 +88,10 @@ impl Disks {
     /// journal: torn tails truncated, uncommitted writes rolled back).
     pub fn open(cfg: Config) -> Result<Arc<Disks>> {
         let registry = Registry::load(&cfg.data_dir)?;
+        let datastores = Datastores::open(&cfg.datastore_dirs)?;
         let disks = Arc::new(Disks {
             cfg,
+            datastores,
             registry: Mutex::new(registry),
             handles: Mutex::new(HashMap::new()),
         });
@@ -99,7 +105,8 @@ impl Disks {
             .cloned()
             .collect();
         for rec in attached {
-            let committed = disks.start(&rec)?;
+            let (_, file) = disks.datastores.reopen(&rec.descriptor)?;
+            let committed = disks.start(&rec, DiskFile::lock(file, &rec.data_path)?)?;
             tracing::info!(disk = rec.disk_id, committed_lsn = committed, path = %rec.data_path.display(), "disk re-attached after restart");
         }
         Ok(disks)
@@ -118,17 +125,35 @@ impl Disks {
         retention_dir.join(format!("disk-{disk_id}"))
     }
 
-    /// Attaches a disk (or confirms one attached already). Returns its committed LSN.
-    pub fn attach(&self, req: &DiskAttach) -> Result<u64> {
+    /// The datastores of this master target.
+    pub fn datastores(&self) -> &Datastores {
+        &self.datastores
+    }
+
+    /// Attaches a disk for the process server `by` (or confirms one it attached already).
+    /// Returns its committed LSN.
+    pub fn attach(&self, by: &str, req: &DiskAttach) -> Result<u64> {
         if req.disk_id == 0 {
             return Err(Error::InvalidParameter {
                 param: "disk_id",
                 reason: "0 is not a disk id".into(),
             });
         }
+        wire_protocol::message::validate_name("vm id", &req.vm_id).map_err(|e| {
+            Error::InvalidParameter {
+                param: "vm_id",
+                reason: e.to_string(),
+            }
+        })?;
         let mut reg = self.registry.lock().expect("poisoned");
         let uuid = uuid_hex(&req.disk_uuid);
         if let Some(h) = self.handles.lock().expect("poisoned").get(&req.disk_id) {
+            if h.owner != by {
+                return Err(Error::Forbidden(format!(
+                    "disk {} is replicated by another process server",
+                    req.disk_id
+                )));
+            }
             let rec = reg.get(req.disk_id).expect("attached disks are registered");
             if rec.uuid != uuid || rec.size_bytes != req.size_bytes {
                 return Err(Error::DuplicateUuid {
@@ -138,6 +163,14 @@ impl Disks {
                 });
             }
             return Ok(h.committed.load(Ordering::Acquire));
+        }
+        if let Some(rec) = reg.get(req.disk_id) {
+            if !rec.attached {
+                return Err(Error::Detached {
+                    disk_id: rec.disk_id,
+                    lsn: rec.detached_lsn,
+                });
+            }
         }
         let attached: Vec<&DiskRecord> = reg.disks.iter().filter(|d| d.attached).collect();
         if attached.len() >= MAX_DISKS {
@@ -159,27 +192,22 @@ impl Disks {
                 other,
             });
         }
-        let image = match (reg.get(req.disk_id), req.location) {
-            // Re-attached after a detach: the disk we made or were given before.
-            (Some(rec), _) => vmdk::inspect(&rec.descriptor)?,
-            (None, LocationKind::Original) => vmdk::inspect(Path::new(&req.target))?,
-            (None, LocationKind::Alternate) => {
-                let dir = if req.target.is_empty() {
-                    self.cfg.datastore_dir.clone()
-                } else {
-                    PathBuf::from(&req.target)
+        let (image, file) = match req.location {
+            LocationKind::Original => {
+                let (image, file) = self.datastores.open_original(&req.target)?;
+                self.check_retention(&image.data_path)?;
+                (image, file)
+            }
+            LocationKind::Alternate => {
+                // Judge the retention volume before anything is created.
+                let dir = match req.target.as_str() {
+                    "" => self.datastores.dirs()[0].clone(),
+                    t => self.datastores.path_of(&self.datastores.locate(t)?),
                 };
-                let name: String = format!("{}-disk{}", req.vm_id, req.disk_id)
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                            c
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
-                vmdk::create(&dir, &name, req.size_bytes, &req.disk_uuid)?
+                self.check_retention(&dir)?;
+                let name = format!("{}-disk{}", req.vm_id, req.disk_id);
+                self.datastores
+                    .create(&req.target, &name, req.size_bytes, &req.disk_uuid)?
             }
         };
         if let Some(u) = image.uuid.map(|u| uuid_hex(&u)) {
@@ -191,9 +219,7 @@ impl Disks {
                 });
             }
         }
-        let actual = std::fs::metadata(&image.data_path)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let actual = file.metadata().map(|m| m.len()).unwrap_or(0);
         if image.size_bytes != req.size_bytes || actual < req.size_bytes {
             return Err(Error::SizeMismatch {
                 disk_id: req.disk_id,
@@ -202,11 +228,7 @@ impl Disks {
                 actual: image.size_bytes.min(actual),
             });
         }
-        crate::retention::check(
-            &self.cfg.retention_dir,
-            &[("the disk", &image.data_path)],
-            self.cfg.allow_shared_retention_volume,
-        )?;
+        let disk = DiskFile::lock(file, &image.data_path)?;
         let rec = DiskRecord {
             disk_id: req.disk_id,
             vm_id: req.vm_id.clone(),
@@ -216,16 +238,26 @@ impl Disks {
             descriptor: image.descriptor,
             data_path: image.data_path,
             attached: true,
+            process_server: by.to_owned(),
+            detached_lsn: 0,
         };
-        let committed = self.start(&rec)?;
+        let committed = self.start(&rec, disk)?;
         reg.put(rec)?;
-        tracing::info!(disk = req.disk_id, vm = %req.vm_id, committed_lsn = committed, "disk attached");
+        tracing::info!(disk = req.disk_id, vm = %req.vm_id, process_server = by, committed_lsn = committed, "disk attached");
         Ok(committed)
     }
 
-    /// Opens, locks and recovers a disk, and starts its worker.
-    fn start(&self, rec: &DiskRecord) -> Result<u64> {
-        let disk = DiskFile::open(&rec.data_path)?;
+    fn check_retention(&self, disk_place: &Path) -> Result<()> {
+        crate::retention::check(
+            &self.cfg.retention_dir,
+            &[("the disk", disk_place)],
+            self.cfg.allow_shared_retention_volume,
+        )
+        .map(|_| ())
+    }
+
+    /// Recovers a locked disk's journal and starts its worker.
+    fn start(&self, rec: &DiskRecord, disk: DiskFile) -> Result<u64> {
         let journal = Journal::open(
             &Self::journal_dir(&self.cfg.retention_dir, rec.disk_id),
             &disk,
@@ -252,6 +284,7 @@ impl Disks {
             rec.disk_id,
             DiskHandle {
                 tx,
+                owner: rec.process_server.clone(),
                 committed: committed_cell,
                 stats,
             },
@@ -263,12 +296,15 @@ impl Disks {
     /// the on-premises VM can boot from it. Its journal stays for exports.
     pub fn detach(&self, disk_id: u64) -> Result<u64> {
         let mut reg = self.registry.lock().expect("poisoned");
-        let h = self
-            .handles
-            .lock()
-            .expect("poisoned")
-            .remove(&disk_id)
-            .ok_or(Error::UnknownDisk(disk_id))?;
+        let Some(h) = self.handles.lock().expect("poisoned").remove(&disk_id) else {
+            return Err(match reg.get(disk_id) {
+                Some(rec) if !rec.attached => Error::Detached {
+                    disk_id,
+                    lsn: rec.detached_lsn,
+                },
+                _ => Error::UnknownDisk(disk_id),
+            });
+        };
         let committed = h.committed.clone();
         // Dropping the sender ends the worker once its queue is drained; it drops the disk
         // file (and its lock) on the way out. Wait for that, bounded.
@@ -282,30 +318,32 @@ impl Disks {
         }
         if let Some(mut rec) = reg.get(disk_id).cloned() {
             rec.attached = false;
+            rec.detached_lsn = committed.load(Ordering::Acquire);
             reg.put(rec)?;
         }
         tracing::info!(disk = disk_id, "disk detached; its lock is released");
         Ok(committed.load(Ordering::Acquire))
     }
 
-    /// Queues a batch for its disk's worker (waits while the queue is full).
-    pub async fn submit_batch(&self, b: WriteBatch, reply: Reply) -> Result<()> {
-        let tx = self.sender(b.disk_id)?;
+    /// Queues a batch from process server `by` for its disk's worker (waits while the
+    /// queue is full).
+    pub async fn submit_batch(&self, b: WriteBatch, by: &str, reply: Reply) -> Result<()> {
+        let tx = self.sender(b.disk_id, by)?;
         tx.send(Work::Batch(b, reply))
             .await
             .map_err(|_| Error::UnknownDisk(0))
     }
 
     /// Queues a bookmark.
-    pub async fn submit_bookmark(&self, b: Bookmark, reply: Reply) -> Result<()> {
-        let tx = self.sender(b.disk_id)?;
+    pub async fn submit_bookmark(&self, b: Bookmark, by: &str, reply: Reply) -> Result<()> {
+        let tx = self.sender(b.disk_id, by)?;
         tx.send(Work::Bookmark(b, reply))
             .await
             .map_err(|_| Error::UnknownDisk(0))
     }
 
     /// Queues a digest request.
-    pub async fn submit_digests(&self, r: DigestRequest, reply: Reply) -> Result<()> {
+    pub async fn submit_digests(&self, r: DigestRequest, by: &str, reply: Reply) -> Result<()> {
         if r.block_size == 0 || r.block_count > MAX_DIGEST_BLOCKS {
             return Err(Error::InvalidParameter {
                 param: "digest request",
@@ -315,19 +353,29 @@ impl Disks {
                 ),
             });
         }
-        let tx = self.sender(r.disk_id)?;
+        let tx = self.sender(r.disk_id, by)?;
         tx.send(Work::Digests(r, reply))
             .await
             .map_err(|_| Error::UnknownDisk(0))
     }
 
-    fn sender(&self, disk_id: u64) -> Result<mpsc::Sender<Work>> {
-        self.handles
-            .lock()
-            .expect("poisoned")
-            .get(&disk_id)
-            .map(|h| h.tx.clone())
-            .ok_or(Error::UnknownDisk(disk_id))
+    /// The queue of `disk_id`, if process server `by` may write it.
+    fn sender(&self, disk_id: u64, by: &str) -> Result<mpsc::Sender<Work>> {
+        if let Some(h) = self.handles.lock().expect("poisoned").get(&disk_id) {
+            if h.owner != by {
+                return Err(Error::Forbidden(format!(
+                    "disk {disk_id} is replicated by another process server"
+                )));
+            }
+            return Ok(h.tx.clone());
+        }
+        Err(match self.registry.lock().expect("poisoned").get(disk_id) {
+            Some(rec) if !rec.attached => Error::Detached {
+                disk_id,
+                lsn: rec.detached_lsn,
+            },
+            _ => Error::UnknownDisk(disk_id),
+        })
     }
 
     /// Figures of every attached disk.

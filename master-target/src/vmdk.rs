@@ -7,8 +7,10 @@
 //! createType="monolithicFlat"  RW <sectors> FLAT "NAME-flat.vmdk" 0      (as qemu-img writes it)
 //! ```
 //! and refuse everything we cannot write consistently in place: sparse and stream-optimized
-//! disks, and snapshots/deltas (any `parentCID` other than `ffffffff`). A file that is not a
-//! descriptor is treated as a raw image, unless it starts with a sparse VMDK's magic.
+//! disks, and snapshots/deltas (any `parentCID` other than `ffffffff`).
+//!
+//! This module parses and writes descriptors; [`crate::datastore`] opens the files a peer
+//! names, confined to the datastores.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use crate::error::{Error, IoContext, Result};
 /// Sector size of VMDK extents.
 pub const SECTOR_BYTES: u64 = 512;
 /// Descriptors larger than this are not descriptors: refuse rather than read a whole disk.
-const MAX_DESCRIPTOR_BYTES: u64 = 64 << 10;
+pub const MAX_DESCRIPTOR_BYTES: u64 = 64 << 10;
 
 /// An on-premises disk: where its data lives and who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,39 +33,6 @@ pub struct DiskImage {
     pub size_bytes: u64,
     /// `ddb.uuid` as written in the descriptor, if any.
     pub uuid: Option<[u8; 16]>,
-}
-
-/// Opens `path` as a flat VMDK or a raw image, refusing forms we cannot write in place.
-pub fn inspect(path: &Path) -> Result<DiskImage> {
-    let meta = fs::metadata(path).ctx(|| format!("open target disk {}", path.display()))?;
-    let head = read_head(path)?;
-    if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
-        return Err(unsupported(path, "a sparse VMDK (monolithicSparse/streamOptimized): convert it to a flat disk (qemu-img convert -O vmdk -o subformat=monolithicFlat) or recover to an alternate location"));
-    }
-    let is_descriptor = meta.len() <= MAX_DESCRIPTOR_BYTES
-        && std::str::from_utf8(&head)
-            .is_ok_and(|t| t.contains("createType") || t.starts_with("# Disk DescriptorFile"));
-    if !is_descriptor {
-        return Ok(DiskImage {
-            descriptor: path.into(),
-            data_path: path.into(),
-            size_bytes: meta.len(),
-            uuid: None,
-        });
-    }
-    let text = fs::read_to_string(path).ctx(|| format!("read descriptor {}", path.display()))?;
-    parse_descriptor(path, &text)
-}
-
-fn read_head(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut f = fs::File::open(path).ctx(|| format!("open {}", path.display()))?;
-    let mut buf = Vec::with_capacity(512);
-    f.by_ref()
-        .take(512)
-        .read_to_end(&mut buf)
-        .ctx(|| format!("read {}", path.display()))?;
-    Ok(buf)
 }
 
 fn unsupported(path: &Path, reason: &str) -> Error {
@@ -169,7 +138,9 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
 }
 
 /// Creates a new flat VMDK (`createType="vmfs"`, as ESXi writes it) in `dir`:
-/// `NAME.vmdk` and a sparse `NAME-flat.vmdk` of `size_bytes`. Refuses to overwrite.
+/// `NAME.vmdk` and a sparse `NAME-flat.vmdk` of `size_bytes`. Refuses to overwrite. For
+/// local tools (the demo and tests make on-premises disks with it); the service creates
+/// disks a peer asks for with [`crate::datastore::Datastores::create`].
 pub fn create(dir: &Path, name: &str, size_bytes: u64, uuid: &[u8; 16]) -> Result<DiskImage> {
     if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
         return Err(Error::InvalidParameter {
@@ -212,17 +183,25 @@ pub fn write_descriptor(
     size_bytes: u64,
     uuid: &[u8; 16],
 ) -> Result<()> {
+    write_synced(
+        descriptor,
+        descriptor_text(flat_name, size_bytes, uuid).as_bytes(),
+    )
+}
+
+/// The text of a flat descriptor (`createType="vmfs"`, as ESXi writes it) naming
+/// `flat_name` beside it.
+pub fn descriptor_text(flat_name: &str, size_bytes: u64, uuid: &[u8; 16]) -> String {
     let sectors = size_bytes / SECTOR_BYTES;
     let cylinders = (sectors / (255 * 63)).clamp(1, 65535);
     let cid = u32::from_be_bytes([uuid[0], uuid[5], uuid[10], uuid[15]]) | 1;
-    let text = format!(
+    format!(
         "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\n\
          # Extent description\nRW {sectors} VMFS \"{flat_name}\"\n\n\
          # The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
          ddb.geometry.heads = \"255\"\nddb.geometry.sectors = \"63\"\nddb.uuid = \"{}\"\nddb.virtualHWVersion = \"14\"\n",
         format_uuid(uuid)
-    );
-    write_synced(descriptor, text.as_bytes())
+    )
 }
 
 /// Writes a file and fsyncs it and its directory, so it exists after a crash.

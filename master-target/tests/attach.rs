@@ -7,11 +7,14 @@ use master_target::service::{Disks, MAX_DISKS};
 use master_target::Error;
 use wire_protocol::{DiskAttach, LocationKind};
 
+/// The process server identity the tests attach for.
+const PS: &str = "process-server";
+
 fn disks(root: &Path) -> std::sync::Arc<Disks> {
     let s = Settings {
         data_dir: Some(root.join("data")),
         retention_dir: Some(root.join("retention")),
-        datastore_dir: Some(root.join("ds")),
+        datastore_dirs: Some(vec![root.join("ds")]),
         allow_shared_retention_volume: Some(true),
         ..Settings::default()
     };
@@ -38,21 +41,17 @@ fn at_most_sixty_disks_then_a_clear_refusal() {
     let dir = tempfile::tempdir().unwrap();
     let d = disks(dir.path());
     for id in 1..=MAX_DISKS as u64 {
-        d.attach(&req(
-            id,
-            LocationKind::Alternate,
-            &dir.path().join("ds"),
-            1 << 20,
-        ))
+        d.attach(
+            PS,
+            &req(id, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20),
+        )
         .unwrap();
     }
     let e = d
-        .attach(&req(
-            61,
-            LocationKind::Alternate,
-            &dir.path().join("ds"),
-            1 << 20,
-        ))
+        .attach(
+            PS,
+            &req(61, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::DiskLimit { .. }));
     assert!(
@@ -60,12 +59,10 @@ fn at_most_sixty_disks_then_a_clear_refusal() {
         "{e}"
     );
     // Re-attaching an attached disk is fine (a process server reconnecting).
-    d.attach(&req(
-        5,
-        LocationKind::Alternate,
-        &dir.path().join("ds"),
-        1 << 20,
-    ))
+    d.attach(
+        PS,
+        &req(5, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20),
+    )
     .unwrap();
 }
 
@@ -73,23 +70,21 @@ fn at_most_sixty_disks_then_a_clear_refusal() {
 fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = disks(dir.path());
-    d.attach(&req(
-        1,
-        LocationKind::Alternate,
-        &dir.path().join("ds"),
-        1 << 20,
-    ))
+    d.attach(
+        PS,
+        &req(1, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20),
+    )
     .unwrap();
     let mut dup = req(2, LocationKind::Alternate, &dir.path().join("ds"), 1 << 20);
     dup.disk_uuid = req(1, LocationKind::Alternate, Path::new(""), 0).disk_uuid;
-    let e = d.attach(&dup).unwrap_err();
+    let e = d.attach(PS, &dup).unwrap_err();
     assert!(
         matches!(e, Error::DuplicateUuid { .. }) && e.to_string().contains("template"),
         "{e}"
     );
 
     // A snapshot (delta) disk.
-    let vm = dir.path().join("vm3");
+    let vm = dir.path().join("ds/vm3");
     std::fs::create_dir_all(&vm).unwrap();
     std::fs::write(vm.join("d-flat.vmdk"), vec![0u8; 1 << 20]).unwrap();
     std::fs::write(
@@ -98,7 +93,10 @@ fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
     )
     .unwrap();
     let e = d
-        .attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20))
+        .attach(
+            PS,
+            &req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::UnsupportedDisk { .. }), "{e}");
 
@@ -109,7 +107,10 @@ fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
     )
     .unwrap();
     let e = d
-        .attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 2 << 20))
+        .attach(
+            PS,
+            &req(3, LocationKind::Original, &vm.join("d.vmdk"), 2 << 20),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::SizeMismatch { .. }), "{e}");
 
@@ -117,7 +118,10 @@ fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
     let held = std::fs::File::open(vm.join("d-flat.vmdk")).unwrap();
     held.lock().unwrap();
     let e = d
-        .attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20))
+        .attach(
+            PS,
+            &req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20),
+        )
         .unwrap_err();
     assert!(
         matches!(e, Error::DiskLocked { .. }) && e.to_string().contains("power off"),
@@ -125,8 +129,11 @@ fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
     );
     drop(held);
     assert_eq!(
-        d.attach(&req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20))
-            .unwrap(),
+        d.attach(
+            PS,
+            &req(3, LocationKind::Original, &vm.join("d.vmdk"), 1 << 20)
+        )
+        .unwrap(),
         0
     );
 
@@ -140,12 +147,10 @@ fn duplicate_uuid_snapshot_size_and_lock_are_refused() {
 fn alternate_location_vmdk_passes_qemu_img_check() {
     let dir = tempfile::tempdir().unwrap();
     let d = disks(dir.path());
-    d.attach(&req(
-        1,
-        LocationKind::Alternate,
-        &dir.path().join("ds"),
-        8 << 20,
-    ))
+    d.attach(
+        PS,
+        &req(1, LocationKind::Alternate, &dir.path().join("ds"), 8 << 20),
+    )
     .unwrap();
     let desc = dir.path().join("ds/vm1-disk1.vmdk");
     let out = std::process::Command::new("qemu-img")
@@ -193,4 +198,65 @@ fn retention_volume_on_the_disks_filesystem_is_refused_without_the_demo_setting(
     )
     .unwrap();
     assert!(info.free_bytes > 0);
+}
+
+#[test]
+fn a_detached_disk_stays_detached_and_another_process_server_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let d = disks(dir.path());
+    d.attach(PS, &req(1, LocationKind::Alternate, &ds, 1 << 20))
+        .unwrap();
+    let e = d
+        .attach("other-ps", &req(1, LocationKind::Alternate, &ds, 1 << 20))
+        .unwrap_err();
+    assert!(matches!(e, Error::Forbidden(_)), "{e}");
+    d.detach(1).unwrap();
+    // A reconnecting process server does not re-attach it, nor does a restart.
+    let e = d
+        .attach(PS, &req(1, LocationKind::Alternate, &ds, 1 << 20))
+        .unwrap_err();
+    assert!(matches!(e, Error::Detached { .. }), "{e}");
+    drop(d);
+    let d = disks(dir.path());
+    let e = d
+        .attach(PS, &req(1, LocationKind::Alternate, &ds, 1 << 20))
+        .unwrap_err();
+    assert!(matches!(e, Error::Detached { .. }), "{e}");
+    let f = std::fs::File::open(ds.join("vm1-disk1-flat.vmdk")).unwrap();
+    f.try_lock()
+        .expect("a detached disk is not locked after a restart");
+}
+
+#[test]
+fn targets_outside_the_datastores_are_refused_and_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disks(dir.path());
+    let outside = dir.path().join("etc");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("shadow"), b"secret").unwrap();
+    for target in [
+        outside.join("shadow"),
+        dir.path().join("ds/../etc/shadow"),
+        dir.path().join("ds/x/../../etc/shadow"),
+    ] {
+        let e = d
+            .attach(PS, &req(7, LocationKind::Original, &target, 6))
+            .unwrap_err();
+        assert!(matches!(e, Error::TargetRefused { .. }), "{e}");
+        assert!(!e.wire_message(7).contains('6'), "no size is revealed: {e}");
+    }
+    // An alternate location outside, or a VM id that is a path.
+    let e = d
+        .attach(PS, &req(8, LocationKind::Alternate, &outside, 1 << 20))
+        .unwrap_err();
+    assert!(matches!(e, Error::TargetRefused { .. }), "{e}");
+    let mut bad = req(9, LocationKind::Alternate, Path::new(""), 1 << 20);
+    bad.vm_id = "../../etc/vm".into();
+    assert!(matches!(
+        d.attach(PS, &bad).unwrap_err(),
+        Error::InvalidParameter { .. }
+    ));
+    assert_eq!(std::fs::read(outside.join("shadow")).unwrap(), b"secret");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
 }

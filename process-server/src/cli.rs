@@ -12,6 +12,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::state::State;
+use runtime::admin::{AdminRequest, AdminResponse, Method};
+use runtime::net::Refusals;
 
 /// The Azure end of failback: caches the change streams of many VMs durably, then
 /// coalesces, compresses and ships them to the master target over mutual TLS.
@@ -73,12 +75,12 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    wire_protocol::ops::block_on_cli("process-server", run(cli))
+    runtime::cli::block_on_cli("process-server", run(cli))
 }
 
 /// The JSON of a running process server's `/status`.
 async fn fetch_status(admin: &str) -> Result<String> {
-    let (code, body) = wire_protocol::ops::admin_get(admin, "/status")
+    let (code, body) = runtime::admin::admin_get(admin, "/status")
         .await
         .map_err(|e| Error::Io {
             context: format!(
@@ -100,7 +102,7 @@ async fn run(cli: Cli) -> Result<()> {
                 None => Settings::default(),
             };
             let cfg = settings.clone().or(file).resolve()?;
-            wire_protocol::ops::init_logging(cfg.log_json);
+            runtime::log::init_logging(cfg.log_json);
             serve(cfg, config, *settings).await
         }
         Command::Status { admin, json } => {
@@ -199,17 +201,20 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::SetBandwidth { admin, rate } => {
-            let (code, body) = wire_protocol::ops::admin_get(&admin, &format!("/bandwidth/{rate}"))
-                .await
-                .map_err(|e| Error::Io {
-                    context: format!("reach {admin}"),
-                    source: e,
-                })?;
+            let (code, body) =
+                runtime::admin::admin_request(&admin, Method::Post, "/bandwidth", &rate)
+                    .await
+                    .map_err(|e| Error::Io {
+                        context: format!("reach {admin}"),
+                        source: e,
+                    })?;
             print!("{body}");
             if code == 200 {
                 Ok(())
             } else {
-                Err(Error::Refused(format!("HTTP {code}")))
+                Err(Error::Refused(format!(
+                    "the process server refused the change (HTTP {code})"
+                )))
             }
         }
     }
@@ -222,15 +227,17 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
         .map(|_| tokio::sync::mpsc::channel(64))
         .unzip();
     let state = State::open(cfg.clone(), txs)?;
-    let tls = wire_protocol::tls::server_config(&cfg.tls_server)?;
+    let tls = runtime::tls::server_config(&cfg.tls_server)?;
+    runtime::tls::client_config(&cfg.tls_client)?;
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| Error::Io {
         context: format!("listen on {}", cfg.listen),
         source: e,
     })?;
-    let st = Arc::clone(&state);
-    let admin = wire_protocol::ops::serve_admin(cfg.admin_listen, move |path| {
-        let st = Arc::clone(&st);
-        async move { admin(&st, &path) }
+    let refusals = Arc::new(Refusals::default());
+    let (st, r) = (Arc::clone(&state), Arc::clone(&refusals));
+    let admin = runtime::admin::serve_admin(cfg.admin_listen, move |req| {
+        let (st, r) = (Arc::clone(&st), Arc::clone(&r));
+        async move { admin(&st, &r, req) }
     })
     .await
     .map_err(|e| Error::Io {
@@ -271,46 +278,68 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
             }
         }
     });
-    tracing::info!(listen = %listener.local_addr().map_err(|e| Error::Io { context: "local addr".into(), source: e })?, admin = %admin, master_targets = ?cfg.master_targets.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>(), "process-server ready");
-    crate::ingest::serve(listener, TlsAcceptor::from(tls), state).await;
+    let local = listener.local_addr().map_err(|e| Error::Io {
+        context: "local addr".into(),
+        source: e,
+    })?;
+    crate::ingest::spawn(listener, TlsAcceptor::from(tls), state, refusals);
+    tracing::info!(listen = %local, admin = %admin, master_targets = ?cfg.master_targets.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>(), "process-server ready");
+    runtime::cli::wait_for_shutdown().await;
+    tracing::info!("process-server shutting down");
     Ok(())
 }
 
-fn admin(state: &State, path: &str) -> (u16, String) {
-    match path {
-        "/metrics" => (200, crate::metrics::render(state)),
-        "/health" => {
+fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse {
+    match (req.method, req.path.as_str()) {
+        (Method::Get, "/metrics") => {
+            AdminResponse::text(200, crate::metrics::render(state, refusals))
+        }
+        (Method::Get, "/health") => {
             if state
                 .uplinks
                 .iter()
                 .all(|u| u.connected.load(Ordering::Acquire))
             {
-                (200, "ok: linked to the master target\n".into())
+                AdminResponse::text(200, "ok: linked to the master target\n")
             } else {
-                (503, "the master target is not reachable\n".into())
+                AdminResponse::text(503, "the master target is not reachable\n")
             }
         }
-        "/status" => (
+        (Method::Get, "/status") => AdminResponse::json(
             200,
             serde_json::to_string(&crate::metrics::status(state)).expect("serializable"),
         ),
-        p if p.starts_with("/bandwidth/") => match &p["/bandwidth/".len()..] {
-            "0" | "none" => {
-                state.max_bandwidth_bps.store(0, Ordering::Relaxed);
-                (200, "bandwidth limit removed\n".into())
-            }
-            r => match wire_protocol::ops::parse_rate(r) {
-                Ok(bps) => {
-                    state.max_bandwidth_bps.store(bps, Ordering::Relaxed);
-                    tracing::info!(max_bandwidth_bps = bps, "bandwidth limit changed");
-                    (200, format!("bandwidth limit set to {bps} bytes/s\n"))
+        (Method::Post, "/bandwidth") => {
+            let rate = String::from_utf8_lossy(&req.body).trim().to_owned();
+            match rate.as_str() {
+                "0" | "none" => {
+                    state.max_bandwidth_bps.store(0, Ordering::Relaxed);
+                    tracing::info!("bandwidth limit removed");
+                    AdminResponse::text(200, "bandwidth limit removed\n")
                 }
-                Err(e) => (400, format!("{e}\n")),
-            },
-        },
-        _ => (
+                r => match runtime::units::parse_rate(r) {
+                    Ok(bps) => {
+                        state.max_bandwidth_bps.store(bps, Ordering::Relaxed);
+                        tracing::info!(max_bandwidth_bps = bps, "bandwidth limit changed");
+                        AdminResponse::text(
+                            200,
+                            format!(
+                                "bandwidth limit set to {}\n",
+                                runtime::units::fmt_rate(bps as f64)
+                            ),
+                        )
+                    }
+                    Err(e) => AdminResponse::text(400, format!("{e}\n")),
+                },
+            }
+        }
+        (Method::Get, "/bandwidth") => AdminResponse::text(
+            405,
+            "the bandwidth limit changes by POST only (process-server set-bandwidth)\n",
+        ),
+        _ => AdminResponse::text(
             404,
-            "try /metrics, /health, /status or /bandwidth/RATE\n".into(),
+            "try GET /metrics, /health or /status, or POST /bandwidth\n",
         ),
     }
 }

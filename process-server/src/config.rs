@@ -32,16 +32,16 @@ pub struct Settings {
     /// CA certificate (PEM) that signs agents' and the master target's certificates. Default: /etc/failback/tls/ca.pem
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
-    /// Server certificate for the agent listener (PEM). Default: /etc/failback/tls/server.pem
+    /// This process server's certificate (PEM), issued with `failback certs --role process-server`; it serves agents and is the client toward master targets. Default: /etc/failback/tls/process-server.pem
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
-    /// Server key (PEM). Default: /etc/failback/tls/server.key
+    /// Its key (PEM). Default: /etc/failback/tls/process-server.key
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
-    /// Client certificate toward the master target (PEM). Default: /etc/failback/tls/client.pem
+    /// Certificate toward the master targets, if not the one above (PEM). Default: the tls-cert
     #[arg(long)]
     pub tls_client_cert: Option<PathBuf>,
-    /// Client key toward the master target (PEM). Default: /etc/failback/tls/client.key
+    /// Its key (PEM). Default: the tls-key
     #[arg(long)]
     pub tls_client_key: Option<PathBuf>,
     /// zstd level on the link: auto (adapts 1-9 to whichever of link or CPU is the bottleneck), 1-19 fixed, or 0 for none. Default: auto
@@ -84,9 +84,9 @@ pub struct Config {
     /// Cache limit in bytes (None: 90% of the volume).
     pub cache_limit_bytes: Option<u64>,
     /// Server TLS files.
-    pub tls_server: wire_protocol::tls::TlsFiles,
+    pub tls_server: runtime::tls::TlsFiles,
     /// Client TLS files.
-    pub tls_client: wire_protocol::tls::TlsFiles,
+    pub tls_client: runtime::tls::TlsFiles,
     /// zstd level, 0 for none (the starting level when adaptive).
     pub compression_level: i32,
     /// Adapt the level to the bottleneck.
@@ -139,7 +139,7 @@ impl Settings {
     /// Applies defaults and checks values.
     pub fn resolve(self) -> Result<Config> {
         let bytes = |param: &'static str, v: &str| {
-            wire_protocol::ops::parse_bytes(v)
+            runtime::units::parse_bytes(v)
                 .map_err(|reason| Error::InvalidParameter { param, reason })
         };
         // One or more master targets, filled in order: a master target takes at most 60
@@ -201,12 +201,10 @@ impl Settings {
         }
         let max_bandwidth_bps = match self.max_bandwidth.as_deref() {
             None | Some("0") | Some("") => 0,
-            Some(r) => {
-                wire_protocol::ops::parse_rate(r).map_err(|reason| Error::InvalidParameter {
-                    param: "max-bandwidth",
-                    reason,
-                })?
-            }
+            Some(r) => runtime::units::parse_rate(r).map_err(|reason| Error::InvalidParameter {
+                param: "max-bandwidth",
+                reason,
+            })?,
         };
         let log_json = match self.log_format.as_deref().unwrap_or("text") {
             "text" => false,
@@ -232,19 +230,25 @@ impl Settings {
                 .as_deref()
                 .map(|v| bytes("cache-limit", v))
                 .transpose()?,
-            tls_server: wire_protocol::tls::TlsFiles {
+            tls_client: runtime::tls::TlsFiles {
                 ca: ca.clone(),
-                cert: self.tls_cert.unwrap_or_else(|| tls.join("server.pem")),
-                key: self.tls_key.unwrap_or_else(|| tls.join("server.key")),
-            },
-            tls_client: wire_protocol::tls::TlsFiles {
-                ca,
                 cert: self
                     .tls_client_cert
-                    .unwrap_or_else(|| tls.join("client.pem")),
+                    .or_else(|| self.tls_cert.clone())
+                    .unwrap_or_else(|| tls.join("process-server.pem")),
                 key: self
                     .tls_client_key
-                    .unwrap_or_else(|| tls.join("client.key")),
+                    .or_else(|| self.tls_key.clone())
+                    .unwrap_or_else(|| tls.join("process-server.key")),
+            },
+            tls_server: runtime::tls::TlsFiles {
+                ca,
+                cert: self
+                    .tls_cert
+                    .unwrap_or_else(|| tls.join("process-server.pem")),
+                key: self
+                    .tls_key
+                    .unwrap_or_else(|| tls.join("process-server.key")),
             },
             compression_level: level,
             adaptive_compression,

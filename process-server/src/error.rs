@@ -41,9 +41,15 @@ pub enum Error {
         /// The limit.
         limit_bytes: u64,
     },
-    /// The master target refused something.
+    /// The master target broke off or refused the link.
     #[error("master target: {0}")]
+    MasterTarget(String),
+    /// A command could not do what was asked (the text says what and what to do).
+    #[error("{0}")]
     Refused(String),
+    /// Setting up or using a connection failed.
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
     /// A configuration value is unusable.
     #[error("invalid {param}: {reason}")]
     InvalidParameter {

@@ -5,30 +5,33 @@
 //! [`MAX_GROUP_FRAMES`]) is appended, then each touched cache is fsynced once, then acked.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
+use runtime::net::{spawn_server, Peer, Refusals, ServerPolicy};
+use runtime::tls::{Identity, PeerRole};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{Decoder, Encoder, Framed};
+use tokio_util::codec::{Decoder, Encoder, Framed, FramedParts};
 use wire_protocol::frame::{put_frame, Frame, FrameCodec};
-use wire_protocol::version::{negotiate, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use wire_protocol::{
-    Ack, AckEntry, BookmarkKind, DiskAttach, ErrorCode, ErrorMsg, Hello, Message, MessageCodec,
-    Nack, Role, CAP_ZSTD,
+    Ack, AckEntry, BookmarkKind, DiskAttach, ErrorCode, ErrorMsg, Message, MessageCodec, Nack, Role,
 };
 
-use crate::error::{Error, Result};
-use crate::state::{State, UplinkRequest};
+use crate::error::Result;
+use crate::state::{Disk, State, UplinkRequest};
 
 /// At most this many agent connections at once (agents keep one connection per disk; 128
 /// disk streams at once leave room). Memory per connection is bounded by one read group
 /// ([`MAX_GROUP_BYTES`] plus a frame) and its replies.
 pub const MAX_AGENT_CONNECTIONS: usize = 256;
+/// At most this many connections of one VM at once: one per disk, and a VM has at most 60
+/// disks on a master target.
+pub const MAX_CONNECTIONS_PER_VM: usize = 64;
 /// Frames appended before one fsync and one round of acks.
 pub const MAX_GROUP_FRAMES: usize = 64;
 /// ... or this many payload bytes: with frames of up to 16 MiB, the frame count alone would
@@ -62,25 +65,47 @@ impl Encoder<Message> for IngestCodec {
     }
 }
 
-/// Accepts agents until the process ends.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<State>) {
-    let slots = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
-    loop {
-        let permit = Arc::clone(&slots)
-            .acquire_owned()
-            .await
-            .expect("never closed");
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
-        let (acceptor, state) = (acceptor.clone(), Arc::clone(&state));
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = connection(tcp, acceptor, state).await {
-                tracing::warn!(%peer, error = %e, "agent connection ended");
+/// Agent requests refused past the handshake, for metrics.
+#[derive(Debug, Default)]
+pub struct RequestRefusals {
+    /// Requests for disks of another VM, or operator commands.
+    pub forbidden: AtomicU64,
+}
+
+/// Accepts agents on `listener` until the process ends: the certificate must be an agent's,
+/// and each connection may touch only the disks of the VM its certificate names.
+pub fn spawn(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    refusals: Arc<Refusals>,
+) {
+    let policy = ServerPolicy {
+        service: "process server",
+        our_role: Role::ProcessServer,
+        node_id: "process-server".into(),
+        allowed: vec![(PeerRole::Agent, Role::Agent)],
+        max_connections: MAX_AGENT_CONNECTIONS,
+        max_connections_per_identity: MAX_CONNECTIONS_PER_VM,
+    };
+    spawn_server(listener, acceptor, policy, refusals, move |peer| {
+        let state = Arc::clone(&state);
+        async move {
+            let (addr, identity) = (peer.addr, peer.identity.clone());
+            match connection(peer, state).await {
+                Ok(()) => tracing::info!(%addr, %identity, "agent disconnected"),
+                Err(e) => tracing::warn!(%addr, %identity, error = %e, "agent connection ended"),
             }
-        });
-    }
+        }
+    });
+}
+
+fn detached(disk_id: u64) -> Message {
+    err_msg(
+        ErrorCode::Detached,
+        disk_id,
+        format!("disk {disk_id} was detached for failback: it takes no more writes"),
+    )
 }
 
 fn err_msg(code: ErrorCode, disk_id: u64, message: String) -> Message {
@@ -145,52 +170,37 @@ async fn attach_new(state: &State, a: &DiskAttach) -> Result<(usize, u64), Error
     Err(last.expect("at least one master target"))
 }
 
-async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) -> Result<()> {
-    let _ = tcp.set_nodelay(true);
-    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-        .await
-        .map_err(|_| Error::Io {
-            context: "TLS handshake timed out".into(),
-            source: std::io::ErrorKind::TimedOut.into(),
-        })?
-        .map_err(|e| Error::Io {
-            context: "TLS handshake (is the agent's certificate signed by our CA?)".into(),
-            source: e,
-        })?;
-    let mut framed = Framed::new(tls, IngestCodec::default());
+/// Whether VM `vm` may touch `disk`: a disk belongs to the VM that attached it.
+fn owns(vm: &str, disk: &Disk) -> bool {
+    disk.attach.vm_id == vm
+}
+
+/// The refusal for a disk the connection's VM may not touch: the same words whether the
+/// disk exists or not, so a VM learns nothing of other VMs' disks.
+fn forbidden(state: &State, identity: &Identity, disk_id: u64, what: &str) -> Message {
+    state.refused.forbidden.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%identity, disk = disk_id, request = what, "request refused: the disk is not one of this VM's");
+    err_msg(
+        ErrorCode::Forbidden,
+        disk_id,
+        format!(
+            "disk {disk_id} is not attached for {}: an agent may touch only its own VM's disks",
+            identity.name
+        ),
+    )
+}
+
+async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
+    let identity = peer.identity;
+    let vm = identity.name.clone();
+    // From here on the connection reads raw frames (cached as received) and writes messages.
+    let parts = peer.framed.into_parts();
+    let mut new_parts = FramedParts::new::<Message>(parts.io, IngestCodec::default());
+    new_parts.read_buf = parts.read_buf;
+    new_parts.write_buf = parts.write_buf;
+    let mut framed = Framed::from_parts(new_parts);
+    framed.codec_mut().messages.set_version(peer.version);
     let mut decoder = MessageCodec::default();
-    let hello = match framed.next().await {
-        Some(Ok(f)) => match decoder.decode_frame(f)? {
-            Message::Hello(h) => h,
-            m => {
-                return Err(Error::Refused(format!(
-                    "expected hello from the agent, got {}",
-                    m.name()
-                )))
-            }
-        },
-        Some(Err(e)) => return Err(e.into()),
-        None => return Ok(()),
-    };
-    if let Err(e) = negotiate(
-        (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
-        (hello.proto_min, hello.proto_max),
-    ) {
-        let _ = framed
-            .send(err_msg(ErrorCode::VersionMismatch, 0, e.to_string()))
-            .await;
-        return Err(e.into());
-    }
-    framed
-        .send(Message::Hello(Hello {
-            proto_min: PROTOCOL_VERSION_MIN,
-            proto_max: PROTOCOL_VERSION_MAX,
-            role: Role::ProcessServer,
-            capabilities: CAP_ZSTD,
-            node_id: "process-server".into(),
-        }))
-        .await?;
-    tracing::info!(agent = %hello.node_id, "agent connected");
 
     // Disks this connection attached, and those it was told to resync.
     let (mut attached, mut told) = (
@@ -249,14 +259,14 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
             let completes_resync =
                 matches!(&msg, Message::Bookmark(b) if b.kind == BookmarkKind::ResyncCompleted);
             if let Some((disk_id, first, last, ts, data_len)) = span {
-                let Some(disk) = state.disk(disk_id) else {
-                    replies.push(err_msg(
-                        ErrorCode::UnknownDisk,
-                        disk_id,
-                        format!("disk {disk_id} is not attached: send a disk attach first"),
-                    ));
+                let Some(disk) = state.disk(disk_id).filter(|d| owns(&vm, d)) else {
+                    replies.push(forbidden(&state, &identity, disk_id, msg.name()));
                     continue;
                 };
+                if disk.is_detached() {
+                    replies.push(detached(disk_id));
+                    continue;
+                }
                 wait_for_space(&state).await;
                 let mut cache = disk.cache.lock().expect("poisoned");
                 let next = cache.last_lsn() + 1;
@@ -293,7 +303,19 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
             match msg {
                 Message::DiskAttach(a) => {
                     let id = a.disk_id;
+                    if a.vm_id != vm {
+                        replies.push(forbidden(&state, &identity, id, "disk attach"));
+                        continue;
+                    }
+                    if let Err(e) = wire_protocol::message::validate_name("vm id", &a.vm_id) {
+                        replies.push(err_msg(ErrorCode::Malformed, id, e.to_string()));
+                        continue;
+                    }
                     let reply = match state.disk(id) {
+                        Some(d) if !owns(&vm, &d) => {
+                            forbidden(&state, &identity, id, "disk attach")
+                        }
+                        Some(d) if d.is_detached() => detached(id),
                         Some(d)
                             if d.attach.disk_uuid == a.disk_uuid
                                 && d.attach.size_bytes == a.size_bytes =>
@@ -327,6 +349,10 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                     replies.push(reply);
                 }
                 Message::DigestRequest(r) => {
+                    if !state.disk(r.disk_id).is_some_and(|d| owns(&vm, &d)) {
+                        replies.push(forbidden(&state, &identity, r.disk_id, "digest request"));
+                        continue;
+                    }
                     replies.push(
                         match relay(
                             &state,
@@ -342,24 +368,13 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, state: Arc<State>) ->
                     );
                 }
                 Message::Detach { disk_id } => {
-                    replies.push(
-                        match relay(
-                            &state,
-                            route_of(&state, disk_id),
-                            |tx| UplinkRequest::Detach(disk_id, tx),
-                            disk_id,
-                        )
-                        .await
-                        {
-                            Ok(lsn) => Message::Ack(Ack {
-                                entries: vec![AckEntry {
-                                    disk_id,
-                                    durable_lsn: lsn,
-                                }],
-                            }),
-                            Err(e) => Message::Error(e),
-                        },
-                    );
+                    state.refused.forbidden.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%identity, disk = disk_id, "an agent asked for a detach: refused");
+                    replies.push(err_msg(
+                        ErrorCode::Forbidden,
+                        disk_id,
+                        "detach is an operator command: run master-target detach with an operator's certificate".into(),
+                    ));
                 }
                 Message::Heartbeat { seq, time_us } => {
                     replies.push(Message::Heartbeat { seq, time_us })

@@ -3,7 +3,8 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use wire_protocol::ops::{render_series, Series};
+use runtime::metrics::{label, render_series, Series};
+use runtime::net::Refusals;
 
 use crate::state::{now_us, State};
 
@@ -145,7 +146,7 @@ const SERIES: [Series<DiskStatus>; 8] = [
 ];
 
 /// Prometheus text exposition.
-pub fn render(state: &State) -> String {
+pub fn render(state: &State, refusals: &Refusals) -> String {
     let st = status(state);
     let mut s = String::new();
     let _ = writeln!(s, "# HELP failback_ps_link_up 1 while connected to the master target.\n# TYPE failback_ps_link_up gauge");
@@ -160,9 +161,22 @@ pub fn render(state: &State) -> String {
     let _ = writeln!(s, "# HELP failback_ps_max_bandwidth_bytes_per_second Link bandwidth limit (0: none).\n# TYPE failback_ps_max_bandwidth_bytes_per_second gauge\nfailback_ps_max_bandwidth_bytes_per_second {}\n# HELP failback_ps_compression_level zstd level of new batches on the link (0: none).\n# TYPE failback_ps_compression_level gauge\nfailback_ps_compression_level {}", state.max_bandwidth_bps.load(Ordering::Relaxed), state.compression_level.load(Ordering::Relaxed));
     let rows: Vec<(String, DiskStatus)> = st
         .into_iter()
-        .map(|d| (format!("disk=\"{}\",vm=\"{}\"", d.disk_id, d.vm_id), d))
+        .map(|d| {
+            (
+                format!("disk=\"{}\",vm=\"{}\"", d.disk_id, label(&d.vm_id)),
+                d,
+            )
+        })
         .collect();
     render_series(&mut s, &SERIES, &rows);
+    let _ = writeln!(s, "# HELP failback_ps_connections_refused_total Agent connections refused before they were served, by reason.\n# TYPE failback_ps_connections_refused_total counter");
+    for (reason, n) in refusals.counts() {
+        let _ = writeln!(
+            s,
+            "failback_ps_connections_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(s, "# HELP failback_ps_requests_refused_total Agent requests refused because the VM in the certificate may not make them.\n# TYPE failback_ps_requests_refused_total counter\nfailback_ps_requests_refused_total{{reason=\"forbidden\"}} {}", state.refused.forbidden.load(Ordering::Relaxed));
     s
 }
 

@@ -20,8 +20,6 @@ pub enum UplinkRequest {
     Attach(DiskAttach, oneshot::Sender<Result<u64, ErrorMsg>>),
     /// Per-block digests of the target disk.
     Digests(DigestRequest, oneshot::Sender<Result<DigestList, ErrorMsg>>),
-    /// Detach a disk; answered with its durable LSN.
-    Detach(u64, oneshot::Sender<Result<u64, ErrorMsg>>),
 }
 
 /// Counters of one disk.
@@ -89,6 +87,9 @@ pub struct Disk {
     /// Persisted as `resync-required` in the disk's cache directory until the agent's
     /// resync completes.
     pub resync_required: AtomicBool,
+    /// The disk was detached for failback on the master target: it is never shipped or
+    /// attached again. Persisted as `detached` in the disk's cache directory.
+    pub detached: AtomicBool,
 }
 
 impl Disk {
@@ -104,6 +105,24 @@ impl Disk {
             .ctx(|| format!("write {}", p.display()))?;
         self.resync_required.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the disk was detached for failback.
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
+    /// Marks the disk detached, durably (a restart must not attach it again).
+    pub fn mark_detached(&self) -> Result<()> {
+        if self.detached.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let dir = disk_dir(&self.cache_dir, self.attach.disk_id);
+        let p = dir.join("detached");
+        std::fs::write(&p, b"detached on the master target\n")
+            .and_then(|_| std::fs::File::open(&p)?.sync_all())
+            .and_then(|_| std::fs::File::open(&dir)?.sync_all())
+            .ctx(|| format!("write {}", p.display()))
     }
 
     /// Clears the mark once the agent's resync has completed.
@@ -163,6 +182,8 @@ pub struct State {
     pub cache_limit_bytes: u64,
     /// The zstd level new batches are compressed at (adapted unless fixed).
     pub compression_level: std::sync::atomic::AtomicI32,
+    /// Agent requests refused past the handshake.
+    pub refused: crate::ingest::RequestRefusals,
 }
 
 fn disk_dir(cache_dir: &Path, disk_id: u64) -> std::path::PathBuf {
@@ -246,6 +267,7 @@ impl State {
                     counters: DiskCounters::default(),
                     rpo_alarm: AtomicBool::new(false),
                     resync_required: AtomicBool::new(e.path().join("resync-required").exists()),
+                    detached: AtomicBool::new(e.path().join("detached").exists()),
                     route,
                     cache_dir: cfg.cache_dir.clone(),
                 }),
@@ -267,6 +289,7 @@ impl State {
             space: Notify::new(),
             cache_limit_bytes,
             compression_level: std::sync::atomic::AtomicI32::new(cfg_level),
+            refused: Default::default(),
         }))
     }
 
@@ -330,6 +353,7 @@ impl State {
             counters: DiskCounters::default(),
             rpo_alarm: AtomicBool::new(false),
             resync_required: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
             cache_dir: self.cfg.cache_dir.clone(),
             route,
         });

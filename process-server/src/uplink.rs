@@ -16,15 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
+use runtime::net::{connect, ClientSpec, Connected};
+use runtime::tls::PeerRole;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::TlsConnector;
-use tokio_util::codec::{Encoder, Framed, FramedRead};
-use wire_protocol::version::{negotiate, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use wire_protocol::{
-    Compression, DigestList, ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Role, CAP_ZSTD,
-};
+use tokio_util::codec::{Encoder, FramedRead};
+use wire_protocol::{Compression, DigestList, ErrorCode, ErrorMsg, Message, MessageCodec, Role};
 
 use crate::adaptive::{AdaptiveLevel, AUTO_MAX, AUTO_MIN};
 use crate::error::{Error, Result};
@@ -58,7 +55,6 @@ type Pending = Arc<Mutex<Pendings>>;
 struct Pendings {
     attach: HashMap<u64, oneshot::Sender<Result<u64, ErrorMsg>>>,
     digests: HashMap<u64, VecDeque<oneshot::Sender<Result<DigestList, ErrorMsg>>>>,
-    detach: HashMap<u64, oneshot::Sender<Result<u64, ErrorMsg>>>,
 }
 
 /// Runs the link forever: connects, ships, and reconnects with backoff when it drops.
@@ -95,7 +91,6 @@ fn refuse(r: UplinkRequest) {
     match r {
         UplinkRequest::Attach(a, tx) => drop(tx.send(Err(e(a.disk_id)))),
         UplinkRequest::Digests(d, tx) => drop(tx.send(Err(e(d.disk_id)))),
-        UplinkRequest::Detach(id, tx) => drop(tx.send(Err(e(id)))),
     }
 }
 
@@ -113,51 +108,27 @@ async fn session(
 ) -> Result<()> {
     let cfg = &state.cfg;
     let up = &state.uplinks[index];
-    let tls = wire_protocol::tls::client_config(&cfg.tls_client)?;
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&up.target.addr))
-        .await
-        .map_err(|_| {
-            io(
-                "connect to the master target",
-                std::io::ErrorKind::TimedOut.into(),
-            )
-        })?
-        .map_err(|e| {
-            io(
-                &format!("connect to the master target at {}", up.target.addr),
-                e,
-            )
-        })?;
-    let _ = tcp.set_nodelay(true);
-    let name = wire_protocol::tls::server_name(&up.target.name)?;
-    let stream = TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| io("TLS handshake with the master target", e))?;
-    let mut framed = Framed::new(stream, MessageCodec::default());
-    framed
-        .send(Message::Hello(Hello {
-            proto_min: PROTOCOL_VERSION_MIN,
-            proto_max: PROTOCOL_VERSION_MAX,
-            role: Role::ProcessServer,
-            capabilities: CAP_ZSTD,
-            node_id: "process-server".into(),
-        }))
-        .await?;
-    let version = match framed.next().await {
-        Some(Ok(Message::Hello(h))) => negotiate(
-            (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
-            (h.proto_min, h.proto_max),
-        )?,
-        Some(Ok(Message::Error(e))) => return Err(Error::Refused(e.message)),
-        Some(Ok(m)) => return Err(Error::Refused(format!("expected hello, got {}", m.name()))),
-        Some(Err(e)) => return Err(e.into()),
-        None => return Err(Error::Refused("closed during the handshake".into())),
+    let spec = ClientSpec {
+        addr: up.target.addr.clone(),
+        server_name: up.target.name.clone(),
+        config: runtime::tls::client_config(&cfg.tls_client)?,
+        expect: PeerRole::MasterTarget,
+        role: Role::ProcessServer,
+        node_id: "process-server".into(),
     };
+    let Connected {
+        mut framed,
+        version,
+        ..
+    } = connect(&spec, MessageCodec::default()).await?;
     // Re-attach every disk and learn where the master target stands.
     let mut ship = Ship::default();
     // Only the disks that replicate to this master target.
-    for disk in state.all().into_iter().filter(|d| d.route == index) {
+    for disk in state
+        .all()
+        .into_iter()
+        .filter(|d| d.route == index && !d.is_detached())
+    {
         framed
             .send(Message::DiskAttach(disk.attach.clone()))
             .await?;
@@ -167,17 +138,21 @@ async fn session(
                 on_durable(state, &disk, lsn)?;
                 ship.cursor.insert(disk.attach.disk_id, lsn + 1);
             }
+            Some(Ok(Message::Error(e))) if e.code == ErrorCode::Detached => {
+                tracing::warn!(disk = disk.attach.disk_id, error = %e.message, "the master target says the disk was detached for failback: it is not shipped again");
+                disk.mark_detached()?;
+            }
             Some(Ok(Message::Error(e))) => {
                 tracing::error!(disk = disk.attach.disk_id, error = %e.message, "the master target refused the disk; it is not shipped")
             }
             Some(Ok(m)) => {
-                return Err(Error::Refused(format!(
+                return Err(Error::MasterTarget(format!(
                     "expected an ack to attach, got {}",
                     m.name()
                 )))
             }
             Some(Err(e)) => return Err(e.into()),
-            None => return Err(Error::Refused("closed while attaching".into())),
+            None => return Err(Error::MasterTarget("closed while attaching".into())),
         }
     }
     up.connected.store(true, Ordering::Release);
@@ -201,7 +176,9 @@ async fn session(
             handle_reply(&st, &sh, &pe, m?)?;
             ak.notify_one();
         }
-        Err::<(), Error>(Error::Refused("the master target closed the link".into()))
+        Err::<(), Error>(Error::MasterTarget(
+            "the master target closed the link".into(),
+        ))
     });
 
     let mut jobs: VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>> = VecDeque::new();
@@ -236,7 +213,7 @@ async fn session(
         let window_full = ship.lock().expect("poisoned").in_flight_bytes >= state.cfg.window_bytes;
         let waited_from = Instant::now();
         tokio::select! {
-            r = &mut reader_task => return r.map_err(|e| Error::Refused(format!("reader: {e}")))?,
+            r = &mut reader_task => return r.map_err(|e| Error::MasterTarget(format!("reader: {e}")))?,
             req = requests.recv() => {
                 let Some(req) = req else { return Ok(()) };
                 let msg = {
@@ -251,10 +228,6 @@ async fn session(
                             p.digests.entry(d.disk_id).or_default().push_back(tx);
                             Message::DigestRequest(d)
                         }
-                        UplinkRequest::Detach(id, tx) => {
-                            p.detach.insert(id, tx);
-                            Message::Detach { disk_id: id }
-                        }
                     }
                 };
                 control.clear();
@@ -265,7 +238,7 @@ async fn session(
                                 jobs.pop_front();
                 // Waiting here, with the window open, is waiting on compression.
                 cpu_wait += waited_from.elapsed();
-                let Some(s) = done.map_err(|e| Error::Refused(format!("compression task: {e}")))?? else { continue };
+                let Some(s) = done.map_err(|e| Error::MasterTarget(format!("compression task: {e}")))?? else { continue };
                 let sending = Instant::now();
                 limiter.wait(state.max_bandwidth_bps.load(Ordering::Relaxed), s.frame.len()).await;
                 wr.write_all(&s.frame).await.map_err(|e| io("send to the master target", e))?;
@@ -312,6 +285,9 @@ fn fill(
         let Some(&cursor) = s.cursor.get(&id) else {
             continue;
         };
+        if disk.is_detached() {
+            continue;
+        }
         if cursor == 0 {
             continue; // attach still pending
         }
@@ -446,9 +422,6 @@ fn handle_reply(
                         .insert(e.disk_id, e.durable_lsn + 1);
                     continue;
                 }
-                if let Some(tx) = pending.lock().expect("poisoned").detach.remove(&e.disk_id) {
-                    let _ = tx.send(Ok(e.durable_lsn));
-                }
                 if let Some(disk) = state.disk(e.disk_id) {
                     on_durable(state, &disk, e.durable_lsn)?;
                 }
@@ -500,8 +473,17 @@ fn handle_reply(
                 let _ = tx.send(Err(e));
             } else if let Some(tx) = p.digests.get_mut(&e.disk_id).and_then(VecDeque::pop_front) {
                 let _ = tx.send(Err(e));
-            } else if let Some(tx) = p.detach.remove(&e.disk_id) {
-                let _ = tx.send(Err(e));
+            } else if e.code == ErrorCode::Detached {
+                // An operator detached the disk on the master target: stop shipping it, for
+                // good (the mark is durable, so no restart re-attaches it).
+                tracing::warn!(
+                    disk = e.disk_id,
+                    "the master target detached the disk for failback: shipping it stops"
+                );
+                ship.lock().expect("poisoned").cursor.remove(&e.disk_id);
+                if let Some(d) = state.disk(e.disk_id) {
+                    d.mark_detached()?;
+                }
             } else {
                 tracing::error!(disk = e.disk_id, code = ?e.code, error = %e.message, "master target error");
             }

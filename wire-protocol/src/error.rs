@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong while framing, parsing or securing a connection.
 ///
-/// Every variant but [`Error::Io`] and [`Error::Tls`] means the peer sent bytes we must not
+/// Every variant but [`Error::Io`] means the peer sent bytes we must not
 /// trust: the connection is dead after it (tokio-util's decoder contract).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -114,16 +114,4 @@ pub enum Error {
         /// Bytes of the partial frame.
         buffered: usize,
     },
-    /// The TLS layer or a certificate is unusable.
-    #[error("tls: {0}")]
-    Tls(String),
-    /// Certificate generation failed.
-    #[error("certificate generation: {0}")]
-    CertGen(#[from] rcgen::Error),
-}
-
-impl From<rustls::Error> for Error {
-    fn from(e: rustls::Error) -> Self {
-        Error::Tls(e.to_string())
-    }
 }

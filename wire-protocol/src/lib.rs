@@ -11,7 +11,9 @@
 //!   type numbers.
 //! - [`codec`]: [`MessageCodec`], frames and messages together, with per-batch compression.
 //! - [`version`]: protocol version negotiation.
-//! - [`tls`]: rustls configurations from PEM files, and certificate generation with rcgen.
+//!
+//! TLS, connection handling, the admin endpoint and everything else the services share at
+//! run time live in the `runtime` crate: this one stays free of I/O.
 //!
 //! # Design constraints
 //! - Nothing a peer declares makes us allocate beyond a named limit: a frame's declared
@@ -22,21 +24,19 @@
 //!   carries another.
 //! - Block data is zero-copy on receipt: each write's data is a [`bytes::Bytes`] slice of the
 //!   received (or decompressed) payload.
-//! - This crate does no I/O of its own except reading and writing PEM files in [`tls`].
+//! - This crate does no I/O, keeps no clock and spawns nothing.
 
 pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod message;
-pub mod ops;
-pub mod tls;
 pub mod version;
 
 pub use codec::{CodecStats, Compression, MessageCodec};
 pub use error::{Error, Result};
 pub use message::{
     Ack, AckEntry, Bookmark, BookmarkKind, DigestList, DigestRequest, DiskAttach, ErrorCode,
-    ErrorMsg, Hello, LocationKind, Message, Nack, Role, Write, WriteBatch, CAP_ZSTD,
+    ErrorMsg, Hello, LocationKind, Message, Nack, Retry, Role, Write, WriteBatch, CAP_ZSTD,
 };
 
 /// The blake3 digest of a block of data, as carried on the wire.

@@ -121,6 +121,23 @@ pub enum ErrorCode {
     LsnGap = 14,
     /// Data of this disk was lost on the way (a corrupt cache record): resync it.
     ResyncRequired = 15,
+    /// The peer's certificate does not allow this request (another VM's disk, an operator
+    /// command from an agent, a role that may not connect here).
+    Forbidden = 16,
+    /// The disk was detached for failback: it is never attached or written again.
+    Detached = 17,
+    /// The service has too many connections now; retry later.
+    Busy = 18,
+}
+
+/// Whether retrying the same request can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Retrying may succeed (after a backoff): the peer is not ready, full or busy, or asks
+    /// for a resend.
+    Transient,
+    /// Retrying the same request cannot succeed: an operator must change something.
+    Permanent,
 }
 
 impl ErrorCode {
@@ -142,8 +159,57 @@ impl ErrorCode {
             13 => CacheFull,
             14 => LsnGap,
             15 => ResyncRequired,
+            16 => Forbidden,
+            17 => Detached,
+            18 => Busy,
             _ => return Err(invalid("error code", v)),
         })
+    }
+
+    /// Whether a request refused with this code may succeed if retried. Callers decide by
+    /// this, never by an error's text.
+    pub fn retry(self) -> Retry {
+        use ErrorCode::*;
+        match self {
+            DigestMismatch | NotReady | Internal | CacheFull | LsnGap | ResyncRequired | Busy => {
+                Retry::Transient
+            }
+            VersionMismatch | Malformed | DiskLimit | DuplicateUuid | UnsupportedDisk
+            | DiskLocked | SizeMismatch | OutOfRange | UnknownDisk | Forbidden | Detached => {
+                Retry::Permanent
+            }
+        }
+    }
+}
+
+/// Longest name (VM id, disk name, certificate identity) accepted from a peer.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a name that a peer supplies and that ends up in file names, certificate URIs,
+/// log fields and metric labels: 1 to [`MAX_NAME_LEN`] bytes of ASCII letters, digits and
+/// `.`, `_`, `-`, `~` (URI-unreserved characters), neither `.` nor `..`. So a name never
+/// holds a path separator, a control character, a quote or a NUL.
+pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
+    let why = if name.is_empty() {
+        Some("is empty".to_owned())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!(
+            "is {} bytes long (at most {MAX_NAME_LEN})",
+            name.len()
+        ))
+    } else if name == "." || name == ".." {
+        Some("may not be . or ..".to_owned())
+    } else {
+        name.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '~')))
+            .map(|c| format!("holds {c:?}: use letters, digits, '.', '_', '-' or '~'"))
+    };
+    match why {
+        Some(detail) => Err(Error::Invalid {
+            field,
+            detail: format!("{name:?} {detail}"),
+        }),
+        None => Ok(()),
     }
 }
 

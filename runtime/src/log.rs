@@ -1,0 +1,85 @@
+//! Logging set-up, and rate limits for warnings that can repeat.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Sets up `tracing`: human-readable text by default, JSON lines when `json`. `RUST_LOG`
+/// overrides the level (default `info`). Colour only when stderr is a terminal and
+/// `NO_COLOR` is unset: under systemd every line would otherwise carry escape codes.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+/// Lets one message per key through per interval and counts the rest, so a fault that
+/// repeats a thousand times a second logs once a second with how many were suppressed.
+#[derive(Debug)]
+pub struct Throttle {
+    interval: Duration,
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+/// Keys a throttle remembers at most (bounds its memory when keys come from peers).
+pub const MAX_THROTTLE_KEYS: usize = 4096;
+
+impl Throttle {
+    /// A throttle letting one message per key through every `interval`.
+    pub fn new(interval: Duration) -> Throttle {
+        Throttle {
+            interval,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed)` if a message for `key` may be logged now (with the number of
+    /// messages suppressed since the last one), `None` if it is to be suppressed.
+    pub fn admit(&self, key: &str) -> Option<u64> {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().expect("poisoned");
+        if seen.len() >= MAX_THROTTLE_KEYS && !seen.contains_key(key) {
+            seen.retain(|_, (t, _)| now.duration_since(*t) < self.interval);
+        }
+        match seen.get_mut(key) {
+            Some((last, suppressed)) if now.duration_since(*last) < self.interval => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                seen.insert(key.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_counts_what_it_suppresses() {
+        let t = Throttle::new(Duration::from_millis(50));
+        assert_eq!(t.admit("a"), Some(0));
+        assert_eq!(t.admit("a"), None);
+        assert_eq!(t.admit("a"), None);
+        assert_eq!(t.admit("b"), Some(0));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(t.admit("a"), Some(2));
+    }
+}

@@ -1,0 +1,561 @@
+//! Attacks with real certificates against real processes (issue #10): an agent of one VM
+//! against another VM's disks, paths from the wire against the master target's files, the
+//! wrong roles, and connections that try to hog the services. Each test ends by checking
+//! that the victim's data and files are exactly as they were.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use failback::harness::{file_blake3, http_get};
+use futures::{SinkExt, StreamExt};
+use runtime::net::{connect, ClientSpec, ClientStream, Connected};
+use runtime::tls::{client_config, PeerRole, TlsFiles};
+use tokio_util::codec::Framed;
+use wire_protocol::{
+    Bookmark, BookmarkKind, DigestRequest, DiskAttach, ErrorCode, LocationKind, Message,
+    MessageCodec, Role, Write, WriteBatch,
+};
+
+type Link = Framed<ClientStream, MessageCodec>;
+
+/// Connects to `addr` with `files`, announcing `role`, expecting a server of `expect`.
+async fn link(addr: &str, files: &TlsFiles, role: Role, expect: PeerRole) -> runtime::Result<Link> {
+    let spec = ClientSpec {
+        addr: addr.to_owned(),
+        server_name: "127.0.0.1".into(),
+        config: client_config(files)?,
+        expect,
+        role,
+        node_id: "attacker".into(),
+    };
+    let Connected { framed, .. } = connect(&spec, MessageCodec::default()).await?;
+    Ok(framed)
+}
+
+/// Sends `m` and returns the first answer (bounded).
+async fn ask(l: &mut Link, m: Message) -> Message {
+    l.send(m).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), l.next())
+        .await
+        .expect("an answer in time")
+        .expect("an answer, not a close")
+        .expect("a valid frame")
+}
+
+fn attach(disk_id: u64, vm: &str, location: LocationKind, target: &str, size: u64) -> Message {
+    Message::DiskAttach(DiskAttach {
+        disk_id,
+        vm_id: vm.into(),
+        group_id: String::new(),
+        disk_uuid: [disk_id as u8; 16],
+        size_bytes: size,
+        sector_size: 512,
+        location,
+        target: target.into(),
+    })
+}
+
+fn batch(disk_id: u64, lsn: u64) -> Message {
+    let data = Bytes::from(vec![0xAB; 4096]);
+    Message::WriteBatch(WriteBatch {
+        disk_id,
+        first_lsn: lsn,
+        writes: vec![Write {
+            timestamp_us: 1,
+            offset: 0,
+            digest: wire_protocol::digest(&data),
+            data,
+        }],
+    })
+}
+
+fn assert_refused(m: &Message, code: ErrorCode, what: &str) {
+    match m {
+        Message::Error(e) => assert_eq!(e.code, code, "{what}: {}", e.message),
+        other => panic!("{what}: expected an error {code:?}, got {other:?}"),
+    }
+}
+
+/// Replays `writes` writes of the TPC-C trace for `disk` (with bookmarks), then drains,
+/// detaches and checks the disk and its points: the service still works.
+fn replicate_and_verify(c: &failback::harness::Cluster, disk: u64, writes: u64) {
+    let max = format!("--max-writes={writes}");
+    let r = finish(
+        c,
+        disk,
+        replay(
+            c,
+            disk,
+            "tpcc-small.disksim",
+            "disksim-ns",
+            &[&max, "--bookmark-every-s=0.02"],
+        ),
+    );
+    verify(c, disk, r["last_lsn"].as_u64().unwrap());
+}
+
+/// The sum of every sample of metric lines starting with `name`.
+fn metric(admin: &str, name: &str) -> f64 {
+    let (_, body) = http_get(admin, "/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn an_agent_can_touch_its_own_vms_disks_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    // The victim: VM 2's disk, replicated to the end.
+    let r = finish(
+        &c,
+        2,
+        replay(
+            &c,
+            2,
+            "tpcc-small.disksim",
+            "disksim-ns",
+            &["--max-writes=300", "--bookmark-every-s=0.02"],
+        ),
+    );
+    c.wait_durable(
+        2,
+        r["last_lsn"].as_u64().unwrap(),
+        Duration::from_secs(60),
+        |_| {},
+    )
+    .unwrap();
+    let before = file_blake3(&onprem(&c, 2)).unwrap();
+    let lsn = r["last_lsn"].as_u64().unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm1 = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);
+    rt.block_on(async {
+        let mut l = link(&c.ps_addr, &vm1, Role::Agent, PeerRole::ProcessServer)
+            .await
+            .unwrap();
+        let size = 256 << 20;
+        // Attach VM 2's disk as VM 2, or claim its id as VM 1.
+        let a = ask(&mut l, attach(2, "vm2", LocationKind::Alternate, "", size)).await;
+        assert_refused(&a, ErrorCode::Forbidden, "attach as another VM");
+        let a = ask(&mut l, attach(2, "vm1", LocationKind::Alternate, "", size)).await;
+        assert_refused(&a, ErrorCode::Forbidden, "claim another VM's disk id");
+        // Write at the next LSN and at a wrong one: the refusal never tells the LSN.
+        for at in [lsn + 1, 1, 999_999] {
+            let a = ask(&mut l, batch(2, at)).await;
+            assert_refused(&a, ErrorCode::Forbidden, "write into another VM's disk");
+            let Message::Error(e) = a else { unreachable!() };
+            assert!(!e.message.contains(&(lsn + 1).to_string()), "{}", e.message);
+        }
+        let a = ask(
+            &mut l,
+            Message::Bookmark(Bookmark {
+                disk_id: 2,
+                lsn: lsn + 1,
+                kind: BookmarkKind::ResyncStarted,
+                time_us: 1,
+                group_marker: 0,
+                tag: "evil".into(),
+            }),
+        )
+        .await;
+        assert_refused(&a, ErrorCode::Forbidden, "bookmark another VM's disk");
+        let a = ask(
+            &mut l,
+            Message::DigestRequest(DigestRequest {
+                disk_id: 2,
+                block_size: 65536,
+                first_block: 0,
+                block_count: 16,
+            }),
+        )
+        .await;
+        assert_refused(&a, ErrorCode::Forbidden, "read another VM's digests");
+        // Detach is an operator command, even for one's own disks.
+        for d in [2, 1] {
+            let a = ask(&mut l, Message::Detach { disk_id: d }).await;
+            assert_refused(&a, ErrorCode::Forbidden, "detach from an agent");
+        }
+        // Its own VM's disk is fine.
+        let a = ask(
+            &mut l,
+            attach(1, "vm1", LocationKind::Alternate, "", 1 << 20),
+        )
+        .await;
+        assert!(matches!(a, Message::Ack(_)), "own disk: {a:?}");
+    });
+    assert!(metric(&c.ps_admin, "failback_ps_requests_refused_total") >= 9.0);
+    // VM 2's disk is exactly what its agent replicated, and its own agent carries on.
+    assert_eq!(file_blake3(&onprem(&c, 2)).unwrap(), before);
+    replicate_and_verify(&c, 2, 600);
+}
+
+#[test]
+fn no_path_from_the_wire_reaches_a_file_outside_the_datastores() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let outside = c.dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let secret = outside.join("passwd");
+    std::fs::write(&secret, b"root:x:0:0\n").unwrap();
+    let desc = "createType=\"vmfs\"\nparentCID=ffffffff\nRW 2048 VMFS \"x-flat.vmdk\"\n";
+    std::fs::write(outside.join("x.vmdk"), desc).unwrap();
+    std::fs::write(outside.join("x-flat.vmdk"), vec![7u8; 2048 * 512]).unwrap();
+    let onprem_dir = c.dir.join("onprem");
+    std::os::unix::fs::symlink(&outside, onprem_dir.join("link-out")).unwrap();
+    std::os::unix::fs::symlink(outside.join("x.vmdk"), onprem_dir.join("y.vmdk")).unwrap();
+    std::fs::write(onprem_dir.join("notes.txt"), b"hello").unwrap();
+    std::fs::write(onprem_dir.join("plain.vmdk"), vec![1u8; 4096]).unwrap();
+    let snapshot = |p: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let outside_before = snapshot(&outside);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm1 = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);
+    let o = onprem_dir.display().to_string();
+    let out = outside.display().to_string();
+    let cases: Vec<(LocationKind, String, u64)> = vec![
+        (LocationKind::Original, secret.display().to_string(), 11),
+        (LocationKind::Original, format!("{o}/../outside/passwd"), 11),
+        (LocationKind::Original, format!("{out}/x.vmdk"), 2048 * 512),
+        (
+            LocationKind::Original,
+            format!("{o}/link-out/x.vmdk"),
+            2048 * 512,
+        ),
+        (LocationKind::Original, format!("{o}/y.vmdk"), 2048 * 512),
+        (LocationKind::Original, format!("{o}/notes.txt"), 5),
+        (LocationKind::Original, format!("{o}/plain.vmdk"), 4096),
+        (LocationKind::Original, "relative/x.vmdk".into(), 2048 * 512),
+        (LocationKind::Alternate, out.clone(), 1 << 20),
+        (LocationKind::Alternate, format!("{o}/link-out"), 1 << 20),
+        (LocationKind::Alternate, format!("{o}/../outside"), 1 << 20),
+    ];
+    rt.block_on(async {
+        let mut l = link(&c.ps_addr, &vm1, Role::Agent, PeerRole::ProcessServer)
+            .await
+            .unwrap();
+        for (i, (loc, target, size)) in cases.iter().enumerate() {
+            let a = ask(&mut l, attach(10 + i as u64, "vm1", *loc, target, *size)).await;
+            let Message::Error(e) = &a else {
+                panic!("{target}: accepted: {a:?}")
+            };
+            assert!(
+                matches!(e.code, ErrorCode::UnsupportedDisk | ErrorCode::Malformed),
+                "{target}: {e:?}"
+            );
+            // The refusal says why, never what the file holds or how large it is.
+            assert!(
+                !e.message.contains("1048576") && !e.message.contains("root:"),
+                "{}",
+                e.message
+            );
+        }
+    });
+    assert_eq!(
+        snapshot(&outside),
+        outside_before,
+        "nothing outside was touched"
+    );
+    assert_eq!(
+        std::fs::read(onprem_dir.join("notes.txt")).unwrap(),
+        b"hello"
+    );
+    // The master target is still up and takes a legitimate disk.
+    replicate_and_verify(&c, 1, 200);
+}
+
+#[test]
+fn certificates_of_the_wrong_role_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tls = |r| TlsFiles::of_role(&c.tls, r);
+    let vm1 = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);
+    rt.block_on(async {
+        // A master target's certificate is a server certificate: TLS itself refuses it as a
+        // client, at both services.
+        for (addr, expect) in [
+            (&c.ps_addr, PeerRole::ProcessServer),
+            (&c.mt_addr, PeerRole::MasterTarget),
+        ] {
+            let e = link(
+                addr,
+                &tls(PeerRole::MasterTarget),
+                Role::ProcessServer,
+                expect,
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.retry(), wire_protocol::Retry::Permanent, "{addr}: {e}");
+        }
+        // Wrong roles for a port: refused after TLS with a Forbidden error frame.
+        for (addr, files, role, expect) in [
+            (
+                &c.ps_addr,
+                tls(PeerRole::ProcessServer),
+                Role::Agent,
+                PeerRole::ProcessServer,
+            ),
+            (
+                &c.ps_addr,
+                tls(PeerRole::Operator),
+                Role::Admin,
+                PeerRole::ProcessServer,
+            ),
+            (&c.mt_addr, vm1.clone(), Role::Agent, PeerRole::MasterTarget),
+            (
+                &c.mt_addr,
+                vm1.clone(),
+                Role::ProcessServer,
+                PeerRole::MasterTarget,
+            ),
+        ] {
+            match link(addr, &files, role, expect).await {
+                Err(runtime::Error::Refused { code, .. }) => {
+                    assert_eq!(code, ErrorCode::Forbidden, "{addr} {role:?}")
+                }
+                other => panic!("{addr}: {role:?} got in: {other:?}"),
+            }
+        }
+        // A process server may not detach; an operator may not write.
+        let mut ps = link(
+            &c.mt_addr,
+            &tls(PeerRole::ProcessServer),
+            Role::ProcessServer,
+            PeerRole::MasterTarget,
+        )
+        .await
+        .unwrap();
+        assert_refused(
+            &ask(&mut ps, Message::Detach { disk_id: 1 }).await,
+            ErrorCode::Forbidden,
+            "detach by a process server",
+        );
+        let mut op = link(
+            &c.mt_addr,
+            &tls(PeerRole::Operator),
+            Role::Admin,
+            PeerRole::MasterTarget,
+        )
+        .await
+        .unwrap();
+        assert_refused(
+            &ask(&mut op, batch(1, 1)).await,
+            ErrorCode::Forbidden,
+            "write by an operator",
+        );
+        // An agent checks it is talking to a process server: the master target is not one.
+        let e = link(&c.mt_addr, &vm1, Role::Agent, PeerRole::ProcessServer)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not a process-server")
+                || e.retry() == wire_protocol::Retry::Permanent,
+            "{e}"
+        );
+    });
+    assert!(metric(&c.mt_admin, "failback_mt_connections_refused_total") >= 3.0);
+    assert!(metric(&c.ps_admin, "failback_ps_connections_refused_total") >= 3.0);
+}
+
+/// Opens `n` connections from 127.0.0.2 to `addr` that do nothing (idle TCP), and `n` that
+/// send half a TLS ClientHello and stop.
+fn hog(addr: &str, n: usize) -> Vec<TcpStream> {
+    let target: SocketAddr = addr.parse().unwrap();
+    let mut held = Vec::new();
+    for i in 0..2 * n {
+        let s = socket2_connect_from("127.0.0.2", target);
+        if let Some(mut s) = s {
+            if i % 2 == 1 {
+                // A ClientHello's record header promising 512 bytes, and 10 of them.
+                let _ = std::io::Write::write_all(&mut s, &[0x16, 3, 1, 2, 0, 1, 0, 1, 0xfc, 3, 3]);
+            }
+            held.push(s);
+        }
+    }
+    held
+}
+
+/// A TCP connection to `to` from the local address `from` (loopback has all of 127/8).
+fn socket2_connect_from(from: &str, to: SocketAddr) -> Option<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as u16;
+        sa.sin_addr.s_addr = u32::from_ne_bytes(from.parse::<std::net::Ipv4Addr>().ok()?.octets());
+        if libc::bind(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
+            libc::close(fd);
+            return None;
+        }
+        let SocketAddr::V4(t) = to else { return None };
+        let mut ta: libc::sockaddr_in = std::mem::zeroed();
+        ta.sin_family = libc::AF_INET as u16;
+        ta.sin_port = t.port().to_be();
+        ta.sin_addr.s_addr = u32::from_ne_bytes(t.ip().octets());
+        if libc::connect(
+            fd,
+            &ta as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
+            libc::close(fd);
+            return None;
+        }
+        Some(TcpStream::from_raw_fd(fd))
+    }
+}
+
+#[test]
+fn idle_and_half_open_connections_do_not_delay_a_legitimate_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm1 = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);
+    let ps = TlsFiles::of_role(&c.tls, PeerRole::ProcessServer);
+    // Several hundred connections at each service: idle, half-open, and (below) mutually
+    // authenticated ones that never send a Hello.
+    let _held: Vec<TcpStream> = [&c.ps_addr, &c.mt_addr]
+        .iter()
+        .flat_map(|a| hog(a, 150))
+        .collect();
+    let silent = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..40 {
+            // A real handshake, then nothing: TLS without our Hello.
+            let tcp = tokio::net::TcpStream::connect(&c.ps_addr).await.unwrap();
+            let cfg = client_config(&vm1).unwrap();
+            if let Ok(s) = tokio_rustls::TlsConnector::from(cfg)
+                .connect(runtime::tls::server_name("127.0.0.1").unwrap(), tcp)
+                .await
+            {
+                v.push(s);
+            }
+        }
+        v
+    });
+    assert!(
+        !silent.is_empty(),
+        "silent TLS clients got through the handshake"
+    );
+    for (addr, files, role, expect) in [
+        (&c.ps_addr, &vm1, Role::Agent, PeerRole::ProcessServer),
+        (&c.mt_addr, &ps, Role::ProcessServer, PeerRole::MasterTarget),
+    ] {
+        for _ in 0..3 {
+            let t = Instant::now();
+            let l = rt.block_on(link(addr, files, role, expect));
+            let took = t.elapsed();
+            assert!(l.is_ok(), "{addr}: {l:?}");
+            assert!(
+                took < Duration::from_secs(1),
+                "{addr}: a legitimate handshake took {took:?} behind the hogs"
+            );
+        }
+    }
+    assert!(
+        metric(
+            &c.ps_admin,
+            "failback_ps_connections_refused_total{reason=\"handshake_limit\""
+        ) >= 1.0
+    );
+    // And replication goes on while the hogs are held.
+    replicate_and_verify(&c, 1, 200);
+    drop(silent);
+}
+
+#[test]
+fn slow_admin_clients_do_not_block_health_and_state_changes_need_post() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let mut slow = Vec::new();
+    for admin in [&c.ps_admin, &c.mt_admin] {
+        for _ in 0..40 {
+            let mut s = TcpStream::connect(admin).unwrap();
+            std::io::Write::write_all(&mut s, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                .unwrap();
+            slow.push(s);
+        }
+    }
+    // The slow clients trickle a header byte now and then; /health answers meanwhile.
+    for round in 0..6 {
+        for s in &mut slow {
+            let _ = std::io::Write::write_all(s, b"X");
+        }
+        for admin in [&c.ps_admin, &c.mt_admin] {
+            let t = Instant::now();
+            let (code, _) = http_get(admin, "/health").unwrap();
+            assert_eq!(code, 200, "{admin}: round {round}");
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "{admin}: /health took {:?}",
+                t.elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // State changes: POST only, with the admin header and a local Host.
+    let raw = |req: &str| -> u16 {
+        let mut s = TcpStream::connect(&c.ps_admin).unwrap();
+        std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut out);
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        raw("GET /bandwidth HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+        405
+    );
+    assert_eq!(raw("POST /bandwidth HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\nConnection: close\r\n\r\n8bit"), 403, "no admin header: a cross-site form post");
+    assert_eq!(raw("POST /bandwidth HTTP/1.1\r\nHost: evil.example:9444\r\nx-failback-admin: 1\r\nContent-Length: 7\r\nConnection: close\r\n\r\n10kbit\n"), 403, "a DNS-rebound page");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "process-server",
+            "set-bandwidth",
+            "--admin",
+            &c.ps_admin,
+            "50mbit",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        metric(&c.ps_admin, "failback_ps_max_bandwidth_bytes_per_second"),
+        6_250_000.0
+    );
+}
