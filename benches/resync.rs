@@ -25,8 +25,8 @@ fn main() {
 
     // Source: 2 GiB of data that compresses about 2:1. On-premises: the same, 1% of blocks changed.
     let src = c.dir.join("source/disk1.img");
-    let img =
-        master_target::vmdk::create(&c.dir.join("onprem"), "vm1-disk1", SIZE, &[3; 16]).unwrap();
+    let img = master_target::vmdk::create(&c.dir.join("onprem/vm1"), "vm1-disk1", SIZE, &[3; 16])
+        .unwrap();
     let mut chunk = vec![0u8; 64 << 20];
     let (mut s, mut d) = (
         std::fs::File::create(&src).unwrap(),

@@ -52,6 +52,10 @@ pub struct DemoArgs {
 
 /// Runs the demo; returns the exit code.
 pub fn run(args: DemoArgs) -> i32 {
+    if let Err(e) = validate(&args) {
+        eprintln!("failback demo: error: {e}");
+        return 2;
+    }
     let tmp;
     let dir = match &args.keep {
         Some(d) => d.clone(),
@@ -84,6 +88,49 @@ pub fn run(args: DemoArgs) -> i32 {
     }
 }
 
+/// The largest demo disk: a sparse file, but the demo hashes it whole several times.
+const MAX_DEMO_DISK_BYTES: u64 = 1 << 40;
+
+/// Checks every option against its range before anything is made.
+fn validate(args: &DemoArgs) -> std::result::Result<(), String> {
+    let range = |flag: &str, v: f64, lo: f64, hi: f64| {
+        if !(lo..=hi).contains(&v) {
+            return Err(format!(
+                "invalid --{flag}: {v} is outside the range {lo} to {hi}"
+            ));
+        }
+        Ok(())
+    };
+    range("compressibility", args.compressibility, 0.0, 1.0)?;
+    range("differ-percent", args.differ_percent, 0.0, 100.0)?;
+    let size = runtime::units::parse_bytes(&args.disk_size)
+        .map_err(|e| format!("invalid --disk-size: {e}"))?;
+    if !(BLOCK..=MAX_DEMO_DISK_BYTES).contains(&size) || !size.is_multiple_of(512) {
+        return Err(format!(
+            "invalid --disk-size: {} is outside the range 64 KiB to 1 TiB, or not a multiple of 512 bytes",
+            args.disk_size
+        ));
+    }
+    if let Some(l) = &args.link {
+        let bps = runtime::units::parse_rate(l).map_err(|e| format!("invalid --link: {e}"))?;
+        if bps < 1_000 {
+            return Err(format!(
+                "invalid --link: {l} is below the smallest link the demo takes, 8kbit"
+            ));
+        }
+    }
+    if let Some(k) = &args.keep {
+        let used = std::fs::read_dir(k).map(|mut d| d.next().is_some());
+        if used.unwrap_or(false) {
+            return Err(format!(
+                "--keep {}: the directory is not empty; the demo keeps its disks in a new or empty directory",
+                k.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn step(n: u32, text: &str) {
     eprintln!("[{n}/6] {text}");
 }
@@ -94,11 +141,6 @@ fn fail(msg: impl Into<String>) -> Error {
 
 fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     let disk_bytes = runtime::units::parse_bytes(&args.disk_size).map_err(fail)?;
-    if disk_bytes < BLOCK || disk_bytes % 512 != 0 {
-        return Err(fail(format!(
-            "--disk-size {disk_bytes} must be a multiple of 512 and at least 64 KiB"
-        )));
-    }
     let bin = std::env::current_exe().map_err(|e| Error::Io {
         context: "find own binary".into(),
         source: e,
@@ -129,10 +171,11 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
 
     step(3, &format!("making the source disk ({}) and an on-premises VMDK that differs in {:.1}% of its blocks", args.disk_size, args.differ_percent));
     let source = dir.join("source").join("vm1-disk1.img");
-    let onprem_desc = dir.join("onprem").join("vm1-disk1.vmdk");
+    let vm_folder = dir.join("onprem").join("vm1");
+    let onprem_desc = vm_folder.join("vm1-disk1.vmdk");
     make_disks(
         &source,
-        &dir.join("onprem"),
+        &vm_folder,
         disk_bytes,
         args.differ_percent,
         args.compressibility,
@@ -258,7 +301,7 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
         "failing back: final point taken, disk drained and detached; verifying",
     );
     c.detach(DISK_ID)?;
-    let onprem_flat = dir.join("onprem").join("vm1-disk1-flat.vmdk");
+    let onprem_flat = vm_folder.join("vm1-disk1-flat.vmdk");
     let (src_hash, dst_hash) = (file_blake3(&source)?, file_blake3(&onprem_flat)?);
     let mut problems = Vec::new();
     if src_hash != dst_hash {
@@ -271,10 +314,10 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     let app = bookmarks
         .last()
         .ok_or_else(|| fail("no bookmark was taken"))?;
-    let export = dir.join("onprem").join("vm1-disk1-latest-app.vmdk");
+    let export = vm_folder.join("vm1-disk1-latest-app.vmdk");
     c.export(DISK_ID, "latest-app", &export, "vmdk")?;
     let exported = agent::source::hex(
-        &agent::source::image_digest(&dir.join("onprem").join("vm1-disk1-latest-app-flat.vmdk"))
+        &agent::source::image_digest(&vm_folder.join("vm1-disk1-latest-app-flat.vmdk"))
             .map_err(|e| fail(e.to_string()))?,
     );
     if exported != app.disk_digest {
@@ -285,7 +328,7 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     if bookmarks.len() >= 2 {
         let b = &bookmarks[bookmarks.len() / 2];
         if let Some(p) = points.iter().find(|p| p["tag"] == b.tag.as_str()) {
-            let out = dir.join("onprem").join("earlier.img");
+            let out = vm_folder.join("earlier.img");
             c.export(DISK_ID, &p["id"].to_string(), &out, "raw")?;
             let d = agent::source::hex(
                 &agent::source::image_digest(&out).map_err(|e| fail(e.to_string()))?,
@@ -362,8 +405,7 @@ fn make_disks(
     let uuid: [u8; 16] = blake3::hash(b"vm1/1").as_bytes()[..16]
         .try_into()
         .expect("16");
-    let _ = std::fs::remove_file(onprem_dir.join("vm1-disk1.vmdk"));
-    let _ = std::fs::remove_file(onprem_dir.join("vm1-disk1-flat.vmdk"));
+    std::fs::create_dir_all(onprem_dir).map_err(ioe(format!("create {}", onprem_dir.display())))?;
     let img = master_target::vmdk::create(onprem_dir, "vm1-disk1", size, &uuid)
         .map_err(|e| fail(e.to_string()))?;
     let dst = std::fs::OpenOptions::new()

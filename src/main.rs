@@ -60,7 +60,9 @@ struct CertArgs {
     /// The VM an agent's certificate is for (required with --role agent).
     #[arg(long)]
     vm: Option<String>,
-    /// The identity's name (process-server, master-target, operator). Default: the role.
+    /// The identity's name (process-server, master-target, operator): unique per host, since
+    /// a disk is written only by the process server that attached it. Default: the first
+    /// --dns name (servers); required for operators.
     #[arg(long)]
     name: Option<String>,
     /// DNS names or IP addresses a server is reached by (process-server, master-target);
@@ -98,7 +100,14 @@ fn certs(a: CertArgs) -> Result<String, String> {
                     .into(),
             ),
             (_, Some(_), _) => return Err("--vm goes with --role agent only".into()),
-            (r, None, name) => name.unwrap_or_else(|| r.as_str().to_owned()),
+            (PeerRole::Operator, None, None) => {
+            return Err("--role operator needs --name NAME: each operator has an identity of their own".into())
+        }
+        (_, None, Some(name)) => name,
+        (_, None, None) => match a.dns.first() {
+            Some(d) => d.clone(),
+            None => return Err(format!("--role {} needs --dns NAME (the names its peers reach it by; the first also names the identity)", role)),
+        },
         };
     let req = IssueRequest {
         identity: Identity { role, name },

@@ -72,8 +72,8 @@ fn differential_resync_sends_only_the_blocks_that_differ() {
     let mut data = vec![0u8; size as usize];
     agent::datagen::fill(9, 0, 0.5, &mut data);
     std::fs::write(&src, &data).unwrap();
-    let img =
-        master_target::vmdk::create(&c.dir.join("onprem"), "vm1-disk1", size, &[7; 16]).unwrap();
+    let img = master_target::vmdk::create(&c.dir.join("onprem/vm1"), "vm1-disk1", size, &[7; 16])
+        .unwrap();
     let differing: Vec<usize> = (0..37).map(|i| i * 27 + 3).collect();
     for &b in &differing {
         data[b * 65536 + 100] ^= 0xff;
@@ -113,8 +113,8 @@ fn resync_resumes_after_a_kill_and_runs_alongside_live_writes() {
     let mut data = vec![0u8; size as usize];
     agent::datagen::fill(11, 0, 0.5, &mut data);
     std::fs::write(&src, &data).unwrap();
-    let img =
-        master_target::vmdk::create(&c.dir.join("onprem"), "vm1-disk1", size, &[5; 16]).unwrap();
+    let img = master_target::vmdk::create(&c.dir.join("onprem/vm1"), "vm1-disk1", size, &[5; 16])
+        .unwrap();
     for b in (0..data.len() / 65536).step_by(50) {
         data[b * 65536 + 7] ^= 0x5a; // the stale on-premises copy: 2% of blocks differ
     }
@@ -598,8 +598,8 @@ fn the_demo_verifies_and_reports_as_json() {
     // --keep leaves the disks, logs and data where the issue says.
     for p in [
         "source/vm1-disk1.img",
-        "onprem/vm1-disk1.vmdk",
-        "onprem/vm1-disk1-flat.vmdk",
+        "onprem/vm1/vm1-disk1.vmdk",
+        "onprem/vm1/vm1-disk1-flat.vmdk",
         "logs/master-target.log",
         "logs/process-server.log",
         "data/retention",
@@ -740,7 +740,7 @@ fn one_hundred_twenty_eight_disk_streams_fill_three_master_targets_in_order() {
             |_| {},
         )
         .unwrap();
-        let name = format!("vm{disk}-disk{disk}-flat.vmdk");
+        let name = format!("vm{disk}/vm{disk}-disk{disk}-flat.vmdk");
         let (i, flat) = ["onprem", "onprem-2", "onprem-3"]
             .iter()
             .enumerate()

@@ -189,15 +189,83 @@ fn an_agent_can_touch_its_own_vms_disks_and_nothing_else() {
         )
         .await;
         assert!(matches!(a, Message::Ack(_)), "own disk: {a:?}");
+        // Digests of tiny blocks would give a disk's bytes away: refused even for its own.
+        let a = ask(
+            &mut l,
+            Message::DigestRequest(DigestRequest {
+                disk_id: 1,
+                block_size: 1,
+                first_block: 0,
+                block_count: 256,
+            }),
+        )
+        .await;
+        assert_refused(&a, ErrorCode::Malformed, "1-byte digest blocks");
+        // One VM cannot take every place: past its share, attaches are refused.
+        let mut refused = None;
+        for id in 100..100 + process_server::ingest::MAX_DISKS_PER_VM as u64 + 1 {
+            let a = ask(
+                &mut l,
+                attach(id, "vm1", LocationKind::Alternate, "", 1 << 20),
+            )
+            .await;
+            if let Message::Error(e) = a {
+                refused = Some((id, e.code));
+                break;
+            }
+        }
+        assert_eq!(
+            refused,
+            Some((
+                99 + process_server::ingest::MAX_DISKS_PER_VM as u64,
+                ErrorCode::DiskLimit
+            )),
+            "vm1 has disk 1 and {} more at most",
+            process_server::ingest::MAX_DISKS_PER_VM - 1
+        );
     });
     assert!(metric(&c.ps_admin, "failback_ps_requests_refused_total") >= 9.0);
+    // Another process server of the deployment cannot write a disk this one attached.
+    let other = c.tls.join("ps-other");
+    runtime::tls::issue(
+        &c.tls,
+        &runtime::tls::IssueRequest {
+            identity: runtime::tls::Identity {
+                role: PeerRole::ProcessServer,
+                name: "ps-other".into(),
+            },
+            server_names: vec!["127.0.0.1".into()],
+            days: 30,
+        },
+        &other,
+    )
+    .unwrap();
+    rt.block_on(async {
+        let files = TlsFiles::of_role(&other, PeerRole::ProcessServer);
+        let mut l = link(
+            &c.mt_addr,
+            &files,
+            Role::ProcessServer,
+            PeerRole::MasterTarget,
+        )
+        .await
+        .unwrap();
+        let a = ask(
+            &mut l,
+            attach(2, "vm2", LocationKind::Alternate, "", 256 << 20),
+        )
+        .await;
+        assert_refused(&a, ErrorCode::Forbidden, "attach by another process server");
+        let a = ask(&mut l, batch(2, lsn + 1)).await;
+        assert_refused(&a, ErrorCode::Forbidden, "write by another process server");
+    });
     // VM 2's disk is exactly what its agent replicated, and its own agent carries on.
     assert_eq!(file_blake3(&onprem(&c, 2)).unwrap(), before);
     replicate_and_verify(&c, 2, 600);
 }
 
 #[test]
-fn no_path_from_the_wire_reaches_a_file_outside_the_datastores() {
+fn no_path_from_the_wire_reaches_a_file_outside_the_vms_folder() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(dir.path());
     let outside = c.dir.join("outside");
@@ -206,81 +274,119 @@ fn no_path_from_the_wire_reaches_a_file_outside_the_datastores() {
     std::fs::write(&secret, b"root:x:0:0\n").unwrap();
     let desc = "createType=\"vmfs\"\nparentCID=ffffffff\nRW 2048 VMFS \"x-flat.vmdk\"\n";
     std::fs::write(outside.join("x.vmdk"), desc).unwrap();
-    std::fs::write(outside.join("x-flat.vmdk"), vec![7u8; 2048 * 512]).unwrap();
-    let onprem_dir = c.dir.join("onprem");
-    std::os::unix::fs::symlink(&outside, onprem_dir.join("link-out")).unwrap();
-    std::os::unix::fs::symlink(outside.join("x.vmdk"), onprem_dir.join("y.vmdk")).unwrap();
-    std::fs::write(onprem_dir.join("notes.txt"), b"hello").unwrap();
-    std::fs::write(onprem_dir.join("plain.vmdk"), vec![1u8; 4096]).unwrap();
+    std::fs::write(outside.join("x-flat.vmdk"), vec![7u8; 1 << 20]).unwrap();
+    let ds = c.dir.join("onprem");
+    let vm1_dir = ds.join("vm1");
+    std::fs::create_dir_all(&vm1_dir).unwrap();
+    std::os::unix::fs::symlink(&outside, vm1_dir.join("link-out")).unwrap();
+    std::os::unix::fs::symlink(outside.join("x.vmdk"), vm1_dir.join("y.vmdk")).unwrap();
+    std::fs::write(vm1_dir.join("notes.txt"), b"hello").unwrap();
+    std::fs::write(vm1_dir.join("plain.vmdk"), vec![1u8; 4096]).unwrap();
+    std::fs::write(vm1_dir.join("h.vmdk"), desc.replace("x-flat", "h-flat")).unwrap();
+    std::fs::hard_link(outside.join("x-flat.vmdk"), vm1_dir.join("h-flat.vmdk")).unwrap();
+    let fifo = std::ffi::CString::new(vm1_dir.join("f.vmdk").display().to_string()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    // Another VM's disk in its own folder, and a disk at the datastore's root.
+    master_target::vmdk::create(&ds.join("vm2"), "vm2-disk2", 1 << 20, &[2; 16]).unwrap();
+    master_target::vmdk::create(&ds, "loose", 1 << 20, &[3; 16]).unwrap();
     let snapshot = |p: &Path| -> Vec<(String, Vec<u8>)> {
         let mut v: Vec<_> = std::fs::read_dir(p)
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap_or_default(),
-                )
+                let data = if e.file_type().unwrap().is_file() {
+                    std::fs::read(e.path()).unwrap()
+                } else {
+                    Vec::new()
+                };
+                (e.file_name().to_string_lossy().into_owned(), data)
             })
             .collect();
         v.sort();
         v
     };
-    let outside_before = snapshot(&outside);
+    let before: Vec<_> = [&outside, &ds.join("vm2"), &ds]
+        .iter()
+        .map(|d| snapshot(d))
+        .collect();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let vm1 = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);
-    let o = onprem_dir.display().to_string();
-    let out = outside.display().to_string();
-    let cases: Vec<(LocationKind, String, u64)> = vec![
-        (LocationKind::Original, secret.display().to_string(), 11),
-        (LocationKind::Original, format!("{o}/../outside/passwd"), 11),
-        (LocationKind::Original, format!("{out}/x.vmdk"), 2048 * 512),
-        (
-            LocationKind::Original,
-            format!("{o}/link-out/x.vmdk"),
-            2048 * 512,
-        ),
-        (LocationKind::Original, format!("{o}/y.vmdk"), 2048 * 512),
-        (LocationKind::Original, format!("{o}/notes.txt"), 5),
-        (LocationKind::Original, format!("{o}/plain.vmdk"), 4096),
-        (LocationKind::Original, "relative/x.vmdk".into(), 2048 * 512),
-        (LocationKind::Alternate, out.clone(), 1 << 20),
-        (LocationKind::Alternate, format!("{o}/link-out"), 1 << 20),
-        (LocationKind::Alternate, format!("{o}/../outside"), 1 << 20),
+    let (o, v, out) = (
+        ds.display().to_string(),
+        vm1_dir.display().to_string(),
+        outside.display().to_string(),
+    );
+    let original = [
+        secret.display().to_string(),
+        format!("{v}/../../outside/passwd"),
+        format!("{out}/x.vmdk"),
+        format!("{v}/link-out/x.vmdk"),
+        format!("{v}/y.vmdk"),
+        format!("{v}/notes.txt"),
+        format!("{v}/plain.vmdk"),
+        format!("{v}/h.vmdk"),
+        format!("{v}/f.vmdk"),
+        format!("{o}/vm2/vm2-disk2.vmdk"),
+        format!("{o}/loose.vmdk"),
+        "relative/x.vmdk".into(),
     ];
+    let alternate = [
+        out.clone(),
+        format!("{v}/link-out"),
+        format!("{o}/../outside"),
+        format!("{o}/vm2"),
+    ];
+    let cases = original
+        .iter()
+        .map(|t| (LocationKind::Original, t))
+        .chain(alternate.iter().map(|t| (LocationKind::Alternate, t)));
     rt.block_on(async {
         let mut l = link(&c.ps_addr, &vm1, Role::Agent, PeerRole::ProcessServer)
             .await
             .unwrap();
-        for (i, (loc, target, size)) in cases.iter().enumerate() {
-            let a = ask(&mut l, attach(10 + i as u64, "vm1", *loc, target, *size)).await;
+        for (i, (loc, target)) in cases.enumerate() {
+            let a = ask(&mut l, attach(10 + i as u64, "vm1", loc, target, 1 << 20)).await;
             let Message::Error(e) = &a else {
                 panic!("{target}: accepted: {a:?}")
             };
             assert!(
-                matches!(e.code, ErrorCode::UnsupportedDisk | ErrorCode::Malformed),
+                matches!(e.code, ErrorCode::UnsupportedDisk | ErrorCode::Forbidden),
                 "{target}: {e:?}"
             );
-            // The refusal says why, never what the file holds or how large it is.
-            assert!(
-                !e.message.contains("1048576") && !e.message.contains("root:"),
-                "{}",
-                e.message
-            );
+            // The refusal says why, never what a file holds.
+            assert!(!e.message.contains("root:"), "{}", e.message);
         }
     });
+    let after: Vec<_> = [&outside, &ds.join("vm2"), &ds]
+        .iter()
+        .map(|d| snapshot(d))
+        .collect();
     assert_eq!(
-        snapshot(&outside),
-        outside_before,
-        "nothing outside was touched"
+        after, before,
+        "nothing outside vm1's folder was touched or made"
     );
-    assert_eq!(
-        std::fs::read(onprem_dir.join("notes.txt")).unwrap(),
-        b"hello"
-    );
-    // The master target is still up and takes a legitimate disk.
+    assert_eq!(std::fs::read(vm1_dir.join("notes.txt")).unwrap(), b"hello");
+    // The master target is still up and takes a legitimate disk; once that disk is detached
+    // for failback, no new disk id may attach its file again.
     replicate_and_verify(&c, 1, 200);
+    rt.block_on(async {
+        let mut l = link(&c.ps_addr, &vm1, Role::Agent, PeerRole::ProcessServer)
+            .await
+            .unwrap();
+        let t = format!("{v}/vm1-disk1.vmdk");
+        let a = ask(
+            &mut l,
+            attach(77, "vm1", LocationKind::Original, &t, 256 << 20),
+        )
+        .await;
+        assert_refused(
+            &a,
+            ErrorCode::Forbidden,
+            "a detached disk's file under a new id",
+        );
+    });
 }
 
 #[test]
@@ -377,13 +483,13 @@ fn certificates_of_the_wrong_role_are_refused() {
     assert!(metric(&c.ps_admin, "failback_ps_connections_refused_total") >= 3.0);
 }
 
-/// Opens `n` connections from 127.0.0.2 to `addr` that do nothing (idle TCP), and `n` that
+/// Opens `n` connections from `from` to `addr` that do nothing (idle TCP), and `n` that
 /// send half a TLS ClientHello and stop.
-fn hog(addr: &str, n: usize) -> Vec<TcpStream> {
+fn hog(addr: &str, from: &str, n: usize) -> Vec<TcpStream> {
     let target: SocketAddr = addr.parse().unwrap();
     let mut held = Vec::new();
     for i in 0..2 * n {
-        let s = socket2_connect_from("127.0.0.2", target);
+        let s = socket2_connect_from(from, target);
         if let Some(mut s) = s {
             if i % 2 == 1 {
                 // A ClientHello's record header promising 512 bytes, and 10 of them.
@@ -443,9 +549,15 @@ fn idle_and_half_open_connections_do_not_delay_a_legitimate_peer() {
     let ps = TlsFiles::of_role(&c.tls, PeerRole::ProcessServer);
     // Several hundred connections at each service: idle, half-open, and (below) mutually
     // authenticated ones that never send a Hello.
+    // From four addresses, 300 connections each at each service: more than one address may
+    // hold, fewer than all may.
     let _held: Vec<TcpStream> = [&c.ps_addr, &c.mt_addr]
         .iter()
-        .flat_map(|a| hog(a, 150))
+        .flat_map(|a| {
+            ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+                .into_iter()
+                .flat_map(move |from| hog(a, from, 150))
+        })
         .collect();
     let silent = rt.block_on(async {
         let mut v = Vec::new();
@@ -498,6 +610,12 @@ fn slow_admin_clients_do_not_block_health_and_state_changes_need_post() {
     let c = cluster(dir.path());
     let mut slow = Vec::new();
     for admin in [&c.ps_admin, &c.mt_admin] {
+        // 300 that say nothing, and 40 that trickle a header.
+        for _ in 0..300 {
+            if let Ok(s) = TcpStream::connect(admin) {
+                slow.push(s);
+            }
+        }
         for _ in 0..40 {
             let mut s = TcpStream::connect(admin).unwrap();
             std::io::Write::write_all(&mut s, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")

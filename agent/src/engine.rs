@@ -13,12 +13,18 @@ use wire_protocol::{Bookmark, BookmarkKind, DigestRequest, Message, Write, Write
 use crate::error::{Error, IoContext, Result};
 use crate::link::{Link, Sent};
 use crate::source::{hex, SourceDisk, DIGEST_BLOCK_BYTES};
+use wire_protocol::message::{MAX_BATCH_DATA_LEN, MAX_WRITES_PER_BATCH};
 
 /// A batch is sent once it holds this much data (1 MiB batches compress best with zstd and
 /// keep per-batch overhead far below 0.1%).
 pub const BATCH_BYTES: usize = 1 << 20;
 /// ... or this many writes.
 pub const BATCH_WRITES: usize = 1024;
+const _: () = assert!(BATCH_BYTES <= MAX_BATCH_DATA_LEN && BATCH_WRITES <= MAX_WRITES_PER_BATCH);
+const _: () = assert!(
+    DIGEST_BLOCK_BYTES as usize <= MAX_BATCH_DATA_LEN,
+    "a resync block fits a batch"
+);
 /// Blocks per digest request and resync step (128 MiB of disk at 64 KiB blocks): the unit
 /// of resumption, and how much resync work sits between live writes.
 pub const RESYNC_CHUNK_BLOCKS: u32 = 2048;
@@ -101,6 +107,8 @@ pub struct Engine {
     /// A resync is under way: the target is not consistent, so bookmarks make no point.
     resyncing: bool,
     state_dir: PathBuf,
+    /// Held for the engine's life: one agent per state directory.
+    _lock: runtime::lock::DirLock,
     /// Counters.
     pub stats: RunStats,
 }
@@ -123,8 +131,7 @@ impl Engine {
         state_dir: &Path,
         connect_timeout: Duration,
     ) -> Result<Engine> {
-        std::fs::create_dir_all(state_dir)
-            .ctx(|| format!("create state directory {}", state_dir.display()))?;
+        let lock = runtime::lock::DirLock::acquire(state_dir, "agent")?;
         let deadline = Instant::now() + connect_timeout;
         let mut backoff = runtime::net::Backoff::new(START_BACKOFF_MIN_MS, START_BACKOFF_MAX_MS);
         let mut attempts = 0u32;
@@ -159,6 +166,7 @@ impl Engine {
             dirty: BTreeSet::new(),
             resyncing: false,
             state_dir: state_dir.into(),
+            _lock: lock,
             stats: RunStats::default(),
         })
     }
@@ -168,7 +176,9 @@ impl Engine {
         self.next_lsn
     }
 
-    /// Captures one write: applies it to the source disk and queues it.
+    /// Captures one write: applies it to the source disk and queues it. A write longer
+    /// than a batch may carry travels as consecutive pieces, each with its own LSN (a disk
+    /// guarantees no more than sector atomicity for a large write either).
     pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<()> {
         self.source.write(offset, &data)?;
         self.stats.writes += 1;
@@ -176,6 +186,28 @@ impl Engine {
         if !self.dirty.is_empty() && !self.link.is_up() {
             self.mark_dirty(offset, data.len() as u64);
             return Ok(());
+        }
+        if data.is_empty() {
+            return self.queue(offset, data).await;
+        }
+        let mut at = 0;
+        while at < data.len() {
+            let end = data.len().min(at + MAX_BATCH_DATA_LEN);
+            self.queue(offset + at as u64, data.slice(at..end)).await?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Adds one write to the pending batch, sending the batch first if the write would take
+    /// it past what a batch may carry, and after if it is full enough.
+    async fn queue(&mut self, offset: u64, data: Bytes) -> Result<()> {
+        debug_assert!(data.len() <= MAX_BATCH_DATA_LEN, "callers split writes");
+        if !self.batch.is_empty()
+            && (self.batch_bytes + data.len() > MAX_BATCH_DATA_LEN
+                || self.batch.len() >= MAX_WRITES_PER_BATCH)
+        {
+            Box::pin(self.flush()).await?;
         }
         self.batch_bytes += data.len();
         self.batch.push(Write {
@@ -185,7 +217,7 @@ impl Engine {
             data,
         });
         if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_WRITES {
-            self.flush().await?;
+            Box::pin(self.flush()).await?;
         }
         Ok(())
     }
@@ -258,16 +290,7 @@ impl Engine {
         for &b in blocks {
             let data = Bytes::copy_from_slice(self.source.read_block(b, &mut buf)?);
             sent += data.len() as u64;
-            self.batch_bytes += data.len();
-            self.batch.push(Write {
-                timestamp_us: now_us(),
-                offset: b * DIGEST_BLOCK_BYTES,
-                digest: wire_protocol::digest(&data),
-                data,
-            });
-            if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_WRITES {
-                Box::pin(self.flush()).await?;
-            }
+            self.queue(b * DIGEST_BLOCK_BYTES, data).await?;
         }
         Box::pin(self.flush()).await?;
         Ok(sent)

@@ -14,8 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, IoContext, Result};
 
-/// Block size of digests (and of resync).
-pub const DIGEST_BLOCK_BYTES: u64 = 64 << 10;
+pub use wire_protocol::digest::{hex, DIGEST_BLOCK_BYTES};
 
 /// The source disk.
 #[derive(Debug)]
@@ -40,18 +39,14 @@ pub fn block_digests(file: &File, len: u64, block: u64) -> Result<Vec<[u8; 32]>>
         .map(|i| {
             let start = (i * block) as usize;
             let end = ((i + 1) * block).min(len) as usize;
-            *blake3::hash(&map[start..end]).as_bytes()
+            wire_protocol::digest::block_digest(&map[start..end])
         })
         .collect())
 }
 
-/// The disk digest of per-block digests.
+/// The disk digest of per-block digests (see [`wire_protocol::digest`]).
 pub fn digest_of(digests: &[[u8; 32]]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    for d in digests {
-        h.update(d);
-    }
-    *h.finalize().as_bytes()
+    wire_protocol::digest::disk_digest(digests)
 }
 
 /// The disk digest of an image file (raw, or a VMDK's flat extent).
@@ -62,11 +57,6 @@ pub fn image_digest(path: &Path) -> Result<[u8; 32]> {
         .ctx(|| format!("stat {}", path.display()))?
         .len();
     Ok(digest_of(&block_digests(&f, len, DIGEST_BLOCK_BYTES)?))
-}
-
-/// Hex of a digest.
-pub fn hex(d: &[u8; 32]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl SourceDisk {
@@ -133,7 +123,7 @@ impl SourceDisk {
         let mut buf = vec![0u8; DIGEST_BLOCK_BYTES as usize];
         for b in first..=last {
             let data = self.read_block(b, &mut buf)?;
-            self.digests[b as usize] = *blake3::hash(data).as_bytes();
+            self.digests[b as usize] = wire_protocol::digest::block_digest(data);
         }
         Ok(())
     }

@@ -17,8 +17,9 @@ use crate::error::{Error, IoContext, Result};
 pub const MAX_LINE_BYTES: usize = 4096;
 /// Sector size of sector-addressed formats.
 const SECTOR_BYTES: u64 = 512;
-/// One write is at most this long (a trace naming more is refused): the wire's batch limit.
-pub const MAX_WRITE_BYTES: u64 = wire_protocol::message::MAX_BATCH_DATA_LEN as u64;
+/// One write is at most this long (a trace naming more is refused): larger than any real
+/// I/O (Linux caps a request far lower), and the engine splits what exceeds a batch.
+pub const MAX_WRITE_BYTES: u64 = 64 << 20;
 
 /// Trace formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,6 +1,6 @@
 //! The `master-target` command line: `serve`, `points`, `export`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
@@ -9,7 +9,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Settings;
 use crate::error::Result;
-use crate::export::{self, Format, PointSel};
+use crate::export::{self, ExportOpts, Format, PointSel};
 use crate::server::RequestRefusals;
 use crate::service::Disks;
 use runtime::admin::{AdminResponse, Method};
@@ -34,9 +34,10 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
-    /// List recovery points (works with the service stopped).
+    /// List recovery points (also while the service runs: the journals are only read).
     Points {
-        /// TOML configuration file (for data-dir and retention-dir).
+        /// TOML configuration file (for data-dir and retention-dir). Default:
+        /// /etc/failback/master-target.toml if it exists.
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
@@ -65,9 +66,11 @@ enum Command {
         #[arg(long)]
         disk: u64,
     },
-    /// Write a disk as it was at a recovery point (works with the service stopped).
+    /// Write a disk as it was at a recovery point, to a new file (the disk must be detached,
+    /// or the service stopped). Never writes over a disk; an existing file only with --force.
     Export {
-        /// TOML configuration file (for data-dir and retention-dir).
+        /// TOML configuration file (for data-dir and retention-dir). Default:
+        /// /etc/failback/master-target.toml if it exists.
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
@@ -84,8 +87,14 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "raw")]
         format: Format,
+        /// Replace an existing output file (a disk's file is never replaced).
+        #[arg(long)]
+        force: bool,
     },
 }
+
+/// Where the offline commands look for the service's configuration by default.
+pub const DEFAULT_CONFIG: &str = "/etc/failback/master-target.toml";
 
 fn settings(config: Option<PathBuf>, flags: Settings) -> Result<crate::config::Config> {
     let file = match config {
@@ -93,6 +102,15 @@ fn settings(config: Option<PathBuf>, flags: Settings) -> Result<crate::config::C
         None => Settings::default(),
     };
     flags.or(file).resolve()
+}
+
+/// Settings of the offline commands: the named file, else the service's own if present.
+fn offline_settings(config: Option<PathBuf>, flags: Settings) -> Result<crate::config::Config> {
+    let default = Path::new(DEFAULT_CONFIG);
+    settings(
+        config.or_else(|| default.exists().then(|| default.to_path_buf())),
+        flags,
+    )
 }
 
 /// Runs the command line with `args` (the first is the program name). Returns the exit code.
@@ -138,7 +156,7 @@ fn run(cli: Cli) -> Result<()> {
             disk,
             json,
         } => {
-            let cfg = settings(config, s)?;
+            let cfg = offline_settings(config, s)?;
             for (disk_id, points, committed) in
                 export::list(&cfg.data_dir, &cfg.retention_dir, disk)?
             {
@@ -208,17 +226,36 @@ fn run(cli: Cli) -> Result<()> {
             point,
             out,
             format,
+            force,
         } => {
-            let cfg = settings(config, s)?;
-            let (p, undone) = export::export(
+            let cfg = offline_settings(config, s)?;
+            let opts = ExportOpts {
+                force,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let e = export::export(
                 &cfg.data_dir,
                 &cfg.retention_dir,
                 disk,
                 &point,
                 &out,
                 format,
+                opts,
             )?;
-            println!("exported disk {disk} at point {} (lsn {}, {}, tag {:?}) to {} ({undone} journal records applied)", p.id, p.lsn, fmt_time(p.time_us), p.tag, out.display());
+            let p = &e.point;
+            println!(
+                "exported disk {disk} at {} (lsn {}, {}, tag {:?}; {} journal records applied) to {}",
+                if p.id == 0 { "the latest state".to_owned() } else { format!("point {}", p.id) },
+                p.lsn,
+                fmt_time(p.time_us),
+                p.tag,
+                e.applied,
+                e.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" + ")
+            );
+            println!(
+                "disk digest {} (read back from the device after fsync; `agent digest` of the image prints the same)",
+                wire_protocol::digest::hex(&e.digest)
+            );
             Ok(())
         }
     }

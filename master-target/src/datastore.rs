@@ -6,11 +6,17 @@
 //!   is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` relative to the
 //!   datastore's directory, so the kernel refuses any resolution, through symlinks or not,
 //!   that leaves the datastore. Nothing a peer sends reaches another file.
-//! - An original-location target is a VMDK descriptor (`NAME.vmdk`) of a flat disk; its
-//!   extent is a plain file name in the same directory and must be a regular file. Raw
-//!   images are not accepted from the wire: any file could be called one.
-//! - An alternate-location target is an existing directory inside a datastore (empty: the
-//!   first datastore); new disks are created there with `O_EXCL`, never over a file.
+//! - A VM's disks live in its folder, `DATASTORE/VM/`, as ESXi lays them out: an agent can
+//!   name (original location) or have created (alternate location) only files in the folder
+//!   of the VM its certificate names. Another VM's disks are out of its reach by path.
+//! - An original-location target is a VMDK descriptor `DATASTORE/VM/NAME.vmdk` of a flat
+//!   disk; its extent is a plain file name beside it. Both must be regular files with one
+//!   link (a hard link could make a file outside the datastore look like one inside), and
+//!   are opened without blocking (a FIFO cannot stall the service). Raw images are not
+//!   accepted from the wire: any file could be called one.
+//! - An alternate-location target is a datastore directory (empty: the first one); the new
+//!   disk is created in its `VM/` folder with `O_EXCL`, never over a file, and removed
+//!   again if it cannot be made whole.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -177,9 +183,18 @@ impl Datastores {
         })
     }
 
-    /// Opens the flat disk whose descriptor `target` names (original location).
-    pub fn open_original(&self, target: &str) -> Result<(DiskImage, File)> {
+    /// Opens the flat disk whose descriptor `target` names (original location), which must
+    /// lie in the folder of VM `vm`.
+    pub fn open_original(&self, target: &str, vm: &str) -> Result<(DiskImage, File)> {
         let l = self.locate(target)?;
+        let mut parts = l.rel.components();
+        let folder = parts.next().map(|c| c.as_os_str());
+        if folder != Some(std::ffi::OsStr::new(vm)) || parts.count() != 1 {
+            return Err(refuse(
+                target,
+                &format!("a disk of VM {vm} must be a descriptor in its folder, DATASTORE/{vm}/NAME.vmdk"),
+            ));
+        }
         self.open_descriptor(&l)
     }
 
@@ -196,11 +211,8 @@ impl Datastores {
                 "a target must be a VMDK descriptor (NAME.vmdk)",
             ));
         }
-        let f = self.open_at(l, libc::O_RDONLY | libc::O_NOCTTY, 0)?;
-        let meta = f.metadata().ctx(|| format!("stat {shown_s}"))?;
-        if !meta.is_file() {
-            return Err(refuse(&shown_s, "it is not a regular file"));
-        }
+        let f = self.open_at(l, libc::O_RDONLY | libc::O_NOCTTY | libc::O_NONBLOCK, 0)?;
+        check_plain(&f, &shown_s, "it")?;
         let mut text = Vec::new();
         f.take(MAX_DESCRIPTOR_BYTES + 1)
             .read_to_end(&mut text)
@@ -231,34 +243,61 @@ impl Datastores {
             root: l.root,
             rel: l.rel.with_file_name(extent),
         };
-        let data = self.open_at(&extent_loc, libc::O_RDWR | libc::O_NOCTTY, 0)?;
-        let meta = data
-            .metadata()
-            .ctx(|| format!("stat {}", image.data_path.display()))?;
-        if !meta.is_file() {
-            return Err(refuse(&shown_s, "its extent is not a regular file"));
-        }
+        let data = self.open_at(
+            &extent_loc,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK,
+            0,
+        )?;
+        check_plain(&data, &shown_s, "its extent")?;
         Ok((image, data))
     }
 
-    /// Creates a new flat VMDK `NAME.vmdk` + `NAME-flat.vmdk` of `size_bytes` in the
-    /// directory `target` names ("" for the first datastore), refusing to replace any file.
+    /// Creates a new flat VMDK `NAME.vmdk` + `NAME-flat.vmdk` of `size_bytes` in the folder
+    /// of VM `vm` in the datastore `target` names ("" for the first), refusing to replace any
+    /// file.
     pub fn create(
         &self,
         target: &str,
+        vm: &str,
         name: &str,
         size_bytes: u64,
         uuid: &[u8; 16],
     ) -> Result<(DiskImage, File)> {
-        wire_protocol::message::validate_name("disk name", name)
-            .map_err(|e| refuse(name, &e.to_string()))?;
-        let dir = if target.is_empty() {
+        for (what, n) in [("vm id", vm), ("disk name", name)] {
+            wire_protocol::message::validate_name(what, n)
+                .map_err(|e| refuse(n, &e.to_string()))?;
+        }
+        let root = if target.is_empty() {
             Located {
                 root: 0,
                 rel: PathBuf::new(),
             }
         } else {
             self.locate(target)?
+        };
+        if !root.rel.as_os_str().is_empty() && root.rel != Path::new(vm) {
+            return Err(refuse(
+                target,
+                &format!("a new disk of VM {vm} goes into a datastore (its {vm}/ folder is made there): name the datastore directory"),
+            ));
+        }
+        let root_dir = self.open_at(
+            &Located {
+                root: root.root,
+                rel: PathBuf::new(),
+            },
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        mkdir_beneath(&root_dir, vm).ctx(|| {
+            format!(
+                "create the folder {vm} in {}",
+                self.roots[root.root].configured.display()
+            )
+        })?;
+        let dir = Located {
+            root: root.root,
+            rel: PathBuf::from(vm),
         };
         let shown_dir = self.path_of(&dir);
         let dir_file = self.open_at(&dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
@@ -296,14 +335,23 @@ impl Datastores {
                 return Err(e);
             }
         };
-        flat.set_len(size_bytes)
-            .ctx(|| format!("size {}", shown_dir.join(&flat_name).display()))?;
-        flat.sync_all()
-            .ctx(|| format!("fsync {}", shown_dir.join(&flat_name).display()))?;
-        desc.write_all(vmdk::descriptor_text(&flat_name, size_bytes, uuid).as_bytes())
+        let made = flat
+            .set_len(size_bytes)
+            .and_then(|_| flat.sync_all())
+            .and_then(|_| {
+                desc.write_all(vmdk::descriptor_text(&flat_name, size_bytes, uuid).as_bytes())
+            })
             .and_then(|_| desc.sync_all())
-            .and_then(|_| dir_file.sync_all())
-            .ctx(|| format!("write {}", shown_dir.join(&desc_name).display()))?;
+            .and_then(|_| dir_file.sync_all());
+        if let Err(e) = made {
+            // Nothing half-made stays behind to block the next attempt.
+            let _ = unlink_beneath(&dir_file, &flat_name);
+            let _ = unlink_beneath(&dir_file, &desc_name);
+            return Err(Error::Io {
+                context: format!("create {}", shown_dir.join(&flat_name).display()),
+                source: e,
+            });
+        }
         Ok((
             DiskImage {
                 descriptor: shown_dir.join(&desc_name),
@@ -321,6 +369,44 @@ impl Datastores {
         let l = self.locate(&descriptor.display().to_string())?;
         self.open_descriptor(&l)
     }
+}
+
+/// Refuses anything but a regular file with exactly one link, and clears `O_NONBLOCK`.
+fn check_plain(f: &File, shown: &str, what: &str) -> Result<()> {
+    let m = f.metadata().ctx(|| format!("stat {shown}"))?;
+    if !m.is_file() {
+        return Err(refuse(shown, &format!("{what} is not a regular file")));
+    }
+    if m.nlink() != 1 {
+        return Err(refuse(
+            shown,
+            &format!("{what} has {} hard links: a disk file has one", m.nlink()),
+        ));
+    }
+    // SAFETY: fcntl on a valid descriptor; regular files ignore O_NONBLOCK anyway, this only
+    // keeps the descriptor's flags plain.
+    unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(())
+}
+
+/// `mkdirat(dir, name)`, leaving an existing directory (or anything else of that name, which
+/// the confined open that follows then judges) alone.
+fn mkdir_beneath(dir: &File, name: &str) -> std::io::Result<()> {
+    let c =
+        CString::new(name).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid directory fd and NUL-terminated name.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn unlink_beneath(dir: &File, name: &str) -> std::io::Result<()> {
@@ -369,43 +455,63 @@ mod tests {
         }
     }
 
+    const DESC: &str = "createType=\"vmfs\"\nparentCID=ffffffff\nRW 2048 VMFS \"x-flat.vmdk\"\n";
+
+    fn target(t: &tempfile::TempDir, rel: &str) -> String {
+        t.path().join(rel).display().to_string()
+    }
+
     #[test]
     fn links_out_of_a_datastore_are_refused() {
         let (t, ds) = stores();
         let outside = t.path().join("outside");
         std::fs::create_dir_all(&outside).unwrap();
+        std::fs::create_dir_all(t.path().join("ds1/vm1")).unwrap();
         std::fs::write(outside.join("secret"), b"not a disk").unwrap();
-        let desc = "createType=\"vmfs\"\nparentCID=ffffffff\nRW 2048 VMFS \"x-flat.vmdk\"\n";
-        std::fs::write(outside.join("x.vmdk"), desc).unwrap();
+        std::fs::write(outside.join("x.vmdk"), DESC).unwrap();
         std::fs::write(outside.join("x-flat.vmdk"), vec![0u8; 2048 * 512]).unwrap();
-        // A directory link and a descriptor link, both pointing out.
-        std::os::unix::fs::symlink(&outside, t.path().join("ds1/out")).unwrap();
-        std::os::unix::fs::symlink(outside.join("x.vmdk"), t.path().join("ds1/y.vmdk")).unwrap();
-        for target in ["ds1/out/x.vmdk", "ds1/y.vmdk"] {
-            let e = ds
-                .open_original(&t.path().join(target).display().to_string())
-                .unwrap_err();
+        // The VM's folder itself a link out, and a descriptor link out.
+        std::os::unix::fs::symlink(&outside, t.path().join("ds2/vm1")).unwrap();
+        std::os::unix::fs::symlink(outside.join("x.vmdk"), t.path().join("ds1/vm1/y.vmdk"))
+            .unwrap();
+        for rel in ["ds2/vm1/x.vmdk", "ds1/vm1/y.vmdk"] {
+            let e = ds.open_original(&target(&t, rel), "vm1").unwrap_err();
             assert!(
                 e.to_string().contains("outside the datastore"),
-                "{target}: {e}"
+                "{rel}: {e}"
             );
         }
         // A descriptor inside whose extent is a link out.
         std::fs::write(
-            t.path().join("ds1/z.vmdk"),
-            desc.replace("x-flat", "z-flat"),
+            t.path().join("ds1/vm1/z.vmdk"),
+            DESC.replace("x-flat", "z-flat"),
         )
         .unwrap();
-        std::os::unix::fs::symlink(outside.join("secret"), t.path().join("ds1/z-flat.vmdk"))
+        std::os::unix::fs::symlink(outside.join("secret"), t.path().join("ds1/vm1/z-flat.vmdk"))
             .unwrap();
         let e = ds
-            .open_original(&t.path().join("ds1/z.vmdk").display().to_string())
+            .open_original(&target(&t, "ds1/vm1/z.vmdk"), "vm1")
             .unwrap_err();
         assert!(e.to_string().contains("outside the datastore"), "{e}");
+        // ... or a hard link to a file outside.
+        std::fs::write(
+            t.path().join("ds1/vm1/h.vmdk"),
+            DESC.replace("x-flat", "h-flat"),
+        )
+        .unwrap();
+        std::fs::hard_link(
+            outside.join("x-flat.vmdk"),
+            t.path().join("ds1/vm1/h-flat.vmdk"),
+        )
+        .unwrap();
+        let e = ds
+            .open_original(&target(&t, "ds1/vm1/h.vmdk"), "vm1")
+            .unwrap_err();
+        assert!(e.to_string().contains("hard links"), "{e}");
         // A file that is not a descriptor is not taken as a raw disk.
-        std::fs::write(t.path().join("ds1/plain.vmdk"), b"hello").unwrap();
+        std::fs::write(t.path().join("ds1/vm1/plain.vmdk"), b"hello").unwrap();
         assert!(ds
-            .open_original(&t.path().join("ds1/plain.vmdk").display().to_string())
+            .open_original(&target(&t, "ds1/vm1/plain.vmdk"), "vm1")
             .is_err());
         assert_eq!(
             std::fs::read(outside.join("secret")).unwrap(),
@@ -414,21 +520,80 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_reaches_only_its_own_folder() {
+        let (t, ds) = stores();
+        for vm in ["vm1", "vm2"] {
+            std::fs::create_dir_all(t.path().join(format!("ds1/{vm}"))).unwrap();
+            std::fs::write(t.path().join(format!("ds1/{vm}/x.vmdk")), DESC).unwrap();
+            std::fs::write(
+                t.path().join(format!("ds1/{vm}/x-flat.vmdk")),
+                vec![0u8; 1 << 20],
+            )
+            .unwrap();
+        }
+        std::fs::write(t.path().join("ds1/x.vmdk"), DESC).unwrap();
+        assert!(ds
+            .open_original(&target(&t, "ds1/vm1/x.vmdk"), "vm1")
+            .is_ok());
+        for rel in ["ds1/vm2/x.vmdk", "ds1/x.vmdk", "ds1/vm1/sub/x.vmdk"] {
+            let e = ds.open_original(&target(&t, rel), "vm1").unwrap_err();
+            assert!(e.to_string().contains("its folder"), "{rel}: {e}");
+        }
+        let e = ds
+            .create(
+                &target(&t, "ds1/vm2"),
+                "vm1",
+                "vm1-disk1",
+                1 << 20,
+                &[1; 16],
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::TargetRefused { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_does_not_stall_an_attach() {
+        let (t, ds) = stores();
+        std::fs::create_dir_all(t.path().join("ds1/vm1")).unwrap();
+        let fifo = CString::new(t.path().join("ds1/vm1/f.vmdk").display().to_string()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = ds
+            .open_original(&target(&t, "ds1/vm1/f.vmdk"), "vm1")
+            .unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
     fn new_disks_never_replace_a_file() {
         let (t, ds) = stores();
-        let (img, _) = ds.create("", "vm1-disk1", 1 << 20, &[1; 16]).unwrap();
-        assert_eq!(img.descriptor, t.path().join("ds1/vm1-disk1.vmdk"));
-        assert!(ds.create("", "vm1-disk1", 1 << 20, &[1; 16]).is_err());
-        std::fs::write(t.path().join("ds1/vm2-disk2-flat.vmdk"), b"keep").unwrap();
-        assert!(ds.create("", "vm2-disk2", 1 << 20, &[2; 16]).is_err());
+        let (img, _) = ds
+            .create("", "vm1", "vm1-disk1", 1 << 20, &[1; 16])
+            .unwrap();
+        assert_eq!(img.descriptor, t.path().join("ds1/vm1/vm1-disk1.vmdk"));
+        assert!(ds
+            .create("", "vm1", "vm1-disk1", 1 << 20, &[1; 16])
+            .is_err());
+        std::fs::write(t.path().join("ds1/vm2/vm2-disk2-flat.vmdk"), b"keep").unwrap_err();
+        std::fs::create_dir_all(t.path().join("ds1/vm2")).unwrap();
+        std::fs::write(t.path().join("ds1/vm2/vm2-disk2-flat.vmdk"), b"keep").unwrap();
+        assert!(ds
+            .create("", "vm2", "vm2-disk2", 1 << 20, &[2; 16])
+            .is_err());
         assert_eq!(
-            std::fs::read(t.path().join("ds1/vm2-disk2-flat.vmdk")).unwrap(),
+            std::fs::read(t.path().join("ds1/vm2/vm2-disk2-flat.vmdk")).unwrap(),
             b"keep"
         );
         assert!(
-            !t.path().join("ds1/vm2-disk2.vmdk").exists(),
+            !t.path().join("ds1/vm2/vm2-disk2.vmdk").exists(),
             "a refused create leaves nothing behind"
         );
-        assert!(ds.create("", "../x", 1 << 20, &[3; 16]).is_err());
+        assert!(ds.create("", "vm3", "../x", 1 << 20, &[3; 16]).is_err());
+        // A size the filesystem cannot hold leaves nothing behind either.
+        assert!(ds
+            .create("", "vm4", "vm4-disk4", u64::MAX / 2 / 512 * 512, &[4; 16])
+            .is_err());
+        assert!(!t.path().join("ds1/vm4/vm4-disk4.vmdk").exists());
+        assert!(!t.path().join("ds1/vm4/vm4-disk4-flat.vmdk").exists());
     }
 }

@@ -129,6 +129,14 @@ pub enum Error {
         /// Its last durable LSN.
         lsn: u64,
     },
+    /// An export would write where it must not, or could not be verified.
+    #[error("export to {out} refused: {reason}")]
+    ExportRefused {
+        /// The output named.
+        out: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// No recovery point matches.
     #[error("{0}")]
     NoSuchPoint(String),
@@ -176,6 +184,7 @@ impl Error {
             Error::SizeMismatch { expected, .. } => format!("disk {disk_id}: the target disk's size does not match the source disk's {expected} bytes: choose the matching disk, or recover to an alternate location"),
             Error::Io { .. } | Error::JournalCorrupt { .. } | Error::RetentionVolume { .. } => format!("disk {disk_id}: the master target failed an operation on its storage; its log says more"),
             Error::DiskLocked { .. } => format!("disk {disk_id}: the target disk is locked by another process: power off the on-premises VM (or stop whatever holds the disk) and retry"),
+            Error::DuplicateUuid { .. } => format!("disk {disk_id}: its UUID is the same as another attached disk's: VMs cloned from one template need new disk UUIDs (set a new ddb.uuid) before reprotect"),
             e => e.to_string(),
         }
     }

@@ -1,11 +1,22 @@
 //! Listing recovery points and exporting a disk as it was at one of them.
 //!
-//! Both run with the service stopped: they take the disk's lock (and run the journal's
-//! recovery if the service died). If the service is running the lock is held, and the
-//! error says to stop it first.
+//! # Design constraints
+//! - Listing reads the journals without changing them, so it works while the service runs.
+//! - Export never harms a disk: an output that is, or resolves to (through a symbolic or a
+//!   hard link), a file of any disk this master target knows is refused; an existing file is
+//!   replaced only with `--force`. The image is written to a temporary name beside the
+//!   output, fsynced, read back from the device and checked against the digest of what was
+//!   meant to be written, and only then renamed into place. A failure leaves the output as
+//!   it was.
+//! - Export runs with the disk detached (or the service stopped): it takes the disk's lock.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+use wire_protocol::digest::{block_digest, disk_digest, DIGEST_BLOCK_BYTES};
 
 use crate::disk::DiskFile;
 use crate::error::{Error, IoContext, Result};
@@ -13,6 +24,10 @@ use crate::journal::{Journal, Point, PointKind};
 use crate::registry::Registry;
 use crate::service::Disks;
 use crate::vmdk;
+
+/// Bytes copied per read while exporting.
+pub const COPY_CHUNK_BYTES: usize = 4 << 20;
+const _: () = assert!((COPY_CHUNK_BYTES as u64).is_multiple_of(DIGEST_BLOCK_BYTES));
 
 /// Which point to export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +65,17 @@ impl std::str::FromStr for PointSel {
     }
 }
 
+impl std::fmt::Display for PointSel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointSel::Latest => f.write_str("latest"),
+            PointSel::LatestApp => f.write_str("latest-app"),
+            PointSel::Id(id) => write!(f, "point {id}"),
+            PointSel::AtOrBefore(us) => write!(f, "the newest point at or before {us} µs"),
+        }
+    }
+}
+
 /// Output format of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -59,38 +85,70 @@ pub enum Format {
     Vmdk,
 }
 
-/// Opens a disk's file and journal, with the service stopped.
+/// How an export may behave.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExportOpts {
+    /// Replace existing output files (never a disk's).
+    pub force: bool,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// The point.
+    pub point: Point,
+    /// Undo records applied.
+    pub applied: u64,
+    /// The disk digest of the image written (as `agent digest` prints it), checked on the
+    /// device after fsync.
+    pub digest: [u8; 32],
+    /// The files written (the image, and the descriptor for a VMDK).
+    pub files: Vec<PathBuf>,
+}
+
+/// Opens a disk's file and journal, with the service stopped or the disk detached.
 fn open(data_dir: &Path, retention_dir: &Path, disk_id: u64) -> Result<(DiskFile, Journal)> {
-    let reg = Registry::load(data_dir)?;
+    let reg = Registry::read(data_dir)?;
     let rec = reg.get(disk_id).ok_or(Error::UnknownDisk(disk_id))?;
     let disk = DiskFile::open(&rec.data_path).map_err(|e| match e {
-        Error::DiskLocked { path } => Error::DiskLocked { path: PathBuf::from(format!("{} (the master-target service holds it: stop the service, or detach the disk, first)", path.display())) },
+        Error::DiskLocked { path } => Error::DiskLocked { path: PathBuf::from(format!("{} (the master-target service holds it: detach the disk, or stop the service, first)", path.display())) },
         e => e,
     })?;
     let journal = Journal::open(&Disks::journal_dir(retention_dir, disk_id), &disk)?;
     Ok((disk, journal))
 }
 
-/// Every point of every disk (or of one), oldest first per disk.
+/// Every point of every disk (or of one), oldest first per disk, with its committed LSN.
+/// Reads the journals without changing them: works while the service runs.
 pub fn list(
     data_dir: &Path,
     retention_dir: &Path,
     disk: Option<u64>,
 ) -> Result<Vec<(u64, Vec<Point>, u64)>> {
-    let reg = Registry::load(data_dir)?;
+    let reg = Registry::read(data_dir)?;
     let mut out = Vec::new();
     for rec in reg
         .disks
         .iter()
         .filter(|d| disk.is_none_or(|id| id == d.disk_id))
     {
-        let (_disk, j) = open(data_dir, retention_dir, rec.disk_id)?;
-        out.push((rec.disk_id, j.points().to_vec(), j.committed_lsn()));
+        let dir = Disks::journal_dir(retention_dir, rec.disk_id);
+        let (points, committed) = crate::journal::inspect(&dir)?;
+        out.push((rec.disk_id, points, committed));
     }
     if let (Some(id), true) = (disk, out.is_empty()) {
-        return Err(Error::UnknownDisk(id));
+        return Err(not_listed(data_dir, id));
     }
     Ok(out)
+}
+
+fn not_listed(data_dir: &Path, disk_id: u64) -> Error {
+    Error::NoSuchPoint(format!(
+        "disk {disk_id} is not in the disk list of the master target at {} (`master-target points` lists its disks)",
+        data_dir.display()
+    ))
 }
 
 /// Picks the point `sel` names.
@@ -113,13 +171,123 @@ pub fn select(points: &[Point], committed_lsn: u64, sel: &PointSel) -> Result<Po
     };
     found.ok_or_else(|| {
         Error::NoSuchPoint(format!(
-            "no recovery point matches {sel:?}; `master-target points` lists them"
+            "no recovery point matches {sel}; `master-target points` lists them"
         ))
     })
 }
 
-/// Writes disk `disk_id` as it was at `sel` into `out`. Returns the point and how many
-/// undo records were applied.
+/// The device and inode of every file of every disk the master target knows, with the disk.
+fn known_files(reg: &Registry) -> HashMap<(u64, u64), (u64, PathBuf)> {
+    let mut known = HashMap::new();
+    for rec in &reg.disks {
+        for p in [&rec.descriptor, &rec.data_path] {
+            if let Ok(m) = std::fs::metadata(p) {
+                known.insert((m.dev(), m.ino()), (rec.disk_id, p.clone()));
+            }
+        }
+    }
+    known
+}
+
+/// Refuses an output that is a disk's file, a directory, or (without `force`) any existing
+/// file. Links are followed: a link to a disk is that disk.
+fn check_output(
+    out: &Path,
+    known: &HashMap<(u64, u64), (u64, PathBuf)>,
+    force: bool,
+) -> Result<()> {
+    let refuse = |reason: String| Error::ExportRefused {
+        out: out.to_path_buf(),
+        reason,
+    };
+    if let Ok(m) = std::fs::metadata(out) {
+        if let Some((id, p)) = known.get(&(m.dev(), m.ino())) {
+            return Err(refuse(format!(
+                "it is {} of disk {id}: an export never writes over a disk; choose another output",
+                if p == out {
+                    "a file".to_owned()
+                } else {
+                    format!("(through a link) {}", p.display())
+                }
+            )));
+        }
+        if m.is_dir() {
+            return Err(refuse("it is a directory: name a file".into()));
+        }
+    }
+    if std::fs::symlink_metadata(out).is_ok() && !force {
+        return Err(refuse(
+            "it exists: pass --force to replace it, or choose another output".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A temporary file beside `out`, created new.
+fn temp_beside(out: &Path) -> Result<(PathBuf, File)> {
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("export");
+    let tmp = vmdk::parent_dir(out).join(format!(".{name}.{}.partial", std::process::id()));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .ctx(|| format!("create {}", tmp.display()))?;
+    Ok((tmp, f))
+}
+
+/// Removes a temporary file when dropped unless it was kept (renamed into place).
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let p = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    p.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    p
+}
+
+/// Reads `f` from the device (its cached pages dropped first) and returns its block digests.
+fn digests_from_device(f: &File, len: u64, bar: &indicatif::ProgressBar) -> Result<Vec<[u8; 32]>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: advice on a valid descriptor; a failure only means reads may come from cache.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+    let mut r = std::io::BufReader::with_capacity(COPY_CHUNK_BYTES, f);
+    let mut buf = vec![0u8; DIGEST_BLOCK_BYTES as usize];
+    let mut out = Vec::with_capacity(len.div_ceil(DIGEST_BLOCK_BYTES) as usize);
+    let mut at = 0;
+    while at < len {
+        let n = DIGEST_BLOCK_BYTES.min(len - at) as usize;
+        r.read_exact(&mut buf[..n])
+            .ctx(|| "read back the export".into())?;
+        out.push(block_digest(&buf[..n]));
+        at += n as u64;
+        bar.inc(n as u64);
+    }
+    Ok(out)
+}
+
+/// Writes disk `disk_id` as it was at `sel` into `out` (and, for a VMDK, its flat extent
+/// beside it). Returns what was written.
 pub fn export(
     data_dir: &Path,
     retention_dir: &Path,
@@ -127,42 +295,109 @@ pub fn export(
     sel: &PointSel,
     out: &Path,
     format: Format,
-) -> Result<(Point, u64)> {
-    let (disk, journal) = open(data_dir, retention_dir, disk_id)?;
-    let point = select(journal.points(), journal.committed_lsn(), sel)?;
+    opts: ExportOpts,
+) -> Result<Exported> {
+    let reg = Registry::read(data_dir)?;
+    let rec = reg
+        .get(disk_id)
+        .ok_or_else(|| not_listed(data_dir, disk_id))?
+        .clone();
     let data_out = match format {
         Format::Raw => out.to_path_buf(),
         Format::Vmdk => {
+            if out.extension().is_none_or(|e| e != "vmdk") {
+                return Err(Error::ExportRefused {
+                    out: out.into(),
+                    reason: "a VMDK export names its descriptor: NAME.vmdk".into(),
+                });
+            }
             let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("export");
             out.with_file_name(format!("{stem}-flat.vmdk"))
         }
     };
-    let mut dst = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&data_out)
-        .ctx(|| format!("create {}", data_out.display()))?;
-    let mut src = File::open(disk.path()).ctx(|| format!("open {}", disk.path().display()))?;
-    std::io::copy(&mut src, &mut dst)
-        .ctx(|| format!("copy {} to {}", disk.path().display(), data_out.display()))?;
-    let applied = journal.rewind(point.lsn, &dst)?;
-    dst.sync_all()
-        .ctx(|| format!("fsync {}", data_out.display()))?;
+    let known = known_files(&reg);
+    check_output(&data_out, &known, opts.force)?;
     if format == Format::Vmdk {
-        let reg = Registry::load(data_dir)?;
-        let rec = reg.get(disk_id).ok_or(Error::UnknownDisk(disk_id))?;
-        let mut uuid = [0u8; 16];
-        for (i, b) in uuid.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&rec.uuid[i * 2..i * 2 + 2], 16).unwrap_or(0);
+        check_output(out, &known, opts.force)?;
+    }
+    let (disk, journal) = open(data_dir, retention_dir, disk_id)?;
+    let point = select(journal.points(), journal.committed_lsn(), sel)?;
+    let size = disk.size_bytes();
+
+    let (tmp, dst) = temp_beside(&data_out)?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    // 1. Copy the disk, hashing each block as it goes: the digest of what is meant.
+    let bar = progress_bar(size, opts.progress);
+    bar.set_message(format!("export disk {disk_id}"));
+    let mut digests = Vec::with_capacity(size.div_ceil(DIGEST_BLOCK_BYTES) as usize);
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    let mut at = 0u64;
+    while at < size {
+        let n = (COPY_CHUNK_BYTES as u64).min(size - at) as usize;
+        disk.read_at(&mut buf[..n], at)?;
+        dst.write_all_at(&buf[..n], at)
+            .ctx(|| format!("write {}", tmp.display()))?;
+        digests.extend(
+            buf[..n]
+                .chunks(DIGEST_BLOCK_BYTES as usize)
+                .map(block_digest),
+        );
+        at += n as u64;
+        bar.set_position(at);
+    }
+    // 2. Go back to the point; re-hash the blocks that changed.
+    let mut changed = std::collections::BTreeSet::new();
+    let applied = journal.rewind(point.lsn, &dst, &mut |offset, len| {
+        if len > 0 {
+            changed.extend(offset / DIGEST_BLOCK_BYTES..=(offset + len - 1) / DIGEST_BLOCK_BYTES);
         }
+    })?;
+    let mut block = vec![0u8; DIGEST_BLOCK_BYTES as usize];
+    for b in changed {
+        let start = b * DIGEST_BLOCK_BYTES;
+        let n = DIGEST_BLOCK_BYTES.min(size - start) as usize;
+        dst.read_exact_at(&mut block[..n], start)
+            .ctx(|| format!("read {}", tmp.display()))?;
+        digests[b as usize] = block_digest(&block[..n]);
+    }
+    let meant = disk_digest(&digests);
+    // 3. Durable, then read back from the device and compared.
+    dst.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
+    bar.set_message(format!("verify disk {disk_id}"));
+    bar.set_position(0);
+    let on_device = disk_digest(&digests_from_device(&dst, size, &bar)?);
+    bar.finish_and_clear();
+    if on_device != meant {
+        return Err(Error::ExportRefused {
+            out: out.into(),
+            reason: format!(
+                "the image read back from {} does not match what was written (digest {} vs {}): the output volume is failing; nothing was replaced",
+                tmp.display(),
+                wire_protocol::digest::hex(&on_device),
+                wire_protocol::digest::hex(&meant)
+            ),
+        });
+    }
+    // 4. Into place.
+    std::fs::rename(&tmp, &data_out)
+        .ctx(|| format!("rename {} to {}", tmp.display(), data_out.display()))?;
+    guard.0 = None;
+    let mut files = vec![data_out.clone()];
+    if format == Format::Vmdk {
+        let uuid = crate::registry::uuid_bytes(&rec.uuid);
         let flat_name = data_out
             .file_name()
             .and_then(|s| s.to_str())
             .expect("utf-8 name")
             .to_owned();
-        vmdk::write_descriptor(out, &flat_name, disk.size_bytes(), &uuid)?;
+        vmdk::write_descriptor(out, &flat_name, size, &uuid)?;
+        files.insert(0, out.to_path_buf());
     }
-    Ok((point, applied))
+    vmdk::sync_dir(vmdk::parent_dir(&data_out))?;
+    Ok(Exported {
+        point,
+        applied,
+        digest: on_device,
+        files,
+    })
 }

@@ -358,6 +358,32 @@ fn read_undo(f: &File, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8>)> {
     Ok((offset, body[UNDO_META_LEN..].to_vec()))
 }
 
+/// Points and the committed LSN of a journal, read without changing anything (a running
+/// master target may be appending to it: a torn tail of the newest segment is where the
+/// listing ends, and only points a commit covers are listed).
+pub fn inspect(dir: &Path) -> Result<(Vec<Point>, u64)> {
+    let listed = list_segments(dir)?;
+    let n = listed.len();
+    let mut points = Vec::new();
+    let mut committed = 0;
+    for (i, (_, path)) in listed.into_iter().enumerate() {
+        let s = scan(&path, false)?;
+        let last = i + 1 == n;
+        if let (Some(bad), false) = (&s.bad, last) {
+            return Err(Error::JournalCorrupt {
+                path,
+                offset: s.valid_len,
+                detail: format!("{bad} in a sealed segment"),
+            });
+        }
+        let commit = s.last_commit.map_or(committed, |c| c.0);
+        points.extend(s.points.into_iter().filter(|p| !last || p.lsn <= commit));
+        committed = commit;
+    }
+    points.retain(|p| p.kind.is_point());
+    Ok((points, committed))
+}
+
 impl Journal {
     /// Opens (or creates) the journal in `dir` and recovers: truncates a torn tail of the last
     /// segment and rolls back on `disk` every undo record after the last commit.
@@ -627,7 +653,13 @@ impl Journal {
 
     /// Writes the disk as it was at `point` into `out`, which holds a copy of the disk at
     /// the committed LSN: applies every undo record newer than the point, newest first.
-    pub fn rewind(&self, point_lsn: u64, out: &File) -> Result<u64> {
+    /// `touched(offset, len)` learns every range written.
+    pub fn rewind(
+        &self,
+        point_lsn: u64,
+        out: &File,
+        touched: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64> {
         if point_lsn < self.horizon_lsn {
             return Err(Error::NoSuchPoint(format!(
                 "lsn {point_lsn} is older than the journal kept (from lsn {})",
@@ -657,6 +689,7 @@ impl Journal {
                 let (offset, old) = read_undo(&f, &seg.path, *r)?;
                 out.write_all_at(&old, offset)
                     .ctx(|| "write export".to_owned())?;
+                touched(offset, old.len() as u64);
                 applied += 1;
             }
         }

@@ -69,6 +69,22 @@ impl Registry {
         Ok(Registry { path, disks })
     }
 
+    /// Loads the list for an offline command: a missing list is an error that names the
+    /// place looked at (a wrong data directory must not look like "no such disk").
+    pub fn read(data_dir: &Path) -> Result<Registry> {
+        let path = data_dir.join("disks.json");
+        if !path.exists() {
+            return Err(Error::InvalidParameter {
+                param: "data-dir",
+                reason: format!(
+                    "no disk list at {}: is this the master target's data directory? (pass --config, or --data-dir and --retention-dir)",
+                    path.display()
+                ),
+            });
+        }
+        Registry::load(data_dir)
+    }
+
     /// Writes the list durably.
     pub fn save(&self) -> Result<()> {
         let json = serde_json::to_vec_pretty(&self.disks).expect("serializable");
@@ -92,4 +108,16 @@ impl Registry {
 /// 32 lowercase hex digits.
 pub fn uuid_hex(u: &[u8; 16]) -> String {
     u.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The 16 bytes of a UUID written as 32 hex digits (zeros where a digit pair is not hex).
+pub fn uuid_bytes(hex: &str) -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    for (i, b) in uuid.iter_mut().enumerate() {
+        *b = hex
+            .get(i * 2..i * 2 + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    uuid
 }

@@ -160,7 +160,8 @@ async fn connection(
         let id = disk_of(&msg);
         if !allowed(&identity, &msg) {
             let e = Error::Forbidden(format!(
-                "a {} may not send {} messages to a master target",
+                "{} {} may not send {} messages to a master target",
+                runtime::net::article(identity.role.as_str()),
                 identity.role,
                 msg.name()
             ));

@@ -6,6 +6,7 @@
 //! outbound queue once the group's commit is durable.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use crate::apply::{Applier, RetentionPolicy, Verdict};
 use crate::config::Config;
 use crate::datastore::Datastores;
 use crate::disk::DiskFile;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::journal::Journal;
 use crate::registry::{uuid_hex, DiskRecord, Registry};
 use crate::uring::IoBackend;
@@ -29,6 +30,11 @@ use crate::vmdk;
 
 /// At most this many disks per master target (the product's documented limit).
 pub const MAX_DISKS: usize = 60;
+/// The smallest disk attached: smaller ones are mistakes (or an attempt to fill the 60
+/// places cheaply).
+pub const MIN_DISK_BYTES: u64 = 1 << 20;
+/// The largest disk attached: a VMDK's limit on VMFS (62 TiB).
+pub const MAX_DISK_BYTES: u64 = 62 << 40;
 /// Batches queued per disk before senders wait: with 8 MiB batches, 16 bound a disk's queue
 /// to 128 MiB, and 60 disks to 7.5 GiB in the worst case.
 pub const DISK_QUEUE_DEPTH: usize = 16;
@@ -36,6 +42,12 @@ pub const DISK_QUEUE_DEPTH: usize = 16;
 pub const MAX_GROUP_BYTES: usize = 64 << 20;
 /// Most blocks one digest request may ask for (one digest list's worth).
 pub const MAX_DIGEST_BLOCKS: u32 = wire_protocol::message::MAX_DIGESTS_PER_LIST as u32;
+/// The smallest block a digest may cover: a digest of a few bytes would give those bytes
+/// away (a table of 256 digests reads a disk byte by byte), and tiny blocks multiply the
+/// digest cache.
+pub const MIN_DIGEST_BLOCK_BYTES: u32 = 4096;
+/// The largest block a digest may cover (resync uses 64 KiB).
+pub const MAX_DIGEST_BLOCK_BYTES: u32 = 1 << 20;
 
 /// Where replies to a sender go.
 pub type Reply = mpsc::Sender<Message>;
@@ -77,6 +89,8 @@ pub struct DiskStats {
 
 /// The master target's disks and their workers.
 pub struct Disks {
+    /// Held for the service's life: one master target per data directory.
+    _lock: runtime::lock::DirLock,
     cfg: Config,
     datastores: Datastores,
     registry: Mutex<Registry>,
@@ -87,9 +101,11 @@ impl Disks {
     /// Loads the disk list and re-attaches every disk that was attached (recovering each
     /// journal: torn tails truncated, uncommitted writes rolled back).
     pub fn open(cfg: Config) -> Result<Arc<Disks>> {
+        let lock = runtime::lock::DirLock::acquire(&cfg.data_dir, "master target")?;
         let registry = Registry::load(&cfg.data_dir)?;
         let datastores = Datastores::open(&cfg.datastore_dirs)?;
         let disks = Arc::new(Disks {
+            _lock: lock,
             cfg,
             datastores,
             registry: Mutex::new(registry),
@@ -145,6 +161,15 @@ impl Disks {
                 reason: e.to_string(),
             }
         })?;
+        if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&req.size_bytes) {
+            return Err(Error::InvalidParameter {
+                param: "size_bytes",
+                reason: format!(
+                    "{} bytes is outside the range {MIN_DISK_BYTES} to {MAX_DISK_BYTES} (a VMDK's limit)",
+                    req.size_bytes
+                ),
+            });
+        }
         let mut reg = self.registry.lock().expect("poisoned");
         let uuid = uuid_hex(&req.disk_uuid);
         if let Some(h) = self.handles.lock().expect("poisoned").get(&req.disk_id) {
@@ -155,6 +180,12 @@ impl Disks {
                 )));
             }
             let rec = reg.get(req.disk_id).expect("attached disks are registered");
+            if rec.vm_id != req.vm_id {
+                return Err(Error::Forbidden(format!(
+                    "disk {} belongs to another VM",
+                    req.disk_id
+                )));
+            }
             if rec.uuid != uuid || rec.size_bytes != req.size_bytes {
                 return Err(Error::DuplicateUuid {
                     disk_id: req.disk_id,
@@ -194,7 +225,20 @@ impl Disks {
         }
         let (image, file) = match req.location {
             LocationKind::Original => {
-                let (image, file) = self.datastores.open_original(&req.target)?;
+                let (image, file) = self.datastores.open_original(&req.target, &req.vm_id)?;
+                // A file another disk id was attached to (now, or before it was detached) is
+                // that disk's: never a second disk's, whatever path reaches it.
+                let id = crate::datastore::identity_of(&file)
+                    .ctx(|| format!("stat {}", image.data_path.display()))?;
+                for rec in &reg.disks {
+                    let known = std::fs::metadata(&rec.data_path).map(|m| (m.dev(), m.ino()));
+                    if known.is_ok_and(|k| k == id) {
+                        return Err(Error::Forbidden(format!(
+                            "the target is the disk of another disk id on this master target ({}): a disk file belongs to one disk id",
+                            if rec.attached { "attached" } else { "detached for failback" }
+                        )));
+                    }
+                }
                 self.check_retention(&image.data_path)?;
                 (image, file)
             }
@@ -206,8 +250,13 @@ impl Disks {
                 };
                 self.check_retention(&dir)?;
                 let name = format!("{}-disk{}", req.vm_id, req.disk_id);
-                self.datastores
-                    .create(&req.target, &name, req.size_bytes, &req.disk_uuid)?
+                self.datastores.create(
+                    &req.target,
+                    &req.vm_id,
+                    &name,
+                    req.size_bytes,
+                    &req.disk_uuid,
+                )?
             }
         };
         if let Some(u) = image.uuid.map(|u| uuid_hex(&u)) {
@@ -344,11 +393,14 @@ impl Disks {
 
     /// Queues a digest request.
     pub async fn submit_digests(&self, r: DigestRequest, by: &str, reply: Reply) -> Result<()> {
-        if r.block_size == 0 || r.block_count > MAX_DIGEST_BLOCKS {
+        if !r.block_size.is_power_of_two()
+            || !(MIN_DIGEST_BLOCK_BYTES..=MAX_DIGEST_BLOCK_BYTES).contains(&r.block_size)
+            || r.block_count > MAX_DIGEST_BLOCKS
+        {
             return Err(Error::InvalidParameter {
                 param: "digest request",
                 reason: format!(
-                    "block size {} and count {} (at most {MAX_DIGEST_BLOCKS})",
+                    "block size {} (a power of two from {MIN_DIGEST_BLOCK_BYTES} to {MAX_DIGEST_BLOCK_BYTES}) and count {} (at most {MAX_DIGEST_BLOCKS})",
                     r.block_size, r.block_count
                 ),
             });

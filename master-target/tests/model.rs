@@ -159,7 +159,7 @@ proptest! {
             let out = dir.path().join("export.img");
             std::fs::copy(dir.path().join("disk.img"), &out).unwrap();
             let f = OpenOptions::new().read(true).write(true).open(&out).unwrap();
-            ap.journal().rewind(p.lsn, &f).unwrap();
+            ap.journal().rewind(p.lsn, &f, &mut |_, _| {}).unwrap();
             let mut got = vec![0u8; DISK_BYTES as usize];
             f.read_exact_at(&mut got, 0).unwrap();
             prop_assert!(&got == want, "point {} (lsn {}) exports exactly", p.id, p.lsn);
@@ -250,7 +250,7 @@ fn quota_drops_oldest_points_never_the_disk() {
             .write(true)
             .open(&out)
             .unwrap();
-        a.journal().rewind(p.lsn, &f).unwrap();
+        a.journal().rewind(p.lsn, &f, &mut |_, _| {}).unwrap();
         let mut got = vec![0u8; DISK_BYTES as usize];
         f.read_exact_at(&mut got, 0).unwrap();
         assert!(&got == want, "kept point {} exports exactly", p.id);

@@ -69,7 +69,10 @@ pub struct DiskCache {
     /// Records in LSN order.
     entries: std::collections::VecDeque<Entry>,
     active_seq: u32,
-    active: File,
+    /// The segment being appended to; opened (created) at the first append into it, so an
+    /// idle or retired disk leaves no empty file. Never in append mode: Linux ignores the
+    /// offset of a positioned write under O_APPEND, and the index needs the offset honoured.
+    active: Option<File>,
     active_len: u64,
     segs: Vec<(u32, u64)>,
     /// LSNs up to this are acknowledged by the master target (and trimmed).
@@ -217,18 +220,12 @@ impl DiskCache {
         if segs.is_empty() {
             segs.push((1, 0));
         }
-        let path = seg_path(dir, active_seq);
-        let active = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .ctx(|| format!("open {}", path.display()))?;
         let active_len = segs.last().expect("one").1;
         let mut c = DiskCache {
             dir: dir.into(),
             entries,
             active_seq,
-            active,
+            active: None,
             active_len,
             segs,
             trimmed_lsn,
@@ -276,24 +273,17 @@ impl DiskCache {
         if self.active_len >= SEGMENT_TARGET_BYTES {
             self.sync()?;
             self.active_seq += 1;
-            let path = seg_path(&self.dir, self.active_seq);
-            self.active = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .ctx(|| format!("create {}", path.display()))?;
+            self.active = None;
             self.active_len = 0;
             self.segs.push((self.active_seq, 0));
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .ctx(|| format!("fsync {}", self.dir.display()))?;
         }
         let h = header(first_lsn, last_lsn, first_ts_us, frame.len() as u32);
         let mut rec = Vec::with_capacity(RECORD_HEADER_LEN + frame.len());
         rec.extend_from_slice(&h);
         rec.extend_from_slice(frame);
-        self.active
-            .write_all_at(&rec, self.active_len)
+        let at = self.active_len;
+        self.active_file()?
+            .write_all_at(&rec, at)
             .ctx(|| format!("append to cache {}", self.dir.display()))?;
         self.entries.push_back(Entry {
             seg: self.active_seq,
@@ -309,11 +299,61 @@ impl DiskCache {
         Ok(())
     }
 
+    /// The active segment, opened or created (its directory entry made durable) on first use.
+    fn active_file(&mut self) -> Result<&File> {
+        if self.active.is_none() {
+            let path = seg_path(&self.dir, self.active_seq);
+            let created = !path.exists();
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .read(true)
+                .open(&path)
+                .ctx(|| format!("open {}", path.display()))?;
+            if created {
+                File::open(&self.dir)
+                    .and_then(|d| d.sync_all())
+                    .ctx(|| format!("fsync {}", self.dir.display()))?;
+            }
+            self.active = Some(f);
+        }
+        Ok(self.active.as_ref().expect("just opened"))
+    }
+
     /// Makes every append durable.
     pub fn sync(&self) -> Result<()> {
-        self.active
-            .sync_data()
-            .ctx(|| format!("fsync cache {}", self.dir.display()))
+        match &self.active {
+            Some(f) => f
+                .sync_data()
+                .ctx(|| format!("fsync cache {}", self.dir.display())),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes every segment (a retired disk): nothing of the disk's data stays here.
+    pub fn remove_all(&mut self) -> Result<()> {
+        self.active = None;
+        for (seq, _) in self.segs.drain(..) {
+            let p = seg_path(&self.dir, seq);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::Io {
+                        context: format!("remove {}", p.display()),
+                        source: e,
+                    })
+                }
+            }
+        }
+        self.entries.clear();
+        self.active_seq += 1;
+        self.active_len = 0;
+        self.segs.push((self.active_seq, 0));
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .ctx(|| format!("fsync {}", self.dir.display()))
     }
 
     /// Forgets records the master target has made durable; deletes segments left empty.

@@ -32,6 +32,9 @@ pub const MAX_AGENT_CONNECTIONS: usize = 256;
 /// At most this many connections of one VM at once: one per disk, and a VM has at most 60
 /// disks on a master target.
 pub const MAX_CONNECTIONS_PER_VM: usize = 64;
+/// At most this many disks of one VM (not retired) on this process server: one VM's agent
+/// cannot take every master target's 60 places.
+pub const MAX_DISKS_PER_VM: usize = 32;
 /// Frames appended before one fsync and one round of acks.
 pub const MAX_GROUP_FRAMES: usize = 64;
 /// ... or this many payload bytes: with frames of up to 16 MiB, the frame count alone would
@@ -258,6 +261,8 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
             };
             let completes_resync =
                 matches!(&msg, Message::Bookmark(b) if b.kind == BookmarkKind::ResyncCompleted);
+            let starts_resync =
+                matches!(&msg, Message::Bookmark(b) if b.kind == BookmarkKind::ResyncStarted);
             if let Some((disk_id, first, last, ts, data_len)) = span {
                 let Some(disk) = state.disk(disk_id).filter(|d| owns(&vm, d)) else {
                     replies.push(forbidden(&state, &identity, disk_id, msg.name()));
@@ -296,7 +301,11 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                 touched.insert(disk_id, last);
                 if completes_resync {
                     disk.resync_done();
+                    disk.resyncing.store(false, Ordering::Release);
                     told.remove(&disk_id);
+                }
+                if starts_resync {
+                    disk.resyncing.store(true, Ordering::Release);
                 }
                 continue;
             }
@@ -331,6 +340,11 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                             ErrorCode::DuplicateUuid,
                             id,
                             format!("disk {id} is attached already with another UUID or size"),
+                        ),
+                        None if state.disks_of(&vm) >= MAX_DISKS_PER_VM => err_msg(
+                            ErrorCode::DiskLimit,
+                            id,
+                            format!("VM {vm} has {MAX_DISKS_PER_VM} disks here already (the most one VM may have); retire detached ones (process-server retire) first"),
                         ),
                         None => match attach_new(&state, &a).await {
                             Ok((route, lsn)) => match state.add_disk(a, lsn, route) {

@@ -15,6 +15,12 @@ pub struct DiskStatus {
     pub disk_id: u64,
     /// VM.
     pub vm_id: String,
+    /// linked, resyncing, resync-required, link-down, detached or retired.
+    #[serde(default)]
+    pub state: String,
+    /// The master target it replicates to.
+    #[serde(default)]
+    pub master_target: String,
     /// Highest LSN cached here.
     pub cached_lsn: u64,
     /// Highest LSN durable on the master target.
@@ -52,9 +58,12 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
         .map(|d| {
             let c = d.cache.lock().expect("poisoned");
             let rates = *d.counters.rates.lock().expect("poisoned");
+            let uplink = &state.uplinks[d.route];
             DiskStatus {
                 disk_id: d.attach.disk_id,
                 vm_id: d.attach.vm_id.clone(),
+                state: d.state(uplink.connected.load(Ordering::Acquire)).to_owned(),
+                master_target: uplink.target.addr.clone(),
                 cached_lsn: c.last_lsn(),
                 durable_lsn: d.counters.mt_durable_lsn.load(Ordering::Acquire),
                 backlog_bytes: c.backlog_bytes(),

@@ -90,6 +90,11 @@ pub struct Disk {
     /// The disk was detached for failback on the master target: it is never shipped or
     /// attached again. Persisted as `detached` in the disk's cache directory.
     pub detached: AtomicBool,
+    /// An operator retired the detached disk: its cache is gone. Persisted as `retired`.
+    pub retired: AtomicBool,
+    /// The agent's stream is inside a resync (a resync-started marker was cached and its
+    /// completion not yet).
+    pub resyncing: AtomicBool,
 }
 
 impl Disk {
@@ -123,6 +128,44 @@ impl Disk {
             .and_then(|_| std::fs::File::open(&p)?.sync_all())
             .and_then(|_| std::fs::File::open(&dir)?.sync_all())
             .ctx(|| format!("write {}", p.display()))
+    }
+
+    /// Retires a detached disk: deletes its cache, durably marks it retired. Refused while
+    /// the disk is still attached on the master target.
+    pub fn retire(&self) -> Result<()> {
+        if !self.is_detached() {
+            return Err(Error::Refused(format!(
+                "disk {} is still attached: detach it on the master target first (master-target detach), then retire it here",
+                self.attach.disk_id
+            )));
+        }
+        self.cache.lock().expect("poisoned").remove_all()?;
+        let dir = disk_dir(&self.cache_dir, self.attach.disk_id);
+        let p = dir.join("retired");
+        std::fs::write(&p, b"retired by an operator; its cache was removed\n")
+            .and_then(|_| std::fs::File::open(&p)?.sync_all())
+            .and_then(|_| std::fs::File::open(&dir)?.sync_all())
+            .ctx(|| format!("write {}", p.display()))?;
+        self.retired.store(true, Ordering::Release);
+        tracing::info!(disk = self.attach.disk_id, vm = %self.attach.vm_id, "disk retired: its cache is removed and it is never attached again");
+        Ok(())
+    }
+
+    /// The disk's state, for status and `process-server disks`.
+    pub fn state(&self, link_up: bool) -> &'static str {
+        if self.retired.load(Ordering::Acquire) {
+            "retired"
+        } else if self.is_detached() {
+            "detached"
+        } else if self.resync_required.load(Ordering::Acquire) {
+            "resync-required"
+        } else if !link_up {
+            "link-down"
+        } else if self.resyncing.load(Ordering::Acquire) {
+            "resyncing"
+        } else {
+            "linked"
+        }
     }
 
     /// Clears the mark once the agent's resync has completed.
@@ -184,6 +227,8 @@ pub struct State {
     pub compression_level: std::sync::atomic::AtomicI32,
     /// Agent requests refused past the handshake.
     pub refused: crate::ingest::RequestRefusals,
+    /// Held for the process's life: one process server per cache directory.
+    _lock: runtime::lock::DirLock,
 }
 
 fn disk_dir(cache_dir: &Path, disk_id: u64) -> std::path::PathBuf {
@@ -209,8 +254,7 @@ impl State {
                 connected: AtomicBool::new(false),
             })
             .collect();
-        std::fs::create_dir_all(&cfg.cache_dir)
-            .ctx(|| format!("create cache directory {}", cfg.cache_dir.display()))?;
+        let lock = runtime::lock::DirLock::acquire(&cfg.cache_dir, "process server")?;
         let mut disks = HashMap::new();
         for e in
             std::fs::read_dir(&cfg.cache_dir).ctx(|| format!("list {}", cfg.cache_dir.display()))?
@@ -268,6 +312,8 @@ impl State {
                     rpo_alarm: AtomicBool::new(false),
                     resync_required: AtomicBool::new(e.path().join("resync-required").exists()),
                     detached: AtomicBool::new(e.path().join("detached").exists()),
+                    retired: AtomicBool::new(e.path().join("retired").exists()),
+                    resyncing: AtomicBool::new(false),
                     route,
                     cache_dir: cfg.cache_dir.clone(),
                 }),
@@ -290,12 +336,23 @@ impl State {
             cache_limit_bytes,
             compression_level: std::sync::atomic::AtomicI32::new(cfg_level),
             refused: Default::default(),
+            _lock: lock,
         }))
     }
 
     /// A disk by id.
     pub fn disk(&self, id: u64) -> Option<Arc<Disk>> {
         self.disks.read().expect("poisoned").get(&id).cloned()
+    }
+
+    /// How many disks of VM `vm` are here (retired ones do not count).
+    pub fn disks_of(&self, vm: &str) -> usize {
+        self.disks
+            .read()
+            .expect("poisoned")
+            .values()
+            .filter(|d| d.attach.vm_id == vm && !d.retired.load(Ordering::Acquire))
+            .count()
     }
 
     /// Every disk, by id.
@@ -354,6 +411,8 @@ impl State {
             rpo_alarm: AtomicBool::new(false),
             resync_required: AtomicBool::new(false),
             detached: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            resyncing: AtomicBool::new(false),
             cache_dir: self.cfg.cache_dir.clone(),
             route,
         });

@@ -240,8 +240,9 @@ async fn session(
                 cpu_wait += waited_from.elapsed();
                 let Some(s) = done.map_err(|e| Error::MasterTarget(format!("compression task: {e}")))?? else { continue };
                 let sending = Instant::now();
-                limiter.wait(state.max_bandwidth_bps.load(Ordering::Relaxed), s.frame.len()).await;
-                wr.write_all(&s.frame).await.map_err(|e| io("send to the master target", e))?;
+                send_paced(&mut wr, &s.frame, &state.max_bandwidth_bps, &mut limiter)
+                    .await
+                    .map_err(|e| io("send to the master target", e))?;
                 link_wait += sending.elapsed();
                 s.disk.counters.wire_bytes.fetch_add(s.frame.len() as u64, Ordering::Relaxed);
                 s.disk.counters.logical_bytes_shipped.fetch_add(s.logical, Ordering::Relaxed);
@@ -497,35 +498,123 @@ fn handle_reply(
     Ok(())
 }
 
-/// Paces writes to a byte rate (token bucket with a 100 ms burst).
+/// The link is paced in slices of at most this many bytes, so a frame (up to 16 MiB) never
+/// leaves as one burst and a new rate applies from the next slice.
+pub const PACE_SLICE_MAX_BYTES: usize = 64 << 10;
+/// ... and of at most this much time at the current rate.
+pub const PACE_SLICE_MS: u64 = 10;
+/// Slices are at least this large (one Ethernet payload), however low the rate.
+pub const PACE_SLICE_MIN_BYTES: usize = 1500;
+/// A wait for tokens is cut into steps this long, re-reading the rate after each: a changed
+/// limit (or none) takes effect within this time.
+pub const PACE_RECHECK_MS: u64 = 50;
+const _: () = assert!(PACE_SLICE_MIN_BYTES <= PACE_SLICE_MAX_BYTES && PACE_RECHECK_MS < 100);
+
+/// Bytes of one slice at `rate_bps` (0: no limit, the rest at once).
+fn slice_len(rate_bps: u64, remaining: usize) -> usize {
+    if rate_bps == 0 {
+        return remaining;
+    }
+    let by_time = (rate_bps.saturating_mul(PACE_SLICE_MS) / 1000) as usize;
+    by_time
+        .clamp(PACE_SLICE_MIN_BYTES, PACE_SLICE_MAX_BYTES)
+        .min(remaining)
+}
+
+/// Writes `frame` to `wr`, paced to the rate in `rate_bps` (read before every slice).
+async fn send_paced(
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    frame: &[u8],
+    rate_bps: &std::sync::atomic::AtomicU64,
+    limiter: &mut Limiter,
+) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < frame.len() {
+        let n = slice_len(rate_bps.load(Ordering::Relaxed), frame.len() - at);
+        limiter.wait(rate_bps, n).await;
+        wr.write_all(&frame[at..at + n]).await?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Paces writes to a byte rate: a token bucket holding at most one slice, so the link sees
+/// a steady flow, not bursts.
 #[derive(Debug)]
 struct Limiter {
     tokens: f64,
-    last: Instant,
+    last: tokio::time::Instant,
 }
 
 impl Default for Limiter {
     fn default() -> Self {
         Limiter {
             tokens: 0.0,
-            last: Instant::now(),
+            last: tokio::time::Instant::now(),
         }
     }
 }
 
 impl Limiter {
-    async fn wait(&mut self, rate_bps: u64, bytes: usize) {
-        if rate_bps == 0 {
-            return;
+    /// Waits until `bytes` may be sent at the rate in `rate_bps`, re-reading the rate every
+    /// [`PACE_RECHECK_MS`].
+    async fn wait(&mut self, rate_bps: &std::sync::atomic::AtomicU64, bytes: usize) {
+        loop {
+            let rate = rate_bps.load(Ordering::Relaxed) as f64;
+            let now = tokio::time::Instant::now();
+            let elapsed = now.duration_since(self.last).as_secs_f64();
+            self.last = now;
+            if rate == 0.0 {
+                self.tokens = 0.0;
+                return;
+            }
+            let burst = (bytes as f64).max(rate * PACE_SLICE_MS as f64 / 1000.0);
+            self.tokens = (self.tokens + elapsed * rate).min(burst);
+            if self.tokens >= bytes as f64 {
+                self.tokens -= bytes as f64;
+                return;
+            }
+            let need_s = (bytes as f64 - self.tokens) / rate;
+            tokio::time::sleep(Duration::from_secs_f64(
+                need_s.min(PACE_RECHECK_MS as f64 / 1000.0),
+            ))
+            .await;
         }
-        let rate = rate_bps as f64;
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate / 10.0);
-        self.last = now;
-        self.tokens -= bytes as f64;
-        if self.tokens < 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(-self.tokens / rate)).await;
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn slices_are_small_and_bounded() {
+        assert_eq!(slice_len(0, 16 << 20), 16 << 20);
+        assert_eq!(slice_len(1_000, 1 << 20), PACE_SLICE_MIN_BYTES);
+        assert_eq!(slice_len(125_000_000, 1 << 20), PACE_SLICE_MAX_BYTES);
+        assert_eq!(slice_len(1_000_000, 1 << 20), 10_000);
+        assert_eq!(slice_len(1_000_000, 10), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lifted_limit_takes_effect_within_a_recheck() {
+        let rate = Arc::new(AtomicU64::new(1_000)); // 8 kbit/s
+        let mut l = Limiter::default();
+        let r = Arc::clone(&rate);
+        let t0 = tokio::time::Instant::now();
+        let waiter = tokio::spawn(async move {
+            // 64 KiB at 1 kB/s would be a minute; the limit is lifted after 200 ms.
+            l.wait(&r, 64 << 10).await;
+            tokio::time::Instant::now()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rate.store(0, Ordering::Relaxed);
+        let done = waiter.await.unwrap();
+        assert!(
+            done - t0 <= Duration::from_millis(200 + PACE_RECHECK_MS),
+            "{:?}",
+            done - t0
+        );
     }
 }

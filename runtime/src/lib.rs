@@ -6,6 +6,7 @@
 //! - [`net`]: a guarded listener (bounded handshakes, identity and role checks, Hello,
 //!   connection slots) and a client connect with the same steps; jittered backoff.
 //! - [`admin`]: the admin HTTP endpoint (hyper) with timeouts and POST-only state changes.
+//! - [`lock`]: one instance per directory.
 //! - [`log`]: logging set-up (colour only on a terminal) and throttled warnings.
 //! - [`units`]: sizes, rates and range checks as operators write them.
 //! - [`metrics`], [`cli`].
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod cli;
 pub mod error;
+pub mod lock;
 pub mod log;
 pub mod metrics;
 pub mod net;

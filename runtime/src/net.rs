@@ -40,16 +40,29 @@ pub const HELLO_TIMEOUT_MS: u64 = 5_000;
 /// A TCP connect gives up after this time.
 pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// Handshakes in progress at once, from everyone. Each holds a task and TLS state (tens of
-/// KiB): this bounds them to a few tens of MiB.
-pub const MAX_HANDSHAKES: usize = 1024;
-/// Handshakes in progress at once from one address: one host cannot take every place.
-pub const MAX_HANDSHAKES_PER_ADDR: usize = 256;
+/// KiB): this bounds them to about 200 MiB, and an attacker needs 64 addresses to fill it.
+pub const MAX_HANDSHAKES: usize = 4096;
+/// Handshakes in progress at once from one address (an IPv6 /64 counts as one): one host
+/// cannot take every place. A legitimate host starts a few at a time.
+pub const MAX_HANDSHAKES_PER_ADDR: usize = 64;
 const _: () = assert!(MAX_HANDSHAKES_PER_ADDR < MAX_HANDSHAKES);
 
 /// The server side of a stream.
 pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 /// The client side of a stream.
 pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// What one source counts as: its IPv4 address, or its IPv6 /64 (one host gets a whole /64,
+/// so single IPv6 addresses would be no limit at all).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
 
 /// Counts per key, with a maximum; a taken count is given back when its guard drops.
 #[derive(Debug)]
@@ -177,6 +190,15 @@ struct Gate {
     throttle: Throttle,
 }
 
+/// "a" or "an", as the word needs.
+pub fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 fn error_frame(code: ErrorCode, message: String) -> Message {
     Message::Error(ErrorMsg {
         code,
@@ -234,8 +256,10 @@ impl Gate {
         let Some(&(_, hello_role)) = self.policy.allowed.iter().find(|a| a.0 == identity.role)
         else {
             let why = format!(
-                "a {} certificate ({identity}) may not connect to the {}",
-                identity.role, self.policy.service
+                "{} {} certificate ({identity}) may not connect to the {}",
+                article(identity.role.as_str()),
+                identity.role,
+                self.policy.service
             );
             self.refuse(&r.forbidden, peer, &why);
             let _ = framed.send(error_frame(ErrorCode::Forbidden, why)).await;
@@ -361,7 +385,7 @@ pub fn spawn_server<H, F>(
             let place = Arc::clone(&gate.handshakes)
                 .try_acquire_owned()
                 .ok()
-                .zip(gate.per_addr.take(peer.ip()));
+                .zip(gate.per_addr.take(source_key(peer.ip())));
             let Some(place) = place else {
                 gate.refuse(
                     &gate.refusals.handshake_limit,

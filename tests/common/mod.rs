@@ -27,9 +27,11 @@ pub fn source(c: &Cluster, disk: u64) -> PathBuf {
     c.dir.join("source").join(format!("disk{disk}.img"))
 }
 
+/// The flat extent of `disk`'s on-premises VMDK (in its VM's folder of the datastore).
 pub fn onprem(c: &Cluster, disk: u64) -> PathBuf {
     c.dir
         .join("onprem")
+        .join(format!("vm{disk}"))
         .join(format!("vm{disk}-disk{disk}-flat.vmdk"))
 }
 
@@ -115,10 +117,7 @@ pub fn verify_points(c: &Cluster, disk: u64, last_lsn: u64, lossy: bool) {
         "disk {disk}: on-premises disk equals the source"
     );
     // The VMDK as ESXi would open it: qemu-img checks it and finds it equal to the source.
-    let desc = c
-        .dir
-        .join("onprem")
-        .join(format!("vm{disk}-disk{disk}.vmdk"));
+    let desc = onprem(c, disk).with_file_name(format!("vm{disk}-disk{disk}.vmdk"));
     qemu_img(&["check", desc.to_str().unwrap()]);
     qemu_img(&[
         "compare",

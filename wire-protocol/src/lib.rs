@@ -11,6 +11,7 @@
 //!   type numbers.
 //! - [`codec`]: [`MessageCodec`], frames and messages together, with per-batch compression.
 //! - [`version`]: protocol version negotiation.
+//! - [`digest`]: the disk digest (per-block blake3, then blake3 of the block digests).
 //!
 //! TLS, connection handling, the admin endpoint and everything else the services share at
 //! run time live in the `runtime` crate: this one stays free of I/O.
@@ -27,6 +28,7 @@
 //! - This crate does no I/O, keeps no clock and spawns nothing.
 
 pub mod codec;
+pub mod digest;
 pub mod error;
 pub mod frame;
 pub mod message;

@@ -38,8 +38,20 @@ pub const MAX_WRITES_PER_BATCH: usize = 8192;
 pub const MAX_BATCH_DATA_LEN: usize = 8 << 20;
 /// Most entries in an ack (one per disk; a master target serves at most 60).
 pub const MAX_ACK_ENTRIES: usize = 4096;
-/// Most digests in one digest list (16 MiB of digests at most).
-pub const MAX_DIGESTS_PER_LIST: usize = 512 * 1024;
+/// Most digests in one digest list: 8 MiB of digests, so every list fits a frame by
+/// construction (a reply that cannot be sent would stop every disk of its connection).
+pub const MAX_DIGESTS_PER_LIST: usize = 256 * 1024;
+/// Bytes of a digest list's fixed fields (disk id, block size, first block, count).
+pub const DIGEST_LIST_HEADER_LEN: usize = 8 + 4 + 8 + 4;
+const _: () = assert!(
+    DIGEST_LIST_HEADER_LEN + MAX_DIGESTS_PER_LIST * 32 <= crate::frame::MAX_PAYLOAD_LEN,
+    "the largest digest list fits one frame"
+);
+const _: () = assert!(
+    BATCH_HEADER_LEN + MAX_WRITES_PER_BATCH * WRITE_META_LEN + MAX_BATCH_DATA_LEN
+        <= crate::frame::MAX_PAYLOAD_LEN,
+    "the largest write batch fits one frame"
+);
 /// Capability bit: the sender can decode zstd-compressed payloads.
 pub const CAP_ZSTD: u32 = 1;
 
