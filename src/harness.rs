@@ -267,6 +267,16 @@ impl Cluster {
         kill(self.ps.take());
     }
 
+    /// Stops the master target with SIGTERM (a clean stop); returns whether it exited 0.
+    pub fn term_mt(&mut self) -> bool {
+        term(self.mt.take())
+    }
+
+    /// Stops the process server with SIGTERM; returns whether it exited 0.
+    pub fn term_ps(&mut self) -> bool {
+        term(self.ps.take())
+    }
+
     /// Per-disk status from the process server.
     pub fn ps_status(&self) -> Result<Vec<DiskStatus>> {
         let (code, body) = io(http_get(&self.ps_admin, "/status"), || {
@@ -318,9 +328,22 @@ impl Cluster {
     /// that VM's certificate.
     pub fn agent(&self, sub: &str, disk_id: u64, source: &Path, disk_size: &str) -> Command {
         let tls = self.agent_tls(&format!("vm{disk_id}"));
+        self.agent_with_tls(sub, disk_id, source, disk_size, &tls)
+    }
+
+    /// [`Cluster::agent`] with the TLS files of `tls` (tests of wrong certificates).
+    pub fn agent_with_tls(
+        &self,
+        sub: &str,
+        disk_id: u64,
+        source: &Path,
+        disk_size: &str,
+        tls: &Path,
+    ) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("agent").arg(sub);
         c.arg(format!("--source={}", source.display()))
+            .arg("--create-source")
             .arg(format!("--disk-size={disk_size}"))
             .arg(format!("--disk-id={disk_id}"))
             .arg(format!("--vm-id=vm{disk_id}"))
@@ -420,6 +443,25 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// SIGTERM, then a bounded wait (SIGKILL after 30 s); whether it exited 0.
+fn term(child: Option<Child>) -> bool {
+    let Some(mut c) = child else { return false };
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = c.try_wait() {
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    false
 }
 
 fn kill(child: Option<Child>) {

@@ -393,87 +393,10 @@ fn cache_full_holds_the_agent_back_and_drops_nothing() {
     );
 }
 
-/// A TCP relay that can cut every connection through it and refuse new ones for a while.
-struct Relay {
-    addr: String,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl Relay {
-    fn new(target: String) -> Relay {
-        use std::sync::atomic::Ordering::SeqCst;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let r = Relay {
-            addr: l.local_addr().unwrap().to_string(),
-            cut: Default::default(),
-            stop: Default::default(),
-            conns: Default::default(),
-        };
-        let (cut, stop, conns) = (r.cut.clone(), r.stop.clone(), r.conns.clone());
-        std::thread::spawn(move || {
-            // Bounded: ends when the relay is dropped, or after 10 minutes.
-            let deadline = std::time::Instant::now() + Duration::from_secs(600);
-            while !stop.load(SeqCst) && std::time::Instant::now() < deadline {
-                let Ok((down, _)) = l.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                if cut.load(SeqCst) {
-                    continue; // dropped: the link is down
-                }
-                down.set_nonblocking(false).unwrap();
-                let Ok(up) = std::net::TcpStream::connect(&target) else {
-                    continue;
-                };
-                conns
-                    .lock()
-                    .unwrap()
-                    .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
-                for (mut a, mut b) in [
-                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, down),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut a, &mut b);
-                        let _ = b.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        r
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for s in self.conns.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.cut();
-    }
-}
-
 #[test]
 fn link_cut_and_restored_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
-    let relay = Relay::new(c.mt_addr.clone());
-    c.ps_upstream = Some(relay.addr.clone());
-    c.start_mt().unwrap();
-    c.start_ps().unwrap();
-    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let (c, relay) = cluster_via_relay(dir.path());
     let child = replay(
         &c,
         1,

@@ -81,24 +81,6 @@ fn assert_refused(m: &Message, code: ErrorCode, what: &str) {
     }
 }
 
-/// Replays `writes` writes of the TPC-C trace for `disk` (with bookmarks), then drains,
-/// detaches and checks the disk and its points: the service still works.
-fn replicate_and_verify(c: &failback::harness::Cluster, disk: u64, writes: u64) {
-    let max = format!("--max-writes={writes}");
-    let r = finish(
-        c,
-        disk,
-        replay(
-            c,
-            disk,
-            "tpcc-small.disksim",
-            "disksim-ns",
-            &[&max, "--bookmark-every-s=0.02"],
-        ),
-    );
-    verify(c, disk, r["last_lsn"].as_u64().unwrap());
-}
-
 /// The sum of every sample of metric lines starting with `name`.
 fn metric(admin: &str, name: &str) -> f64 {
     let (_, body) = http_get(admin, "/metrics").unwrap();

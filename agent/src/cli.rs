@@ -26,9 +26,13 @@ pub struct Cli {
 /// Where the disk is and where it goes.
 #[derive(Debug, Clone, Args)]
 pub struct DiskArgs {
-    /// The source disk file (created zeroed if absent).
+    /// The source disk file.
     #[arg(long)]
     pub source: PathBuf,
+    /// Create the source disk (zeroed) if it does not exist. Without it a missing source is
+    /// an error: a typo must not become an empty disk replicated over the target.
+    #[arg(long)]
+    pub create_source: bool,
     /// Its size (e.g. 16GiB); must match an existing file.
     #[arg(long, default_value = "1GiB")]
     pub disk_size: String,
@@ -133,6 +137,10 @@ enum Command {
         /// Take a last app-consistent bookmark with this tag when the trace ends.
         #[arg(long)]
         final_bookmark: Option<String>,
+        /// When the trace ends, keep the stream open (as a VM whose writer stopped) and take
+        /// bookmarks asked for with `agent bookmark`, until SIGTERM or SIGINT; then drain.
+        #[arg(long)]
+        stay: bool,
     },
     /// Resync the target disk with the source.
     Resync {
@@ -142,7 +150,9 @@ enum Command {
         #[arg(long, value_enum)]
         mode: ResyncMode,
     },
-    /// Ask a running replay for an app-consistent bookmark.
+    /// Take an app-consistent bookmark in the running agent and wait until it is durable on
+    /// the master target. Prints its LSN; exits non-zero if no agent runs, the bookmark cannot
+    /// be taken, or it is not durable in time.
     Bookmark {
         /// The running agent's state directory.
         #[arg(long, default_value = "agent-state")]
@@ -150,6 +160,9 @@ enum Command {
         /// The bookmark's tag.
         #[arg(long)]
         tag: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout_s: u64,
     },
     /// Print the disk digest of an image (to check an exported recovery point).
     Digest {
@@ -170,25 +183,44 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     runtime::cli::block_on_cli("agent", run(cli))
 }
 
-/// Builds the engine for a disk: opens the source, connects, attaches.
+/// The smallest disk (the master target refuses smaller ones).
+pub const MIN_DISK_BYTES: u64 = 1 << 20;
+/// The largest disk (a VMDK's limit, 62 TiB).
+pub const MAX_DISK_BYTES: u64 = 62 << 40;
+/// The smallest resend buffer: one batch of the usual size must fit (a larger one is
+/// admitted alone).
+pub const MIN_BUFFER_BYTES: u64 = crate::engine::BATCH_BYTES as u64;
+/// The largest resend buffer (it lives in memory).
+pub const MAX_BUFFER_BYTES: u64 = 64 << 30;
+
+/// Builds the engine for a disk: checks every setting, opens the source and the TLS
+/// files, then connects and attaches (nothing is registered anywhere before the checks
+/// passed).
 pub async fn engine(d: &DiskArgs) -> Result<Engine> {
-    runtime::log::init_logging(d.log_format == "json");
-    let size =
-        runtime::units::parse_bytes(&d.disk_size).map_err(|reason| Error::InvalidParameter {
-            param: "disk-size",
-            reason,
-        })?;
-    if size == 0 || size % 512 != 0 {
+    runtime::log::init_logging(runtime::log::parse_log_format(Some(&d.log_format))?);
+    let size = runtime::units::bytes_in("disk-size", &d.disk_size, MIN_DISK_BYTES, MAX_DISK_BYTES)?;
+    if !size.is_multiple_of(512) {
         return Err(Error::InvalidParameter {
             param: "disk-size",
-            reason: format!("{size} is not a positive multiple of 512"),
+            reason: format!("{} is not a multiple of 512 bytes", d.disk_size),
         });
     }
     let buffer =
-        runtime::units::parse_bytes(&d.buffer).map_err(|reason| Error::InvalidParameter {
-            param: "buffer",
-            reason,
-        })? as usize;
+        runtime::units::bytes_in("buffer", &d.buffer, MIN_BUFFER_BYTES, MAX_BUFFER_BYTES)? as usize;
+    runtime::units::check_range(
+        "compression-level",
+        d.compression_level,
+        0,
+        19,
+        d.compression_level,
+    )?;
+    runtime::units::check_range("disk-id", d.disk_id, 1, u64::MAX, d.disk_id)?;
+    wire_protocol::message::validate_name("vm id", &d.vm_id).map_err(|e| {
+        Error::InvalidParameter {
+            param: "vm-id",
+            reason: e.to_string(),
+        }
+    })?;
     let uuid = match &d.disk_uuid {
         Some(h) => {
             let v: Vec<u8> = (0..h.len() / 2)
@@ -233,7 +265,7 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     } else {
         Compression::None
     };
-    let source = SourceDisk::open(&d.source, size)?;
+    let source = SourceDisk::open(&d.source, size, d.create_source)?;
     Engine::start(
         Link::new(ep, attach, compression, buffer)?,
         source,
@@ -271,8 +303,26 @@ async fn run(cli: Cli) -> Result<()> {
             skip_bad_lines,
             resync,
             final_bookmark,
+            stay,
         } => {
+            // Everything that can be checked here is, before the disk is registered.
+            runtime::units::check_range(
+                "compressibility",
+                compressibility,
+                0.0,
+                1.0,
+                compressibility,
+            )?;
+            if let Some(s) = bookmark_every_s {
+                runtime::units::check_range("bookmark-every-s", s, 0.001, 86_400.0, s)?;
+            }
+            crate::trace::check(&trace, format, skip_bad_lines)?;
             let mut e = engine(&disk).await?;
+            let resync = if resync == ResyncMode::None && e.unclean_start {
+                ResyncMode::Differential
+            } else {
+                resync
+            };
             // A resync runs interleaved with the replay's writes, as it would with a live VM.
             let mut rs = if resync != ResyncMode::None {
                 Some(e.resync_begin(resync == ResyncMode::Full).await?)
@@ -316,6 +366,10 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(tag) = final_bookmark {
                 e.bookmark(&tag).await?;
             }
+            if stay {
+                eprintln!("the trace ended; the agent stays (agent bookmark --state-dir {} --tag TAG takes bookmarks) until SIGTERM", disk.state_dir.display());
+                e.serve_until_stopped().await?;
+            }
             e.drain(Duration::from_secs(600)).await?;
             p.finish_and_clear();
             let mut v = serde_json::to_value(&sum).expect("serializable");
@@ -337,26 +391,28 @@ async fn run(cli: Cli) -> Result<()> {
             e.drain(Duration::from_secs(600)).await?;
             p.finish_and_clear();
             let (c, s) = (e.stats.resync_compared_bytes, e.stats.resync_sent_bytes);
-            println!("resync {mode:?}: compared {c} bytes, sent {s} bytes, saved {} bytes ({:.1}%), {:.2} s", c - s.min(c), 100.0 * (c - s.min(c)) as f64 / c.max(1) as f64, started.elapsed().as_secs_f64());
+            let mode = if mode == ResyncMode::Full {
+                "full"
+            } else {
+                "differential"
+            };
+            println!("resync {mode}: compared {c} bytes, sent {s} bytes, saved {} bytes ({:.1}%), {:.2} s", c - s.min(c), 100.0 * (c - s.min(c)) as f64 / c.max(1) as f64, started.elapsed().as_secs_f64());
             Ok(())
         }
-        Command::Bookmark { state_dir, tag } => {
-            let dir = state_dir.join("bookmark-requests");
-            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
-                context: format!("create {}", dir.display()),
-                source: e,
-            })?;
-            let name = format!(
-                "{}.req",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos())
+        Command::Bookmark {
+            state_dir,
+            tag,
+            timeout_s,
+        } => {
+            let r =
+                crate::control::request(&state_dir, &tag, Duration::from_secs(timeout_s)).await?;
+            if !r.ok {
+                return Err(Error::Refused(format!("bookmark {tag:?}: {}", r.error)));
+            }
+            println!(
+                "bookmark {:?} taken at lsn {} and durable on the master target: its recovery point has lsn {} (master-target points lists it as app-consistent); source disk digest {}",
+                r.tag, r.lsn, r.lsn, r.disk_digest
             );
-            std::fs::write(dir.join(name), &tag).map_err(|e| Error::Io {
-                context: format!("write to {}", dir.display()),
-                source: e,
-            })?;
-            println!("bookmark {tag:?} requested; the running agent takes it within 100 ms of its next write");
             Ok(())
         }
         Command::Digest { image } => {

@@ -10,9 +10,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use wire_protocol::{Bookmark, BookmarkKind, DigestRequest, Message, Write, WriteBatch};
 
+use crate::control;
 use crate::error::{Error, IoContext, Result};
 use crate::link::{Link, Sent};
 use crate::source::{hex, SourceDisk, DIGEST_BLOCK_BYTES};
+use tokio::sync::mpsc;
 use wire_protocol::message::{MAX_BATCH_DATA_LEN, MAX_WRITES_PER_BATCH};
 
 /// A batch is sent once it holds this much data (1 MiB batches compress best with zstd and
@@ -28,6 +30,23 @@ const _: () = assert!(
 /// Blocks per digest request and resync step (128 MiB of disk at 64 KiB blocks): the unit
 /// of resumption, and how much resync work sits between live writes.
 pub const RESYNC_CHUNK_BLOCKS: u32 = 2048;
+
+/// A bookmark taken on request, waiting to be durable on the master target.
+#[derive(Debug)]
+struct Wait {
+    reply: control::BookmarkReply,
+    deadline: Instant,
+    to: tokio::sync::oneshot::Sender<control::BookmarkReply>,
+}
+
+/// The file present in the state directory while an agent runs (removed on a clean end).
+pub const RUNNING_MARKER: &str = "running";
+/// The line added to the marker once a run captures writes: a crash after it may have lost
+/// writes the process server never got.
+const CAPTURING: &str = "capturing";
+
+/// Longest bookmark tag (it travels in the stream and lands in the journal).
+pub const MAX_TAG_LEN: usize = 256;
 
 /// The first wait between attempts to reach the process server at start.
 pub const START_BACKOFF_MIN_MS: u64 = 250;
@@ -109,6 +128,15 @@ pub struct Engine {
     state_dir: PathBuf,
     /// Held for the engine's life: one agent per state directory.
     _lock: runtime::lock::DirLock,
+    /// Requests from `agent bookmark`.
+    control: mpsc::Receiver<control::Request>,
+    /// The previous run crashed after capturing writes: some may never have reached the
+    /// process server, so the target needs a differential resync from the first block.
+    pub unclean_start: bool,
+    /// This run has marked (durably) that it captures writes.
+    marked_capturing: bool,
+    /// Bookmarks taken on request, waiting to be durable on the master target.
+    waits: Vec<Wait>,
     /// Counters.
     pub stats: RunStats,
 }
@@ -132,6 +160,20 @@ impl Engine {
         connect_timeout: Duration,
     ) -> Result<Engine> {
         let lock = runtime::lock::DirLock::acquire(state_dir, "agent")?;
+        let control = control::listen(state_dir)?;
+        // A marker present for the whole run: found at start, it says the last run crashed.
+        let marker = state_dir.join(RUNNING_MARKER);
+        let unclean_start =
+            std::fs::read_to_string(&marker).is_ok_and(|m| m.lines().any(|l| l == CAPTURING));
+        if unclean_start {
+            tracing::warn!(state_dir = %state_dir.display(), "the previous run of this agent did not end cleanly after capturing writes: some may not have reached the process server; a differential resync of the whole disk brings the target level");
+            // An interrupted resync's progress does not cover writes lost in the crash.
+            let _ = std::fs::remove_file(state_dir.join("resync-progress"));
+        }
+        std::fs::write(&marker, std::process::id().to_string())
+            .and_then(|_| std::fs::File::open(&marker)?.sync_all())
+            .and_then(|_| std::fs::File::open(state_dir)?.sync_all())
+            .ctx(|| format!("write {}", marker.display()))?;
         let deadline = Instant::now() + connect_timeout;
         let mut backoff = runtime::net::Backoff::new(START_BACKOFF_MIN_MS, START_BACKOFF_MAX_MS);
         let mut attempts = 0u32;
@@ -167,6 +209,10 @@ impl Engine {
             resyncing: false,
             state_dir: state_dir.into(),
             _lock: lock,
+            control,
+            unclean_start,
+            marked_capturing: false,
+            waits: Vec::new(),
             stats: RunStats::default(),
         })
     }
@@ -180,6 +226,14 @@ impl Engine {
     /// than a batch may carry travels as consecutive pieces, each with its own LSN (a disk
     /// guarantees no more than sector atomicity for a large write either).
     pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<()> {
+        if !self.marked_capturing {
+            // Durable before the first write: a crash from here on is known at the next start.
+            let marker = self.state_dir.join(RUNNING_MARKER);
+            std::fs::write(&marker, format!("{}\n{CAPTURING}\n", std::process::id()))
+                .and_then(|_| std::fs::File::open(&marker)?.sync_all())
+                .ctx(|| format!("write {}", marker.display()))?;
+            self.marked_capturing = true;
+        }
         self.source.write(offset, &data)?;
         self.stats.writes += 1;
         self.stats.bytes += data.len() as u64;
@@ -362,27 +416,92 @@ impl Engine {
         Ok(Some(rec))
     }
 
-    /// Takes bookmarks asked for with `agent bookmark` (files in STATE_DIR/bookmark-requests).
-    pub async fn take_requested_bookmarks(&mut self) -> Result<()> {
-        if self.resyncing || !self.dirty.is_empty() {
-            return Ok(()); // taken once the target is consistent again
+    /// Serves `agent bookmark`: takes the bookmarks asked for (once the target is
+    /// consistent: after a resync, or once dirty regions are resent), and answers each once
+    /// it is durable on the master target or its time is up. Call it often (every 100 ms).
+    pub async fn serve_control(&mut self) -> Result<()> {
+        while let Ok(r) = self.control.try_recv() {
+            let tag = r.req.tag.clone();
+            if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(|c| c.is_control()) {
+                let _ = r.reply.send(control::BookmarkReply::failed(
+                    &tag,
+                    format!("a tag is 1 to {MAX_TAG_LEN} bytes without control characters"),
+                ));
+                continue;
+            }
+            self.waits.push(Wait {
+                reply: control::BookmarkReply::failed(&tag, ""),
+                deadline: Instant::now() + Duration::from_millis(r.req.timeout_ms),
+                to: r.reply,
+            });
         }
-        let dir = self.state_dir.join("bookmark-requests");
-        let Ok(rd) = std::fs::read_dir(&dir) else {
+        if self.waits.is_empty() {
             return Ok(());
-        };
-        let mut reqs: Vec<PathBuf> = rd.filter_map(|e| Some(e.ok()?.path())).collect();
-        reqs.sort();
-        for p in reqs {
-            let tag = std::fs::read_to_string(&p)
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            let _ = std::fs::remove_file(&p);
-            if let Some(r) = self.bookmark(&tag).await? {
-                tracing::info!(tag = %r.tag, lsn = r.lsn, "bookmark taken on request");
+        }
+        // Take the bookmarks not yet taken, if the target is consistent now.
+        for i in 0..self.waits.len() {
+            if self.waits[i].reply.ok || self.resyncing || !self.dirty.is_empty() {
+                continue;
+            }
+            let tag = self.waits[i].reply.tag.clone();
+            if let Some(rec) = self.bookmark(&tag).await? {
+                tracing::info!(tag = %rec.tag, lsn = rec.lsn, "bookmark taken on request");
+                self.waits[i].reply = control::BookmarkReply {
+                    ok: true,
+                    lsn: rec.lsn,
+                    tag: rec.tag,
+                    disk_digest: rec.disk_digest,
+                    error: String::new(),
+                };
             }
         }
+        self.flush().await?;
+        self.link.poll().await;
+        let durable = self.link.remote_durable_lsn;
+        let now = Instant::now();
+        for w in std::mem::take(&mut self.waits) {
+            if w.reply.ok && durable >= w.reply.lsn {
+                let _ = w.to.send(w.reply);
+            } else if now < w.deadline {
+                self.waits.push(w);
+            } else if w.reply.ok {
+                let _ = w.to.send(control::BookmarkReply::failed(
+                    &w.reply.tag,
+                    format!(
+                        "bookmark at lsn {} is not durable on the master target in time (durable up to lsn {durable}); check the link (process-server status)",
+                        w.reply.lsn
+                    ),
+                ));
+            } else {
+                let why = if self.resyncing {
+                    "a resync is under way and did not complete in time: the target is not consistent until it does; retry then"
+                } else {
+                    "dirty regions from a long link outage are still being resent: retry once they are"
+                };
+                let _ = w.to.send(control::BookmarkReply::failed(&w.reply.tag, why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the stream open without writes, serving bookmark requests, until SIGTERM or
+    /// SIGINT.
+    pub async fn serve_until_stopped(&mut self) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ctx(|| "catch SIGTERM".into())?;
+        let mut int = signal(SignalKind::interrupt()).ctx(|| "catch SIGINT".into())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = tokio::time::sleep(Duration::from_millis(crate::replay::CONTROL_EVERY_MS)) => {
+                    self.serve_control().await?;
+                    self.link.poll().await;
+                    self.flush().await?;
+                }
+            }
+        }
+        tracing::info!("stopping: draining what the process server does not hold yet");
         Ok(())
     }
 
@@ -533,12 +652,30 @@ impl Engine {
         if let Some(e) = self.link.take_fatal() {
             return Err(e);
         }
+        // Bookmarks asked for are answered before the agent goes (each within its time).
+        while !self.waits.is_empty() {
+            self.serve_control().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         if drained && self.dirty.is_empty() {
             self.link.close().await;
+            // Everything captured is held by the process server: the run ends clean.
+            let marker = self.state_dir.join(RUNNING_MARKER);
+            match std::fs::remove_file(&marker) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::Io {
+                        context: format!("remove {}", marker.display()),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+            self.marked_capturing = false;
             Ok(())
         } else {
             Err(Error::Refused(format!(
-                "the process server did not acknowledge everything within {max:?}"
+                "the process server did not acknowledge everything within {} s; check it (process-server status)",
+                max.as_secs()
             )))
         }
     }

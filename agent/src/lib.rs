@@ -7,6 +7,7 @@
 //! - [`link`]: the mutual-TLS link to the process server, with a bounded resend buffer.
 //! - [`engine`]: batching, LSNs, bookmarks, dirty tracking in outages, resync.
 //! - [`replay`]: a trace through the engine, with mapping and pacing.
+//! - [`control`]: the running agent's socket for `agent bookmark`.
 //! - [`cli`].
 //!
 //! # Design constraints
@@ -16,6 +17,7 @@
 //!   newest content always lands last.
 
 pub mod cli;
+pub mod control;
 pub mod datagen;
 pub mod engine;
 pub mod error;

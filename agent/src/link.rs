@@ -51,6 +51,8 @@ pub struct Link {
     max_unacked_bytes: usize,
     /// Highest LSN the process server has made durable.
     pub acked_lsn: u64,
+    /// Highest LSN durable on the master target, as the process server last said.
+    pub remote_durable_lsn: u64,
     next_attempt: Instant,
     backoff_ms: u64,
     /// Messages other than acks, for callers waiting on replies.
@@ -98,6 +100,7 @@ impl Link {
             unacked_bytes: 0,
             max_unacked_bytes,
             acked_lsn: 0,
+            remote_durable_lsn: 0,
             next_attempt: Instant::now(),
             backoff_ms: 100,
             replies: VecDeque::new(),
@@ -256,6 +259,10 @@ impl Link {
                     self.write(m).await;
                 }
             }
+            Message::RemoteDurable { disk_id, lsn } if disk_id == self.attach.disk_id => {
+                self.remote_durable_lsn = self.remote_durable_lsn.max(lsn);
+            }
+            Message::RemoteDurable { .. } | Message::Ignored { .. } => {}
             Message::Error(ref e) if e.code == ErrorCode::ResyncRequired => {
                 tracing::warn!(error = %e.message, "the process server asks for a resync of this disk");
                 self.resync_requested = true;

@@ -11,6 +11,9 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::trace::{Format, TraceReader};
 
+/// How often bookmark requests (`agent bookmark`) are looked at while replaying.
+pub const CONTROL_EVERY_MS: u64 = 100;
+
 /// Live writes between two resync chunks when a resync runs during a replay.
 pub const RESYNC_EVERY_WRITES: u64 = 64;
 
@@ -96,6 +99,27 @@ pub struct ReplaySummary {
     pub bookmarks: u64,
 }
 
+/// A flag set when SIGTERM or SIGINT arrives (the replay then stops cleanly: what was
+/// captured is drained, the run ends as clean).
+fn stop_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = std::sync::Arc::clone(&flag);
+    if let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    flag
+}
+
 /// Replays `opts.trace` into `engine`, advancing `resync` (if any) between writes; starts a
 /// differential resync if the process server asks for one.
 /// `on_progress` is called after each write.
@@ -113,7 +137,12 @@ pub async fn replay(
     let mut device: Option<String> = opts.device.clone();
     let mut last_request_check = Instant::now();
     let mut index = 0u64;
+    let stop = stop_signal();
     for w in &mut reader {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!("SIGTERM: the replay stops here; what was captured is drained");
+            break;
+        }
         let w = w?;
         let dev = device.get_or_insert_with(|| w.device.clone());
         if dev != "all" && *dev != w.device {
@@ -127,9 +156,13 @@ pub async fn replay(
         }
         if let (Pace::Speed(f), true) = (opts.pace, w.time_ns > 0) {
             let due = Duration::from_nanos((w.time_ns as f64 / f) as u64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
+            if due > started.elapsed() {
                 engine.flush().await?;
-                tokio::time::sleep(wait).await;
+                // Sleep in short steps: bookmark requests are answered meanwhile.
+                while let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait.min(Duration::from_millis(CONTROL_EVERY_MS))).await;
+                    engine.serve_control().await?;
+                }
             }
         }
         while let Some(at) = next_bookmark_ns.filter(|&at| w.time_ns >= at) {
@@ -172,8 +205,8 @@ pub async fn replay(
                 engine.resync_end(resync.take().expect("checked")).await?;
             }
         }
-        if last_request_check.elapsed() > Duration::from_millis(100) {
-            engine.take_requested_bookmarks().await?;
+        if last_request_check.elapsed() > Duration::from_millis(CONTROL_EVERY_MS) {
+            engine.serve_control().await?;
             last_request_check = Instant::now();
         }
         on_progress(&sum);

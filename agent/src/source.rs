@@ -60,15 +60,26 @@ pub fn image_digest(path: &Path) -> Result<[u8; 32]> {
 }
 
 impl SourceDisk {
-    /// Opens `path` (creating a zeroed disk of `size_bytes` if absent) and hashes it.
-    pub fn open(path: &Path, size_bytes: u64) -> Result<SourceDisk> {
+    /// Opens `path` and hashes it; with `create`, a missing disk is made (zeroed, of
+    /// `size_bytes`).
+    pub fn open(path: &Path, size_bytes: u64, create: bool) -> Result<SourceDisk> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(create)
             .truncate(false)
             .open(path)
-            .ctx(|| format!("open source disk {}", path.display()))?;
+            .map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                    " (pass --create-source to start from an empty disk)"
+                } else {
+                    ""
+                };
+                Error::Io {
+                    context: format!("open source disk {}{hint}", path.display()),
+                    source: e,
+                }
+            })?;
         let len = file
             .metadata()
             .ctx(|| format!("stat {}", path.display()))?

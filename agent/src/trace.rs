@@ -49,6 +49,104 @@ pub struct TraceWrite {
     pub len: u64,
 }
 
+/// Lines read to check a trace before anything is registered.
+pub const CHECK_LINES: usize = 256;
+
+/// Every format, in the order a sniff names them.
+pub const FORMATS: [Format; 5] = [
+    Format::Msr,
+    Format::Disksim,
+    Format::DisksimNs,
+    Format::Vscsi,
+    Format::Blkparse,
+];
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Msr => "msr",
+        Format::Disksim => "disksim",
+        Format::DisksimNs => "disksim-ns",
+        Format::Vscsi => "vscsi",
+        Format::Blkparse => "blkparse",
+    }
+}
+
+/// The formats every one of `lines` parses in (with at least one write among them).
+fn looks_like(lines: &[String]) -> Vec<Format> {
+    FORMATS
+        .into_iter()
+        .filter(|&f| {
+            let parsed: Vec<_> = lines.iter().map(|l| parse_line(f, l.trim())).collect();
+            parsed.iter().all(|p| p.is_ok()) && parsed.iter().any(|p| matches!(p, Ok(Some(_))))
+        })
+        .collect()
+}
+
+/// Checks that `path` opens and that its first [`CHECK_LINES`] lines parse in `format`
+/// (all of them, or with `skip_bad` at least one), before anything is registered anywhere.
+/// A wrong format is named with the format(s) the lines do look like.
+pub fn check(path: &Path, format: Format, skip_bad: bool) -> Result<()> {
+    let f = std::fs::File::open(path).ctx(|| format!("open trace {}", path.display()))?;
+    let mut lines = Vec::new();
+    for l in std::io::BufReader::new(f).lines().take(CHECK_LINES) {
+        let l = l.ctx(|| format!("read trace {}", path.display()))?;
+        if l.len() > MAX_LINE_BYTES {
+            return Err(Error::InvalidParameter {
+                param: "trace",
+                reason: format!(
+                    "{}: a line of {} bytes: this is not a block trace",
+                    path.display(),
+                    l.len()
+                ),
+            });
+        }
+        lines.push(l);
+    }
+    let results: Vec<_> = lines.iter().map(|l| parse_line(format, l.trim())).collect();
+    let bad = results.iter().position(|r| r.is_err());
+    let good = results.iter().filter(|r| matches!(r, Ok(Some(_)))).count();
+    let failing = bad.filter(|_| !skip_bad || good == 0);
+    let no_writes = good == 0 && (lines.len() < CHECK_LINES || bad.is_some());
+    if failing.is_none() && !no_writes {
+        return Ok(());
+    }
+    let data: Vec<String> = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .cloned()
+        .collect();
+    let hint = match looks_like(&data).as_slice() {
+        [] => "its lines look like none of the formats (msr, disksim, disksim-ns, vscsi, blkparse)"
+            .to_owned(),
+        fs => format!(
+            "its lines look like the {} format (--format {})",
+            fs.iter()
+                .map(|f| format_name(*f))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            format_name(fs[0])
+        ),
+    };
+    let reason = match failing {
+        Some(i) => format!(
+            "{}:{}: not a {} line ({}); {hint}",
+            path.display(),
+            i + 1,
+            format_name(format),
+            results[i].as_ref().err().cloned().unwrap_or_default()
+        ),
+        None => format!(
+            "{} holds no write in the {} format; {hint}",
+            path.display(),
+            format_name(format)
+        ),
+    };
+    Err(Error::InvalidParameter {
+        param: "format",
+        reason,
+    })
+}
+
 /// Reads a trace file.
 pub struct TraceReader {
     path: PathBuf,
@@ -316,5 +414,31 @@ mod tests {
         assert!(parse_line(Format::Disksim, "1 0 16").is_err());
         assert!(parse_line(Format::Vscsi, "1,5,zz,4096,100").is_err());
         assert!(parse_line(Format::Disksim, "-1 0 16 8 0").is_err());
+    }
+
+    #[test]
+    fn a_wrong_format_is_named_with_the_one_the_lines_look_like() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(
+            &p,
+            "128166372003061629,hm,1,Write,3154059264,4096,30465\n128166372003061630,hm,1,Read,0,4096,1\n",
+        )
+        .unwrap();
+        assert!(check(&p, Format::Msr, false).is_ok());
+        let e = check(&p, Format::Blkparse, false).unwrap_err().to_string();
+        assert!(e.contains("look like the msr format"), "{e}");
+        let e = check(&p, Format::DisksimNs, false).unwrap_err().to_string();
+        assert!(
+            e.contains("look like the msr format") && e.contains("t.csv:1"),
+            "{e}"
+        );
+        let e = check(&dir.path().join("typo.csv"), Format::Msr, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("typo.csv"), "{e}");
+        std::fs::write(&p, "hello world\n").unwrap();
+        let e = check(&p, Format::Msr, true).unwrap_err().to_string();
+        assert!(e.contains("none of the formats"), "{e}");
     }
 }

@@ -314,7 +314,10 @@ async fn serve(cfg: crate::config::Config) -> Result<()> {
         requests,
     );
     tracing::info!(listen = %local, admin = %admin, datastores = ?cfg.datastore_dirs, "master-target ready");
-    runtime::cli::wait_for_shutdown().await;
+    let stop = runtime::cli::shutdown_signal();
+    runtime::cli::notify_ready();
+    stop.await;
+    runtime::cli::notify_stopping();
     tracing::info!("master-target shutting down");
     Ok(())
 }

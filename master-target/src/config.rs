@@ -56,6 +56,9 @@ pub struct Settings {
     pub log_format: Option<String>,
 }
 
+/// The smallest journal quota: a few of the largest undo records (8 MiB each) must fit.
+pub const MIN_JOURNAL_QUOTA_BYTES: u64 = 32 << 20;
+
 /// Resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -124,29 +127,27 @@ impl Settings {
 
     /// Applies defaults and checks values.
     pub fn resolve(self) -> Result<Config> {
-        let quota = self.journal_quota.as_deref().unwrap_or("64GiB");
-        let journal_quota_bytes =
-            runtime::units::parse_bytes(quota).map_err(|reason| Error::InvalidParameter {
-                param: "journal-quota",
-                reason,
-            })?;
-        let crash_point_interval_ms = self.crash_point_interval_ms.unwrap_or(5000);
-        if crash_point_interval_ms == 0 {
-            return Err(Error::InvalidParameter {
-                param: "crash-point-interval-ms",
-                reason: "must be at least 1".into(),
-            });
-        }
-        let log_json = match self.log_format.as_deref().unwrap_or("text") {
-            "text" => false,
-            "json" => true,
-            f => {
-                return Err(Error::InvalidParameter {
-                    param: "log-format",
-                    reason: format!("{f:?}: use text or json"),
-                })
-            }
-        };
+        let journal_quota_bytes = runtime::units::bytes_in(
+            "journal-quota",
+            self.journal_quota.as_deref().unwrap_or("64GiB"),
+            MIN_JOURNAL_QUOTA_BYTES,
+            u64::MAX,
+        )?;
+        let crash_point_interval_ms = runtime::units::check_range(
+            "crash-point-interval-ms",
+            self.crash_point_interval_ms.unwrap_or(5000),
+            100,
+            3_600_000,
+            self.crash_point_interval_ms.unwrap_or(5000),
+        )?;
+        let retention_hours = runtime::units::check_range(
+            "retention-hours",
+            self.retention_hours.unwrap_or(24),
+            1,
+            24 * 90,
+            self.retention_hours.unwrap_or(24),
+        )?;
+        let log_json = runtime::log::parse_log_format(self.log_format.as_deref())?;
         let tls_dir = Path::new("/etc/failback/tls");
         Ok(Config {
             listen: self.listen.unwrap_or(([0, 0, 0, 0], 7443).into()),
@@ -170,7 +171,7 @@ impl Settings {
                     .unwrap_or_else(|| tls_dir.join("master-target.key")),
             },
             crash_point_interval_ms,
-            retention_hours: self.retention_hours.unwrap_or(24),
+            retention_hours,
             journal_quota_bytes,
             allow_shared_retention_volume: self.allow_shared_retention_volume.unwrap_or(false),
             io_backend: self.io_backend.unwrap_or_default(),

@@ -49,6 +49,10 @@ pub const MIN_DIGEST_BLOCK_BYTES: u32 = 4096;
 /// The largest block a digest may cover (resync uses 64 KiB).
 pub const MAX_DIGEST_BLOCK_BYTES: u32 = 1 << 20;
 
+/// Repeated warnings of one kind and disk are logged once a second, with a count of the rest.
+static LOG_THROTTLE: std::sync::LazyLock<runtime::log::Throttle> =
+    std::sync::LazyLock::new(|| runtime::log::Throttle::new(std::time::Duration::from_secs(1)));
+
 /// Where replies to a sender go.
 pub type Reply = mpsc::Sender<Message>;
 
@@ -506,7 +510,9 @@ fn worker(
                     }),
                 ),
                 Verdict::Refuse(e @ Error::DigestMismatch { .. }) => {
-                    tracing::warn!(disk = disk_id, error = %e, "asking for a resend");
+                    if let Some(suppressed) = LOG_THROTTLE.admit(&format!("resend {disk_id}")) {
+                        tracing::warn!(disk = disk_id, error = %e, suppressed, "asking for a resend");
+                    }
                     send(
                         &reply,
                         Message::Nack(Nack {
@@ -518,7 +524,9 @@ fn worker(
                     )
                 }
                 Verdict::Refuse(e) => {
-                    tracing::error!(disk = disk_id, error = %e, "batch refused");
+                    if let Some(suppressed) = LOG_THROTTLE.admit(&format!("refused {disk_id}")) {
+                        tracing::error!(disk = disk_id, error = %e, suppressed, "batch refused");
+                    }
                     send(
                         &reply,
                         Message::Error(ErrorMsg {

@@ -244,7 +244,10 @@ fn targets_outside_the_datastores_are_refused_and_untouched() {
             .attach(PS, &req(7, LocationKind::Original, &target, 1 << 20))
             .unwrap_err();
         assert!(matches!(e, Error::TargetRefused { .. }), "{e}");
-        assert!(!e.wire_message(7).contains("secret"), "no content is revealed: {e}");
+        assert!(
+            !e.wire_message(7).contains("secret"),
+            "no content is revealed: {e}"
+        );
     }
     // An alternate location outside, or a VM id that is a path.
     let e = d

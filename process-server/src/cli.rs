@@ -56,6 +56,26 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         timeout_s: u64,
     },
+    /// List every disk with its state (linked, resyncing, resync-required, link-down,
+    /// detached, retired) and where it replicates to.
+    Disks {
+        /// The admin endpoint of the running service.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        admin: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retire a disk that was detached for failback: its cache is removed and it is never
+    /// attached again (its agent's attaches are refused).
+    Retire {
+        /// The admin endpoint of the running service.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        admin: String,
+        /// The disk.
+        #[arg(long)]
+        disk: u64,
+    },
     /// Change the bandwidth limit of the running service (e.g. 200Mbit; 0 for none).
     SetBandwidth {
         /// The admin endpoint of the running service.
@@ -78,22 +98,6 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     runtime::cli::block_on_cli("process-server", run(cli))
 }
 
-/// The JSON of a running process server's `/status`.
-async fn fetch_status(admin: &str) -> Result<String> {
-    let (code, body) = runtime::admin::admin_get(admin, "/status")
-        .await
-        .map_err(|e| Error::Io {
-            context: format!(
-                "reach the process server's admin endpoint at {admin} (is it running?)"
-            ),
-            source: e,
-        })?;
-    if code != 200 {
-        return Err(Error::Refused(format!("status: HTTP {code}: {body}")));
-    }
-    Ok(body)
-}
-
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config, settings } => {
@@ -105,117 +109,16 @@ async fn run(cli: Cli) -> Result<()> {
             runtime::log::init_logging(cfg.log_json);
             serve(cfg, config, *settings).await
         }
-        Command::Status { admin, json } => {
-            let body = fetch_status(&admin).await?;
-            if json {
-                println!("{body}");
-                return Ok(());
-            }
-            let rows: Vec<crate::metrics::DiskStatus> =
-                serde_json::from_str(&body).map_err(|e| Error::Refused(format!("status: {e}")))?;
-            println!(
-                "{:>6} {:<14} {:>9} {:>9} {:>11} {:>8} {:>10} {:>10} {:>10} {:>6} {:>8}",
-                "disk",
-                "vm",
-                "cached",
-                "durable",
-                "backlog",
-                "rpo",
-                "ingest/s",
-                "logical/s",
-                "wire/s",
-                "ratio",
-                "eta"
-            );
-            let mb = |b: f64| format!("{:.1}M", b / 1e6);
-            for r in rows {
-                let eta = r.eta_s.map_or("-".to_string(), |s| format!("{s:.0}s"));
-                println!(
-                    "{:>6} {:<14} {:>9} {:>9} {:>11} {:>7.1}s {:>10} {:>10} {:>10} {:>5.2}x {:>8}",
-                    r.disk_id,
-                    r.vm_id,
-                    r.cached_lsn,
-                    r.durable_lsn,
-                    r.backlog_bytes,
-                    r.rpo_ms as f64 / 1000.0,
-                    mb(r.ingest_bps),
-                    mb(r.logical_bps),
-                    mb(r.wire_bps),
-                    r.compression_ratio,
-                    eta
-                );
-            }
-            Ok(())
-        }
+        Command::Status { admin, json } => crate::commands::status(&admin, json).await,
+        Command::Disks { admin, json } => crate::commands::disks(&admin, json).await,
         Command::Drain {
             admin,
             disk,
             timeout_s,
-        } => {
-            let deadline = std::time::Instant::now() + Duration::from_secs(timeout_s);
-            let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
-            loop {
-                let body = fetch_status(&admin).await?;
-                let rows: Vec<crate::metrics::DiskStatus> = serde_json::from_str(&body)
-                    .map_err(|e| Error::Refused(format!("status: {e}")))?;
-                let rows: Vec<_> = rows
-                    .into_iter()
-                    .filter(|r| disk.is_empty() || disk.contains(&r.disk_id))
-                    .collect();
-                if let Some(missing) = disk.iter().find(|d| !rows.iter().any(|r| r.disk_id == **d))
-                {
-                    return Err(Error::Refused(format!(
-                        "disk {missing} is not known to this process server"
-                    )));
-                }
-                let pending: Vec<_> = rows
-                    .iter()
-                    .filter(|r| r.durable_lsn < r.cached_lsn)
-                    .collect();
-                if pending.is_empty() {
-                    for r in &rows {
-                        println!(
-                            "disk {}: drained, lsn {} durable on the master target",
-                            r.disk_id, r.durable_lsn
-                        );
-                    }
-                    return Ok(());
-                }
-                if std::time::Instant::now() > deadline {
-                    return Err(Error::Refused(format!("{} disk(s) still pending after {timeout_s} s; check the link (process-server status)", pending.len())));
-                }
-                if last_print.elapsed() >= Duration::from_secs(2) {
-                    for r in &pending {
-                        println!(
-                            "disk {}: {} of {} durable, {} bytes pending, RPO {:.1} s",
-                            r.disk_id,
-                            r.durable_lsn,
-                            r.cached_lsn,
-                            r.backlog_bytes,
-                            r.rpo_ms as f64 / 1000.0
-                        );
-                    }
-                    last_print = std::time::Instant::now();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        } => crate::commands::drain(&admin, &disk, timeout_s).await,
+        Command::Retire { admin, disk } => crate::commands::retire(&admin, disk).await,
         Command::SetBandwidth { admin, rate } => {
-            let (code, body) =
-                runtime::admin::admin_request(&admin, Method::Post, "/bandwidth", &rate)
-                    .await
-                    .map_err(|e| Error::Io {
-                        context: format!("reach {admin}"),
-                        source: e,
-                    })?;
-            print!("{body}");
-            if code == 200 {
-                Ok(())
-            } else {
-                Err(Error::Refused(format!(
-                    "the process server refused the change (HTTP {code})"
-                )))
-            }
+            crate::commands::set_bandwidth(&admin, &rate).await
         }
     }
 }
@@ -284,7 +187,10 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
     })?;
     crate::ingest::spawn(listener, TlsAcceptor::from(tls), state, refusals);
     tracing::info!(listen = %local, admin = %admin, master_targets = ?cfg.master_targets.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>(), "process-server ready");
-    runtime::cli::wait_for_shutdown().await;
+    let stop = runtime::cli::shutdown_signal();
+    runtime::cli::notify_ready();
+    stop.await;
+    runtime::cli::notify_stopping();
     tracing::info!("process-server shutting down");
     Ok(())
 }
@@ -333,13 +239,32 @@ fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse
                 },
             }
         }
+        (Method::Post, "/disks/retire") => {
+            let id = String::from_utf8_lossy(&req.body).trim().to_owned();
+            let Some(disk) = id.parse().ok().and_then(|id| state.disk(id)) else {
+                return AdminResponse::text(
+                    404,
+                    format!("disk {id:?} is not known to this process server\n"),
+                );
+            };
+            match disk.retire() {
+                Ok(()) => AdminResponse::text(
+                    200,
+                    format!(
+                        "disk {} retired: its cache is removed and it is never attached again\n",
+                        disk.attach.disk_id
+                    ),
+                ),
+                Err(e) => AdminResponse::text(409, format!("{e}\n")),
+            }
+        }
         (Method::Get, "/bandwidth") => AdminResponse::text(
             405,
             "the bandwidth limit changes by POST only (process-server set-bandwidth)\n",
         ),
         _ => AdminResponse::text(
             404,
-            "try GET /metrics, /health or /status, or POST /bandwidth\n",
+            "try GET /metrics, /health or /status, or POST /bandwidth or /disks/retire\n",
         ),
     }
 }

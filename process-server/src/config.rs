@@ -61,6 +61,15 @@ pub struct Settings {
     pub log_format: Option<String>,
 }
 
+/// The smallest window: one largest frame (16 MiB) must fit, or nothing ships.
+pub const MIN_WINDOW_BYTES: u64 = 16 << 20;
+/// The largest window (it is memory: frames in flight are held until acknowledged).
+pub const MAX_WINDOW_BYTES: u64 = 4 << 30;
+/// The smallest cache limit: smaller is a mistake for a larger unit (1KiB for 1TiB).
+pub const MIN_CACHE_LIMIT_BYTES: u64 = 1 << 20;
+/// The lowest bandwidth limit (bytes/s): 8 kbit/s; below it a frame would take hours.
+pub const MIN_BANDWIDTH_BPS: u64 = 1_000;
+
 /// A master target the process server ships to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasterTarget {
@@ -138,10 +147,6 @@ impl Settings {
 
     /// Applies defaults and checks values.
     pub fn resolve(self) -> Result<Config> {
-        let bytes = |param: &'static str, v: &str| {
-            runtime::units::parse_bytes(v)
-                .map_err(|reason| Error::InvalidParameter { param, reason })
-        };
         // One or more master targets, filled in order: a master target takes at most 60
         // disks, so a larger site lists several.
         let addrs: Vec<String> = self
@@ -201,21 +206,22 @@ impl Settings {
         }
         let max_bandwidth_bps = match self.max_bandwidth.as_deref() {
             None | Some("0") | Some("") => 0,
-            Some(r) => runtime::units::parse_rate(r).map_err(|reason| Error::InvalidParameter {
-                param: "max-bandwidth",
-                reason,
-            })?,
-        };
-        let log_json = match self.log_format.as_deref().unwrap_or("text") {
-            "text" => false,
-            "json" => true,
-            f => {
-                return Err(Error::InvalidParameter {
-                    param: "log-format",
-                    reason: format!("{f:?}: use text or json"),
-                })
+            Some(r) => {
+                let bps =
+                    runtime::units::parse_rate(r).map_err(|reason| Error::InvalidParameter {
+                        param: "max-bandwidth",
+                        reason,
+                    })?;
+                if bps < MIN_BANDWIDTH_BPS {
+                    return Err(Error::InvalidParameter {
+                        param: "max-bandwidth",
+                        reason: format!("{r} is below 8kbit, the lowest limit (0 for none)"),
+                    });
+                }
+                bps
             }
         };
+        let log_json = runtime::log::parse_log_format(self.log_format.as_deref())?;
         let tls = Path::new("/etc/failback/tls");
         let ca = self.tls_ca.unwrap_or_else(|| tls.join("ca.pem"));
         Ok(Config {
@@ -228,7 +234,9 @@ impl Settings {
             cache_limit_bytes: self
                 .cache_limit
                 .as_deref()
-                .map(|v| bytes("cache-limit", v))
+                .map(|v| {
+                    runtime::units::bytes_in("cache-limit", v, MIN_CACHE_LIMIT_BYTES, u64::MAX)
+                })
                 .transpose()?,
             tls_client: runtime::tls::TlsFiles {
                 ca: ca.clone(),
@@ -253,8 +261,19 @@ impl Settings {
             compression_level: level,
             adaptive_compression,
             max_bandwidth_bps,
-            window_bytes: bytes("window", self.window.as_deref().unwrap_or("64MiB"))?,
-            rpo_threshold_s: self.rpo_threshold_s.unwrap_or(900),
+            window_bytes: runtime::units::bytes_in(
+                "window",
+                self.window.as_deref().unwrap_or("64MiB"),
+                MIN_WINDOW_BYTES,
+                MAX_WINDOW_BYTES,
+            )?,
+            rpo_threshold_s: runtime::units::check_range(
+                "rpo-threshold-s",
+                self.rpo_threshold_s.unwrap_or(900),
+                1,
+                7 * 86_400,
+                self.rpo_threshold_s.unwrap_or(900),
+            )?,
             log_json,
         })
     }

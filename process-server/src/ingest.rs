@@ -35,6 +35,9 @@ pub const MAX_CONNECTIONS_PER_VM: usize = 64;
 /// At most this many disks of one VM (not retired) on this process server: one VM's agent
 /// cannot take every master target's 60 places.
 pub const MAX_DISKS_PER_VM: usize = 32;
+/// How often an agent is told how far its disks are durable on the master target (only
+/// when that changed): what `agent bookmark` waits on.
+pub const REMOTE_DURABLE_EVERY_MS: u64 = 100;
 /// Frames appended before one fsync and one round of acks.
 pub const MAX_GROUP_FRAMES: usize = 64;
 /// ... or this many payload bytes: with frames of up to 16 MiB, the frame count alone would
@@ -210,9 +213,31 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
         std::collections::HashSet::new(),
         std::collections::HashSet::new(),
     );
+    // How far each attached disk is durable on the master target, as last told the agent.
+    let mut told_durable: HashMap<u64, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(REMOTE_DURABLE_EVERY_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Some(first) = framed.next().await else {
-            return Ok(());
+        let first = tokio::select! {
+            f = framed.next() => match f {
+                Some(f) => f,
+                None => return Ok(()),
+            },
+            _ = tick.tick() => {
+                let mut any = false;
+                for id in &attached {
+                    let Some(d) = state.disk(*id) else { continue };
+                    let lsn = d.counters.mt_durable_lsn.load(Ordering::Acquire);
+                    if told_durable.insert(*id, lsn) != Some(lsn) {
+                        framed.feed(Message::RemoteDurable { disk_id: *id, lsn }).await?;
+                        any = true;
+                    }
+                }
+                if any {
+                    framed.flush().await?;
+                }
+                continue;
+            }
         };
         let mut frames = vec![first];
         let mut group_bytes = 0;
@@ -359,7 +384,11 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                             Err(e) => Message::Error(e),
                         },
                     };
-                    attached.insert(id);
+                    // Only a disk this VM may touch joins the connection's set (it is told of
+                    // that disk's durability and resync needs, nothing of others').
+                    if matches!(reply, Message::Ack(_)) {
+                        attached.insert(id);
+                    }
                     replies.push(reply);
                 }
                 Message::DigestRequest(r) => {

@@ -5,6 +5,7 @@
 //! - [`ingest`]: agent connections (mutual TLS): cache, group-commit fsync, ack, relay.
 //! - [`uplink`]: the link to the master target: resume, parallel compression, window, trim.
 //! - [`coalesce`]: dropping overwritten data inside a batch (no I/O).
+//! - [`commands`]: the operator's commands against a running process server.
 //! - [`state`], [`config`], [`metrics`], [`cli`].
 //!
 //! # Design constraints
@@ -18,6 +19,7 @@ pub mod adaptive;
 pub mod cache;
 pub mod cli;
 pub mod coalesce;
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod ingest;

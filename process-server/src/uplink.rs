@@ -27,6 +27,10 @@ use crate::adaptive::{AdaptiveLevel, AUTO_MAX, AUTO_MIN};
 use crate::error::{Error, Result};
 use crate::state::{Disk, State, UplinkRequest};
 
+/// Repeated warnings of one kind and disk are logged once a second, with a count of the rest.
+static LOG_THROTTLE: std::sync::LazyLock<runtime::log::Throttle> =
+    std::sync::LazyLock::new(|| runtime::log::Throttle::new(Duration::from_secs(1)));
+
 /// Longest wait between reconnection attempts.
 pub const MAX_BACKOFF_MS: u64 = 5_000;
 /// Shortest wait between reconnection attempts.
@@ -445,7 +449,9 @@ fn handle_reply(
         Message::Nack(n) => {
             let mut s = ship.lock().expect("poisoned");
             if s.last_rewind.get(&n.disk_id) != Some(&n.from_lsn) {
-                tracing::warn!(disk = n.disk_id, from_lsn = n.from_lsn, reason = %n.reason, "master target asks for a resend");
+                if let Some(suppressed) = LOG_THROTTLE.admit(&format!("nack {}", n.disk_id)) {
+                    tracing::warn!(disk = n.disk_id, from_lsn = n.from_lsn, reason = %n.reason, suppressed, "master target asks for a resend");
+                }
                 s.last_rewind.insert(n.disk_id, n.from_lsn);
                 s.cursor.insert(n.disk_id, n.from_lsn);
                 let mut freed = 0;
@@ -486,7 +492,9 @@ fn handle_reply(
                     d.mark_detached()?;
                 }
             } else {
-                tracing::error!(disk = e.disk_id, code = ?e.code, error = %e.message, "master target error");
+                if let Some(suppressed) = LOG_THROTTLE.admit(&format!("error {}", e.disk_id)) {
+                    tracing::error!(disk = e.disk_id, code = ?e.code, error = %e.message, suppressed, "master target error");
+                }
             }
         }
         Message::Heartbeat { .. } | Message::Ignored { .. } => {}

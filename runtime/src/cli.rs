@@ -25,17 +25,33 @@ where
     }
 }
 
-/// Waits for SIGTERM or SIGINT (a service's clean stop).
-pub async fn wait_for_shutdown() {
+/// Tells systemd the service is ready (a `Type=notify` unit), when run under it. Outside
+/// systemd (no `NOTIFY_SOCKET`) it does nothing.
+pub fn notify_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not tell systemd the service is ready");
+    }
+}
+
+/// Tells systemd the service is stopping.
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+}
+
+/// Catches SIGTERM and SIGINT from now on (a service's clean stop), and returns what waits
+/// for the first of them. Install it before telling anyone the service is ready, so a stop
+/// that follows at once is still a clean one.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let signals =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    async move {
+        let Ok((mut term, mut int)) = signals else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

@@ -23,6 +23,18 @@ pub fn init_logging(json: bool) {
     };
 }
 
+/// Reads the `log-format` setting: `text` (default) or `json`. True for JSON.
+pub fn parse_log_format(v: Option<&str>) -> crate::Result<bool> {
+    match v.unwrap_or("text") {
+        "text" => Ok(false),
+        "json" => Ok(true),
+        f => Err(crate::Error::InvalidParameter {
+            param: "log-format",
+            reason: format!("{f:?}: use text or json"),
+        }),
+    }
+}
+
 /// Lets one message per key through per interval and counts the rest, so a fault that
 /// repeats a thousand times a second logs once a second with how many were suppressed.
 #[derive(Debug)]

@@ -15,6 +15,37 @@ pub fn traces() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/traces")
 }
 
+/// A cluster whose process server reaches the master target through a [`Relay`].
+pub fn cluster_via_relay(dir: &Path) -> (Cluster, Relay) {
+    let mut c = Cluster::new(dir, Path::new(BIN)).unwrap();
+    let relay = Relay::new(c.mt_addr.clone());
+    c.ps_upstream = Some(relay.addr.clone());
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    (c, relay)
+}
+
+/// Replays `writes` writes of the TPC-C trace for `disk` (bookmarks every 20 ms of trace
+/// time), then drains, detaches and checks the disk and its points. Returns its last LSN.
+pub fn replicate_and_verify(c: &Cluster, disk: u64, writes: u64) -> u64 {
+    let max = format!("--max-writes={writes}");
+    let r = finish(
+        c,
+        disk,
+        replay(
+            c,
+            disk,
+            "tpcc-small.disksim",
+            "disksim-ns",
+            &[&max, "--bookmark-every-s=0.02"],
+        ),
+    );
+    let lsn = r["last_lsn"].as_u64().unwrap();
+    verify(c, disk, lsn);
+    lsn
+}
+
 pub fn cluster(dir: &Path) -> Cluster {
     let mut c = Cluster::new(dir, Path::new(BIN)).unwrap();
     c.start_mt().unwrap();
@@ -49,7 +80,19 @@ pub fn replay(c: &Cluster, disk: u64, trace: &str, format: &str, extra: &[&str])
 }
 
 /// Waits for an agent (bounded) and returns its JSON report.
-pub fn finish(c: &Cluster, disk: u64, child: Child) -> serde_json::Value {
+/// The longest an agent of a test may run: a hang (a retry loop that never ends) fails the
+/// test instead of stalling the suite.
+pub const AGENT_MAX_RUN: Duration = Duration::from_secs(600);
+
+pub fn finish(c: &Cluster, disk: u64, mut child: Child) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + AGENT_MAX_RUN;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("agent {disk} still ran after {AGENT_MAX_RUN:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = child.wait_with_output().unwrap();
     let log = std::fs::read_to_string(c.dir.join("logs").join(format!("agent-{disk}.log")))
         .unwrap_or_default();
@@ -156,5 +199,81 @@ pub fn verify_points(c: &Cluster, disk: u64, last_lsn: u64, lossy: bool) {
             p["id"], b.tag
         );
         std::fs::remove_file(&out).unwrap();
+    }
+}
+
+/// A TCP relay that can cut every connection through it and refuse new ones for a while.
+pub struct Relay {
+    /// Where to connect instead of the target.
+    pub addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    /// A relay to `target`.
+    pub fn new(target: String) -> Relay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let r = Relay {
+            addr: l.local_addr().unwrap().to_string(),
+            cut: Default::default(),
+            stop: Default::default(),
+            conns: Default::default(),
+        };
+        let (cut, stop, conns) = (r.cut.clone(), r.stop.clone(), r.conns.clone());
+        std::thread::spawn(move || {
+            // Bounded: ends when the relay is dropped, or after 10 minutes.
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            while !stop.load(SeqCst) && std::time::Instant::now() < deadline {
+                let Ok((down, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                if cut.load(SeqCst) {
+                    continue; // dropped: the link is down
+                }
+                down.set_nonblocking(false).unwrap();
+                let Ok(up) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                conns
+                    .lock()
+                    .unwrap()
+                    .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
+                for (mut a, mut b) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        r
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
     }
 }

@@ -22,6 +22,8 @@
 //! Error         = 9  { code: u16, disk_id: u64, message: str }      // disk_id 0: not about a disk
 //! Nack          = 10 { disk_id: u64, from_lsn: u64, code: u16, reason: str }  // resend from from_lsn
 //! Detach        = 11 { disk_id: u64 }
+//! RemoteDurable = 0x8001 { disk_id: u64, lsn: u64 }  // ignorable: every item up to lsn is
+//!                                                    // durable on the master target
 //! ```
 //! Disk id 0 is never a disk. LSNs start at 1; LSN 0 means "nothing yet".
 
@@ -413,6 +415,15 @@ pub enum Message {
         /// The disk.
         disk_id: u64,
     },
+    /// Process server to agent: every item of the disk up to `lsn` is durable on the master
+    /// target (not only in the process server's cache, which [`Ack`] reports). Optional: an
+    /// older agent skips it.
+    RemoteDurable {
+        /// The disk.
+        disk_id: u64,
+        /// Highest LSN durable on the master target.
+        lsn: u64,
+    },
     /// An optional message type this build does not know (type >= [`IGNORABLE_TYPES_START`]).
     Ignored {
         /// Its type number.
@@ -444,6 +455,9 @@ pub mod types {
     pub const NACK: u16 = 10;
     /// Detach
     pub const DETACH: u16 = 11;
+    /// RemoteDurable (ignorable)
+    pub const REMOTE_DURABLE: u16 = 0x8001;
+    const _: () = assert!(REMOTE_DURABLE >= super::IGNORABLE_TYPES_START);
 }
 
 fn invalid(field: &'static str, v: impl std::fmt::Display) -> Error {
@@ -552,6 +566,7 @@ impl Message {
             Message::Error(_) => ERROR,
             Message::Nack(_) => NACK,
             Message::Detach { .. } => DETACH,
+            Message::RemoteDurable { .. } => REMOTE_DURABLE,
             Message::Ignored { msg_type } => *msg_type,
         }
     }
@@ -570,6 +585,7 @@ impl Message {
             Message::Error(_) => "error",
             Message::Nack(_) => "nack",
             Message::Detach { .. } => "detach",
+            Message::RemoteDurable { .. } => "remote durable",
             Message::Ignored { .. } => "ignored",
         }
     }
@@ -681,6 +697,10 @@ impl Message {
                 put_str(dst, &n.reason)?;
             }
             Message::Detach { disk_id } => dst.put_u64(*disk_id),
+            Message::RemoteDurable { disk_id, lsn } => {
+                dst.put_u64(*disk_id);
+                dst.put_u64(*lsn);
+            }
             Message::Ignored { msg_type } => {
                 return Err(Error::Invalid {
                     field: "message",
@@ -707,6 +727,7 @@ impl Message {
             ERROR => "error",
             NACK => "nack",
             DETACH => "detach",
+            REMOTE_DURABLE => "remote durable",
             t if t >= IGNORABLE_TYPES_START => return Ok(Message::Ignored { msg_type: t }),
             t => return Err(Error::UnknownMessage(t)),
         };
@@ -803,6 +824,10 @@ impl Message {
                 reason: r.string("reason")?,
             }),
             DETACH => Message::Detach { disk_id: r.u64()? },
+            REMOTE_DURABLE => Message::RemoteDurable {
+                disk_id: r.u64()?,
+                lsn: r.u64()?,
+            },
             _ => unreachable!("type checked above"),
         };
         r.finish()?;

@@ -151,6 +151,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }
         )),
         any::<u64>().prop_map(|d| Message::Detach { disk_id: d }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(disk_id, lsn)| Message::RemoteDurable { disk_id, lsn }),
     ]
 }
 
@@ -303,7 +305,7 @@ fn nonzero_reserved_bytes_are_refused() {
 
 #[test]
 fn unknown_types_are_errors_unless_ignorable() {
-    for (t, ignorable) in [(200u16, false), (0x8001, true)] {
+    for (t, ignorable) in [(200u16, false), (0x8fff, true)] {
         let mut buf = BytesMut::new();
         let header = Header {
             version: 1,
