@@ -311,7 +311,9 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         Err(Error::Failed(format!(
-            "disk {disk_id} did not reach lsn {lsn} on the master target within {max:?}"
+            "disk {disk_id} did not reach lsn {lsn} on the master target within {max:?}; status {:?}\n{}",
+            self.ps_status().ok().and_then(|v| v.into_iter().find(|s| s.disk_id == disk_id)),
+            self.log_tails(30)
         )))
     }
 
@@ -322,6 +324,22 @@ impl Cluster {
             runtime::tls::issue_agent(&self.tls, vm).expect("issue an agent certificate");
         }
         dir
+    }
+
+    /// The last `lines` lines of each service's log (for a failure's message).
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for name in ["process-server", "master-target"] {
+            let text = std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log")))
+                .unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {name}.log (last {lines} lines)\n"));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// An `agent` command for a disk (of VM `vm{disk_id}`), with the cluster's addresses and

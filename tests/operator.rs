@@ -541,11 +541,11 @@ fn inputs_outside_their_range_are_refused_naming_the_flag() {
         ),
         (
             &["process-server", "serve", "--cache-limit", "1KiB"],
-            &["cache-limit", "range"],
+            &["cache-limit", "1.0 MiB"],
         ),
         (
             &["master-target", "serve", "--journal-quota", "1MiB"],
-            &["journal-quota", "range"],
+            &["journal-quota", "32.0 MiB"],
         ),
     ];
     for (args, words) in cases {

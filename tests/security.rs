@@ -37,14 +37,24 @@ async fn link(addr: &str, files: &TlsFiles, role: Role, expect: PeerRole) -> run
     Ok(framed)
 }
 
-/// Sends `m` and returns the first answer (bounded).
+/// Sends `m` and returns the first answer (bounded), past the durability notes a process
+/// server sends of the connection's own disks (checked: never of another VM's disk).
 async fn ask(l: &mut Link, m: Message) -> Message {
     l.send(m).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(30), l.next())
-        .await
-        .expect("an answer in time")
-        .expect("an answer, not a close")
-        .expect("a valid frame")
+    for _ in 0..1000 {
+        let got = tokio::time::timeout(Duration::from_secs(30), l.next())
+            .await
+            .expect("an answer in time")
+            .expect("an answer, not a close")
+            .expect("a valid frame");
+        match got {
+            Message::RemoteDurable { disk_id, .. } => {
+                assert_ne!(disk_id, 2, "vm1's connection is never told of vm2's disk")
+            }
+            other => return other,
+        }
+    }
+    panic!("no answer among 1000 messages")
 }
 
 fn attach(disk_id: u64, vm: &str, location: LocationKind, target: &str, size: u64) -> Message {

@@ -39,9 +39,9 @@ pub struct DiskArgs {
     /// The disk's id in the data plane.
     #[arg(long, default_value_t = 1)]
     pub disk_id: u64,
-    /// The VM's id.
-    #[arg(long, default_value = "vm1")]
-    pub vm_id: String,
+    /// The VM's id. Default: the VM its certificate names (agent.pem in --tls-dir).
+    #[arg(long)]
+    pub vm_id: Option<String>,
     /// The disk's UUID (32 hex digits). Default: derived from vm id and disk id.
     #[arg(long)]
     pub disk_uuid: Option<String>,
@@ -215,12 +215,33 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
         d.compression_level,
     )?;
     runtime::units::check_range("disk-id", d.disk_id, 1, u64::MAX, d.disk_id)?;
-    wire_protocol::message::validate_name("vm id", &d.vm_id).map_err(|e| {
-        Error::InvalidParameter {
-            param: "vm-id",
-            reason: e.to_string(),
+    // The certificate says which VM this agent is; --vm-id may only repeat it.
+    let tls = TlsFiles::of_role(&d.tls_dir, PeerRole::Agent);
+    tls.check()?;
+    let identity = runtime::tls::identity_of_file(&tls.cert)?;
+    if identity.role != PeerRole::Agent {
+        return Err(Error::InvalidParameter {
+            param: "tls-dir",
+            reason: format!(
+                "{} is a {} certificate ({identity}); an agent needs its VM's agent certificate (failback certs --role agent --vm VM)",
+                tls.cert.display(),
+                identity.role
+            ),
+        });
+    }
+    let vm_id = match &d.vm_id {
+        Some(v) if *v != identity.name => {
+            return Err(Error::InvalidParameter {
+                param: "vm-id",
+                reason: format!(
+                    "{v:?}, but the certificate in {} is VM {:?}'s: use that VM's certificate, or leave --vm-id out",
+                    d.tls_dir.display(),
+                    identity.name
+                ),
+            })
         }
-    })?;
+        _ => identity.name.clone(),
+    };
     let uuid = match &d.disk_uuid {
         Some(h) => {
             let v: Vec<u8> = (0..h.len() / 2)
@@ -232,13 +253,13 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
             })?
         }
         None => {
-            let h = blake3::hash(format!("{}/{}", d.vm_id, d.disk_id).as_bytes());
+            let h = blake3::hash(format!("{vm_id}/{}", d.disk_id).as_bytes());
             h.as_bytes()[..16].try_into().expect("16 bytes")
         }
     };
     let attach = DiskAttach {
         disk_id: d.disk_id,
-        vm_id: d.vm_id.clone(),
+        vm_id: vm_id.clone(),
         group_id: String::new(),
         disk_uuid: uuid,
         size_bytes: size,
@@ -258,22 +279,29 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     let ep = Endpoint {
         addr: d.process_server.clone(),
         server_name: d.server_name.clone().unwrap_or(host),
-        tls: TlsFiles::of_role(&d.tls_dir, PeerRole::Agent),
+        tls,
     };
     let compression = if d.compression_level > 0 {
         Compression::Zstd(d.compression_level)
     } else {
         Compression::None
     };
+    let link = Link::new(ep, attach, compression, buffer)?;
+    let created = d.create_source && !d.source.exists();
     let source = SourceDisk::open(&d.source, size, d.create_source)?;
-    Engine::start(
-        Link::new(ep, attach, compression, buffer)?,
+    let started = Engine::start(
+        link,
         source,
         d.disk_id,
         &d.state_dir,
         Duration::from_secs(120),
     )
-    .await
+    .await;
+    if started.is_err() && created {
+        // A run that never started leaves no empty disk behind.
+        let _ = std::fs::remove_file(&d.source);
+    }
+    started
 }
 
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -376,10 +404,20 @@ async fn run(cli: Cli) -> Result<()> {
             v["last_lsn"] = (e.next_lsn() - 1).into();
             v["resync_compared_bytes"] = e.stats.resync_compared_bytes.into();
             v["resync_sent_bytes"] = e.stats.resync_sent_bytes.into();
+            // Every bookmark of the run: periodic, requested and the final one.
+            v["bookmarks"] = e.stats.bookmarks.into();
             println!("{v}");
+            let devices = if sum.other_device > 0 {
+                format!(
+                    "; {} writes of other devices left out (--device all merges them)",
+                    sum.other_device
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "replayed {} writes ({} bytes) of device {:?} over {:.2} s of trace; {} wrapped into the disk, {} skipped, {} of other devices, {} bad lines skipped; {} bookmarks; last lsn {}",
-                sum.writes, sum.bytes, sum.device, sum.trace_seconds, sum.wrapped, sum.skipped, sum.other_device, sum.bad_lines, sum.bookmarks, e.next_lsn() - 1
+                "replayed {} writes ({} bytes) of device {:?} over {:.2} s of trace; {} wrapped into the disk, {} skipped, {} bad lines skipped; {} bookmarks; last lsn {}{devices}",
+                sum.writes, sum.bytes, sum.device, sum.trace_seconds, sum.wrapped, sum.skipped, sum.bad_lines, e.stats.bookmarks, e.next_lsn() - 1
             );
             Ok(())
         }

@@ -45,9 +45,6 @@ pub const RUNNING_MARKER: &str = "running";
 /// writes the process server never got.
 const CAPTURING: &str = "capturing";
 
-/// Longest bookmark tag (it travels in the stream and lands in the journal).
-pub const MAX_TAG_LEN: usize = 256;
-
 /// The first wait between attempts to reach the process server at start.
 pub const START_BACKOFF_MIN_MS: u64 = 250;
 /// The longest wait between attempts to reach the process server at start.
@@ -422,11 +419,10 @@ impl Engine {
     pub async fn serve_control(&mut self) -> Result<()> {
         while let Ok(r) = self.control.try_recv() {
             let tag = r.req.tag.clone();
-            if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(|c| c.is_control()) {
-                let _ = r.reply.send(control::BookmarkReply::failed(
-                    &tag,
-                    format!("a tag is 1 to {MAX_TAG_LEN} bytes without control characters"),
-                ));
+            if let Err(e) = wire_protocol::message::validate_tag(&tag) {
+                let _ = r
+                    .reply
+                    .send(control::BookmarkReply::failed("", e.to_string()));
                 continue;
             }
             self.waits.push(Wait {
@@ -468,7 +464,7 @@ impl Engine {
                 let _ = w.to.send(control::BookmarkReply::failed(
                     &w.reply.tag,
                     format!(
-                        "bookmark at lsn {} is not durable on the master target in time (durable up to lsn {durable}); check the link (process-server status)",
+                        "bookmark at lsn {} is not durable on the master target in time (durable up to lsn {durable}); it stays in the stream and becomes a point when it gets there; check the link (process-server status)",
                         w.reply.lsn
                     ),
                 ));
@@ -678,6 +674,13 @@ impl Engine {
                 max.as_secs()
             )))
         }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The control socket goes with the agent; the lock file stays (it holds nothing).
+        let _ = std::fs::remove_file(control::socket_path(&self.state_dir));
     }
 }
 

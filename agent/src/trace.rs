@@ -50,7 +50,12 @@ pub struct TraceWrite {
 }
 
 /// Lines read to check a trace before anything is registered.
-pub const CHECK_LINES: usize = 256;
+pub const CHECK_LINES: usize = 4096;
+/// DiskSim's two time units look alike: a mean gap between writes above this (in the unit
+/// named) says the times are really nanoseconds...
+const DISKSIM_MS_MAX_MEAN_GAP_NS: u64 = 60_000_000_000;
+/// ... and below this, that they are really milliseconds.
+const DISKSIM_NS_MIN_MEAN_GAP_NS: u64 = 100;
 
 /// Every format, in the order a sniff names them.
 pub const FORMATS: [Format; 5] = [
@@ -71,13 +76,36 @@ fn format_name(f: Format) -> &'static str {
     }
 }
 
-/// The formats every one of `lines` parses in (with at least one write among them).
+/// The mean gap between the writes of `lines` read as `format`, nanoseconds.
+fn mean_gap_ns(format: Format, lines: &[String]) -> Option<u64> {
+    let times: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| parse_line(format, l.trim()).ok().flatten())
+        .map(|w| w.time_ns)
+        .collect();
+    let (first, last) = (times.first()?, times.last()?);
+    (times.len() > 1).then(|| last.saturating_sub(*first) / (times.len() as u64 - 1))
+}
+
+/// Whether the times of `lines` are plausible in `format`'s unit (DiskSim's ms or ns).
+fn plausible_times(format: Format, lines: &[String]) -> bool {
+    match (format, mean_gap_ns(format, lines)) {
+        (Format::Disksim, Some(g)) => g <= DISKSIM_MS_MAX_MEAN_GAP_NS,
+        (Format::DisksimNs, Some(g)) => g >= DISKSIM_NS_MIN_MEAN_GAP_NS,
+        _ => true,
+    }
+}
+
+/// The formats every one of `lines` parses in (with at least one write among them, and
+/// times that are plausible in the format's unit).
 fn looks_like(lines: &[String]) -> Vec<Format> {
     FORMATS
         .into_iter()
         .filter(|&f| {
             let parsed: Vec<_> = lines.iter().map(|l| parse_line(f, l.trim())).collect();
-            parsed.iter().all(|p| p.is_ok()) && parsed.iter().any(|p| matches!(p, Ok(Some(_))))
+            parsed.iter().all(|p| p.is_ok())
+                && parsed.iter().any(|p| matches!(p, Ok(Some(_))))
+                && plausible_times(f, lines)
         })
         .collect()
 }
@@ -106,15 +134,16 @@ pub fn check(path: &Path, format: Format, skip_bad: bool) -> Result<()> {
     let bad = results.iter().position(|r| r.is_err());
     let good = results.iter().filter(|r| matches!(r, Ok(Some(_)))).count();
     let failing = bad.filter(|_| !skip_bad || good == 0);
-    let no_writes = good == 0 && (lines.len() < CHECK_LINES || bad.is_some());
-    if failing.is_none() && !no_writes {
-        return Ok(());
-    }
+    let no_writes = good == 0;
     let data: Vec<String> = lines
         .iter()
         .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
         .cloned()
         .collect();
+    let implausible = !no_writes && !plausible_times(format, &data);
+    if failing.is_none() && !no_writes && !implausible {
+        return Ok(());
+    }
     let hint = match looks_like(&data).as_slice() {
         [] => "its lines look like none of the formats (msr, disksim, disksim-ns, vscsi, blkparse)"
             .to_owned(),
@@ -128,6 +157,12 @@ pub fn check(path: &Path, format: Format, skip_bad: bool) -> Result<()> {
         ),
     };
     let reason = match failing {
+        None if implausible => format!(
+            "{}: read as {}, its writes are {} apart on average, which no real trace is; {hint}",
+            path.display(),
+            format_name(format),
+            runtime::units::fmt_secs(mean_gap_ns(format, &data).unwrap_or(0) as f64 / 1e9)
+        ),
         Some(i) => format!(
             "{}:{}: not a {} line ({}); {hint}",
             path.display(),

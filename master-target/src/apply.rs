@@ -187,6 +187,9 @@ impl Applier {
 
     /// Decides what to do with a bookmark.
     pub fn check_bookmark(&self, b: &Bookmark, next_lsn: u64) -> Verdict {
+        if let Err(e) = wire_protocol::message::validate_tag(&b.tag) {
+            return Verdict::Refuse(e.into());
+        }
         match b.lsn.cmp(&next_lsn) {
             std::cmp::Ordering::Less => Verdict::Duplicate,
             std::cmp::Ordering::Greater => Verdict::Gap { expected: next_lsn },
@@ -195,8 +198,60 @@ impl Applier {
     }
 
     /// Applies accepted items (consecutive LSNs from `committed + 1`) durably. Returns the
-    /// recovery points made.
+    /// recovery points made. If it fails before the group's commit is durable, the disk and
+    /// the journal are put back as they were before the group (from the undo records in
+    /// memory), so the same items can be applied again later (a full volume that gets room).
     pub fn apply(&mut self, items: &[Item]) -> Result<Vec<Point>> {
+        let mark = self.journal.mark();
+        let last_point_time_us = self.last_point_time_us;
+        let mut undo = Vec::new();
+        match self.apply_group(items, &mut undo) {
+            Ok(made) => {
+                let time_us = self.last_point_time_us;
+                if let Err(e) = self.journal.rotate_if_full(time_us) {
+                    tracing::warn!(disk = self.disk_id, error = %e, "journal rotation failed; the next commit tries again");
+                }
+                self.after_commit();
+                Ok(made)
+            }
+            Err(e) => {
+                self.last_point_time_us = last_point_time_us;
+                self.restore(&undo, mark).map_err(|r| Error::Io {
+                    context: format!(
+                        "disk {}: after a failed group ({e}), putting the disk back failed; restart the master target (its journal recovery rolls the group back)",
+                        self.disk_id
+                    ),
+                    source: std::io::Error::other(r.to_string()),
+                })?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes back the old bytes of every undo record in `undo` (newest first) and drops the
+    /// journal's tail since `mark`.
+    fn restore(&mut self, undo: &[u8], mark: crate::journal::JournalMark) -> Result<()> {
+        let mut records = Vec::new();
+        let mut at = 0;
+        while at + 40 <= undo.len() {
+            let body_len =
+                u32::from_be_bytes(undo[at + 8..at + 12].try_into().expect("4")) as usize;
+            let end = (at + 16 + body_len).min(undo.len());
+            let offset = u64::from_be_bytes(undo[at + 32..at + 40].try_into().expect("8"));
+            records.push((offset, &undo[at + 40..end]));
+            at = end;
+        }
+        for (offset, old) in records.into_iter().rev() {
+            self.disk.write_at(old, offset)?;
+        }
+        self.disk.sync()?;
+        if let Some(c) = &mut self.digest_cache {
+            c.digests.iter_mut().for_each(|d| *d = None);
+        }
+        self.journal.truncate_to(mark)
+    }
+
+    fn apply_group(&mut self, items: &[Item], undo: &mut Vec<u8>) -> Result<Vec<Point>> {
         let Some(last) = items.last() else {
             return Ok(Vec::new());
         };
@@ -216,7 +271,7 @@ impl Applier {
                 }
             })
             .sum();
-        let mut undo = Vec::with_capacity(undo_len);
+        undo.reserve(undo_len);
         let mut pending: Vec<(u64, &Bytes)> = Vec::new();
         let mut max_undo_lsn = 0;
         let mut last_time_us = 0;
@@ -231,10 +286,10 @@ impl Applier {
                 } => {
                     // The old bytes go straight into the journal buffer.
                     let start = undo.len();
-                    let at = begin_undo(*lsn, *timestamp_us, *offset, data.len(), &mut undo);
+                    let at = begin_undo(*lsn, *timestamp_us, *offset, data.len(), undo);
                     self.disk.read_at(&mut undo[at..], *offset)?;
                     overlay(&mut undo[at..], *offset, &pending);
-                    finish_undo(&mut undo, start);
+                    finish_undo(undo, start);
                     pending.push((*offset, data));
                     max_undo_lsn = *lsn;
                     last_time_us = last_time_us.max(*timestamp_us);
@@ -265,7 +320,7 @@ impl Applier {
         }
         if !pending.is_empty() {
             // Write-ahead: what the writes overwrite is durable before they can reach the disk.
-            self.journal.append(&undo)?;
+            self.journal.append(undo)?;
             self.journal.note_undo(max_undo_lsn);
             self.journal.sync()?;
             let writes: Vec<(u64, &[u8])> = pending.iter().map(|(o, d)| (*o, &d[..])).collect();
@@ -302,11 +357,23 @@ impl Applier {
             ));
             self.last_point_time_us = last_time_us;
         }
-        let made = self.journal.commit(last.lsn(), last_time_us, points)?;
+        self.journal.commit(last.lsn(), last_time_us, points)
+    }
+
+    /// Counts the group and prunes the journal (after a durable commit: a failure here is
+    /// logged, never taken for a failed group).
+    fn after_commit(&mut self) {
         self.stats.groups += 1;
-        let forced = self
+        let forced = match self
             .journal
-            .prune(self.policy.window_us, self.policy.quota_bytes)?;
+            .prune(self.policy.window_us, self.policy.quota_bytes)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(disk = self.disk_id, error = %e, "journal pruning failed; the next commit tries again");
+                false
+            }
+        };
         if forced {
             let kept = self
                 .journal
@@ -318,7 +385,16 @@ impl Applier {
         }
         self.stats.quota_limited = forced
             || (self.stats.quota_limited && self.journal.bytes() > self.policy.quota_bytes / 2);
-        Ok(made)
+    }
+
+    /// Frees room in the journal on a full volume (its oldest segment). Returns whether
+    /// anything was freed.
+    pub fn free_journal_space(&mut self) -> Result<bool> {
+        let freed = self.journal.drop_oldest_for_space()?;
+        if freed {
+            self.stats.quota_limited = true;
+        }
+        Ok(freed)
     }
 
     /// blake3 digests of `count` blocks of `block_size` from `first`, computed in parallel

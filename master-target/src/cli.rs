@@ -66,6 +66,21 @@ enum Command {
         #[arg(long)]
         disk: u64,
     },
+    /// Recover a disk whose retention journal is damaged (the service refuses to serve it and
+    /// says so): the damaged journal is kept aside, the disk stays as of its last commit, and
+    /// the points before it are dropped. Run it with the service running or stopped; the
+    /// process server's next attach serves the disk again.
+    RecoverJournal {
+        /// TOML configuration file (for data-dir and retention-dir). Default:
+        /// /etc/failback/master-target.toml if it exists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+        /// The disk.
+        #[arg(long)]
+        disk: u64,
+    },
     /// Write a disk as it was at a recovery point, to a new file (the disk must be detached,
     /// or the service stopped). Never writes over a disk; an existing file only with --force.
     Export {
@@ -90,6 +105,10 @@ enum Command {
         /// Replace an existing output file (a disk's file is never replaced).
         #[arg(long)]
         force: bool,
+        /// Give a VMDK export the replicated disk's ddb.uuid (when it is to replace that
+        /// disk); without it the export gets a new UUID, so both can sit on one datastore.
+        #[arg(long)]
+        keep_uuid: bool,
     },
 }
 
@@ -156,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
             disk,
             json,
         } => {
+            runtime::cli::quiet_on_broken_pipe();
             let cfg = offline_settings(config, s)?;
             for (disk_id, points, committed) in
                 export::list(&cfg.data_dir, &cfg.retention_dir, disk)?
@@ -219,6 +239,16 @@ fn run(cli: Cli) -> Result<()> {
             println!("disk {disk} detached at lsn {lsn}; its lock is released and the on-premises VM can boot from it");
             Ok(())
         }
+        Command::RecoverJournal {
+            config,
+            settings: s,
+            disk,
+        } => {
+            let cfg = offline_settings(config, s)?;
+            let (lsn, aside) = export::recover_journal(&cfg.data_dir, &cfg.retention_dir, disk)?;
+            println!("disk {disk}: the damaged journal is kept at {}; a new one starts at lsn {lsn} (the disk as of its last commit; earlier points are gone). The process server's next attach serves the disk again.", aside.display());
+            Ok(())
+        }
         Command::Export {
             config,
             settings: s,
@@ -227,10 +257,12 @@ fn run(cli: Cli) -> Result<()> {
             out,
             format,
             force,
+            keep_uuid,
         } => {
             let cfg = offline_settings(config, s)?;
             let opts = ExportOpts {
                 force,
+                keep_uuid,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let e = export::export(
@@ -267,7 +299,11 @@ async fn serve(cfg: crate::config::Config) -> Result<()> {
         &[("the data directory", &cfg.data_dir)],
         cfg.allow_shared_retention_volume,
     )?;
-    tracing::info!(retention = %cfg.retention_dir.display(), free_bytes = vol.free_bytes, total_bytes = vol.total_bytes, "retention volume accepted");
+    if vol.free_bytes == 0 {
+        tracing::warn!(retention = %cfg.retention_dir.display(), "the retention volume is full: journals are pruned to their quota, the oldest points go first; writes wait until there is room (nothing acknowledged is lost)");
+    } else {
+        tracing::info!(retention = %cfg.retention_dir.display(), free_bytes = vol.free_bytes, total_bytes = vol.total_bytes, "retention volume accepted");
+    }
     let tls = runtime::tls::server_config(&cfg.tls)?;
     let disks = Disks::open(cfg.clone())?;
     let listener = TcpListener::bind(cfg.listen)

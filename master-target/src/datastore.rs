@@ -3,9 +3,9 @@
 //! # Design constraints
 //! - A target named on the wire is an absolute path inside one of the configured datastore
 //!   directories (`datastore-dirs`). It may not hold `..`, NUL or control characters, and it
-//!   is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` relative to the
-//!   datastore's directory, so the kernel refuses any resolution, through symlinks or not,
-//!   that leaves the datastore. Nothing a peer sends reaches another file.
+//!   is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` relative to the
+//!   datastore's directory, so the kernel refuses any resolution that leaves the datastore
+//!   or follows a link. Nothing a peer sends reaches another file.
 //! - A VM's disks live in its folder, `DATASTORE/VM/`, as ESXi lays them out: an agent can
 //!   name (original location) or have created (alternate location) only files in the folder
 //!   of the VM its certificate names. Another VM's disks are out of its reach by path.
@@ -63,7 +63,9 @@ fn refuse(target: &str, why: &str) -> Error {
     }
 }
 
-/// `openat2(dir, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
+/// `openat2(dir, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: no symlink is followed
+/// at all inside a datastore (its directory itself was resolved once, at start), so a link
+/// cannot lead out of it, nor from one VM's folder into another's.
 fn open_beneath(dir: &File, rel: &Path, flags: i32, mode: u32) -> std::io::Result<File> {
     let c = CString::new(rel.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
@@ -71,7 +73,7 @@ fn open_beneath(dir: &File, rel: &Path, flags: i32, mode: u32) -> std::io::Resul
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.mode = u64::from(mode);
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
     // SAFETY: valid directory fd, NUL-terminated path, a valid open_how and its size.
     let fd = unsafe {
         libc::syscall(
@@ -174,7 +176,7 @@ impl Datastores {
         open_beneath(&self.roots[l.root].dir, rel, flags, mode).map_err(|e| {
             let why = match e.raw_os_error() {
                 Some(libc::EXDEV) | Some(libc::ELOOP) => {
-                    "it resolves (through a link) to a place outside the datastore".to_owned()
+                    "it goes through a symbolic link: inside a datastore links are not followed (they could lead outside it, or into another VM's folder)".to_owned()
                 }
                 Some(libc::ENOENT) => "it does not exist".to_owned(),
                 _ => format!("it cannot be opened ({e})"),
@@ -476,10 +478,7 @@ mod tests {
             .unwrap();
         for rel in ["ds2/vm1/x.vmdk", "ds1/vm1/y.vmdk"] {
             let e = ds.open_original(&target(&t, rel), "vm1").unwrap_err();
-            assert!(
-                e.to_string().contains("outside the datastore"),
-                "{rel}: {e}"
-            );
+            assert!(e.to_string().contains("symbolic link"), "{rel}: {e}");
         }
         // A descriptor inside whose extent is a link out.
         std::fs::write(
@@ -492,7 +491,7 @@ mod tests {
         let e = ds
             .open_original(&target(&t, "ds1/vm1/z.vmdk"), "vm1")
             .unwrap_err();
-        assert!(e.to_string().contains("outside the datastore"), "{e}");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
         // ... or a hard link to a file outside.
         std::fs::write(
             t.path().join("ds1/vm1/h.vmdk"),

@@ -137,6 +137,14 @@ pub enum Error {
         /// Why, and what to do.
         reason: String,
     },
+    /// A disk the running service holds (attached), for a command that needs it free.
+    #[error("disk {disk_id} is in use by the running master target: {what}")]
+    DiskInUse {
+        /// The disk.
+        disk_id: u64,
+        /// What to do.
+        what: String,
+    },
     /// No recovery point matches.
     #[error("{0}")]
     NoSuchPoint(String),

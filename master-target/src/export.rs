@@ -11,7 +11,7 @@
 //! - Export runs with the disk detached (or the service stopped): it takes the disk's lock.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -71,7 +71,13 @@ impl std::fmt::Display for PointSel {
             PointSel::Latest => f.write_str("latest"),
             PointSel::LatestApp => f.write_str("latest-app"),
             PointSel::Id(id) => write!(f, "point {id}"),
-            PointSel::AtOrBefore(us) => write!(f, "the newest point at or before {us} µs"),
+            PointSel::AtOrBefore(us) => write!(
+                f,
+                "the newest point at or before {}",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_micros(*us)
+                )
+            ),
         }
     }
 }
@@ -92,6 +98,9 @@ pub struct ExportOpts {
     pub force: bool,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Give a VMDK export the replicated disk's UUID (it is to replace that disk); without
+    /// it the export gets a UUID of its own.
+    pub keep_uuid: bool,
 }
 
 /// What an export wrote.
@@ -113,7 +122,10 @@ fn open(data_dir: &Path, retention_dir: &Path, disk_id: u64) -> Result<(DiskFile
     let reg = Registry::read(data_dir)?;
     let rec = reg.get(disk_id).ok_or(Error::UnknownDisk(disk_id))?;
     let disk = DiskFile::open(&rec.data_path).map_err(|e| match e {
-        Error::DiskLocked { path } => Error::DiskLocked { path: PathBuf::from(format!("{} (the master-target service holds it: detach the disk, or stop the service, first)", path.display())) },
+        Error::DiskLocked { .. } => Error::DiskInUse {
+            disk_id,
+            what: "detach the disk (master-target detach), or stop the service, first".into(),
+        },
         e => e,
     })?;
     let journal = Journal::open(&Disks::journal_dir(retention_dir, disk_id), &disk)?;
@@ -149,6 +161,36 @@ fn not_listed(data_dir: &Path, disk_id: u64) -> Error {
         "disk {disk_id} is not in the disk list of the master target at {} (`master-target points` lists its disks)",
         data_dir.display()
     ))
+}
+
+/// See `master-target recover-journal`: takes the disk's lock (the service does not hold a
+/// disk it refuses to serve) and sets its damaged journal aside.
+pub fn recover_journal(
+    data_dir: &Path,
+    retention_dir: &Path,
+    disk_id: u64,
+) -> Result<(u64, PathBuf)> {
+    let reg = Registry::read(data_dir)?;
+    let rec = reg
+        .get(disk_id)
+        .ok_or_else(|| not_listed(data_dir, disk_id))?;
+    let disk = DiskFile::open(&rec.data_path).map_err(|e| match e {
+        Error::DiskLocked { .. } => Error::DiskInUse {
+            disk_id,
+            what: "the service serves it: its journal is not damaged, or it was recovered already"
+                .into(),
+        },
+        e => e,
+    })?;
+    let dir = Disks::journal_dir(retention_dir, disk_id);
+    match Journal::open(&dir, &disk) {
+        Ok(j) => Err(Error::NoSuchPoint(format!(
+            "disk {disk_id}'s journal is not damaged (committed lsn {}): nothing to recover",
+            j.committed_lsn()
+        ))),
+        Err(Error::JournalCorrupt { .. }) => crate::journal::recover_damaged(&dir, &disk),
+        Err(e) => Err(e),
+    }
 }
 
 /// Picks the point `sel` names.
@@ -194,20 +236,39 @@ fn known_files(reg: &Registry) -> HashMap<(u64, u64), (u64, PathBuf)> {
 fn check_output(
     out: &Path,
     known: &HashMap<(u64, u64), (u64, PathBuf)>,
+    service_dirs: &[&Path],
     force: bool,
 ) -> Result<()> {
     let refuse = |reason: String| Error::ExportRefused {
         out: out.to_path_buf(),
         reason,
     };
+    let parent = vmdk::parent_dir(out);
+    let Ok(dir) = std::fs::canonicalize(parent) else {
+        return Err(refuse(format!(
+            "the directory {} does not exist: create it first",
+            parent.display()
+        )));
+    };
+    // The service's own state (its disk list, its journals) is never an export's place.
+    for d in service_dirs {
+        if std::fs::canonicalize(d).is_ok_and(|d| dir.starts_with(&d)) {
+            return Err(refuse(format!(
+                "it is inside the master target's own directory {}: choose another place",
+                d.display()
+            )));
+        }
+    }
     if let Ok(m) = std::fs::metadata(out) {
         if let Some((id, p)) = known.get(&(m.dev(), m.ino())) {
+            let same = std::fs::canonicalize(out).ok() == std::fs::canonicalize(p).ok()
+                && std::fs::symlink_metadata(out).is_ok_and(|l| !l.file_type().is_symlink());
             return Err(refuse(format!(
                 "it is {} of disk {id}: an export never writes over a disk; choose another output",
-                if p == out {
+                if same {
                     "a file".to_owned()
                 } else {
-                    format!("(through a link) {}", p.display())
+                    format!("(through a link) the file {}", p.display())
                 }
             )));
         }
@@ -221,19 +282,6 @@ fn check_output(
         ));
     }
     Ok(())
-}
-
-/// A temporary file beside `out`, created new.
-fn temp_beside(out: &Path) -> Result<(PathBuf, File)> {
-    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("export");
-    let tmp = vmdk::parent_dir(out).join(format!(".{name}.{}.partial", std::process::id()));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .ctx(|| format!("create {}", tmp.display()))?;
-    Ok((tmp, f))
 }
 
 /// Removes a temporary file when dropped unless it was kept (renamed into place).
@@ -316,15 +364,16 @@ pub fn export(
         }
     };
     let known = known_files(&reg);
-    check_output(&data_out, &known, opts.force)?;
+    let service_dirs = [data_dir, retention_dir];
+    check_output(&data_out, &known, &service_dirs, opts.force)?;
     if format == Format::Vmdk {
-        check_output(out, &known, opts.force)?;
+        check_output(out, &known, &service_dirs, opts.force)?;
     }
     let (disk, journal) = open(data_dir, retention_dir, disk_id)?;
     let point = select(journal.points(), journal.committed_lsn(), sel)?;
     let size = disk.size_bytes();
 
-    let (tmp, dst) = temp_beside(&data_out)?;
+    let (tmp, dst) = vmdk::temp_beside(&data_out)?;
     let mut guard = TempGuard(Some(tmp.clone()));
     // 1. Copy the disk, hashing each block as it goes: the digest of what is meant.
     let bar = progress_bar(size, opts.progress);
@@ -384,7 +433,24 @@ pub fn export(
     guard.0 = None;
     let mut files = vec![data_out.clone()];
     if format == Format::Vmdk {
-        let uuid = crate::registry::uuid_bytes(&rec.uuid);
+        // A disk of its own: a second disk with the replicated disk's UUID beside it would
+        // make the next reprotect refuse both (unless the export is to replace it).
+        let uuid = if opts.keep_uuid {
+            crate::registry::uuid_bytes(&rec.uuid)
+        } else {
+            *blake3::hash(
+                format!(
+                    "{}/{}/{:?}",
+                    rec.uuid,
+                    point.lsn,
+                    std::time::SystemTime::now()
+                )
+                .as_bytes(),
+            )
+            .as_bytes()
+            .first_chunk::<16>()
+            .expect("32 bytes")
+        };
         let flat_name = data_out
             .file_name()
             .and_then(|s| s.to_str())

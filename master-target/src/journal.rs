@@ -30,7 +30,6 @@
 //! committed LSN is always found in the last segment.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -121,6 +120,14 @@ struct UndoRef {
     body_len: u32,
 }
 
+/// Where a journal ended at one moment (see [`Journal::mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct JournalMark {
+    seq: u32,
+    bytes: u64,
+    last_undo_lsn: u64,
+}
+
 /// The journal of one disk.
 #[derive(Debug)]
 pub struct Journal {
@@ -200,10 +207,16 @@ pub fn finish_undo(out: &mut [u8], start: usize) {
     out[start + 12..start + 16].copy_from_slice(&crc.to_be_bytes());
 }
 
+/// Bytes of one commit record.
+const COMMIT_RECORD_LEN: u64 = HEADER_LEN as u64 + 16;
+
+/// Appends a commit record, twice: a flipped byte in one copy leaves the other, so a
+/// committed group is never mistaken for a torn tail (and rolled back) because of it.
 fn encode_commit(lsn: u64, time_us: u64, out: &mut Vec<u8>) {
     let mut body = [0u8; 16];
     body[..8].copy_from_slice(&lsn.to_be_bytes());
     body[8..].copy_from_slice(&time_us.to_be_bytes());
+    encode(KIND_COMMIT, &body, out);
     encode(KIND_COMMIT, &body, out);
 }
 
@@ -226,100 +239,182 @@ fn be64(b: &[u8]) -> u64 {
 /// What one pass over a segment found.
 #[derive(Debug, Default)]
 struct Scan {
-    /// Bytes of whole, valid records.
-    valid_len: u64,
-    /// Set when the scan stopped at a bad or torn record.
-    bad: Option<String>,
+    /// Bytes of the segment.
+    len: u64,
+    /// Damaged regions `[start, end)`: bytes between valid records that are not a valid
+    /// record (`end` is the next valid record, or the segment's end).
+    bad: Vec<(u64, u64)>,
     undos: Vec<UndoRef>,
     points: Vec<Point>,
-    /// (lsn, end position of the record) of the last commit.
-    last_commit: Option<(u64, u64)>,
+    /// (lsn, start, end) of every commit record, in order.
+    commits: Vec<(u64, u64, u64)>,
 }
 
-/// Reads a segment's records. `verify` checks every body's CRC; without it undo bodies are
-/// skipped (their CRCs are checked when an export reads them).
+impl Scan {
+    /// (lsn, end) of the last commit.
+    fn last_commit(&self) -> Option<(u64, u64)> {
+        self.commits.last().map(|c| (c.0, c.2))
+    }
+
+    /// Whether a damaged region is harmless: exactly one commit record long and beside a
+    /// valid commit of the same place in the stream (commits are written twice, so one copy
+    /// may fail alone).
+    fn is_spare_commit(&self, (start, end): (u64, u64)) -> bool {
+        end - start == COMMIT_RECORD_LEN && self.commits.iter().any(|c| c.2 == start || c.1 == end)
+    }
+
+    /// The first damaged region that is corruption, not a torn tail: one that a valid
+    /// record follows (so it was written, and fsynced, before it) and that is not a spare
+    /// commit copy. A damaged region at the end with nothing valid after it is a torn tail.
+    fn corruption(&self) -> Option<(u64, u64)> {
+        self.bad
+            .iter()
+            .copied()
+            .find(|&r| r.1 < self.len && !self.is_spare_commit(r))
+    }
+}
+
+/// A valid record found in a segment.
+#[derive(Debug)]
+enum Found {
+    Undo(UndoRef),
+    Commit(u64),
+    Point(Point),
+}
+
+/// The record at `pos`, if a valid one starts there, with where it ends. `verify_undo`
+/// reads and checks undo bodies too (otherwise only their metadata is read; their CRCs are
+/// checked when an export reads them).
+fn record_at(
+    f: &File,
+    path: &Path,
+    len: u64,
+    pos: u64,
+    verify_undo: bool,
+    body: &mut Vec<u8>,
+) -> Result<Option<(Found, u64)>> {
+    if len - pos < HEADER_LEN as u64 {
+        return Ok(None);
+    }
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact_at(&mut h, pos)
+        .ctx(|| format!("read {}", path.display()))?;
+    let kind = h[4];
+    let body_len = u32::from_be_bytes(h[8..12].try_into().expect("4")) as usize;
+    let crc = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+    if h[..4] != MAGIC
+        || h[5..8] != [0, 0, 0]
+        || !(1..=3).contains(&kind)
+        || body_len > MAX_BODY_LEN
+        || len - pos - (HEADER_LEN as u64) < body_len as u64
+    {
+        return Ok(None);
+    }
+    let skip = kind == KIND_UNDO && !verify_undo;
+    let read_len = if skip {
+        UNDO_META_LEN.min(body_len)
+    } else {
+        body_len
+    };
+    body.resize(read_len, 0);
+    f.read_exact_at(body, pos + HEADER_LEN as u64)
+        .ctx(|| format!("read {}", path.display()))?;
+    if !skip && crc32c::crc32c_append(crc32c::crc32c(&h[4..12]), body) != crc {
+        return Ok(None);
+    }
+    let end = pos + (HEADER_LEN + body_len) as u64;
+    let found = match kind {
+        KIND_UNDO if body_len >= UNDO_META_LEN => Found::Undo(UndoRef {
+            lsn: be64(body),
+            pos,
+            body_len: body_len as u32,
+        }),
+        KIND_COMMIT if body_len == 16 => Found::Commit(be64(body)),
+        KIND_POINT if body_len >= 27 => {
+            let tag_len = u16::from_be_bytes([body[25], body[26]]) as usize;
+            let Some(tag) = body.get(27..27 + tag_len) else {
+                return Ok(None);
+            };
+            Found::Point(Point {
+                id: be64(body),
+                lsn: be64(&body[8..]),
+                time_us: be64(&body[16..]),
+                kind: PointKind::from_code(body[24]),
+                tag: String::from_utf8_lossy(tag).into_owned(),
+            })
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some((found, end)))
+}
+
+/// Bytes searched at a time for the next valid record after a damaged one.
+const SEARCH_CHUNK_BYTES: usize = 1 << 20;
+
+/// The next valid record (fully verified) after `from`, if any.
+fn next_valid(
+    f: &File,
+    path: &Path,
+    len: u64,
+    from: u64,
+    body: &mut Vec<u8>,
+) -> Result<Option<(u64, Found, u64)>> {
+    let mut chunk = vec![0u8; SEARCH_CHUNK_BYTES + MAGIC.len()];
+    let mut at = from;
+    while at < len {
+        let n = ((len - at) as usize).min(chunk.len());
+        f.read_exact_at(&mut chunk[..n], at)
+            .ctx(|| format!("read {}", path.display()))?;
+        let mut i = 0;
+        while i + MAGIC.len() <= n {
+            if chunk[i..i + MAGIC.len()] == MAGIC {
+                let pos = at + i as u64;
+                if let Some((found, end)) = record_at(f, path, len, pos, true, body)? {
+                    return Ok(Some((pos, found, end)));
+                }
+            }
+            i += 1;
+        }
+        at += SEARCH_CHUNK_BYTES as u64;
+    }
+    Ok(None)
+}
+
+/// Reads a segment's records, past damaged ones (see [`Scan::bad`]). `verify` checks
+/// every undo body's CRC too.
 fn scan(path: &Path, verify: bool) -> Result<Scan> {
     let f = File::open(path).ctx(|| format!("open journal {}", path.display()))?;
     let len = f
         .metadata()
         .ctx(|| format!("stat {}", path.display()))?
         .len();
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    let mut s = Scan::default();
-    let mut pos = 0u64;
+    let mut s = Scan {
+        len,
+        ..Scan::default()
+    };
     let mut body = Vec::new();
+    let mut pos = 0u64;
     while pos < len {
-        let mut h = [0u8; HEADER_LEN];
-        if len - pos < HEADER_LEN as u64 {
-            s.bad = Some("torn record header".into());
-            break;
-        }
-        r.read_exact(&mut h)
-            .ctx(|| format!("read {}", path.display()))?;
-        let kind = h[4];
-        let body_len = u32::from_be_bytes(h[8..12].try_into().expect("4")) as usize;
-        let crc = u32::from_be_bytes(h[12..16].try_into().expect("4"));
-        if h[..4] != MAGIC
-            || h[5..8] != [0, 0, 0]
-            || !(1..=3).contains(&kind)
-            || body_len > MAX_BODY_LEN
-        {
-            s.bad = Some("bad record header".into());
-            break;
-        }
-        if len - pos - (HEADER_LEN as u64) < body_len as u64 {
-            s.bad = Some("torn record body".into());
-            break;
-        }
-        let skip = kind == KIND_UNDO && !verify;
-        let read_len = if skip {
-            UNDO_META_LEN.min(body_len)
-        } else {
-            body_len
-        };
-        body.resize(read_len, 0);
-        r.read_exact(&mut body)
-            .ctx(|| format!("read {}", path.display()))?;
-        if skip {
-            r.seek_relative((body_len - read_len) as i64)
-                .ctx(|| format!("seek {}", path.display()))?;
-        } else if crc32c::crc32c_append(crc32c::crc32c(&h[4..12]), &body) != crc {
-            s.bad = Some("record checksum mismatch".into());
-            break;
-        }
-        let end = pos + (HEADER_LEN + body_len) as u64;
-        match kind {
-            KIND_UNDO if body_len >= UNDO_META_LEN => s.undos.push(UndoRef {
-                lsn: be64(&body),
-                pos,
-                body_len: body_len as u32,
-            }),
-            KIND_COMMIT if body_len == 16 => s.last_commit = Some((be64(&body), end)),
-            KIND_POINT if body_len >= 27 => {
-                let tag_len = u16::from_be_bytes([body[25], body[26]]) as usize;
-                let tag = body
-                    .get(27..27 + tag_len)
-                    .map(|t| String::from_utf8_lossy(t).into_owned());
-                let Some(tag) = tag else {
-                    s.bad = Some("point tag past its record".into());
+        let (start, found, end) = match record_at(&f, path, len, pos, verify, &mut body)? {
+            Some((found, end)) => (pos, found, end),
+            None => match next_valid(&f, path, len, pos + 1, &mut body)? {
+                Some((q, found, end)) => {
+                    s.bad.push((pos, q));
+                    (q, found, end)
+                }
+                None => {
+                    s.bad.push((pos, len));
                     break;
-                };
-                s.points.push(Point {
-                    id: be64(&body),
-                    lsn: be64(&body[8..]),
-                    time_us: be64(&body[16..]),
-                    kind: PointKind::from_code(body[24]),
-                    tag,
-                });
-            }
-            _ => {
-                s.bad = Some(format!("record kind {kind} with a {body_len}-byte body"));
-                break;
-            }
+                }
+            },
+        };
+        match found {
+            Found::Undo(u) => s.undos.push(u),
+            Found::Commit(lsn) => s.commits.push((lsn, start, end)),
+            Found::Point(p) => s.points.push(p),
         }
         pos = end;
     }
-    s.valid_len = pos;
     Ok(s)
 }
 
@@ -358,6 +453,70 @@ fn read_undo(f: &File, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8>)> {
     Ok((offset, body[UNDO_META_LEN..].to_vec()))
 }
 
+/// Sets a damaged journal aside and starts a new one where the old one's last valid commit
+/// says the disk is: rolls back on `disk` what was applied after that commit (what can be
+/// read of it), renames `dir` to `dir.damaged-SECONDS` (kept for inspection), and writes a
+/// fresh journal checkpointed at the commit. Points before it are dropped: they can no
+/// longer be rebuilt. Returns the committed LSN and where the old journal went.
+pub fn recover_damaged(dir: &Path, disk: &DiskFile) -> Result<(u64, PathBuf)> {
+    let listed = list_segments(dir)?;
+    let n = listed.len();
+    let mut committed = 0;
+    for (i, (_, path)) in listed.iter().enumerate() {
+        let last = i + 1 == n;
+        let s = scan(path, last)?;
+        if let Some(c) = s.last_commit() {
+            committed = c.0;
+        }
+        if last {
+            let commit_end = s.last_commit().map_or(0, |c| c.1);
+            let f = File::open(path).ctx(|| format!("open {}", path.display()))?;
+            for r in s.undos.iter().rev().filter(|r| r.pos >= commit_end) {
+                match read_undo(&f, path, *r) {
+                    Ok((offset, old)) => disk.write_at(&old, offset)?,
+                    Err(e) => {
+                        tracing::warn!(error = %e, lsn = r.lsn, "an uncommitted write cannot be rolled back (its undo record is damaged); the process server sends it again")
+                    }
+                }
+            }
+            disk.sync()?;
+        }
+    }
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("journal");
+    let aside = dir.with_file_name(format!("{name}.damaged-{now_s}"));
+    fs::rename(dir, &aside).ctx(|| format!("rename {} to {}", dir.display(), aside.display()))?;
+    sync_dir(crate::vmdk::parent_dir(dir))?;
+    fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+    let path = seg_path(dir, 1);
+    let f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&path)
+        .ctx(|| format!("create {}", path.display()))?;
+    let mut buf = Vec::new();
+    encode_commit(committed, 0, &mut buf);
+    f.write_all_at(&buf, 0)
+        .and_then(|_| f.sync_all())
+        .ctx(|| format!("write {}", path.display()))?;
+    sync_dir(dir)?;
+    Ok((committed, aside))
+}
+
+/// The error for corruption found at byte `at` of segment `path`.
+fn corrupt(path: PathBuf, at: u64) -> Error {
+    Error::JournalCorrupt {
+        path,
+        offset: at,
+        detail: "a damaged record lies before records written after it: data a commit covered is damaged (a flipped byte at rest), so nothing is rolled back or truncated".into(),
+    }
+}
+
 /// Points and the committed LSN of a journal, read without changing anything (a running
 /// master target may be appending to it: a torn tail of the newest segment is where the
 /// listing ends, and only points a commit covers are listed).
@@ -369,14 +528,10 @@ pub fn inspect(dir: &Path) -> Result<(Vec<Point>, u64)> {
     for (i, (_, path)) in listed.into_iter().enumerate() {
         let s = scan(&path, false)?;
         let last = i + 1 == n;
-        if let (Some(bad), false) = (&s.bad, last) {
-            return Err(Error::JournalCorrupt {
-                path,
-                offset: s.valid_len,
-                detail: format!("{bad} in a sealed segment"),
-            });
+        if let Some((at, _)) = s.corruption() {
+            return Err(corrupt(path, at));
         }
-        let commit = s.last_commit.map_or(committed, |c| c.0);
+        let commit = s.last_commit().map_or(committed, |c| c.0);
         points.extend(s.points.into_iter().filter(|p| !last || p.lsn <= commit));
         committed = commit;
     }
@@ -405,15 +560,15 @@ impl Journal {
         for (i, (seq, path)) in listed.into_iter().enumerate() {
             let last = i + 1 == n;
             let s = scan(&path, last)?;
-            if let Some(bad) = &s.bad {
-                if !last {
-                    return Err(Error::JournalCorrupt { path, offset: s.valid_len, detail: format!("{bad} in a sealed segment; restore the retention volume from backup or detach and re-attach the disk (this drops its earlier points)") });
-                }
+            // Damage a valid record follows was written (and fsynced) before that record:
+            // it is corruption of durable data, never a torn tail to truncate.
+            if let Some((at, _)) = s.corruption() {
+                return Err(corrupt(path, at));
             }
-            let mut keep_len = s.valid_len;
+            let mut keep_len = s.len;
             if last {
                 // Roll back what was applied after the last commit, newest first.
-                let commit_end = s.last_commit.map_or(0, |c| c.1);
+                let commit_end = s.last_commit().map_or(0, |c| c.1);
                 let f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
                 let mut rolled = 0;
                 for r in s.undos.iter().rev().filter(|r| r.pos >= commit_end) {
@@ -425,17 +580,16 @@ impl Journal {
                     disk.sync()?;
                     tracing::warn!(disk = %disk.path().display(), rolled, "rolled back writes that were not committed before a crash");
                 }
+                if commit_end < s.len {
+                    tracing::warn!(segment = %path.display(), from = commit_end, bytes = s.len - commit_end, "truncating a torn journal tail (never acknowledged)");
+                }
                 keep_len = commit_end;
-                points.extend(
-                    s.points
-                        .iter()
-                        .filter(|p| p.lsn <= s.last_commit.map_or(0, |c| c.0))
-                        .cloned(),
-                );
+                let commit_lsn = s.last_commit().map_or(0, |c| c.0);
+                points.extend(s.points.iter().filter(|p| p.lsn <= commit_lsn).cloned());
             } else {
                 points.extend(s.points.iter().cloned());
             }
-            if let Some(c) = s.last_commit {
+            if let Some(c) = s.last_commit() {
                 committed = c;
             }
             let last_undo_lsn = s
@@ -568,21 +722,30 @@ impl Journal {
     ) -> Result<Vec<Point>> {
         let mut buf = Vec::new();
         let mut made = Vec::new();
+        let first_id = self.next_point_id;
         for (plsn, ptime, kind, tag) in points {
+            // Resync markers are not points: they take no id, so point ids run on unbroken.
+            let id = if kind.is_point() {
+                self.next_point_id += 1;
+                self.next_point_id - 1
+            } else {
+                0
+            };
             let p = Point {
-                id: self.next_point_id,
+                id,
                 lsn: plsn,
                 time_us: ptime,
                 kind,
                 tag,
             };
-            self.next_point_id += 1;
             encode_point(&p, &mut buf);
             made.push(p);
         }
         encode_commit(lsn, time_us, &mut buf);
-        self.append(&buf)?;
-        self.sync()?;
+        if let Err(e) = self.append(&buf).and_then(|()| self.sync()) {
+            self.next_point_id = first_id;
+            return Err(e);
+        }
         self.committed_lsn = lsn;
         for p in &made {
             match p.kind {
@@ -592,10 +755,51 @@ impl Journal {
             }
         }
         made.retain(|p| p.kind.is_point());
+        Ok(made)
+    }
+
+    /// Starts a new segment if the active one is full (after a commit; a failure here leaves
+    /// the commit durable, and the next commit tries again).
+    pub fn rotate_if_full(&mut self, time_us: u64) -> Result<()> {
         if self.segments.last().expect("one").bytes >= self.segment_target_bytes {
             self.rotate(time_us)?;
         }
-        Ok(made)
+        Ok(())
+    }
+
+    /// Where the journal ends now, to go back to if a group fails before its commit.
+    pub fn mark(&self) -> JournalMark {
+        let seg = self.segments.last().expect("always one segment");
+        JournalMark {
+            seq: seg.seq,
+            bytes: seg.bytes,
+            last_undo_lsn: seg.last_undo_lsn,
+        }
+    }
+
+    /// Drops everything appended since `mark` (a group that failed before its commit).
+    pub fn truncate_to(&mut self, mark: JournalMark) -> Result<()> {
+        let seg = self.segments.last_mut().expect("always one segment");
+        assert_eq!(seg.seq, mark.seq, "no rotation happens inside a group");
+        self.active
+            .set_len(mark.bytes)
+            .ctx(|| format!("truncate {}", seg.path.display()))?;
+        seg.bytes = mark.bytes;
+        seg.last_undo_lsn = mark.last_undo_lsn;
+        Ok(())
+    }
+
+    /// Frees room on a full volume: drops the oldest segment (and the points it makes
+    /// unbuildable) if there is more than one. Returns whether anything was dropped.
+    pub fn drop_oldest_for_space(&mut self) -> Result<bool> {
+        if self.segments.len() < 2 {
+            return Ok(false);
+        }
+        let dropped_lsn = self.drop_oldest_segment()?;
+        self.horizon_lsn = self.horizon_lsn.max(dropped_lsn);
+        let h = self.horizon_lsn;
+        self.points.retain(|p| p.lsn >= h);
+        Ok(true)
     }
 
     fn rotate(&mut self, time_us: u64) -> Result<()> {

@@ -61,13 +61,18 @@ pub fn check(dir: &Path, others: &[(&str, &Path)], allow_shared: bool) -> Result
         ));
     }
     let probe = dir.join(".failback-write-probe");
-    fs::write(&probe, b"probe")
-        .and_then(|_| fs::remove_file(&probe))
-        .map_err(|e| {
-            refuse(format!(
+    match fs::write(&probe, b"probe").and_then(|_| fs::remove_file(&probe)) {
+        Ok(()) => {}
+        // Full is not unwritable: the journals are pruned to make room (see VolumeInfo).
+        Err(e) if is_out_of_space(&e) => {
+            let _ = fs::remove_file(&probe);
+        }
+        Err(e) => {
+            return Err(refuse(format!(
                 "it is not writable ({e}); check the mount and permissions"
-            ))
-        })?;
+            )))
+        }
+    }
     let dev = fs::metadata(dir)
         .ctx(|| format!("stat {}", dir.display()))?
         .dev();
@@ -90,8 +95,10 @@ pub fn check(dir: &Path, others: &[(&str, &Path)], allow_shared: bool) -> Result
         free_bytes: st.f_bavail as u64 * bsize,
         total_bytes: st.f_blocks as u64 * bsize,
     };
-    if info.free_bytes == 0 {
-        return Err(refuse("it has no free space".into()));
-    }
     Ok(info)
+}
+
+/// Whether an I/O error means a volume (or a quota) is full.
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }

@@ -31,6 +31,11 @@ pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 8;
 /// Messages queued toward one connection before the disk workers wait for it.
 pub const OUTBOUND_QUEUE_DEPTH: usize = 256;
 
+/// Refusals are logged once a second per identity and kind, with a count of the rest: a
+/// peer cannot fill the disk with log lines.
+static REFUSAL_LOG: std::sync::LazyLock<runtime::log::Throttle> =
+    std::sync::LazyLock::new(|| runtime::log::Throttle::new(std::time::Duration::from_secs(1)));
+
 /// Requests refused past the handshake, for metrics.
 #[derive(Debug, Default)]
 pub struct RequestRefusals {
@@ -81,7 +86,9 @@ fn error_msg(code: ErrorCode, disk_id: u64, message: String) -> Message {
 fn reply_err(identity: &Identity, requests: &RequestRefusals, disk_id: u64, e: Error) -> Message {
     if e.code() == ErrorCode::Forbidden {
         requests.forbidden.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%identity, disk = disk_id, error = %e, "request refused");
+        if let Some(suppressed) = REFUSAL_LOG.admit(&format!("forbidden {identity}")) {
+            tracing::warn!(%identity, disk = disk_id, error = %e, suppressed, "request refused");
+        }
     }
     error_msg(e.code(), disk_id, e.wire_message(disk_id))
 }
@@ -123,6 +130,7 @@ async fn connection(
     let by = identity.name.clone();
     let (mut sink, mut stream) = peer.framed.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE_DEPTH);
+    let mut detaches = disks.detach_notices();
     let mut writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
             sink.send(m).await?;
@@ -132,6 +140,14 @@ async fn connection(
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
+            // A process server hears of every detach at once (it ignores disks not its own).
+            d = detaches.recv(), if identity.role == PeerRole::ProcessServer => {
+                if let Ok(disk_id) = d {
+                    let e = Error::Detached { disk_id, lsn: 0 };
+                    let _ = out.send(error_msg(e.code(), disk_id, format!("disk {disk_id} was detached for failback: ship nothing more of it"))).await;
+                }
+                continue;
+            }
             // A writer that stops takes the connection down, loudly: nothing may be left
             // half-working with acks silently lost.
             w = &mut writer => {
@@ -182,7 +198,9 @@ async fn connection(
                         }],
                     }),
                     Err(e) => {
-                        tracing::warn!(disk = id, %identity, error = %e, "attach refused");
+                        if let Some(suppressed) = REFUSAL_LOG.admit(&format!("attach {identity}")) {
+                            tracing::warn!(disk = id, %identity, error = %e, suppressed, "attach refused");
+                        }
                         reply_err(&identity, &requests, id, e)
                     }
                 })

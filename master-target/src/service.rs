@@ -18,7 +18,7 @@ use wire_protocol::{
     LocationKind, Message, Nack, WriteBatch,
 };
 
-use crate::apply::{Applier, RetentionPolicy, Verdict};
+use crate::apply::{Applier, Item, RetentionPolicy, Verdict};
 use crate::config::Config;
 use crate::datastore::Datastores;
 use crate::disk::DiskFile;
@@ -40,6 +40,18 @@ pub const MAX_DISK_BYTES: u64 = 62 << 40;
 pub const DISK_QUEUE_DEPTH: usize = 16;
 /// A group stops growing at this many bytes of block data (bounds the undo buffer).
 pub const MAX_GROUP_BYTES: usize = 64 << 20;
+
+/// Journal segments are an eighth of the quota (pruning frees whole segments, so a quota
+/// holds at any size), between 1 MiB and 64 MiB.
+pub fn segment_target_bytes(quota_bytes: u64) -> u64 {
+    (quota_bytes / 8).clamp(1 << 20, crate::journal::SEGMENT_TARGET_BYTES)
+}
+
+/// A group's block data is at most a quarter of the quota (its undo records land in the
+/// journal at once), and at most [`MAX_GROUP_BYTES`]; never less than one batch.
+pub fn group_max_bytes(quota_bytes: u64) -> usize {
+    ((quota_bytes / 4) as usize).clamp(wire_protocol::message::MAX_BATCH_DATA_LEN, MAX_GROUP_BYTES)
+}
 /// Most blocks one digest request may ask for (one digest list's worth).
 pub const MAX_DIGEST_BLOCKS: u32 = wire_protocol::message::MAX_DIGESTS_PER_LIST as u32;
 /// The smallest block a digest may cover: a digest of a few bytes would give those bytes
@@ -48,10 +60,21 @@ pub const MAX_DIGEST_BLOCKS: u32 = wire_protocol::message::MAX_DIGESTS_PER_LIST 
 pub const MIN_DIGEST_BLOCK_BYTES: u32 = 4096;
 /// The largest block a digest may cover (resync uses 64 KiB).
 pub const MAX_DIGEST_BLOCK_BYTES: u32 = 1 << 20;
+/// The most disk one digest request may hash: resync asks for 128 MiB at a time; more would
+/// let one request keep both cores busy for minutes.
+pub const MAX_DIGEST_REQUEST_BYTES: u64 = 1 << 30;
 
 /// Repeated warnings of one kind and disk are logged once a second, with a count of the rest.
 static LOG_THROTTLE: std::sync::LazyLock<runtime::log::Throttle> =
     std::sync::LazyLock::new(|| runtime::log::Throttle::new(std::time::Duration::from_secs(1)));
+
+/// What an operator does about a disk that could not be served.
+fn restart_advice(disk_id: u64, e: &Error) -> String {
+    match e {
+        Error::JournalCorrupt { .. } => format!("disk {disk_id} is not served: its retention journal is damaged where data was committed; the other disks carry on. Run `master-target recover-journal --disk {disk_id}` (it keeps the damaged journal aside, keeps the disk as of its last commit, and drops the points before it), then the process server re-attaches it"),
+        _ => format!("disk {disk_id} is not served; the other disks carry on. Fix the cause and the process server's next attach serves it"),
+    }
+}
 
 /// Where replies to a sender go.
 pub type Reply = mpsc::Sender<Message>;
@@ -99,9 +122,21 @@ pub struct Disks {
     datastores: Datastores,
     registry: Mutex<Registry>,
     handles: Mutex<HashMap<u64, DiskHandle>>,
+    /// Tells every connection of a detach, so the process server stops shipping the disk
+    /// (and tells its agent) at once, not at its next reconnection.
+    detached_tx: tokio::sync::broadcast::Sender<u64>,
 }
 
+/// Detaches a connection may not have heard of yet before it lags (it then learns of the
+/// rest from its next attach or write, which are refused as detached).
+pub const DETACH_NOTICE_DEPTH: usize = 64;
+
 impl Disks {
+    /// Hears of every detach from now on.
+    pub fn detach_notices(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.detached_tx.subscribe()
+    }
+
     /// Loads the disk list and re-attaches every disk that was attached (recovering each
     /// journal: torn tails truncated, uncommitted writes rolled back).
     pub fn open(cfg: Config) -> Result<Arc<Disks>> {
@@ -114,6 +149,7 @@ impl Disks {
             datastores,
             registry: Mutex::new(registry),
             handles: Mutex::new(HashMap::new()),
+            detached_tx: tokio::sync::broadcast::channel(DETACH_NOTICE_DEPTH).0,
         });
         let attached: Vec<DiskRecord> = disks
             .registry
@@ -125,9 +161,16 @@ impl Disks {
             .cloned()
             .collect();
         for rec in attached {
-            let (_, file) = disks.datastores.reopen(&rec.descriptor)?;
-            let committed = disks.start(&rec, DiskFile::lock(file, &rec.data_path)?)?;
-            tracing::info!(disk = rec.disk_id, committed_lsn = committed, path = %rec.data_path.display(), "disk re-attached after restart");
+            // One disk that cannot be served (a damaged journal, a missing file) does not keep
+            // the others from being served: it is refused until the cause is fixed.
+            match disks.restart(&rec) {
+                Ok(committed) => {
+                    tracing::info!(disk = rec.disk_id, committed_lsn = committed, path = %rec.data_path.display(), "disk re-attached after restart")
+                }
+                Err(e) => {
+                    tracing::error!(disk = rec.disk_id, error = %e, "{}", restart_advice(rec.disk_id, &e))
+                }
+            }
         }
         Ok(disks)
     }
@@ -200,12 +243,32 @@ impl Disks {
             return Ok(h.committed.load(Ordering::Acquire));
         }
         if let Some(rec) = reg.get(req.disk_id) {
+            // Whose it is first: another VM or process server learns nothing of its state.
+            if rec.process_server != by || rec.vm_id != req.vm_id {
+                return Err(Error::Forbidden(format!(
+                    "disk {} belongs to another VM or process server",
+                    req.disk_id
+                )));
+            }
             if !rec.attached {
                 return Err(Error::Detached {
                     disk_id: rec.disk_id,
                     lsn: rec.detached_lsn,
                 });
             }
+            // Attached, but not served since the last start (its journal or file failed):
+            // try again, for the process server that attached it.
+            if rec.uuid != uuid || rec.size_bytes != req.size_bytes {
+                return Err(Error::DuplicateUuid {
+                    disk_id: req.disk_id,
+                    uuid,
+                    other: rec.disk_id,
+                });
+            }
+            let rec = rec.clone();
+            return self.restart(&rec).inspect_err(|e| {
+                tracing::error!(disk = rec.disk_id, error = %e, "{}", restart_advice(rec.disk_id, e));
+            });
         }
         let attached: Vec<&DiskRecord> = reg.disks.iter().filter(|d| d.attached).collect();
         if attached.len() >= MAX_DISKS {
@@ -301,26 +364,50 @@ impl Disks {
     }
 
     fn check_retention(&self, disk_place: &Path) -> Result<()> {
-        crate::retention::check(
+        let vol = crate::retention::check(
             &self.cfg.retention_dir,
             &[("the disk", disk_place)],
             self.cfg.allow_shared_retention_volume,
-        )
-        .map(|_| ())
+        )?;
+        if vol.free_bytes == 0 {
+            return Err(Error::RetentionVolume {
+                path: self.cfg.retention_dir.clone(),
+                reason: "it has no free space: a new disk is not attached until there is room (lower journal-quota, or grow the volume)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens, locks and recovers a disk of the disk list and starts its worker.
+    fn restart(&self, rec: &DiskRecord) -> Result<u64> {
+        let (_, file) = self.datastores.reopen(&rec.descriptor)?;
+        self.start(rec, DiskFile::lock(file, &rec.data_path)?)
     }
 
     /// Recovers a locked disk's journal and starts its worker.
     fn start(&self, rec: &DiskRecord, disk: DiskFile) -> Result<u64> {
-        let journal = Journal::open(
+        let quota = self.cfg.journal_quota_bytes;
+        let mut journal = Journal::open(
             &Self::journal_dir(&self.cfg.retention_dir, rec.disk_id),
             &disk,
-        )?;
+        )?
+        .with_segment_target_bytes(segment_target_bytes(quota));
+        // A smaller quota than last time (or a full volume) takes effect now, not at the
+        // next write.
+        if journal.prune(self.policy().window_us, quota)? {
+            tracing::warn!(
+                disk = rec.disk_id,
+                quota_bytes = quota,
+                "journal pruned to its quota at start: the oldest points are gone"
+            );
+        }
         let (io, why) = IoBackend::new(self.cfg.io_backend).map_err(|e| Error::Io {
             context: "io-backend = uring: the kernel refuses io_uring; use auto or syscall".into(),
             source: e,
         })?;
         tracing::info!(disk = rec.disk_id, backend = io.name(), why = %why, "apply I/O backend chosen");
         let applier = Applier::new(rec.disk_id, disk, journal, self.policy()).with_io(io);
+        let group_bytes = group_max_bytes(quota);
         let committed = applier.committed_lsn();
         let (tx, rx) = mpsc::channel(DISK_QUEUE_DEPTH);
         let committed_cell = Arc::new(AtomicU64::new(committed));
@@ -328,7 +415,7 @@ impl Disks {
         let (c, s) = (Arc::clone(&committed_cell), Arc::clone(&stats));
         std::thread::Builder::new()
             .name(format!("apply-{}", rec.disk_id))
-            .spawn(move || worker(applier, rx, c, s))
+            .spawn(move || worker(applier, rx, c, s, group_bytes))
             .map_err(|e| Error::Io {
                 context: "spawn apply worker".into(),
                 source: e,
@@ -375,6 +462,7 @@ impl Disks {
             reg.put(rec)?;
         }
         tracing::info!(disk = disk_id, "disk detached; its lock is released");
+        let _ = self.detached_tx.send(disk_id);
         Ok(committed.load(Ordering::Acquire))
     }
 
@@ -400,11 +488,12 @@ impl Disks {
         if !r.block_size.is_power_of_two()
             || !(MIN_DIGEST_BLOCK_BYTES..=MAX_DIGEST_BLOCK_BYTES).contains(&r.block_size)
             || r.block_count > MAX_DIGEST_BLOCKS
+            || u64::from(r.block_size) * u64::from(r.block_count) > MAX_DIGEST_REQUEST_BYTES
         {
             return Err(Error::InvalidParameter {
                 param: "digest request",
                 reason: format!(
-                    "block size {} (a power of two from {MIN_DIGEST_BLOCK_BYTES} to {MAX_DIGEST_BLOCK_BYTES}) and count {} (at most {MAX_DIGEST_BLOCKS})",
+                    "block size {} (a power of two from {MIN_DIGEST_BLOCK_BYTES} to {MAX_DIGEST_BLOCK_BYTES}) and count {} (at most {MAX_DIGEST_BLOCKS}, and {MAX_DIGEST_REQUEST_BYTES} bytes in all)",
                     r.block_size, r.block_count
                 ),
             });
@@ -426,6 +515,9 @@ impl Disks {
             return Ok(h.tx.clone());
         }
         Err(match self.registry.lock().expect("poisoned").get(disk_id) {
+            Some(rec) if rec.process_server != by => Error::Forbidden(format!(
+                "disk {disk_id} is replicated by another process server"
+            )),
             Some(rec) if !rec.attached => Error::Detached {
                 disk_id,
                 lsn: rec.detached_lsn,
@@ -458,6 +550,7 @@ fn worker(
     mut rx: mpsc::Receiver<Work>,
     committed: Arc<AtomicU64>,
     stats: Arc<Mutex<DiskStats>>,
+    group_bytes: usize,
 ) {
     let disk_id_of = |w: &Work| match w {
         Work::Batch(b, _) => b.disk_id,
@@ -470,7 +563,7 @@ fn worker(
         let disk_id = disk_id_of(&first);
         let mut works = vec![first];
         let mut bytes = 0usize;
-        while bytes < MAX_GROUP_BYTES {
+        while bytes < group_bytes {
             match rx.try_recv() {
                 Ok(w) => {
                     if let Work::Batch(b, _) = &w {
@@ -527,19 +620,22 @@ fn worker(
                     if let Some(suppressed) = LOG_THROTTLE.admit(&format!("refused {disk_id}")) {
                         tracing::error!(disk = disk_id, error = %e, suppressed, "batch refused");
                     }
+                    // A refusal names the LSN refused, so the process server can count the
+                    // refusals of one record (and give it up as lost), never loop on it.
                     send(
                         &reply,
-                        Message::Error(ErrorMsg {
-                            code: e.code(),
+                        Message::Nack(Nack {
                             disk_id,
-                            message: e.to_string(),
+                            from_lsn: next,
+                            code: e.code(),
+                            reason: e.wire_message(disk_id),
                         }),
                     )
                 }
             }
         }
         let started = Instant::now();
-        if let Err(e) = applier.apply(&items) {
+        if let Err(e) = apply_until_room(&mut applier, &items, disk_id) {
             // The group is not committed; nothing of it is acknowledged. The journal's
             // recovery at the next start rolls back whatever reached the disk.
             tracing::error!(disk = disk_id, error = %e, "apply failed; the disk stops taking writes until the master target restarts");
@@ -594,6 +690,41 @@ fn worker(
     // The disk (and its lock) goes before the stats, which detach watches.
     drop(applier);
     drop(stats);
+}
+
+/// The longest wait between attempts to apply a group while a volume is full.
+const FULL_RETRY_MAX_MS: u64 = 10_000;
+
+/// Whether an error is a full volume (or quota), which room can cure.
+fn out_of_space(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if crate::retention::is_out_of_space(source))
+}
+
+/// Applies a group; while a volume is full, frees journal room (the oldest segment, WARN)
+/// and retries, then waits and retries: a full volume holds writes back, it never loses
+/// or refuses them. Returns other errors at once.
+fn apply_until_room(
+    applier: &mut Applier,
+    items: &[Item],
+    disk_id: u64,
+) -> Result<Vec<crate::journal::Point>> {
+    let mut wait_ms = 250;
+    loop {
+        match applier.apply(items) {
+            Err(e) if out_of_space(&e) => {
+                if applier.free_journal_space()? {
+                    tracing::warn!(disk = disk_id, error = %e, "a volume is full: dropped the oldest journal segment (its points) to make room");
+                    continue;
+                }
+                if let Some(suppressed) = LOG_THROTTLE.admit(&format!("full {disk_id}")) {
+                    tracing::warn!(disk = disk_id, error = %e, suppressed, "a volume is full and nothing more can be pruned: holding this disk's writes (nothing acknowledged is lost) until there is room");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                wait_ms = (wait_ms * 2).min(FULL_RETRY_MAX_MS);
+            }
+            r => return r,
+        }
+    }
 }
 
 fn publish(applier: &Applier, stats: &Mutex<DiskStats>, apply_us: u64) {

@@ -205,15 +205,40 @@ pub fn descriptor_text(flat_name: &str, size_bytes: u64, uuid: &[u8; 16]) -> Str
 }
 
 /// Writes a file and fsyncs it and its directory, so it exists after a crash.
+///
+/// The temporary file is created new (`O_EXCL`, a name of its own beside `path`): an
+/// existing file or a link of that name is never followed or truncated.
 pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
-    f.write_all(data)
-        .ctx(|| format!("write {}", tmp.display()))?;
-    f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
-    fs::rename(&tmp, path).ctx(|| format!("rename to {}", path.display()))?;
+    let (tmp, mut f) = temp_beside(path)?;
+    let written = f
+        .write_all(data)
+        .and_then(|_| f.sync_all())
+        .and_then(|_| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Io {
+            context: format!("write {}", path.display()),
+            source: e,
+        });
+    }
     sync_dir(parent_dir(path))
+}
+
+/// A new temporary file beside `path` (`.NAME.PID.N.partial`), created with `O_EXCL` so
+/// nothing of that name (a file, a link planted there) is reused.
+pub fn temp_beside(path: &Path) -> Result<(PathBuf, fs::File)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = parent_dir(path).join(format!(".{name}.{}.{n}.partial", std::process::id()));
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .ctx(|| format!("create {}", tmp.display()))?;
+    Ok((tmp, f))
 }
 
 /// The directory holding `path` ("." for a bare file name).

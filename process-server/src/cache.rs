@@ -22,7 +22,25 @@
 //!     frame:      [u8; frame_len], // a wire frame, with its own CRCs
 //! }
 //! ```
-//! `CACHE_DIR/disk-ID/disk.json` holds the disk's attach request.
+//! and, at every group commit (before its fsync, so before anything is acknowledged), two
+//! copies of a sync mark (a flipped byte in one leaves the other):
+//! ```text
+//! struct SyncMark {             // big-endian; don't reorder
+//!     magic:      [u8; 4],      // b"FBS1"
+//!     zero:       u64,
+//!     acked_lsn:  u64,          // every record up to this LSN is durable: acknowledged
+//!     time_us:    u64,
+//!     zero_len:   u32,
+//!     header_crc: u32,
+//! }
+//! ```
+//! At open, damage that a valid record or mark follows was fsynced before it: it is
+//! corruption, and the LSNs it hides (up to the last mark's `acked_lsn`) are a lost range,
+//! shipped as a resync marker with the agent told. Only damage after the last valid mark,
+//! with nothing valid after it, is a torn tail (never acknowledged), and is truncated.
+//!
+//! `CACHE_DIR/disk-ID/disk.json` holds the disk's attach request; `acked-lsn` how far the
+//! master target acknowledged the disk when segments were last deleted.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -35,8 +53,14 @@ use wire_protocol::frame::{FrameCodec, MAX_FRAME_LEN};
 use crate::error::{Error, IoContext, Result};
 
 const MAGIC: [u8; 4] = *b"FBC1";
+const SYNC_MAGIC: [u8; 4] = *b"FBS1";
 /// Bytes of a record's header.
 pub const RECORD_HEADER_LEN: usize = 36;
+/// The file that keeps how far the master target acknowledged the disk.
+const ACKED_FILE: &str = "acked-lsn";
+/// An active segment whose records are all acknowledged is replaced (and deleted) once it
+/// holds this much: its space goes back to the volume without waiting for it to fill.
+pub const IDLE_ROTATE_BYTES: u64 = 1 << 20;
 /// A segment is sealed once it holds this much.
 pub const SEGMENT_TARGET_BYTES: u64 = 64 << 20;
 /// Memory per cached record in the index (what bounds memory with a large backlog).
@@ -77,6 +101,8 @@ pub struct DiskCache {
     segs: Vec<(u32, u64)>,
     /// LSNs up to this are acknowledged by the master target (and trimmed).
     pub trimmed_lsn: u64,
+    /// (last LSN, active segment, its length) at the last successful sync.
+    synced: (u64, u32, u64),
     /// Record bytes trimmed since open (for the drain rate).
     pub trimmed_bytes: u64,
 }
@@ -111,13 +137,14 @@ fn seg_path(dir: &Path, seq: u32) -> PathBuf {
 }
 
 fn header(
+    magic: [u8; 4],
     first_lsn: u64,
     last_lsn: u64,
     first_ts_us: u64,
     frame_len: u32,
 ) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
-    h[..4].copy_from_slice(&MAGIC);
+    h[..4].copy_from_slice(&magic);
     h[4..12].copy_from_slice(&first_lsn.to_be_bytes());
     h[12..20].copy_from_slice(&last_lsn.to_be_bytes());
     h[20..28].copy_from_slice(&first_ts_us.to_be_bytes());
@@ -127,17 +154,27 @@ fn header(
     h
 }
 
-fn parse_header(h: &[u8; RECORD_HEADER_LEN]) -> Option<(u64, u64, u64, u32)> {
+/// A header's fields: (first LSN, last LSN, first timestamp, frame length).
+type Fields = (u64, u64, u64, u32);
+
+/// A frame record's header: (first LSN, last LSN, first timestamp, frame length).
+fn parse_header(h: &[u8; RECORD_HEADER_LEN]) -> Option<Fields> {
+    parse_any(h).filter(|r| r.0 == MAGIC).map(|r| r.1)
+}
+
+/// A valid header of either kind, with its magic.
+fn parse_any(h: &[u8; RECORD_HEADER_LEN]) -> Option<([u8; 4], Fields)> {
     let be = |r: std::ops::Range<usize>| u64::from_be_bytes(h[r].try_into().expect("8"));
     let crc = u32::from_be_bytes(h[32..36].try_into().expect("4"));
-    if h[..4] != MAGIC || crc32c::crc32c(&h[..32]) != crc {
+    let magic: [u8; 4] = h[..4].try_into().expect("4");
+    if (magic != MAGIC && magic != SYNC_MAGIC) || crc32c::crc32c(&h[..32]) != crc {
         return None;
     }
     let frame_len = u32::from_be_bytes(h[28..32].try_into().expect("4"));
-    if frame_len as usize > MAX_FRAME_LEN {
+    if frame_len as usize > MAX_FRAME_LEN || (magic == SYNC_MAGIC && frame_len != 0) {
         return None;
     }
-    Some((be(4..12), be(12..20), be(20..28), frame_len))
+    Some((magic, (be(4..12), be(12..20), be(20..28), frame_len)))
 }
 
 impl DiskCache {
@@ -160,19 +197,26 @@ impl DiskCache {
         seqs.sort();
         let mut entries = std::collections::VecDeque::new();
         let mut segs = Vec::new();
+        // The highest LSN a sync mark says was made durable (acknowledged).
+        let mut acked_through = 0u64;
         for (i, &seq) in seqs.iter().enumerate() {
             let path = seg_path(dir, seq);
             let data = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
             let len = data.len() as u64;
             let last_segment = i + 1 == seqs.len();
-            let header_at = |p: usize| -> Option<(u64, u64, u64, u32)> {
+            let header_at = |p: usize| -> Option<([u8; 4], Fields)> {
                 let h: [u8; RECORD_HEADER_LEN] =
                     data.get(p..p + RECORD_HEADER_LEN)?.try_into().ok()?;
-                parse_header(&h).filter(|r| p + RECORD_HEADER_LEN + r.3 as usize <= data.len())
+                parse_any(&h).filter(|r| p + RECORD_HEADER_LEN + r.1 .3 as usize <= data.len())
             };
             let mut p = 0usize;
             while p + RECORD_HEADER_LEN <= data.len() {
-                if let Some((first_lsn, last_lsn, first_ts_us, frame_len)) = header_at(p) {
+                if let Some((magic, (first_lsn, last_lsn, first_ts_us, frame_len))) = header_at(p) {
+                    if magic == SYNC_MAGIC {
+                        acked_through = acked_through.max(last_lsn);
+                        p += RECORD_HEADER_LEN;
+                        continue;
+                    }
                     entries.push_back(Entry {
                         seg: seq,
                         pos: p as u64,
@@ -187,9 +231,10 @@ impl DiskCache {
                 }
                 // A bad header: if a valid record follows, this is corruption, not a torn tail.
                 // Skip to it; the LSNs in between become a lost range (see below).
-                match (p + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1))
-                    .find(|&q| data[q..q + 4] == MAGIC && header_at(q).is_some())
-                {
+                match (p + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1)).find(|&q| {
+                    (data[q..q + 4] == MAGIC || data[q..q + 4] == SYNC_MAGIC)
+                        && header_at(q).is_some()
+                }) {
                     Some(q) => {
                         tracing::error!(segment = %path.display(), offset = p, resumes_at = q, "corrupt cache record header; the records it hides are marked lost and will be resynced from the agent");
                         p = q;
@@ -215,29 +260,90 @@ impl DiskCache {
             }
             segs.push((seq, pos));
         }
-        let entries = fill_gaps(entries);
+        let mut entries = fill_gaps(entries);
+        // Damage at the end of what was acknowledged (the last records before the last sync
+        // mark) hides LSNs no record follows: they are lost too.
+        let have = entries.back().map_or(0, |e| e.last_lsn);
+        if acked_through > have && acked_through > trimmed_lsn {
+            let seq = segs.last().map_or(1, |s| s.0);
+            tracing::error!(dir = %dir.display(), first_lsn = have.max(trimmed_lsn) + 1, last_lsn = acked_through, "acknowledged cache records are damaged; their LSNs are marked lost and will be resynced from the agent");
+            entries.push_back(Entry {
+                seg: seq,
+                pos: 0,
+                first_lsn: have.max(trimmed_lsn) + 1,
+                last_lsn: acked_through,
+                first_ts_us: 0,
+                frame_len: 0,
+                lost: true,
+            });
+        }
         let active_seq = segs.last().map_or(1, |s| s.0);
         if segs.is_empty() {
             segs.push((1, 0));
         }
         let active_len = segs.last().expect("one").1;
+        let acked: u64 = fs::read_to_string(dir.join(ACKED_FILE))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        let trimmed_lsn = trimmed_lsn.max(acked);
         let mut c = DiskCache {
             dir: dir.into(),
             entries,
             active_seq,
             active: None,
             active_len,
+            synced: (0, active_seq, active_len),
             segs,
             trimmed_lsn,
             trimmed_bytes: 0,
         };
         c.trim(trimmed_lsn)?;
+        c.synced = (c.last_lsn(), c.active_seq, c.active_len);
         Ok(c)
     }
 
     /// The highest LSN cached (or trimmed, if the cache is empty).
     pub fn last_lsn(&self) -> u64 {
         self.entries.back().map_or(self.trimmed_lsn, |e| e.last_lsn)
+    }
+
+    /// Marks the record holding `lsn` lost: it ships as a resync marker from now on.
+    pub fn mark_lost(&mut self, lsn: u64) {
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.first_lsn <= lsn && lsn <= e.last_lsn)
+        {
+            e.lost = true;
+        }
+    }
+
+    /// Notes that the master target holds the disk only up to `remote_lsn`. If that is below
+    /// what this cache let go of, the LSNs in between are lost: an index entry marks them
+    /// (shipped as a resync marker). Returns the lost range, if any.
+    pub fn remote_behind(&mut self, remote_lsn: u64) -> Option<(u64, u64)> {
+        if remote_lsn >= self.trimmed_lsn {
+            return None;
+        }
+        let (first, last) = (remote_lsn + 1, self.trimmed_lsn);
+        let seg = self.segs.first().map_or(self.active_seq, |s| s.0);
+        self.entries.push_front(Entry {
+            seg,
+            pos: 0,
+            first_lsn: first,
+            last_lsn: last,
+            first_ts_us: 0,
+            frame_len: 0,
+            lost: true,
+        });
+        self.trimmed_lsn = remote_lsn;
+        Some((first, last))
+    }
+
+    /// The first LSN still cached (not yet acknowledged by the master target), if any.
+    pub fn oldest_lsn(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.first_lsn)
     }
 
     /// Bytes on disk.
@@ -277,14 +383,20 @@ impl DiskCache {
             self.active_len = 0;
             self.segs.push((self.active_seq, 0));
         }
-        let h = header(first_lsn, last_lsn, first_ts_us, frame.len() as u32);
+        let h = header(MAGIC, first_lsn, last_lsn, first_ts_us, frame.len() as u32);
         let mut rec = Vec::with_capacity(RECORD_HEADER_LEN + frame.len());
         rec.extend_from_slice(&h);
         rec.extend_from_slice(frame);
         let at = self.active_len;
-        self.active_file()?
-            .write_all_at(&rec, at)
-            .ctx(|| format!("append to cache {}", self.dir.display()))?;
+        let written = self.active_file()?.write_all_at(&rec, at);
+        if let Err(e) = written {
+            // Nothing of a failed append counts: drop what part of it reached the file.
+            let _ = self.active_file()?.set_len(at);
+            return Err(Error::Io {
+                context: format!("append to cache {}", self.dir.display()),
+                source: e,
+            });
+        }
         self.entries.push_back(Entry {
             seg: self.active_seq,
             pos: self.active_len,
@@ -321,13 +433,59 @@ impl DiskCache {
         Ok(self.active.as_ref().expect("just opened"))
     }
 
-    /// Makes every append durable.
-    pub fn sync(&self) -> Result<()> {
-        match &self.active {
-            Some(f) => f
-                .sync_data()
-                .ctx(|| format!("fsync cache {}", self.dir.display())),
-            None => Ok(()),
+    /// Makes every append durable, with a sync mark (twice) saying so. On failure the
+    /// appends since the last sync are dropped (the file cut back, the index too): nothing
+    /// is acknowledged that might not read back, and the agent sends it again.
+    pub fn sync(&mut self) -> Result<()> {
+        let (synced_lsn, seq, len) = self.synced;
+        if (self.last_lsn(), self.active_seq, self.active_len) == self.synced {
+            return Ok(());
+        }
+        let acked = self.last_lsn();
+        let mut marks = Vec::with_capacity(2 * RECORD_HEADER_LEN);
+        for _ in 0..2 {
+            marks.extend_from_slice(&header(SYNC_MAGIC, 0, acked, crate::state::now_us(), 0));
+        }
+        let at = self.active_len;
+        let context = format!("fsync cache {}", self.dir.display());
+        let done = self.active_file().and_then(|f| {
+            f.write_all_at(&marks, at)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| Error::Io { context, source: e })
+        });
+        match done {
+            Ok(()) => {
+                self.active_len += marks.len() as u64;
+                self.segs.last_mut().expect("one").1 = self.active_len;
+                self.synced = (self.last_lsn(), self.active_seq, self.active_len);
+                Ok(())
+            }
+            Err(e) if seq == self.active_seq => {
+                while self
+                    .entries
+                    .back()
+                    .is_some_and(|en| en.last_lsn > synced_lsn)
+                {
+                    self.entries.pop_back();
+                }
+                self.active_len = len;
+                self.segs.last_mut().expect("one").1 = len;
+                if let Some(f) = &self.active {
+                    let _ = f.set_len(len);
+                }
+                Err(e)
+            }
+            // A rotation happened since (its sync succeeded): only this segment's part is
+            // dropped.
+            Err(e) => {
+                self.entries.retain(|en| en.seg != self.active_seq);
+                self.active_len = 0;
+                self.segs.last_mut().expect("one").1 = 0;
+                if let Some(f) = &self.active {
+                    let _ = f.set_len(0);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -367,13 +525,46 @@ impl DiskCache {
             let e = self.entries.pop_front().expect("checked");
             self.trimmed_bytes += RECORD_HEADER_LEN as u64 + u64::from(e.frame_len);
         }
+        // Everything acknowledged and the active segment of some size: start a new one, so
+        // what the acknowledged records take on the volume is given back now.
+        if self.entries.is_empty() && self.active_len >= IDLE_ROTATE_BYTES {
+            self.active = None;
+            self.active_seq += 1;
+            self.active_len = 0;
+            self.segs.push((self.active_seq, 0));
+        }
         let first_needed = self.entries.front().map_or(self.active_seq, |e| e.seg);
+        let mut removed = false;
         while self.segs.len() > 1 && self.segs[0].0 < first_needed {
             let (seq, _) = self.segs.remove(0);
             let p = seg_path(&self.dir, seq);
-            fs::remove_file(&p).ctx(|| format!("remove {}", p.display()))?;
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::Io {
+                        context: format!("remove {}", p.display()),
+                        source: e,
+                    })
+                }
+                _ => removed = true,
+            }
+        }
+        if removed {
+            self.persist_acked()?;
         }
         Ok(())
+    }
+
+    /// Keeps how far the master target acknowledged the disk in `acked-lsn`, whenever
+    /// segments (the records that said so) are deleted: after a restart with an empty cache
+    /// the disk's stream still resumes after it, never from 1.
+    fn persist_acked(&self) -> Result<()> {
+        let path = self.dir.join(ACKED_FILE);
+        let tmp = self.dir.join(format!("{ACKED_FILE}.tmp"));
+        fs::write(&tmp, format!("{}\n", self.trimmed_lsn))
+            .and_then(|_| File::open(&tmp)?.sync_all())
+            .and_then(|_| fs::rename(&tmp, &path))
+            .and_then(|_| File::open(&self.dir)?.sync_all())
+            .ctx(|| format!("write {}", path.display()))
     }
 
     /// Index entries of records holding LSNs from `from_lsn` on, at most `max` of them.

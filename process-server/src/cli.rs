@@ -109,8 +109,14 @@ async fn run(cli: Cli) -> Result<()> {
             runtime::log::init_logging(cfg.log_json);
             serve(cfg, config, *settings).await
         }
-        Command::Status { admin, json } => crate::commands::status(&admin, json).await,
-        Command::Disks { admin, json } => crate::commands::disks(&admin, json).await,
+        Command::Status { admin, json } => {
+            runtime::cli::quiet_on_broken_pipe();
+            crate::commands::status(&admin, json).await
+        }
+        Command::Disks { admin, json } => {
+            runtime::cli::quiet_on_broken_pipe();
+            crate::commands::disks(&admin, json).await
+        }
         Command::Drain {
             admin,
             disk,
@@ -224,6 +230,10 @@ fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse
                     AdminResponse::text(200, "bandwidth limit removed\n")
                 }
                 r => match runtime::units::parse_rate(r) {
+                    Ok(bps) if bps < crate::config::MIN_BANDWIDTH_BPS => AdminResponse::text(
+                        400,
+                        format!("{r} is below 8kbit, the lowest limit (0 lifts it)\n"),
+                    ),
                     Ok(bps) => {
                         state.max_bandwidth_bps.store(bps, Ordering::Relaxed);
                         tracing::info!(max_bandwidth_bps = bps, "bandwidth limit changed");

@@ -172,6 +172,9 @@ pub async fn drain(admin: &str, disks: &[u64], timeout_s: u64) -> Result<()> {
             .collect();
         let waiting: Vec<String> = rows.iter().filter_map(|r| pending(r)).collect();
         if waiting.is_empty() {
+            if rows.is_empty() {
+                println!("no disk to drain: every disk here is detached or retired (process-server disks lists them)");
+            }
             for r in &rows {
                 println!(
                     "disk {}: drained, lsn {} durable on the master target",

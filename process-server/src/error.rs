@@ -60,6 +60,13 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether this is a full volume (or quota): room cures it, retrying later succeeds.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
 /// Attaches a context to an I/O error.
 pub(crate) trait IoContext<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;

@@ -38,6 +38,20 @@ pub const MAX_DISKS_PER_VM: usize = 32;
 /// How often an agent is told how far its disks are durable on the master target (only
 /// when that changed): what `agent bookmark` waits on.
 pub const REMOTE_DURABLE_EVERY_MS: u64 = 100;
+/// What became of a record offered to the cache.
+enum Append {
+    /// Appended.
+    New,
+    /// Held already (a resend): acknowledged again.
+    Held,
+    /// Not taken: the reply says why.
+    Refused(Message),
+    /// The volume is full: wait for room and offer it again.
+    Full,
+}
+
+/// How long an append waits for room on a full cache volume before it tries again.
+pub const FULL_RETRY_MS: u64 = 500;
 /// Frames appended before one fsync and one round of acks.
 pub const MAX_GROUP_FRAMES: usize = 64;
 /// ... or this many payload bytes: with frames of up to 16 MiB, the frame count alone would
@@ -176,6 +190,114 @@ async fn attach_new(state: &State, a: &DiskAttach) -> Result<(usize, u64), Error
     Err(last.expect("at least one master target"))
 }
 
+/// The refusal of a batch or bookmark whose content the master target would refuse: a
+/// write past the disk's end (the agent is broken: permanent), data that does not match its
+/// digest (damaged on the way: resend), a tag that is not a tag (permanent).
+fn refuse_content(msg: &Message, size_bytes: u64) -> Option<Message> {
+    match msg {
+        Message::WriteBatch(b) => {
+            if let Some(w) = b.writes.iter().find(|w| {
+                w.offset
+                    .checked_add(w.data.len() as u64)
+                    .is_none_or(|end| end > size_bytes)
+            }) {
+                return Some(err_msg(
+                    ErrorCode::OutOfRange,
+                    b.disk_id,
+                    format!(
+                        "a write at {}+{} ends past the disk's {size_bytes} bytes",
+                        w.offset,
+                        w.data.len()
+                    ),
+                ));
+            }
+            let bad = b
+                .writes
+                .iter()
+                .position(|w| wire_protocol::digest(&w.data) != w.digest)?;
+            Some(Message::Nack(Nack {
+                disk_id: b.disk_id,
+                from_lsn: b.first_lsn,
+                code: ErrorCode::DigestMismatch,
+                reason: format!(
+                    "write lsn {} does not match its digest: resend",
+                    b.first_lsn + bad as u64
+                ),
+            }))
+        }
+        Message::Bookmark(bm) => wire_protocol::message::validate_tag(&bm.tag)
+            .err()
+            .map(|e| err_msg(ErrorCode::Malformed, bm.disk_id, e.to_string())),
+        _ => None,
+    }
+}
+
+/// An agent's attach: checked against its VM, then (one new disk at a time, so the checks
+/// and the registration are one step that concurrent attaches cannot interleave with)
+/// registered here and on the master target.
+async fn attach(state: &State, identity: &Identity, a: DiskAttach) -> Message {
+    let (id, vm) = (a.disk_id, identity.name.as_str());
+    if a.vm_id != vm {
+        return forbidden(state, identity, id, "disk attach");
+    }
+    let invalid = if id == 0 {
+        Some("disk id 0 is never a disk".to_owned())
+    } else if !a.group_id.is_empty() {
+        wire_protocol::message::validate_name("group id", &a.group_id)
+            .err()
+            .map(|e| e.to_string())
+    } else if !matches!(a.sector_size, 512 | 4096) {
+        Some(format!("sector size {} (512 or 4096)", a.sector_size))
+    } else {
+        None
+    };
+    if let Some(why) = invalid {
+        return err_msg(
+            ErrorCode::Malformed,
+            id,
+            format!("disk attach: invalid {why}"),
+        );
+    }
+    let durable = |d: &Disk| {
+        Message::Ack(Ack {
+            entries: vec![AckEntry {
+                disk_id: id,
+                durable_lsn: d.cache.lock().expect("poisoned").last_lsn(),
+            }],
+        })
+    };
+    let _one_at_a_time = state.attach_lock.lock().await;
+    match state.disk(id) {
+        Some(d) if !owns(vm, &d) => forbidden(state, identity, id, "disk attach"),
+        Some(d) if d.is_detached() => detached(id),
+        Some(d) if d.attach.disk_uuid == a.disk_uuid && d.attach.size_bytes == a.size_bytes => {
+            durable(&d)
+        }
+        Some(_) => err_msg(
+            ErrorCode::DuplicateUuid,
+            id,
+            format!("disk {id} is attached already with another UUID or size"),
+        ),
+        None => {
+            let have = state.disks_of(vm);
+            if have >= MAX_DISKS_PER_VM {
+                return err_msg(
+                    ErrorCode::DiskLimit,
+                    id,
+                    format!("VM {vm} has {have} disks here already ({MAX_DISKS_PER_VM} at most); retire detached ones (process-server retire) first"),
+                );
+            }
+            match attach_new(state, &a).await {
+                Ok((route, lsn)) => match state.add_disk(a, lsn, route) {
+                    Ok(d) => durable(&d),
+                    Err(e) => err_msg(ErrorCode::Internal, id, e.to_string()),
+                },
+                Err(e) => Message::Error(e),
+            }
+        }
+    }
+}
+
 /// Whether VM `vm` may touch `disk`: a disk belongs to the VM that attached it.
 fn owns(vm: &str, disk: &Disk) -> bool {
     disk.attach.vm_id == vm
@@ -185,7 +307,9 @@ fn owns(vm: &str, disk: &Disk) -> bool {
 /// disk exists or not, so a VM learns nothing of other VMs' disks.
 fn forbidden(state: &State, identity: &Identity, disk_id: u64, what: &str) -> Message {
     state.refused.forbidden.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(%identity, disk = disk_id, request = what, "request refused: the disk is not one of this VM's");
+    if let Some(suppressed) = state.refusal_log.admit(&identity.name) {
+        tracing::warn!(%identity, disk = disk_id, request = what, suppressed, "request refused: the disk is not one of this VM's");
+    }
     err_msg(
         ErrorCode::Forbidden,
         disk_id,
@@ -297,28 +421,73 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                     replies.push(detached(disk_id));
                     continue;
                 }
-                wait_for_space(&state).await;
-                let mut cache = disk.cache.lock().expect("poisoned");
-                let next = cache.last_lsn() + 1;
-                if last < next {
-                    touched.entry(disk_id).or_insert(0);
-                    continue; // a resend of what we hold: ack again
-                }
-                if first != next {
-                    replies.push(Message::Nack(Nack {
-                        disk_id,
-                        from_lsn: next,
-                        code: ErrorCode::LsnGap,
-                        reason: format!("expected lsn {next}"),
-                    }));
+                // What can be checked here is, before anything is acknowledged: a write the
+                // master target would refuse must never be acknowledged to the agent.
+                if let Some(r) = refuse_content(&msg, disk.attach.size_bytes) {
+                    replies.push(r);
                     continue;
                 }
                 let mut bytes = BytesMut::with_capacity(payload.len() + 32);
                 put_frame(header, &payload, &mut bytes)?;
-                if let Err(e) = cache.append(first, last, ts, &bytes) {
-                    tracing::error!(disk = disk_id, error = %e, "cache append failed; not acknowledged");
-                    replies.push(err_msg(ErrorCode::Internal, disk_id, e.to_string()));
-                    continue;
+                // A full cache (over its limit, or the volume itself full) holds the agent
+                // back: nothing is acknowledged until the record is written; nothing fails.
+                let appended = loop {
+                    wait_for_space(&state).await;
+                    let r = {
+                        let mut cache = disk.cache.lock().expect("poisoned");
+                        let next = cache.last_lsn() + 1;
+                        if last < next {
+                            Append::Held // a resend of what we hold: ack again
+                        } else if first != next {
+                            Append::Refused(Message::Nack(Nack {
+                                disk_id,
+                                from_lsn: next,
+                                code: ErrorCode::LsnGap,
+                                reason: format!("expected lsn {next}"),
+                            }))
+                        } else {
+                            match cache.append(first, last, ts, &bytes) {
+                                Ok(()) => Append::New,
+                                Err(e) if e.is_out_of_space() => {
+                                    if let Some(suppressed) = state.refusal_log.admit("volume full")
+                                    {
+                                        tracing::warn!(disk = disk_id, error = %e, suppressed, "the cache volume is full: holding agents' writes unacknowledged until the master target drains it");
+                                    }
+                                    Append::Full
+                                }
+                                Err(e) => {
+                                    tracing::error!(disk = disk_id, error = %e, "cache append failed; not acknowledged");
+                                    Append::Refused(err_msg(
+                                        ErrorCode::Internal,
+                                        disk_id,
+                                        e.to_string(),
+                                    ))
+                                }
+                            }
+                        }
+                    };
+                    match r {
+                        // Full: wait for room (a trim), then try again.
+                        Append::Full => {
+                            let _ = tokio::time::timeout(
+                                Duration::from_millis(FULL_RETRY_MS),
+                                state.space.notified(),
+                            )
+                            .await;
+                        }
+                        r => break r,
+                    }
+                };
+                match appended {
+                    Append::Held => {
+                        touched.entry(disk_id).or_insert(0);
+                        continue;
+                    }
+                    Append::Refused(reply) => {
+                        replies.push(reply);
+                        continue;
+                    }
+                    Append::New | Append::Full => {}
                 }
                 disk.counters
                     .ingest_bytes
@@ -337,53 +506,7 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
             match msg {
                 Message::DiskAttach(a) => {
                     let id = a.disk_id;
-                    if a.vm_id != vm {
-                        replies.push(forbidden(&state, &identity, id, "disk attach"));
-                        continue;
-                    }
-                    if let Err(e) = wire_protocol::message::validate_name("vm id", &a.vm_id) {
-                        replies.push(err_msg(ErrorCode::Malformed, id, e.to_string()));
-                        continue;
-                    }
-                    let reply = match state.disk(id) {
-                        Some(d) if !owns(&vm, &d) => {
-                            forbidden(&state, &identity, id, "disk attach")
-                        }
-                        Some(d) if d.is_detached() => detached(id),
-                        Some(d)
-                            if d.attach.disk_uuid == a.disk_uuid
-                                && d.attach.size_bytes == a.size_bytes =>
-                        {
-                            Message::Ack(Ack {
-                                entries: vec![AckEntry {
-                                    disk_id: id,
-                                    durable_lsn: d.cache.lock().expect("poisoned").last_lsn(),
-                                }],
-                            })
-                        }
-                        Some(_) => err_msg(
-                            ErrorCode::DuplicateUuid,
-                            id,
-                            format!("disk {id} is attached already with another UUID or size"),
-                        ),
-                        None if state.disks_of(&vm) >= MAX_DISKS_PER_VM => err_msg(
-                            ErrorCode::DiskLimit,
-                            id,
-                            format!("VM {vm} has {MAX_DISKS_PER_VM} disks here already (the most one VM may have); retire detached ones (process-server retire) first"),
-                        ),
-                        None => match attach_new(&state, &a).await {
-                            Ok((route, lsn)) => match state.add_disk(a, lsn, route) {
-                                Ok(d) => Message::Ack(Ack {
-                                    entries: vec![AckEntry {
-                                        disk_id: id,
-                                        durable_lsn: d.cache.lock().expect("poisoned").last_lsn(),
-                                    }],
-                                }),
-                                Err(e) => err_msg(ErrorCode::Internal, id, e.to_string()),
-                            },
-                            Err(e) => Message::Error(e),
-                        },
-                    };
+                    let reply = attach(&state, &identity, a).await;
                     // Only a disk this VM may touch joins the connection's set (it is told of
                     // that disk's durability and resync needs, nothing of others').
                     if matches!(reply, Message::Ack(_)) {
@@ -449,7 +572,7 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
         let mut entries = Vec::new();
         for (disk_id, _) in touched {
             let disk = state.disk(disk_id).expect("touched disks exist");
-            let cache = disk.cache.lock().expect("poisoned");
+            let mut cache = disk.cache.lock().expect("poisoned");
             match cache.sync() {
                 Ok(()) => entries.push(AckEntry {
                     disk_id,
@@ -479,15 +602,20 @@ async fn wait_for_space(state: &State) {
         let used = state.cache_bytes();
         if used < state.cache_limit_bytes {
             if warned {
-                tracing::info!(
-                    used_bytes = used,
-                    "cache has room again; acknowledging resumes"
-                );
+                if let Some(suppressed) = state.refusal_log.admit("cache room") {
+                    tracing::info!(
+                        used_bytes = used,
+                        suppressed,
+                        "cache has room again; acknowledging resumes"
+                    );
+                }
             }
             return;
         }
         if !warned {
-            tracing::warn!(used_bytes = used, limit_bytes = state.cache_limit_bytes, "cache full: holding agents' writes unacknowledged until the master target drains it");
+            if let Some(suppressed) = state.refusal_log.admit("cache full") {
+                tracing::warn!(used_bytes = used, limit_bytes = state.cache_limit_bytes, suppressed, "cache full: holding agents' writes unacknowledged until the master target drains it");
+            }
             warned = true;
         }
         let _ = tokio::time::timeout(Duration::from_millis(500), state.space.notified()).await;

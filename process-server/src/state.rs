@@ -95,6 +95,9 @@ pub struct Disk {
     /// The agent's stream is inside a resync (a resync-started marker was cached and its
     /// completion not yet).
     pub resyncing: AtomicBool,
+    /// Why the master target refuses the disk, while it does (nothing of it is shipped; the
+    /// attach is tried again every few seconds).
+    pub refused: Mutex<Option<String>>,
 }
 
 impl Disk {
@@ -124,7 +127,9 @@ impl Disk {
         }
         let dir = disk_dir(&self.cache_dir, self.attach.disk_id);
         let p = dir.join("detached");
-        std::fs::write(&p, b"detached on the master target\n")
+        let lsn = self.counters.mt_durable_lsn.load(Ordering::Acquire);
+        tracing::info!(disk = self.attach.disk_id, durable_lsn = lsn, "the disk was detached for failback on the master target: nothing more of it is shipped");
+        std::fs::write(&p, format!("detached on the master target at lsn {lsn}\n"))
             .and_then(|_| std::fs::File::open(&p)?.sync_all())
             .and_then(|_| std::fs::File::open(&dir)?.sync_all())
             .ctx(|| format!("write {}", p.display()))
@@ -161,6 +166,8 @@ impl Disk {
             "resync-required"
         } else if !link_up {
             "link-down"
+        } else if self.refused.lock().expect("poisoned").is_some() {
+            "refused"
         } else if self.resyncing.load(Ordering::Acquire) {
             "resyncing"
         } else {
@@ -227,6 +234,11 @@ pub struct State {
     pub compression_level: std::sync::atomic::AtomicI32,
     /// Agent requests refused past the handshake.
     pub refused: crate::ingest::RequestRefusals,
+    /// Refusals are logged once a second per VM, with a count of the rest.
+    pub refusal_log: runtime::log::Throttle,
+    /// Held while a new disk is attached: one at a time, so concurrent attaches cannot
+    /// race a disk id's owner or a VM's quota.
+    pub attach_lock: tokio::sync::Mutex<()>,
     /// Held for the process's life: one process server per cache directory.
     _lock: runtime::lock::DirLock,
 }
@@ -296,35 +308,50 @@ impl State {
                 },
                 target: m.target,
             };
-            let cache = DiskCache::open(&e.path(), 0)?;
+            // What the master target held when the disk was detached: all of it is durable
+            // there, and nothing is shipped again.
+            let detached_lsn = std::fs::read_to_string(e.path().join("detached"))
+                .ok()
+                .and_then(|t| t.trim().rsplit(' ').next()?.parse::<u64>().ok());
+            let cache = DiskCache::open(&e.path(), detached_lsn.unwrap_or(0))?;
+            // Everything before the oldest record still cached was acknowledged by the master
+            // target (records leave only then): a lower bound until it says more.
+            let durable_lsn = detached_lsn
+                .unwrap_or_else(|| cache.oldest_lsn().map_or(cache.last_lsn(), |l| l - 1));
             tracing::info!(
                 disk = attach.disk_id,
                 cached_to_lsn = cache.last_lsn(),
                 cache_bytes = cache.bytes(),
                 "cache opened"
             );
-            disks.insert(
-                attach.disk_id,
-                Arc::new(Disk {
-                    attach,
-                    cache: Mutex::new(cache),
-                    counters: DiskCounters::default(),
-                    rpo_alarm: AtomicBool::new(false),
-                    resync_required: AtomicBool::new(e.path().join("resync-required").exists()),
-                    detached: AtomicBool::new(e.path().join("detached").exists()),
-                    retired: AtomicBool::new(e.path().join("retired").exists()),
-                    resyncing: AtomicBool::new(false),
-                    route,
-                    cache_dir: cfg.cache_dir.clone(),
-                }),
-            );
+            let disk = Disk {
+                attach,
+                cache: Mutex::new(cache),
+                counters: DiskCounters::default(),
+                rpo_alarm: AtomicBool::new(false),
+                resync_required: AtomicBool::new(e.path().join("resync-required").exists()),
+                detached: AtomicBool::new(e.path().join("detached").exists()),
+                retired: AtomicBool::new(e.path().join("retired").exists()),
+                resyncing: AtomicBool::new(false),
+                refused: Mutex::new(None),
+                route,
+                cache_dir: cfg.cache_dir.clone(),
+            };
+            disk.counters
+                .mt_durable_lsn
+                .store(durable_lsn, Ordering::Release);
+            disks.insert(disk.attach.disk_id, Arc::new(disk));
         }
         let cfg_level = cfg.compression_level;
+        let volume = volume_bytes(&cfg.cache_dir);
         let cache_limit_bytes = match cfg.cache_limit_bytes {
-            Some(b) => b,
-            None => volume_bytes(&cfg.cache_dir)
-                .map(|t| t / 10 * 9)
-                .unwrap_or(u64::MAX),
+            Some(b) => {
+                if let Some(v) = volume.filter(|v| b > *v) {
+                    tracing::warn!(cache_limit_bytes = b, volume_bytes = v, "cache-limit is larger than the cache volume: the volume fills first (writes then wait until it drains)");
+                }
+                b
+            }
+            None => volume.map(|t| t / 10 * 9).unwrap_or(u64::MAX),
         };
         Ok(Arc::new(State {
             max_bandwidth_bps: AtomicU64::new(cfg.max_bandwidth_bps),
@@ -336,6 +363,8 @@ impl State {
             cache_limit_bytes,
             compression_level: std::sync::atomic::AtomicI32::new(cfg_level),
             refused: Default::default(),
+            attach_lock: tokio::sync::Mutex::new(()),
+            refusal_log: runtime::log::Throttle::new(std::time::Duration::from_secs(1)),
             _lock: lock,
         }))
     }
@@ -413,6 +442,7 @@ impl State {
             detached: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             resyncing: AtomicBool::new(false),
+            refused: Mutex::new(None),
             cache_dir: self.cfg.cache_dir.clone(),
             route,
         });
@@ -427,12 +457,12 @@ impl State {
         Ok(self.disk(disk.attach.disk_id).expect("just inserted"))
     }
 
-    /// Bytes of every cache's records not yet durable on the master target: what the cache
-    /// limit bounds. (Files hold up to one more segment per disk until it rolls over.)
+    /// Bytes every cache takes on the volume (acknowledged records too, until their
+    /// segment goes): what the cache limit bounds, so the volume never fills under it.
     pub fn cache_bytes(&self) -> u64 {
         self.all()
             .iter()
-            .map(|d| d.cache.lock().expect("poisoned").backlog_bytes())
+            .map(|d| d.cache.lock().expect("poisoned").bytes())
             .sum()
     }
 }

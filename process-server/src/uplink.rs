@@ -31,6 +31,10 @@ use crate::state::{Disk, State, UplinkRequest};
 static LOG_THROTTLE: std::sync::LazyLock<runtime::log::Throttle> =
     std::sync::LazyLock::new(|| runtime::log::Throttle::new(Duration::from_secs(1)));
 
+/// A record the master target refuses this many times is lost (resync marker, resync).
+pub const MAX_REFUSALS_PER_LSN: u32 = 3;
+/// How often a link asks the master target again for disks it refused.
+pub const REATTACH_EVERY_MS: u64 = 5_000;
 /// Longest wait between reconnection attempts.
 pub const MAX_BACKOFF_MS: u64 = 5_000;
 /// Shortest wait between reconnection attempts.
@@ -51,6 +55,8 @@ struct Ship {
     /// The LSN of the last rewind per disk: later nacks for the same LSN are echoes of
     /// batches that were in flight when it happened.
     last_rewind: HashMap<u64, u64>,
+    /// Refusals of the data at (disk, LSN) by the master target, counted.
+    refusals: HashMap<(u64, u64), u32>,
 }
 
 type Pending = Arc<Mutex<Pendings>>;
@@ -59,6 +65,8 @@ type Pending = Arc<Mutex<Pendings>>;
 struct Pendings {
     attach: HashMap<u64, oneshot::Sender<Result<u64, ErrorMsg>>>,
     digests: HashMap<u64, VecDeque<oneshot::Sender<Result<DigestList, ErrorMsg>>>>,
+    /// Disks this link attaches again (the master target refused them before).
+    reattach: std::collections::HashSet<u64>,
 }
 
 /// Runs the link forever: connects, ships, and reconnects with backoff when it drops.
@@ -139,15 +147,15 @@ async fn session(
         match framed.next().await {
             Some(Ok(Message::Ack(a))) => {
                 let lsn = a.entries.first().map_or(0, |e| e.durable_lsn);
-                on_durable(state, &disk, lsn)?;
-                ship.cursor.insert(disk.attach.disk_id, lsn + 1);
+                attached(state, &mut ship, &disk, lsn)?;
             }
             Some(Ok(Message::Error(e))) if e.code == ErrorCode::Detached => {
                 tracing::warn!(disk = disk.attach.disk_id, error = %e.message, "the master target says the disk was detached for failback: it is not shipped again");
                 disk.mark_detached()?;
             }
             Some(Ok(Message::Error(e))) => {
-                tracing::error!(disk = disk.attach.disk_id, error = %e.message, "the master target refused the disk; it is not shipped")
+                tracing::error!(disk = disk.attach.disk_id, error = %e.message, "the master target refused the disk; it is not shipped (the attach is tried again every few seconds)");
+                *disk.refused.lock().expect("poisoned") = Some(e.message);
             }
             Some(Ok(m)) => {
                 return Err(Error::MasterTarget(format!(
@@ -196,6 +204,8 @@ async fn session(
         AUTO_MIN,
         AUTO_MAX,
     );
+    let mut retry = tokio::time::interval(Duration::from_millis(REATTACH_EVERY_MS));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut link_wait, mut cpu_wait, mut period) =
         (Duration::ZERO, Duration::ZERO, Instant::now());
     loop {
@@ -224,6 +234,15 @@ async fn session(
                     let mut p = pending.lock().expect("poisoned");
                     match req {
                         UplinkRequest::Attach(a, tx) => {
+                            // One attach of a disk id in flight: its answer is matched by id.
+                            if p.attach.contains_key(&a.disk_id) {
+                                let _ = tx.send(Err(ErrorMsg {
+                                    code: ErrorCode::Busy,
+                                    disk_id: a.disk_id,
+                                    message: "an attach of this disk is under way; retry".into(),
+                                }));
+                                continue;
+                            }
                             p.attach.insert(a.disk_id, tx);
                             ship.lock().expect("poisoned").cursor.entry(a.disk_id).or_insert(0);
                             Message::DiskAttach(a)
@@ -262,6 +281,23 @@ async fn session(
             _ = tokio::time::sleep(Duration::from_millis(200)), if jobs.is_empty() => {
                 if window_full {
                     link_wait += waited_from.elapsed();
+                }
+            }
+            _ = retry.tick() => {
+                // Disks the master target refused: ask again (a recovered journal, a fixed
+                // datastore), one attach of a disk at a time.
+                let shipping: Vec<u64> = ship.lock().expect("poisoned").cursor.keys().copied().collect();
+                for disk in state.all().into_iter().filter(|d| d.route == index && !d.is_detached() && !shipping.contains(&d.attach.disk_id)) {
+                    let id = disk.attach.disk_id;
+                    {
+                        let mut p = pending.lock().expect("poisoned");
+                        if p.attach.contains_key(&id) || !p.reattach.insert(id) {
+                            continue;
+                        }
+                    }
+                    control.clear();
+                    codec.encode(&Message::DiskAttach(disk.attach.clone()), &mut control)?;
+                    wr.write_all(&control).await.map_err(|e| io("send to the master target", e))?;
                 }
             }
         }
@@ -401,6 +437,23 @@ fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option
     }))
 }
 
+/// The master target took (back) a disk and holds it up to `lsn`: ship from after it. If
+/// it holds less than this cache already let go of (its journal was recovered, or restored
+/// from a backup), the LSNs in between are lost here too: they ship as a resync marker, and
+/// the agent resyncs the disk.
+fn attached(state: &State, ship: &mut Ship, disk: &Disk, lsn: u64) -> Result<()> {
+    {
+        let mut cache = disk.cache.lock().expect("poisoned");
+        if let Some((first, last)) = cache.remote_behind(lsn) {
+            tracing::error!(disk = disk.attach.disk_id, first_lsn = first, last_lsn = last, "the master target no longer holds lsn {first}..={last}, which this cache let go of when it acknowledged them: they are replaced by a resync marker and the agent resyncs the disk");
+        }
+    }
+    on_durable(state, disk, lsn)?;
+    *disk.refused.lock().expect("poisoned") = None;
+    ship.cursor.insert(disk.attach.disk_id, lsn + 1);
+    Ok(())
+}
+
 fn on_durable(state: &State, disk: &Disk, lsn: u64) -> Result<()> {
     disk.counters
         .mt_durable_lsn
@@ -419,6 +472,27 @@ fn handle_reply(
     match m {
         Message::Ack(a) => {
             for e in a.entries {
+                if pending
+                    .lock()
+                    .expect("poisoned")
+                    .reattach
+                    .remove(&e.disk_id)
+                {
+                    if let Some(disk) = state.disk(e.disk_id) {
+                        tracing::info!(
+                            disk = e.disk_id,
+                            durable_lsn = e.durable_lsn,
+                            "the master target takes the disk again"
+                        );
+                        attached(
+                            state,
+                            &mut ship.lock().expect("poisoned"),
+                            &disk,
+                            e.durable_lsn,
+                        )?;
+                    }
+                    continue;
+                }
                 if let Some(tx) = pending.lock().expect("poisoned").attach.remove(&e.disk_id) {
                     let _ = tx.send(Ok(e.durable_lsn));
                     ship.lock()
@@ -437,6 +511,8 @@ fn handle_reply(
                 {
                     s.last_rewind.remove(&e.disk_id);
                 }
+                s.refusals
+                    .retain(|&(d, l), _| d != e.disk_id || l > e.durable_lsn);
                 let mut freed = 0;
                 s.in_flight.retain(|&(d, last, bytes)| {
                     let done = d == e.disk_id && last <= e.durable_lsn;
@@ -448,6 +524,21 @@ fn handle_reply(
         }
         Message::Nack(n) => {
             let mut s = ship.lock().expect("poisoned");
+            // A refusal of the data itself (not a gap's echo) is counted: a record refused
+            // again and again is lost here (its range ships as a resync marker, the agent
+            // resyncs), never resent forever.
+            if n.code != ErrorCode::LsnGap {
+                let count = s.refusals.entry((n.disk_id, n.from_lsn)).or_insert(0);
+                *count += 1;
+                if *count >= MAX_REFUSALS_PER_LSN {
+                    s.refusals.remove(&(n.disk_id, n.from_lsn));
+                    if let Some(d) = state.disk(n.disk_id) {
+                        tracing::error!(disk = n.disk_id, lsn = n.from_lsn, reason = %n.reason, "the master target refuses a cached record again and again: it is dropped as lost and the agent resyncs the disk");
+                        d.cache.lock().expect("poisoned").mark_lost(n.from_lsn);
+                    }
+                }
+                s.last_rewind.remove(&n.disk_id);
+            }
             if s.last_rewind.get(&n.disk_id) != Some(&n.from_lsn) {
                 if let Some(suppressed) = LOG_THROTTLE.admit(&format!("nack {}", n.disk_id)) {
                     tracing::warn!(disk = n.disk_id, from_lsn = n.from_lsn, reason = %n.reason, suppressed, "master target asks for a resend");
@@ -476,7 +567,15 @@ fn handle_reply(
         }
         Message::Error(e) => {
             let mut p = pending.lock().expect("poisoned");
-            if let Some(tx) = p.attach.remove(&e.disk_id) {
+            if p.reattach.remove(&e.disk_id) {
+                if let Some(d) = state.disk(e.disk_id) {
+                    if e.code == ErrorCode::Detached {
+                        d.mark_detached()?;
+                    } else {
+                        *d.refused.lock().expect("poisoned") = Some(e.message);
+                    }
+                }
+            } else if let Some(tx) = p.attach.remove(&e.disk_id) {
                 let _ = tx.send(Err(e));
             } else if let Some(tx) = p.digests.get_mut(&e.disk_id).and_then(VecDeque::pop_front) {
                 let _ = tx.send(Err(e));

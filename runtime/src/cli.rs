@@ -25,6 +25,16 @@ where
     }
 }
 
+/// For commands that only print (tables, lists): a closed stdout (`| head`) ends the
+/// process quietly, as it does for any Unix tool, instead of a panic on the broken pipe.
+/// Never for a command that talks on sockets: there the write's error is handled.
+pub fn quiet_on_broken_pipe() {
+    // SAFETY: setting a signal's disposition to its default is always sound.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Tells systemd the service is ready (a `Type=notify` unit), when run under it. Outside
 /// systemd (no `NOTIFY_SOCKET`) it does nothing.
 pub fn notify_ready() {

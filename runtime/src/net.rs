@@ -288,9 +288,20 @@ impl Gate {
             }
             Ok(None) => return None,
         };
+        if let Err(e) = wire_protocol::message::validate_text(
+            "node id",
+            &hello.node_id,
+            wire_protocol::message::MAX_NODE_ID_LEN,
+        ) {
+            self.refuse(&r.forbidden, peer, "a hello with an invalid node id");
+            let _ = framed
+                .send(error_frame(ErrorCode::Malformed, e.to_string()))
+                .await;
+            return None;
+        }
         if hello.role != hello_role {
             let why = format!(
-                "{identity} announced the role {:?}; its certificate allows {hello_role:?}",
+                "{identity} announced the role {}; its certificate allows {hello_role}",
                 hello.role
             );
             self.refuse(&r.forbidden, peer, &why);

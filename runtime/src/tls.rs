@@ -134,7 +134,7 @@ impl std::fmt::Display for Identity {
 pub fn identity_of(cert: &[u8]) -> Result<Identity> {
     let no_identity = |why: &str| {
         Error::Tls(format!(
-            "the peer's certificate {why}; issue one per identity with `failback certs --role ...`"
+            "the certificate {why}; issue one per identity with `failback certs --role ...`"
         ))
     };
     let (_, parsed) =
@@ -160,6 +160,16 @@ pub fn identity_of(cert: &[u8]) -> Result<Identity> {
         )),
         _ => Err(no_identity("names more than one failback identity")),
     }
+}
+
+/// The identity a PEM certificate file names (this endpoint's own, to check it before use).
+pub fn identity_of_file(path: &Path) -> Result<Identity> {
+    identity_of(
+        read_certs(path)?
+            .first()
+            .expect("read_certs never returns none"),
+    )
+    .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
 }
 
 /// The identity of the peer of an established TLS connection.
@@ -208,7 +218,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let open_err = |e: &dyn std::fmt::Display| {
         Error::Tls(format!(
-            "{}: {e} (make certificates with `failback certs`, or point the service at them)",
+            "{}: {e} (certificates are made with `failback certs`; check the directory named)",
             path.display()
         ))
     };

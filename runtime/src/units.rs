@@ -129,14 +129,16 @@ pub fn check_range<T: PartialOrd + std::fmt::Display>(
 pub fn bytes_in(param: &'static str, s: &str, min: u64, max: u64) -> Result<u64> {
     let v = parse_bytes(s).map_err(|reason| Error::InvalidParameter { param, reason })?;
     if v < min || v > max {
-        return Err(Error::InvalidParameter {
-            param,
-            reason: format!(
+        let reason = if max == u64::MAX {
+            format!("{s} is below the smallest value, {}", fmt_bytes(min))
+        } else {
+            format!(
                 "{s} is outside the range {} to {}",
                 fmt_bytes(min),
                 fmt_bytes(max)
-            ),
-        });
+            )
+        };
+        return Err(Error::InvalidParameter { param, reason });
     }
     Ok(v)
 }
@@ -161,7 +163,10 @@ mod tests {
     fn ranges_name_the_setting() {
         let e = bytes_in("cache-limit", "1KiB", 64 << 20, u64::MAX).unwrap_err();
         let t = e.to_string();
-        assert!(t.contains("cache-limit") && t.contains("64.0 MiB"), "{t}");
+        assert!(
+            t.contains("cache-limit") && t.contains("smallest value, 64.0 MiB"),
+            "{t}"
+        );
         assert!(check_range("window", 5u64, 1, 10, 5).is_ok());
         assert_eq!(fmt_bytes(1536), "1.5 KiB");
         assert_eq!(fmt_secs(200.0), "3m20s");

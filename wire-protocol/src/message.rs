@@ -76,6 +76,17 @@ pub enum Role {
     Admin = 4,
 }
 
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::ProcessServer => "process-server",
+            Role::MasterTarget => "master-target",
+            Role::Admin => "operator",
+        })
+    }
+}
+
 /// Where the on-premises disk is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -193,6 +204,37 @@ impl ErrorCode {
                 Retry::Permanent
             }
         }
+    }
+}
+
+/// Longest bookmark tag: it is stored with the point and printed to operators.
+pub const MAX_TAG_LEN: usize = 256;
+
+/// Checks a bookmark's tag: 1 to [`MAX_TAG_LEN`] bytes, no control characters (a tag is
+/// printed in operators' terminals and logs: it may not forge a line or move a cursor).
+pub fn validate_tag(tag: &str) -> Result<()> {
+    validate_text("tag", tag, MAX_TAG_LEN)
+}
+
+/// Longest node id in a Hello.
+pub const MAX_NODE_ID_LEN: usize = 255;
+
+/// Checks text a peer sends that is shown to operators (a tag, a node id): 1 to `max`
+/// bytes, no control characters.
+pub fn validate_text(field: &'static str, text: &str, max: usize) -> Result<()> {
+    let why = if text.is_empty() || text.len() > max {
+        Some(format!("is {} bytes long (1 to {max})", text.len()))
+    } else {
+        text.chars()
+            .find(|c| c.is_control())
+            .map(|c| format!("holds the control character {c:?}"))
+    };
+    match why {
+        Some(detail) => Err(Error::Invalid {
+            field,
+            detail: format!("the {field} {detail}"),
+        }),
+        None => Ok(()),
     }
 }
 
