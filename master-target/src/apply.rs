@@ -390,7 +390,14 @@ impl Applier {
     /// Frees room in the journal on a full volume (its oldest segment). Returns whether
     /// anything was freed.
     pub fn free_journal_space(&mut self) -> Result<bool> {
-        let freed = self.journal.drop_oldest_for_space()?;
+        let freed = self.journal.drop_oldest_for_space()?
+            || {
+                let reset = self.journal.reset_for_space()?;
+                if reset {
+                    tracing::warn!(disk = self.disk_id, "a volume is full with one journal segment left: every recovery point of the disk is dropped to make room (the latest state stays)");
+                }
+                reset
+            };
         if freed {
             self.stats.quota_limited = true;
         }

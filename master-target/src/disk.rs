@@ -72,10 +72,24 @@ impl DiskFile {
 
     /// Writes all of `data` at `offset` (into the page cache; see [`DiskFile::sync`]).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        debug_assert!(
-            offset + data.len() as u64 <= self.size_bytes,
-            "callers check ranges"
-        );
+        // Callers check ranges against the wire; this check also covers what comes from a
+        // file (a journal's undo record): nothing ever grows the disk.
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(Error::Io {
+                context: format!("write {} at {offset}", self.path.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} bytes at {offset} end past the disk's {} bytes",
+                        data.len(),
+                        self.size_bytes
+                    ),
+                ),
+            });
+        }
         self.file
             .write_all_at(data, offset)
             .ctx(|| format!("write {} at {offset}", self.path.display()))

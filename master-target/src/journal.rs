@@ -418,6 +418,48 @@ fn scan(path: &Path, verify: bool) -> Result<Scan> {
     Ok(s)
 }
 
+/// Checks, at open, the undo records of closed segments whose bodies are not read then.
+///
+/// Undo records run in LSN order through the journal, and a record's LSN decides which
+/// exports read it: a flipped byte in an unread LSN could make every export read a
+/// damaged record, or none read one it needs. So a record whose LSN is out of order with
+/// a neighbour has its checksum verified at once (a false alarm costs one read); the
+/// damaged one is corruption. Memory: the last two records seen.
+#[derive(Default)]
+struct UndoOrder {
+    prev: Option<(PathBuf, UndoRef)>,
+    cur: Option<(PathBuf, UndoRef)>,
+}
+
+impl UndoOrder {
+    /// Feeds the next undo record, in journal order.
+    fn feed(&mut self, path: &Path, next: UndoRef) -> Result<()> {
+        if let Some((p, cur)) = &self.cur {
+            let before = self.prev.as_ref().is_some_and(|(_, a)| cur.lsn < a.lsn);
+            if before || cur.lsn > next.lsn {
+                Self::verify(p, *cur)?;
+            }
+        }
+        self.prev = self.cur.replace((path.to_path_buf(), next));
+        Ok(())
+    }
+
+    /// Checks the last record against the one before it.
+    fn finish(self) -> Result<()> {
+        if let (Some((_, a)), Some((p, cur))) = (self.prev, self.cur) {
+            if cur.lsn < a.lsn {
+                Self::verify(&p, cur)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn verify(path: &Path, r: UndoRef) -> Result<()> {
+        let f = File::open(path).ctx(|| format!("open {}", path.display()))?;
+        read_undo(&f, path, r).map(|_| ())
+    }
+}
+
 fn list_segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     let mut v = Vec::new();
     for e in fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
@@ -445,7 +487,7 @@ fn read_undo(f: &File, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8>)> {
         return Err(Error::JournalCorrupt {
             path: path.into(),
             offset: r.pos,
-            detail: "undo record checksum mismatch".into(),
+            detail: "undo record checksum mismatch (a flipped byte at rest): the points older than this record cannot be rebuilt; later points and the disk itself are unaffected".into(),
         });
     }
     let body = buf.split_off(HEADER_LEN);
@@ -556,6 +598,7 @@ impl Journal {
         let mut segments = Vec::new();
         let mut points = Vec::new();
         let mut committed = (0u64, 0u64);
+        let mut order = UndoOrder::default();
         let n = listed.len();
         for (i, (seq, path)) in listed.into_iter().enumerate() {
             let last = i + 1 == n;
@@ -564,6 +607,9 @@ impl Journal {
             // it is corruption of durable data, never a torn tail to truncate.
             if let Some((at, _)) = s.corruption() {
                 return Err(corrupt(path, at));
+            }
+            for u in &s.undos {
+                order.feed(&path, *u)?;
             }
             let mut keep_len = s.len;
             if last {
@@ -606,6 +652,7 @@ impl Journal {
                 last_undo_lsn,
             });
         }
+        order.finish()?;
         let next_point_id = points.iter().map(|p| p.id + 1).max().unwrap_or(1);
         let resyncing = points
             .iter()
@@ -789,6 +836,28 @@ impl Journal {
         Ok(())
     }
 
+    /// Frees room on a full volume when a single segment is left: empties it down to a
+    /// checkpoint of the committed LSN. Every recovery point goes (the latest state stays:
+    /// replication carries on). Returns whether anything was freed.
+    pub fn reset_for_space(&mut self) -> Result<bool> {
+        if self.segments.len() != 1 || self.segments[0].bytes <= 2 * COMMIT_RECORD_LEN {
+            return Ok(false);
+        }
+        let seg = &mut self.segments[0];
+        self.active
+            .set_len(0)
+            .ctx(|| format!("truncate {}", seg.path.display()))?;
+        seg.bytes = 0;
+        seg.last_undo_lsn = 0;
+        let mut buf = Vec::new();
+        encode_commit(self.committed_lsn, 0, &mut buf);
+        self.append(&buf)?;
+        self.sync()?;
+        self.points.clear();
+        self.horizon_lsn = self.committed_lsn;
+        Ok(true)
+    }
+
     /// Frees room on a full volume: drops the oldest segment (and the points it makes
     /// unbuildable) if there is more than one. Returns whether anything was dropped.
     pub fn drop_oldest_for_space(&mut self) -> Result<bool> {
@@ -870,6 +939,9 @@ impl Journal {
                 self.horizon_lsn
             )));
         }
+        // A checksummed record past the disk's end would be a bug, never a reason to grow
+        // the export.
+        let size_bytes = out.metadata().ctx(|| "stat export".to_owned())?.len();
         let mut applied = 0;
         for seg in self.segments.iter().rev() {
             // A segment without undo records (a fresh one holds only its checkpoint) says
@@ -891,6 +963,16 @@ impl Journal {
                 .filter(|r| r.lsn > point_lsn && r.pos < seg.bytes)
             {
                 let (offset, old) = read_undo(&f, &seg.path, *r)?;
+                if offset.saturating_add(old.len() as u64) > size_bytes {
+                    return Err(Error::JournalCorrupt {
+                        path: seg.path.clone(),
+                        offset: r.pos,
+                        detail: format!(
+                            "an undo record at {offset}+{} ends past the disk's {size_bytes} bytes",
+                            old.len()
+                        ),
+                    });
+                }
                 out.write_all_at(&old, offset)
                     .ctx(|| "write export".to_owned())?;
                 touched(offset, old.len() as u64);

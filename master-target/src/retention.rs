@@ -98,6 +98,12 @@ pub fn check(dir: &Path, others: &[(&str, &Path)], allow_shared: bool) -> Result
     Ok(info)
 }
 
+/// Bytes of the volume holding `dir`, if it can be read.
+pub fn volume_bytes(dir: &Path) -> Option<u64> {
+    let st = statfs(dir).ok()?;
+    Some(st.f_blocks as u64 * st.f_bsize as u64)
+}
+
 /// Whether an I/O error means a volume (or a quota) is full.
 pub fn is_out_of_space(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))

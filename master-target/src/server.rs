@@ -18,6 +18,8 @@ use runtime::tls::{Identity, PeerRole};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use wire_protocol::{Ack, AckEntry, ErrorCode, ErrorMsg, Message, Role};
 
 use crate::error::Error;
@@ -30,6 +32,47 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 8;
 /// Messages queued toward one connection before the disk workers wait for it.
 pub const OUTBOUND_QUEUE_DEPTH: usize = 256;
+/// A peer that sends nothing for this long is gone (a cut no TCP reset reported): its
+/// connection is closed. Process servers send heartbeats at least every 150 s (a quarter of
+/// the longest `link-timeout-s`, 600 s), and operators' commands are short.
+pub const PEER_IDLE_TIMEOUT_S: u64 = 300;
+
+/// The live connection of each process server. A process server keeps one link, so a newer
+/// connection from it means the older one is dead (cut somewhere the TCP stack has not yet
+/// noticed): the older is closed at once, freeing its slot and the disk workers that were
+/// waiting to send it acknowledgements.
+#[derive(Default)]
+struct Newest {
+    by_name: std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>,
+    next: AtomicU64,
+}
+
+impl Newest {
+    /// Registers a connection of `name`, closing the one it replaces.
+    fn register(&self, name: &str) -> (u64, CancellationToken) {
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let old = self
+            .by_name
+            .lock()
+            .expect("the registry lock is never poisoned")
+            .insert(name.to_string(), (generation, token.clone()));
+        if let Some((_, old)) = old {
+            old.cancel();
+        }
+        (generation, token)
+    }
+
+    fn unregister(&self, name: &str, generation: u64) {
+        let mut m = self
+            .by_name
+            .lock()
+            .expect("the registry lock is never poisoned");
+        if m.get(name).is_some_and(|(g, _)| *g == generation) {
+            m.remove(name);
+        }
+    }
+}
 
 /// Refusals are logged once a second per identity and kind, with a count of the rest: a
 /// peer cannot fill the disk with log lines.
@@ -63,11 +106,28 @@ pub fn spawn(
         max_connections: MAX_CONNECTIONS,
         max_connections_per_identity: MAX_CONNECTIONS_PER_IDENTITY,
     };
+    let newest = Arc::new(Newest::default());
     spawn_server(listener, acceptor, policy, refusals, move |peer| {
         let (disks, requests) = (Arc::clone(&disks), Arc::clone(&requests));
+        let newest = Arc::clone(&newest);
         async move {
             let (addr, identity) = (peer.addr, peer.identity.clone());
-            match connection(peer, disks, requests).await {
+            let (generation, superseded) = match identity.role {
+                PeerRole::ProcessServer => newest.register(&identity.name),
+                _ => (0, CancellationToken::new()),
+            };
+            // Dropping the connection future (superseded) drops its reply task too.
+            let r = tokio::select! {
+                r = connection(peer, disks, requests) => r,
+                () = superseded.cancelled() => Err(Error::Io {
+                    context: "a newer connection from the same process server".into(),
+                    source: std::io::Error::other("superseded: the older link is dead"),
+                }),
+            };
+            if identity.role == PeerRole::ProcessServer {
+                newest.unregister(&identity.name, generation);
+            }
+            match r {
                 Ok(()) => tracing::info!(%addr, %identity, "peer disconnected"),
                 Err(e) => tracing::warn!(%addr, %identity, error = %e, "connection ended"),
             }
@@ -131,15 +191,22 @@ async fn connection(
     let (mut sink, mut stream) = peer.framed.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE_DEPTH);
     let mut detaches = disks.detach_notices();
-    let mut writer = tokio::spawn(async move {
+    let mut writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
             sink.send(m).await?;
         }
         Ok::<(), wire_protocol::Error>(())
-    });
+    }));
+    let idle = std::time::Duration::from_secs(PEER_IDLE_TIMEOUT_S);
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
+            () = tokio::time::sleep(idle) => {
+                return Err(Error::Io {
+                    context: format!("nothing heard from {identity} in {PEER_IDLE_TIMEOUT_S} s"),
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                });
+            }
             // A process server hears of every detach at once (it ignores disks not its own).
             d = detaches.recv(), if identity.role == PeerRole::ProcessServer => {
                 if let Ok(disk_id) = d {

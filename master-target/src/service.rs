@@ -387,11 +387,14 @@ impl Disks {
     /// Recovers a locked disk's journal and starts its worker.
     fn start(&self, rec: &DiskRecord, disk: DiskFile) -> Result<u64> {
         let quota = self.cfg.journal_quota_bytes;
+        // Segments small enough that pruning frees room in steps, on the quota and on the
+        // volume that holds the journals.
+        let volume = crate::retention::volume_bytes(&self.cfg.retention_dir).unwrap_or(u64::MAX);
         let mut journal = Journal::open(
             &Self::journal_dir(&self.cfg.retention_dir, rec.disk_id),
             &disk,
         )?
-        .with_segment_target_bytes(segment_target_bytes(quota));
+        .with_segment_target_bytes(segment_target_bytes(quota.min(volume / 2)));
         // A smaller quota than last time (or a full volume) takes effect now, not at the
         // next write.
         if journal.prune(self.policy().window_us, quota)? {

@@ -98,11 +98,22 @@ pub fn parse_descriptor(path: &Path, text: &str) -> Result<DiskImage> {
     if !matches!(kind.as_str(), "VMFS" | "FLAT") || offset != 0 {
         return Err(unsupported(path, &format!("extent type {kind} at offset {offset}: only a flat extent at offset 0 is supported")));
     }
+    // ESXi keeps a flat extent beside its descriptor: a name with a path in it (an
+    // absolute one would replace the folder outright) reaches files that are not the disk.
+    if file.is_empty() || file == "." || file == ".." || file.contains(['/', '\0']) {
+        return Err(unsupported(
+            path,
+            &format!("extent file {file:?} is not a file name beside the descriptor"),
+        ));
+    }
+    let size_bytes = sectors
+        .checked_mul(SECTOR_BYTES)
+        .ok_or_else(|| unsupported(path, &format!("extent of {sectors} sectors is too large")))?;
     let data_path = parent_dir(path).join(file);
     Ok(DiskImage {
         descriptor: path.into(),
         data_path,
-        size_bytes: sectors * SECTOR_BYTES,
+        size_bytes,
         uuid,
     })
 }

@@ -56,6 +56,10 @@ pub struct Settings {
     /// RPO threshold per disk, in seconds: a WARN when passed and when recovered. Default: 900
     #[arg(long)]
     pub rpo_threshold_s: Option<u64>,
+    /// The link to a master target is dead after this many seconds without a word from it
+    /// (heartbeats go every quarter of it); the process server then reconnects. Default: 30
+    #[arg(long)]
+    pub link_timeout_s: Option<u64>,
     /// Log format: text or json. Default: text
     #[arg(long)]
     pub log_format: Option<String>,
@@ -105,6 +109,8 @@ pub struct Config {
     /// In-flight window in bytes.
     pub window_bytes: u64,
     /// RPO threshold.
+    /// See [`Settings::link_timeout_s`].
+    pub link_timeout_s: u64,
     pub rpo_threshold_s: u64,
     /// JSON logs.
     pub log_json: bool,
@@ -141,6 +147,7 @@ impl Settings {
             max_bandwidth: self.max_bandwidth.or(b.max_bandwidth),
             window: self.window.or(b.window),
             rpo_threshold_s: self.rpo_threshold_s.or(b.rpo_threshold_s),
+            link_timeout_s: self.link_timeout_s.or(b.link_timeout_s),
             log_format: self.log_format.or(b.log_format),
         }
     }
@@ -266,6 +273,13 @@ impl Settings {
                 self.window.as_deref().unwrap_or("64MiB"),
                 MIN_WINDOW_BYTES,
                 MAX_WINDOW_BYTES,
+            )?,
+            link_timeout_s: runtime::units::check_range(
+                "link-timeout-s",
+                self.link_timeout_s.unwrap_or(30),
+                2,
+                600,
+                self.link_timeout_s.unwrap_or(30),
             )?,
             rpo_threshold_s: runtime::units::check_range(
                 "rpo-threshold-s",

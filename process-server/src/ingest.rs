@@ -348,7 +348,13 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                 None => return Ok(()),
             },
             _ = tick.tick() => {
+                // A loss found while the agent is quiet (the uplink reading a damaged
+                // record) reaches it here, not only with its next message.
                 let mut any = false;
+                for r in resync_notices(&state, &attached, &mut told) {
+                    framed.feed(r).await?;
+                    any = true;
+                }
                 for id in &attached {
                     let Some(d) = state.disk(*id) else { continue };
                     let lsn = d.counters.mt_durable_lsn.load(Ordering::Acquire);
@@ -556,18 +562,7 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                 )),
             }
         }
-        // A disk whose data was lost here (a corrupt cache record) is resynced by its agent:
-        // tell each connection that attached it, once.
-        for id in &attached {
-            if !told.contains(id)
-                && state
-                    .disk(*id)
-                    .is_some_and(|d| d.resync_required.load(Ordering::Acquire))
-            {
-                told.insert(*id);
-                replies.push(err_msg(ErrorCode::ResyncRequired, *id, format!("data of disk {id} was lost in the process server's cache (a corrupt record): resync the disk (agent resync --mode differential)")));
-            }
-        }
+        replies.extend(resync_notices(&state, &attached, &mut told));
         // Group commit: one fsync per touched disk, then the acks.
         let mut entries = Vec::new();
         for (disk_id, _) in touched {
@@ -593,6 +588,27 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
         }
         framed.flush().await?;
     }
+}
+
+/// A disk whose data was lost here (a corrupt cache record) is resynced by its agent: the
+/// messages that tell a connection so, once per disk it attached.
+fn resync_notices(
+    state: &State,
+    attached: &std::collections::HashSet<u64>,
+    told: &mut std::collections::HashSet<u64>,
+) -> Vec<Message> {
+    let mut out = Vec::new();
+    for id in attached {
+        if !told.contains(id)
+            && state
+                .disk(*id)
+                .is_some_and(|d| d.resync_required.load(Ordering::Acquire))
+        {
+            told.insert(*id);
+            out.push(err_msg(ErrorCode::ResyncRequired, *id, format!("data of disk {id} was lost in the process server's cache (a corrupt record): resync the disk (agent resync --mode differential)")));
+        }
+    }
+    out
 }
 
 /// Waits while the cache is over its limit: agents slow down, nothing is dropped.

@@ -183,8 +183,14 @@ async fn session(
         Arc::clone(&pending),
         Arc::clone(&acked),
     );
+    // When the master target last said anything (ms since the session began): a link
+    // that says nothing for link-timeout-s is dead, however TCP sees it.
+    let began = Instant::now();
+    let heard_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let heard = Arc::clone(&heard_ms);
     let mut reader_task = tokio::spawn(async move {
         while let Some(m) = reader.next().await {
+            heard.store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
             handle_reply(&st, &sh, &pe, m?)?;
             ak.notify_one();
         }
@@ -204,6 +210,10 @@ async fn session(
         AUTO_MIN,
         AUTO_MAX,
     );
+    let timeout_ms = state.cfg.link_timeout_s * 1000;
+    let mut beat = tokio::time::interval(Duration::from_millis(timeout_ms / 4));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat_seq = 0u64;
     let mut retry = tokio::time::interval(Duration::from_millis(REATTACH_EVERY_MS));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut link_wait, mut cpu_wait, mut period) =
@@ -255,7 +265,7 @@ async fn session(
                 };
                 control.clear();
                 codec.encode(&msg, &mut control)?;
-                wr.write_all(&control).await.map_err(|e| io("send to the master target", e))?;
+                within(timeout_ms, wr.write_all(&control)).await?;
             }
             done = async { jobs.front_mut().expect("checked").await }, if !jobs.is_empty() => {
                                 jobs.pop_front();
@@ -263,9 +273,7 @@ async fn session(
                 cpu_wait += waited_from.elapsed();
                 let Some(s) = done.map_err(|e| Error::MasterTarget(format!("compression task: {e}")))?? else { continue };
                 let sending = Instant::now();
-                send_paced(&mut wr, &s.frame, &state.max_bandwidth_bps, &mut limiter)
-                    .await
-                    .map_err(|e| io("send to the master target", e))?;
+                send_paced(&mut wr, &s.frame, &state.max_bandwidth_bps, &mut limiter, timeout_ms).await?;
                 link_wait += sending.elapsed();
                 s.disk.counters.wire_bytes.fetch_add(s.frame.len() as u64, Ordering::Relaxed);
                 s.disk.counters.logical_bytes_shipped.fetch_add(s.logical, Ordering::Relaxed);
@@ -283,6 +291,20 @@ async fn session(
                     link_wait += waited_from.elapsed();
                 }
             }
+            _ = beat.tick() => {
+                let silent_ms = (began.elapsed().as_millis() as u64)
+                    .saturating_sub(heard_ms.load(Ordering::Relaxed));
+                if silent_ms > timeout_ms {
+                    return Err(Error::MasterTarget(format!(
+                        "no word from the master target for {} s (link-timeout-s): the link is dead; reconnecting",
+                        silent_ms / 1000
+                    )));
+                }
+                beat_seq += 1;
+                control.clear();
+                codec.encode(&Message::Heartbeat { seq: beat_seq, time_us: crate::state::now_us() }, &mut control)?;
+                within(timeout_ms, wr.write_all(&control)).await?;
+            }
             _ = retry.tick() => {
                 // Disks the master target refused: ask again (a recovered journal, a fixed
                 // datastore), one attach of a disk at a time.
@@ -297,10 +319,25 @@ async fn session(
                     }
                     control.clear();
                     codec.encode(&Message::DiskAttach(disk.attach.clone()), &mut control)?;
-                    wr.write_all(&control).await.map_err(|e| io("send to the master target", e))?;
+                    within(timeout_ms, wr.write_all(&control)).await?;
                 }
             }
         }
+    }
+}
+
+/// A write to the master target that must finish within the link timeout: a link that
+/// takes nothing for that long is dead (a stalled path holds TCP's buffers full forever).
+async fn within(
+    timeout_ms: u64,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<()> {
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), write).await {
+        Ok(r) => r.map_err(|e| io("send to the master target", e)),
+        Err(_) => Err(Error::MasterTarget(format!(
+            "the link took nothing for {} s (link-timeout-s): it is dead; reconnecting",
+            timeout_ms / 1000
+        ))),
     }
 }
 
@@ -628,18 +665,20 @@ fn slice_len(rate_bps: u64, remaining: usize) -> usize {
         .min(remaining)
 }
 
-/// Writes `frame` to `wr`, paced to the rate in `rate_bps` (read before every slice).
+/// Writes `frame` to `wr`, paced to the rate in `rate_bps` (read before every slice); each
+/// slice must leave within `timeout_ms` (the pacing's own waits do not count).
 async fn send_paced(
     wr: &mut (impl tokio::io::AsyncWrite + Unpin),
     frame: &[u8],
     rate_bps: &std::sync::atomic::AtomicU64,
     limiter: &mut Limiter,
-) -> std::io::Result<()> {
+    timeout_ms: u64,
+) -> Result<()> {
     let mut at = 0;
     while at < frame.len() {
         let n = slice_len(rate_bps.load(Ordering::Relaxed), frame.len() - at);
         limiter.wait(rate_bps, n).await;
-        wr.write_all(&frame[at..at + n]).await?;
+        within(timeout_ms, wr.write_all(&frame[at..at + n])).await?;
         at += n;
     }
     Ok(())
