@@ -257,6 +257,14 @@ impl Cluster {
         )))
     }
 
+    /// The process ids of the master target and the process server, when running.
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.mt.as_ref().map(Child::id),
+            self.ps.as_ref().map(Child::id),
+        )
+    }
+
     /// SIGKILLs the master target (as a crash would).
     pub fn kill_mt(&mut self) {
         kill(self.mt.take());
@@ -345,8 +353,21 @@ impl Cluster {
     /// An `agent` command for a disk (of VM `vm{disk_id}`), with the cluster's addresses and
     /// that VM's certificate.
     pub fn agent(&self, sub: &str, disk_id: u64, source: &Path, disk_size: &str) -> Command {
-        let tls = self.agent_tls(&format!("vm{disk_id}"));
-        self.agent_with_tls(sub, disk_id, source, disk_size, &tls)
+        self.agent_in_vm(sub, &format!("vm{disk_id}"), disk_id, source, disk_size)
+    }
+
+    /// [`Cluster::agent`] for a disk of VM `vm` (a VM with several disks runs one agent
+    /// process per disk, all with the VM's certificate).
+    pub fn agent_in_vm(
+        &self,
+        sub: &str,
+        vm: &str,
+        disk_id: u64,
+        source: &Path,
+        disk_size: &str,
+    ) -> Command {
+        let tls = self.agent_tls(vm);
+        self.agent_command(sub, vm, disk_id, source, disk_size, &tls)
     }
 
     /// [`Cluster::agent`] with the TLS files of `tls` (tests of wrong certificates).
@@ -358,13 +379,32 @@ impl Cluster {
         disk_size: &str,
         tls: &Path,
     ) -> Command {
+        self.agent_command(
+            sub,
+            &format!("vm{disk_id}"),
+            disk_id,
+            source,
+            disk_size,
+            tls,
+        )
+    }
+
+    fn agent_command(
+        &self,
+        sub: &str,
+        vm: &str,
+        disk_id: u64,
+        source: &Path,
+        disk_size: &str,
+        tls: &Path,
+    ) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("agent").arg(sub);
         c.arg(format!("--source={}", source.display()))
             .arg("--create-source")
             .arg(format!("--disk-size={disk_size}"))
             .arg(format!("--disk-id={disk_id}"))
-            .arg(format!("--vm-id=vm{disk_id}"))
+            .arg(format!("--vm-id={vm}"))
             .arg(format!("--process-server={}", self.ps_addr))
             .arg(format!("--tls-dir={}", tls.display()))
             .arg(format!(

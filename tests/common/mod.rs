@@ -73,9 +73,13 @@ pub fn replay(c: &Cluster, disk: u64, trace: &str, format: &str, extra: &[&str])
         .arg(format!("--format={format}"))
         .arg("--final-bookmark=final")
         .args(extra);
-    cmd.stdout(std::process::Stdio::piped()).stderr(
-        std::fs::File::create(c.dir.join("logs").join(format!("agent-{disk}.log"))).unwrap(),
-    );
+    // Appended: an agent's log across its restarts.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(c.dir.join("logs").join(format!("agent-{disk}.log")))
+        .unwrap();
+    cmd.stdout(std::process::Stdio::piped()).stderr(log);
     cmd.spawn().unwrap()
 }
 
@@ -276,4 +280,225 @@ impl Drop for Relay {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.cut();
     }
+}
+
+/// A fault a [`FaultRelay`] injects once, into whichever direction moves data next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// Nothing.
+    None = 0,
+    /// Close every connection through it (both ends see the connection go).
+    Cut,
+    /// Close every connection with a TCP reset.
+    Reset,
+    /// Forward the first part of the next chunk, then close.
+    Truncate,
+    /// Flip a bit in the next chunk.
+    Flip,
+    /// Send the next chunk twice.
+    Duplicate,
+    /// Forward nothing more on the connections open now, ever, and keep them open: a path
+    /// gone dead without a reset. New connections flow.
+    Stall,
+}
+
+impl Fault {
+    /// Every kind, in turn.
+    pub const ALL: [Fault; 6] = [
+        Fault::Cut,
+        Fault::Reset,
+        Fault::Truncate,
+        Fault::Flip,
+        Fault::Duplicate,
+        Fault::Stall,
+    ];
+}
+
+/// A TCP relay between the process server and the master target that injects faults on
+/// command (this kernel has no netem: faults come from user space).
+pub struct FaultRelay {
+    /// Where to connect instead of the target.
+    pub addr: String,
+    fault: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Open connections: both sockets and the flag that stalls them.
+    conns: std::sync::Arc<std::sync::Mutex<Vec<RelayedConn>>>,
+    /// Faults injected so far.
+    pub injected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+type RelayedConn = (
+    std::net::TcpStream,
+    std::net::TcpStream,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
+
+impl FaultRelay {
+    /// A relay to `target`.
+    pub fn new(target: String) -> FaultRelay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let r = FaultRelay {
+            addr: l.local_addr().unwrap().to_string(),
+            fault: Default::default(),
+            stop: Default::default(),
+            conns: Default::default(),
+            injected: Default::default(),
+        };
+        let (fault, stop, conns, injected) = (
+            r.fault.clone(),
+            r.stop.clone(),
+            r.conns.clone(),
+            r.injected.clone(),
+        );
+        std::thread::spawn(move || {
+            // Bounded: ends when the relay is dropped, or after 20 minutes.
+            let deadline = std::time::Instant::now() + Duration::from_secs(1200);
+            while !stop.load(SeqCst) && std::time::Instant::now() < deadline {
+                let Ok((down, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                down.set_nonblocking(false).unwrap();
+                let Ok(up) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                conns.lock().unwrap().push((
+                    down.try_clone().unwrap(),
+                    up.try_clone().unwrap(),
+                    stalled.clone(),
+                ));
+                for (a, b) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    let (fault, stalled, stop, injected) = (
+                        fault.clone(),
+                        stalled.clone(),
+                        stop.clone(),
+                        injected.clone(),
+                    );
+                    std::thread::spawn(move || pump(a, b, &fault, &stalled, &stop, &injected));
+                }
+            }
+        });
+        r
+    }
+
+    /// Injects `f` into the next chunk (or, for cuts and resets, at once).
+    pub fn inject(&self, f: Fault) {
+        use std::sync::atomic::Ordering::SeqCst;
+        match f {
+            Fault::Cut | Fault::Reset => {
+                for (a, b, _) in self.conns.lock().unwrap().drain(..) {
+                    for s in [a, b] {
+                        if f == Fault::Reset {
+                            let _ = socket_linger_zero(&s);
+                        }
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+                self.injected.fetch_add(1, SeqCst);
+            }
+            Fault::Stall => {
+                // Forgotten by later cuts: a dead path stays dead.
+                for (_, _, stalled) in self.conns.lock().unwrap().drain(..) {
+                    stalled.store(true, SeqCst);
+                }
+                self.injected.fetch_add(1, SeqCst);
+            }
+            f => self.fault.store(f as u8, SeqCst),
+        }
+    }
+}
+
+impl Drop for FaultRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inject(Fault::Cut);
+    }
+}
+
+/// SO_LINGER 0: closing the socket sends a reset.
+fn socket_linger_zero(s: &std::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a valid socket with a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    fault: &std::sync::atomic::AtomicU8,
+    stalled: &std::sync::atomic::AtomicBool,
+    stop: &std::sync::atomic::AtomicBool,
+    injected: &std::sync::atomic::AtomicU64,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering::SeqCst;
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = vec![0u8; 64 << 10];
+    // Bounded by the relay's life: every read times out within 50 ms to look at `stop`.
+    while !stop.load(SeqCst) {
+        if stalled.load(SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => break,
+        };
+        let chunk = &mut buf[..n];
+        let f = fault.swap(Fault::None as u8, SeqCst);
+        let ok = match f {
+            x if x == Fault::Truncate as u8 => {
+                injected.fetch_add(1, SeqCst);
+                let _ = to.write_all(&chunk[..n / 2]);
+                false
+            }
+            x if x == Fault::Flip as u8 => {
+                injected.fetch_add(1, SeqCst);
+                chunk[n / 2] ^= 0x10;
+                to.write_all(chunk).is_ok()
+            }
+            x if x == Fault::Duplicate as u8 => {
+                injected.fetch_add(1, SeqCst);
+                to.write_all(chunk).is_ok() && to.write_all(chunk).is_ok()
+            }
+            _ => to.write_all(chunk).is_ok(),
+        };
+        if !ok {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }
