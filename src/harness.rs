@@ -154,7 +154,7 @@ impl Cluster {
             format!("127.0.0.1:{}", free_port()?),
             format!("127.0.0.1:{}", free_port()?),
         );
-        let child = self.spawn_mt(&format!("-{n}"), &addr, &admin)?;
+        let child = self.spawn_mt(&mt_suffix(n), &addr, &admin)?;
         self.extra_mts.push((addr.clone(), child));
         Ok(addr)
     }
@@ -437,24 +437,60 @@ impl Cluster {
 
     /// The directory flags of the master target's offline commands.
     pub fn mt_dirs(&self) -> Vec<String> {
+        self.mt_dirs_of(1)
+    }
+
+    /// [`Cluster::mt_dirs`] of master target `n` (1 is the first; 2.. those of
+    /// [`Cluster::start_extra_mt`], in order).
+    pub fn mt_dirs_of(&self, n: usize) -> Vec<String> {
+        let suffix = mt_suffix(n);
         vec![
             format!(
                 "--data-dir={}",
-                self.dir.join("data/master-target").display()
+                self.dir
+                    .join(format!("data/master-target{suffix}"))
+                    .display()
             ),
             format!(
                 "--retention-dir={}",
-                self.dir.join("data/retention").display()
+                self.dir.join(format!("data/retention{suffix}")).display()
             ),
             "--allow-shared-retention-volume".into(),
         ]
     }
 
+    /// The datastore of master target `n` (see [`Cluster::mt_dirs_of`]).
+    pub fn onprem_of(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("onprem{}", mt_suffix(n)))
+    }
+
+    /// The process ids of every running master target, the first one first.
+    pub fn mt_pids(&self) -> Vec<u32> {
+        self.mt
+            .iter()
+            .map(Child::id)
+            .chain(self.extra_mts.iter().map(|(_, c)| c.id()))
+            .collect()
+    }
+
     /// Detaches a disk from the running master target (releasing its lock).
     pub fn detach(&self, disk_id: u64) -> Result<String> {
+        self.detach_on(1, disk_id)
+    }
+
+    /// [`Cluster::detach`] on master target `n` (see [`Cluster::mt_dirs_of`]).
+    pub fn detach_on(&self, n: usize, disk_id: u64) -> Result<String> {
+        let addr = match n {
+            1 => self.mt_addr.clone(),
+            _ => self
+                .extra_mts
+                .get(n - 2)
+                .map(|(a, _)| a.clone())
+                .ok_or_else(|| Error::Failed(format!("no master target {n}")))?,
+        };
         self.mt_cmd(&[
             "detach".into(),
-            format!("--connect={}", self.mt_addr),
+            format!("--connect={addr}"),
             format!("--tls-dir={}", self.tls.display()),
             format!("--disk={disk_id}"),
         ])
@@ -462,6 +498,18 @@ impl Cluster {
 
     /// Exports `disk_id` at `point` to `out` (the disk must be detached or the service stopped).
     pub fn export(&self, disk_id: u64, point: &str, out: &Path, format: &str) -> Result<String> {
+        self.export_on(1, disk_id, point, out, format)
+    }
+
+    /// [`Cluster::export`] from master target `n` (see [`Cluster::mt_dirs_of`]).
+    pub fn export_on(
+        &self,
+        n: usize,
+        disk_id: u64,
+        point: &str,
+        out: &Path,
+        format: &str,
+    ) -> Result<String> {
         let mut args = vec![
             "export".to_string(),
             format!("--disk={disk_id}"),
@@ -469,18 +517,23 @@ impl Cluster {
             format!("--out={}", out.display()),
             format!("--format={format}"),
         ];
-        args.extend(self.mt_dirs());
+        args.extend(self.mt_dirs_of(n));
         self.mt_cmd(&args)
     }
 
     /// Recovery points of a disk, as JSON objects.
     pub fn points(&self, disk_id: u64) -> Result<Vec<serde_json::Value>> {
+        self.points_on(1, disk_id)
+    }
+
+    /// [`Cluster::points`] on master target `n` (see [`Cluster::mt_dirs_of`]).
+    pub fn points_on(&self, n: usize, disk_id: u64) -> Result<Vec<serde_json::Value>> {
         let mut args = vec![
             "points".to_string(),
             format!("--disk={disk_id}"),
             "--json".into(),
         ];
-        args.extend(self.mt_dirs());
+        args.extend(self.mt_dirs_of(n));
         let out = self.mt_cmd(&args)?;
         out.lines()
             .map(|l| serde_json::from_str(l).map_err(|e| Error::Failed(format!("points: {e}"))))
@@ -600,4 +653,13 @@ pub fn first_difference(a: &Path, b: &Path, block: usize) -> Result<Option<u64>>
         Ok(n)
     }
     unreachable!("the loop returns")
+}
+
+/// The suffix of master target `n`'s directories: none for the first, `-N` after.
+fn mt_suffix(n: usize) -> String {
+    if n <= 1 {
+        String::new()
+    } else {
+        format!("-{n}")
+    }
 }
