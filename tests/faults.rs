@@ -279,6 +279,96 @@ fn a_flipped_byte_in_any_cache_record_never_loses_an_acknowledged_write() {
     }
 }
 
+/// The process server's record of how far the master target acknowledged a drained disk
+/// (`acked-lsn`, all that is left once its segments are deleted) damaged, or stale: an agent
+/// that comes back while the master target is away is acknowledged under LSNs the master
+/// target already holds. When the link returns, that is a resync, never a silent loss.
+#[test]
+fn a_damaged_cache_position_is_resynced_never_silently_lost() {
+    for (n, how) in ["a flipped digit", "an old value without its checksum"]
+        .iter()
+        .enumerate()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cluster(dir.path());
+        let seed = format!("--seed={}", 21 + n);
+        let rep = finish(
+            &c,
+            1,
+            replay(
+                &c,
+                1,
+                "tencent-cbs-50k.msr.csv",
+                "msr",
+                &["--max-writes=400", &seed],
+            ),
+        );
+        let last = rep["last_lsn"].as_u64().unwrap();
+        c.wait_durable(1, last, Duration::from_secs(120), |_| {})
+            .unwrap();
+        c.kill_ps();
+        c.kill_mt();
+        let acked = c.dir.join("data/process-server/disk-1/acked-lsn");
+        assert!(
+            acked.exists(),
+            "{how}: the drained cache keeps its position"
+        );
+        if n == 0 {
+            flip(&acked, 0);
+        } else {
+            std::fs::write(&acked, "100\n").unwrap();
+        }
+        // The returning agent's bookmarks are in the stream the master target never gets
+        // (the resync repairs the disk, not those points): they are not checked below.
+        let marks = c.agent_state(1).join("bookmarks.jsonl");
+        let kept = std::fs::read(&marks).unwrap();
+        // The agent returns before the link does: the process server acknowledges it.
+        c.start_ps().unwrap();
+        let seed = format!("--seed={}", 31 + n);
+        finish(
+            &c,
+            1,
+            replay(
+                &c,
+                1,
+                "tencent-cbs-50k.msr.csv",
+                "msr",
+                &["--max-writes=300", &seed],
+            ),
+        );
+        std::fs::write(&marks, kept).unwrap();
+        c.start_mt().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c
+            .ps_status()
+            .map_or(true, |s| s[0].state != "resync-required")
+        {
+            assert!(Instant::now() < deadline, "{how}: the disk needs a resync");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let out = c
+            .agent("resync", 1, &source(&c, 1), "256MiB")
+            .arg("--mode=differential")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{how}: {out:?}");
+        let more = finish(
+            &c,
+            1,
+            replay(
+                &c,
+                1,
+                "tencent-cbs-50k.msr.csv",
+                "msr",
+                &["--max-writes=50", "--seed=40"],
+            ),
+        );
+        verify_points(&c, 1, more["last_lsn"].as_u64().unwrap(), true);
+        assert_ne!(c.ps_status().unwrap()[0].state, "resync-required", "{how}");
+        eprintln!("{how}: ok");
+    }
+}
+
 #[test]
 fn a_flipped_byte_in_a_committed_journal_record_is_refused_then_recovered() {
     // Every kind of record, in the oldest and the newest segment, in its header (the body

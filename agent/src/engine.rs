@@ -293,6 +293,7 @@ impl Engine {
         let writes = std::mem::take(&mut self.batch);
         let bytes = std::mem::take(&mut self.batch_bytes);
         let n = writes.len() as u64;
+        self.continue_after_resume();
         let first = self.next_lsn;
         let spans: Vec<(u64, u64)> = writes
             .iter()
@@ -347,8 +348,16 @@ impl Engine {
         Ok(sent)
     }
 
+    /// A process server whose stream restarted after the master target's position tells a
+    /// resume point past what this agent numbered (it acknowledged everything up to it): go
+    /// on after it, or every write would be refused as a gap.
+    fn continue_after_resume(&mut self) {
+        self.next_lsn = self.next_lsn.max(self.link.acked_lsn + 1);
+    }
+
     async fn marker(&mut self, kind: BookmarkKind, tag: &str) -> Result<u64> {
         self.flush().await?;
+        self.continue_after_resume();
         let lsn = self.next_lsn;
         let time_us = now_us();
         let msg = Message::Bookmark(Bookmark {

@@ -40,7 +40,12 @@
 //! with nothing valid after it, is a torn tail (never acknowledged), and is truncated.
 //!
 //! `CACHE_DIR/disk-ID/disk.json` holds the disk's attach request; `acked-lsn` how far the
-//! master target acknowledged the disk when segments were last deleted.
+//! master target acknowledged the disk when segments were last deleted, as one line
+//! `LSN CRC` (decimal LSN, CRC32C of its decimal text in hex). It is written (and fsynced,
+//! renamed into place) *before* any segment is deleted, so a crash between the two never
+//! leaves the disk's position known to neither. A damaged `acked-lsn` reads as 0 with an
+//! ERROR; the master target then holds more than the cache knows of, and
+//! [`DiskCache::adopt_remote`] makes that a resync, never a silent loss.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -130,6 +135,32 @@ fn fill_gaps(entries: std::collections::VecDeque<Entry>) -> std::collections::Ve
         out.push_back(e);
     }
     out
+}
+
+/// The `acked-lsn` line of `lsn` (see the module docs).
+fn acked_line(lsn: u64) -> String {
+    let text = lsn.to_string();
+    format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()))
+}
+
+/// The LSN in a disk's `acked-lsn`: 0 if there is none, and 0 with an ERROR if it fails its
+/// checksum (the master target's position then decides: see [`DiskCache::adopt_remote`]).
+fn read_acked(dir: &Path) -> u64 {
+    let path = dir.join(ACKED_FILE);
+    let Ok(text) = fs::read_to_string(&path) else {
+        return 0;
+    };
+    let parsed = text
+        .trim_end_matches('\n')
+        .split_once(' ')
+        .and_then(|(lsn, crc)| {
+            let ok = u32::from_str_radix(crc, 16).ok()? == crc32c::crc32c(lsn.as_bytes());
+            ok.then(|| lsn.parse().ok()).flatten()
+        });
+    parsed.unwrap_or_else(|| {
+        tracing::error!(file = %path.display(), "the cache's record of how far the master target acknowledged this disk is damaged: its position is taken from the master target when the link is up, and the disk is resynced if the two differ");
+        0
+    })
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {
@@ -282,10 +313,7 @@ impl DiskCache {
             segs.push((1, 0));
         }
         let active_len = segs.last().expect("one").1;
-        let acked: u64 = fs::read_to_string(dir.join(ACKED_FILE))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0);
+        let acked = read_acked(dir);
         let trimmed_lsn = trimmed_lsn.max(acked);
         let mut c = DiskCache {
             dir: dir.into(),
@@ -361,7 +389,9 @@ impl DiskCache {
 
     /// Capture time of the oldest write not yet acknowledged by the master target.
     pub fn oldest_unacked_ts_us(&self) -> Option<u64> {
-        self.entries.front().map(|e| e.first_ts_us)
+        // Lost ranges carry no capture time (0): RPO counts from the oldest write that has
+        // one, never from the epoch.
+        self.entries.iter().map(|e| e.first_ts_us).find(|&t| t > 0)
     }
 
     /// Appends one frame covering `first_lsn..=last_lsn` (not yet durable: see [`DiskCache::sync`]).
@@ -534,7 +564,11 @@ impl DiskCache {
             self.segs.push((self.active_seq, 0));
         }
         let first_needed = self.entries.front().map_or(self.active_seq, |e| e.seg);
-        let mut removed = false;
+        // How far the master target acknowledged the disk is durable before the records
+        // that said so go: a crash in between must not leave a stale (or no) position.
+        if self.segs.len() > 1 && self.segs[0].0 < first_needed {
+            self.persist_acked()?;
+        }
         while self.segs.len() > 1 && self.segs[0].0 < first_needed {
             let (seq, _) = self.segs.remove(0);
             let p = seg_path(&self.dir, seq);
@@ -545,13 +579,28 @@ impl DiskCache {
                         source: e,
                     })
                 }
-                _ => removed = true,
+                _ => {}
             }
         }
-        if removed {
-            self.persist_acked()?;
-        }
         Ok(())
+    }
+
+    /// The master target holds the disk up to `remote_lsn`, beyond the last LSN this cache
+    /// knows of: the cache's record of its position was damaged (or restored from an older
+    /// copy), and writes it acknowledged after its last LSN carried LSNs the master target
+    /// already had, so it would drop them as duplicates. Drops every cached record (all at
+    /// or below `remote_lsn`), continues the stream after `remote_lsn`, and returns the
+    /// range whose writes may be missing on the master target (the disk must be resynced).
+    pub fn adopt_remote(&mut self, remote_lsn: u64) -> Result<Option<(u64, u64)>> {
+        let last = self.last_lsn();
+        if remote_lsn <= last {
+            return Ok(None);
+        }
+        let first_suspect = self.entries.front().map_or(last + 1, |e| e.first_lsn);
+        self.trimmed_lsn = remote_lsn;
+        self.trim(remote_lsn)?;
+        self.persist_acked()?;
+        Ok(Some((first_suspect.min(last + 1), remote_lsn)))
     }
 
     /// Keeps how far the master target acknowledged the disk in `acked-lsn`, whenever
@@ -560,7 +609,7 @@ impl DiskCache {
     fn persist_acked(&self) -> Result<()> {
         let path = self.dir.join(ACKED_FILE);
         let tmp = self.dir.join(format!("{ACKED_FILE}.tmp"));
-        fs::write(&tmp, format!("{}\n", self.trimmed_lsn))
+        fs::write(&tmp, acked_line(self.trimmed_lsn))
             .and_then(|_| File::open(&tmp)?.sync_all())
             .and_then(|_| fs::rename(&tmp, &path))
             .and_then(|_| File::open(&self.dir)?.sync_all())

@@ -22,7 +22,7 @@ use wire_protocol::{
     Ack, AckEntry, BookmarkKind, DiskAttach, ErrorCode, ErrorMsg, Message, MessageCodec, Nack, Role,
 };
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::state::{Disk, State, UplinkRequest};
 
 /// At most this many agent connections at once (agents keep one connection per disk; 128
@@ -339,6 +339,9 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
     );
     // How far each attached disk is durable on the master target, as last told the agent.
     let mut told_durable: HashMap<u64, u64> = HashMap::new();
+    // Each attached disk's stream epoch at its attach: a disk whose stream restarted since
+    // (DiskCache::adopt_remote) closes the connection, so the agent attaches again.
+    let mut epochs: HashMap<u64, u64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(REMOTE_DURABLE_EVERY_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -427,6 +430,15 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                     replies.push(detached(disk_id));
                     continue;
                 }
+                if epochs
+                    .get(&disk_id)
+                    .is_some_and(|e| *e != disk.stream_epoch.load(Ordering::Acquire))
+                {
+                    tracing::warn!(disk = disk_id, vm = %vm, "the disk's stream restarts after the master target's position: closing the agent's connection so it attaches again");
+                    return Err(Error::Refused(format!(
+                        "disk {disk_id}: the stream restarts; attach again"
+                    )));
+                }
                 // What can be checked here is, before anything is acknowledged: a write the
                 // master target would refuse must never be acknowledged to the agent.
                 if let Some(r) = refuse_content(&msg, disk.attach.size_bytes) {
@@ -512,11 +524,17 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
             match msg {
                 Message::DiskAttach(a) => {
                     let id = a.disk_id;
+                    // Read before the attach answers with where to resume: a restart in
+                    // between then closes this connection rather than go unnoticed.
+                    let epoch = state
+                        .disk(id)
+                        .map_or(0, |d| d.stream_epoch.load(Ordering::Acquire));
                     let reply = attach(&state, &identity, a).await;
                     // Only a disk this VM may touch joins the connection's set (it is told of
                     // that disk's durability and resync needs, nothing of others').
                     if matches!(reply, Message::Ack(_)) {
                         attached.insert(id);
+                        epochs.insert(id, epoch);
                     }
                     replies.push(reply);
                 }

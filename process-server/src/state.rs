@@ -95,6 +95,10 @@ pub struct Disk {
     /// The agent's stream is inside a resync (a resync-started marker was cached and its
     /// completion not yet).
     pub resyncing: AtomicBool,
+    /// Bumped when the disk's stream restarts at another LSN (see
+    /// `DiskCache::adopt_remote`): agent connections attached before it are closed, so the
+    /// agent attaches again and learns where to continue.
+    pub stream_epoch: AtomicU64,
     /// Why the master target refuses the disk, while it does (nothing of it is shipped; the
     /// attach is tried again every few seconds).
     pub refused: Mutex<Option<String>>,
@@ -333,6 +337,7 @@ impl State {
                 detached: AtomicBool::new(e.path().join("detached").exists()),
                 retired: AtomicBool::new(e.path().join("retired").exists()),
                 resyncing: AtomicBool::new(false),
+                stream_epoch: AtomicU64::new(0),
                 refused: Mutex::new(None),
                 route,
                 cache_dir: cfg.cache_dir.clone(),
@@ -442,6 +447,7 @@ impl State {
             detached: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             resyncing: AtomicBool::new(false),
+            stream_epoch: AtomicU64::new(0),
             refused: Mutex::new(None),
             cache_dir: self.cfg.cache_dir.clone(),
             route,

@@ -484,6 +484,14 @@ fn attached(state: &State, ship: &mut Ship, disk: &Disk, lsn: u64) -> Result<()>
         if let Some((first, last)) = cache.remote_behind(lsn) {
             tracing::error!(disk = disk.attach.disk_id, first_lsn = first, last_lsn = last, "the master target no longer holds lsn {first}..={last}, which this cache let go of when it acknowledged them: they are replaced by a resync marker and the agent resyncs the disk");
         }
+        if let Some((first, last)) = cache.adopt_remote(lsn)? {
+            // Writes acknowledged here under LSNs the master target already had would be
+            // dropped there as duplicates: the disk must be resynced, and the agent's stream
+            // restarts after the master target's position.
+            tracing::error!(disk = disk.attach.disk_id, first_lsn = first, last_lsn = lsn, "the master target holds this disk up to lsn {lsn}, beyond what this cache knew of (its record was damaged or restored from an older copy): writes acknowledged under lsn {first}..={last} may be missing on-premises; the disk must be resynced (the agent is told; or run `agent resync --mode=differential`), and its stream continues after lsn {lsn}");
+            disk.require_resync(first, last)?;
+            disk.stream_epoch.fetch_add(1, Ordering::AcqRel);
+        }
     }
     on_durable(state, disk, lsn)?;
     *disk.refused.lock().expect("poisoned") = None;

@@ -268,3 +268,34 @@ fn acknowledged_records_give_their_room_back_and_the_stream_resumes_after_them()
     let c = DiskCache::open(dir.path(), 0).unwrap();
     assert_eq!(c.last_lsn(), 41);
 }
+
+#[test]
+fn a_drained_cache_keeps_its_position_and_a_damaged_one_defers_to_the_master_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = DiskCache::open(dir.path(), 0).unwrap();
+    // Over IDLE_ROTATE_BYTES of records, all acknowledged: every segment goes.
+    for lsn in 1..=40 {
+        c.append(lsn, lsn, lsn, &frame(lsn, 32 << 10)).unwrap();
+    }
+    c.sync().unwrap();
+    c.trim(40).unwrap();
+    drop(c);
+    assert!(segments(dir.path())
+        .iter()
+        .all(|s| std::fs::metadata(s).unwrap().len() == 0));
+    assert_eq!(DiskCache::open(dir.path(), 0).unwrap().last_lsn(), 40);
+    // A flipped byte in the position: it reads as unknown (0), never as another number.
+    let acked = dir.path().join("acked-lsn");
+    let mut b = std::fs::read(&acked).unwrap();
+    b[0] ^= 0x01;
+    std::fs::write(&acked, b).unwrap();
+    let mut c = DiskCache::open(dir.path(), 0).unwrap();
+    assert_eq!(c.last_lsn(), 0);
+    // The master target holds more: the stream continues after it, the gap is reported.
+    let lost = c.adopt_remote(40).unwrap();
+    assert_eq!(lost, Some((1, 40)));
+    assert_eq!(c.last_lsn(), 40);
+    assert_eq!(c.adopt_remote(40).unwrap(), None);
+    drop(c);
+    assert_eq!(DiskCache::open(dir.path(), 0).unwrap().last_lsn(), 40);
+}
