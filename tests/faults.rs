@@ -32,13 +32,18 @@ fn rng(test: &str) -> fastrand::Rng {
     fastrand::Rng::with_seed(seed)
 }
 
+/// A replay of the Tencent trace for disk 1 with `extra` flags.
+fn tencent(c: &Cluster, extra: &[&str]) -> Child {
+    replay(c, 1, "tencent-cbs-50k.msr.csv", "msr", extra)
+}
+
 /// A paced replay of `writes` writes of the Tencent trace for disk 1 (a fresh stream each
 /// time it starts).
 fn agent(c: &Cluster, writes: u64, extra: &[&str]) -> Child {
     let max = format!("--max-writes={writes}");
     let mut args = vec![max.as_str(), "--pace=4x", "--bookmark-every-s=2"];
     args.extend_from_slice(extra);
-    replay(c, 1, "tencent-cbs-50k.msr.csv", "msr", &args)
+    tencent(c, &args)
 }
 
 fn lines_with(path: &Path, word: &str) -> usize {
@@ -158,11 +163,7 @@ fn cache_while_mt_down(c: &mut Cluster, writes: u64, seed: u64) {
     c.kill_mt();
     let max = format!("--max-writes={writes}");
     let seed = format!("--seed={seed}");
-    finish(
-        c,
-        1,
-        replay(c, 1, "tencent-cbs-50k.msr.csv", "msr", &[&max, &seed]),
-    );
+    finish(c, 1, tencent(c, &[&max, &seed]));
 }
 
 fn segments(dir: &Path, ext: &str) -> Vec<std::path::PathBuf> {
@@ -239,11 +240,8 @@ fn a_flipped_byte_in_any_cache_record_never_loses_an_acknowledged_write() {
         let mut rep = finish(
             &c,
             1,
-            replay(
+            tencent(
                 &c,
-                1,
-                "tencent-cbs-50k.msr.csv",
-                "msr",
                 &["--max-writes=300", "--seed=11", "--bookmark-every-s=2"],
             ),
         );
@@ -260,17 +258,7 @@ fn a_flipped_byte_in_any_cache_record_never_loses_an_acknowledged_write() {
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{what}: {out:?}");
-            rep = finish(
-                &c,
-                1,
-                replay(
-                    &c,
-                    1,
-                    "tencent-cbs-50k.msr.csv",
-                    "msr",
-                    &["--max-writes=50", "--seed=12"],
-                ),
-            );
+            rep = finish(&c, 1, tencent(&c, &["--max-writes=50", "--seed=12"]));
         }
         verify_points(&c, 1, rep["last_lsn"].as_u64().unwrap(), true);
         let status = c.ps_status().unwrap();
@@ -292,17 +280,7 @@ fn a_damaged_cache_position_is_resynced_never_silently_lost() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cluster(dir.path());
         let seed = format!("--seed={}", 21 + n);
-        let rep = finish(
-            &c,
-            1,
-            replay(
-                &c,
-                1,
-                "tencent-cbs-50k.msr.csv",
-                "msr",
-                &["--max-writes=400", &seed],
-            ),
-        );
+        let rep = finish(&c, 1, tencent(&c, &["--max-writes=400", &seed]));
         let last = rep["last_lsn"].as_u64().unwrap();
         c.wait_durable(1, last, Duration::from_secs(120), |_| {})
             .unwrap();
@@ -325,17 +303,7 @@ fn a_damaged_cache_position_is_resynced_never_silently_lost() {
         // The agent returns before the link does: the process server acknowledges it.
         c.start_ps().unwrap();
         let seed = format!("--seed={}", 31 + n);
-        finish(
-            &c,
-            1,
-            replay(
-                &c,
-                1,
-                "tencent-cbs-50k.msr.csv",
-                "msr",
-                &["--max-writes=300", &seed],
-            ),
-        );
+        finish(&c, 1, tencent(&c, &["--max-writes=300", &seed]));
         std::fs::write(&marks, kept).unwrap();
         c.start_mt().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -352,17 +320,7 @@ fn a_damaged_cache_position_is_resynced_never_silently_lost() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{how}: {out:?}");
-        let more = finish(
-            &c,
-            1,
-            replay(
-                &c,
-                1,
-                "tencent-cbs-50k.msr.csv",
-                "msr",
-                &["--max-writes=50", "--seed=40"],
-            ),
-        );
+        let more = finish(&c, 1, tencent(&c, &["--max-writes=50", "--seed=40"]));
         verify_points(&c, 1, more["last_lsn"].as_u64().unwrap(), true);
         assert_ne!(c.ps_status().unwrap()[0].state, "resync-required", "{how}");
         eprintln!("{how}: ok");
@@ -409,17 +367,7 @@ fn a_flipped_byte_in_a_committed_journal_record_is_refused_then_recovered() {
         for (round, writes) in [3000, 100, 100, 100].into_iter().enumerate() {
             let max = format!("--max-writes={writes}");
             let seed = format!("--seed={}", round + 1);
-            rep = finish(
-                &c,
-                1,
-                replay(
-                    &c,
-                    1,
-                    "tencent-cbs-50k.msr.csv",
-                    "msr",
-                    &[&max, &seed, "--bookmark-every-s=1"],
-                ),
-            );
+            rep = finish(&c, 1, tencent(&c, &[&max, &seed, "--bookmark-every-s=1"]));
             c.wait_durable(
                 1,
                 rep["last_lsn"].as_u64().unwrap(),
@@ -471,11 +419,8 @@ fn a_flipped_byte_in_a_committed_journal_record_is_refused_then_recovered() {
             let more = finish(
                 &c,
                 1,
-                replay(
+                tencent(
                     &c,
-                    1,
-                    "tencent-cbs-50k.msr.csv",
-                    "msr",
                     &["--max-writes=300", "--seed=5", "--bookmark-every-s=0.5"],
                 ),
             );
@@ -507,11 +452,8 @@ fn a_flipped_byte_in_a_committed_journal_record_is_refused_then_recovered() {
         let more = finish(
             &c,
             1,
-            replay(
+            tencent(
                 &c,
-                1,
-                "tencent-cbs-50k.msr.csv",
-                "msr",
                 &["--max-writes=500", "--seed=5", "--bookmark-every-s=2"],
             ),
         );
@@ -711,13 +653,7 @@ fn a_full_cache_volume_holds_agents_back_and_loses_nothing() {
     .unwrap();
     c.kill_mt();
     // 245 MB of writes into a 96 MiB volume, the master target away.
-    let a = replay(
-        &c,
-        1,
-        "tencent-cbs-50k.msr.csv",
-        "msr",
-        &["--device=all", "--bookmark-every-s=4"],
-    );
+    let a = tencent(&c, &["--device=all", "--bookmark-every-s=4"]);
     let log = c.dir.join("logs/process-server.log");
     let deadline = Instant::now() + Duration::from_secs(120);
     while lines_with(&log, "volume is full") == 0 {
@@ -748,13 +684,7 @@ fn a_full_retention_volume_prunes_or_holds_and_a_smaller_quota_starts() {
     let rep = finish(
         &c,
         1,
-        replay(
-            &c,
-            1,
-            "tencent-cbs-50k.msr.csv",
-            "msr",
-            &["--device=all", "--bookmark-every-s=4"],
-        ),
+        tencent(&c, &["--device=all", "--bookmark-every-s=4"]),
     );
     c.wait_durable(
         1,
