@@ -52,6 +52,10 @@ pub const START_BACKOFF_MAX_MS: u64 = 5_000;
 /// Attempts logged at INFO before they are logged at WARN.
 pub const QUIET_ATTEMPTS: u32 = 3;
 
+/// Times a resync asks again for digests lost to a dropped link before it gives up (each
+/// attempt waits for the link to come back, within the request's own time limit).
+const MAX_REQUEST_RETRIES: u32 = 10;
+
 /// Where a resync stands.
 #[derive(Debug)]
 pub struct Resync {
@@ -564,17 +568,33 @@ impl Engine {
                 })
             };
             let max = Duration::from_secs(300);
-            if r.prefetched != Some(b) {
-                self.link.send_request(chunk(b), max).await?;
-            }
-            // Keep one request ahead: replies come in order, and the master target hashes the
-            // next chunk while this one is compared and sent.
-            let next = b + u64::from(count);
-            r.prefetched = (next < r.blocks).then_some(next);
-            if let Some(n) = r.prefetched {
-                self.link.send_request(chunk(n), max).await?;
-            }
-            let theirs = match self.link.reply(max).await? {
+            // A link that drops while a request waits (a process server restarting, or
+            // closing the connection so the agent attaches again) loses the requests in
+            // flight: ask again on the new link, a bounded number of times.
+            let mut drops = 0;
+            let reply = loop {
+                if r.prefetched != Some(b) {
+                    self.link.send_request(chunk(b), max).await?;
+                }
+                // Keep one request ahead: replies come in order, and the master target
+                // hashes the next chunk while this one is compared and sent.
+                let next = b + u64::from(count);
+                r.prefetched = (next < r.blocks).then_some(next);
+                if let Some(n) = r.prefetched {
+                    self.link.send_request(chunk(n), max).await?;
+                }
+                match self.link.reply(max).await {
+                    Ok(m) => break m,
+                    Err(e) if drops < MAX_REQUEST_RETRIES && !self.link.is_up() => {
+                        drops += 1;
+                        tracing::warn!(error = %e, attempt = drops, "the link dropped during a resync request; asking again");
+                        r.prefetched = None;
+                        self.link.forget_replies();
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let theirs = match reply {
                 Message::DigestList(l)
                     if l.first_block == b && l.digests.len() == count as usize =>
                 {

@@ -355,6 +355,11 @@ impl Link {
         self.fatal.take()
     }
 
+    /// Drops replies to requests of a link that is gone (they are asked again).
+    pub fn forget_replies(&mut self) {
+        self.replies.clear();
+    }
+
     /// Whether the process server asked for a resync since the last call.
     pub fn take_resync_requested(&mut self) -> bool {
         std::mem::take(&mut self.resync_requested)

@@ -110,6 +110,11 @@ pub struct DiskCache {
     synced: (u64, u32, u64),
     /// Record bytes trimmed since open (for the drain rate).
     pub trimmed_bytes: u64,
+    /// Whether this cache knows where the disk's stream stands: false when its only record
+    /// of it (`acked-lsn`, with no segment left to say more) is missing or damaged. Then no
+    /// agent may be told where to resume until the master target has said (see
+    /// [`DiskCache::adopt_remote`]).
+    position_known: bool,
 }
 
 /// Turns every hole in the LSN sequence of `entries` (records hidden by a corrupt header)
@@ -143,12 +148,12 @@ fn acked_line(lsn: u64) -> String {
     format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()))
 }
 
-/// The LSN in a disk's `acked-lsn`: 0 if there is none, and 0 with an ERROR if it fails its
-/// checksum (the master target's position then decides: see [`DiskCache::adopt_remote`]).
-fn read_acked(dir: &Path) -> u64 {
+/// The LSN in a disk's `acked-lsn`: `None` if there is none or it fails its checksum (with
+/// an ERROR; the master target's position then decides: see [`DiskCache::adopt_remote`]).
+fn read_acked(dir: &Path) -> Option<u64> {
     let path = dir.join(ACKED_FILE);
     let Ok(text) = fs::read_to_string(&path) else {
-        return 0;
+        return None;
     };
     let parsed = text
         .trim_end_matches('\n')
@@ -157,10 +162,10 @@ fn read_acked(dir: &Path) -> u64 {
             let ok = u32::from_str_radix(crc, 16).ok()? == crc32c::crc32c(lsn.as_bytes());
             ok.then(|| lsn.parse().ok()).flatten()
         });
-    parsed.unwrap_or_else(|| {
-        tracing::error!(file = %path.display(), "the cache's record of how far the master target acknowledged this disk is damaged: its position is taken from the master target when the link is up, and the disk is resynced if the two differ");
-        0
-    })
+    if parsed.is_none() {
+        tracing::error!(file = %path.display(), "the cache's record of how far the master target acknowledged this disk is damaged: its agents wait until the master target says where the disk stands");
+    }
+    parsed
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {
@@ -314,6 +319,9 @@ impl DiskCache {
         }
         let active_len = segs.last().expect("one").1;
         let acked = read_acked(dir);
+        let position_known =
+            acked.is_some() || !entries.is_empty() || acked_through > 0 || trimmed_lsn > 0;
+        let acked = acked.unwrap_or(0);
         let trimmed_lsn = trimmed_lsn.max(acked);
         let mut c = DiskCache {
             dir: dir.into(),
@@ -325,10 +333,23 @@ impl DiskCache {
             segs,
             trimmed_lsn,
             trimmed_bytes: 0,
+            position_known,
         };
         c.trim(trimmed_lsn)?;
         c.synced = (c.last_lsn(), c.active_seq, c.active_len);
         Ok(c)
+    }
+
+    /// Whether the cache knows where the disk's stream stands (see the field's docs).
+    pub fn position_known(&self) -> bool {
+        self.position_known
+    }
+
+    /// Records a new disk's starting position durably, so that a missing `acked-lsn` always
+    /// means damage.
+    pub fn confirm_position(&mut self) -> Result<()> {
+        self.position_known = true;
+        self.persist_acked()
     }
 
     /// The highest LSN cached (or trimmed, if the cache is empty).
@@ -592,6 +613,12 @@ impl DiskCache {
     /// or below `remote_lsn`), continues the stream after `remote_lsn`, and returns the
     /// range whose writes may be missing on the master target (the disk must be resynced).
     pub fn adopt_remote(&mut self, remote_lsn: u64) -> Result<Option<(u64, u64)>> {
+        if !self.position_known {
+            // Nothing was acknowledged while the position was unknown: nothing is lost.
+            self.trimmed_lsn = self.trimmed_lsn.max(remote_lsn);
+            self.position_known = true;
+            return self.persist_acked().map(|()| None);
+        }
         let last = self.last_lsn();
         if remote_lsn <= last {
             return Ok(None);

@@ -270,6 +270,11 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach) -> Message {
     match state.disk(id) {
         Some(d) if !owns(vm, &d) => forbidden(state, identity, id, "disk attach"),
         Some(d) if d.is_detached() => detached(id),
+        Some(d) if !d.cache.lock().expect("poisoned").position_known() => err_msg(
+            ErrorCode::NotReady,
+            id,
+            format!("disk {id}: this process server's record of where the disk's stream stands is damaged; it waits for the master target to say (when the link is up); retry"),
+        ),
         Some(d) if d.attach.disk_uuid == a.disk_uuid && d.attach.size_bytes == a.size_bytes => {
             durable(&d)
         }
@@ -454,7 +459,13 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                     let r = {
                         let mut cache = disk.cache.lock().expect("poisoned");
                         let next = cache.last_lsn() + 1;
-                        if last < next {
+                        if !cache.position_known() {
+                            Append::Refused(err_msg(
+                                ErrorCode::NotReady,
+                                disk_id,
+                                format!("disk {disk_id}: waiting for the master target to say where the disk's stream stands; retry"),
+                            ))
+                        } else if last < next {
                             Append::Held // a resend of what we hold: ack again
                         } else if first != next {
                             Append::Refused(Message::Nack(Nack {

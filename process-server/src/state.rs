@@ -437,7 +437,8 @@ impl State {
             std::fs::File::open(&dir)?.sync_all()
         };
         write().ctx(|| format!("write {}", dir.join("disk.json").display()))?;
-        let cache = DiskCache::open(&dir, durable_lsn)?;
+        let mut cache = DiskCache::open(&dir, durable_lsn)?;
+        cache.confirm_position()?;
         let disk = Arc::new(Disk {
             attach,
             cache: Mutex::new(cache),

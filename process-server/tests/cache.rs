@@ -290,12 +290,19 @@ fn a_drained_cache_keeps_its_position_and_a_damaged_one_defers_to_the_master_tar
     b[0] ^= 0x01;
     std::fs::write(&acked, b).unwrap();
     let mut c = DiskCache::open(dir.path(), 0).unwrap();
-    assert_eq!(c.last_lsn(), 0);
-    // The master target holds more: the stream continues after it, the gap is reported.
-    let lost = c.adopt_remote(40).unwrap();
-    assert_eq!(lost, Some((1, 40)));
-    assert_eq!(c.last_lsn(), 40);
+    assert!(!c.position_known(), "no agent may be told where to resume");
+    // The master target says where the disk stands: nothing was acknowledged meanwhile, so
+    // nothing is lost, and the stream continues after it.
     assert_eq!(c.adopt_remote(40).unwrap(), None);
+    assert!(c.position_known());
+    assert_eq!(c.last_lsn(), 40);
     drop(c);
     assert_eq!(DiskCache::open(dir.path(), 0).unwrap().last_lsn(), 40);
+    // A master target ahead of a known position (a cache restored from an older copy that
+    // went on taking writes): the writes since are suspect, the disk must be resynced.
+    let mut c = DiskCache::open(dir.path(), 0).unwrap();
+    c.append(41, 41, 41, &frame(41, 100)).unwrap();
+    c.sync().unwrap();
+    assert_eq!(c.adopt_remote(60).unwrap(), Some((41, 60)));
+    assert_eq!(c.last_lsn(), 60);
 }
