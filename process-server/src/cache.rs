@@ -43,9 +43,9 @@
 //! master target acknowledged the disk when segments were last deleted, as one line
 //! `LSN CRC` (decimal LSN, CRC32C of its decimal text in hex). It is written (and fsynced,
 //! renamed into place) *before* any segment is deleted, so a crash between the two never
-//! leaves the disk's position known to neither. A damaged `acked-lsn` reads as 0 with an
-//! ERROR; the master target then holds more than the cache knows of, and
-//! [`DiskCache::adopt_remote`] makes that a resync, never a silent loss.
+//! leaves the disk's position known to neither. A damaged or missing `acked-lsn` with no
+//! segment left leaves the position unknown (an ERROR): no agent is told where to resume
+//! until the master target says ([`DiskCache::adopt_remote`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
