@@ -148,24 +148,13 @@ fn acked_line(lsn: u64) -> String {
     format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()))
 }
 
-/// The LSN in a disk's `acked-lsn`: `None` if there is none or it fails its checksum (with
-/// an ERROR; the master target's position then decides: see [`DiskCache::adopt_remote`]).
+/// The LSN in a disk's `acked-lsn`: `None` if there is none or it fails its checksum (the
+/// master target's position then decides: see [`DiskCache::adopt_remote`]).
 fn read_acked(dir: &Path) -> Option<u64> {
-    let path = dir.join(ACKED_FILE);
-    let Ok(text) = fs::read_to_string(&path) else {
-        return None;
-    };
-    let parsed = text
-        .trim_end_matches('\n')
-        .split_once(' ')
-        .and_then(|(lsn, crc)| {
-            let ok = u32::from_str_radix(crc, 16).ok()? == crc32c::crc32c(lsn.as_bytes());
-            ok.then(|| lsn.parse().ok()).flatten()
-        });
-    if parsed.is_none() {
-        tracing::error!(file = %path.display(), "the cache's record of how far the master target acknowledged this disk is damaged: its agents wait until the master target says where the disk stands");
-    }
-    parsed
+    let text = fs::read_to_string(dir.join(ACKED_FILE)).ok()?;
+    let (lsn, crc) = text.trim_end_matches('\n').split_once(' ')?;
+    let ok = u32::from_str_radix(crc, 16).ok()? == crc32c::crc32c(lsn.as_bytes());
+    ok.then(|| lsn.parse().ok()).flatten()
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {

@@ -318,6 +318,9 @@ impl State {
                 .ok()
                 .and_then(|t| t.trim().rsplit(' ').next()?.parse::<u64>().ok());
             let cache = DiskCache::open(&e.path(), detached_lsn.unwrap_or(0))?;
+            if !cache.position_known() {
+                tracing::error!(dir = %e.path().display(), "this process server has no record of how far the master target acknowledged this disk (acked-lsn missing or damaged, no segment left): its agents wait until the master target says where the disk stands");
+            }
             // Everything before the oldest record still cached was acknowledged by the master
             // target (records leave only then): a lower bound until it says more.
             let durable_lsn = detached_lsn
