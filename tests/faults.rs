@@ -142,9 +142,9 @@ fn link_faults_cut_reset_truncate_flip_duplicate_and_stall_lose_nothing() {
     );
 }
 
-/// Runs the agent for disk 1 to its end, with the master target down: everything lands in
-/// the process server's cache, acknowledged.
-fn cache_while_mt_down(c: &mut Cluster, writes: u64, seed: u64) {
+/// Attaches disk 1 (one write, durable on the master target), then stops the master
+/// target: what the agent sends next lands in the process server's cache only.
+fn attach_then_stop_mt(c: &mut Cluster) {
     let r = finish(
         c,
         1,
@@ -164,6 +164,12 @@ fn cache_while_mt_down(c: &mut Cluster, writes: u64, seed: u64) {
     )
     .unwrap();
     c.kill_mt();
+}
+
+/// Runs the agent for disk 1 to its end, with the master target down: everything lands in
+/// the process server's cache, acknowledged.
+fn cache_while_mt_down(c: &mut Cluster, writes: u64, seed: u64) {
+    attach_then_stop_mt(c);
     let max = format!("--max-writes={writes}");
     let seed = format!("--seed={seed}");
     finish(c, 1, tencent(c, &[&max, &seed]));
@@ -646,25 +652,7 @@ fn a_full_cache_volume_holds_agents_back_and_loses_nothing() {
     }) else {
         return;
     };
-    let r = finish(
-        &c,
-        1,
-        replay(
-            &c,
-            1,
-            "tpcc-small.disksim",
-            "disksim-ns",
-            &["--max-writes=1"],
-        ),
-    );
-    c.wait_durable(
-        1,
-        r["last_lsn"].as_u64().unwrap(),
-        Duration::from_secs(60),
-        |_| {},
-    )
-    .unwrap();
-    c.kill_mt();
+    attach_then_stop_mt(&mut c);
     // 245 MB of writes into a 96 MiB volume, the master target away.
     let a = tencent(&c, &["--device=all", "--bookmark-every-s=4"]);
     let log = c.dir.join("logs/process-server.log");
