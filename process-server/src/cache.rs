@@ -41,9 +41,9 @@
 //!
 //! `CACHE_DIR/disk-ID/disk.json` holds the disk's attach request; `acked-lsn` how far the
 //! master target acknowledged the disk when segments were last deleted, as one line
-//! `LSN CRC` (decimal LSN, CRC32C of its decimal text in hex). It is written (and fsynced,
-//! renamed into place) *before* any segment is deleted, so a crash between the two never
-//! leaves the disk's position known to neither. A damaged or missing `acked-lsn` with no
+//! `LSN CRC` (the LSN in 20 decimal digits, CRC32C of them in hex). It is written and
+//! fsynced (in place, so a full volume cannot refuse it) *before* any segment is deleted,
+//! so a crash between the two never leaves the disk's position known to neither. A damaged or missing `acked-lsn` with no
 //! segment left leaves the position unknown (an ERROR): no agent is told where to resume
 //! until the master target says ([`DiskCache::adopt_remote`]).
 
@@ -144,7 +144,8 @@ fn fill_gaps(entries: std::collections::VecDeque<Entry>) -> std::collections::Ve
 
 /// The `acked-lsn` line of `lsn` (see the module docs).
 fn acked_line(lsn: u64) -> String {
-    let text = lsn.to_string();
+    // Fixed width (20 digits hold any u64): rewritten in place, the file never grows.
+    let text = format!("{lsn:020}");
     format!("{text} {:08x}\n", crc32c::crc32c(text.as_bytes()))
 }
 
@@ -622,13 +623,30 @@ impl DiskCache {
     /// Keeps how far the master target acknowledged the disk in `acked-lsn`, whenever
     /// segments (the records that said so) are deleted: after a restart with an empty cache
     /// the disk's stream still resumes after it, never from 1.
+    ///
+    /// Rewritten in place at a fixed width, not through a new file and a rename: this runs
+    /// before segments are deleted, often on a full volume, and an overwrite needs no new
+    /// block (a new file would fail with ENOSPC and no segment could ever go). A write torn
+    /// by a crash fails the checksum: the position is then unknown and taken from the
+    /// master target, never guessed.
     fn persist_acked(&self) -> Result<()> {
         let path = self.dir.join(ACKED_FILE);
-        let tmp = self.dir.join(format!("{ACKED_FILE}.tmp"));
-        fs::write(&tmp, acked_line(self.trimmed_lsn))
-            .and_then(|_| File::open(&tmp)?.sync_all())
-            .and_then(|_| fs::rename(&tmp, &path))
-            .and_then(|_| File::open(&self.dir)?.sync_all())
+        let created = !path.exists();
+        let line = acked_line(self.trimmed_lsn);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .and_then(|f| {
+                f.write_all_at(line.as_bytes(), 0)?;
+                f.set_len(line.len() as u64)?;
+                f.sync_all()
+            })
+            .and_then(|()| match created {
+                true => File::open(&self.dir)?.sync_all(),
+                false => Ok(()),
+            })
             .ctx(|| format!("write {}", path.display()))
     }
 
