@@ -1,0 +1,168 @@
+//! Every file operation the services' durable state makes, behind one trait.
+//!
+//! The retention journal and the disks of the master target (and, later, the process
+//! server's cache) do their I/O through [`FileSystem`] and [`FileHandle`], like
+//! raft-engine's `FileSystem`: [`RealFs`] in production, [`SimFs`] in the deterministic
+//! simulator (`tests/simulation.rs`), which crashes at any operation, tears and drops
+//! unsynced writes, fills the volume and fails operations with EIO, all from one seed.
+//!
+//! # Design constraints
+//! - The trait is as small as the callers need: positional reads and writes, length,
+//!   truncation, the two fsyncs, and the namespace operations with an explicit directory
+//!   fsync (a new or renamed file is durable only once its directory is synced).
+//! - `std::fs::File` is itself a [`FileHandle`], so a caller holding a real file (an export
+//!   target, a locked disk) passes it as is.
+//! - No clock, no threads, no tokio: the simulator must be able to own everything.
+
+use std::fmt::Debug;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+mod sim;
+
+pub use sim::{SimFaults, SimFs};
+
+/// How to open a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Read only; the file must exist.
+    Read,
+    /// Read and write; the file must exist.
+    ReadWrite,
+    /// Read and write; the file must not exist (`O_CREAT | O_EXCL`).
+    CreateNew,
+    /// Read and write; created empty if missing.
+    CreateOrOpen,
+}
+
+/// An open file: positional I/O, so one handle may serve several readers.
+pub trait FileHandle: Debug + Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `data` at `offset`, growing the file if needed (not yet durable).
+    fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// The file's length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or zero-extends the file (not yet durable).
+    fn set_len(&self, len_bytes: u64) -> io::Result<()>;
+    /// Makes the data written so far durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Makes data and metadata (the length) durable (`fsync`).
+    fn sync_all(&self) -> io::Result<()>;
+    /// Drops what the page cache holds of the file and is clean, so that reads come from
+    /// the device. After a failed fsync Linux marks the pages it could not write clean
+    /// ("fsyncgate"): they read back as if written but never will be. Recovery calls this
+    /// before reading, so it sees what a crash would leave, never such pages.
+    fn drop_cache(&self) -> io::Result<()>;
+    /// The real file, where there is one (for locks, mappings and io_uring).
+    fn std_file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// The namespace: opening, listing, renaming and removing files and directories.
+pub trait FileSystem: Debug + Send + Sync {
+    /// Opens `path` as `mode` says.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FileHandle>>;
+    /// The names of the entries of directory `dir` (files and directories), unsorted.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Removes a file (durable once its directory is synced).
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file or a directory (durable once both directories are synced).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Creates a directory and its missing parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Makes the entries of `dir` (new, renamed and removed files) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Whether `path` exists.
+    fn exists(&self, path: &Path) -> bool;
+}
+
+impl FileHandle for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+    fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, data, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        File::set_len(self, len_bytes)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+    fn sync_all(&self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+    fn drop_cache(&self) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor this File owns; no memory is passed.
+        let rc = unsafe { libc::posix_fadvise(self.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+    fn std_file(&self) -> Option<&File> {
+        Some(self)
+    }
+}
+
+/// The machine's file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealFs;
+
+impl FileSystem for RealFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FileHandle>> {
+        let mut o = std::fs::OpenOptions::new();
+        match mode {
+            OpenMode::Read => o.read(true),
+            OpenMode::ReadWrite => o.read(true).write(true),
+            OpenMode::CreateNew => o.read(true).write(true).create_new(true),
+            OpenMode::CreateOrOpen => o.read(true).write(true).create(true),
+        };
+        Ok(Box::new(o.open(path)?))
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            if let Ok(name) = e?.file_name().into_string() {
+                v.push(name);
+            }
+        }
+        Ok(v)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
+/// The directory holding `path` (`.` for a bare name).
+pub fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
