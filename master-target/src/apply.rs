@@ -14,7 +14,7 @@ use wire_protocol::{Bookmark, BookmarkKind, WriteBatch};
 
 use crate::disk::DiskFile;
 use crate::error::{Error, Result};
-use crate::journal::{begin_undo, finish_undo, Journal, Point, PointKind};
+use crate::journal::{begin_undo, finish_undo, Journal, JournalMark, Point, PointKind};
 use crate::uring::IoBackend;
 
 /// One accepted item of a disk's stream.
@@ -36,7 +36,8 @@ pub enum Item {
 }
 
 impl Item {
-    fn lsn(&self) -> u64 {
+    /// The item's LSN.
+    pub fn lsn(&self) -> u64 {
         match self {
             Item::Write { lsn, .. } => *lsn,
             Item::Bookmark(b) => b.lsn,
@@ -96,6 +97,9 @@ pub struct Applier {
     io: IoBackend,
     digest_cache: Option<DigestCache>,
     last_point_time_us: u64,
+    /// Where the current group's undo records end, once it has started writing the disk
+    /// (a failure must put the disk back).
+    undo_end: Option<JournalMark>,
     /// Counters since start.
     pub stats: ApplyStats,
 }
@@ -112,6 +116,7 @@ impl Applier {
             io: IoBackend::Syscall,
             digest_cache: None,
             last_point_time_us,
+            undo_end: None,
             stats: ApplyStats::default(),
         }
     }
@@ -120,6 +125,11 @@ impl Applier {
     pub fn with_io(mut self, io: IoBackend) -> Self {
         self.io = io;
         self
+    }
+
+    /// The disk's id.
+    pub fn disk_id(&self) -> u64 {
+        self.disk_id
     }
 
     /// The disk.
@@ -216,7 +226,13 @@ impl Applier {
             }
             Err(e) => {
                 self.last_point_time_us = last_point_time_us;
-                self.restore(&undo, mark).map_err(|r| Error::Io {
+                // Before the group's first disk write there is nothing to put back (and an
+                // undo record whose read failed holds zeros, not the disk's bytes).
+                let undo_end = self.undo_end.take();
+                if undo_end.is_none() {
+                    undo.clear();
+                }
+                self.restore(&undo, undo_end, mark).map_err(|r| Error::Io {
                     context: format!(
                         "disk {}: after a failed group ({e}), putting the disk back failed; restart the master target (its journal recovery rolls the group back)",
                         self.disk_id
@@ -230,7 +246,23 @@ impl Applier {
 
     /// Writes back the old bytes of every undo record in `undo` (newest first) and drops the
     /// journal's tail since `mark`.
-    fn restore(&mut self, undo: &[u8], mark: crate::journal::JournalMark) -> Result<()> {
+    ///
+    /// Order matters if this fails half-way: first the journal loses what follows the
+    /// group's undo records (a commit whose fsync failed may still be readable, and a
+    /// restart must not take it for durable while the disk is half put back); then the
+    /// disk is put back; only then do the undo records go. A restart after a failure at any
+    /// of these steps finds either the group committed and applied, or its undo records
+    /// after the last commit, and rolls it back.
+    fn restore(
+        &mut self,
+        undo: &[u8],
+        undo_end: Option<JournalMark>,
+        mark: JournalMark,
+    ) -> Result<()> {
+        if let Some(end) = undo_end {
+            self.journal.truncate_to(end)?;
+            self.journal.sync()?;
+        }
         let mut records = Vec::new();
         let mut at = 0;
         while at + 40 <= undo.len() {
@@ -324,17 +356,13 @@ impl Applier {
             self.journal.note_undo(max_undo_lsn);
             self.journal.sync()?;
             let writes: Vec<(u64, &[u8])> = pending.iter().map(|(o, d)| (*o, &d[..])).collect();
+            self.undo_end = Some(self.journal.mark());
             if let Some(c) = &mut self.digest_cache {
                 for (o, d) in &writes {
                     c.invalidate(*o, d.len() as u64);
                 }
             }
-            self.io
-                .write_all_sync(self.disk.file(), &writes)
-                .map_err(|e| Error::Io {
-                    context: format!("write and fsync {}", self.disk.path().display()),
-                    source: e,
-                })?;
+            self.write_and_sync(&writes)?;
             self.stats.bytes_applied += writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
             self.stats.writes += pending.len() as u64;
         }
@@ -357,7 +385,24 @@ impl Applier {
             ));
             self.last_point_time_us = last_time_us;
         }
-        self.journal.commit(last.lsn(), last_time_us, points)
+        let made = self.journal.commit(last.lsn(), last_time_us, points)?;
+        self.undo_end = None;
+        Ok(made)
+    }
+
+    /// Writes a group's data to the disk and makes it durable: through the chosen backend
+    /// on a real disk, through the store's handle on a simulated one.
+    fn write_and_sync(&mut self, writes: &[(u64, &[u8])]) -> Result<()> {
+        let Some(file) = self.disk.file() else {
+            for (offset, data) in writes {
+                self.disk.write_at(data, *offset)?;
+            }
+            return self.disk.sync();
+        };
+        self.io.write_all_sync(file, writes).map_err(|e| Error::Io {
+            context: format!("write and fsync {}", self.disk.path().display()),
+            source: e,
+        })
     }
 
     /// Counts the group and prunes the journal (after a durable commit: a failure here is
@@ -496,8 +541,20 @@ fn digest_blocks(disk: &DiskFile, block_size: u64, blocks: Vec<u64>) -> Result<V
     if blocks.is_empty() {
         return Ok(Vec::new());
     }
-    let map = disk.map()?;
     let size = disk.size_bytes();
+    let Some(map) = disk.map()? else {
+        // A simulated disk: read each block (in order, so the run stays deterministic).
+        let mut buf = vec![0u8; block_size as usize];
+        return blocks
+            .into_iter()
+            .map(|b| {
+                let start = (b * block_size).min(size);
+                let n = (((b + 1) * block_size).min(size) - start) as usize;
+                disk.read_at(&mut buf[..n], start)?;
+                Ok(wire_protocol::digest(&buf[..n]))
+            })
+            .collect();
+    };
     Ok(blocks
         .into_par_iter()
         .map(|b| {

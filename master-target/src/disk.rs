@@ -4,15 +4,16 @@
 //! may write its disks: the lock makes that a fact rather than a hope.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use store::FileHandle;
 
 use crate::error::{Error, IoContext, Result};
 
 /// A disk's flat extent (or raw image), open for reading and writing, exclusively locked.
 #[derive(Debug)]
 pub struct DiskFile {
-    file: File,
+    file: Box<dyn FileHandle>,
     path: PathBuf,
     size_bytes: u64,
 }
@@ -46,6 +47,17 @@ impl DiskFile {
             .metadata()
             .ctx(|| format!("stat {}", path.display()))?
             .len();
+        Ok(DiskFile {
+            file: Box::new(file),
+            path: path.into(),
+            size_bytes,
+        })
+    }
+
+    /// Wraps a file of another [`store::FileSystem`] (the simulator's), which has no lock:
+    /// there, nothing else runs.
+    pub fn from_handle(file: Box<dyn FileHandle>, path: &Path) -> Result<DiskFile> {
+        let size_bytes = file.len().ctx(|| format!("stat {}", path.display()))?;
         Ok(DiskFile {
             file,
             path: path.into(),
@@ -95,6 +107,14 @@ impl DiskFile {
             .ctx(|| format!("write {} at {offset}", self.path.display()))
     }
 
+    /// Drops the disk's clean cached pages, so reads come from the device (see
+    /// [`store::FileHandle::drop_cache`]).
+    pub fn drop_cache(&self) -> Result<()> {
+        self.file
+            .drop_cache()
+            .ctx(|| format!("drop the cache of {}", self.path.display()))
+    }
+
     /// Makes every write so far durable.
     pub fn sync(&self) -> Result<()> {
         self.file
@@ -102,17 +122,23 @@ impl DiskFile {
             .ctx(|| format!("fsync {}", self.path.display()))
     }
 
-    /// A read-only mapping of the whole disk, for hashing without copies. The caller must
+    /// A read-only mapping of the whole disk, for hashing without copies (`None` for a
+    /// simulated disk, which callers read instead). The caller must
     /// not write the disk while the mapping is in use (the apply worker, the only writer,
     /// hashes between its groups).
-    pub fn map(&self) -> Result<memmap2::Mmap> {
+    pub fn map(&self) -> Result<Option<memmap2::Mmap>> {
+        let Some(file) = self.file.std_file() else {
+            return Ok(None);
+        };
         // SAFETY: the file is locked exclusively by us, so no other process changes it, and
         // the callers do not write it while the mapping lives (see above).
-        unsafe { memmap2::Mmap::map(&self.file) }.ctx(|| format!("map {}", self.path.display()))
+        unsafe { memmap2::Mmap::map(file) }
+            .map(Some)
+            .ctx(|| format!("map {}", self.path.display()))
     }
 
-    /// The underlying file (for copies).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The underlying real file, if it is one (for io_uring).
+    pub fn file(&self) -> Option<&File> {
+        self.file.std_file()
     }
 }

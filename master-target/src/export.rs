@@ -174,7 +174,7 @@ pub fn recover_journal(
     let rec = reg
         .get(disk_id)
         .ok_or_else(|| not_listed(data_dir, disk_id))?;
-    let disk = DiskFile::open(&rec.data_path).map_err(|e| match e {
+    let disk = open_when_free(&rec.data_path).map_err(|e| match e {
         Error::DiskLocked { .. } => Error::DiskInUse {
             disk_id,
             what: "the service serves it: its journal is not damaged, or it was recovered already"
@@ -190,6 +190,25 @@ pub fn recover_journal(
         ))),
         Err(Error::JournalCorrupt { .. }) => crate::journal::recover_damaged(&dir, &disk),
         Err(e) => Err(e),
+    }
+}
+
+/// How long `recover-journal` waits for a disk's lock: the service locks a damaged disk
+/// only while an attach tries (and fails) to open its journal, for well under a second,
+/// every few seconds; a disk it serves stays locked.
+const RECOVER_LOCK_WAIT_MS: u64 = 5_000;
+
+/// Opens and locks a disk, waiting out an attach attempt that holds it briefly.
+fn open_when_free(path: &Path) -> Result<DiskFile> {
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(RECOVER_LOCK_WAIT_MS);
+    loop {
+        match DiskFile::open(path) {
+            Err(Error::DiskLocked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
     }
 }
 

@@ -29,15 +29,15 @@
 //! Every segment starts with a commit record (a checkpoint of the committed LSN), so the
 //! committed LSN is always found in the last segment.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::disk::DiskFile;
+use store::{FileHandle, FileSystem, OpenMode, RealFs};
+
 use crate::error::{Error, IoContext, Result};
-use crate::vmdk::sync_dir;
 
 const MAGIC: [u8; 4] = *b"FBJ1";
 const HEADER_LEN: usize = 16;
@@ -131,9 +131,12 @@ pub struct JournalMark {
 /// The journal of one disk.
 #[derive(Debug)]
 pub struct Journal {
+    fs: Arc<dyn FileSystem>,
     dir: PathBuf,
     segments: Vec<Segment>,
-    active: File,
+    active: Box<dyn FileHandle>,
+    /// Bytes of the active segment known durable (see [`Journal::sync`]).
+    synced_bytes: std::cell::Cell<u64>,
     points: Vec<Point>,
     committed_lsn: u64,
     /// Points with an LSN below this can no longer be built (their undo records were dropped).
@@ -286,7 +289,7 @@ enum Found {
 /// reads and checks undo bodies too (otherwise only their metadata is read; their CRCs are
 /// checked when an export reads them).
 fn record_at(
-    f: &File,
+    f: &dyn FileHandle,
     path: &Path,
     len: u64,
     pos: u64,
@@ -353,7 +356,7 @@ const SEARCH_CHUNK_BYTES: usize = 1 << 20;
 
 /// The next valid record (fully verified) after `from`, if any.
 fn next_valid(
-    f: &File,
+    f: &dyn FileHandle,
     path: &Path,
     len: u64,
     from: u64,
@@ -382,12 +385,14 @@ fn next_valid(
 
 /// Reads a segment's records, past damaged ones (see [`Scan::bad`]). `verify` checks
 /// every undo body's CRC too.
-fn scan(path: &Path, verify: bool) -> Result<Scan> {
-    let f = File::open(path).ctx(|| format!("open journal {}", path.display()))?;
-    let len = f
-        .metadata()
-        .ctx(|| format!("stat {}", path.display()))?
-        .len();
+fn scan(fs: &dyn FileSystem, path: &Path, verify: bool) -> Result<Scan> {
+    let f = fs
+        .open(path, OpenMode::Read)
+        .ctx(|| format!("open journal {}", path.display()))?;
+    let f = &*f;
+    f.drop_cache()
+        .ctx(|| format!("drop the cache of {}", path.display()))?;
+    let len = f.len().ctx(|| format!("stat {}", path.display()))?;
     let mut s = Scan {
         len,
         ..Scan::default()
@@ -395,9 +400,9 @@ fn scan(path: &Path, verify: bool) -> Result<Scan> {
     let mut body = Vec::new();
     let mut pos = 0u64;
     while pos < len {
-        let (start, found, end) = match record_at(&f, path, len, pos, verify, &mut body)? {
+        let (start, found, end) = match record_at(f, path, len, pos, verify, &mut body)? {
             Some((found, end)) => (pos, found, end),
-            None => match next_valid(&f, path, len, pos + 1, &mut body)? {
+            None => match next_valid(f, path, len, pos + 1, &mut body)? {
                 Some((q, found, end)) => {
                     s.bad.push((pos, q));
                     (q, found, end)
@@ -433,11 +438,11 @@ struct UndoOrder {
 
 impl UndoOrder {
     /// Feeds the next undo record, in journal order.
-    fn feed(&mut self, path: &Path, next: UndoRef) -> Result<()> {
+    fn feed(&mut self, fs: &dyn FileSystem, path: &Path, next: UndoRef) -> Result<()> {
         if let Some((p, cur)) = &self.cur {
             let before = self.prev.as_ref().is_some_and(|(_, a)| cur.lsn < a.lsn);
             if before || cur.lsn > next.lsn {
-                Self::verify(p, *cur)?;
+                Self::verify(fs, p, *cur)?;
             }
         }
         self.prev = self.cur.replace((path.to_path_buf(), next));
@@ -445,40 +450,48 @@ impl UndoOrder {
     }
 
     /// Checks the last record against the one before it.
-    fn finish(self) -> Result<()> {
+    fn finish(self, fs: &dyn FileSystem) -> Result<()> {
         if let (Some((_, a)), Some((p, cur))) = (self.prev, self.cur) {
             if cur.lsn < a.lsn {
-                Self::verify(&p, cur)?;
+                Self::verify(fs, &p, cur)?;
             }
         }
         Ok(())
     }
 
-    fn verify(path: &Path, r: UndoRef) -> Result<()> {
-        let f = File::open(path).ctx(|| format!("open {}", path.display()))?;
-        read_undo(&f, path, r).map(|_| ())
+    fn verify(fs: &dyn FileSystem, path: &Path, r: UndoRef) -> Result<()> {
+        let f = open_read(fs, path)?;
+        read_undo(&*f, path, r).map(|_| ())
     }
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     let mut v = Vec::new();
-    for e in fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
-        let e = e.ctx(|| format!("list {}", dir.display()))?;
-        let name = e.file_name();
+    for name in fs.list(dir).ctx(|| format!("list {}", dir.display()))? {
         let Some(seq) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("seg-")?.strip_suffix(".fbj")?.parse().ok())
+            .strip_prefix("seg-")
+            .and_then(|n| n.strip_suffix(".fbj")?.parse().ok())
         else {
             continue;
         };
-        v.push((seq, e.path()));
+        v.push((seq, dir.join(name)));
     }
     v.sort();
     Ok(v)
 }
 
+fn open_read(fs: &dyn FileSystem, path: &Path) -> Result<Box<dyn FileHandle>> {
+    fs.open(path, OpenMode::Read)
+        .ctx(|| format!("open {}", path.display()))
+}
+
+fn sync_dir(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir)
+        .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
 /// Reads the body of the undo record at `r` and checks its CRC.
-fn read_undo(f: &File, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8>)> {
+fn read_undo(f: &dyn FileHandle, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8>)> {
     let mut buf = vec![0u8; HEADER_LEN + r.body_len as usize];
     f.read_exact_at(&mut buf, r.pos)
         .ctx(|| format!("read {}", path.display()))?;
@@ -501,20 +514,30 @@ fn read_undo(f: &File, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8>)> {
 /// fresh journal checkpointed at the commit. Points before it are dropped: they can no
 /// longer be rebuilt. Returns the committed LSN and where the old journal went.
 pub fn recover_damaged(dir: &Path, disk: &DiskFile) -> Result<(u64, PathBuf)> {
-    let listed = list_segments(dir)?;
+    recover_damaged_in(&RealFs, dir, disk)
+}
+
+/// [`recover_damaged`] on any [`FileSystem`].
+pub fn recover_damaged_in(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    disk: &DiskFile,
+) -> Result<(u64, PathBuf)> {
+    let listed = list_segments(fs, dir)?;
     let n = listed.len();
     let mut committed = 0;
+    disk.drop_cache()?;
     for (i, (_, path)) in listed.iter().enumerate() {
         let last = i + 1 == n;
-        let s = scan(path, last)?;
+        let s = scan(fs, path, last)?;
         if let Some(c) = s.last_commit() {
             committed = c.0;
         }
         if last {
             let commit_end = s.last_commit().map_or(0, |c| c.1);
-            let f = File::open(path).ctx(|| format!("open {}", path.display()))?;
+            let f = open_read(fs, path)?;
             for r in s.undos.iter().rev().filter(|r| r.pos >= commit_end) {
-                match read_undo(&f, path, *r) {
+                match read_undo(&*f, path, *r) {
                     Ok((offset, old)) => disk.write_at(&old, offset)?,
                     Err(e) => {
                         tracing::warn!(error = %e, lsn = r.lsn, "an uncommitted write cannot be rolled back (its undo record is damaged); the process server sends it again")
@@ -532,21 +555,21 @@ pub fn recover_damaged(dir: &Path, disk: &DiskFile) -> Result<(u64, PathBuf)> {
         .and_then(|n| n.to_str())
         .unwrap_or("journal");
     let aside = dir.with_file_name(format!("{name}.damaged-{now_s}"));
-    fs::rename(dir, &aside).ctx(|| format!("rename {} to {}", dir.display(), aside.display()))?;
-    sync_dir(crate::vmdk::parent_dir(dir))?;
-    fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+    fs.rename(dir, &aside)
+        .ctx(|| format!("rename {} to {}", dir.display(), aside.display()))?;
+    sync_dir(fs, &store::parent_dir(dir))?;
+    fs.create_dir_all(dir)
+        .ctx(|| format!("create {}", dir.display()))?;
     let path = seg_path(dir, 1);
-    let f = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&path)
+    let f = fs
+        .open(&path, OpenMode::CreateNew)
         .ctx(|| format!("create {}", path.display()))?;
     let mut buf = Vec::new();
     encode_commit(committed, 0, &mut buf);
     f.write_all_at(&buf, 0)
         .and_then(|_| f.sync_all())
         .ctx(|| format!("write {}", path.display()))?;
-    sync_dir(dir)?;
+    sync_dir(fs, dir)?;
     Ok((committed, aside))
 }
 
@@ -563,12 +586,22 @@ fn corrupt(path: PathBuf, at: u64) -> Error {
 /// master target may be appending to it: a torn tail of the newest segment is where the
 /// listing ends, and only points a commit covers are listed).
 pub fn inspect(dir: &Path) -> Result<(Vec<Point>, u64)> {
-    let listed = list_segments(dir)?;
+    inspect_in(&RealFs, dir)
+}
+
+/// [`inspect`] on any [`FileSystem`].
+pub fn inspect_in(fs: &dyn FileSystem, dir: &Path) -> Result<(Vec<Point>, u64)> {
+    let mut listed = list_segments(fs, dir)?;
+    let (front, stray) = not_journal(fs, &listed)?;
+    listed.drain(..front);
+    if stray {
+        listed.pop();
+    }
     let n = listed.len();
     let mut points = Vec::new();
     let mut committed = 0;
     for (i, (_, path)) in listed.into_iter().enumerate() {
-        let s = scan(&path, false)?;
+        let s = scan(fs, &path, false)?;
         let last = i + 1 == n;
         if let Some((at, _)) = s.corruption() {
             return Err(corrupt(path, at));
@@ -581,131 +614,221 @@ pub fn inspect(dir: &Path) -> Result<(Vec<Point>, u64)> {
     Ok((points, committed))
 }
 
+/// Segments of a listing that are not part of the journal: `(front, stray)`.
+///
+/// - `front`: how many of the oldest sit before a gap in the sequence numbers. Pruning
+///   removes the oldest segments, and a crash before the directory is synced can undo a
+///   removal; the points of such a segment cannot be rebuilt (the undo records of the
+///   segments after it are gone).
+/// - `stray`: the last segment holds only its checkpoint, and the one before it has
+///   commits past that checkpoint: a rotation failed after creating it, and the commits
+///   went on in the old segment. Taken as the last, its checkpoint would hide them.
+fn not_journal(fs: &dyn FileSystem, listed: &[(u32, PathBuf)]) -> Result<(usize, bool)> {
+    let front = listed
+        .windows(2)
+        .rposition(|w| w[1].0 != w[0].0 + 1)
+        .map_or(0, |gap| gap + 1);
+    let [.., (_, prev), (_, last)] = &listed[front..] else {
+        return Ok((front, false));
+    };
+    let tail = scan(fs, last, true)?;
+    if !(tail.undos.is_empty() && tail.points.is_empty()) {
+        return Ok((front, false));
+    }
+    let checkpoint = tail.last_commit().map_or(0, |c| c.0);
+    let before = scan(fs, prev, false)?.last_commit().map_or(0, |c| c.0);
+    Ok((front, before > checkpoint))
+}
+
+/// Removes what [`not_journal`] finds.
+fn drop_not_journal(fs: &dyn FileSystem, listed: &mut Vec<(u32, PathBuf)>) -> Result<()> {
+    let (front, stray) = not_journal(fs, listed)?;
+    let mut gone: Vec<PathBuf> = listed.drain(..front).map(|(_, p)| p).collect();
+    if stray {
+        gone.extend(listed.pop().map(|(_, p)| p));
+    }
+    for p in &gone {
+        tracing::warn!(segment = %p.display(), "removing a journal segment a crash left behind (pruned before it, or made by a failed rotation)");
+        fs.remove_file(p)
+            .ctx(|| format!("remove {}", p.display()))?;
+    }
+    if let Some(p) = gone.first() {
+        sync_dir(fs, &store::parent_dir(p))?;
+    }
+    Ok(())
+}
+
+/// Reads every segment, refuses corruption, and recovers the last one: rolls back on
+/// `disk` what was applied after its last commit and notes where its valid part ends.
+fn load(fs: &dyn FileSystem, listed: Vec<(u32, PathBuf)>, disk: &DiskFile) -> Result<Loaded> {
+    let mut out = Loaded::default();
+    let mut order = UndoOrder::default();
+    let n = listed.len();
+    for (i, (seq, path)) in listed.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let s = scan(fs, &path, last)?;
+        // Damage a valid record follows was written (and fsynced) before that record:
+        // it is corruption of durable data, never a torn tail to truncate.
+        if let Some((at, _)) = s.corruption() {
+            return Err(corrupt(path, at));
+        }
+        for u in &s.undos {
+            order.feed(fs, &path, *u)?;
+        }
+        let mut keep_len = s.len;
+        if last {
+            keep_len = roll_back_tail(fs, &path, &s, disk)?;
+            let commit_lsn = s.last_commit().map_or(0, |c| c.0);
+            out.points
+                .extend(s.points.iter().filter(|p| p.lsn <= commit_lsn).cloned());
+        } else {
+            out.points.extend(s.points.iter().cloned());
+        }
+        if let Some(c) = s.last_commit() {
+            out.committed_lsn = c.0;
+        }
+        let last_undo_lsn = s
+            .undos
+            .iter()
+            .filter(|r| r.pos < keep_len)
+            .map(|r| r.lsn)
+            .max()
+            .unwrap_or(0);
+        out.segments.push(Segment {
+            seq,
+            path,
+            bytes: keep_len,
+            last_undo_lsn,
+        });
+    }
+    order.finish(fs)?;
+    Ok(out)
+}
+
+/// Rolls back, newest first, what the last segment's undo records after its last commit
+/// say was applied, and returns where the segment's committed part ends.
+fn roll_back_tail(fs: &dyn FileSystem, path: &Path, s: &Scan, disk: &DiskFile) -> Result<u64> {
+    let commit_end = s.last_commit().map_or(0, |c| c.1);
+    let f = open_read(fs, path)?;
+    let mut rolled = 0;
+    for r in s.undos.iter().rev().filter(|r| r.pos >= commit_end) {
+        let (offset, old) = read_undo(&*f, path, *r)?;
+        disk.write_at(&old, offset)?;
+        rolled += 1;
+    }
+    if rolled > 0 {
+        disk.sync()?;
+        tracing::warn!(disk = %disk.path().display(), rolled, "rolled back writes that were not committed before a crash");
+    }
+    if commit_end < s.len {
+        tracing::warn!(segment = %path.display(), from = commit_end, bytes = s.len - commit_end, "truncating a torn journal tail (never acknowledged)");
+    }
+    Ok(commit_end)
+}
+
+/// Opens the last segment for appending, cut to its valid length, or creates the first.
+fn open_active(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    mut segments: Vec<Segment>,
+) -> Result<(Box<dyn FileHandle>, Vec<Segment>)> {
+    if let Some(seg) = segments.last() {
+        let f = fs
+            .open(&seg.path, OpenMode::ReadWrite)
+            .ctx(|| format!("open {}", seg.path.display()))?;
+        f.set_len(seg.bytes)
+            .ctx(|| format!("truncate {}", seg.path.display()))?;
+        f.sync_all()
+            .ctx(|| format!("fsync {}", seg.path.display()))?;
+        return Ok((f, segments));
+    }
+    let seg = Segment {
+        seq: 1,
+        path: seg_path(dir, 1),
+        bytes: 0,
+        last_undo_lsn: 0,
+    };
+    let f = fs
+        .open(&seg.path, OpenMode::CreateOrOpen)
+        .ctx(|| format!("create {}", seg.path.display()))?;
+    segments.push(seg);
+    Ok((f, segments))
+}
+
+/// What the segments of a journal hold, read at open.
+#[derive(Default)]
+struct Loaded {
+    segments: Vec<Segment>,
+    points: Vec<Point>,
+    committed_lsn: u64,
+}
+
 impl Journal {
     /// Opens (or creates) the journal in `dir` and recovers: truncates a torn tail of the last
     /// segment and rolls back on `disk` every undo record after the last commit.
     pub fn open(dir: &Path, disk: &DiskFile) -> Result<Journal> {
-        fs::create_dir_all(dir).ctx(|| format!("create journal directory {}", dir.display()))?;
-        let mut listed = list_segments(dir)?;
+        Journal::open_in(Arc::new(RealFs), dir, disk)
+    }
+
+    /// [`Journal::open`] on any [`FileSystem`] (the simulator's).
+    pub fn open_in(fs: Arc<dyn FileSystem>, dir: &Path, disk: &DiskFile) -> Result<Journal> {
+        fs.create_dir_all(dir)
+            .ctx(|| format!("create journal directory {}", dir.display()))?;
+        let mut listed = list_segments(&*fs, dir)?;
         // A segment created by a rotation that crashed before its checkpoint is empty.
         while let Some((_, p)) = listed.last() {
-            if fs::metadata(p).map(|m| m.len()).unwrap_or(0) > 0 || listed.len() == 1 {
+            // An error here is an error, never "empty": that segment may hold the newest
+            // commits.
+            let len = fs
+                .open(p, OpenMode::Read)
+                .and_then(|f| f.len())
+                .ctx(|| format!("stat {}", p.display()))?;
+            if len > 0 || listed.len() == 1 {
                 break;
             }
-            fs::remove_file(p).ctx(|| format!("remove empty segment {}", p.display()))?;
+            fs.remove_file(p)
+                .ctx(|| format!("remove empty segment {}", p.display()))?;
             listed.pop();
         }
-        let mut segments = Vec::new();
-        let mut points = Vec::new();
-        let mut committed = (0u64, 0u64);
-        let mut order = UndoOrder::default();
-        let n = listed.len();
-        for (i, (seq, path)) in listed.into_iter().enumerate() {
-            let last = i + 1 == n;
-            let s = scan(&path, last)?;
-            // Damage a valid record follows was written (and fsynced) before that record:
-            // it is corruption of durable data, never a torn tail to truncate.
-            if let Some((at, _)) = s.corruption() {
-                return Err(corrupt(path, at));
-            }
-            for u in &s.undos {
-                order.feed(&path, *u)?;
-            }
-            let mut keep_len = s.len;
-            if last {
-                // Roll back what was applied after the last commit, newest first.
-                let commit_end = s.last_commit().map_or(0, |c| c.1);
-                let f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
-                let mut rolled = 0;
-                for r in s.undos.iter().rev().filter(|r| r.pos >= commit_end) {
-                    let (offset, old) = read_undo(&f, &path, *r)?;
-                    disk.write_at(&old, offset)?;
-                    rolled += 1;
-                }
-                if rolled > 0 {
-                    disk.sync()?;
-                    tracing::warn!(disk = %disk.path().display(), rolled, "rolled back writes that were not committed before a crash");
-                }
-                if commit_end < s.len {
-                    tracing::warn!(segment = %path.display(), from = commit_end, bytes = s.len - commit_end, "truncating a torn journal tail (never acknowledged)");
-                }
-                keep_len = commit_end;
-                let commit_lsn = s.last_commit().map_or(0, |c| c.0);
-                points.extend(s.points.iter().filter(|p| p.lsn <= commit_lsn).cloned());
-            } else {
-                points.extend(s.points.iter().cloned());
-            }
-            if let Some(c) = s.last_commit() {
-                committed = c;
-            }
-            let last_undo_lsn = s
-                .undos
-                .iter()
-                .filter(|r| r.pos < keep_len)
-                .map(|r| r.lsn)
-                .max()
-                .unwrap_or(0);
-            segments.push(Segment {
-                seq,
-                path,
-                bytes: keep_len,
-                last_undo_lsn,
-            });
-        }
-        order.finish()?;
-        let next_point_id = points.iter().map(|p| p.id + 1).max().unwrap_or(1);
-        let resyncing = points
+        drop_not_journal(&*fs, &mut listed)?;
+        // Read what the device holds, not pages a failed fsync left clean (see
+        // `FileHandle::drop_cache`): recovery must see what a crash would leave.
+        disk.drop_cache()?;
+        let mut loaded = load(&*fs, listed, disk)?;
+        let next_point_id = loaded.points.iter().map(|p| p.id + 1).max().unwrap_or(1);
+        let resyncing = loaded
+            .points
             .iter()
             .rev()
             .find(|p| !p.kind.is_point())
             .is_some_and(|p| p.kind == PointKind::ResyncStarted);
-        points.retain(|p| p.kind.is_point());
-        let (active, segments) = match segments.last() {
-            Some(seg) => {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&seg.path)
-                    .ctx(|| format!("open {}", seg.path.display()))?;
-                f.set_len(seg.bytes)
-                    .ctx(|| format!("truncate {}", seg.path.display()))?;
-                f.sync_all()
-                    .ctx(|| format!("fsync {}", seg.path.display()))?;
-                (f, segments)
-            }
-            None => {
-                let seg = Segment {
-                    seq: 1,
-                    path: seg_path(dir, 1),
-                    bytes: 0,
-                    last_undo_lsn: 0,
-                };
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&seg.path)
-                    .ctx(|| format!("create {}", seg.path.display()))?;
-                (f, vec![seg])
-            }
-        };
+        loaded.points.retain(|p| p.kind.is_point());
+        let (active, segments) = open_active(&*fs, dir, loaded.segments)?;
+        let synced = segments.last().map_or(0, |s| s.bytes);
         let mut j = Journal {
+            fs,
             dir: dir.into(),
             segments,
             active,
-            points,
-            committed_lsn: committed.0,
-            horizon_lsn: 0,
+            synced_bytes: std::cell::Cell::new(synced),
+            horizon_lsn: loaded.points.first().map_or(0, |p| p.lsn),
+            points: loaded.points,
+            committed_lsn: loaded.committed_lsn,
             next_point_id,
             resyncing,
             segment_target_bytes: SEGMENT_TARGET_BYTES,
         };
-        j.horizon_lsn = j.points.first().map_or(0, |p| p.lsn);
         if j.segments.last().expect("one segment").bytes == 0 {
             let mut buf = Vec::new();
             encode_commit(j.committed_lsn, 0, &mut buf);
             j.append(&buf)?;
             j.sync()?;
-            sync_dir(dir)?;
         }
+        // Every open makes the segments' names durable: an earlier start may have created
+        // the first segment and died (or failed) before its directory was synced, and
+        // commits in a segment whose name a crash loses would be acknowledged and gone.
+        sync_dir(&*j.fs, dir)?;
+        sync_dir(&*j.fs, &store::parent_dir(dir))?;
         Ok(j)
     }
 
@@ -753,10 +876,28 @@ impl Journal {
     }
 
     /// Makes everything appended durable.
+    ///
+    /// A failed fsync leaves the unwritten pages marked clean (Linux): a later fsync that
+    /// succeeds would not write them, and a reader would see bytes that no crash keeps. So
+    /// on failure the unsynced range is read back and written again, which makes it dirty
+    /// (best effort: if that fails too, recovery drops the cache before it reads).
     pub fn sync(&self) -> Result<()> {
-        self.active
-            .sync_data()
-            .ctx(|| format!("fsync journal {}", self.dir.display()))
+        let end = self.segments.last().expect("always one segment").bytes;
+        match self.active.sync_data() {
+            Ok(()) => {
+                self.synced_bytes.set(end);
+                Ok(())
+            }
+            Err(e) => {
+                let from = self.synced_bytes.get().min(end);
+                let mut buf = vec![0u8; (end - from) as usize];
+                let _ = self
+                    .active
+                    .read_exact_at(&mut buf, from)
+                    .and_then(|()| self.active.write_all_at(&buf, from));
+                Err(e).ctx(|| format!("fsync journal {}", self.dir.display()))
+            }
+        }
     }
 
     /// Records that everything up to `lsn` is durable on the disk, with the new `points`, and
@@ -833,6 +974,8 @@ impl Journal {
             .ctx(|| format!("truncate {}", seg.path.display()))?;
         seg.bytes = mark.bytes;
         seg.last_undo_lsn = mark.last_undo_lsn;
+        self.synced_bytes
+            .set(self.synced_bytes.get().min(mark.bytes));
         Ok(())
     }
 
@@ -840,19 +983,26 @@ impl Journal {
     /// checkpoint of the committed LSN. Every recovery point goes (the latest state stays:
     /// replication carries on). Returns whether anything was freed.
     pub fn reset_for_space(&mut self) -> Result<bool> {
-        if self.segments.len() != 1 || self.segments[0].bytes <= 2 * COMMIT_RECORD_LEN {
+        let checkpoint_len = 2 * COMMIT_RECORD_LEN;
+        if self.segments.len() != 1 || self.segments[0].bytes <= checkpoint_len {
             return Ok(false);
         }
-        let seg = &mut self.segments[0];
-        self.active
-            .set_len(0)
-            .ctx(|| format!("truncate {}", seg.path.display()))?;
-        seg.bytes = 0;
-        seg.last_undo_lsn = 0;
+        // Never truncate first: a crash between a truncation and the new checkpoint would
+        // leave an empty journal and lose the committed LSN. Every segment starts with a
+        // checkpoint of this very length, so overwriting it in place keeps the records after
+        // it readable until the truncation is durable (a torn overwrite damages one copy).
         let mut buf = Vec::new();
         encode_commit(self.committed_lsn, 0, &mut buf);
-        self.append(&buf)?;
-        self.sync()?;
+        let seg = &mut self.segments[0];
+        self.active
+            .write_all_at(&buf, 0)
+            .and_then(|()| self.active.sync_data())
+            .and_then(|()| self.active.set_len(checkpoint_len))
+            .and_then(|()| self.active.sync_all())
+            .ctx(|| format!("empty {} down to its checkpoint", seg.path.display()))?;
+        seg.bytes = checkpoint_len;
+        seg.last_undo_lsn = 0;
+        self.synced_bytes.set(checkpoint_len);
         self.points.clear();
         self.horizon_lsn = self.committed_lsn;
         Ok(true)
@@ -871,26 +1021,40 @@ impl Journal {
         Ok(true)
     }
 
+    /// Starts the next segment. It becomes the active one only once its checkpoint and its
+    /// directory entry are durable: commits appended to a segment whose name a crash could
+    /// lose would be acknowledged and then gone. On failure the new file is removed (as far
+    /// as it can be) and the old segment stays active.
     fn rotate(&mut self, time_us: u64) -> Result<()> {
         let seq = self.segments.last().expect("one").seq + 1;
         let path = seg_path(&self.dir, seq);
-        let f = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
-            .ctx(|| format!("create {}", path.display()))?;
+        let mut buf = Vec::new();
+        encode_commit(self.committed_lsn, time_us, &mut buf);
+        let f = self
+            .fs
+            .open(&path, OpenMode::CreateNew)
+            .ctx(|| format!("create journal segment {}", path.display()))?;
+        let made = f
+            .write_all_at(&buf, 0)
+            .and_then(|()| f.sync_data())
+            .and_then(|()| self.fs.sync_dir(&self.dir))
+            .ctx(|| format!("start journal segment {}", path.display()));
+        if let Err(e) = made {
+            // The file is ours (created above). One left behind is harmless: open drops an
+            // empty segment, and one holding only a checkpoint behind the commits of the
+            // segment before it.
+            let _ = self.fs.remove_file(&path);
+            return Err(e);
+        }
         self.active = f;
+        self.synced_bytes.set(buf.len() as u64);
         self.segments.push(Segment {
             seq,
             path,
-            bytes: 0,
+            bytes: buf.len() as u64,
             last_undo_lsn: 0,
         });
-        let mut buf = Vec::new();
-        encode_commit(self.committed_lsn, time_us, &mut buf);
-        self.append(&buf)?;
-        self.sync()?;
-        sync_dir(&self.dir)
+        Ok(())
     }
 
     /// Drops points older than `window_us` before the newest point, then drops whole
@@ -920,7 +1084,9 @@ impl Journal {
 
     fn drop_oldest_segment(&mut self) -> Result<u64> {
         let seg = self.segments.remove(0);
-        fs::remove_file(&seg.path).ctx(|| format!("remove {}", seg.path.display()))?;
+        self.fs
+            .remove_file(&seg.path)
+            .ctx(|| format!("remove {}", seg.path.display()))?;
         Ok(seg.last_undo_lsn)
     }
 
@@ -930,7 +1096,7 @@ impl Journal {
     pub fn rewind(
         &self,
         point_lsn: u64,
-        out: &File,
+        out: &dyn FileHandle,
         touched: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
         if point_lsn < self.horizon_lsn {
@@ -941,7 +1107,7 @@ impl Journal {
         }
         // A checksummed record past the disk's end would be a bug, never a reason to grow
         // the export.
-        let size_bytes = out.metadata().ctx(|| "stat export".to_owned())?.len();
+        let size_bytes = out.len().ctx(|| "stat export".to_owned())?;
         let mut applied = 0;
         for seg in self.segments.iter().rev() {
             // A segment without undo records (a fresh one holds only its checkpoint) says
@@ -954,15 +1120,15 @@ impl Journal {
             if seg.last_undo_lsn <= point_lsn {
                 break;
             }
-            let s = scan(&seg.path, false)?;
-            let f = File::open(&seg.path).ctx(|| format!("open {}", seg.path.display()))?;
+            let s = scan(&*self.fs, &seg.path, false)?;
+            let f = open_read(&*self.fs, &seg.path)?;
             for r in s
                 .undos
                 .iter()
                 .rev()
                 .filter(|r| r.lsn > point_lsn && r.pos < seg.bytes)
             {
-                let (offset, old) = read_undo(&f, &seg.path, *r)?;
+                let (offset, old) = read_undo(&*f, &seg.path, *r)?;
                 if offset.saturating_add(old.len() as u64) > size_bytes {
                     return Err(Error::JournalCorrupt {
                         path: seg.path.clone(),

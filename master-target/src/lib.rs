@@ -8,6 +8,8 @@
 //! - [`journal`]: the retention journal (undo records, commits, recovery points) and its
 //!   crash recovery.
 //! - [`apply`]: validation and write-ahead apply of a disk's stream (no networking).
+//! - [`core`]: one disk's apply decisions (check, apply, answer), free of threads and
+//!   clocks: the worker and the simulator drive the same code.
 //! - [`service`]: attach rules and one apply worker per disk (group commit).
 //! - [`server`]: the mutual-TLS network shell.
 //! - [`export`]: listing points and exporting a disk at a point.
@@ -27,6 +29,7 @@ pub mod admin;
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod core;
 pub mod datastore;
 pub mod disk;
 pub mod error;

@@ -13,13 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use wire_protocol::{
-    Ack, AckEntry, Bookmark, DigestList, DigestRequest, DiskAttach, ErrorCode, ErrorMsg,
-    LocationKind, Message, Nack, WriteBatch,
-};
+use wire_protocol::{Bookmark, DigestRequest, DiskAttach, LocationKind, Message, WriteBatch};
 
-use crate::apply::{Applier, Item, RetentionPolicy, Verdict};
+use crate::apply::{Applier, RetentionPolicy};
 use crate::config::Config;
+use crate::core::{Applied, DiskCore, Group};
 use crate::datastore::Datastores;
 use crate::disk::DiskFile;
 use crate::error::{Error, IoContext, Result};
@@ -79,11 +77,7 @@ fn restart_advice(disk_id: u64, e: &Error) -> String {
 /// Where replies to a sender go.
 pub type Reply = mpsc::Sender<Message>;
 
-enum Work {
-    Batch(WriteBatch, Reply),
-    Bookmark(Bookmark, Reply),
-    Digests(DigestRequest, Reply),
-}
+type Work = crate::core::Work<Reply>;
 
 struct DiskHandle {
     tx: mpsc::Sender<Work>,
@@ -549,183 +543,94 @@ fn send(reply: &Reply, msg: Message) {
 }
 
 fn worker(
-    mut applier: Applier,
+    applier: Applier,
     mut rx: mpsc::Receiver<Work>,
     committed: Arc<AtomicU64>,
     stats: Arc<Mutex<DiskStats>>,
     group_bytes: usize,
 ) {
-    let disk_id_of = |w: &Work| match w {
-        Work::Batch(b, _) => b.disk_id,
-        Work::Bookmark(b, _) => b.disk_id,
-        Work::Digests(r, _) => r.disk_id,
-    };
-    let mut next = applier.committed_lsn() + 1;
-    publish(&applier, &stats, 0);
+    let mut core = DiskCore::new(applier);
+    publish(core.applier(), &stats, 0);
     while let Some(first) = rx.blocking_recv() {
-        let disk_id = disk_id_of(&first);
-        let mut works = vec![first];
-        let mut bytes = 0usize;
-        while bytes < group_bytes {
-            match rx.try_recv() {
-                Ok(w) => {
-                    if let Work::Batch(b, _) = &w {
-                        bytes += b.data_len();
-                    }
-                    works.push(w);
-                }
-                Err(_) => break,
-            }
-        }
-        let mut items = Vec::new();
-        let mut acks: Vec<Reply> = Vec::new();
-        let mut later = Vec::new();
-        for w in works {
-            let (verdict, reply) = match w {
-                Work::Batch(b, r) => (applier.check_batch(&b, next), r),
-                Work::Bookmark(b, r) => (applier.check_bookmark(&b, next), r),
-                Work::Digests(req, r) => {
-                    later.push((req, r));
-                    continue;
-                }
-            };
-            match verdict {
-                Verdict::Accept(it) => {
-                    next += it.len() as u64;
-                    items.extend(it);
-                    acks.push(reply);
-                }
-                Verdict::Duplicate => acks.push(reply),
-                Verdict::Gap { expected } => send(
-                    &reply,
-                    Message::Nack(Nack {
-                        disk_id,
-                        from_lsn: expected,
-                        code: ErrorCode::LsnGap,
-                        reason: format!("expected lsn {expected}"),
-                    }),
-                ),
-                Verdict::Refuse(e @ Error::DigestMismatch { .. }) => {
-                    if let Some(suppressed) = LOG_THROTTLE.admit(&format!("resend {disk_id}")) {
-                        tracing::warn!(disk = disk_id, error = %e, suppressed, "asking for a resend");
-                    }
-                    send(
-                        &reply,
-                        Message::Nack(Nack {
-                            disk_id,
-                            from_lsn: next,
-                            code: ErrorCode::DigestMismatch,
-                            reason: e.to_string(),
-                        }),
-                    )
-                }
-                Verdict::Refuse(e) => {
-                    if let Some(suppressed) = LOG_THROTTLE.admit(&format!("refused {disk_id}")) {
-                        tracing::error!(disk = disk_id, error = %e, suppressed, "batch refused");
-                    }
-                    // A refusal names the LSN refused, so the process server can count the
-                    // refusals of one record (and give it up as lost), never loop on it.
-                    send(
-                        &reply,
-                        Message::Nack(Nack {
-                            disk_id,
-                            from_lsn: next,
-                            code: e.code(),
-                            reason: e.wire_message(disk_id),
-                        }),
-                    )
-                }
-            }
-        }
+        let works = gather(first, &mut rx, group_bytes);
+        let mut g = core.check(works);
+        log_refusals(&mut core);
         let started = Instant::now();
-        if let Err(e) = apply_until_room(&mut applier, &items, disk_id) {
-            // The group is not committed; nothing of it is acknowledged. The journal's
-            // recovery at the next start rolls back whatever reached the disk.
-            tracing::error!(disk = disk_id, error = %e, "apply failed; the disk stops taking writes until the master target restarts");
-            for r in &acks {
-                send(
-                    r,
-                    Message::Error(ErrorMsg {
-                        code: ErrorCode::Internal,
-                        disk_id,
-                        message: format!(
-                            "apply failed: {e}; restart the master target after fixing the cause"
-                        ),
-                    }),
-                );
+        for (r, msg) in std::mem::take(&mut g.replies) {
+            send(&r, msg);
+        }
+        if let Err(e) = apply_until_room(&mut core, &g) {
+            tracing::error!(disk = core.applier().disk_id(), error = %e, "apply failed; the disk stops taking writes until the master target restarts");
+            for (r, msg) in DiskCore::fail(g, &e) {
+                send(&r, msg);
             }
             break;
         }
-        next = applier.committed_lsn() + 1;
-        committed.store(applier.committed_lsn(), Ordering::Release);
-        publish(&applier, &stats, started.elapsed().as_micros() as u64);
-        let ack = Message::Ack(Ack {
-            entries: vec![AckEntry {
-                disk_id,
-                durable_lsn: applier.committed_lsn(),
-            }],
-        });
-        let mut sent: Vec<&Reply> = Vec::new();
-        for r in &acks {
-            if !sent.iter().any(|s| s.same_channel(r)) {
-                send(r, ack.clone());
-                sent.push(r);
-            }
-        }
-        for (req, r) in later {
-            let msg = match applier.block_digests(req.block_size, req.first_block, req.block_count)
-            {
-                Ok(digests) => Message::DigestList(DigestList {
-                    disk_id,
-                    block_size: req.block_size,
-                    first_block: req.first_block,
-                    digests,
-                }),
-                Err(e) => Message::Error(ErrorMsg {
-                    code: ErrorCode::Internal,
-                    disk_id,
-                    message: format!("digests: {e}"),
-                }),
-            };
+        committed.store(core.applier().committed_lsn(), Ordering::Release);
+        publish(core.applier(), &stats, started.elapsed().as_micros() as u64);
+        for (r, msg) in core.finish(g, Reply::same_channel) {
             send(&r, msg);
         }
     }
     // The disk (and its lock) goes before the stats, which detach watches.
-    drop(applier);
+    drop(core);
     drop(stats);
+}
+
+/// `first` and whatever else is queued, up to `group_bytes` of block data: one group.
+fn gather(first: Work, rx: &mut mpsc::Receiver<Work>, group_bytes: usize) -> Vec<Work> {
+    let mut works = vec![first];
+    let mut bytes = 0usize;
+    while bytes < group_bytes {
+        match rx.try_recv() {
+            Ok(w) => {
+                if let Work::Batch(b, _) = &w {
+                    bytes += b.data_len();
+                }
+                works.push(w);
+            }
+            Err(_) => break,
+        }
+    }
+    works
+}
+
+/// Logs the core's refusals, at most once a second per kind and disk.
+fn log_refusals(core: &mut DiskCore) {
+    for r in core.take_refusals() {
+        let (kind, d) = if r.resend {
+            ("resend", r.disk_id)
+        } else {
+            ("refused", r.disk_id)
+        };
+        if let Some(suppressed) = LOG_THROTTLE.admit(&format!("{kind} {d}")) {
+            if r.resend {
+                tracing::warn!(disk = d, error = %r.error, suppressed, "asking for a resend");
+            } else {
+                tracing::error!(disk = d, error = %r.error, suppressed, "batch refused");
+            }
+        }
+    }
 }
 
 /// The longest wait between attempts to apply a group while a volume is full.
 const FULL_RETRY_MAX_MS: u64 = 10_000;
 
-/// Whether an error is a full volume (or quota), which room can cure.
-fn out_of_space(e: &Error) -> bool {
-    matches!(e, Error::Io { source, .. } if crate::retention::is_out_of_space(source))
-}
-
-/// Applies a group; while a volume is full, frees journal room (the oldest segment, WARN)
-/// and retries, then waits and retries: a full volume holds writes back, it never loses
-/// or refuses them. Returns other errors at once.
-fn apply_until_room(
-    applier: &mut Applier,
-    items: &[Item],
-    disk_id: u64,
-) -> Result<Vec<crate::journal::Point>> {
+/// Applies a group; while a volume is full and nothing more can be pruned, waits and
+/// retries: a full volume holds writes back, it never loses or refuses them.
+fn apply_until_room(core: &mut DiskCore, g: &Group<Reply>) -> Result<()> {
     let mut wait_ms = 250;
     loop {
-        match applier.apply(items) {
-            Err(e) if out_of_space(&e) => {
-                if applier.free_journal_space()? {
-                    tracing::warn!(disk = disk_id, error = %e, "a volume is full: dropped the oldest journal segment (its points) to make room");
-                    continue;
-                }
+        match core.apply(g)? {
+            Applied::Done(_) => return Ok(()),
+            Applied::Full(e) => {
+                let disk_id = core.applier().disk_id();
                 if let Some(suppressed) = LOG_THROTTLE.admit(&format!("full {disk_id}")) {
                     tracing::warn!(disk = disk_id, error = %e, suppressed, "a volume is full and nothing more can be pruned: holding this disk's writes (nothing acknowledged is lost) until there is room");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(wait_ms));
                 wait_ms = (wait_ms * 2).min(FULL_RETRY_MAX_MS);
             }
-            r => return r,
         }
     }
 }

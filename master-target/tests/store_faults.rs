@@ -1,0 +1,294 @@
+//! Regression tests for the bugs the deterministic simulator (`tests/simulation.rs` at the
+//! repository root) found in the journal and the apply path, each replayed on purpose on
+//! `store::SimFs` with the one fault that exposed it. The seeds that first found them are
+//! named beside each test (they no longer fail, and later changes move what a seed does,
+//! so the scenario is written out here).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use master_target::apply::{Applier, Item, RetentionPolicy};
+use master_target::disk::DiskFile;
+use master_target::journal::Journal;
+use store::{FileSystem, OpenMode, SimFaults, SimFs};
+
+const DISK_BYTES: usize = 64 << 10;
+const DISK: &str = "/ds/d-flat.vmdk";
+const JOURNAL: &str = "/ret/disk-1";
+const POLICY: RetentionPolicy = RetentionPolicy {
+    crash_point_interval_us: 1_000_000,
+    window_us: 3_600_000_000,
+    quota_bytes: 1 << 30,
+};
+
+fn volume(seed: u64) -> SimFs {
+    let fs = SimFs::new(seed);
+    fs.put(Path::new(DISK), &vec![0xab; DISK_BYTES]);
+    fs.create_dir_all(Path::new("/ret")).unwrap();
+    fs
+}
+
+fn open(fs: &SimFs, segment_bytes: u64) -> master_target::Result<Applier> {
+    open_with(fs, segment_bytes, POLICY)
+}
+
+fn open_with(
+    fs: &SimFs,
+    segment_bytes: u64,
+    policy: RetentionPolicy,
+) -> master_target::Result<Applier> {
+    let h = fs
+        .open(Path::new(DISK), OpenMode::ReadWrite)
+        .map_err(|source| master_target::Error::Io {
+            context: "open".into(),
+            source,
+        })?;
+    let disk = DiskFile::from_handle(h, Path::new(DISK))?;
+    let j = Journal::open_in(Arc::new(fs.clone()), Path::new(JOURNAL), &disk)?
+        .with_segment_target_bytes(segment_bytes);
+    Ok(Applier::new(1, disk, j, policy))
+}
+
+/// The source: every write applied so far, to build the expected disk.
+struct Source {
+    writes: Vec<(u64, Bytes)>,
+}
+
+impl Source {
+    /// The next write: 4 KiB of `lsn` at a place that moves with it.
+    fn next(&mut self) -> Item {
+        let lsn = self.writes.len() as u64 + 1;
+        let offset = (lsn * 4096 * 3) % DISK_BYTES as u64;
+        let data = Bytes::from(vec![lsn as u8; 4096]);
+        self.writes.push((offset, data.clone()));
+        Item::Write {
+            lsn,
+            timestamp_us: lsn * 400_000,
+            offset,
+            data,
+        }
+    }
+
+    fn group(&mut self, n: usize) -> Vec<Item> {
+        (0..n).map(|_| self.next()).collect()
+    }
+
+    /// Forgets the last `n` writes (a group that failed).
+    fn unwind(&mut self, n: usize) {
+        self.writes.truncate(self.writes.len() - n);
+    }
+
+    fn image_at(&self, lsn: u64) -> Vec<u8> {
+        let mut img = vec![0xab; DISK_BYTES];
+        for (o, d) in &self.writes[..lsn as usize] {
+            img[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+        }
+        img
+    }
+}
+
+fn new_source() -> Source {
+    Source { writes: Vec::new() }
+}
+
+/// The disk equals the source at the committed LSN, which is at least `acked`.
+fn assert_consistent(fs: &SimFs, a: &Applier, src: &Source, acked: u64) {
+    let lsn = a.committed_lsn();
+    assert!(
+        lsn >= acked,
+        "acknowledged lsn {acked} lost: committed {lsn}"
+    );
+    let disk = fs.contents(Path::new(DISK)).unwrap();
+    assert!(
+        disk == src.image_at(lsn),
+        "disk differs from the source at lsn {lsn}"
+    );
+}
+
+/// Seed 10: a read of the disk failed while a group saved its undo data, and putting the
+/// group back wrote that record's zeros over live data.
+#[test]
+fn a_failed_read_while_saving_undo_data_writes_nothing_back() {
+    let fs = volume(1);
+    let mut src = new_source();
+    let mut a = open(&fs, 1 << 20).unwrap();
+    a.apply(&src.group(3)).unwrap();
+    fs.fail_next("read", DISK, 1);
+    assert!(a.apply(&src.group(3)).is_err());
+    src.unwind(3);
+    assert_consistent(&fs, &a, &src, 3);
+    drop(a);
+    let a = open(&fs, 1 << 20).unwrap();
+    assert_consistent(&fs, &a, &src, 3);
+}
+
+/// Seed 129: a failed stat at open took the newest segment for an empty one and removed
+/// it, with every commit in it.
+#[test]
+fn a_failed_stat_at_open_removes_no_segment() {
+    let fs = volume(2);
+    let mut src = new_source();
+    let mut a = open(&fs, 16 << 10).unwrap();
+    for _ in 0..6 {
+        a.apply(&src.group(2)).unwrap();
+    }
+    let acked = a.committed_lsn();
+    drop(a);
+    fs.fail_next("stat", "seg-", 0);
+    let _ = open(&fs, 16 << 10); // fails or not; it must not remove anything
+    fs.crash();
+    let a = open(&fs, 16 << 10).unwrap();
+    assert_consistent(&fs, &a, &src, acked);
+}
+
+/// Seed 77: the first start made the first segment and failed before syncing its
+/// directory; the next start did not sync it either, so a power loss took the journal.
+#[test]
+fn the_first_segment_is_durable_after_a_start_that_failed() {
+    let fs = volume(3);
+    let mut src = new_source();
+    fs.fail_next("fsync dir", JOURNAL, 0);
+    assert!(open(&fs, 1 << 20).is_err());
+    let mut a = open(&fs, 1 << 20).unwrap();
+    a.apply(&src.group(4)).unwrap();
+    drop(a);
+    fs.crash();
+    let a = open(&fs, 1 << 20).unwrap();
+    assert_consistent(&fs, &a, &src, 4);
+}
+
+/// Seed 54: pruning removed the oldest segments, a crash undid one removal (the directory
+/// was not synced), and its points came back though the undo records after them were gone:
+/// they exported something else than the source.
+#[test]
+fn a_segment_pruned_before_a_crash_does_not_bring_its_points_back() {
+    let fs = volume(4);
+    let mut src = new_source();
+    let short = RetentionPolicy {
+        window_us: 2_000_000,
+        ..POLICY
+    };
+    let mut a = open_with(&fs, 8 << 10, short).unwrap();
+    let mut most = 0;
+    for _ in 0..20 {
+        a.apply(&src.group(2)).unwrap();
+        most = most.max(fs.files().len());
+    }
+    let acked = a.committed_lsn();
+    assert!(fs.files().len() < most, "pruning removed segments");
+    drop(a);
+    fs.crash();
+    let a = open(&fs, 8 << 10).unwrap();
+    assert_consistent(&fs, &a, &src, acked);
+    let disk = fs.contents(Path::new(DISK)).unwrap();
+    assert!(!a.journal().points().is_empty());
+    for p in a.journal().points() {
+        let out = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&out, &disk, 0).unwrap();
+        a.journal().rewind(p.lsn, &out, &mut |_, _| {}).unwrap();
+        let mut got = vec![0u8; DISK_BYTES];
+        std::os::unix::fs::FileExt::read_exact_at(&out, &mut got, 0).unwrap();
+        assert!(
+            got == src.image_at(p.lsn),
+            "point at lsn {} exports exactly",
+            p.lsn
+        );
+    }
+}
+
+/// Seed 938: emptying the last segment on a full volume truncated it first; a crash before
+/// the new checkpoint was durable left an empty journal (committed LSN 0).
+#[test]
+fn emptying_a_full_journal_survives_a_crash_at_each_step() {
+    for crash_at in 1..=5 {
+        for seed in 0..8 {
+            let fs = volume(seed);
+            let mut src = new_source();
+            let mut a = open(&fs, 1 << 20).unwrap();
+            for _ in 0..4 {
+                a.apply(&src.group(3)).unwrap();
+            }
+            let acked = a.committed_lsn();
+            fs.set_faults(SimFaults {
+                tear_per_million: 500_000,
+                ..SimFaults::NONE
+            });
+            fs.arm_crash(crash_at);
+            let _ = a.free_journal_space();
+            drop(a);
+            fs.crash();
+            let a = open(&fs, 1 << 20).unwrap();
+            assert_consistent(&fs, &a, &src, acked);
+        }
+    }
+}
+
+/// Seed 480: a commit's fsync failed, putting the disk back failed half-way, and the
+/// restart read the commit (still in the page cache) as durable over a half-restored disk.
+#[test]
+fn a_failed_commit_then_a_failed_restore_leaves_a_consistent_restart() {
+    let fs = volume(6);
+    let mut src = new_source();
+    let mut a = open(&fs, 1 << 20).unwrap();
+    a.apply(&src.group(3)).unwrap();
+    // The group's second journal fsync is its commit's; the restore's second disk write fails.
+    fs.fail_next("fsync", JOURNAL, 1);
+    fs.fail_next("write", DISK, 4 + 1);
+    assert!(a.apply(&src.group(4)).is_err());
+    drop(a);
+    let a = open(&fs, 1 << 20).unwrap();
+    if a.committed_lsn() == 3 {
+        src.unwind(4);
+    }
+    assert_consistent(&fs, &a, &src, 3);
+    drop(a);
+    fs.crash();
+    let a = open(&fs, 1 << 20).unwrap();
+    assert_consistent(&fs, &a, &src, 3);
+}
+
+/// Seed 1601: the first checkpoint's fsync failed, Linux marked its page clean, and no
+/// later fsync wrote it: after a power loss the journal began with zeros (corrupt).
+#[test]
+fn bytes_whose_fsync_failed_are_written_again() {
+    let fs = volume(7);
+    let mut src = new_source();
+    fs.fail_next("fsync", "seg-00000001", 0);
+    assert!(open(&fs, 1 << 20).is_err());
+    let mut a = open(&fs, 1 << 20).unwrap();
+    a.apply(&src.group(3)).unwrap();
+    fs.fail_next("fsync", JOURNAL, 1); // a commit's fsync fails: its group is not acked
+    assert!(a.apply(&src.group(2)).is_err());
+    src.unwind(2);
+    drop(a);
+    let mut a = open(&fs, 1 << 20).unwrap();
+    a.apply(&src.group(2)).unwrap();
+    drop(a);
+    fs.crash();
+    let a = open(&fs, 1 << 20).expect("the journal opens after a power loss");
+    assert_consistent(&fs, &a, &src, 5);
+}
+
+/// Seed 3862: a rotation made its segment and failed to sync the directory, and removing
+/// the segment failed too; commits went on in the old segment, and at the next start the
+/// new segment's checkpoint hid them.
+#[test]
+fn a_segment_left_by_a_failed_rotation_hides_no_commit() {
+    let fs = volume(8);
+    let mut src = new_source();
+    let mut a = open(&fs, 8 << 10).unwrap();
+    fs.fail_next("fsync dir", JOURNAL, 0);
+    fs.fail_next("unlink", "seg-00000002", 0);
+    for _ in 0..4 {
+        a.apply(&src.group(1)).unwrap();
+    }
+    let acked = a.committed_lsn();
+    assert!(
+        fs.files().iter().any(|f| f.0.ends_with("seg-00000002.fbj")),
+        "the failed rotation left its segment"
+    );
+    drop(a);
+    let a = open(&fs, 8 << 10).unwrap();
+    assert_consistent(&fs, &a, &src, acked);
+}
