@@ -130,7 +130,12 @@ fn a_failed_stat_at_open_removes_no_segment() {
     let fs = volume(2);
     let mut src = new_source();
     let mut a = open(&fs, 16 << 10).unwrap();
-    for _ in 0..6 {
+    // Until the newest of several segments holds commits past its checkpoint.
+    while !fs
+        .files()
+        .last()
+        .is_some_and(|f| f.0.ends_with("seg-00000003.fbj") && f.1 > 1024)
+    {
         a.apply(&src.group(2)).unwrap();
     }
     let acked = a.committed_lsn();
@@ -169,17 +174,29 @@ fn a_segment_pruned_before_a_crash_does_not_bring_its_points_back() {
         window_us: 2_000_000,
         ..POLICY
     };
-    let mut a = open_with(&fs, 8 << 10, short).unwrap();
-    let mut most = 0;
-    for _ in 0..20 {
+    let mut a = open_with(&fs, 32 << 10, short).unwrap();
+    // Every segment as it was last seen.
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..80 {
         a.apply(&src.group(2)).unwrap();
-        most = most.max(fs.files().len());
+        for (p, _, _) in fs.files() {
+            if p.starts_with(JOURNAL) {
+                seen.insert(p.clone(), fs.contents(&p).unwrap());
+            }
+        }
     }
     let acked = a.committed_lsn();
-    assert!(fs.files().len() < most, "pruning removed segments");
+    let gone: Vec<_> = seen
+        .keys()
+        .filter(|p| fs.contents(p).is_none())
+        .cloned()
+        .collect();
+    assert!(gone.len() >= 2, "pruning removed segments: {gone:?}");
     drop(a);
+    // A crash undid the removal of the oldest, and not of the one after it.
     fs.crash();
-    let a = open(&fs, 8 << 10).unwrap();
+    fs.put(&gone[0], &seen[&gone[0]]);
+    let a = open(&fs, 32 << 10).unwrap();
     assert_consistent(&fs, &a, &src, acked);
     let disk = fs.contents(Path::new(DISK)).unwrap();
     assert!(!a.journal().points().is_empty());
@@ -249,7 +266,9 @@ fn a_failed_commit_then_a_failed_restore_leaves_a_consistent_restart() {
 }
 
 /// Seed 1601: the first checkpoint's fsync failed, Linux marked its page clean, and no
-/// later fsync wrote it: after a power loss the journal began with zeros (corrupt).
+/// later fsync wrote it: after a power loss the journal began with zeros (corrupt). The
+/// cure is that recovery reads the device, not the page cache (and `sync` writes again
+/// what a failed fsync covered).
 #[test]
 fn bytes_whose_fsync_failed_are_written_again() {
     let fs = volume(7);
@@ -291,4 +310,21 @@ fn a_segment_left_by_a_failed_rotation_hides_no_commit() {
     drop(a);
     let a = open(&fs, 8 << 10).unwrap();
     assert_consistent(&fs, &a, &src, acked);
+}
+
+/// The same, when writing the range again fails too: recovery must read what the device
+/// holds (the checkpoint never reached it), not the clean page the failed fsync left.
+#[test]
+fn recovery_reads_the_device_not_pages_a_failed_fsync_left_clean() {
+    let fs = volume(9);
+    let mut src = new_source();
+    fs.fail_next("fsync", "seg-00000001", 0);
+    fs.fail_next("write", "seg-00000001", 1);
+    assert!(open(&fs, 1 << 20).is_err());
+    let mut a = open(&fs, 1 << 20).unwrap();
+    a.apply(&src.group(3)).unwrap();
+    drop(a);
+    fs.crash();
+    let a = open(&fs, 1 << 20).expect("the journal opens after a power loss");
+    assert_consistent(&fs, &a, &src, 3);
 }
