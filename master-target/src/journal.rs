@@ -74,12 +74,13 @@ impl PointKind {
             PointKind::ResyncCompleted => 3,
         }
     }
-    fn from_code(c: u8) -> PointKind {
+    fn from_code(c: u8) -> Option<PointKind> {
         match c {
-            1 => PointKind::AppConsistent,
-            2 => PointKind::ResyncStarted,
-            3 => PointKind::ResyncCompleted,
-            _ => PointKind::CrashConsistent,
+            0 => Some(PointKind::CrashConsistent),
+            1 => Some(PointKind::AppConsistent),
+            2 => Some(PointKind::ResyncStarted),
+            3 => Some(PointKind::ResyncCompleted),
+            _ => None,
         }
     }
     /// Whether this is a recovery point (not a resync marker).
@@ -338,11 +339,20 @@ fn record_at(
             let Some(tag) = body.get(27..27 + tag_len) else {
                 return Ok(None);
             };
+            // The record's checksum holds, so an unknown kind was written that way (by a
+            // newer master target): never guess what it means.
+            let Some(kind) = PointKind::from_code(body[24]) else {
+                return Err(Error::JournalCorrupt {
+                    path: path.into(),
+                    offset: pos,
+                    detail: format!("a point record of unknown kind {} (written by a newer master target?): run the master target version that wrote this journal", body[24]),
+                });
+            };
             Found::Point(Point {
                 id: be64(body),
                 lsn: be64(&body[8..]),
                 time_us: be64(&body[16..]),
-                kind: PointKind::from_code(body[24]),
+                kind,
                 tag: String::from_utf8_lossy(tag).into_owned(),
             })
         }
