@@ -85,6 +85,9 @@ struct DiskHandle {
     owner: String,
     committed: Arc<AtomicU64>,
     stats: Arc<Mutex<DiskStats>>,
+    /// The disk's apply thread: detach joins it, so the disk's lock is gone (and nothing
+    /// more is applied) before detach reports the disk's final LSN.
+    worker: std::thread::JoinHandle<()>,
 }
 
 /// Per-disk figures for metrics and status.
@@ -410,7 +413,7 @@ impl Disks {
         let committed_cell = Arc::new(AtomicU64::new(committed));
         let stats = Arc::new(Mutex::new(DiskStats::default()));
         let (c, s) = (Arc::clone(&committed_cell), Arc::clone(&stats));
-        std::thread::Builder::new()
+        let worker = std::thread::Builder::new()
             .name(format!("apply-{}", rec.disk_id))
             .spawn(move || worker(applier, rx, c, s, group_bytes))
             .map_err(|e| Error::Io {
@@ -424,6 +427,7 @@ impl Disks {
                 owner: rec.process_server.clone(),
                 committed: committed_cell,
                 stats,
+                worker,
             },
         );
         Ok(committed)
@@ -443,15 +447,15 @@ impl Disks {
             });
         };
         let committed = h.committed.clone();
-        // Dropping the sender ends the worker once its queue is drained; it drops the disk
-        // file (and its lock) on the way out. Wait for that, bounded.
-        let weak = Arc::downgrade(&h.stats);
-        drop(h);
-        for _ in 0..2000 {
-            if weak.strong_count() == 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        // Dropping the sender ends the worker once its queue is drained (a group held back
+        // by a full volume is given up, unacknowledged); it drops the disk file (and its
+        // lock) on the way out.
+        drop(h.tx);
+        if h.worker.join().is_err() {
+            return Err(Error::Io {
+                context: format!("detach disk {disk_id}"),
+                source: std::io::Error::other("its apply thread panicked (see the log); restart the master target, whose journal recovery puts the disk right"),
+            });
         }
         if let Some(mut rec) = reg.get(disk_id).cloned() {
             rec.attached = false;
@@ -559,7 +563,11 @@ fn worker(
         for (r, msg) in std::mem::take(&mut g.replies) {
             send(&r, msg);
         }
-        if let Err(e) = apply_until_room(&mut core, &g) {
+        if let Err(e) = apply_until_room(&mut core, &g, &rx) {
+            if rx.is_closed() && crate::core::out_of_space(&e) {
+                tracing::warn!(disk = core.applier().disk_id(), "detached while a full volume held a group back: it was not applied nor acknowledged, and is sent again after the next attach");
+                break;
+            }
             tracing::error!(disk = core.applier().disk_id(), error = %e, "apply failed; the disk stops taking writes until the master target restarts");
             for (r, msg) in DiskCore::fail(g, &e) {
                 send(&r, msg);
@@ -618,11 +626,18 @@ const FULL_RETRY_MAX_MS: u64 = 10_000;
 
 /// Applies a group; while a volume is full and nothing more can be pruned, waits and
 /// retries: a full volume holds writes back, it never loses or refuses them.
-fn apply_until_room(core: &mut DiskCore, g: &Group<Reply>) -> Result<()> {
+/// A detach (every sender gone) gives the held group up, unacknowledged: the process
+/// server sends it again after the next attach.
+fn apply_until_room(
+    core: &mut DiskCore,
+    g: &Group<Reply>,
+    rx: &mpsc::Receiver<Work>,
+) -> Result<()> {
     let mut wait_ms = 250;
     loop {
         match core.apply(g)? {
             Applied::Done(_) => return Ok(()),
+            Applied::Full(e) if rx.is_closed() => return Err(e),
             Applied::Full(e) => {
                 let disk_id = core.applier().disk_id();
                 if let Some(suppressed) = LOG_THROTTLE.admit(&format!("full {disk_id}")) {
