@@ -22,8 +22,9 @@
 //!     frame:      [u8; frame_len], // a wire frame, with its own CRCs
 //! }
 //! ```
-//! and, at every group commit (before its fsync, so before anything is acknowledged), two
-//! copies of a sync mark (a flipped byte in one leaves the other):
+//! and, at every group commit, after the records are fsynced and before anything is
+//! acknowledged, two copies of a sync mark (a flipped byte in one leaves the other), fsynced
+//! in turn:
 //! ```text
 //! struct SyncMark {             // big-endian; don't reorder
 //!     magic:      [u8; 4],      // b"FBS1"
@@ -34,10 +35,15 @@
 //!     header_crc: u32,
 //! }
 //! ```
-//! At open, damage that a valid record or mark follows was fsynced before it: it is
-//! corruption, and the LSNs it hides (up to the last mark's `acked_lsn`) are a lost range,
-//! shipped as a resync marker with the agent told. Only damage after the last valid mark,
-//! with nothing valid after it, is a torn tail (never acknowledged), and is truncated.
+//! At open, damage before the last valid mark was fsynced before it: it is corruption, and
+//! the LSNs it hides (up to the last mark's `acked_lsn`) are a lost range, shipped as a
+//! resync marker with the agent told. Everything after the last valid mark of the last
+//! segment was never acknowledged: the segment ends at the first record there whose header
+//! or frame fails its checksum (a torn tail), whatever follows it, because the kernel
+//! writes unsynced pages back in any order and a later record may have reached the disk
+//! without an earlier one. The cache reads the device, not pages a failed fsync left clean
+//! (`FileHandle::drop_cache`), and every open syncs the directory, so no segment holding
+//! acknowledged records can lose its name to a crash.
 //!
 //! `CACHE_DIR/disk-ID/disk.json` holds the disk's attach request; `acked-lsn` how far the
 //! master target acknowledged the disk when segments were last deleted, as one line
@@ -47,11 +53,11 @@
 //! segment left leaves the position unknown (an ERROR): no agent is told where to resume
 //! until the master target says ([`DiskCache::adopt_remote`]).
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use store::{FileHandle, FileSystem, OpenMode, RealFs};
 use tokio_util::codec::Decoder;
 use wire_protocol::frame::{FrameCodec, MAX_FRAME_LEN};
 
@@ -94,6 +100,7 @@ pub struct Entry {
 /// The cache log of one disk.
 #[derive(Debug)]
 pub struct DiskCache {
+    fs: Arc<dyn FileSystem>,
     dir: PathBuf,
     /// Records in LSN order.
     entries: std::collections::VecDeque<Entry>,
@@ -101,7 +108,7 @@ pub struct DiskCache {
     /// The segment being appended to; opened (created) at the first append into it, so an
     /// idle or retired disk leaves no empty file. Never in append mode: Linux ignores the
     /// offset of a positioned write under O_APPEND, and the index needs the offset honoured.
-    active: Option<File>,
+    active: Option<Box<dyn FileHandle>>,
     active_len: u64,
     segs: Vec<(u32, u64)>,
     /// LSNs up to this are acknowledged by the master target (and trimmed).
@@ -151,11 +158,26 @@ fn acked_line(lsn: u64) -> String {
 
 /// The LSN in a disk's `acked-lsn`: `None` if there is none or it fails its checksum (the
 /// master target's position then decides: see [`DiskCache::adopt_remote`]).
-fn read_acked(dir: &Path) -> Option<u64> {
-    let text = fs::read_to_string(dir.join(ACKED_FILE)).ok()?;
+fn read_acked(fs: &dyn FileSystem, dir: &Path) -> Option<u64> {
+    let bytes = read_all(fs, &dir.join(ACKED_FILE)).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
     let (lsn, crc) = text.trim_end_matches('\n').split_once(' ')?;
     let ok = u32::from_str_radix(crc, 16).ok()? == crc32c::crc32c(lsn.as_bytes());
     ok.then(|| lsn.parse().ok()).flatten()
+}
+
+/// A whole file as the device holds it (the clean cache dropped first: pages a failed
+/// fsync left clean read back as if written, and never will be).
+fn read_all(fs: &dyn FileSystem, path: &Path) -> std::io::Result<Vec<u8>> {
+    let f = fs.open(path, OpenMode::Read)?;
+    f.drop_cache()?;
+    let mut data = vec![0u8; f.len()? as usize];
+    f.read_exact_at(&mut data, 0)?;
+    Ok(data)
+}
+
+fn sync_dir(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir).ctx(|| format!("fsync {}", dir.display()))
 }
 
 fn seg_path(dir: &Path, seq: u32) -> PathBuf {
@@ -203,22 +225,28 @@ fn parse_any(h: &[u8; RECORD_HEADER_LEN]) -> Option<([u8; 4], Fields)> {
     Some((magic, (be(4..12), be(12..20), be(20..28), frame_len)))
 }
 
+/// Whether `bytes` are exactly one frame whose checksums hold.
+fn frame_whole(bytes: &[u8]) -> bool {
+    let mut buf = BytesMut::from(bytes);
+    matches!(FrameCodec::default().decode(&mut buf), Ok(Some(_)) if buf.is_empty())
+}
+
 impl DiskCache {
     /// Opens (or creates) a disk's cache, scanning every segment. A torn tail of the last
     /// segment (a crash mid-append, never acknowledged) is truncated.
     pub fn open(dir: &Path, trimmed_lsn: u64) -> Result<DiskCache> {
-        fs::create_dir_all(dir).ctx(|| format!("create cache directory {}", dir.display()))?;
-        let mut seqs: Vec<u32> = fs::read_dir(dir)
+        DiskCache::open_in(Arc::new(RealFs), dir, trimmed_lsn)
+    }
+
+    /// [`DiskCache::open`] on any [`FileSystem`] (the simulator's).
+    pub fn open_in(fs: Arc<dyn FileSystem>, dir: &Path, trimmed_lsn: u64) -> Result<DiskCache> {
+        fs.create_dir_all(dir)
+            .ctx(|| format!("create cache directory {}", dir.display()))?;
+        let mut seqs: Vec<u32> = fs
+            .list(dir)
             .ctx(|| format!("list {}", dir.display()))?
-            .filter_map(|e| {
-                e.ok()?
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix("seg-")?
-                    .strip_suffix(".fbc")?
-                    .parse()
-                    .ok()
-            })
+            .iter()
+            .filter_map(|n| n.strip_prefix("seg-")?.strip_suffix(".fbc")?.parse().ok())
             .collect();
         seqs.sort();
         let mut entries = std::collections::VecDeque::new();
@@ -227,7 +255,7 @@ impl DiskCache {
         let mut acked_through = 0u64;
         for (i, &seq) in seqs.iter().enumerate() {
             let path = seg_path(dir, seq);
-            let data = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+            let data = read_all(&*fs, &path).ctx(|| format!("read {}", path.display()))?;
             let len = data.len() as u64;
             let last_segment = i + 1 == seqs.len();
             let header_at = |p: usize| -> Option<([u8; 4], Fields)> {
@@ -236,12 +264,32 @@ impl DiskCache {
                 parse_any(&h).filter(|r| p + RECORD_HEADER_LEN + r.1 .3 as usize <= data.len())
             };
             let mut p = 0usize;
+            // Where the last valid sync mark of the last segment ends: nothing after it was
+            // acknowledged (a sealed segment was synced whole before the next one began).
+            let marked_to = if last_segment {
+                (0..data.len().saturating_sub(RECORD_HEADER_LEN - 1))
+                    .rev()
+                    .find(|&q| {
+                        data[q..q + 4] == SYNC_MAGIC
+                            && header_at(q).is_some_and(|h| h.0 == SYNC_MAGIC)
+                    })
+                    .map_or(0, |q| q + RECORD_HEADER_LEN)
+            } else {
+                usize::MAX
+            };
             while p + RECORD_HEADER_LEN <= data.len() {
                 if let Some((magic, (first_lsn, last_lsn, first_ts_us, frame_len))) = header_at(p) {
                     if magic == SYNC_MAGIC {
                         acked_through = acked_through.max(last_lsn);
                         p += RECORD_HEADER_LEN;
                         continue;
+                    }
+                    // Past the last mark nothing was acknowledged, and a record whose header
+                    // reached the disk may have lost its body: check the frame too, and end
+                    // the segment (a torn tail) at the first that fails.
+                    let body = p + RECORD_HEADER_LEN..p + RECORD_HEADER_LEN + frame_len as usize;
+                    if p >= marked_to && !frame_whole(&data[body]) {
+                        break;
                     }
                     entries.push_back(Entry {
                         seg: seq,
@@ -255,7 +303,14 @@ impl DiskCache {
                     p += RECORD_HEADER_LEN + frame_len as usize;
                     continue;
                 }
-                // A bad header: if a valid record follows, this is corruption, not a torn tail.
+                // A bad header after the last sync mark of the last segment is a torn tail,
+                // whatever follows it: the kernel writes unsynced pages back in any order, so
+                // a later record may have reached the disk and an earlier one not, and none
+                // of them was acknowledged.
+                if p >= marked_to {
+                    break;
+                }
+                // Elsewhere, if a valid record follows, this is corruption, not a torn tail.
                 // Skip to it; the LSNs in between become a lost range (see below).
                 match (p + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1)).find(|&q| {
                     (data[q..q + 4] == MAGIC || data[q..q + 4] == SYNC_MAGIC)
@@ -275,9 +330,8 @@ impl DiskCache {
                     pos = len;
                 } else {
                     tracing::warn!(segment = %path.display(), offset = pos, "truncating a torn cache tail (never acknowledged)");
-                    let w = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
+                    let w = fs
+                        .open(&path, OpenMode::ReadWrite)
                         .ctx(|| format!("open {}", path.display()))?;
                     w.set_len(pos)
                         .ctx(|| format!("truncate {}", path.display()))?;
@@ -308,12 +362,13 @@ impl DiskCache {
             segs.push((1, 0));
         }
         let active_len = segs.last().expect("one").1;
-        let acked = read_acked(dir);
+        let acked = read_acked(&*fs, dir);
         let position_known =
             acked.is_some() || !entries.is_empty() || acked_through > 0 || trimmed_lsn > 0;
         let acked = acked.unwrap_or(0);
         let trimmed_lsn = trimmed_lsn.max(acked);
         let mut c = DiskCache {
+            fs,
             dir: dir.into(),
             entries,
             active_seq,
@@ -327,6 +382,8 @@ impl DiskCache {
         };
         c.trim(trimmed_lsn)?;
         c.synced = (c.last_lsn(), c.active_seq, c.active_len);
+        // The names of every segment read are durable from here (see `active_file`).
+        sync_dir(&*c.fs, dir)?;
         Ok(c)
     }
 
@@ -452,26 +509,21 @@ impl DiskCache {
         Ok(())
     }
 
-    /// The active segment, opened or created (its directory entry made durable) on first use.
-    fn active_file(&mut self) -> Result<&File> {
+    /// The active segment, opened or created on first use, its directory entry made
+    /// durable each time: an earlier process (or an earlier try of this one) may have
+    /// created it and died, or failed, before its directory was synced, and records
+    /// acknowledged in a segment whose name a crash forgets are lost.
+    fn active_file(&mut self) -> Result<&dyn FileHandle> {
         if self.active.is_none() {
             let path = seg_path(&self.dir, self.active_seq);
-            let created = !path.exists();
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .read(true)
-                .open(&path)
+            let f = self
+                .fs
+                .open(&path, OpenMode::CreateOrOpen)
                 .ctx(|| format!("open {}", path.display()))?;
-            if created {
-                File::open(&self.dir)
-                    .and_then(|d| d.sync_all())
-                    .ctx(|| format!("fsync {}", self.dir.display()))?;
-            }
+            sync_dir(&*self.fs, &self.dir)?;
             self.active = Some(f);
         }
-        Ok(self.active.as_ref().expect("just opened"))
+        Ok(&**self.active.as_ref().expect("just opened"))
     }
 
     /// Makes every append durable, with a sync mark (twice) saying so. On failure the
@@ -489,8 +541,13 @@ impl DiskCache {
         }
         let at = self.active_len;
         let context = format!("fsync cache {}", self.dir.display());
+        // Records first, then the marks: a mark that reaches the disk thus always follows
+        // records that did, so damage before a valid mark is damage at rest (a lost range),
+        // never records a crash kept the mark of and not the data (the kernel writes
+        // unsynced pages back in any order). The second fsync writes one page.
         let done = self.active_file().and_then(|f| {
-            f.write_all_at(&marks, at)
+            f.sync_data()
+                .and_then(|()| f.write_all_at(&marks, at))
                 .and_then(|()| f.sync_data())
                 .map_err(|e| Error::Io { context, source: e })
         });
@@ -535,7 +592,7 @@ impl DiskCache {
         self.active = None;
         for (seq, _) in self.segs.drain(..) {
             let p = seg_path(&self.dir, seq);
-            match fs::remove_file(&p) {
+            match self.fs.remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -550,9 +607,7 @@ impl DiskCache {
         self.active_seq += 1;
         self.active_len = 0;
         self.segs.push((self.active_seq, 0));
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .ctx(|| format!("fsync {}", self.dir.display()))
+        sync_dir(&*self.fs, &self.dir)
     }
 
     /// Forgets records the master target has made durable; deletes segments left empty.
@@ -583,7 +638,7 @@ impl DiskCache {
         while self.segs.len() > 1 && self.segs[0].0 < first_needed {
             let (seq, _) = self.segs.remove(0);
             let p = seg_path(&self.dir, seq);
-            match fs::remove_file(&p) {
+            match self.fs.remove_file(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(Error::Io {
                         context: format!("remove {}", p.display()),
@@ -631,20 +686,17 @@ impl DiskCache {
     /// master target, never guessed.
     fn persist_acked(&self) -> Result<()> {
         let path = self.dir.join(ACKED_FILE);
-        let created = !path.exists();
+        let created = !self.fs.exists(&path);
         let line = acked_line(self.trimmed_lsn);
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
+        self.fs
+            .open(&path, OpenMode::CreateOrOpen)
             .and_then(|f| {
                 f.write_all_at(line.as_bytes(), 0)?;
                 f.set_len(line.len() as u64)?;
                 f.sync_all()
             })
             .and_then(|()| match created {
-                true => File::open(&self.dir)?.sync_all(),
+                true => self.fs.sync_dir(&self.dir),
                 false => Ok(()),
             })
             .ctx(|| format!("write {}", path.display()))
@@ -669,7 +721,10 @@ impl DiskCache {
         if e.lost {
             return Err(corrupt("records lost to a corrupt record header".into()));
         }
-        let f = File::open(&path).ctx(|| format!("open {}", path.display()))?;
+        let f = self
+            .fs
+            .open(&path, OpenMode::Read)
+            .ctx(|| format!("open {}", path.display()))?;
         let mut buf = vec![0u8; RECORD_HEADER_LEN + e.frame_len as usize];
         f.read_exact_at(&mut buf, e.pos)
             .ctx(|| format!("read {}", path.display()))?;

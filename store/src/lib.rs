@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 mod sim;
 
-pub use sim::{SimFaults, SimFs};
+pub use sim::{SimFaults, SimFs, SimStats};
 
 /// How to open a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
