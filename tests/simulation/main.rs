@@ -1,602 +1,389 @@
-//! Deterministic simulation of the master target's apply core under a hostile disk.
+//! Deterministic simulation of replication: agent → process server → master target.
 //!
-//! One seed decides everything: the stream a process server sends (batches, bookmarks,
-//! resends after a reset, gaps), when the machine crashes (at any file operation, with
-//! unsynced writes lost or torn), when the process is killed (page cache kept), when
-//! operations fail with EIO and when the volume is full. At every step it checks:
-//! - **an acknowledged write is never lost**: after any crash the journal's committed LSN
-//!   is at least the highest LSN ever acknowledged;
-//! - **the disk equals the source at its committed LSN** (blake3 of the whole image);
-//! - **every recovery point exports exactly**: rewinding a copy of the disk to each point
-//!   gives the source at the point's LSN, and an app-consistent point carries the tag of
-//!   the bookmark at that LSN;
-//! - **no livelock**: once faults stop, everything sent is acknowledged within a bounded
-//!   number of steps.
+//! One seed decides everything, in one thread: the stream a VM writes (writes and
+//! app-consistent bookmarks), what the agent sends and resends, when either machine loses
+//! power (at any file operation: unsynced writes lost or torn, unsynced names forgotten),
+//! when either service is killed (its page cache kept), when operations fail with EIO, when
+//! volumes are full, and when the agent's connection or the link between the process server
+//! and the master target resets. What runs is the real code on `store::SimFs`: the process
+//! server's cache (`process_server::cache::DiskCache`) and the master target's apply core
+//! and journal (`master_target::core::DiskCore`); the rules of the services' network shells
+//! (resume points, group commit, attach, trim) are replayed here, step by step. At every
+//! step it checks:
+//! - **nothing acknowledged is lost**: what the process server acknowledged to the agent is
+//!   in its cache or durable on the master target after any crash; what the master target
+//!   acknowledged (or reported at attach) is in its journal after any crash; no range is
+//!   ever found lost (nothing at rest is damaged here, so a lost range is lost data);
+//! - **the disk equals the source at the committed LSN** (blake3 of the whole image);
+//! - **every recovery point exports exactly**, and an app-consistent point carries its
+//!   bookmark's tag;
+//! - **no livelock**: once faults stop, the whole stream is durable on-premises within a
+//!   bounded number of steps.
 //!
-//! `SIM_SEEDS=N` runs seeds 0..N (default: about a minute's worth on the CI machine),
-//! `SIM_SEED=S` replays one seed. A failure prints its seed and the replay command.
-//! What the simulator drives is `master_target::core::DiskCore` with the journal and the
-//! disk on `store::SimFs`: the same code the service runs, with the real file system.
+//! `SIM_SEEDS=N` runs N seeds (default 2,000, about a minute here) from `SIM_FIRST_SEED`
+//! (default 0), `SIM_SEED=S` replays one seed and `SIM_TRACE=1` prints its events. A failure prints its seed and the command.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod model;
+mod mt;
+mod ps;
 
-use bytes::Bytes;
-use master_target::apply::{Applier, RetentionPolicy};
-use master_target::core::{Applied, DiskCore, Work};
-use master_target::disk::DiskFile;
-use master_target::journal::{Journal, PointKind};
-use store::{FileHandle, FileSystem, OpenMode, SimFaults, SimFs};
-use wire_protocol::{Bookmark, BookmarkKind, Message, Write, WriteBatch};
+use master_target::core::Work;
+use wire_protocol::Message;
 
-const DISK_BYTES: usize = 128 << 10;
-const DISK_ID: u64 = 7;
-/// Steps with faults, then at most this many more without, for everything to be acked.
-const FAULT_STEPS: u32 = 250;
-const CALM_STEPS: u32 = 2_000;
+use model::{span, Source, Tally};
+use mt::Mt;
+use ps::{Ingest, Ps};
 
-fn disk_path() -> PathBuf {
-    PathBuf::from("/ds/vm1-flat.vmdk")
-}
-fn journal_dir() -> PathBuf {
-    PathBuf::from("/ret/disk-7")
-}
-
-/// One item of the source's stream (LSN = index + 1).
-#[derive(Debug, Clone)]
-enum Item {
-    Write {
-        offset: u64,
-        data: Bytes,
-        time_us: u64,
-    },
-    Bookmark {
-        tag: String,
-        time_us: u64,
-    },
-}
-
-/// The source: the stream and the disk image at any LSN.
-struct Source {
-    items: Vec<Item>,
-    /// (lsn, image) of the last image asked for, to move forward from.
-    cached: (u64, Vec<u8>),
-}
-
-impl Source {
-    fn image_at(&mut self, lsn: u64) -> Vec<u8> {
-        if lsn < self.cached.0 {
-            self.cached = (0, vec![0; DISK_BYTES]);
-        }
-        let (from, img) = &mut self.cached;
-        for item in &self.items[*from as usize..lsn as usize] {
-            if let Item::Write { offset, data, .. } = item {
-                img[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
-            }
-        }
-        *from = lsn;
-        img.clone()
-    }
-}
-
-/// An export target in memory.
-#[derive(Debug)]
-struct MemFile(std::sync::Mutex<Vec<u8>>);
-
-impl FileHandle for MemFile {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let d = self.0.lock().unwrap();
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        Ok(self.0.lock().unwrap().len() as u64)
-    }
-    fn set_len(&self, _: u64) -> std::io::Result<()> {
-        unreachable!("exports never resize")
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn sync_all(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn drop_cache(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// What a run did, summed over seeds for the report.
-#[derive(Debug, Default, Clone, Copy)]
-struct Tally {
-    steps: u64,
-    sim_us: u64,
-    crashes: u64,
-    kills: u64,
-    eio: u64,
-    enospc: u64,
-    torn: u64,
-    lost_unsynced: u64,
-    resets: u64,
-    acked_lsn: u64,
-    points_checked: u64,
-}
+/// Steps with faults, then at most this many without, for everything to be durable.
+const FAULT_STEPS: u32 = 300;
+const CALM_STEPS: u32 = 3_000;
 
 struct Sim {
     seed: u64,
     rng: fastrand::Rng,
-    fs: SimFs,
-    faults: SimFaults,
-    core: Option<DiskCore>,
     src: Source,
-    /// Highest LSN acknowledged to the sender.
-    acked: u64,
-    /// Next LSN the sender sends on its connection.
-    send_from: u64,
-    /// The connection's number: answers to an older one are lost with it.
-    conn: u64,
-    /// A group waiting for room on a full volume.
-    held: Option<master_target::core::Group<u64>>,
-    now_us: u64,
-    policy: RetentionPolicy,
-    segment_bytes: u64,
+    mt: Mt,
+    ps: Ps,
+    /// Highest LSN the process server acknowledged to the agent.
+    agent_acked: u64,
+    /// Next LSN the agent sends; `None` while it has no connection that told it where.
+    agent_from: Option<u64>,
+    /// Highest LSN the master target acknowledged (or reported at attach).
+    mt_acked: u64,
+    /// The link's connection number while attached.
+    link: Option<u64>,
+    conns: u64,
+    /// Next LSN the uplink ships.
+    cursor: u64,
     tally: Tally,
-    /// `SIM_TRACE=1`: print every event (with `SIM_SEED`, to see how a seed fails).
     trace: bool,
-}
-
-macro_rules! trace {
-    ($sim:expr, $($arg:tt)*) => {
-        if $sim.trace {
-            eprintln!("[{} ops {}] {}", $sim.tally.steps, $sim.fs.stats().ops, format!($($arg)*));
-        }
-    };
 }
 
 type Check = Result<(), String>;
 
+macro_rules! trace {
+    ($sim:expr, $($arg:tt)*) => {
+        if $sim.trace {
+            eprintln!("[{}] {}", $sim.tally.steps, format!($($arg)*));
+        }
+    };
+}
+
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let fs = SimFs::new(seed ^ 0x5eed);
-        fs.put(&disk_path(), &vec![0u8; DISK_BYTES]);
-        fs.create_dir_all(Path::new("/ret")).unwrap();
-        let faults = SimFaults {
-            eio_per_million: [0, 0, 2_000, 10_000][rng.usize(..4)],
-            capacity_bytes: DISK_BYTES as u64 + rng.u64(96 << 10..2 << 20),
-            tear_per_million: 300_000,
-        };
-        let mut src = Source {
-            items: Vec::new(),
-            cached: (0, vec![0; DISK_BYTES]),
-        };
-        let mut t = 1_000_000_000u64;
-        for i in 0..rng.usize(150..500) {
-            t += rng.u64(..200_000);
-            if rng.u32(..12) == 0 {
-                src.items.push(Item::Bookmark {
-                    tag: format!("app-{i}"),
-                    time_us: t,
-                });
-            } else {
-                let len = rng.usize(1..=16) * 512;
-                let offset = rng.usize(..=(DISK_BYTES - len) / 512) * 512;
-                let fill = rng.u8(..);
-                let mut data = vec![fill; len];
-                data[0] = rng.u8(..);
-                src.items.push(Item::Write {
-                    offset: offset as u64,
-                    data: Bytes::from(data),
-                    time_us: t,
-                });
-            }
-        }
-        let policy = RetentionPolicy {
-            crash_point_interval_us: rng.u64(500_000..3_000_000),
-            window_us: rng.u64(5_000_000..60_000_000),
-            quota_bytes: rng.u64(64 << 10..1 << 20),
-        };
+        let src = Source::generate(&mut rng);
+        let mt = Mt::new(seed, &mut rng);
+        let ps = Ps::new(seed, &mut rng);
         Sim {
             seed,
             rng,
-            fs,
-            faults,
-            core: None,
             src,
-            acked: 0,
-            send_from: 1,
-            conn: 0,
-            held: None,
-            now_us: 0,
-            policy,
-            segment_bytes: [8 << 10, 32 << 10, 1 << 20][(seed % 3) as usize],
+            mt,
+            ps,
+            agent_acked: 0,
+            agent_from: None,
+            mt_acked: 0,
+            link: None,
+            conns: 0,
+            cursor: 1,
             tally: Tally::default(),
             trace: std::env::var("SIM_TRACE").is_ok(),
         }
     }
 
-    fn last_lsn(&self) -> u64 {
-        self.src.items.len() as u64
+    /// Maybe a fault, before the step's work.
+    fn fault(&mut self) {
+        match self.rng.u32(..100) {
+            0..=1 => {
+                let n = self.rng.u64(1..60);
+                trace!(self, "master target crash armed in {n} ops");
+                self.mt.fs.arm_crash(n);
+            }
+            2..=3 => {
+                let n = self.rng.u64(1..60);
+                trace!(self, "process server crash armed in {n} ops");
+                self.ps.fs.arm_crash(n);
+            }
+            4 => {
+                trace!(self, "master target killed");
+                self.tally.kills += 1;
+                self.mt.core = None;
+                self.mt.held = None;
+                self.link = None;
+            }
+            5 => {
+                trace!(self, "process server killed");
+                self.tally.kills += 1;
+                self.ps.cache = None;
+                self.link = None;
+                self.agent_from = None;
+            }
+            6..=7 => {
+                trace!(self, "link reset");
+                self.tally.resets += 1;
+                self.link = None;
+            }
+            8 => {
+                trace!(self, "agent connection reset");
+                self.tally.resets += 1;
+                self.agent_from = None;
+            }
+            _ => {}
+        }
     }
 
-    /// Starts the master target's disk: opens it, recovers the journal, and checks what
-    /// recovery found against the source.
+    /// Starts what is down and checks what recovery found.
     fn start(&mut self) -> Check {
-        if self.trace {
-            for (p, len, _) in self.fs.files() {
-                if let Some(c) = self.fs.contents(&p).filter(|_| p.starts_with("/ret")) {
-                    eprintln!(
-                        "  {} len {len} head {:02x?}",
-                        p.display(),
-                        &c[..c.len().min(20)]
-                    );
-                }
-            }
+        if self.trace && self.ps.cache.is_none() {
+            let files = self.ps.fs.files();
+            let acked = self
+                .ps
+                .fs
+                .contents(std::path::Path::new("/cache/disk-7/acked-lsn"))
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            trace!(
+                self,
+                "process server starting: files {files:?}, acked-lsn {acked:?}"
+            );
         }
-        let fs: Arc<dyn FileSystem> = Arc::new(self.fs.clone());
-        let opened = fs
-            .open(&disk_path(), OpenMode::ReadWrite)
-            .map_err(|source| master_target::Error::Io {
-                context: "open the disk".into(),
-                source,
-            })
-            .and_then(|h| DiskFile::from_handle(h, &disk_path()))
-            .and_then(|disk| {
-                let j = Journal::open_in(Arc::clone(&fs), &journal_dir(), &disk)?
-                    .with_segment_target_bytes(self.segment_bytes);
-                Ok(Applier::new(DISK_ID, disk, j, self.policy))
-            });
-        trace!(
-            self,
-            "start: {:?}",
-            opened.as_ref().map(|a| a.committed_lsn())
-        );
-        match opened {
-            Ok(applier) => {
-                if self.fs.crashed() {
-                    return Ok(()); // dead before it could serve: the next step restarts it
-                }
-                // The process server takes the committed LSN at attach as durable (it
-                // deletes its cache up to there): for the sender it is an ack.
-                self.acked = self.acked.max(applier.committed_lsn());
-                self.core = Some(DiskCore::new(applier));
-                self.conn += 1;
-                self.send_from = self.acked + 1;
-                self.check_state("after recovery")?;
-                self.check_points()
-            }
-            Err(e) if self.fs.crashed() || is_injected(&e) => Ok(()),
-            Err(e) => Err(format!("recovery failed: {e}")),
-        }
-    }
-
-    /// The committed state: nothing acknowledged lost, disk = source at the committed LSN.
-    fn check_state(&mut self, when: &str) -> Check {
-        let core = self.core.as_ref().expect("running");
-        let committed = core.applier().committed_lsn();
-        if committed < self.acked {
-            return Err(format!(
-                "{when}: acknowledged lsn {} lost: the journal says {committed}",
-                self.acked
-            ));
-        }
-        let disk = self.fs.contents(&disk_path()).expect("disk exists");
-        let want = self.src.image_at(committed);
-        if blake3::hash(&disk) != blake3::hash(&want) {
-            let at = disk
-                .iter()
-                .zip(&want)
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            if self.trace {
-                for l in 0..=committed {
-                    if self.src.image_at(l) == disk {
-                        eprintln!("the disk is the source at lsn {l}");
-                    }
-                }
-            }
-            return Err(format!(
-                "{when}: disk differs from the source at committed lsn {committed} (first at byte {at})"
-            ));
-        }
-        Ok(())
-    }
-
-    /// Every listed point exports to the source at its LSN (with faults paused: an export
-    /// reading through an injected EIO proves nothing).
-    fn check_points(&mut self) -> Check {
-        let core = self.core.as_ref().expect("running");
-        let points = core.applier().journal().points().to_vec();
-        let disk = self.fs.contents(&disk_path()).expect("disk exists");
-        self.fs.set_faults(SimFaults {
-            eio_per_million: 0,
-            ..self.faults
-        });
-        // An export is another process: the service's armed crash waits for the service.
-        let armed = self.fs.armed();
-        self.fs.disarm_crash();
-        for p in points {
-            if p.kind == PointKind::AppConsistent {
-                match self.src.items.get(p.lsn as usize - 1) {
-                    Some(Item::Bookmark { tag, .. }) if *tag == p.tag => {}
-                    other => {
-                        return Err(format!(
-                            "point {} (lsn {}, tag {:?}) is not the source's bookmark: {other:?}",
-                            p.id, p.lsn, p.tag
-                        ))
-                    }
-                }
-            }
-            let out = MemFile(std::sync::Mutex::new(disk.clone()));
-            let core = self.core.as_ref().expect("running");
-            if let Err(e) = core.applier().journal().rewind(p.lsn, &out, &mut |_, _| {}) {
-                return Err(format!(
-                    "point {} (lsn {}) does not export: {e}",
-                    p.id, p.lsn
-                ));
-            }
-            let got = out.0.into_inner().unwrap();
-            if got != self.src.image_at(p.lsn) {
-                return Err(format!(
-                    "point {} (lsn {}) exports something else than the source at that lsn",
-                    p.id, p.lsn
-                ));
-            }
-            self.tally.points_checked += 1;
-        }
-        self.fs.set_faults(self.faults);
-        if let Some(n) = armed {
-            self.fs.arm_crash(n);
-        }
-        Ok(())
-    }
-
-    /// The requests the sender puts on its connection this step.
-    fn requests(&mut self) -> Vec<Work<u64>> {
-        let mut works = Vec::new();
-        for _ in 0..self.rng.usize(1..=4) {
-            if self.send_from > self.last_lsn() {
-                break;
-            }
-            // Now and then a request from the wrong place: a stale resend or a gap.
-            let from = match self.rng.u32(..40) {
-                0 => self.acked.saturating_sub(self.rng.u64(..5)).max(1),
-                1 => self.send_from + self.rng.u64(1..4),
-                _ => self.send_from,
-            };
-            let Some(item) = self.src.items.get(from as usize - 1).cloned() else {
-                break;
-            };
-            let w = match item {
-                Item::Bookmark { tag, time_us } => Work::Bookmark(
-                    Bookmark {
-                        disk_id: DISK_ID,
-                        lsn: from,
-                        kind: BookmarkKind::AppConsistent,
-                        time_us,
-                        group_marker: 0,
-                        tag,
-                    },
-                    self.conn,
-                ),
-                Item::Write { .. } => {
-                    let mut writes = Vec::new();
-                    let mut lsn = from;
-                    while writes.len() < self.rng.usize(1..=8) {
-                        match self.src.items.get(lsn as usize - 1) {
-                            Some(Item::Write {
-                                offset,
-                                data,
-                                time_us,
-                            }) => writes.push(Write {
-                                timestamp_us: *time_us,
-                                offset: *offset,
-                                digest: wire_protocol::digest(data),
-                                data: data.clone(),
-                            }),
-                            _ => break,
-                        }
-                        lsn += 1;
-                    }
-                    Work::Batch(
-                        WriteBatch {
-                            disk_id: DISK_ID,
-                            first_lsn: from,
-                            writes,
-                        },
-                        self.conn,
-                    )
-                }
-            };
-            let end = match &w {
-                Work::Batch(b, _) => b.last_lsn() + 1,
-                _ => from + 1,
-            };
-            self.send_from = self.send_from.max(end);
-            works.push(w);
-        }
-        works
-    }
-
-    /// The sender hears an answer on connection `conn`.
-    fn hear(&mut self, conn: u64, msg: Message) -> Check {
-        if conn != self.conn {
-            return Ok(()); // that connection is gone, and its answers with it
-        }
-        match msg {
-            Message::Ack(a) => {
-                let lsn = a.entries[0].durable_lsn;
-                trace!(self, "ack {lsn}");
-                let committed = self.core.as_ref().map(|c| c.applier().committed_lsn());
-                if committed.is_some_and(|c| lsn > c) {
+        if self.ps.cache.is_none() && self.ps.start()? {
+            let resume = self.ps.resume_lsn();
+            trace!(self, "process server up, resume {resume:?}");
+            match resume {
+                Some(l) if l < self.agent_acked => {
                     return Err(format!(
-                        "acked lsn {lsn} beyond the committed {committed:?}"
-                    ));
+                        "lsn {} acknowledged to the agent lost: the cache resumes at {l}",
+                        self.agent_acked
+                    ))
                 }
-                self.acked = self.acked.max(lsn);
-                self.tally.acked_lsn = self.acked;
-            }
-            Message::Nack(n) => self.send_from = n.from_lsn,
-            Message::Error(_) => {}
-            other => return Err(format!("unexpected answer {other:?}")),
-        }
-        Ok(())
-    }
-
-    /// One step: maybe a fault, then the sender sends and the master target serves.
-    fn step(&mut self, faulty: bool) -> Check {
-        self.tally.steps += 1;
-        self.now_us += self.rng.u64(100..20_000);
-        if faulty {
-            match self.rng.u32(..100) {
-                0..=2 => {
-                    let n = self.rng.u64(1..60);
-                    trace!(self, "crash armed in {n} ops");
-                    self.fs.arm_crash(n)
-                }
-                3 => {
-                    trace!(self, "kill");
-                    self.tally.kills += 1;
-                    self.core = None; // SIGKILL: the page cache stays
-                    self.held = None;
-                }
-                4..=5 => {
-                    self.tally.resets += 1;
-                    self.conn += 1;
-                    self.send_from = self.acked + 1;
+                None if self.mt_acked < self.agent_acked => {
+                    return Err(format!(
+                        "the cache lost its position with lsn {}..={} acknowledged and not yet on-premises",
+                        self.mt_acked + 1,
+                        self.agent_acked
+                    ))
                 }
                 _ => {}
             }
         }
-        if self.core.is_none() {
-            self.start()?;
-        } else {
-            self.serve()?;
-        }
-        if self.fs.crashed() {
-            trace!(self, "crash");
-            self.fs.crash();
-            self.core = None;
-            self.held = None;
+        if self.mt.core.is_none() {
+            if let Some(lsn) = self.mt.start()? {
+                trace!(self, "master target up at lsn {lsn}");
+                self.mt
+                    .check_state(&mut self.src, self.mt_acked, "after recovery")?;
+                self.tally.points_checked += self.mt.check_points(&mut self.src)?;
+            }
         }
         Ok(())
     }
 
-    /// The master target takes what the sender sent, applies it and answers.
-    fn serve(&mut self) -> Check {
-        let g = match self.held.take() {
-            Some(g) => g,
-            None => {
-                let works = self.requests();
-                if works.is_empty() {
-                    return Ok(());
-                }
-                let conn = self.conn;
-                let core = self.core.as_mut().expect("running");
-                let mut g = core.check(works);
-                core.take_refusals();
-                for (_, msg) in std::mem::take(&mut g.replies) {
-                    self.hear(conn, msg)?;
-                }
-                g
-            }
+    /// The process server (re)connects to the master target and attaches the disk.
+    fn attach(&mut self) -> Check {
+        let Some(lsn) = self.mt.committed() else {
+            return Ok(());
         };
-        let core = self.core.as_mut().expect("running");
-        let r = core.apply(&g);
-        trace!(
-            self,
-            "apply lsn {:?}..{:?}: {:?} (enospc so far {}, segments {:?})",
-            g.items.first().map(|i| i.lsn()),
-            g.items.last().map(|i| i.lsn()),
-            r.as_ref().map(|a| matches!(a, Applied::Done(_))),
-            self.fs.stats().enospc,
-            self.fs.files()
-        );
-        let core = self.core.as_mut().expect("running");
-        match r {
-            Ok(Applied::Done(_)) => {
-                let answers = core.finish(g, |a, b| a == b);
-                for (conn, msg) in answers {
-                    self.hear(conn, msg)?;
-                }
-                if !self.fs.crashed() {
-                    self.check_state("after a group")?;
-                }
+        if self.ps.cache.is_none() || self.link.is_some() {
+            return Ok(());
+        }
+        // The process server deletes its cache up to what the master target reports.
+        self.mt_acked = self.mt_acked.max(lsn);
+        if self.ps.attached(lsn)? {
+            self.conns += 1;
+            self.link = Some(self.conns);
+            self.cursor = lsn + 1;
+            trace!(self, "attached at lsn {lsn}");
+        }
+        Ok(())
+    }
+
+    /// The agent sends what it has, and the process server acknowledges what it synced.
+    fn ingest(&mut self) {
+        if self.ps.cache.is_none() {
+            return;
+        }
+        let from = match self.agent_from {
+            Some(f) => f,
+            None => match self.ps.resume_lsn() {
+                Some(l) => l + 1,
+                None => return, // NotReady until the master target says
+            },
+        };
+        // Now and then a stale resend, as after a lost ack.
+        let mut next = if self.rng.u32(..30) == 0 {
+            from.saturating_sub(self.rng.u64(..4)).max(1)
+        } else {
+            from
+        };
+        let mut sent = false;
+        for _ in 0..self.rng.usize(1..=3) {
+            let Some(msg) = self.src.message(next, self.rng.usize(1..=8)) else {
+                break;
+            };
+            match self.ps.ingest(&msg) {
+                Ingest::Appended | Ingest::Held => next = span(&msg).1 + 1,
+                Ingest::Gap(n) => next = n,
+                Ingest::NotReady | Ingest::Failed => break,
             }
-            Ok(Applied::Full(_)) => self.held = Some(g),
-            Err(e) => {
-                // The disk stops; the operator restarts the master target.
-                for (conn, msg) in DiskCore::fail(g, &e) {
-                    self.hear(conn, msg)?;
+            sent = true;
+        }
+        self.agent_from = Some(next);
+        if !sent {
+            return;
+        }
+        match self.ps.sync() {
+            Some(lsn) if !self.ps.fs.crashed() => {
+                trace!(self, "process server acked lsn {lsn} to the agent");
+                self.agent_acked = self.agent_acked.max(lsn);
+            }
+            // Not acknowledged: the agent sends again after what was.
+            _ => self.agent_from = None,
+        }
+    }
+
+    /// The uplink ships from its cursor and hears the master target's answers.
+    fn ship(&mut self) -> Check {
+        let (Some(conn), Some(_)) = (self.link, self.mt.core.as_ref()) else {
+            return Ok(());
+        };
+        if self.ps.cache.is_none() {
+            return Ok(());
+        }
+        let msgs = self.ps.read_from(self.cursor, self.rng.usize(1..=4))?;
+        let mut works = Vec::new();
+        for m in msgs {
+            self.cursor = span(&m).1 + 1;
+            works.push(match m {
+                Message::WriteBatch(b) => Work::Batch(b, conn),
+                Message::Bookmark(b) => Work::Bookmark(b, conn),
+                other => return Err(format!("the cache held {other:?}")),
+            });
+        }
+        if works.is_empty() && self.mt.held.is_none() {
+            return Ok(());
+        }
+        let answers = self.mt.serve(works, conn)?;
+        if self.mt.fs.crashed() || self.mt.core.is_none() {
+            self.link = None;
+            return Ok(());
+        }
+        for a in answers {
+            match a {
+                Message::Ack(a) => {
+                    let lsn = a.entries[0].durable_lsn;
+                    let committed = self.mt.committed().unwrap_or(0);
+                    if lsn > committed {
+                        return Err(format!("acked lsn {lsn} beyond the committed {committed}"));
+                    }
+                    trace!(self, "master target acked lsn {lsn}");
+                    self.mt_acked = self.mt_acked.max(lsn);
+                    if !self.ps.durable(lsn) {
+                        self.link = None; // the uplink's error ends the session
+                    }
                 }
-                if !self.fs.crashed() && !is_injected(&e) && !master_target::core::out_of_space(&e)
-                {
-                    return Err(format!("apply failed without an injected fault: {e}"));
-                }
-                self.core = None;
+                Message::Nack(n) => self.cursor = n.from_lsn,
+                Message::Error(_) => self.link = None,
+                other => return Err(format!("unexpected answer {other:?}")),
             }
         }
         Ok(())
+    }
+
+    /// Power losses that were armed and happened.
+    fn crashes(&mut self) {
+        if self.mt.fs.crashed() {
+            trace!(self, "master target machine lost power");
+            self.mt.fs.crash();
+            self.mt.core = None;
+            self.mt.held = None;
+            self.link = None;
+        }
+        if self.ps.fs.crashed() {
+            trace!(self, "process server machine lost power");
+            self.ps.fs.crash();
+            self.ps.cache = None;
+            self.link = None;
+            self.agent_from = None;
+        }
+    }
+
+    fn step(&mut self, faulty: bool) -> Check {
+        self.tally.steps += 1;
+        self.tally.sim_us += self.rng.u64(100..20_000);
+        if faulty {
+            self.fault();
+        }
+        self.start()?;
+        self.crashes();
+        self.attach()?;
+        self.ingest();
+        self.crashes();
+        self.ship()?;
+        self.crashes();
+        if let Some(c) = self.mt.committed() {
+            if c < self.mt_acked {
+                return Err(format!(
+                    "master target at {c} below its ack {}",
+                    self.mt_acked
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn calm(&mut self) {
+        self.mt.faults = store::SimFaults::NONE;
+        self.ps.faults = store::SimFaults::NONE;
+        for fs in [&self.mt.fs, &self.ps.fs] {
+            fs.set_faults(store::SimFaults::NONE);
+            fs.disarm_crash();
+        }
     }
 
     fn run(&mut self) -> Check {
-        self.fs.set_faults(self.faults);
+        self.mt.fs.set_faults(self.mt.faults);
+        self.ps.fs.set_faults(self.ps.faults);
         for _ in 0..FAULT_STEPS {
             self.step(true)?;
         }
-        self.faults = SimFaults::NONE;
-        self.fs.set_faults(SimFaults::NONE);
-        self.fs.disarm_crash();
+        self.calm();
+        let last = self.src.last_lsn();
         for _ in 0..CALM_STEPS {
-            if self.acked == self.last_lsn() {
+            if self.mt.committed() == Some(last) {
                 break;
             }
             self.step(false)?;
         }
-        if self.acked != self.last_lsn() {
+        if self.mt.committed() != Some(last) {
             return Err(format!(
-                "livelock: {CALM_STEPS} steps without faults and only lsn {} of {} acknowledged",
-                self.acked,
-                self.last_lsn()
+                "livelock: {CALM_STEPS} steps without faults and the master target holds {:?} of {last} (the agent was acked {})",
+                self.mt.committed(),
+                self.agent_acked
             ));
         }
-        // A last restart: what recovery finds must still hold everything acknowledged.
-        trace!(self, "final crash; files before: {:?}", self.fs.files());
-        self.fs.crash();
-        trace!(self, "files after: {:?}", self.fs.files());
-        self.core = None;
+        // A last power loss on both sides: recovery must still hold everything.
+        self.mt.fs.crash();
+        self.ps.fs.crash();
+        self.mt.core = None;
+        self.ps.cache = None;
         self.start()?;
-        if self.core.is_none() {
-            return Err("the master target does not start without faults".into());
+        if self.mt.core.is_none() || self.ps.cache.is_none() {
+            return Err("the services do not start without faults".into());
         }
-        self.check_state("at the end")?;
-        self.check_points()?;
-        let st = self.fs.stats();
-        self.tally.crashes = st.crashes;
-        self.tally.eio = st.eio;
-        self.tally.enospc = st.enospc;
-        self.tally.torn = st.writes_torn;
-        self.tally.lost_unsynced = st.writes_lost;
-        self.tally.sim_us = self.now_us;
+        self.mt.check_state(&mut self.src, last, "at the end")?;
+        self.tally.points_checked += self.mt.check_points(&mut self.src)?;
+        self.tally.acked_lsn = self.mt_acked;
+        self.tally.add_fs(self.mt.fs.stats());
+        self.tally.add_fs(self.ps.fs.stats());
         Ok(())
     }
-}
-
-fn is_injected(e: &master_target::Error) -> bool {
-    let s = format!("{e:?} {e}");
-    s.contains("simulated crash") || s.contains("code: 5,") || s.contains("os error 5")
 }
 
 fn run_seed(seed: u64) -> Result<Tally, String> {
     let mut sim = Sim::new(seed);
     sim.run().map(|()| sim.tally).map_err(|e| {
         format!(
-            "seed {}: {e}\n  replay: SIM_SEED={} cargo test --release --test simulation -- --nocapture",
+            "seed {}: {e}\n  replay: SIM_SEED={} SIM_TRACE=1 cargo test --release --test simulation -- --nocapture",
             sim.seed, sim.seed
         )
     })
@@ -614,28 +401,20 @@ fn seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2_000);
+    let first: u64 = std::env::var("SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut sum = Tally::default();
     let mut failures = Vec::new();
-    for seed in 0..n {
+    for seed in first..first + n {
         match run_seed(seed) {
-            Ok(t) => {
-                sum.steps += t.steps;
-                sum.sim_us += t.sim_us;
-                sum.crashes += t.crashes;
-                sum.kills += t.kills;
-                sum.eio += t.eio;
-                sum.enospc += t.enospc;
-                sum.torn += t.torn;
-                sum.lost_unsynced += t.lost_unsynced;
-                sum.resets += t.resets;
-                sum.acked_lsn += t.acked_lsn;
-                sum.points_checked += t.points_checked;
-            }
+            Ok(t) => sum.add(&t),
             Err(e) => failures.push(e),
         }
     }
     eprintln!(
-        "{n} seeds: {} steps, {:.1} simulated hours, {} crashes, {} kills, {} EIO, {} ENOSPC, {} torn and {} lost unsynced writes, {} connection resets, {} items acknowledged, {} point exports checked; {} failed",
+        "{n} seeds: {} steps, {:.1} simulated hours, {} power losses, {} kills, {} EIO, {} ENOSPC, {} torn and {} lost unsynced writes, {} connection resets, {} LSNs acknowledged on-premises, {} point exports checked; {} failed",
         sum.steps,
         sum.sim_us as f64 / 3.6e9,
         sum.crashes,
