@@ -100,6 +100,8 @@ pub struct Applier {
     /// Where the current group's undo records end, once it has started writing the disk
     /// (a failure must put the disk back).
     undo_end: Option<JournalMark>,
+    /// See [`Applier::datastore_full`].
+    datastore_full: bool,
     /// Counters since start.
     pub stats: ApplyStats,
 }
@@ -117,6 +119,7 @@ impl Applier {
             digest_cache: None,
             last_point_time_us,
             undo_end: None,
+            datastore_full: false,
             stats: ApplyStats::default(),
         }
     }
@@ -212,6 +215,7 @@ impl Applier {
     /// the journal are put back as they were before the group (from the undo records in
     /// memory), so the same items can be applied again later (a full volume that gets room).
     pub fn apply(&mut self, items: &[Item]) -> Result<Vec<Point>> {
+        self.datastore_full = false;
         let mark = self.journal.mark();
         let last_point_time_us = self.last_point_time_us;
         let mut undo = Vec::new();
@@ -393,16 +397,25 @@ impl Applier {
     /// Writes a group's data to the disk and makes it durable: through the chosen backend
     /// on a real disk, through the store's handle on a simulated one.
     fn write_and_sync(&mut self, writes: &[(u64, &[u8])]) -> Result<()> {
-        let Some(file) = self.disk.file() else {
-            for (offset, data) in writes {
-                self.disk.write_at(data, *offset)?;
-            }
-            return self.disk.sync();
+        let r = match self.disk.file() {
+            None => writes
+                .iter()
+                .try_for_each(|(offset, data)| self.disk.write_at(data, *offset))
+                .and_then(|()| self.disk.sync()),
+            Some(file) => self.io.write_all_sync(file, writes).map_err(|e| Error::Io {
+                context: format!("write and fsync {}", self.disk.path().display()),
+                source: e,
+            }),
         };
-        self.io.write_all_sync(file, writes).map_err(|e| Error::Io {
-            context: format!("write and fsync {}", self.disk.path().display()),
-            source: e,
-        })
+        // A full datastore (a thin disk) is no reason to drop journal segments.
+        self.datastore_full = r.as_ref().is_err_and(crate::core::out_of_space);
+        r
+    }
+
+    /// Whether the last failed group failed for a full datastore (not the journal's
+    /// volume): room in the journal would not help it.
+    pub fn datastore_full(&self) -> bool {
+        self.datastore_full
     }
 
     /// Counts the group and prunes the journal (after a durable commit: a failure here is

@@ -195,7 +195,7 @@ impl DiskCore {
                     return Ok(Applied::Done(points));
                 }
                 Err(e) if out_of_space(&e) => {
-                    if self.applier.free_journal_space()? {
+                    if !self.applier.datastore_full() && self.applier.free_journal_space()? {
                         tracing::warn!(disk = g.disk_id, error = %e, "a volume is full: dropped the oldest journal segment (its points) to make room");
                         continue;
                     }

@@ -111,6 +111,9 @@ struct Segment {
     bytes: u64,
     /// Highest undo LSN in the segment (0: none).
     last_undo_lsn: u64,
+    /// Highest LSN of a point recorded in the segment (0: none): pruning keeps a segment
+    /// holding the record of a point it keeps.
+    last_point_lsn: u64,
 }
 
 /// One scanned record's place and metadata.
@@ -270,11 +273,20 @@ impl Scan {
     /// The first damaged region that is corruption, not a torn tail: one that a valid
     /// record follows (so it was written, and fsynced, before it) and that is not a spare
     /// commit copy. A damaged region at the end with nothing valid after it is a torn tail.
-    fn corruption(&self) -> Option<(u64, u64)> {
+    ///
+    /// In the last segment, damage after its last commit is a torn tail too, whatever
+    /// follows it: nothing there was committed, and the kernel writes unsynced pages back
+    /// in any order, so a crash can keep a later record of an append and not an earlier one.
+    fn corruption(&self, last_segment: bool) -> Option<(u64, u64)> {
+        let torn_from = match (last_segment, self.last_commit()) {
+            (true, Some((_, end))) => end,
+            (true, None) => 0,
+            (false, _) => u64::MAX,
+        };
         self.bad
             .iter()
             .copied()
-            .find(|&r| r.1 < self.len && !self.is_spare_commit(r))
+            .find(|&r| r.0 < torn_from && r.1 < self.len && !self.is_spare_commit(r))
     }
 }
 
@@ -557,6 +569,33 @@ pub fn recover_damaged_in(
             disk.sync()?;
         }
     }
+    // The fresh journal is made whole beside the damaged one, then the two are swapped:
+    // a crash at any point leaves either the damaged journal (run this again) or a fresh
+    // one at the committed LSN, never an empty directory that would start from LSN 0.
+    let fresh = recovering_dir(dir);
+    if fs.exists(&fresh) {
+        for name in fs
+            .list(&fresh)
+            .ctx(|| format!("list {}", fresh.display()))?
+        {
+            fs.remove_file(&fresh.join(&name))
+                .ctx(|| format!("remove {}", fresh.join(&name).display()))?;
+        }
+    }
+    fs.create_dir_all(&fresh)
+        .ctx(|| format!("create {}", fresh.display()))?;
+    let path = seg_path(&fresh, 1);
+    let f = fs
+        .open(&path, OpenMode::CreateNew)
+        .ctx(|| format!("create {}", path.display()))?;
+    let mut buf = Vec::new();
+    encode_commit(committed, 0, &mut buf);
+    f.write_all_at(&buf, 0)
+        .and_then(|_| f.sync_all())
+        .ctx(|| format!("write {}", path.display()))?;
+    sync_dir(fs, &fresh)?;
+    let parent = store::parent_dir(dir);
+    sync_dir(fs, &parent)?;
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -567,20 +606,32 @@ pub fn recover_damaged_in(
     let aside = dir.with_file_name(format!("{name}.damaged-{now_s}"));
     fs.rename(dir, &aside)
         .ctx(|| format!("rename {} to {}", dir.display(), aside.display()))?;
-    sync_dir(fs, &store::parent_dir(dir))?;
-    fs.create_dir_all(dir)
-        .ctx(|| format!("create {}", dir.display()))?;
-    let path = seg_path(dir, 1);
-    let f = fs
-        .open(&path, OpenMode::CreateNew)
-        .ctx(|| format!("create {}", path.display()))?;
-    let mut buf = Vec::new();
-    encode_commit(committed, 0, &mut buf);
-    f.write_all_at(&buf, 0)
-        .and_then(|_| f.sync_all())
-        .ctx(|| format!("write {}", path.display()))?;
-    sync_dir(fs, dir)?;
+    fs.rename(&fresh, dir)
+        .ctx(|| format!("rename {} to {}", fresh.display(), dir.display()))?;
+    sync_dir(fs, &parent)?;
     Ok((committed, aside))
+}
+
+/// Where [`recover_damaged`] builds the fresh journal before swapping it in.
+fn recovering_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("journal");
+    dir.with_file_name(format!("{name}.recovering"))
+}
+
+/// Finishes a [`recover_damaged`] that a crash stopped between setting the damaged journal
+/// aside and moving the fresh one in.
+fn finish_recovery(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+    let fresh = recovering_dir(dir);
+    if !fs.exists(dir) && fs.exists(&fresh) {
+        tracing::warn!(journal = %dir.display(), "finishing a journal recovery that a crash interrupted");
+        fs.rename(&fresh, dir)
+            .ctx(|| format!("rename {} to {}", fresh.display(), dir.display()))?;
+        sync_dir(fs, &store::parent_dir(dir))?;
+    }
+    Ok(())
 }
 
 /// The error for corruption found at byte `at` of segment `path`.
@@ -613,8 +664,12 @@ pub fn inspect_in(fs: &dyn FileSystem, dir: &Path) -> Result<(Vec<Point>, u64)> 
     for (i, (_, path)) in listed.into_iter().enumerate() {
         let s = scan(fs, &path, false)?;
         let last = i + 1 == n;
-        if let Some((at, _)) = s.corruption() {
+        if let Some((at, _)) = s.corruption(last) {
             return Err(corrupt(path, at));
+        }
+        let checkpoint = s.commits.first().map_or(0, |c| c.0);
+        if i > 0 && checkpoint > committed {
+            points.clear(); // before a discontinuity: not part of the journal (see `load`)
         }
         let commit = s.last_commit().map_or(committed, |c| c.0);
         points.extend(s.points.into_iter().filter(|p| !last || p.lsn <= commit));
@@ -647,7 +702,9 @@ fn not_journal(fs: &dyn FileSystem, listed: &[(u32, PathBuf)]) -> Result<(usize,
     }
     let checkpoint = tail.last_commit().map_or(0, |c| c.0);
     let before = scan(fs, prev, false)?.last_commit().map_or(0, |c| c.0);
-    Ok((front, before > checkpoint))
+    // Equal: a segment holding nothing but the checkpoint of where the one before it ends
+    // carries nothing; taken as the last, it would hide an uncommitted tail before it.
+    Ok((front, before >= checkpoint))
 }
 
 /// Removes what [`not_journal`] finds.
@@ -679,8 +736,17 @@ fn load(fs: &dyn FileSystem, listed: Vec<(u32, PathBuf)>, disk: &DiskFile) -> Re
         let s = scan(fs, &path, last)?;
         // Damage a valid record follows was written (and fsynced) before that record:
         // it is corruption of durable data, never a torn tail to truncate.
-        if let Some((at, _)) = s.corruption() {
+        if let Some((at, _)) = s.corruption(last) {
             return Err(corrupt(path, at));
+        }
+        // A segment must begin where the one before it ended: one that begins past it is
+        // what a crash brought back after pruning (or emptying) removed what followed it.
+        let checkpoint = s.commits.first().map_or(0, |c| c.0);
+        if out.segments.last().is_some() && checkpoint > out.committed_lsn {
+            let gone: Vec<PathBuf> = out.segments.drain(..).map(|s| s.path).collect();
+            out.stale.extend(gone);
+            out.points.clear();
+            order = UndoOrder::default();
         }
         for u in &s.undos {
             order.feed(fs, &path, *u)?;
@@ -709,6 +775,13 @@ fn load(fs: &dyn FileSystem, listed: Vec<(u32, PathBuf)>, disk: &DiskFile) -> Re
             path,
             bytes: keep_len,
             last_undo_lsn,
+            last_point_lsn: s
+                .points
+                .iter()
+                .filter(|p| p.kind.is_point())
+                .map(|p| p.lsn)
+                .max()
+                .unwrap_or(0),
         });
     }
     order.finish(fs)?;
@@ -757,6 +830,7 @@ fn open_active(
         path: seg_path(dir, 1),
         bytes: 0,
         last_undo_lsn: 0,
+        last_point_lsn: 0,
     };
     let f = fs
         .open(&seg.path, OpenMode::CreateOrOpen)
@@ -769,6 +843,8 @@ fn open_active(
 #[derive(Default)]
 struct Loaded {
     segments: Vec<Segment>,
+    /// Segments before a discontinuity (see [`load`]), to remove.
+    stale: Vec<PathBuf>,
     points: Vec<Point>,
     committed_lsn: u64,
 }
@@ -782,6 +858,7 @@ impl Journal {
 
     /// [`Journal::open`] on any [`FileSystem`] (the simulator's).
     pub fn open_in(fs: Arc<dyn FileSystem>, dir: &Path, disk: &DiskFile) -> Result<Journal> {
+        finish_recovery(&*fs, dir)?;
         fs.create_dir_all(dir)
             .ctx(|| format!("create journal directory {}", dir.display()))?;
         let mut listed = list_segments(&*fs, dir)?;
@@ -805,6 +882,11 @@ impl Journal {
         // `FileHandle::drop_cache`): recovery must see what a crash would leave.
         disk.drop_cache()?;
         let mut loaded = load(&*fs, listed, disk)?;
+        for p in &loaded.stale {
+            tracing::warn!(segment = %p.display(), "removing a journal segment a crash brought back after the segments following it were pruned");
+            fs.remove_file(p)
+                .ctx(|| format!("remove {}", p.display()))?;
+        }
         let next_point_id = loaded.points.iter().map(|p| p.id + 1).max().unwrap_or(1);
         let resyncing = loaded
             .points
@@ -949,7 +1031,11 @@ impl Journal {
             match p.kind {
                 PointKind::ResyncStarted => self.resyncing = true,
                 PointKind::ResyncCompleted => self.resyncing = false,
-                _ => self.points.push(p.clone()),
+                _ => {
+                    let seg = self.segments.last_mut().expect("always one segment");
+                    seg.last_point_lsn = seg.last_point_lsn.max(p.lsn);
+                    self.points.push(p.clone());
+                }
             }
         }
         made.retain(|p| p.kind.is_point());
@@ -1012,6 +1098,7 @@ impl Journal {
             .ctx(|| format!("empty {} down to its checkpoint", seg.path.display()))?;
         seg.bytes = checkpoint_len;
         seg.last_undo_lsn = 0;
+        seg.last_point_lsn = 0;
         self.synced_bytes.set(checkpoint_len);
         self.points.clear();
         self.horizon_lsn = self.committed_lsn;
@@ -1063,6 +1150,7 @@ impl Journal {
             path,
             bytes: buf.len() as u64,
             last_undo_lsn: 0,
+            last_point_lsn: 0,
         });
         Ok(())
     }
@@ -1077,7 +1165,10 @@ impl Journal {
             self.points.retain(|p| p.time_us >= cutoff);
         }
         let needed_from = self.points.first().map_or(self.committed_lsn, |p| p.lsn);
-        while self.segments.len() > 1 && self.segments[0].last_undo_lsn <= needed_from {
+        while self.segments.len() > 1
+            && self.segments[0].last_undo_lsn <= needed_from
+            && self.segments[0].last_point_lsn < needed_from
+        {
             self.drop_oldest_segment()?;
         }
         let mut forced = false;
@@ -1097,6 +1188,8 @@ impl Journal {
         self.fs
             .remove_file(&seg.path)
             .ctx(|| format!("remove {}", seg.path.display()))?;
+        // Durable now, so that no crash brings it back behind what follows it.
+        sync_dir(&*self.fs, &self.dir)?;
         Ok(seg.last_undo_lsn)
     }
 

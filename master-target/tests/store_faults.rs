@@ -1,110 +1,16 @@
-//! Regression tests for the bugs the deterministic simulator (`tests/simulation.rs` at the
+//! Regression tests for the bugs the deterministic simulator (`tests/simulation/` at the
 //! repository root) found in the journal and the apply path, each replayed on purpose on
 //! `store::SimFs` with the one fault that exposed it. The seeds that first found them are
 //! named beside each test (they no longer fail, and later changes move what a seed does,
 //! so the scenario is written out here).
 
+mod sim_common;
+
 use std::path::Path;
-use std::sync::Arc;
 
-use bytes::Bytes;
-use master_target::apply::{Applier, Item, RetentionPolicy};
-use master_target::disk::DiskFile;
-use master_target::journal::Journal;
-use store::{FileSystem, OpenMode, SimFaults, SimFs};
-
-const DISK_BYTES: usize = 64 << 10;
-const DISK: &str = "/ds/d-flat.vmdk";
-const JOURNAL: &str = "/ret/disk-1";
-const POLICY: RetentionPolicy = RetentionPolicy {
-    crash_point_interval_us: 1_000_000,
-    window_us: 3_600_000_000,
-    quota_bytes: 1 << 30,
-};
-
-fn volume(seed: u64) -> SimFs {
-    let fs = SimFs::new(seed);
-    fs.put(Path::new(DISK), &vec![0xab; DISK_BYTES]);
-    fs.create_dir_all(Path::new("/ret")).unwrap();
-    fs
-}
-
-fn open(fs: &SimFs, segment_bytes: u64) -> master_target::Result<Applier> {
-    open_with(fs, segment_bytes, POLICY)
-}
-
-fn open_with(
-    fs: &SimFs,
-    segment_bytes: u64,
-    policy: RetentionPolicy,
-) -> master_target::Result<Applier> {
-    let h = fs
-        .open(Path::new(DISK), OpenMode::ReadWrite)
-        .map_err(|source| master_target::Error::Io {
-            context: "open".into(),
-            source,
-        })?;
-    let disk = DiskFile::from_handle(h, Path::new(DISK))?;
-    let j = Journal::open_in(Arc::new(fs.clone()), Path::new(JOURNAL), &disk)?
-        .with_segment_target_bytes(segment_bytes);
-    Ok(Applier::new(1, disk, j, policy))
-}
-
-/// The source: every write applied so far, to build the expected disk.
-struct Source {
-    writes: Vec<(u64, Bytes)>,
-}
-
-impl Source {
-    /// The next write: 4 KiB of `lsn` at a place that moves with it.
-    fn next(&mut self) -> Item {
-        let lsn = self.writes.len() as u64 + 1;
-        let offset = (lsn * 4096 * 3) % DISK_BYTES as u64;
-        let data = Bytes::from(vec![lsn as u8; 4096]);
-        self.writes.push((offset, data.clone()));
-        Item::Write {
-            lsn,
-            timestamp_us: lsn * 400_000,
-            offset,
-            data,
-        }
-    }
-
-    fn group(&mut self, n: usize) -> Vec<Item> {
-        (0..n).map(|_| self.next()).collect()
-    }
-
-    /// Forgets the last `n` writes (a group that failed).
-    fn unwind(&mut self, n: usize) {
-        self.writes.truncate(self.writes.len() - n);
-    }
-
-    fn image_at(&self, lsn: u64) -> Vec<u8> {
-        let mut img = vec![0xab; DISK_BYTES];
-        for (o, d) in &self.writes[..lsn as usize] {
-            img[*o as usize..*o as usize + d.len()].copy_from_slice(d);
-        }
-        img
-    }
-}
-
-fn new_source() -> Source {
-    Source { writes: Vec::new() }
-}
-
-/// The disk equals the source at the committed LSN, which is at least `acked`.
-fn assert_consistent(fs: &SimFs, a: &Applier, src: &Source, acked: u64) {
-    let lsn = a.committed_lsn();
-    assert!(
-        lsn >= acked,
-        "acknowledged lsn {acked} lost: committed {lsn}"
-    );
-    let disk = fs.contents(Path::new(DISK)).unwrap();
-    assert!(
-        disk == src.image_at(lsn),
-        "disk differs from the source at lsn {lsn}"
-    );
-}
+use master_target::apply::RetentionPolicy;
+use sim_common::*;
+use store::SimFaults;
 
 /// Seed 10: a read of the disk failed while a group saved its undo data, and putting the
 /// group back wrote that record's zeros over live data.
