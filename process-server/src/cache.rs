@@ -253,6 +253,10 @@ impl DiskCache {
         let mut segs = Vec::new();
         // The highest LSN a sync mark says was made durable (acknowledged).
         let mut acked_through = 0u64;
+        let acked_file = read_acked(&*fs, dir);
+        // The highest LSN a record (or the disk's known position) shows: a real mark never
+        // says more, so one that does is guest data shaped like a mark, and is ignored.
+        let mut seen = acked_file.unwrap_or(0).max(trimmed_lsn);
         for (i, &seq) in seqs.iter().enumerate() {
             let path = seg_path(dir, seq);
             let data = read_all(&*fs, &path).ctx(|| format!("read {}", path.display()))?;
@@ -280,7 +284,9 @@ impl DiskCache {
             while p + RECORD_HEADER_LEN <= data.len() {
                 if let Some((magic, (first_lsn, last_lsn, first_ts_us, frame_len))) = header_at(p) {
                     if magic == SYNC_MAGIC {
-                        acked_through = acked_through.max(last_lsn);
+                        if last_lsn <= seen {
+                            acked_through = acked_through.max(last_lsn);
+                        }
                         p += RECORD_HEADER_LEN;
                         continue;
                     }
@@ -291,6 +297,7 @@ impl DiskCache {
                     if p >= marked_to && !frame_whole(&data[body]) {
                         break;
                     }
+                    seen = seen.max(last_lsn);
                     entries.push_back(Entry {
                         seg: seq,
                         pos: p as u64,
@@ -362,7 +369,7 @@ impl DiskCache {
             segs.push((1, 0));
         }
         let active_len = segs.last().expect("one").1;
-        let acked = read_acked(&*fs, dir);
+        let acked = acked_file;
         let position_known =
             acked.is_some() || !entries.is_empty() || acked_through > 0 || trimmed_lsn > 0;
         let acked = acked.unwrap_or(0);
@@ -380,6 +387,14 @@ impl DiskCache {
             trimmed_bytes: 0,
             position_known,
         };
+        // Records after the last mark that a kill (not a crash) left in the page cache are
+        // indexed: make them durable before anyone is told the cache holds them.
+        if c.active_len > 0 {
+            let path = seg_path(dir, c.active_seq);
+            c.fs.open(&path, OpenMode::ReadWrite)
+                .and_then(|f| f.sync_data())
+                .ctx(|| format!("fsync {}", path.display()))?;
+        }
         c.trim(trimmed_lsn)?;
         c.synced = (c.last_lsn(), c.active_seq, c.active_len);
         // The names of every segment read are durable from here (see `active_file`).
@@ -397,6 +412,13 @@ impl DiskCache {
     pub fn confirm_position(&mut self) -> Result<()> {
         self.position_known = true;
         self.persist_acked()
+    }
+
+    /// The highest LSN known durable here: what an agent may be told the cache holds, and
+    /// how far the uplink may ship (records appended by a group whose sync has not yet
+    /// succeeded may still be cut back).
+    pub fn durable_lsn(&self) -> u64 {
+        self.synced.0.max(self.trimmed_lsn)
     }
 
     /// The highest LSN cached (or trimmed, if the cache is empty).

@@ -262,7 +262,7 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach) -> Message {
         Message::Ack(Ack {
             entries: vec![AckEntry {
                 disk_id: id,
-                durable_lsn: d.cache.lock().expect("poisoned").last_lsn(),
+                durable_lsn: d.cache.lock().expect("poisoned").durable_lsn(),
             }],
         })
     };

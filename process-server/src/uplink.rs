@@ -369,11 +369,15 @@ fn fill(
         if cursor == 0 {
             continue; // attach still pending
         }
-        let entries = disk
-            .cache
-            .lock()
-            .expect("poisoned")
-            .entries_from(cursor, RECORDS_PER_TURN);
+        let entries = {
+            let cache = disk.cache.lock().expect("poisoned");
+            let durable = cache.durable_lsn();
+            // Only what the cache holds durably leaves: a group whose sync fails is cut
+            // back, and the master target must never hold LSNs the cache then lost.
+            let mut v = cache.entries_from(cursor, RECORDS_PER_TURN);
+            v.retain(|e| e.last_lsn <= durable);
+            v
+        };
         for e in entries {
             if jobs.len() >= parallel || s.in_flight_bytes >= window {
                 return;
@@ -433,8 +437,23 @@ fn substitute(disk_id: u64, first: u64, last: u64) -> Result<Bytes> {
 /// Reads a cached record, coalesces it, and encodes it for the link.
 fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option<Shipped>> {
     let read = disk.cache.lock().expect("poisoned").read(&e);
-    let frame = match read {
-        Ok(f) => f,
+    let decoded = read.and_then(|f| {
+        let msg = MessageCodec::default().decode_frame(f)?;
+        // The record must be what its index entry says: this disk, these LSNs. Anything
+        // else (guest data shaped like a record, found after damage) is never shipped.
+        if stream_span(&msg) != Some((disk.attach.disk_id, e.first_lsn, e.last_lsn)) {
+            return Err(Error::CacheCorrupt {
+                path: format!("cache of disk {}", disk.attach.disk_id),
+                offset: e.pos,
+                detail: "a record whose message is not the one its index entry names".into(),
+                first_lsn: e.first_lsn,
+                last_lsn: e.last_lsn,
+            });
+        }
+        Ok(msg)
+    });
+    let mut msg = match decoded {
+        Ok(m) => m,
         Err(err) => {
             tracing::error!(disk = disk.attach.disk_id, first_lsn = e.first_lsn, last_lsn = e.last_lsn, error = %err, "corrupt cache record: not shipped; its range is replaced by a resync marker and the disk is marked for resync with its agent");
             disk.require_resync(e.first_lsn, e.last_lsn)?;
@@ -446,7 +465,6 @@ fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option
             }));
         }
     };
-    let mut msg = MessageCodec::default().decode_frame(frame)?;
     let mut coalesced = 0;
     let mut logical = 0;
     if let Message::WriteBatch(b) = &mut msg {
@@ -472,6 +490,17 @@ fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option
         logical,
         coalesced,
     }))
+}
+
+/// (disk, first LSN, last LSN) of a stream message; `None` for any other message.
+fn stream_span(msg: &Message) -> Option<(u64, u64, u64)> {
+    match msg {
+        Message::WriteBatch(b) if !b.writes.is_empty() => {
+            Some((b.disk_id, b.first_lsn, b.last_lsn()))
+        }
+        Message::Bookmark(b) => Some((b.disk_id, b.lsn, b.lsn)),
+        _ => None,
+    }
 }
 
 /// The master target took (back) a disk and holds it up to `lsn`: ship from after it. If

@@ -139,3 +139,92 @@ fn a_segment_made_before_a_failed_directory_sync_keeps_its_name() {
     let c = open(&fs);
     assert_whole(&c, 1, "after a power loss");
 }
+
+/// Outside review, 2026-11-30 (and seeds 35, 49 once the simulator counted the resume point
+/// an agent is told as an ack): the service was killed between appending a group and its
+/// group commit; the restart indexed those records (still in the page cache), told the
+/// agent it held them, and a power loss then took them.
+#[test]
+fn records_a_restart_reports_are_durable_before_it_reports_them() {
+    for seed in 0..40 {
+        let fs = volume(seed);
+        let mut c = open(&fs);
+        for lsn in 1..=4 {
+            c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
+        }
+        c.sync().unwrap();
+        for lsn in 5..=9 {
+            c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
+        }
+        assert_eq!(c.durable_lsn(), 4, "appended is not durable");
+        drop(c); // killed: the page cache keeps the appends
+        let c = open(&fs);
+        let told = c.durable_lsn();
+        drop(c);
+        fs.crash();
+        let c = open(&fs);
+        assert_whole(&c, told, &format!("seed {seed}"));
+    }
+}
+
+/// Outside review, 2026-11-30: guest data shaped like a sync mark (valid header CRC, any
+/// LSN) inside a record torn by a crash was taken for a mark: its LSN became the cache's
+/// acknowledged position and a lost range up to it (2^40 LSNs: the resync marker did not
+/// fit in memory). A mark never says more than the records before it show.
+#[test]
+fn guest_data_shaped_like_a_sync_mark_is_not_a_mark() {
+    let fs = volume(3);
+    let mut c = open(&fs);
+    for lsn in 1..=3 {
+        c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
+    }
+    c.sync().unwrap();
+    // A guest write whose data holds a forged mark saying lsn 2^40 is acknowledged.
+    let mut forged = Vec::new();
+    forged.extend_from_slice(b"FBS1");
+    forged.extend_from_slice(&0u64.to_be_bytes());
+    forged.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    forged.extend_from_slice(&1u64.to_be_bytes());
+    forged.extend_from_slice(&0u32.to_be_bytes());
+    let crc = crc32c::crc32c(&forged);
+    forged.extend_from_slice(&crc.to_be_bytes());
+    let mut data = vec![0x55u8; 8192];
+    data[4096..4096 + forged.len()].copy_from_slice(&forged);
+    let data = Bytes::from(data);
+    let msg = Message::WriteBatch(WriteBatch {
+        disk_id: 1,
+        first_lsn: 4,
+        writes: vec![Write {
+            timestamp_us: 4,
+            offset: 0,
+            digest: digest(&data),
+            data,
+        }],
+    });
+    let mut out = BytesMut::new();
+    MessageCodec::default().encode(&msg, &mut out).unwrap();
+    c.append(4, 4, 4, &out).unwrap();
+    drop(c);
+    // A crash keeps the record's middle (the forged mark) and not its end.
+    let seg = Path::new(DIR).join("seg-00000001.fbc");
+    let mut bytes = fs.contents(&seg).unwrap();
+    let cut = bytes.len() - 1000;
+    bytes.truncate(cut);
+    fs.put(&seg, &bytes);
+    let c = open(&fs);
+    assert!(
+        c.last_lsn() < 1 << 20,
+        "position taken from guest data: {}",
+        c.last_lsn()
+    );
+    let lost: Vec<_> = c
+        .entries_from(0, 100)
+        .iter()
+        .filter(|e| e.lost)
+        .map(|e| (e.first_lsn, e.last_lsn))
+        .collect();
+    assert!(
+        lost.iter().all(|r| r.1 < 1 << 20),
+        "lost range from guest data: {lost:?}"
+    );
+}

@@ -198,14 +198,18 @@ impl Sim {
     }
 
     /// The agent sends what it has, and the process server acknowledges what it synced.
-    fn ingest(&mut self) {
+    fn ingest(&mut self, faulty: bool) {
         if self.ps.cache.is_none() {
             return;
         }
         let from = match self.agent_from {
             Some(f) => f,
             None => match self.ps.resume_lsn() {
-                Some(l) => l + 1,
+                Some(l) => {
+                    // The agent drops what it holds up to the resume point: an ack.
+                    self.agent_acked = self.agent_acked.max(l);
+                    l + 1
+                }
                 None => return, // NotReady until the master target says
             },
         };
@@ -229,6 +233,15 @@ impl Sim {
         }
         self.agent_from = Some(next);
         if !sent {
+            return;
+        }
+        if faulty && self.rng.u32(..25) == 0 {
+            // Killed between the appends and their group commit (page cache kept).
+            trace!(self, "process server killed before its group commit");
+            self.tally.kills += 1;
+            self.ps.cache = None;
+            self.link = None;
+            self.agent_from = None;
             return;
         }
         match self.ps.sync() {
@@ -316,7 +329,7 @@ impl Sim {
         self.start()?;
         self.crashes();
         self.attach()?;
-        self.ingest();
+        self.ingest(faulty);
         self.crashes();
         self.ship()?;
         self.crashes();

@@ -80,10 +80,11 @@ impl Ps {
         Ok(true)
     }
 
-    /// The LSN an agent that (re)connects is told the cache holds durably.
+    /// The LSN an agent that (re)connects is told the cache holds durably (the agent
+    /// drops what it holds up to there: an ack).
     pub fn resume_lsn(&self) -> Option<u64> {
         let c = self.cache.as_ref()?;
-        c.position_known().then(|| c.last_lsn())
+        c.position_known().then(|| c.durable_lsn())
     }
 
     /// Takes one frame from the agent (ingest's append rules).
@@ -142,7 +143,13 @@ impl Ps {
     pub fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<Message>, String> {
         let cache = self.cache.as_ref().expect("running");
         let mut out = Vec::new();
-        for e in cache.entries_from(from, max) {
+        // As the uplink: only what the cache holds durably leaves.
+        let durable = cache.durable_lsn();
+        for e in cache
+            .entries_from(from, max)
+            .into_iter()
+            .filter(|e| e.last_lsn <= durable)
+        {
             if e.lost {
                 return Err(format!(
                     "cache entry {}..={} marked lost",
