@@ -65,6 +65,10 @@ use crate::error::{Error, IoContext, Result};
 
 const MAGIC: [u8; 4] = *b"FBC1";
 const SYNC_MAGIC: [u8; 4] = *b"FBS1";
+/// The fewest cache bytes one LSN takes (a write's offset, capture time and digest alone
+/// are 48 bytes): bounds how many LSNs damaged bytes can hide, so a mark-shaped run of
+/// guest data cannot claim an arbitrary position.
+const MIN_BYTES_PER_LSN: usize = 32;
 /// Bytes of a record's header.
 pub const RECORD_HEADER_LEN: usize = 36;
 /// The file that keeps how far the master target acknowledged the disk.
@@ -257,6 +261,8 @@ impl DiskCache {
         // The highest LSN a record (or the disk's known position) shows: a real mark never
         // says more, so one that does is guest data shaped like a mark, and is ignored.
         let mut seen = acked_file.unwrap_or(0).max(trimmed_lsn);
+        // Bytes skipped as damage: the LSNs they hid may be counted by a mark after them.
+        let mut skipped = 0usize;
         for (i, &seq) in seqs.iter().enumerate() {
             let path = seg_path(dir, seq);
             let data = read_all(&*fs, &path).ctx(|| format!("read {}", path.display()))?;
@@ -284,7 +290,7 @@ impl DiskCache {
             while p + RECORD_HEADER_LEN <= data.len() {
                 if let Some((magic, (first_lsn, last_lsn, first_ts_us, frame_len))) = header_at(p) {
                     if magic == SYNC_MAGIC {
-                        if last_lsn <= seen {
+                        if last_lsn <= seen + (skipped / MIN_BYTES_PER_LSN) as u64 {
                             acked_through = acked_through.max(last_lsn);
                         }
                         p += RECORD_HEADER_LEN;
@@ -325,6 +331,7 @@ impl DiskCache {
                 }) {
                     Some(q) => {
                         tracing::error!(segment = %path.display(), offset = p, resumes_at = q, "corrupt cache record header; the records it hides are marked lost and will be resynced from the agent");
+                        skipped += q - p;
                         p = q;
                     }
                     None => break,
