@@ -455,6 +455,9 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                 // A full cache (over its limit, or the volume itself full) holds the agent
                 // back: nothing is acknowledged until the record is written; nothing fails.
                 let appended = loop {
+                    if state.cache_bytes() >= state.cache_limit_bytes {
+                        commit_touched(&state, &touched);
+                    }
                     wait_for_space(&state).await;
                     let r = {
                         let mut cache = disk.cache.lock().expect("poisoned");
@@ -498,6 +501,7 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                     match r {
                         // Full: wait for room (a trim), then try again.
                         Append::Full => {
+                            commit_touched(&state, &touched);
                             let _ = tokio::time::timeout(
                                 Duration::from_millis(FULL_RETRY_MS),
                                 state.space.notified(),
@@ -641,6 +645,18 @@ fn resync_notices(
 }
 
 /// Waits while the cache is over its limit: agents slow down, nothing is dropped.
+/// Makes durable what this burst appended so far, before it waits for room: the uplink
+/// ships only durable records, and only their shipping (and trimming) makes room. A
+/// failure is answered at the burst's own group commit.
+fn commit_touched(state: &State, touched: &HashMap<u64, u64>) {
+    for disk_id in touched.keys() {
+        if let Some(d) = state.disk(*disk_id) {
+            let _ = d.cache.lock().expect("poisoned").sync();
+        }
+    }
+    state.work.notify_one();
+}
+
 async fn wait_for_space(state: &State) {
     let mut warned = false;
     loop {
