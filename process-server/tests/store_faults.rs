@@ -43,6 +43,17 @@ fn open(fs: &SimFs) -> DiskCache {
     DiskCache::open_in(Arc::new(fs.clone()), Path::new(DIR), 0).unwrap()
 }
 
+/// Records 1–4 synced (acknowledged), then 5–9 appended and not yet synced.
+fn synced_then_appended(c: &mut DiskCache) {
+    for lsn in 1..=4 {
+        c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
+    }
+    c.sync().unwrap();
+    for lsn in 5..=9 {
+        c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
+    }
+}
+
 /// No lost range, and everything up to `acked` still there.
 fn assert_whole(c: &DiskCache, acked: u64, when: &str) {
     let lost: Vec<_> = c
@@ -75,13 +86,7 @@ fn unsynced_records_a_crash_tore_or_skipped_are_a_torn_tail() {
             ..SimFaults::NONE
         });
         let mut c = open(&fs);
-        for lsn in 1..=4 {
-            c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
-        }
-        c.sync().unwrap();
-        for lsn in 5..=9 {
-            c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
-        }
+        synced_then_appended(&mut c);
         drop(c);
         fs.crash();
         let c = open(&fs);
@@ -149,13 +154,7 @@ fn records_a_restart_reports_are_durable_before_it_reports_them() {
     for seed in 0..40 {
         let fs = volume(seed);
         let mut c = open(&fs);
-        for lsn in 1..=4 {
-            c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
-        }
-        c.sync().unwrap();
-        for lsn in 5..=9 {
-            c.append(lsn, lsn, lsn, &frame(lsn, 3000)).unwrap();
-        }
+        synced_then_appended(&mut c);
         assert_eq!(c.durable_lsn(), 4, "appended is not durable");
         drop(c); // killed: the page cache keeps the appends
         let c = open(&fs);
