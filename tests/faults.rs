@@ -749,6 +749,7 @@ fn hostile_input_with_a_valid_certificate_is_refused_and_loses_nothing() {
         let a = ask(
             &mut l,
             Message::DiskAttach(DiskAttach {
+                request_id: 0,
                 disk_id: 9,
                 vm_id: "vm1".into(),
                 group_id: String::new(),
@@ -806,6 +807,7 @@ fn hostile_input_with_a_valid_certificate_is_refused_and_loses_nothing() {
         let r = ask(
             &mut l,
             Message::DigestRequest(DigestRequest {
+                request_id: 0,
                 disk_id: 9,
                 block_size: 1 << 20,
                 first_block: 0,

@@ -59,6 +59,7 @@ async fn ask(l: &mut Link, m: Message) -> Message {
 
 fn attach(disk_id: u64, vm: &str, location: LocationKind, target: &str, size: u64) -> Message {
     Message::DiskAttach(DiskAttach {
+        request_id: 0,
         disk_id,
         vm_id: vm.into(),
         group_id: String::new(),
@@ -161,6 +162,7 @@ fn an_agent_can_touch_its_own_vms_disks_and_nothing_else() {
         let a = ask(
             &mut l,
             Message::DigestRequest(DigestRequest {
+                request_id: 0,
                 disk_id: 2,
                 block_size: 65536,
                 first_block: 0,
@@ -185,6 +187,7 @@ fn an_agent_can_touch_its_own_vms_disks_and_nothing_else() {
         let a = ask(
             &mut l,
             Message::DigestRequest(DigestRequest {
+                request_id: 0,
                 disk_id: 1,
                 block_size: 1,
                 first_block: 0,

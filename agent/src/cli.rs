@@ -258,6 +258,7 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
         }
     };
     let attach = DiskAttach {
+        request_id: 0,
         disk_id: d.disk_id,
         vm_id: vm_id.clone(),
         group_id: String::new(),

@@ -65,9 +65,9 @@ pub struct Resync {
     /// Blocks of the disk.
     pub blocks: u64,
     progress_path: PathBuf,
-    /// The first block of the digest request sent ahead (the master target hashes the next
+    /// The first block and request id of the digest request sent ahead (the master target hashes the next
     /// chunk while this one is compared and sent).
-    prefetched: Option<u64>,
+    prefetched: Option<(u64, u64)>,
 }
 
 impl Resync {
@@ -565,6 +565,7 @@ impl Engine {
                     block_size: DIGEST_BLOCK_BYTES as u32,
                     first_block: first,
                     block_count: n,
+                    request_id: 0,
                 })
             };
             let max = Duration::from_secs(300);
@@ -573,17 +574,18 @@ impl Engine {
             // flight: ask again on the new link, a bounded number of times.
             let mut drops = 0;
             let reply = loop {
-                if r.prefetched != Some(b) {
-                    self.link.send_request(chunk(b), max).await?;
-                }
-                // Keep one request ahead: replies come in order, and the master target
-                // hashes the next chunk while this one is compared and sent.
+                let id = match r.prefetched {
+                    Some((block, id)) if block == b => id,
+                    _ => self.link.send_request(chunk(b), max).await?,
+                };
+                // Keep one request ahead: the master target hashes the next chunk while
+                // this one is compared and sent.
                 let next = b + u64::from(count);
-                r.prefetched = (next < r.blocks).then_some(next);
-                if let Some(n) = r.prefetched {
-                    self.link.send_request(chunk(n), max).await?;
+                r.prefetched = None;
+                if next < r.blocks {
+                    r.prefetched = Some((next, self.link.send_request(chunk(next), max).await?));
                 }
-                match self.link.reply(max).await {
+                match self.link.reply(id, max).await {
                     Ok(m) => break m,
                     Err(e) if drops < MAX_REQUEST_RETRIES && !self.link.is_up() => {
                         drops += 1;

@@ -57,6 +57,11 @@ pub struct Link {
     backoff_ms: u64,
     /// Messages other than acks, for callers waiting on replies.
     replies: VecDeque<Message>,
+    /// The protocol version of the current (or last) connection: from version 2 requests
+    /// carry ids and replies are matched by them.
+    version: u16,
+    /// The id of the last request sent (ids are unique on the link, never 0).
+    last_request_id: u64,
     /// The process server lost data of this disk and asked for a resync.
     resync_requested: bool,
     /// A refusal retrying cannot fix, met while reconnecting in the background: the engine
@@ -104,6 +109,8 @@ impl Link {
             next_attempt: Instant::now(),
             backoff_ms: 100,
             replies: VecDeque::new(),
+            version: wire_protocol::version::PROTOCOL_VERSION_MIN,
+            last_request_id: 0,
             resync_requested: false,
             fatal: None,
         })
@@ -125,11 +132,15 @@ impl Link {
     pub async fn connect(&mut self) -> Result<u64> {
         self.sink = None;
         self.events = None;
-        let Connected { mut framed, .. } =
-            connect(&self.spec, MessageCodec::new(self.compression)).await?;
-        framed
-            .send(Message::DiskAttach(self.attach.clone()))
-            .await?;
+        let Connected {
+            mut framed,
+            version,
+            ..
+        } = connect(&self.spec, MessageCodec::new(self.compression)).await?;
+        self.version = version;
+        let mut attach = self.attach.clone();
+        attach.request_id = self.next_request_id();
+        framed.send(Message::DiskAttach(attach)).await?;
         let answer =
             tokio::time::timeout(Duration::from_millis(ATTACH_TIMEOUT_MS), framed.next()).await;
         let resume = match answer {
@@ -373,15 +384,21 @@ impl Link {
         self.events = None;
     }
 
-    /// Sends a request that is not part of the LSN stream and waits for its reply.
-    pub async fn request(&mut self, m: Message, max: Duration) -> Result<Message> {
-        self.send_request(m, max).await?;
-        self.reply(max).await
+    fn next_request_id(&mut self) -> u64 {
+        self.last_request_id += 1;
+        self.last_request_id
     }
 
-    /// Sends a request that is not part of the LSN stream; its reply comes, in order, from
-    /// [`Link::reply`] (so a caller may keep one request ahead).
-    pub async fn send_request(&mut self, m: Message, max: Duration) -> Result<()> {
+    /// Sends a request that is not part of the LSN stream and waits for its reply.
+    pub async fn request(&mut self, m: Message, max: Duration) -> Result<Message> {
+        let id = self.send_request(m, max).await?;
+        self.reply(id, max).await
+    }
+
+    /// Sends a request that is not part of the LSN stream, numbered with a new request id,
+    /// which it returns; [`Link::reply`] with that id waits for its answer (so a caller may
+    /// keep requests ahead).
+    pub async fn send_request(&mut self, mut m: Message, max: Duration) -> Result<u64> {
         let deadline = Instant::now() + max;
         while !self.ensure_up().await {
             if Instant::now() > deadline {
@@ -389,15 +406,18 @@ impl Link {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let id = self.next_request_id();
+        m.set_request_id(id);
         self.write(m).await;
-        Ok(())
+        Ok(id)
     }
 
-    /// The next reply to a request, in the order the requests were sent.
-    pub async fn reply(&mut self, max: Duration) -> Result<Message> {
+    /// The answer to request `id`. A version-1 process server sends no ids: its answers
+    /// come in the order the requests were sent.
+    pub async fn reply(&mut self, id: u64, max: Duration) -> Result<Message> {
         let deadline = Instant::now() + max;
         while Instant::now() < deadline {
-            if let Some(r) = self.replies.pop_front() {
+            if let Some(r) = self.take_reply(id) {
                 return Ok(r);
             }
             if let Some(e) = self.fatal.take() {
@@ -410,5 +430,22 @@ impl Link {
             }
         }
         Err(Error::Refused("no reply in time".into()))
+    }
+
+    fn take_reply(&mut self, id: u64) -> Option<Message> {
+        if self.version < wire_protocol::version::REQUEST_IDS_SINCE {
+            return self.replies.pop_front();
+        }
+        // An error that answers no request (id 0) is news, never an answer: it is logged
+        // and dropped, not handed to whoever waits.
+        self.replies.retain(|m| match m {
+            Message::Error(e) if e.request_id == 0 => {
+                tracing::warn!(code = ?e.code, error = %e.message, "the process server reports an error");
+                false
+            }
+            _ => true,
+        });
+        let at = self.replies.iter().position(|m| m.request_id() == id)?;
+        self.replies.remove(at)
     }
 }

@@ -233,11 +233,13 @@ impl DiskCore {
                         block_size: req.block_size,
                         first_block: req.first_block,
                         digests,
+                        request_id: req.request_id,
                     }),
                     Err(e) => Message::Error(ErrorMsg {
                         code: ErrorCode::Internal,
                         disk_id,
                         message: format!("digests: {e}"),
+                        request_id: req.request_id,
                     }),
                 };
             out.push((r, msg));
@@ -259,6 +261,7 @@ impl DiskCore {
                         message: format!(
                             "apply failed: {e}; restart the master target after fixing the cause"
                         ),
+                        request_id: 0,
                     }),
                 )
             })

@@ -140,6 +140,7 @@ fn error_msg(code: ErrorCode, disk_id: u64, message: String) -> Message {
         code,
         disk_id,
         message,
+        request_id: 0,
     })
 }
 
@@ -241,6 +242,9 @@ async fn connection(
             }
         };
         let id = disk_of(&msg);
+        // An error answering a request carries its id (version 2), so a peer with several
+        // requests in flight knows which one failed.
+        let request_id = msg.request_id();
         if !allowed(&identity, &msg) {
             let e = Error::Forbidden(format!(
                 "{} {} may not send {} messages to a master target",
@@ -248,7 +252,9 @@ async fn connection(
                 identity.role,
                 msg.name()
             ));
-            let _ = out.send(reply_err(&identity, &requests, id, e)).await;
+            let mut refusal = reply_err(&identity, &requests, id, e);
+            refusal.set_request_id(request_id);
+            let _ = out.send(refusal).await;
             continue;
         }
         let reply = match msg {
@@ -310,7 +316,10 @@ async fn connection(
             Message::Heartbeat { seq, time_us } => Some(Message::Heartbeat { seq, time_us }),
             _ => None,
         };
-        if let Some(r) = reply {
+        if let Some(mut r) = reply {
+            if matches!(r, Message::Error(_)) {
+                r.set_request_id(request_id);
+            }
             if out.send(r).await.is_err() {
                 break;
             }

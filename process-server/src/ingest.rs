@@ -133,7 +133,17 @@ fn err_msg(code: ErrorCode, disk_id: u64, message: String) -> Message {
         code,
         disk_id,
         message,
+        request_id: 0,
     })
+}
+
+/// `reply` as the answer to the agent's request `request_id` (the master target's answer
+/// carried the uplink's own id).
+fn answering(request_id: u64, mut reply: Message) -> Message {
+    if matches!(reply, Message::Error(_) | Message::DigestList(_)) {
+        reply.set_request_id(request_id);
+    }
+    reply
 }
 
 async fn relay<T>(
@@ -150,6 +160,7 @@ async fn relay<T>(
             "the process server is not connected to the master target {}; retry later",
             u.target.addr
         ),
+        request_id: 0,
     };
     if !u.connected.load(Ordering::Acquire) {
         return Err(not_ready());
@@ -538,7 +549,7 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
             }
             match msg {
                 Message::DiskAttach(a) => {
-                    let id = a.disk_id;
+                    let (id, request_id) = (a.disk_id, a.request_id);
                     // Read before the attach answers with where to resume: a restart in
                     // between then closes this connection rather than go unnoticed.
                     let epoch = state
@@ -551,14 +562,16 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                         attached.insert(id);
                         epochs.insert(id, epoch);
                     }
-                    replies.push(reply);
+                    replies.push(answering(request_id, reply));
                 }
                 Message::DigestRequest(r) => {
                     if !state.disk(r.disk_id).is_some_and(|d| owns(&vm, &d)) {
-                        replies.push(forbidden(&state, &identity, r.disk_id, "digest request"));
+                        let refusal = forbidden(&state, &identity, r.disk_id, "digest request");
+                        replies.push(answering(r.request_id, refusal));
                         continue;
                     }
-                    replies.push(
+                    replies.push(answering(
+                        r.request_id,
                         match relay(
                             &state,
                             route_of(&state, r.disk_id),
@@ -570,7 +583,7 @@ async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                             Ok(l) => Message::DigestList(l),
                             Err(e) => Message::Error(e),
                         },
-                    );
+                    ));
                 }
                 Message::Detach { disk_id } => {
                     state.refused.forbidden.fetch_add(1, Ordering::Relaxed);

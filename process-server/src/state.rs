@@ -299,6 +299,7 @@ impl State {
                     .unwrap_or(0);
             }
             let attach = DiskAttach {
+                request_id: 0,
                 disk_id: m.disk_id,
                 vm_id: m.vm_id,
                 group_id: m.group_id,

@@ -25,6 +25,7 @@ use wire_protocol::{Compression, DigestList, ErrorCode, ErrorMsg, Message, Messa
 
 use crate::adaptive::{AdaptiveLevel, AUTO_MAX, AUTO_MIN};
 use crate::error::{Error, Result};
+use crate::requests::{AttachAnswer, ErrorFor, Requests};
 use crate::state::{Disk, State, UplinkRequest};
 
 /// Repeated warnings of one kind and disk are logged once a second, with a count of the rest.
@@ -59,15 +60,9 @@ struct Ship {
     refusals: HashMap<(u64, u64), u32>,
 }
 
-type Pending = Arc<Mutex<Pendings>>;
-
-#[derive(Debug, Default)]
-struct Pendings {
-    attach: HashMap<u64, oneshot::Sender<Result<u64, ErrorMsg>>>,
-    digests: HashMap<u64, VecDeque<oneshot::Sender<Result<DigestList, ErrorMsg>>>>,
-    /// Disks this link attaches again (the master target refused them before).
-    reattach: std::collections::HashSet<u64>,
-}
+type AttachTx = oneshot::Sender<Result<u64, ErrorMsg>>;
+type DigestTx = oneshot::Sender<Result<DigestList, ErrorMsg>>;
+type Pending = Arc<Mutex<Requests<AttachTx, DigestTx>>>;
 
 /// Runs the link forever: connects, ships, and reconnects with backoff when it drops.
 pub async fn run(state: Arc<State>, index: usize, mut requests: mpsc::Receiver<UplinkRequest>) {
@@ -99,6 +94,7 @@ fn refuse(r: UplinkRequest) {
         code: ErrorCode::NotReady,
         disk_id: id,
         message: "the master target is not reachable; retry later".into(),
+        request_id: 0,
     };
     match r {
         UplinkRequest::Attach(a, tx) => drop(tx.send(Err(e(a.disk_id)))),
@@ -175,7 +171,7 @@ async fn session(
     let mut reader = FramedRead::new(rd, MessageCodec::default());
     reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
     let ship = Arc::new(Mutex::new(ship));
-    let pending: Pending = Arc::default();
+    let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
     let acked = Arc::new(tokio::sync::Notify::new());
     let (st, sh, pe, ak) = (
         Arc::clone(state),
@@ -220,7 +216,7 @@ async fn session(
         (Duration::ZERO, Duration::ZERO, Instant::now());
     loop {
         // Fill the pipeline with read+coalesce+compress jobs while the window has room.
-        fill(state, &ship, &mut jobs, parallel);
+        fill(state, &ship, &mut jobs, parallel, version);
         if state.cfg.adaptive_compression && period.elapsed() >= Duration::from_secs(1) {
             let p = period.elapsed().as_secs_f64();
             let level = adaptive.update(link_wait.as_secs_f64() / p, cpu_wait.as_secs_f64() / p);
@@ -243,22 +239,22 @@ async fn session(
                 let msg = {
                     let mut p = pending.lock().expect("poisoned");
                     match req {
-                        UplinkRequest::Attach(a, tx) => {
-                            // One attach of a disk id in flight: its answer is matched by id.
-                            if p.attach.contains_key(&a.disk_id) {
+                        UplinkRequest::Attach(mut a, tx) => {
+                            // One attach of a disk id in flight: its answer is the disk's ack.
+                            if let Err(tx) = p.start_attach(&mut a, tx) {
                                 let _ = tx.send(Err(ErrorMsg {
                                     code: ErrorCode::Busy,
                                     disk_id: a.disk_id,
                                     message: "an attach of this disk is under way; retry".into(),
+                                    request_id: 0,
                                 }));
                                 continue;
                             }
-                            p.attach.insert(a.disk_id, tx);
                             ship.lock().expect("poisoned").cursor.entry(a.disk_id).or_insert(0);
                             Message::DiskAttach(a)
                         }
-                        UplinkRequest::Digests(d, tx) => {
-                            p.digests.entry(d.disk_id).or_default().push_back(tx);
+                        UplinkRequest::Digests(mut d, tx) => {
+                            p.start_digests(&mut d, tx);
                             Message::DigestRequest(d)
                         }
                     }
@@ -310,15 +306,12 @@ async fn session(
                 // datastore), one attach of a disk at a time.
                 let shipping: Vec<u64> = ship.lock().expect("poisoned").cursor.keys().copied().collect();
                 for disk in state.all().into_iter().filter(|d| d.route == index && !d.is_detached() && !shipping.contains(&d.attach.disk_id)) {
-                    let id = disk.attach.disk_id;
-                    {
-                        let mut p = pending.lock().expect("poisoned");
-                        if p.attach.contains_key(&id) || !p.reattach.insert(id) {
-                            continue;
-                        }
+                    let mut a = disk.attach.clone();
+                    if !pending.lock().expect("poisoned").start_reattach(&mut a) {
+                        continue;
                     }
                     control.clear();
-                    codec.encode(&Message::DiskAttach(disk.attach.clone()), &mut control)?;
+                    codec.encode(&Message::DiskAttach(a), &mut control)?;
                     within(timeout_ms, wr.write_all(&control)).await?;
                 }
             }
@@ -354,6 +347,7 @@ fn fill(
     ship: &Arc<Mutex<Ship>>,
     jobs: &mut VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>,
     parallel: usize,
+    version: u16,
 ) {
     let level = state.compression_level.load(Ordering::Relaxed);
     let window = state.cfg.window_bytes;
@@ -388,20 +382,24 @@ fn fill(
             s.in_flight_bytes += bytes;
             s.cursor.insert(id, e.last_lsn + 1);
             let disk = Arc::clone(&disk);
-            jobs.push_back(tokio::task::spawn_blocking(move || prepare(disk, e, level)));
+            jobs.push_back(tokio::task::spawn_blocking(move || {
+                prepare(disk, e, level, version)
+            }));
         }
     }
 }
 
 thread_local! {
-    static CODECS: std::cell::RefCell<HashMap<i32, MessageCodec>> = std::cell::RefCell::new(HashMap::new());
+    /// A compressor per (level, protocol version), kept warm across records.
+    static CODECS: std::cell::RefCell<HashMap<(i32, u16), MessageCodec>> = std::cell::RefCell::new(HashMap::new());
 }
 
 /// What stands in for a corrupt record's LSNs `first..=last`: a resync-started marker (so
 /// the master target makes no recovery point until the agent's resync completes) and writes
 /// of nothing. The LSN order stays whole; the data comes back with the resync.
-fn substitute(disk_id: u64, first: u64, last: u64) -> Result<Bytes> {
+fn substitute(disk_id: u64, first: u64, last: u64, version: u16) -> Result<Bytes> {
     let mut codec = MessageCodec::default();
+    codec.set_version(version);
     let mut out = BytesMut::new();
     let marker = Message::Bookmark(wire_protocol::Bookmark {
         disk_id,
@@ -434,8 +432,14 @@ fn substitute(disk_id: u64, first: u64, last: u64) -> Result<Bytes> {
     Ok(out.freeze())
 }
 
-/// Reads a cached record, coalesces it, and encodes it for the link.
-fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option<Shipped>> {
+/// Reads a cached record, coalesces it, and encodes it for the link (in the link's
+/// negotiated protocol `version`, whatever version the agent sent it in).
+fn prepare(
+    disk: Arc<Disk>,
+    e: crate::cache::Entry,
+    level: i32,
+    version: u16,
+) -> Result<Option<Shipped>> {
     let read = disk.cache.lock().expect("poisoned").read(&e);
     let decoded = read.and_then(|f| {
         let msg = MessageCodec::default().decode_frame(f)?;
@@ -458,7 +462,7 @@ fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option
             tracing::error!(disk = disk.attach.disk_id, first_lsn = e.first_lsn, last_lsn = e.last_lsn, error = %err, "corrupt cache record: not shipped; its range is replaced by a resync marker and the disk is marked for resync with its agent");
             disk.require_resync(e.first_lsn, e.last_lsn)?;
             return Ok(Some(Shipped {
-                frame: substitute(disk.attach.disk_id, e.first_lsn, e.last_lsn)?,
+                frame: substitute(disk.attach.disk_id, e.first_lsn, e.last_lsn, version)?,
                 disk,
                 logical: 0,
                 coalesced: 0,
@@ -478,9 +482,11 @@ fn prepare(disk: Arc<Disk>, e: crate::cache::Entry, level: i32) -> Result<Option
     };
     let out = CODECS.with(|c| {
         let mut c = c.borrow_mut();
-        let codec = c
-            .entry(level)
-            .or_insert_with(|| MessageCodec::new(compression));
+        let codec = c.entry((level, version)).or_insert_with(|| {
+            let mut codec = MessageCodec::new(compression);
+            codec.set_version(version);
+            codec
+        });
         let mut out = BytesMut::new();
         codec.encode(&msg, &mut out).map(|()| out.freeze())
     })?;
@@ -537,63 +543,75 @@ fn on_durable(state: &State, disk: &Disk, lsn: u64) -> Result<()> {
     Ok(())
 }
 
-fn handle_reply(
-    state: &State,
-    ship: &Mutex<Ship>,
-    pending: &Mutex<Pendings>,
-    m: Message,
-) -> Result<()> {
+/// The master target holds `disk_id` durably up to `lsn`: trim the cache, free the window.
+fn on_stream_ack(state: &State, ship: &Mutex<Ship>, disk_id: u64, lsn: u64) -> Result<()> {
+    if let Some(disk) = state.disk(disk_id) {
+        on_durable(state, &disk, lsn)?;
+    }
+    let mut s = ship.lock().expect("poisoned");
+    if s.last_rewind.get(&disk_id).is_some_and(|&r| r <= lsn) {
+        s.last_rewind.remove(&disk_id);
+    }
+    s.refusals.retain(|&(d, l), _| d != disk_id || l > lsn);
+    let mut freed = 0;
+    s.in_flight.retain(|&(d, last, bytes)| {
+        let done = d == disk_id && last <= lsn;
+        freed += if done { bytes } else { 0 };
+        !done
+    });
+    s.in_flight_bytes -= freed;
+    Ok(())
+}
+
+/// An error that answers no request: a detach, or a failure worth a (throttled) log line.
+fn on_unsolicited_error(state: &State, ship: &Mutex<Ship>, e: ErrorMsg) -> Result<()> {
+    if e.code == ErrorCode::Detached {
+        // An operator detached the disk on the master target: stop shipping it, for good
+        // (the mark is durable, so no restart re-attaches it).
+        tracing::warn!(
+            disk = e.disk_id,
+            "the master target detached the disk for failback: shipping it stops"
+        );
+        ship.lock().expect("poisoned").cursor.remove(&e.disk_id);
+        if let Some(d) = state.disk(e.disk_id) {
+            d.mark_detached()?;
+        }
+    } else if let Some(suppressed) = LOG_THROTTLE.admit(&format!("error {}", e.disk_id)) {
+        tracing::error!(disk = e.disk_id, code = ?e.code, error = %e.message, suppressed, "master target error");
+    }
+    Ok(())
+}
+
+fn handle_reply(state: &State, ship: &Mutex<Ship>, pending: &Pending, m: Message) -> Result<()> {
     match m {
         Message::Ack(a) => {
             for e in a.entries {
-                if pending
-                    .lock()
-                    .expect("poisoned")
-                    .reattach
-                    .remove(&e.disk_id)
-                {
-                    if let Some(disk) = state.disk(e.disk_id) {
-                        tracing::info!(
-                            disk = e.disk_id,
-                            durable_lsn = e.durable_lsn,
-                            "the master target takes the disk again"
-                        );
-                        attached(
-                            state,
-                            &mut ship.lock().expect("poisoned"),
-                            &disk,
-                            e.durable_lsn,
-                        )?;
+                let answer = pending.lock().expect("poisoned").on_ack(e.disk_id);
+                match answer {
+                    Some(AttachAnswer::Reattach) => {
+                        if let Some(disk) = state.disk(e.disk_id) {
+                            tracing::info!(
+                                disk = e.disk_id,
+                                durable_lsn = e.durable_lsn,
+                                "the master target takes the disk again"
+                            );
+                            attached(
+                                state,
+                                &mut ship.lock().expect("poisoned"),
+                                &disk,
+                                e.durable_lsn,
+                            )?;
+                        }
                     }
-                    continue;
+                    Some(AttachAnswer::Relayed(tx)) => {
+                        let _ = tx.send(Ok(e.durable_lsn));
+                        ship.lock()
+                            .expect("poisoned")
+                            .cursor
+                            .insert(e.disk_id, e.durable_lsn + 1);
+                    }
+                    None => on_stream_ack(state, ship, e.disk_id, e.durable_lsn)?,
                 }
-                if let Some(tx) = pending.lock().expect("poisoned").attach.remove(&e.disk_id) {
-                    let _ = tx.send(Ok(e.durable_lsn));
-                    ship.lock()
-                        .expect("poisoned")
-                        .cursor
-                        .insert(e.disk_id, e.durable_lsn + 1);
-                    continue;
-                }
-                if let Some(disk) = state.disk(e.disk_id) {
-                    on_durable(state, &disk, e.durable_lsn)?;
-                }
-                let mut s = ship.lock().expect("poisoned");
-                if s.last_rewind
-                    .get(&e.disk_id)
-                    .is_some_and(|&r| r <= e.durable_lsn)
-                {
-                    s.last_rewind.remove(&e.disk_id);
-                }
-                s.refusals
-                    .retain(|&(d, l), _| d != e.disk_id || l > e.durable_lsn);
-                let mut freed = 0;
-                s.in_flight.retain(|&(d, last, bytes)| {
-                    let done = d == e.disk_id && last <= e.durable_lsn;
-                    freed += if done { bytes } else { 0 };
-                    !done
-                });
-                s.in_flight_bytes -= freed;
             }
         }
         Message::Nack(n) => {
@@ -629,45 +647,25 @@ fn handle_reply(
             }
         }
         Message::DigestList(l) => {
-            if let Some(tx) = pending
-                .lock()
-                .expect("poisoned")
-                .digests
-                .get_mut(&l.disk_id)
-                .and_then(VecDeque::pop_front)
-            {
+            if let Some(tx) = pending.lock().expect("poisoned").on_digests(&l) {
                 let _ = tx.send(Ok(l));
             }
         }
         Message::Error(e) => {
-            let mut p = pending.lock().expect("poisoned");
-            if p.reattach.remove(&e.disk_id) {
-                if let Some(d) = state.disk(e.disk_id) {
-                    if e.code == ErrorCode::Detached {
-                        d.mark_detached()?;
-                    } else {
-                        *d.refused.lock().expect("poisoned") = Some(e.message);
+            let to = pending.lock().expect("poisoned").on_error(&e);
+            match to {
+                ErrorFor::Attach(AttachAnswer::Reattach) => {
+                    if let Some(d) = state.disk(e.disk_id) {
+                        if e.code == ErrorCode::Detached {
+                            d.mark_detached()?;
+                        } else {
+                            *d.refused.lock().expect("poisoned") = Some(e.message);
+                        }
                     }
                 }
-            } else if let Some(tx) = p.attach.remove(&e.disk_id) {
-                let _ = tx.send(Err(e));
-            } else if let Some(tx) = p.digests.get_mut(&e.disk_id).and_then(VecDeque::pop_front) {
-                let _ = tx.send(Err(e));
-            } else if e.code == ErrorCode::Detached {
-                // An operator detached the disk on the master target: stop shipping it, for
-                // good (the mark is durable, so no restart re-attaches it).
-                tracing::warn!(
-                    disk = e.disk_id,
-                    "the master target detached the disk for failback: shipping it stops"
-                );
-                ship.lock().expect("poisoned").cursor.remove(&e.disk_id);
-                if let Some(d) = state.disk(e.disk_id) {
-                    d.mark_detached()?;
-                }
-            } else {
-                if let Some(suppressed) = LOG_THROTTLE.admit(&format!("error {}", e.disk_id)) {
-                    tracing::error!(disk = e.disk_id, code = ?e.code, error = %e.message, suppressed, "master target error");
-                }
+                ErrorFor::Attach(AttachAnswer::Relayed(tx)) => drop(tx.send(Err(e))),
+                ErrorFor::Digests(tx) => drop(tx.send(Err(e))),
+                ErrorFor::Unsolicited => on_unsolicited_error(state, ship, e)?,
             }
         }
         Message::Heartbeat { .. } | Message::Ignored { .. } => {}

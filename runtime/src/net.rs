@@ -204,6 +204,7 @@ fn error_frame(code: ErrorCode, message: String) -> Message {
         code,
         disk_id: 0,
         message,
+        request_id: 0,
     })
 }
 

@@ -11,7 +11,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::frame::{put_frame, Frame, FrameCodec, Header, FLAG_ZSTD, MAX_PAYLOAD_LEN};
 use crate::message::Message;
-use crate::version::PROTOCOL_VERSION_MAX;
+use crate::version::PROTOCOL_VERSION_MIN;
 use crate::{Error, Result};
 
 /// Payloads shorter than this are never compressed: zstd's frame overhead eats the gain.
@@ -80,7 +80,9 @@ impl MessageCodec {
         MessageCodec {
             frames: FrameCodec::default(),
             compression,
-            version: PROTOCOL_VERSION_MAX,
+            // Until negotiation says otherwise, frames (the Hello, a refusal of one) are in
+            // the oldest version we speak: the one a peer of any overlapping range reads.
+            version: PROTOCOL_VERSION_MIN,
             scratch: BytesMut::new(),
             compressor: None,
             decompressor: None,
@@ -96,9 +98,14 @@ impl MessageCodec {
         self.compression = compression;
     }
 
-    /// Sets the protocol version written into outgoing frames (after negotiation).
+    /// Sets the protocol version of outgoing payloads (the negotiated one).
     pub fn set_version(&mut self, version: u16) {
         self.version = version;
+    }
+
+    /// The protocol version of outgoing payloads.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Encodes `msg` into a standalone frame (for caches and benches).
@@ -135,7 +142,7 @@ impl MessageCodec {
             frame.payload
         };
         self.stats.raw_bytes_in += payload.len() as u64;
-        Message::decode_payload(frame.header.msg_type, payload)
+        Message::decode_payload(frame.header.version, frame.header.msg_type, payload)
     }
 }
 
@@ -169,7 +176,7 @@ impl Encoder<&Message> for MessageCodec {
 
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<()> {
         self.scratch.clear();
-        msg.encode_payload(&mut self.scratch)?;
+        msg.encode_payload(self.version, &mut self.scratch)?;
         let raw_len = self.scratch.len();
         if raw_len > MAX_PAYLOAD_LEN {
             return Err(Error::TooLarge {

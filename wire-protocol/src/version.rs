@@ -4,13 +4,24 @@
 //! (DRBD's `P_CONNECTION_FEATURES` habit). Both use the highest version in both ranges. A peer
 //! whose range does not overlap gets an `Error` frame naming both ranges, then the
 //! connection closes.
+//!
+//! Every frame a side sends after the Hellos is encoded in the negotiated version, and a
+//! frame is decoded as the version in its header says, so a newer build keeps talking to an
+//! older one (agents in many VMs are upgraded last).
+//!
+//! | version | what it adds |
+//! |---|---|
+//! | 1 | the first protocol |
+//! | 2 | request ids on attach, digest request, digest list and error ([`crate::message`]) |
 
 use crate::{Error, Result};
 
 /// The oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
+/// The first version whose requests and replies carry request ids.
+pub const REQUEST_IDS_SINCE: u16 = 2;
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
 const _: () = assert!(
     PROTOCOL_VERSION_MIN >= 1,

@@ -2,12 +2,15 @@
 //!
 //! Type numbers are fixed forever and never reused (DRBD's habit); numbers from
 //! [`IGNORABLE_TYPES_START`] up are optional messages an older peer may skip. All integers are
-//! big-endian. `str` is `{ len: u16, utf8: [u8; len] }`.
+//! big-endian. `str` is `{ len: u16, utf8: [u8; len] }`. A payload is laid out as the version
+//! in its frame header says ([`crate::frame`]); the layouts below are version 2's, and a field
+//! marked `v2:` is absent in version 1 (it reads as 0 there).
 //!
 //! ```text
 //! Hello         = 1  { proto_min: u16, proto_max: u16, role: u8, capabilities: u32, node_id: str }
 //! DiskAttach    = 2  { disk_id: u64, vm_id: str, group_id: str, disk_uuid: [u8; 16],
-//!                      size_bytes: u64, sector_size: u32, location: u8, target: str }
+//!                      size_bytes: u64, sector_size: u32, location: u8, target: str,
+//!                      v2: request_id: u64 }
 //! WriteBatch    = 3  { disk_id: u64, first_lsn: u64, count: u32,
 //!                      writes: [{ timestamp_us: u64, offset: u64, len: u32,
 //!                                 digest: [u8; 32], data: [u8; len] }; count] }
@@ -15,19 +18,31 @@
 //! Bookmark      = 4  { disk_id: u64, lsn: u64, kind: u8, time_us: u64, group_marker: u64, tag: str }
 //!                    // a bookmark takes an LSN of its own in the disk's stream
 //! Ack           = 5  { count: u32, entries: [{ disk_id: u64, durable_lsn: u64 }; count] }
-//! DigestRequest = 6  { disk_id: u64, block_size: u32, first_block: u64, block_count: u32 }
+//! DigestRequest = 6  { disk_id: u64, block_size: u32, first_block: u64, block_count: u32,
+//!                      v2: request_id: u64 }
 //! DigestList    = 7  { disk_id: u64, block_size: u32, first_block: u64, count: u32,
-//!                      digests: [[u8; 32]; count] }
+//!                      digests: [[u8; 32]; count], v2: request_id: u64 }
 //! Heartbeat     = 8  { seq: u64, time_us: u64 }
-//! Error         = 9  { code: u16, disk_id: u64, message: str }      // disk_id 0: not about a disk
+//! Error         = 9  { code: u16, disk_id: u64, message: str,     // disk_id 0: not about a disk
+//!                      v2: request_id: u64 }                      // 0: not a reply to a request
 //! Nack          = 10 { disk_id: u64, from_lsn: u64, code: u16, reason: str }  // resend from from_lsn
 //! Detach        = 11 { disk_id: u64 }
 //! RemoteDurable = 0x8001 { disk_id: u64, lsn: u64 }  // ignorable: every item up to lsn is
 //!                                                    // durable on the master target
 //! ```
 //! Disk id 0 is never a disk. LSNs start at 1; LSN 0 means "nothing yet".
+//!
+//! # Request ids (version 2)
+//! A requester numbers its requests (attach, digest request) with ids unique on its
+//! connection (never 0), and the reply, a digest list or an error, carries the id of the
+//! request it answers: a requester with several requests in flight, for several disks or
+//! several of one disk, gives each answer to the request it belongs to, and an error that
+//! answers no request (id 0) is never taken for an answer. An attach that succeeds is
+//! answered by an [`Ack`] of its disk (one attach of a disk is in flight at a time).
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+mod payload;
+
+use bytes::Bytes;
 
 use crate::{Error, Result};
 
@@ -43,8 +58,9 @@ pub const MAX_ACK_ENTRIES: usize = 4096;
 /// Most digests in one digest list: 8 MiB of digests, so every list fits a frame by
 /// construction (a reply that cannot be sent would stop every disk of its connection).
 pub const MAX_DIGESTS_PER_LIST: usize = 256 * 1024;
-/// Bytes of a digest list's fixed fields (disk id, block size, first block, count).
-pub const DIGEST_LIST_HEADER_LEN: usize = 8 + 4 + 8 + 4;
+/// Bytes of a digest list's fixed fields (disk id, block size, first block, count, and
+/// version 2's request id).
+pub const DIGEST_LIST_HEADER_LEN: usize = 8 + 4 + 8 + 4 + 8;
 const _: () = assert!(
     DIGEST_LIST_HEADER_LEN + MAX_DIGESTS_PER_LIST * 32 <= crate::frame::MAX_PAYLOAD_LEN,
     "the largest digest list fits one frame"
@@ -166,7 +182,7 @@ pub enum Retry {
 }
 
 impl ErrorCode {
-    fn from_u16(v: u16) -> Result<Self> {
+    pub(crate) fn from_u16(v: u16) -> Result<Self> {
         use ErrorCode::*;
         Ok(match v {
             1 => VersionMismatch,
@@ -303,6 +319,8 @@ pub struct DiskAttach {
     pub location: LocationKind,
     /// The master target's path: the VMDK descriptor (original) or datastore dir (alternate).
     pub target: String,
+    /// Numbers this request on its connection (version 2; 0: none). See the module doc.
+    pub request_id: u64,
 }
 
 /// One captured write.
@@ -385,6 +403,8 @@ pub struct DigestRequest {
     pub first_block: u64,
     /// Number of blocks.
     pub block_count: u32,
+    /// Numbers this request on its connection (version 2; 0: none). See the module doc.
+    pub request_id: u64,
 }
 
 /// Per-block digests of a range of a disk.
@@ -398,6 +418,8 @@ pub struct DigestList {
     pub first_block: u64,
     /// blake3 per block (the last block of a disk may be short).
     pub digests: Vec<[u8; 32]>,
+    /// The id of the request this answers (version 2; 0: none).
+    pub request_id: u64,
 }
 
 /// An error, with a stable code and a human message that says what to do.
@@ -409,6 +431,8 @@ pub struct ErrorMsg {
     pub disk_id: u64,
     /// What happened and what to do.
     pub message: String,
+    /// The id of the request this answers (version 2; 0: not an answer to a request).
+    pub request_id: u64,
 }
 
 /// Negative acknowledgement: resend a disk's stream from an LSN.
@@ -502,94 +526,11 @@ pub mod types {
     const _: () = assert!(REMOTE_DURABLE >= super::IGNORABLE_TYPES_START);
 }
 
-fn invalid(field: &'static str, v: impl std::fmt::Display) -> Error {
+pub(crate) fn invalid(field: &'static str, v: impl std::fmt::Display) -> Error {
     Error::Invalid {
         field,
         detail: format!("unexpected value {v}"),
     }
-}
-
-/// A reader over a payload that turns every shortfall into [`Error::Truncated`].
-struct Reader {
-    buf: Bytes,
-    what: &'static str,
-}
-
-impl Reader {
-    fn need(&self, n: usize) -> Result<()> {
-        if self.buf.remaining() < n {
-            return Err(Error::Truncated(self.what));
-        }
-        Ok(())
-    }
-    fn u8(&mut self) -> Result<u8> {
-        self.need(1)?;
-        Ok(self.buf.get_u8())
-    }
-    fn u16(&mut self) -> Result<u16> {
-        self.need(2)?;
-        Ok(self.buf.get_u16())
-    }
-    fn u32(&mut self) -> Result<u32> {
-        self.need(4)?;
-        Ok(self.buf.get_u32())
-    }
-    fn u64(&mut self) -> Result<u64> {
-        self.need(8)?;
-        Ok(self.buf.get_u64())
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        self.need(N)?;
-        let mut a = [0u8; N];
-        self.buf.copy_to_slice(&mut a);
-        Ok(a)
-    }
-    fn bytes(&mut self, n: usize) -> Result<Bytes> {
-        self.need(n)?;
-        Ok(self.buf.split_to(n))
-    }
-    fn string(&mut self, field: &'static str) -> Result<String> {
-        let n = self.u16()? as usize;
-        let b = self.bytes(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| Error::Invalid {
-            field,
-            detail: "not UTF-8".into(),
-        })
-    }
-    /// Checks a declared element count against a limit and against the bytes left, before
-    /// anything is allocated for it.
-    fn count(&mut self, max: usize, min_elem_len: usize) -> Result<usize> {
-        let n = self.u32()? as usize;
-        if n > max {
-            return Err(Error::TooLarge {
-                what: "element count",
-                len: n as u64,
-                max: max as u64,
-            });
-        }
-        self.need(n.saturating_mul(min_elem_len))?;
-        Ok(n)
-    }
-    fn finish(self) -> Result<()> {
-        if self.buf.has_remaining() {
-            return Err(Error::TrailingBytes {
-                message: self.what,
-                extra: self.buf.remaining(),
-            });
-        }
-        Ok(())
-    }
-}
-
-fn put_str(dst: &mut BytesMut, s: &str) -> Result<()> {
-    let n = u16::try_from(s.len()).map_err(|_| Error::TooLarge {
-        what: "string",
-        len: s.len() as u64,
-        max: u16::MAX.into(),
-    })?;
-    dst.put_u16(n);
-    dst.put_slice(s.as_bytes());
-    Ok(())
 }
 
 impl Message {
@@ -632,293 +573,25 @@ impl Message {
         }
     }
 
-    /// Appends the payload encoding of this message to `dst`.
-    pub fn encode_payload(&self, dst: &mut BytesMut) -> Result<()> {
+    /// The request id of a request or of a reply to one (0: none, or a version-1 peer).
+    pub fn request_id(&self) -> u64 {
         match self {
-            Message::Hello(h) => {
-                dst.put_u16(h.proto_min);
-                dst.put_u16(h.proto_max);
-                dst.put_u8(h.role as u8);
-                dst.put_u32(h.capabilities);
-                put_str(dst, &h.node_id)?;
-            }
-            Message::DiskAttach(a) => {
-                dst.put_u64(a.disk_id);
-                put_str(dst, &a.vm_id)?;
-                put_str(dst, &a.group_id)?;
-                dst.put_slice(&a.disk_uuid);
-                dst.put_u64(a.size_bytes);
-                dst.put_u32(a.sector_size);
-                dst.put_u8(a.location as u8);
-                put_str(dst, &a.target)?;
-            }
-            Message::WriteBatch(b) => {
-                if b.writes.is_empty() || b.writes.len() > MAX_WRITES_PER_BATCH {
-                    return Err(Error::Invalid {
-                        field: "write count",
-                        detail: format!("{} (must be 1..={MAX_WRITES_PER_BATCH})", b.writes.len()),
-                    });
-                }
-                let data_len = b.data_len();
-                if data_len > MAX_BATCH_DATA_LEN {
-                    return Err(Error::TooLarge {
-                        what: "batch data",
-                        len: data_len as u64,
-                        max: MAX_BATCH_DATA_LEN as u64,
-                    });
-                }
-                dst.reserve(BATCH_HEADER_LEN + b.writes.len() * WRITE_META_LEN + data_len);
-                dst.put_u64(b.disk_id);
-                dst.put_u64(b.first_lsn);
-                dst.put_u32(b.writes.len() as u32);
-                for w in &b.writes {
-                    dst.put_u64(w.timestamp_us);
-                    dst.put_u64(w.offset);
-                    dst.put_u32(w.data.len() as u32);
-                    dst.put_slice(&w.digest);
-                    dst.put_slice(&w.data);
-                }
-            }
-            Message::Bookmark(m) => {
-                dst.put_u64(m.disk_id);
-                dst.put_u64(m.lsn);
-                dst.put_u8(m.kind as u8);
-                dst.put_u64(m.time_us);
-                dst.put_u64(m.group_marker);
-                put_str(dst, &m.tag)?;
-            }
-            Message::Ack(a) => {
-                if a.entries.len() > MAX_ACK_ENTRIES {
-                    return Err(Error::TooLarge {
-                        what: "ack entries",
-                        len: a.entries.len() as u64,
-                        max: MAX_ACK_ENTRIES as u64,
-                    });
-                }
-                dst.put_u32(a.entries.len() as u32);
-                for e in &a.entries {
-                    dst.put_u64(e.disk_id);
-                    dst.put_u64(e.durable_lsn);
-                }
-            }
-            Message::DigestRequest(r) => {
-                dst.put_u64(r.disk_id);
-                dst.put_u32(r.block_size);
-                dst.put_u64(r.first_block);
-                dst.put_u32(r.block_count);
-            }
-            Message::DigestList(l) => {
-                if l.digests.len() > MAX_DIGESTS_PER_LIST {
-                    return Err(Error::TooLarge {
-                        what: "digest list",
-                        len: l.digests.len() as u64,
-                        max: MAX_DIGESTS_PER_LIST as u64,
-                    });
-                }
-                dst.put_u64(l.disk_id);
-                dst.put_u32(l.block_size);
-                dst.put_u64(l.first_block);
-                dst.put_u32(l.digests.len() as u32);
-                for d in &l.digests {
-                    dst.put_slice(d);
-                }
-            }
-            Message::Heartbeat { seq, time_us } => {
-                dst.put_u64(*seq);
-                dst.put_u64(*time_us);
-            }
-            Message::Error(e) => {
-                dst.put_u16(e.code as u16);
-                dst.put_u64(e.disk_id);
-                put_str(dst, &e.message)?;
-            }
-            Message::Nack(n) => {
-                dst.put_u64(n.disk_id);
-                dst.put_u64(n.from_lsn);
-                dst.put_u16(n.code as u16);
-                put_str(dst, &n.reason)?;
-            }
-            Message::Detach { disk_id } => dst.put_u64(*disk_id),
-            Message::RemoteDurable { disk_id, lsn } => {
-                dst.put_u64(*disk_id);
-                dst.put_u64(*lsn);
-            }
-            Message::Ignored { msg_type } => {
-                return Err(Error::Invalid {
-                    field: "message",
-                    detail: format!("type {msg_type} is receive-only"),
-                })
-            }
+            Message::DiskAttach(a) => a.request_id,
+            Message::DigestRequest(r) => r.request_id,
+            Message::DigestList(l) => l.request_id,
+            Message::Error(e) => e.request_id,
+            _ => 0,
         }
-        Ok(())
     }
 
-    /// Decodes a message of type `msg_type` from its (decompressed) payload. Write data are
-    /// zero-copy slices of `payload`.
-    pub fn decode_payload(msg_type: u16, payload: Bytes) -> Result<Message> {
-        use types::*;
-        let what = match msg_type {
-            HELLO => "hello",
-            DISK_ATTACH => "disk attach",
-            WRITE_BATCH => "write batch",
-            BOOKMARK => "bookmark",
-            ACK => "ack",
-            DIGEST_REQUEST => "digest request",
-            DIGEST_LIST => "digest list",
-            HEARTBEAT => "heartbeat",
-            ERROR => "error",
-            NACK => "nack",
-            DETACH => "detach",
-            REMOTE_DURABLE => "remote durable",
-            t if t >= IGNORABLE_TYPES_START => return Ok(Message::Ignored { msg_type: t }),
-            t => return Err(Error::UnknownMessage(t)),
-        };
-        let mut r = Reader { buf: payload, what };
-        let msg = match msg_type {
-            HELLO => Message::Hello(Hello {
-                proto_min: r.u16()?,
-                proto_max: r.u16()?,
-                role: match r.u8()? {
-                    1 => Role::Agent,
-                    2 => Role::ProcessServer,
-                    3 => Role::MasterTarget,
-                    4 => Role::Admin,
-                    v => return Err(invalid("role", v)),
-                },
-                capabilities: r.u32()?,
-                node_id: r.string("node id")?,
-            }),
-            DISK_ATTACH => Message::DiskAttach(DiskAttach {
-                disk_id: r.u64()?,
-                vm_id: r.string("vm id")?,
-                group_id: r.string("group id")?,
-                disk_uuid: r.array()?,
-                size_bytes: r.u64()?,
-                sector_size: r.u32()?,
-                location: match r.u8()? {
-                    0 => LocationKind::Original,
-                    1 => LocationKind::Alternate,
-                    v => return Err(invalid("location kind", v)),
-                },
-                target: r.string("target")?,
-            }),
-            WRITE_BATCH => Message::WriteBatch(decode_batch(&mut r)?),
-            BOOKMARK => Message::Bookmark(Bookmark {
-                disk_id: r.u64()?,
-                lsn: r.u64()?,
-                kind: match r.u8()? {
-                    0 => BookmarkKind::CrashConsistent,
-                    1 => BookmarkKind::AppConsistent,
-                    2 => BookmarkKind::ResyncStarted,
-                    3 => BookmarkKind::ResyncCompleted,
-                    v => return Err(invalid("bookmark kind", v)),
-                },
-                time_us: r.u64()?,
-                group_marker: r.u64()?,
-                tag: r.string("tag")?,
-            }),
-            ACK => {
-                let n = r.count(MAX_ACK_ENTRIES, 16)?;
-                let mut entries = Vec::with_capacity(n);
-                for _ in 0..n {
-                    entries.push(AckEntry {
-                        disk_id: r.u64()?,
-                        durable_lsn: r.u64()?,
-                    });
-                }
-                Message::Ack(Ack { entries })
-            }
-            DIGEST_REQUEST => Message::DigestRequest(DigestRequest {
-                disk_id: r.u64()?,
-                block_size: r.u32()?,
-                first_block: r.u64()?,
-                block_count: r.u32()?,
-            }),
-            DIGEST_LIST => {
-                let disk_id = r.u64()?;
-                let block_size = r.u32()?;
-                let first_block = r.u64()?;
-                let n = r.count(MAX_DIGESTS_PER_LIST, 32)?;
-                let mut digests = Vec::with_capacity(n);
-                for _ in 0..n {
-                    digests.push(r.array()?);
-                }
-                Message::DigestList(DigestList {
-                    disk_id,
-                    block_size,
-                    first_block,
-                    digests,
-                })
-            }
-            HEARTBEAT => Message::Heartbeat {
-                seq: r.u64()?,
-                time_us: r.u64()?,
-            },
-            ERROR => Message::Error(ErrorMsg {
-                code: ErrorCode::from_u16(r.u16()?)?,
-                disk_id: r.u64()?,
-                message: r.string("message")?,
-            }),
-            NACK => Message::Nack(Nack {
-                disk_id: r.u64()?,
-                from_lsn: r.u64()?,
-                code: ErrorCode::from_u16(r.u16()?)?,
-                reason: r.string("reason")?,
-            }),
-            DETACH => Message::Detach { disk_id: r.u64()? },
-            REMOTE_DURABLE => Message::RemoteDurable {
-                disk_id: r.u64()?,
-                lsn: r.u64()?,
-            },
-            _ => unreachable!("type checked above"),
-        };
-        r.finish()?;
-        Ok(msg)
-    }
-}
-
-fn decode_batch(r: &mut Reader) -> Result<WriteBatch> {
-    let disk_id = r.u64()?;
-    let first_lsn = r.u64()?;
-    let n = r.count(MAX_WRITES_PER_BATCH, WRITE_META_LEN)?;
-    if n == 0 {
-        return Err(Error::Invalid {
-            field: "write count",
-            detail: "a batch has no writes".into(),
-        });
-    }
-    if first_lsn == 0 || first_lsn.checked_add(n as u64).is_none() {
-        return Err(invalid("first lsn", first_lsn));
-    }
-    let mut writes = Vec::with_capacity(n);
-    let mut data_total = 0usize;
-    for _ in 0..n {
-        let timestamp_us = r.u64()?;
-        let offset = r.u64()?;
-        let len = r.u32()? as usize;
-        let digest = r.array()?;
-        data_total += len;
-        if data_total > MAX_BATCH_DATA_LEN {
-            return Err(Error::TooLarge {
-                what: "batch data",
-                len: data_total as u64,
-                max: MAX_BATCH_DATA_LEN as u64,
-            });
+    /// Sets the request id of a request or reply (nothing for other messages).
+    pub fn set_request_id(&mut self, id: u64) {
+        match self {
+            Message::DiskAttach(a) => a.request_id = id,
+            Message::DigestRequest(r) => r.request_id = id,
+            Message::DigestList(l) => l.request_id = id,
+            Message::Error(e) => e.request_id = id,
+            _ => {}
         }
-        if offset.checked_add(len as u64).is_none() {
-            return Err(invalid("write offset", offset));
-        }
-        let data = r.bytes(len)?;
-        writes.push(Write {
-            timestamp_us,
-            offset,
-            digest,
-            data,
-        });
     }
-    Ok(WriteBatch {
-        disk_id,
-        first_lsn,
-        writes,
-    })
 }
