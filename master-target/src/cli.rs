@@ -324,7 +324,7 @@ async fn serve(cfg: crate::config::Config) -> Result<()> {
         async move {
             match (req.method, req.path.as_str()) {
                 (Method::Get, "/metrics") => {
-                    AdminResponse::text(200, crate::metrics::render(&d, &r, &q))
+                    AdminResponse::metrics(crate::metrics::render(&d, &r, &q))
                 }
                 (Method::Get, "/health") => AdminResponse::text(200, "ok\n"),
                 _ => AdminResponse::text(404, "try GET /metrics or /health\n"),

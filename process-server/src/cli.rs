@@ -204,7 +204,7 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
 fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse {
     match (req.method, req.path.as_str()) {
         (Method::Get, "/metrics") => {
-            AdminResponse::text(200, crate::metrics::render(state, refusals))
+            AdminResponse::metrics(crate::metrics::render(state, refusals))
         }
         (Method::Get, "/health") => {
             if state

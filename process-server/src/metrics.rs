@@ -1,9 +1,8 @@
 //! Prometheus metrics and the status table of the process server.
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use runtime::metrics::{label, render_series, Series};
+use runtime::metrics::{refusal_samples, Escaped, Exposition, Kind, Labels, Series, Value};
 use runtime::net::Refusals;
 
 use crate::state::{now_us, State};
@@ -106,87 +105,113 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
 const SERIES: [Series<DiskStatus>; 8] = [
     Series {
         name: "failback_ps_rpo_seconds",
-        kind: "gauge",
+        kind: Kind::Gauge,
         help: "Age of the oldest write not yet durable on the master target.",
-        value: |d| d.rpo_ms as f64 / 1000.0,
+        value: |d| Value::Float(d.rpo_ms as f64 / 1000.0),
     },
     Series {
         name: "failback_ps_backlog_bytes",
-        kind: "gauge",
+        kind: Kind::Gauge,
         help: "Bytes cached and not yet acknowledged by the master target.",
-        value: |d| d.backlog_bytes as f64,
+        value: |d| Value::Int(d.backlog_bytes),
     },
     Series {
-        name: "failback_ps_ingest_bytes_total",
-        kind: "counter",
+        name: "failback_ps_ingest_bytes",
+        kind: Kind::Counter,
         help: "Block bytes received from agents.",
-        value: |d| d.ingest_bytes as f64,
+        value: |d| Value::Int(d.ingest_bytes),
     },
     Series {
-        name: "failback_ps_logical_bytes_total",
-        kind: "counter",
+        name: "failback_ps_logical_bytes",
+        kind: Kind::Counter,
         help: "Block bytes shipped, before coalescing and compression.",
-        value: |d| d.logical_bytes as f64,
+        value: |d| Value::Int(d.logical_bytes),
     },
     Series {
-        name: "failback_ps_wire_bytes_total",
-        kind: "counter",
+        name: "failback_ps_wire_bytes",
+        kind: Kind::Counter,
         help: "Bytes put on the link.",
-        value: |d| d.wire_bytes as f64,
+        value: |d| Value::Int(d.wire_bytes),
     },
     Series {
-        name: "failback_ps_coalesced_bytes_total",
-        kind: "counter",
+        name: "failback_ps_coalesced_bytes",
+        kind: Kind::Counter,
         help: "Bytes coalescing kept off the link.",
-        value: |d| d.coalesced_bytes as f64,
+        value: |d| Value::Int(d.coalesced_bytes),
     },
     Series {
         name: "failback_ps_cached_lsn",
-        kind: "gauge",
+        kind: Kind::Gauge,
         help: "Highest LSN durable in the cache.",
-        value: |d| d.cached_lsn as f64,
+        value: |d| Value::Int(d.cached_lsn),
     },
     Series {
         name: "failback_ps_durable_lsn",
-        kind: "gauge",
+        kind: Kind::Gauge,
         help: "Highest LSN durable on the master target.",
-        value: |d| d.durable_lsn as f64,
+        value: |d| Value::Int(d.durable_lsn),
     },
 ];
 
-/// Prometheus text exposition.
+/// Prometheus (OpenMetrics) text exposition.
 pub fn render(state: &State, refusals: &Refusals) -> String {
-    let st = status(state);
-    let mut s = String::new();
-    let _ = writeln!(s, "# HELP failback_ps_link_up 1 while connected to the master target.\n# TYPE failback_ps_link_up gauge");
-    for u in &state.uplinks {
-        let _ = writeln!(
-            s,
-            "failback_ps_link_up{{master_target=\"{}\"}} {}",
-            u.target.addr,
-            u8::from(u.connected.load(Ordering::Acquire))
-        );
-    }
-    let _ = writeln!(s, "# HELP failback_ps_max_bandwidth_bytes_per_second Link bandwidth limit (0: none).\n# TYPE failback_ps_max_bandwidth_bytes_per_second gauge\nfailback_ps_max_bandwidth_bytes_per_second {}\n# HELP failback_ps_compression_level zstd level of new batches on the link (0: none).\n# TYPE failback_ps_compression_level gauge\nfailback_ps_compression_level {}", state.max_bandwidth_bps.load(Ordering::Relaxed), state.compression_level.load(Ordering::Relaxed));
-    let rows: Vec<(String, DiskStatus)> = st
-        .into_iter()
-        .map(|d| {
+    let mut e = Exposition::default();
+    let links = state
+        .uplinks
+        .iter()
+        .map(|u| {
+            let up = u8::from(u.connected.load(Ordering::Acquire));
             (
-                format!("disk=\"{}\",vm=\"{}\"", d.disk_id, label(&d.vm_id)),
-                d,
+                vec![("master_target", Escaped::new(&u.target.addr))],
+                Value::Int(up.into()),
             )
         })
         .collect();
-    render_series(&mut s, &SERIES, &rows);
-    let _ = writeln!(s, "# HELP failback_ps_connections_refused_total Agent connections refused before they were served, by reason.\n# TYPE failback_ps_connections_refused_total counter");
-    for (reason, n) in refusals.counts() {
-        let _ = writeln!(
-            s,
-            "failback_ps_connections_refused_total{{reason=\"{reason}\"}} {n}"
-        );
-    }
-    let _ = writeln!(s, "# HELP failback_ps_requests_refused_total Agent requests refused because the VM in the certificate may not make them.\n# TYPE failback_ps_requests_refused_total counter\nfailback_ps_requests_refused_total{{reason=\"forbidden\"}} {}", state.refused.forbidden.load(Ordering::Relaxed));
-    s
+    e.family(
+        "failback_ps_link_up",
+        Kind::Gauge,
+        "1 while connected to the master target.",
+        links,
+    );
+    e.single(
+        "failback_ps_max_bandwidth_bytes_per_second",
+        Kind::Gauge,
+        "Link bandwidth limit (0: none).",
+        Value::Int(state.max_bandwidth_bps.load(Ordering::Relaxed)),
+    );
+    e.single(
+        "failback_ps_compression_level",
+        Kind::Gauge,
+        "zstd level of new batches on the link (0: none).",
+        Value::Signed(state.compression_level.load(Ordering::Relaxed).into()),
+    );
+    let rows: Vec<(Labels, DiskStatus)> = status(state)
+        .into_iter()
+        .map(|d| {
+            let labels = vec![
+                ("disk", Escaped::new(&d.disk_id.to_string())),
+                ("vm", Escaped::new(&d.vm_id)),
+            ];
+            (labels, d)
+        })
+        .collect();
+    e.rows(&SERIES, &rows);
+    e.family(
+        "failback_ps_connections_refused",
+        Kind::Counter,
+        "Agent connections refused before they were served, by reason.",
+        refusal_samples(refusals),
+    );
+    e.family(
+        "failback_ps_requests_refused",
+        Kind::Counter,
+        "Agent requests refused because the VM in the certificate may not make them.",
+        vec![(
+            vec![("reason", Escaped::new("forbidden"))],
+            Value::Int(state.refused.forbidden.load(Ordering::Relaxed)),
+        )],
+    );
+    e.render()
 }
 
 /// Folds the counters of the last `dt_s` seconds into every disk's rates.

@@ -70,7 +70,7 @@ pub struct AdminRequest {
 pub struct AdminResponse {
     /// HTTP status.
     pub status: u16,
-    /// `text/plain` or `application/json`.
+    /// `text/plain`, OpenMetrics text or `application/json`.
     pub content_type: &'static str,
     /// The body.
     pub body: String,
@@ -83,6 +83,15 @@ impl AdminResponse {
             status,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: body.into(),
+        }
+    }
+
+    /// A metrics scrape ([`crate::metrics::Exposition::render`]'s OpenMetrics text).
+    pub fn metrics(body: String) -> Self {
+        AdminResponse {
+            status: 200,
+            content_type: crate::metrics::CONTENT_TYPE,
+            body,
         }
     }
     /// A JSON response.
