@@ -56,7 +56,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use store::{FileHandle, FileSystem, OpenMode, RealFs};
 use tokio_util::codec::Decoder;
 use wire_protocol::frame::{FrameCodec, MAX_FRAME_LEN};
@@ -126,6 +126,55 @@ pub struct DiskCache {
     /// agent may be told where to resume until the master target has said (see
     /// [`DiskCache::adopt_remote`]).
     position_known: bool,
+    /// Read descriptors of segments, opened once each and shared with [`RecordReader`]s.
+    readers: std::collections::HashMap<u32, Arc<dyn FileHandle>>,
+}
+
+/// One record, read without the cache's lock (the reader side of a writer/reader split,
+/// like vector's disk buffer): the uplink reads with its own descriptor of the segment
+/// while ingest appends to the same cache.
+#[derive(Debug)]
+pub struct RecordReader {
+    file: Arc<dyn FileHandle>,
+    path: PathBuf,
+    entry: Entry,
+}
+
+impl RecordReader {
+    /// Reads and verifies the record's frame.
+    pub fn read(&self) -> Result<wire_protocol::frame::Frame> {
+        read_record(&*self.file, &self.path, &self.entry)
+    }
+}
+
+/// Reads record `e` from `f` (the segment at `path`): its header must be the one indexed,
+/// its frame whole. One read into one buffer; the frame is a slice of it.
+fn read_record(f: &dyn FileHandle, path: &Path, e: &Entry) -> Result<wire_protocol::frame::Frame> {
+    let corrupt = |detail: String| Error::CacheCorrupt {
+        path: path.display().to_string(),
+        offset: e.pos,
+        detail,
+        first_lsn: e.first_lsn,
+        last_lsn: e.last_lsn,
+    };
+    if e.lost {
+        return Err(corrupt("records lost to a corrupt record header".into()));
+    }
+    let mut buf = BytesMut::zeroed(RECORD_HEADER_LEN + e.frame_len as usize);
+    f.read_exact_at(&mut buf, e.pos)
+        .ctx(|| format!("read {}", path.display()))?;
+    let mut frame = buf.split_off(RECORD_HEADER_LEN);
+    let h: [u8; RECORD_HEADER_LEN] = buf[..].try_into().expect("len");
+    if parse_header(&h)
+        .is_none_or(|(a, b, _, l)| (a, b, l) != (e.first_lsn, e.last_lsn, e.frame_len))
+    {
+        return Err(corrupt("record header changed on disk".into()));
+    }
+    match FrameCodec::default().decode(&mut frame) {
+        Ok(Some(f)) if frame.is_empty() => Ok(f),
+        Ok(_) => Err(corrupt("record frame is incomplete".into())),
+        Err(err) => Err(corrupt(err.to_string())),
+    }
 }
 
 /// Turns every hole in the LSN sequence of `entries` (records hidden by a corrupt header)
@@ -393,6 +442,7 @@ impl DiskCache {
             trimmed_lsn,
             trimmed_bytes: 0,
             position_known,
+            readers: std::collections::HashMap::new(),
         };
         // Records after the last mark that a kill (not a crash) left in the page cache are
         // indexed: make them durable before anyone is told the cache holds them.
@@ -511,11 +561,13 @@ impl DiskCache {
             self.segs.push((self.active_seq, 0));
         }
         let h = header(MAGIC, first_lsn, last_lsn, first_ts_us, frame.len() as u32);
-        let mut rec = Vec::with_capacity(RECORD_HEADER_LEN + frame.len());
-        rec.extend_from_slice(&h);
-        rec.extend_from_slice(frame);
         let at = self.active_len;
-        let written = self.active_file()?.write_all_at(&rec, at);
+        // The frame goes to the file as received: its header and CRCs are the agent's, no
+        // copy is made to put the record's header before it.
+        let f = self.active_file()?;
+        let written = f
+            .write_all_at(&h, at)
+            .and_then(|()| f.write_all_at(frame, at + RECORD_HEADER_LEN as u64));
         if let Err(e) = written {
             // Nothing of a failed append counts: drop what part of it reached the file.
             let _ = self.active_file()?.set_len(at);
@@ -533,7 +585,7 @@ impl DiskCache {
             frame_len: frame.len() as u32,
             lost: false,
         });
-        self.active_len += rec.len() as u64;
+        self.active_len += (RECORD_HEADER_LEN + frame.len()) as u64;
         self.segs.last_mut().expect("one").1 = self.active_len;
         Ok(())
     }
@@ -616,9 +668,18 @@ impl DiskCache {
         }
     }
 
+    /// Lets go of the read descriptors of segments no longer in the cache: a deleted file
+    /// keeps its blocks while a descriptor of it is open, and a full volume waits for
+    /// exactly those blocks.
+    fn forget_readers(&mut self) {
+        let oldest = self.segs.first().map_or(self.active_seq, |s| s.0);
+        self.readers.retain(|seq, _| *seq >= oldest);
+    }
+
     /// Deletes every segment (a retired disk): nothing of the disk's data stays here.
     pub fn remove_all(&mut self) -> Result<()> {
         self.active = None;
+        self.readers.clear();
         for (seq, _) in self.segs.drain(..) {
             let p = seg_path(&self.dir, seq);
             match self.fs.remove_file(&p) {
@@ -666,6 +727,7 @@ impl DiskCache {
         }
         while self.segs.len() > 1 && self.segs[0].0 < first_needed {
             let (seq, _) = self.segs.remove(0);
+            self.forget_readers();
             let p = seg_path(&self.dir, seq);
             match self.fs.remove_file(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -737,37 +799,38 @@ impl DiskCache {
         self.entries.iter().skip(start).take(max).copied().collect()
     }
 
-    /// Reads and verifies one record's frame.
+    /// Reads and verifies one record's frame (with a descriptor of its own; the uplink
+    /// uses [`DiskCache::reader`]).
     pub fn read(&self, e: &Entry) -> Result<wire_protocol::frame::Frame> {
         let path = seg_path(&self.dir, e.seg);
-        let corrupt = |detail: String| Error::CacheCorrupt {
-            path: path.display().to_string(),
-            offset: e.pos,
-            detail,
-            first_lsn: e.first_lsn,
-            last_lsn: e.last_lsn,
-        };
-        if e.lost {
-            return Err(corrupt("records lost to a corrupt record header".into()));
-        }
         let f = self
             .fs
             .open(&path, OpenMode::Read)
             .ctx(|| format!("open {}", path.display()))?;
-        let mut buf = vec![0u8; RECORD_HEADER_LEN + e.frame_len as usize];
-        f.read_exact_at(&mut buf, e.pos)
-            .ctx(|| format!("read {}", path.display()))?;
-        let h: [u8; RECORD_HEADER_LEN] = buf[..RECORD_HEADER_LEN].try_into().expect("len");
-        if parse_header(&h)
-            .is_none_or(|(a, b, _, l)| (a, b, l) != (e.first_lsn, e.last_lsn, e.frame_len))
-        {
-            return Err(corrupt("record header changed on disk".into()));
-        }
-        let mut frame = BytesMut::from(Bytes::from(buf).slice(RECORD_HEADER_LEN..));
-        match FrameCodec::default().decode(&mut frame) {
-            Ok(Some(f)) if frame.is_empty() => Ok(f),
-            Ok(_) => Err(corrupt("record frame is incomplete".into())),
-            Err(err) => Err(corrupt(err.to_string())),
-        }
+        read_record(&*f, &path, e)
+    }
+
+    /// What reads record `e` once the cache's lock is released: a shared descriptor of its
+    /// segment, opened at the first record read from it (descriptors of deleted segments
+    /// are let go here).
+    pub fn reader(&mut self, e: &Entry) -> Result<RecordReader> {
+        let path = seg_path(&self.dir, e.seg);
+        let file = match self.readers.get(&e.seg) {
+            Some(f) => Arc::clone(f),
+            None => {
+                let f: Arc<dyn FileHandle> = Arc::from(
+                    self.fs
+                        .open(&path, OpenMode::Read)
+                        .ctx(|| format!("open {}", path.display()))?,
+                );
+                self.readers.insert(e.seg, Arc::clone(&f));
+                f
+            }
+        };
+        Ok(RecordReader {
+            file,
+            path,
+            entry: *e,
+        })
     }
 }

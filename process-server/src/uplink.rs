@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use runtime::net::{connect, ClientSpec, Connected};
+use runtime::net::{connect, ClientSpec, ClientStream, Connected};
 use runtime::tls::PeerRole;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Encoder, FramedRead};
+use wire_protocol::frame::FLAG_ZSTD;
 use wire_protocol::{Compression, DigestList, ErrorCode, ErrorMsg, Message, MessageCodec, Role};
 
 use crate::adaptive::{AdaptiveLevel, AUTO_MAX, AUTO_MIN};
@@ -109,17 +110,20 @@ fn io(context: &str, source: std::io::Error) -> Error {
     }
 }
 
+type Link = tokio_util::codec::Framed<ClientStream, MessageCodec>;
+type Jobs = VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>;
+
+/// One session of the link: connect, attach every disk, then ship until the link fails.
 async fn session(
     state: &Arc<State>,
     index: usize,
     requests: &mut mpsc::Receiver<UplinkRequest>,
 ) -> Result<()> {
-    let cfg = &state.cfg;
     let up = &state.uplinks[index];
     let spec = ClientSpec {
         addr: up.target.addr.clone(),
         server_name: up.target.name.clone(),
-        config: runtime::tls::client_config(&cfg.tls_client)?,
+        config: runtime::tls::client_config(&state.cfg.tls_client)?,
         expect: PeerRole::MasterTarget,
         role: Role::ProcessServer,
         node_id: "process-server".into(),
@@ -129,62 +133,133 @@ async fn session(
         version,
         ..
     } = connect(&spec, MessageCodec::default()).await?;
-    // Re-attach every disk and learn where the master target stands.
     let mut ship = Ship::default();
-    // Only the disks that replicate to this master target.
-    for disk in state
+    attach_all(state, index, &mut framed, version, &mut ship).await?;
+    up.connected.store(true, Ordering::Release);
+    tracing::info!(master_target = %up.target.addr, version, disks = ship.cursor.len(), "link to the master target up");
+    ship_until_down(state, index, requests, framed, version, ship).await
+}
+
+/// Attaches every disk that replicates to this master target, one at a time, and learns
+/// where the master target stands with each. Anything else the master target says
+/// meanwhile (a detach of another disk) is handled as it would be later.
+async fn attach_all(
+    state: &State,
+    index: usize,
+    framed: &mut Link,
+    version: u16,
+    ship: &mut Ship,
+) -> Result<()> {
+    let disks = state
         .all()
         .into_iter()
-        .filter(|d| d.route == index && !d.is_detached())
-    {
-        framed
-            .send(Message::DiskAttach(disk.attach.clone()))
-            .await?;
-        match framed.next().await {
-            Some(Ok(Message::Ack(a))) => {
-                let lsn = a.entries.first().map_or(0, |e| e.durable_lsn);
-                attached(state, &mut ship, &disk, lsn)?;
+        .filter(|d| d.route == index && !d.is_detached());
+    let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
+    for disk in disks {
+        let (tx, mut rx) = oneshot::channel();
+        let mut a = disk.attach.clone();
+        if pending
+            .lock()
+            .expect("poisoned")
+            .start_attach(&mut a, tx)
+            .is_err()
+        {
+            continue;
+        }
+        framed.send(Message::DiskAttach(a)).await?;
+        let ship_now = Mutex::new(std::mem::take(ship));
+        let answer = loop {
+            match framed.next().await {
+                Some(Ok(m)) => handle_reply(state, &ship_now, &pending, m)?,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(Error::MasterTarget("closed while attaching".into())),
             }
-            Some(Ok(Message::Error(e))) if e.code == ErrorCode::Detached => {
+            if let Ok(answer) = rx.try_recv() {
+                break answer;
+            }
+        };
+        *ship = ship_now.into_inner().expect("poisoned");
+        match answer {
+            Ok(lsn) => attached(state, ship, &disk, lsn)?,
+            Err(e) if e.code == ErrorCode::Detached => {
                 tracing::warn!(disk = disk.attach.disk_id, error = %e.message, "the master target says the disk was detached for failback: it is not shipped again");
                 disk.mark_detached()?;
             }
-            Some(Ok(Message::Error(e))) => {
+            Err(e) => {
                 tracing::error!(disk = disk.attach.disk_id, error = %e.message, "the master target refused the disk; it is not shipped (the attach is tried again every few seconds)");
                 *disk.refused.lock().expect("poisoned") = Some(e.message);
             }
-            Some(Ok(m)) => {
-                return Err(Error::MasterTarget(format!(
-                    "expected an ack to attach, got {}",
-                    m.name()
-                )))
-            }
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(Error::MasterTarget("closed while attaching".into())),
         }
     }
-    up.connected.store(true, Ordering::Release);
-    tracing::info!(master_target = %up.target.addr, version, disks = ship.cursor.len(), "link to the master target up");
+    Ok(())
+}
 
-    let parts = framed.into_parts();
-    let (rd, mut wr) = tokio::io::split(parts.io);
-    let mut reader = FramedRead::new(rd, MessageCodec::default());
-    reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
-    let ship = Arc::new(Mutex::new(ship));
-    let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
-    let acked = Arc::new(tokio::sync::Notify::new());
-    let (st, sh, pe, ak) = (
+/// Control messages to the master target (requests, heartbeats), each sent whole within
+/// the link timeout, in the link's version.
+struct Outbox {
+    wr: tokio::io::WriteHalf<ClientStream>,
+    codec: MessageCodec,
+    buf: BytesMut,
+    timeout_ms: u64,
+}
+
+impl Outbox {
+    async fn send(&mut self, msg: &Message) -> Result<()> {
+        self.buf.clear();
+        self.codec.encode(msg, &mut self.buf)?;
+        within(self.timeout_ms, self.wr.write_all(&self.buf)).await
+    }
+}
+
+/// How long the shipper waited on the link and on compression: each second, the adaptive
+/// zstd level moves by it.
+struct Waits {
+    adaptive: AdaptiveLevel,
+    link: Duration,
+    cpu: Duration,
+    since: Instant,
+}
+
+impl Waits {
+    fn adapt(&mut self, state: &State) {
+        if !state.cfg.adaptive_compression || self.since.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let p = self.since.elapsed().as_secs_f64();
+        let level = self
+            .adaptive
+            .update(self.link.as_secs_f64() / p, self.cpu.as_secs_f64() / p);
+        if level != state.compression_level.swap(level, Ordering::Relaxed) {
+            tracing::debug!(
+                level,
+                link_wait_s = self.link.as_secs_f64(),
+                cpu_wait_s = self.cpu.as_secs_f64(),
+                "compression level adapted"
+            );
+        }
+        (self.link, self.cpu, self.since) = (Duration::ZERO, Duration::ZERO, Instant::now());
+    }
+}
+
+/// Reads the master target's answers until the link fails; `heard_ms` is when it last
+/// said anything (ms since `began`).
+fn spawn_reader(
+    state: &Arc<State>,
+    mut reader: FramedRead<tokio::io::ReadHalf<ClientStream>, MessageCodec>,
+    ship: &Arc<Mutex<Ship>>,
+    pending: &Pending,
+    acked: &Arc<tokio::sync::Notify>,
+    heard_ms: &Arc<std::sync::atomic::AtomicU64>,
+    began: Instant,
+) -> tokio::task::JoinHandle<Result<()>> {
+    let (st, sh, pe, ak, heard) = (
         Arc::clone(state),
-        Arc::clone(&ship),
-        Arc::clone(&pending),
-        Arc::clone(&acked),
+        Arc::clone(ship),
+        Arc::clone(pending),
+        Arc::clone(acked),
+        Arc::clone(heard_ms),
     );
-    // When the master target last said anything (ms since the session began): a link
-    // that says nothing for link-timeout-s is dead, however TCP sees it.
-    let began = Instant::now();
-    let heard_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let heard = Arc::clone(&heard_ms);
-    let mut reader_task = tokio::spawn(async move {
+    tokio::spawn(async move {
         while let Some(m) = reader.next().await {
             heard.store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
             handle_reply(&st, &sh, &pe, m?)?;
@@ -193,98 +268,91 @@ async fn session(
         Err::<(), Error>(Error::MasterTarget(
             "the master target closed the link".into(),
         ))
-    });
+    })
+}
 
-    let mut jobs: VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>> = VecDeque::new();
+/// Ships until the link fails: fills the pipeline while the window has room, sends what
+/// it made in order, relays requests, beats, and attaches refused disks again.
+async fn ship_until_down(
+    state: &Arc<State>,
+    index: usize,
+    requests: &mut mpsc::Receiver<UplinkRequest>,
+    framed: Link,
+    version: u16,
+    ship: Ship,
+) -> Result<()> {
+    let parts = framed.into_parts();
+    let (rd, wr) = tokio::io::split(parts.io);
+    let mut reader = FramedRead::new(rd, MessageCodec::default());
+    reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+    let ship = Arc::new(Mutex::new(ship));
+    let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
+    let acked = Arc::new(tokio::sync::Notify::new());
+    // A link that says nothing for link-timeout-s is dead, however TCP sees it.
+    let began = Instant::now();
+    let heard_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut reader_task = spawn_reader(state, reader, &ship, &pending, &acked, &heard_ms, began);
+    let mut jobs: Jobs = VecDeque::new();
     let parallel = JOBS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut limiter = Limiter::default();
-    let mut control = BytesMut::new();
-    let mut codec = MessageCodec::default();
-    codec.set_version(version);
-    let mut adaptive = AdaptiveLevel::new(
-        state.compression_level.load(Ordering::Relaxed),
-        AUTO_MIN,
-        AUTO_MAX,
-    );
     let timeout_ms = state.cfg.link_timeout_s * 1000;
+    let mut out = Outbox {
+        wr,
+        codec: MessageCodec::default(),
+        buf: BytesMut::new(),
+        timeout_ms,
+    };
+    out.codec.set_version(version);
+    let mut waits = Waits {
+        adaptive: AdaptiveLevel::new(
+            state.compression_level.load(Ordering::Relaxed),
+            AUTO_MIN,
+            AUTO_MAX,
+        ),
+        link: Duration::ZERO,
+        cpu: Duration::ZERO,
+        since: Instant::now(),
+    };
     let mut beat = tokio::time::interval(Duration::from_millis(timeout_ms / 4));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beat_seq = 0u64;
     let mut retry = tokio::time::interval(Duration::from_millis(REATTACH_EVERY_MS));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut link_wait, mut cpu_wait, mut period) =
-        (Duration::ZERO, Duration::ZERO, Instant::now());
     loop {
-        // Fill the pipeline with read+coalesce+compress jobs while the window has room.
         fill(state, &ship, &mut jobs, parallel, version);
-        if state.cfg.adaptive_compression && period.elapsed() >= Duration::from_secs(1) {
-            let p = period.elapsed().as_secs_f64();
-            let level = adaptive.update(link_wait.as_secs_f64() / p, cpu_wait.as_secs_f64() / p);
-            if level != state.compression_level.swap(level, Ordering::Relaxed) {
-                tracing::debug!(
-                    level,
-                    link_wait_s = link_wait.as_secs_f64(),
-                    cpu_wait_s = cpu_wait.as_secs_f64(),
-                    "compression level adapted"
-                );
-            }
-            (link_wait, cpu_wait, period) = (Duration::ZERO, Duration::ZERO, Instant::now());
-        }
+        waits.adapt(state);
         let window_full = ship.lock().expect("poisoned").in_flight_bytes >= state.cfg.window_bytes;
         let waited_from = Instant::now();
         tokio::select! {
             r = &mut reader_task => return r.map_err(|e| Error::MasterTarget(format!("reader: {e}")))?,
             req = requests.recv() => {
                 let Some(req) = req else { return Ok(()) };
-                let msg = {
-                    let mut p = pending.lock().expect("poisoned");
-                    match req {
-                        UplinkRequest::Attach(mut a, tx) => {
-                            // One attach of a disk id in flight: its answer is the disk's ack.
-                            if let Err(tx) = p.start_attach(&mut a, tx) {
-                                let _ = tx.send(Err(ErrorMsg {
-                                    code: ErrorCode::Busy,
-                                    disk_id: a.disk_id,
-                                    message: "an attach of this disk is under way; retry".into(),
-                                    request_id: 0,
-                                }));
-                                continue;
-                            }
-                            ship.lock().expect("poisoned").cursor.entry(a.disk_id).or_insert(0);
-                            Message::DiskAttach(a)
-                        }
-                        UplinkRequest::Digests(mut d, tx) => {
-                            p.start_digests(&mut d, tx);
-                            Message::DigestRequest(d)
-                        }
-                    }
-                };
-                control.clear();
-                codec.encode(&msg, &mut control)?;
-                within(timeout_ms, wr.write_all(&control)).await?;
+                if let Some(msg) = start_request(req, &pending, &ship) {
+                    out.send(&msg).await?;
+                }
             }
             done = async { jobs.front_mut().expect("checked").await }, if !jobs.is_empty() => {
-                                jobs.pop_front();
+                jobs.pop_front();
                 // Waiting here, with the window open, is waiting on compression.
-                cpu_wait += waited_from.elapsed();
+                waits.cpu += waited_from.elapsed();
                 let Some(s) = done.map_err(|e| Error::MasterTarget(format!("compression task: {e}")))?? else { continue };
                 let sending = Instant::now();
-                send_paced(&mut wr, &s.frame, &state.max_bandwidth_bps, &mut limiter, timeout_ms).await?;
-                link_wait += sending.elapsed();
+                send_paced(&mut out.wr, &s.frame, &state.max_bandwidth_bps, &mut limiter, timeout_ms).await?;
+                waits.link += sending.elapsed();
                 s.disk.counters.wire_bytes.fetch_add(s.frame.len() as u64, Ordering::Relaxed);
                 s.disk.counters.logical_bytes_shipped.fetch_add(s.logical, Ordering::Relaxed);
                 s.disk.counters.coalesced_bytes.fetch_add(s.coalesced, Ordering::Relaxed);
             }
-                        _ = state.work.notified(), if jobs.is_empty() => {}
+            _ = state.work.notified(), if jobs.is_empty() => {}
             _ = acked.notified(), if jobs.is_empty() => {
                 // Nothing to compress because the window was full: waiting on the link.
                 if window_full {
-                    link_wait += waited_from.elapsed();
+                    waits.link += waited_from.elapsed();
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(200)), if jobs.is_empty() => {
                 if window_full {
-                    link_wait += waited_from.elapsed();
+                    waits.link += waited_from.elapsed();
                 }
             }
             _ = beat.tick() => {
@@ -297,26 +365,67 @@ async fn session(
                     )));
                 }
                 beat_seq += 1;
-                control.clear();
-                codec.encode(&Message::Heartbeat { seq: beat_seq, time_us: crate::state::now_us() }, &mut control)?;
-                within(timeout_ms, wr.write_all(&control)).await?;
+                out.send(&Message::Heartbeat { seq: beat_seq, time_us: crate::state::now_us() }).await?;
             }
             _ = retry.tick() => {
-                // Disks the master target refused: ask again (a recovered journal, a fixed
-                // datastore), one attach of a disk at a time.
-                let shipping: Vec<u64> = ship.lock().expect("poisoned").cursor.keys().copied().collect();
-                for disk in state.all().into_iter().filter(|d| d.route == index && !d.is_detached() && !shipping.contains(&d.attach.disk_id)) {
-                    let mut a = disk.attach.clone();
-                    if !pending.lock().expect("poisoned").start_reattach(&mut a) {
-                        continue;
-                    }
-                    control.clear();
-                    codec.encode(&Message::DiskAttach(a), &mut control)?;
-                    within(timeout_ms, wr.write_all(&control)).await?;
+                for msg in reattaches(state, index, &ship, &pending) {
+                    out.send(&msg).await?;
                 }
             }
         }
     }
+}
+
+/// A relayed request, numbered and recorded; `None` when it was answered at once (an
+/// attach of that disk is under way).
+fn start_request(req: UplinkRequest, pending: &Pending, ship: &Mutex<Ship>) -> Option<Message> {
+    let mut p = pending.lock().expect("poisoned");
+    match req {
+        UplinkRequest::Attach(mut a, tx) => {
+            // One attach of a disk id in flight: its answer is the disk's ack.
+            if let Err(tx) = p.start_attach(&mut a, tx) {
+                let _ = tx.send(Err(ErrorMsg {
+                    code: ErrorCode::Busy,
+                    disk_id: a.disk_id,
+                    message: "an attach of this disk is under way; retry".into(),
+                    request_id: 0,
+                }));
+                return None;
+            }
+            ship.lock()
+                .expect("poisoned")
+                .cursor
+                .entry(a.disk_id)
+                .or_insert(0);
+            Some(Message::DiskAttach(a))
+        }
+        UplinkRequest::Digests(mut d, tx) => {
+            p.start_digests(&mut d, tx);
+            Some(Message::DigestRequest(d))
+        }
+    }
+}
+
+/// Attaches of the disks the master target refused: asked again (a recovered journal, a
+/// fixed datastore), one attach of a disk at a time.
+fn reattaches(state: &State, index: usize, ship: &Mutex<Ship>, pending: &Pending) -> Vec<Message> {
+    let shipping: Vec<u64> = ship
+        .lock()
+        .expect("poisoned")
+        .cursor
+        .keys()
+        .copied()
+        .collect();
+    let mut p = pending.lock().expect("poisoned");
+    state
+        .all()
+        .into_iter()
+        .filter(|d| d.route == index && !d.is_detached() && !shipping.contains(&d.attach.disk_id))
+        .filter_map(|disk| {
+            let mut a = disk.attach.clone();
+            p.start_reattach(&mut a).then_some(Message::DiskAttach(a))
+        })
+        .collect()
 }
 
 /// A write to the master target that must finish within the link timeout: a link that
@@ -440,8 +549,16 @@ fn prepare(
     level: i32,
     version: u16,
 ) -> Result<Option<Shipped>> {
-    let read = disk.cache.lock().expect("poisoned").read(&e);
-    let decoded = read.and_then(|f| {
+    // The record is read with the segment's own descriptor, not under the cache's lock:
+    // ingest keeps appending meanwhile.
+    let reader = disk.cache.lock().expect("poisoned").reader(&e);
+    let mut as_received = None;
+    let decoded = reader.and_then(|r| r.read()).and_then(|f| {
+        // A frame already as the link wants it (this version, uncompressed with compression
+        // off) leaves as it was received, unless coalescing shrinks it.
+        if f.header.version == version && f.header.flags & FLAG_ZSTD == 0 && level == 0 {
+            as_received = Some(f.raw.clone());
+        }
         let msg = MessageCodec::default().decode_frame(f)?;
         // The record must be what its index entry says: this disk, these LSNs. Anything
         // else (guest data shaped like a record, found after damage) is never shipped.
@@ -474,6 +591,14 @@ fn prepare(
     if let Message::WriteBatch(b) = &mut msg {
         logical = b.data_len() as u64;
         coalesced = crate::coalesce::coalesce(b);
+    }
+    if let Some(frame) = as_received.filter(|_| coalesced == 0) {
+        return Ok(Some(Shipped {
+            disk,
+            frame,
+            logical,
+            coalesced,
+        }));
     }
     let compression = if level == 0 {
         Compression::None

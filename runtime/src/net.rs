@@ -25,8 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::codec::Framed;
-use wire_protocol::version::{negotiate, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use wire_protocol::{ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Role, CAP_ZSTD};
+use wire_protocol::handshake::{self, Answer, Refusal};
+use wire_protocol::{ErrorCode, ErrorMsg, Hello, Message, MessageCodec, Role};
 
 use crate::error::{Error, Result};
 use crate::log::Throttle;
@@ -266,21 +266,15 @@ impl Gate {
             let _ = framed.send(error_frame(ErrorCode::Forbidden, why)).await;
             return None;
         };
-        let hello = match tokio::time::timeout(
+        let first = match tokio::time::timeout(
             Duration::from_millis(HELLO_TIMEOUT_MS),
             framed.next(),
         )
         .await
         {
-            Ok(Some(Ok(Message::Hello(h)))) => h,
+            Ok(Some(Ok(m))) => m,
             Err(_) => {
                 self.refuse(&r.timeout, peer, "no hello in time");
-                return None;
-            }
-            Ok(Some(Ok(m))) => {
-                let why = format!("expected hello, got {}", m.name());
-                self.refuse(&r.forbidden, peer, &why);
-                let _ = framed.send(error_frame(ErrorCode::Malformed, why)).await;
                 return None;
             }
             Ok(Some(Err(e))) => {
@@ -289,36 +283,15 @@ impl Gate {
             }
             Ok(None) => return None,
         };
-        if let Err(e) = wire_protocol::message::validate_text(
-            "node id",
-            &hello.node_id,
-            wire_protocol::message::MAX_NODE_ID_LEN,
-        ) {
-            self.refuse(&r.forbidden, peer, "a hello with an invalid node id");
-            let _ = framed
-                .send(error_frame(ErrorCode::Malformed, e.to_string()))
-                .await;
-            return None;
-        }
-        if hello.role != hello_role {
-            let why = format!(
-                "{identity} announced the role {}; its certificate allows {hello_role}",
-                hello.role
-            );
-            self.refuse(&r.forbidden, peer, &why);
-            let _ = framed.send(error_frame(ErrorCode::Forbidden, why)).await;
-            return None;
-        }
-        let version = match negotiate(
-            (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
-            (hello.proto_min, hello.proto_max),
-        ) {
+        let (version, hello) = match handshake::accept(first, hello_role, &identity.to_string()) {
             Ok(v) => v,
-            Err(e) => {
-                self.refuse(&r.version, peer, &e.to_string());
-                let _ = framed
-                    .send(error_frame(ErrorCode::VersionMismatch, e.to_string()))
-                    .await;
+            Err(refusal) => {
+                let counter = match refusal {
+                    Refusal::Version(_) => &r.version,
+                    Refusal::Malformed(_) | Refusal::Forbidden(_) => &r.forbidden,
+                };
+                self.refuse(counter, peer, refusal.reason());
+                let _ = framed.send(refusal.message()).await;
                 return None;
             }
         };
@@ -336,13 +309,7 @@ impl Gate {
             let _ = framed.send(error_frame(ErrorCode::Busy, why)).await;
             return None;
         };
-        let ours = Message::Hello(Hello {
-            proto_min: PROTOCOL_VERSION_MIN,
-            proto_max: PROTOCOL_VERSION_MAX,
-            role: self.policy.our_role,
-            capabilities: CAP_ZSTD,
-            node_id: self.policy.node_id.clone(),
-        });
+        let ours = Message::Hello(handshake::hello(self.policy.our_role, &self.policy.node_id));
         if framed.send(ours).await.is_err() {
             return None;
         }
@@ -526,13 +493,7 @@ pub async fn connect(spec: &ClientSpec, codec: MessageCodec) -> Result<Connected
     }
     let mut framed = Framed::new(tls, codec);
     framed
-        .send(Message::Hello(Hello {
-            proto_min: PROTOCOL_VERSION_MIN,
-            proto_max: PROTOCOL_VERSION_MAX,
-            role: spec.role,
-            capabilities: CAP_ZSTD,
-            node_id: spec.node_id.clone(),
-        }))
+        .send(Message::Hello(handshake::hello(spec.role, &spec.node_id)))
         .await
         .map_err(|e| match e {
             wire_protocol::Error::Io(io) => classify(&spec.addr, &spec.server_name, &io),
@@ -541,21 +502,18 @@ pub async fn connect(spec: &ClientSpec, codec: MessageCodec) -> Result<Connected
     let reply = tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), framed.next())
         .await
         .map_err(|_| Error::Timeout(format!("hello from {}", spec.addr)))?;
-    let version = match reply {
-        Some(Ok(Message::Hello(h))) => negotiate(
-            (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
-            (h.proto_min, h.proto_max),
-        )?,
-        Some(Ok(Message::Error(e))) => {
+    let version = match reply.map(|r| r.map(handshake::answer)) {
+        Some(Ok(Answer::Version(v))) => v,
+        Some(Ok(Answer::Refused(e))) => {
             return Err(Error::Refused {
                 code: e.code,
                 message: e.message,
             })
         }
-        Some(Ok(m)) => {
+        Some(Ok(Answer::Invalid(detail))) => {
             return Err(Error::Wire(wire_protocol::Error::Invalid {
                 field: "handshake",
-                detail: format!("expected hello, got {}", m.name()),
+                detail,
             }))
         }
         Some(Err(wire_protocol::Error::Io(io))) => {

@@ -9,7 +9,9 @@
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::frame::{put_frame, Frame, FrameCodec, Header, FLAG_ZSTD, MAX_PAYLOAD_LEN};
+use bytes::BufMut;
+
+use crate::frame::{Frame, FrameCodec, Header, FLAG_ZSTD, HEADER_LEN, MAX_PAYLOAD_LEN};
 use crate::message::Message;
 use crate::version::PROTOCOL_VERSION_MIN;
 use crate::{Error, Result};
@@ -51,7 +53,6 @@ pub struct MessageCodec {
     frames: FrameCodec,
     compression: Compression,
     version: u16,
-    scratch: BytesMut,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     /// Counters since the codec was made.
@@ -83,7 +84,6 @@ impl MessageCodec {
             // Until negotiation says otherwise, frames (the Hello, a refusal of one) are in
             // the oldest version we speak: the one a peer of any overlapping range reads.
             version: PROTOCOL_VERSION_MIN,
-            scratch: BytesMut::new(),
             compressor: None,
             decompressor: None,
             stats: CodecStats::default(),
@@ -174,26 +174,26 @@ impl Decoder for MessageCodec {
 impl Encoder<&Message> for MessageCodec {
     type Error = Error;
 
+    /// Encodes the payload straight after room left for the header in `dst` (one copy of
+    /// the data); a payload worth compressing is replaced there by its zstd frame.
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<()> {
-        self.scratch.clear();
-        msg.encode_payload(self.version, &mut self.scratch)?;
-        let raw_len = self.scratch.len();
+        let start = dst.len();
+        let payload_at = start + HEADER_LEN;
+        dst.put_bytes(0, HEADER_LEN);
+        if let Err(e) = msg.encode_payload(self.version, dst) {
+            dst.truncate(start);
+            return Err(e);
+        }
+        let raw_len = dst.len() - payload_at;
         if raw_len > MAX_PAYLOAD_LEN {
+            dst.truncate(start);
             return Err(Error::TooLarge {
                 what: "outgoing payload",
                 len: raw_len as u64,
                 max: MAX_PAYLOAD_LEN as u64,
             });
         }
-        let before = dst.len();
-        let mut header = Header {
-            version: self.version,
-            msg_type: msg.msg_type(),
-            flags: 0,
-            wire_len: raw_len as u32,
-            raw_len: raw_len as u32,
-        };
-        let mut compressed = None;
+        let mut flags = 0;
         if let Compression::Zstd(level) = self.compression {
             if raw_len >= MIN_COMPRESS_LEN {
                 let c = match &mut self.compressor {
@@ -202,23 +202,29 @@ impl Encoder<&Message> for MessageCodec {
                         .compressor
                         .insert(zstd::bulk::Compressor::new(level).map_err(Error::Io)?),
                 };
-                let out = c.compress(&self.scratch).map_err(Error::Io)?;
+                let out = c.compress(&dst[payload_at..]).map_err(Error::Io)?;
                 if out.len() <= raw_len - raw_len / MIN_SAVING_DIVISOR {
-                    compressed = Some(out);
+                    dst.truncate(payload_at);
+                    dst.extend_from_slice(&out);
+                    flags = FLAG_ZSTD;
                 }
             }
         }
-        match compressed {
-            Some(out) => {
-                header.flags = FLAG_ZSTD;
-                header.wire_len = out.len() as u32;
-                put_frame(header, &out, dst)?;
-            }
-            None => put_frame(header, &self.scratch, dst)?,
-        }
+        let header = Header {
+            version: self.version,
+            msg_type: msg.msg_type(),
+            flags,
+            wire_len: (dst.len() - payload_at) as u32,
+            raw_len: raw_len as u32,
+        };
+        let mut h = BytesMut::with_capacity(HEADER_LEN);
+        header.put(&mut h);
+        dst[start..payload_at].copy_from_slice(&h);
+        let crc = crc32c::crc32c(&dst[payload_at..]);
+        dst.put_u32(crc);
         self.stats.frames_out += 1;
         self.stats.raw_bytes_out += raw_len as u64;
-        self.stats.wire_bytes_out += (dst.len() - before) as u64;
+        self.stats.wire_bytes_out += (dst.len() - start) as u64;
         Ok(())
     }
 }

@@ -144,6 +144,9 @@ pub struct Frame {
     pub header: Header,
     /// The payload bytes exactly as carried (compressed when `FLAG_ZSTD` is set).
     pub payload: Bytes,
+    /// The whole frame as received (header, payload, CRC); `payload` is a slice of it, so
+    /// a process server stores and forwards these bytes without framing them again.
+    pub raw: Bytes,
 }
 
 /// Tokio-util codec of whole frames; checks both CRCs, never decompresses.
@@ -180,15 +183,19 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         self.pending = None;
-        let mut frame = src.split_to(total);
-        frame.advance(HEADER_LEN);
-        let payload = frame.split_to(header.wire_len as usize).freeze();
-        let actual = frame.get_u32();
+        let raw = src.split_to(total).freeze();
+        let payload_end = HEADER_LEN + header.wire_len as usize;
+        let payload = raw.slice(HEADER_LEN..payload_end);
+        let actual = (&raw[payload_end..]).get_u32();
         let calculated = crc32c::crc32c(&payload);
         if calculated != actual {
             return Err(Error::PayloadCorrupted { calculated, actual });
         }
-        Ok(Some(Frame { header, payload }))
+        Ok(Some(Frame {
+            header,
+            payload,
+            raw,
+        }))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>> {

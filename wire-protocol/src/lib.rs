@@ -11,6 +11,7 @@
 //!   type numbers.
 //! - [`codec`]: [`MessageCodec`], frames and messages together, with per-batch compression.
 //! - [`version`]: protocol version negotiation.
+//! - [`handshake`]: the Hello exchange, as pure checks the services' shells call.
 //! - [`digest`]: the disk digest (per-block blake3, then blake3 of the block digests).
 //!
 //! TLS, connection handling, the admin endpoint and everything else the services share at
@@ -31,6 +32,7 @@ pub mod codec;
 pub mod digest;
 pub mod error;
 pub mod frame;
+pub mod handshake;
 pub mod message;
 pub mod version;
 

@@ -394,9 +394,11 @@ fn batch_data_limit_is_enforced_on_encode() {
         first_lsn: 1,
         writes: vec![w.clone(), w],
     });
-    let mut out = BytesMut::new();
+    // A refused message leaves nothing behind in the buffer (frames before it stay whole).
+    let mut out = BytesMut::from(&b"earlier frames"[..]);
     let err = MessageCodec::default().encode(&msg, &mut out).unwrap_err();
     assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
+    assert_eq!(&out[..], b"earlier frames");
 }
 
 #[test]
