@@ -65,9 +65,9 @@ pub struct Resync {
     /// Blocks of the disk.
     pub blocks: u64,
     progress_path: PathBuf,
-    /// The first block and request id of the digest request sent ahead (the master target hashes the next
-    /// chunk while this one is compared and sent).
-    prefetched: Option<(u64, u64)>,
+    /// The first block, request id and link generation of the digest request sent ahead
+    /// (the master target hashes the next chunk while this one is compared and sent).
+    prefetched: Option<(u64, u64, u64)>,
 }
 
 impl Resync {
@@ -574,8 +574,13 @@ impl Engine {
             // flight: ask again on the new link, a bounded number of times.
             let mut drops = 0;
             let reply = loop {
+                // A request sent ahead on an earlier connection is never answered: ask again.
                 let id = match r.prefetched {
-                    Some((block, id)) if block == b => id,
+                    Some((block, id, generation))
+                        if block == b && generation == self.link.generation() =>
+                    {
+                        id
+                    }
                     _ => self.link.send_request(chunk(b), max).await?,
                 };
                 // Keep one request ahead: the master target hashes the next chunk while
@@ -583,11 +588,15 @@ impl Engine {
                 let next = b + u64::from(count);
                 r.prefetched = None;
                 if next < r.blocks {
-                    r.prefetched = Some((next, self.link.send_request(chunk(next), max).await?));
+                    let id = self.link.send_request(chunk(next), max).await?;
+                    r.prefetched = Some((next, id, self.link.generation()));
                 }
                 match self.link.reply(id, max).await {
                     Ok(m) => break m,
-                    Err(e) if drops < MAX_REQUEST_RETRIES && !self.link.is_up() => {
+                    Err(e)
+                        if drops < MAX_REQUEST_RETRIES
+                            && (!self.link.is_up() || self.link.stale(id)) =>
+                    {
                         drops += 1;
                         tracing::warn!(error = %e, attempt = drops, "the link dropped during a resync request; asking again");
                         r.prefetched = None;

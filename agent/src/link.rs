@@ -62,6 +62,10 @@ pub struct Link {
     version: u16,
     /// The id of the last request sent (ids are unique on the link, never 0).
     last_request_id: u64,
+    /// Connections made so far: a request sent on an earlier one is never answered.
+    generation: u64,
+    /// The first request id of this connection.
+    first_id: u64,
     /// The process server lost data of this disk and asked for a resync.
     resync_requested: bool,
     /// A refusal retrying cannot fix, met while reconnecting in the background: the engine
@@ -111,9 +115,21 @@ impl Link {
             replies: VecDeque::new(),
             version: wire_protocol::version::PROTOCOL_VERSION_MIN,
             last_request_id: 0,
+            generation: 0,
+            first_id: 1,
             resync_requested: false,
             fatal: None,
         })
+    }
+
+    /// Whether request `id` was sent on an earlier connection (it is never answered).
+    pub fn stale(&self, id: u64) -> bool {
+        id < self.first_id
+    }
+
+    /// Which connection this is (a request sent on an earlier one is never answered).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// True while connected.
@@ -138,6 +154,11 @@ impl Link {
             ..
         } = connect(&self.spec, MessageCodec::new(self.compression)).await?;
         self.version = version;
+        self.generation += 1;
+        self.first_id = self.last_request_id + 1;
+        // Answers to requests of an earlier connection never come: the requests are asked
+        // again on this one.
+        self.replies.clear();
         let mut attach = self.attach.clone();
         attach.request_id = self.next_request_id();
         framed.send(Message::DiskAttach(attach)).await?;
@@ -288,6 +309,13 @@ impl Link {
                     message: e.message,
                 });
             }
+            // An error that answers no request (version 2: id 0) is news, never an answer.
+            Message::Error(e)
+                if e.request_id == 0
+                    && self.version >= wire_protocol::version::REQUEST_IDS_SINCE =>
+            {
+                tracing::warn!(code = ?e.code, error = %e.message, "the process server reports an error");
+            }
             other => self.replies.push_back(other),
         }
     }
@@ -417,6 +445,11 @@ impl Link {
     pub async fn reply(&mut self, id: u64, max: Duration) -> Result<Message> {
         let deadline = Instant::now() + max;
         while Instant::now() < deadline {
+            if self.stale(id) {
+                return Err(Error::Refused(
+                    "the link dropped while waiting for a reply; retry".into(),
+                ));
+            }
             if let Some(r) = self.take_reply(id) {
                 return Ok(r);
             }
@@ -436,15 +469,8 @@ impl Link {
         if self.version < wire_protocol::version::REQUEST_IDS_SINCE {
             return self.replies.pop_front();
         }
-        // An error that answers no request (id 0) is news, never an answer: it is logged
-        // and dropped, not handed to whoever waits.
-        self.replies.retain(|m| match m {
-            Message::Error(e) if e.request_id == 0 => {
-                tracing::warn!(code = ?e.code, error = %e.message, "the process server reports an error");
-                false
-            }
-            _ => true,
-        });
+        // Answers to requests older than this one were given up on (ids only grow).
+        self.replies.retain(|m| m.request_id() >= id);
         let at = self.replies.iter().position(|m| m.request_id() == id)?;
         self.replies.remove(at)
     }

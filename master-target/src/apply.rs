@@ -287,6 +287,30 @@ impl Applier {
         self.journal.truncate_to(mark)
     }
 
+    /// Write-ahead: what the writes overwrite is durable before they can reach the disk;
+    /// then the writes, made durable.
+    fn write_ahead(
+        &mut self,
+        undo: &[u8],
+        max_undo_lsn: u64,
+        pending: &[(u64, &Bytes)],
+    ) -> Result<()> {
+        self.journal.append(undo)?;
+        self.journal.note_undo(max_undo_lsn);
+        self.journal.sync()?;
+        let writes: Vec<(u64, &[u8])> = pending.iter().map(|(o, d)| (*o, &d[..])).collect();
+        self.undo_end = Some(self.journal.mark());
+        if let Some(c) = &mut self.digest_cache {
+            for (o, d) in &writes {
+                c.invalidate(*o, d.len() as u64);
+            }
+        }
+        self.write_and_sync(&writes)?;
+        self.stats.bytes_applied += writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
+        self.stats.writes += pending.len() as u64;
+        Ok(())
+    }
+
     fn apply_group(&mut self, items: &[Item], undo: &mut Vec<u8>) -> Result<Vec<Point>> {
         let Some(last) = items.last() else {
             return Ok(Vec::new());
@@ -299,12 +323,9 @@ impl Applier {
         // Sized once: every write's old bytes plus its record header and metadata.
         let undo_len: usize = items
             .iter()
-            .map(|i| {
-                if let Item::Write { data, .. } = i {
-                    data.len() + 40
-                } else {
-                    0
-                }
+            .map(|i| match i {
+                Item::Write { data, .. } => data.len() + 40,
+                Item::Bookmark(_) => 0,
             })
             .sum();
         undo.reserve(undo_len);
@@ -331,21 +352,9 @@ impl Applier {
                     last_time_us = last_time_us.max(*timestamp_us);
                 }
                 Item::Bookmark(b) => {
-                    let kind = match b.kind {
-                        BookmarkKind::AppConsistent => PointKind::AppConsistent,
-                        BookmarkKind::CrashConsistent => PointKind::CrashConsistent,
-                        BookmarkKind::ResyncStarted => PointKind::ResyncStarted,
-                        BookmarkKind::ResyncCompleted => PointKind::ResyncCompleted,
-                    };
+                    let kind = point_kind(b.kind);
                     last_time_us = last_time_us.max(b.time_us);
-                    let resyncing = points
-                        .iter()
-                        .rev()
-                        .find(|p: &&(u64, u64, PointKind, String)| !p.2.is_point())
-                        .map_or(self.journal.resyncing(), |p| {
-                            p.2 == PointKind::ResyncStarted
-                        });
-                    if kind.is_point() && resyncing {
+                    if kind.is_point() && resyncing_after(&points, self.journal.resyncing()) {
                         tracing::warn!(disk = self.disk_id, tag = %b.tag, "bookmark during a resync is not a consistent point; skipped");
                         continue;
                     }
@@ -355,29 +364,9 @@ impl Applier {
             }
         }
         if !pending.is_empty() {
-            // Write-ahead: what the writes overwrite is durable before they can reach the disk.
-            self.journal.append(undo)?;
-            self.journal.note_undo(max_undo_lsn);
-            self.journal.sync()?;
-            let writes: Vec<(u64, &[u8])> = pending.iter().map(|(o, d)| (*o, &d[..])).collect();
-            self.undo_end = Some(self.journal.mark());
-            if let Some(c) = &mut self.digest_cache {
-                for (o, d) in &writes {
-                    c.invalidate(*o, d.len() as u64);
-                }
-            }
-            self.write_and_sync(&writes)?;
-            self.stats.bytes_applied += writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
-            self.stats.writes += pending.len() as u64;
+            self.write_ahead(undo, max_undo_lsn, &pending)?;
         }
-        let resyncing = points
-            .iter()
-            .rev()
-            .find(|p| !p.2.is_point())
-            .map_or(self.journal.resyncing(), |p| {
-                p.2 == PointKind::ResyncStarted
-            });
-        if !resyncing
+        if !resyncing_after(&points, self.journal.resyncing())
             && last_time_us >= self.last_point_time_us + self.policy.crash_point_interval_us
             && !matches!(last, Item::Bookmark(_))
         {
@@ -590,4 +579,23 @@ fn overlay(old: &mut [u8], offset: u64, pending: &[(u64, &Bytes)]) {
                 .copy_from_slice(&pd[(s - po) as usize..(e - po) as usize]);
         }
     }
+}
+
+fn point_kind(kind: BookmarkKind) -> PointKind {
+    match kind {
+        BookmarkKind::AppConsistent => PointKind::AppConsistent,
+        BookmarkKind::CrashConsistent => PointKind::CrashConsistent,
+        BookmarkKind::ResyncStarted => PointKind::ResyncStarted,
+        BookmarkKind::ResyncCompleted => PointKind::ResyncCompleted,
+    }
+}
+
+/// Whether a resync is under way after `points` (the newest resync marker among them says;
+/// none: as the journal was before them). No consistent point is made during a resync.
+fn resyncing_after(points: &[(u64, u64, PointKind, String)], before: bool) -> bool {
+    points
+        .iter()
+        .rev()
+        .find(|p| !p.2.is_point())
+        .map_or(before, |p| p.2 == PointKind::ResyncStarted)
 }

@@ -177,42 +177,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             runtime::cli::quiet_on_broken_pipe();
             let cfg = offline_settings(config, s)?;
-            for (disk_id, points, committed) in
-                export::list(&cfg.data_dir, &cfg.retention_dir, disk)?
-            {
-                if json {
-                    for p in &points {
-                        let mut v = serde_json::to_value(p).expect("serializable");
-                        v["disk"] = disk_id.into();
-                        v["time"] = fmt_time(p.time_us).into();
-                        println!("{v}");
-                    }
-                } else {
-                    println!(
-                        "disk {disk_id}: {} points, committed lsn {committed}",
-                        points.len()
-                    );
-                    println!(
-                        "{:>8}  {:<24}  {:<16}  {:>12}  tag",
-                        "id", "time", "kind", "lsn"
-                    );
-                    for p in &points {
-                        let kind = match p.kind {
-                            crate::journal::PointKind::AppConsistent => "app-consistent",
-                            _ => "crash-consistent",
-                        };
-                        println!(
-                            "{:>8}  {:<24}  {:<16}  {:>12}  {}",
-                            p.id,
-                            fmt_time(p.time_us),
-                            kind,
-                            p.lsn,
-                            p.tag
-                        );
-                    }
-                }
-            }
-            Ok(())
+            print_points(&cfg, disk, json)
         }
         Command::Detach {
             connect,
@@ -274,23 +239,73 @@ fn run(cli: Cli) -> Result<()> {
                 format,
                 opts,
             )?;
-            let p = &e.point;
-            println!(
-                "exported disk {disk} at {} (lsn {}, {}, tag {:?}; {} journal records applied) to {}",
-                if p.id == 0 { "the latest state".to_owned() } else { format!("point {}", p.id) },
-                p.lsn,
-                fmt_time(p.time_us),
-                p.tag,
-                e.applied,
-                e.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" + ")
-            );
-            println!(
-                "disk digest {} (read back from the device after fsync; `agent digest` of the image prints the same)",
-                wire_protocol::digest::hex(&e.digest)
-            );
+            print_export(disk, &e);
             Ok(())
         }
     }
+}
+
+/// `master-target points`: each disk's points, as a table or one JSON object per line.
+fn print_points(cfg: &crate::config::Config, disk: Option<u64>, json: bool) -> Result<()> {
+    for (disk_id, points, committed) in export::list(&cfg.data_dir, &cfg.retention_dir, disk)? {
+        if json {
+            for p in &points {
+                let mut v = serde_json::to_value(p).expect("serializable");
+                v["disk"] = disk_id.into();
+                v["time"] = fmt_time(p.time_us).into();
+                println!("{v}");
+            }
+            continue;
+        }
+        println!(
+            "disk {disk_id}: {} points, committed lsn {committed}",
+            points.len()
+        );
+        println!(
+            "{:>8}  {:<24}  {:<16}  {:>12}  tag",
+            "id", "time", "kind", "lsn"
+        );
+        for p in &points {
+            let kind = match p.kind {
+                crate::journal::PointKind::AppConsistent => "app-consistent",
+                _ => "crash-consistent",
+            };
+            println!(
+                "{:>8}  {:<24}  {:<16}  {:>12}  {}",
+                p.id,
+                fmt_time(p.time_us),
+                kind,
+                p.lsn,
+                p.tag
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_export(disk: u64, e: &export::Exported) {
+    let p = &e.point;
+    println!(
+        "exported disk {disk} at {} (lsn {}, {}, tag {:?}; {} journal records applied) to {}",
+        if p.id == 0 {
+            "the latest state".to_owned()
+        } else {
+            format!("point {}", p.id)
+        },
+        p.lsn,
+        fmt_time(p.time_us),
+        p.tag,
+        e.applied,
+        e.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    println!(
+        "disk digest {} (read back from the device after fsync; `agent digest` of the image prints the same)",
+        wire_protocol::digest::hex(&e.digest)
+    );
 }
 
 async fn serve(cfg: crate::config::Config) -> Result<()> {

@@ -254,21 +254,9 @@ impl Datastores {
         Ok((image, data))
     }
 
-    /// Creates a new flat VMDK `NAME.vmdk` + `NAME-flat.vmdk` of `size_bytes` in the folder
-    /// of VM `vm` in the datastore `target` names ("" for the first), refusing to replace any
-    /// file.
-    pub fn create(
-        &self,
-        target: &str,
-        vm: &str,
-        name: &str,
-        size_bytes: u64,
-        uuid: &[u8; 16],
-    ) -> Result<(DiskImage, File)> {
-        for (what, n) in [("vm id", vm), ("disk name", name)] {
-            wire_protocol::message::validate_name(what, n)
-                .map_err(|e| refuse(n, &e.to_string()))?;
-        }
+    /// The folder of VM `vm` in the datastore `target` names ("" for the first), made if
+    /// it is not there yet.
+    fn vm_folder(&self, target: &str, vm: &str) -> Result<Located> {
         let root = if target.is_empty() {
             Located {
                 root: 0,
@@ -297,10 +285,28 @@ impl Datastores {
                 self.roots[root.root].configured.display()
             )
         })?;
-        let dir = Located {
+        Ok(Located {
             root: root.root,
             rel: PathBuf::from(vm),
-        };
+        })
+    }
+
+    /// Creates a new flat VMDK `NAME.vmdk` + `NAME-flat.vmdk` of `size_bytes` in the folder
+    /// of VM `vm` in the datastore `target` names ("" for the first), refusing to replace any
+    /// file.
+    pub fn create(
+        &self,
+        target: &str,
+        vm: &str,
+        name: &str,
+        size_bytes: u64,
+        uuid: &[u8; 16],
+    ) -> Result<(DiskImage, File)> {
+        for (what, n) in [("vm id", vm), ("disk name", name)] {
+            wire_protocol::message::validate_name(what, n)
+                .map_err(|e| refuse(n, &e.to_string()))?;
+        }
+        let dir = self.vm_folder(target, vm)?;
         let shown_dir = self.path_of(&dir);
         let dir_file = self.open_at(&dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         if !size_bytes.is_multiple_of(vmdk::SECTOR_BYTES) || size_bytes == 0 {

@@ -353,6 +353,69 @@ fn digests_from_device(f: &File, len: u64, bar: &indicatif::ProgressBar) -> Resu
     Ok(out)
 }
 
+/// Where an export's data goes: `out` itself (raw), or the flat extent beside the
+/// descriptor `out` names (`NAME.vmdk` -> `NAME-flat.vmdk`).
+fn data_path(out: &Path, format: Format) -> Result<PathBuf> {
+    match format {
+        Format::Raw => Ok(out.to_path_buf()),
+        Format::Vmdk => {
+            if out.extension().is_none_or(|e| e != "vmdk") {
+                return Err(Error::ExportRefused {
+                    out: out.into(),
+                    reason: "a VMDK export names its descriptor: NAME.vmdk".into(),
+                });
+            }
+            let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("export");
+            Ok(out.with_file_name(format!("{stem}-flat.vmdk")))
+        }
+    }
+}
+
+/// Copies the whole disk into `dst` (the file at `path`), hashing each block as it goes:
+/// the digests of what is meant.
+fn copy_hashing(
+    disk: &DiskFile,
+    (dst, path): (&File, &Path),
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<[u8; 32]>> {
+    let size = disk.size_bytes();
+    let mut digests = Vec::with_capacity(size.div_ceil(DIGEST_BLOCK_BYTES) as usize);
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    let mut at = 0u64;
+    while at < size {
+        let n = (COPY_CHUNK_BYTES as u64).min(size - at) as usize;
+        disk.read_at(&mut buf[..n], at)?;
+        dst.write_all_at(&buf[..n], at)
+            .ctx(|| format!("write {}", path.display()))?;
+        digests.extend(
+            buf[..n]
+                .chunks(DIGEST_BLOCK_BYTES as usize)
+                .map(block_digest),
+        );
+        at += n as u64;
+        bar.set_position(at);
+    }
+    Ok(digests)
+}
+
+/// Hashes again the blocks a rewind changed.
+fn rehash(
+    (dst, path): (&File, &Path),
+    size: u64,
+    changed: std::collections::BTreeSet<u64>,
+    digests: &mut [[u8; 32]],
+) -> Result<()> {
+    let mut block = vec![0u8; DIGEST_BLOCK_BYTES as usize];
+    for b in changed {
+        let start = b * DIGEST_BLOCK_BYTES;
+        let n = DIGEST_BLOCK_BYTES.min(size - start) as usize;
+        dst.read_exact_at(&mut block[..n], start)
+            .ctx(|| format!("read {}", path.display()))?;
+        digests[b as usize] = block_digest(&block[..n]);
+    }
+    Ok(())
+}
+
 /// Writes disk `disk_id` as it was at `sel` into `out` (and, for a VMDK, its flat extent
 /// beside it). Returns what was written.
 pub fn export(
@@ -369,19 +432,7 @@ pub fn export(
         .get(disk_id)
         .ok_or_else(|| not_listed(data_dir, disk_id))?
         .clone();
-    let data_out = match format {
-        Format::Raw => out.to_path_buf(),
-        Format::Vmdk => {
-            if out.extension().is_none_or(|e| e != "vmdk") {
-                return Err(Error::ExportRefused {
-                    out: out.into(),
-                    reason: "a VMDK export names its descriptor: NAME.vmdk".into(),
-                });
-            }
-            let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("export");
-            out.with_file_name(format!("{stem}-flat.vmdk"))
-        }
-    };
+    let data_out = data_path(out, format)?;
     let known = known_files(&reg);
     let service_dirs = [data_dir, retention_dir];
     check_output(&data_out, &known, &service_dirs, opts.force)?;
@@ -397,22 +448,7 @@ pub fn export(
     // 1. Copy the disk, hashing each block as it goes: the digest of what is meant.
     let bar = progress_bar(size, opts.progress);
     bar.set_message(format!("export disk {disk_id}"));
-    let mut digests = Vec::with_capacity(size.div_ceil(DIGEST_BLOCK_BYTES) as usize);
-    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
-    let mut at = 0u64;
-    while at < size {
-        let n = (COPY_CHUNK_BYTES as u64).min(size - at) as usize;
-        disk.read_at(&mut buf[..n], at)?;
-        dst.write_all_at(&buf[..n], at)
-            .ctx(|| format!("write {}", tmp.display()))?;
-        digests.extend(
-            buf[..n]
-                .chunks(DIGEST_BLOCK_BYTES as usize)
-                .map(block_digest),
-        );
-        at += n as u64;
-        bar.set_position(at);
-    }
+    let mut digests = copy_hashing(&disk, (&dst, &tmp), &bar)?;
     // 2. Go back to the point; re-hash the blocks that changed.
     let mut changed = std::collections::BTreeSet::new();
     let applied = journal.rewind(point.lsn, &dst, &mut |offset, len| {
@@ -420,14 +456,7 @@ pub fn export(
             changed.extend(offset / DIGEST_BLOCK_BYTES..=(offset + len - 1) / DIGEST_BLOCK_BYTES);
         }
     })?;
-    let mut block = vec![0u8; DIGEST_BLOCK_BYTES as usize];
-    for b in changed {
-        let start = b * DIGEST_BLOCK_BYTES;
-        let n = DIGEST_BLOCK_BYTES.min(size - start) as usize;
-        dst.read_exact_at(&mut block[..n], start)
-            .ctx(|| format!("read {}", tmp.display()))?;
-        digests[b as usize] = block_digest(&block[..n]);
-    }
+    rehash((&dst, &tmp), size, changed, &mut digests)?;
     let meant = disk_digest(&digests);
     // 3. Durable, then read back from the device and compared.
     dst.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;

@@ -182,13 +182,91 @@ fn disk_of(msg: &Message) -> u64 {
     }
 }
 
+/// The answer to one message of a peer (`None`: none now; a batch, a bookmark or a digest
+/// request is answered by its disk's worker through `out`).
+async fn answer(
+    identity: &Identity,
+    disks: &Arc<Disks>,
+    requests: &RequestRefusals,
+    out: &mpsc::Sender<Message>,
+    msg: Message,
+) -> Option<Message> {
+    let id = disk_of(&msg);
+    let by = &identity.name;
+    if !allowed(identity, &msg) {
+        let e = Error::Forbidden(format!(
+            "{} {} may not send {} messages to a master target",
+            runtime::net::article(identity.role.as_str()),
+            identity.role,
+            msg.name()
+        ));
+        return Some(reply_err(identity, requests, id, e));
+    }
+    let refused = |e| reply_err(identity, requests, id, e);
+    match msg {
+        Message::DiskAttach(a) => {
+            let (d, by) = (Arc::clone(disks), by.clone());
+            let r = tokio::task::spawn_blocking(move || d.attach(&by, &a))
+                .await
+                .expect("attach does not panic");
+            Some(match r {
+                Ok(lsn) => ack_of(id, lsn),
+                Err(e) => {
+                    if let Some(suppressed) = REFUSAL_LOG.admit(&format!("attach {identity}")) {
+                        tracing::warn!(disk = id, %identity, error = %e, suppressed, "attach refused");
+                    }
+                    refused(e)
+                }
+            })
+        }
+        Message::WriteBatch(b) => disks
+            .submit_batch(b, by, out.clone())
+            .await
+            .err()
+            .map(refused),
+        Message::Bookmark(b) => disks
+            .submit_bookmark(b, by, out.clone())
+            .await
+            .err()
+            .map(refused),
+        Message::DigestRequest(r) => disks
+            .submit_digests(r, by, out.clone())
+            .await
+            .err()
+            .map(refused),
+        Message::Detach { disk_id } => {
+            let d = Arc::clone(disks);
+            let r = tokio::task::spawn_blocking(move || d.detach(disk_id))
+                .await
+                .expect("detach does not panic");
+            Some(match r {
+                Ok(lsn) => {
+                    tracing::info!(disk = disk_id, %identity, lsn, "detached by the operator");
+                    ack_of(disk_id, lsn)
+                }
+                Err(e) => refused(e),
+            })
+        }
+        Message::Heartbeat { seq, time_us } => Some(Message::Heartbeat { seq, time_us }),
+        _ => None,
+    }
+}
+
+fn ack_of(disk_id: u64, durable_lsn: u64) -> Message {
+    Message::Ack(Ack {
+        entries: vec![AckEntry {
+            disk_id,
+            durable_lsn,
+        }],
+    })
+}
+
 async fn connection(
     peer: Peer,
     disks: Arc<Disks>,
     requests: Arc<RequestRefusals>,
 ) -> crate::error::Result<()> {
     let identity = peer.identity;
-    let by = identity.name.clone();
     let (mut sink, mut stream) = peer.framed.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE_DEPTH);
     let mut detaches = disks.detach_notices();
@@ -208,9 +286,14 @@ async fn connection(
                     source: std::io::Error::from(std::io::ErrorKind::TimedOut),
                 });
             }
-            // A process server hears of every detach at once (it ignores disks not its own).
+            // A process server hears at once of each detach of a disk it replicates.
             d = detaches.recv(), if identity.role == PeerRole::ProcessServer => {
-                if let Ok(disk_id) = d {
+                // Only the process server that replicates the disk hears: another may hold a
+                // disk of the same id for another master target.
+                if let Ok(disk_id) = d.map_err(drop).and_then(|id| match disks.replicated_by(id) {
+                    Some(by) if by == identity.name => Ok(id),
+                    _ => Err(()),
+                }) {
                     let e = Error::Detached { disk_id, lsn: 0 };
                     let _ = out.send(error_msg(e.code(), disk_id, format!("disk {disk_id} was detached for failback: ship nothing more of it"))).await;
                 }
@@ -241,81 +324,10 @@ async fn connection(
                 return Err(e.into());
             }
         };
-        let id = disk_of(&msg);
         // An error answering a request carries its id (version 2), so a peer with several
         // requests in flight knows which one failed.
         let request_id = msg.request_id();
-        if !allowed(&identity, &msg) {
-            let e = Error::Forbidden(format!(
-                "{} {} may not send {} messages to a master target",
-                runtime::net::article(identity.role.as_str()),
-                identity.role,
-                msg.name()
-            ));
-            let mut refusal = reply_err(&identity, &requests, id, e);
-            refusal.set_request_id(request_id);
-            let _ = out.send(refusal).await;
-            continue;
-        }
-        let reply = match msg {
-            Message::DiskAttach(a) => {
-                let (d, by) = (Arc::clone(&disks), by.clone());
-                let r = tokio::task::spawn_blocking(move || d.attach(&by, &a))
-                    .await
-                    .expect("attach does not panic");
-                Some(match r {
-                    Ok(lsn) => Message::Ack(Ack {
-                        entries: vec![AckEntry {
-                            disk_id: id,
-                            durable_lsn: lsn,
-                        }],
-                    }),
-                    Err(e) => {
-                        if let Some(suppressed) = REFUSAL_LOG.admit(&format!("attach {identity}")) {
-                            tracing::warn!(disk = id, %identity, error = %e, suppressed, "attach refused");
-                        }
-                        reply_err(&identity, &requests, id, e)
-                    }
-                })
-            }
-            Message::WriteBatch(b) => disks
-                .submit_batch(b, &by, out.clone())
-                .await
-                .err()
-                .map(|e| reply_err(&identity, &requests, id, e)),
-            Message::Bookmark(b) => disks
-                .submit_bookmark(b, &by, out.clone())
-                .await
-                .err()
-                .map(|e| reply_err(&identity, &requests, id, e)),
-            Message::DigestRequest(r) => disks
-                .submit_digests(r, &by, out.clone())
-                .await
-                .err()
-                .map(|e| reply_err(&identity, &requests, id, e)),
-            Message::Detach { disk_id } => {
-                let d = Arc::clone(&disks);
-                Some(
-                    match tokio::task::spawn_blocking(move || d.detach(disk_id))
-                        .await
-                        .expect("detach does not panic")
-                    {
-                        Ok(lsn) => {
-                            tracing::info!(disk = disk_id, %identity, lsn, "detached by the operator");
-                            Message::Ack(Ack {
-                                entries: vec![AckEntry {
-                                    disk_id,
-                                    durable_lsn: lsn,
-                                }],
-                            })
-                        }
-                        Err(e) => reply_err(&identity, &requests, disk_id, e),
-                    },
-                )
-            }
-            Message::Heartbeat { seq, time_us } => Some(Message::Heartbeat { seq, time_us }),
-            _ => None,
-        };
+        let reply = answer(&identity, &disks, &requests, &out, msg).await;
         if let Some(mut r) = reply {
             if matches!(r, Message::Error(_)) {
                 r.set_request_id(request_id);

@@ -24,7 +24,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::journal::Journal;
 use crate::registry::{uuid_hex, DiskRecord, Registry};
 use crate::uring::IoBackend;
-use crate::vmdk;
+use crate::vmdk::{self, DiskImage};
 
 /// At most this many disks per master target (the product's documented limit).
 pub const MAX_DISKS: usize = 60;
@@ -67,6 +67,33 @@ static LOG_THROTTLE: std::sync::LazyLock<runtime::log::Throttle> =
     std::sync::LazyLock::new(|| runtime::log::Throttle::new(std::time::Duration::from_secs(1)));
 
 /// What an operator does about a disk that could not be served.
+/// What an attach must hold before anything is looked up: a disk id, a VM id that is a
+/// name, a size a VMDK can have.
+fn check_attach(req: &DiskAttach) -> Result<()> {
+    if req.disk_id == 0 {
+        return Err(Error::InvalidParameter {
+            param: "disk_id",
+            reason: "0 is not a disk id".into(),
+        });
+    }
+    wire_protocol::message::validate_name("vm id", &req.vm_id).map_err(|e| {
+        Error::InvalidParameter {
+            param: "vm_id",
+            reason: e.to_string(),
+        }
+    })?;
+    if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&req.size_bytes) {
+        return Err(Error::InvalidParameter {
+            param: "size_bytes",
+            reason: format!(
+                "{} bytes is outside the range {MIN_DISK_BYTES} to {MAX_DISK_BYTES} (a VMDK's limit)",
+                req.size_bytes
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn restart_advice(disk_id: u64, e: &Error) -> String {
     match e {
         Error::JournalCorrupt { .. } => format!("disk {disk_id} is not served: its retention journal is damaged where data was committed; the other disks carry on. Run `master-target recover-journal --disk {disk_id}` (it keeps the damaged journal aside, keeps the disk as of its last commit, and drops the points before it), then the process server re-attaches it"),
@@ -134,6 +161,12 @@ impl Disks {
         self.detached_tx.subscribe()
     }
 
+    /// The process server that replicates `disk_id` (attached or detached), if known.
+    pub fn replicated_by(&self, disk_id: u64) -> Option<String> {
+        let reg = self.registry.lock().expect("poisoned");
+        reg.get(disk_id).map(|r| r.process_server.clone())
+    }
+
     /// Loads the disk list and re-attaches every disk that was attached (recovering each
     /// journal: torn tails truncated, uncommitted writes rolled back).
     pub fn open(cfg: Config) -> Result<Arc<Disks>> {
@@ -193,79 +226,11 @@ impl Disks {
     /// Attaches a disk for the process server `by` (or confirms one it attached already).
     /// Returns its committed LSN.
     pub fn attach(&self, by: &str, req: &DiskAttach) -> Result<u64> {
-        if req.disk_id == 0 {
-            return Err(Error::InvalidParameter {
-                param: "disk_id",
-                reason: "0 is not a disk id".into(),
-            });
-        }
-        wire_protocol::message::validate_name("vm id", &req.vm_id).map_err(|e| {
-            Error::InvalidParameter {
-                param: "vm_id",
-                reason: e.to_string(),
-            }
-        })?;
-        if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&req.size_bytes) {
-            return Err(Error::InvalidParameter {
-                param: "size_bytes",
-                reason: format!(
-                    "{} bytes is outside the range {MIN_DISK_BYTES} to {MAX_DISK_BYTES} (a VMDK's limit)",
-                    req.size_bytes
-                ),
-            });
-        }
+        check_attach(req)?;
         let mut reg = self.registry.lock().expect("poisoned");
         let uuid = uuid_hex(&req.disk_uuid);
-        if let Some(h) = self.handles.lock().expect("poisoned").get(&req.disk_id) {
-            if h.owner != by {
-                return Err(Error::Forbidden(format!(
-                    "disk {} is replicated by another process server",
-                    req.disk_id
-                )));
-            }
-            let rec = reg.get(req.disk_id).expect("attached disks are registered");
-            if rec.vm_id != req.vm_id {
-                return Err(Error::Forbidden(format!(
-                    "disk {} belongs to another VM",
-                    req.disk_id
-                )));
-            }
-            if rec.uuid != uuid || rec.size_bytes != req.size_bytes {
-                return Err(Error::DuplicateUuid {
-                    disk_id: req.disk_id,
-                    uuid,
-                    other: rec.disk_id,
-                });
-            }
-            return Ok(h.committed.load(Ordering::Acquire));
-        }
-        if let Some(rec) = reg.get(req.disk_id) {
-            // Whose it is first: another VM or process server learns nothing of its state.
-            if rec.process_server != by || rec.vm_id != req.vm_id {
-                return Err(Error::Forbidden(format!(
-                    "disk {} belongs to another VM or process server",
-                    req.disk_id
-                )));
-            }
-            if !rec.attached {
-                return Err(Error::Detached {
-                    disk_id: rec.disk_id,
-                    lsn: rec.detached_lsn,
-                });
-            }
-            // Attached, but not served since the last start (its journal or file failed):
-            // try again, for the process server that attached it.
-            if rec.uuid != uuid || rec.size_bytes != req.size_bytes {
-                return Err(Error::DuplicateUuid {
-                    disk_id: req.disk_id,
-                    uuid,
-                    other: rec.disk_id,
-                });
-            }
-            let rec = rec.clone();
-            return self.restart(&rec).inspect_err(|e| {
-                tracing::error!(disk = rec.disk_id, error = %e, "{}", restart_advice(rec.disk_id, e));
-            });
+        if let Some(answer) = self.attached_already(by, req, &uuid, &reg) {
+            return answer;
         }
         let attached: Vec<&DiskRecord> = reg.disks.iter().filter(|d| d.attached).collect();
         if attached.len() >= MAX_DISKS {
@@ -287,42 +252,7 @@ impl Disks {
                 other,
             });
         }
-        let (image, file) = match req.location {
-            LocationKind::Original => {
-                let (image, file) = self.datastores.open_original(&req.target, &req.vm_id)?;
-                // A file another disk id was attached to (now, or before it was detached) is
-                // that disk's: never a second disk's, whatever path reaches it.
-                let id = crate::datastore::identity_of(&file)
-                    .ctx(|| format!("stat {}", image.data_path.display()))?;
-                for rec in &reg.disks {
-                    let known = std::fs::metadata(&rec.data_path).map(|m| (m.dev(), m.ino()));
-                    if known.is_ok_and(|k| k == id) {
-                        return Err(Error::Forbidden(format!(
-                            "the target is the disk of another disk id on this master target ({}): a disk file belongs to one disk id",
-                            if rec.attached { "attached" } else { "detached for failback" }
-                        )));
-                    }
-                }
-                self.check_retention(&image.data_path)?;
-                (image, file)
-            }
-            LocationKind::Alternate => {
-                // Judge the retention volume before anything is created.
-                let dir = match req.target.as_str() {
-                    "" => self.datastores.dirs()[0].clone(),
-                    t => self.datastores.path_of(&self.datastores.locate(t)?),
-                };
-                self.check_retention(&dir)?;
-                let name = format!("{}-disk{}", req.vm_id, req.disk_id);
-                self.datastores.create(
-                    &req.target,
-                    &req.vm_id,
-                    &name,
-                    req.size_bytes,
-                    &req.disk_uuid,
-                )?
-            }
-        };
+        let (image, file) = self.open_target(req, &reg)?;
         if let Some(u) = image.uuid.map(|u| uuid_hex(&u)) {
             if let Some(other) = dup(&u) {
                 return Err(Error::DuplicateUuid {
@@ -358,6 +288,96 @@ impl Disks {
         reg.put(rec)?;
         tracing::info!(disk = req.disk_id, vm = %req.vm_id, process_server = by, committed_lsn = committed, "disk attached");
         Ok(committed)
+    }
+
+    /// The answer to an attach of a disk this master target knows already: served now (the
+    /// same process server, VM, UUID and size: its committed LSN), registered but not served
+    /// since the last start (served again), detached, or someone else's. `None`: a new disk.
+    fn attached_already(
+        &self,
+        by: &str,
+        req: &DiskAttach,
+        uuid: &str,
+        reg: &Registry,
+    ) -> Option<Result<u64>> {
+        let same = |rec: &DiskRecord| rec.uuid == uuid && rec.size_bytes == req.size_bytes;
+        let other = |rec: &DiskRecord| Error::DuplicateUuid {
+            disk_id: req.disk_id,
+            uuid: uuid.to_owned(),
+            other: rec.disk_id,
+        };
+        let forbidden = |why: &str| Error::Forbidden(format!("disk {} {why}", req.disk_id));
+        if let Some(h) = self.handles.lock().expect("poisoned").get(&req.disk_id) {
+            let rec = reg.get(req.disk_id).expect("attached disks are registered");
+            return Some(if h.owner != by {
+                Err(forbidden("is replicated by another process server"))
+            } else if rec.vm_id != req.vm_id {
+                Err(forbidden("belongs to another VM"))
+            } else if !same(rec) {
+                Err(other(rec))
+            } else {
+                Ok(h.committed.load(Ordering::Acquire))
+            });
+        }
+        let rec = reg.get(req.disk_id)?;
+        // Whose it is first: another VM or process server learns nothing of its state.
+        Some(if rec.process_server != by || rec.vm_id != req.vm_id {
+            Err(forbidden("belongs to another VM or process server"))
+        } else if !rec.attached {
+            Err(Error::Detached {
+                disk_id: rec.disk_id,
+                lsn: rec.detached_lsn,
+            })
+        } else if !same(rec) {
+            Err(other(rec))
+        } else {
+            // Attached, but not served since the last start (its journal or file failed):
+            // try again, for the process server that attached it.
+            self.restart(rec).inspect_err(|e| {
+                tracing::error!(disk = rec.disk_id, error = %e, "{}", restart_advice(rec.disk_id, e));
+            })
+        })
+    }
+
+    /// Opens the disk an attach names: the original's file (never another disk id's), or a
+    /// new VMDK in a datastore; either only if the retention volume can take its journal.
+    fn open_target(&self, req: &DiskAttach, reg: &Registry) -> Result<(DiskImage, std::fs::File)> {
+        match req.location {
+            LocationKind::Original => {
+                let (image, file) = self.datastores.open_original(&req.target, &req.vm_id)?;
+                // A file another disk id was attached to (now, or before it was detached) is
+                // that disk's: never a second disk's, whatever path reaches it.
+                let id = crate::datastore::identity_of(&file)
+                    .ctx(|| format!("stat {}", image.data_path.display()))?;
+                for rec in &reg.disks {
+                    let known = std::fs::metadata(&rec.data_path).map(|m| (m.dev(), m.ino()));
+                    if known.is_ok_and(|k| k == id) {
+                        return Err(Error::Forbidden(format!(
+                            "the target is the disk of another disk id on this master target ({}): a disk file belongs to one disk id",
+                            if rec.attached { "attached" } else { "detached for failback" }
+                        )));
+                    }
+                }
+                self.check_retention(&image.data_path)?;
+                Ok((image, file))
+            }
+            LocationKind::Alternate => {
+                // Judge the retention volume before anything is created.
+                let dir = match req.target.as_str() {
+                    "" => self.datastores.dirs()[0].clone(),
+                    t => self.datastores.path_of(&self.datastores.locate(t)?),
+                };
+                self.check_retention(&dir)?;
+                let name = format!("{}-disk{}", req.vm_id, req.disk_id);
+                self.datastores.create(
+                    &req.target,
+                    &req.vm_id,
+                    &name,
+                    req.size_bytes,
+                    &req.disk_uuid,
+                )
+            }
+        }
     }
 
     fn check_retention(&self, disk_place: &Path) -> Result<()> {

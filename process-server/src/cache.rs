@@ -284,6 +284,101 @@ fn frame_whole(bytes: &[u8]) -> bool {
     matches!(FrameCodec::default().decode(&mut buf), Ok(Some(_)) if buf.is_empty())
 }
 
+/// What the segments read so far at open say.
+struct Scan {
+    /// Records indexed, in file order.
+    entries: std::collections::VecDeque<Entry>,
+    /// The highest LSN a sync mark says was made durable (acknowledged).
+    acked_through: u64,
+    /// The highest LSN a record (or the disk's known position) shows: a real mark never
+    /// says more, so one that does is guest data shaped like a mark, and is ignored.
+    seen: u64,
+    /// Bytes skipped as damage: the LSNs they hid may be counted by a mark after them.
+    skipped: usize,
+}
+
+/// A valid header at `p` of `data` whose record fits in `data`, with its magic.
+fn header_at(data: &[u8], p: usize) -> Option<([u8; 4], Fields)> {
+    let h: [u8; RECORD_HEADER_LEN] = data.get(p..p + RECORD_HEADER_LEN)?.try_into().ok()?;
+    parse_any(&h).filter(|r| p + RECORD_HEADER_LEN + r.1 .3 as usize <= data.len())
+}
+
+/// Where the last valid sync mark of `data` ends (0: none).
+fn last_mark_end(data: &[u8]) -> usize {
+    (0..data.len().saturating_sub(RECORD_HEADER_LEN - 1))
+        .rev()
+        .find(|&q| {
+            data[q..q + 4] == SYNC_MAGIC && header_at(data, q).is_some_and(|h| h.0 == SYNC_MAGIC)
+        })
+        .map_or(0, |q| q + RECORD_HEADER_LEN)
+}
+
+impl Scan {
+    /// Indexes segment `seq`'s records; returns where its good part ends.
+    fn segment(&mut self, seq: u32, data: &[u8], last_segment: bool, path: &Path) -> usize {
+        let mut p = 0usize;
+        // Where the last valid sync mark of the last segment ends: nothing after it was
+        // acknowledged (a sealed segment was synced whole before the next one began).
+        let marked_to = if last_segment {
+            last_mark_end(data)
+        } else {
+            usize::MAX
+        };
+        while p + RECORD_HEADER_LEN <= data.len() {
+            if let Some((magic, (first_lsn, last_lsn, first_ts_us, frame_len))) = header_at(data, p)
+            {
+                if magic == SYNC_MAGIC {
+                    if last_lsn <= self.seen + (self.skipped / MIN_BYTES_PER_LSN) as u64 {
+                        self.acked_through = self.acked_through.max(last_lsn);
+                    }
+                    p += RECORD_HEADER_LEN;
+                    continue;
+                }
+                // Past the last mark nothing was acknowledged, and a record whose header
+                // reached the disk may have lost its body: check the frame too, and end the
+                // segment (a torn tail) at the first that fails.
+                let body = p + RECORD_HEADER_LEN..p + RECORD_HEADER_LEN + frame_len as usize;
+                if p >= marked_to && !frame_whole(&data[body]) {
+                    break;
+                }
+                self.seen = self.seen.max(last_lsn);
+                self.entries.push_back(Entry {
+                    seg: seq,
+                    pos: p as u64,
+                    first_lsn,
+                    last_lsn,
+                    first_ts_us,
+                    frame_len,
+                    lost: false,
+                });
+                p += RECORD_HEADER_LEN + frame_len as usize;
+                continue;
+            }
+            // A bad header after the last sync mark of the last segment is a torn tail,
+            // whatever follows it: the kernel writes unsynced pages back in any order, so a
+            // later record may have reached the disk and an earlier one not, and none of
+            // them was acknowledged.
+            if p >= marked_to {
+                break;
+            }
+            // Elsewhere, if a valid record follows, this is corruption, not a torn tail.
+            // Skip to it; the LSNs in between become a lost range (see `fill_gaps`).
+            match (p + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1)).find(|&q| {
+                (data[q..q + 4] == MAGIC || data[q..q + 4] == SYNC_MAGIC)
+                    && header_at(data, q).is_some()
+            }) {
+                Some(q) => {
+                    tracing::error!(segment = %path.display(), offset = p, resumes_at = q, "corrupt cache record header; the records it hides are marked lost and will be resynced from the agent");
+                    self.skipped += q - p;
+                    p = q;
+                }
+                None => break,
+            }
+        }
+        p
+    }
+}
+
 impl DiskCache {
     /// Opens (or creates) a disk's cache, scanning every segment. A torn tail of the last
     /// segment (a crash mid-append, never acknowledged) is truncated.
@@ -302,91 +397,20 @@ impl DiskCache {
             .filter_map(|n| n.strip_prefix("seg-")?.strip_suffix(".fbc")?.parse().ok())
             .collect();
         seqs.sort();
-        let mut entries = std::collections::VecDeque::new();
-        let mut segs = Vec::new();
-        // The highest LSN a sync mark says was made durable (acknowledged).
-        let mut acked_through = 0u64;
         let acked_file = read_acked(&*fs, dir);
-        // The highest LSN a record (or the disk's known position) shows: a real mark never
-        // says more, so one that does is guest data shaped like a mark, and is ignored.
-        let mut seen = acked_file.unwrap_or(0).max(trimmed_lsn);
-        // Bytes skipped as damage: the LSNs they hid may be counted by a mark after them.
-        let mut skipped = 0usize;
+        let mut scan = Scan {
+            entries: std::collections::VecDeque::new(),
+            acked_through: 0,
+            seen: acked_file.unwrap_or(0).max(trimmed_lsn),
+            skipped: 0,
+        };
+        let mut segs = Vec::new();
         for (i, &seq) in seqs.iter().enumerate() {
             let path = seg_path(dir, seq);
             let data = read_all(&*fs, &path).ctx(|| format!("read {}", path.display()))?;
             let len = data.len() as u64;
             let last_segment = i + 1 == seqs.len();
-            let header_at = |p: usize| -> Option<([u8; 4], Fields)> {
-                let h: [u8; RECORD_HEADER_LEN] =
-                    data.get(p..p + RECORD_HEADER_LEN)?.try_into().ok()?;
-                parse_any(&h).filter(|r| p + RECORD_HEADER_LEN + r.1 .3 as usize <= data.len())
-            };
-            let mut p = 0usize;
-            // Where the last valid sync mark of the last segment ends: nothing after it was
-            // acknowledged (a sealed segment was synced whole before the next one began).
-            let marked_to = if last_segment {
-                (0..data.len().saturating_sub(RECORD_HEADER_LEN - 1))
-                    .rev()
-                    .find(|&q| {
-                        data[q..q + 4] == SYNC_MAGIC
-                            && header_at(q).is_some_and(|h| h.0 == SYNC_MAGIC)
-                    })
-                    .map_or(0, |q| q + RECORD_HEADER_LEN)
-            } else {
-                usize::MAX
-            };
-            while p + RECORD_HEADER_LEN <= data.len() {
-                if let Some((magic, (first_lsn, last_lsn, first_ts_us, frame_len))) = header_at(p) {
-                    if magic == SYNC_MAGIC {
-                        if last_lsn <= seen + (skipped / MIN_BYTES_PER_LSN) as u64 {
-                            acked_through = acked_through.max(last_lsn);
-                        }
-                        p += RECORD_HEADER_LEN;
-                        continue;
-                    }
-                    // Past the last mark nothing was acknowledged, and a record whose header
-                    // reached the disk may have lost its body: check the frame too, and end
-                    // the segment (a torn tail) at the first that fails.
-                    let body = p + RECORD_HEADER_LEN..p + RECORD_HEADER_LEN + frame_len as usize;
-                    if p >= marked_to && !frame_whole(&data[body]) {
-                        break;
-                    }
-                    seen = seen.max(last_lsn);
-                    entries.push_back(Entry {
-                        seg: seq,
-                        pos: p as u64,
-                        first_lsn,
-                        last_lsn,
-                        first_ts_us,
-                        frame_len,
-                        lost: false,
-                    });
-                    p += RECORD_HEADER_LEN + frame_len as usize;
-                    continue;
-                }
-                // A bad header after the last sync mark of the last segment is a torn tail,
-                // whatever follows it: the kernel writes unsynced pages back in any order, so
-                // a later record may have reached the disk and an earlier one not, and none
-                // of them was acknowledged.
-                if p >= marked_to {
-                    break;
-                }
-                // Elsewhere, if a valid record follows, this is corruption, not a torn tail.
-                // Skip to it; the LSNs in between become a lost range (see below).
-                match (p + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1)).find(|&q| {
-                    (data[q..q + 4] == MAGIC || data[q..q + 4] == SYNC_MAGIC)
-                        && header_at(q).is_some()
-                }) {
-                    Some(q) => {
-                        tracing::error!(segment = %path.display(), offset = p, resumes_at = q, "corrupt cache record header; the records it hides are marked lost and will be resynced from the agent");
-                        skipped += q - p;
-                        p = q;
-                    }
-                    None => break,
-                }
-            }
-            let mut pos = p as u64;
+            let mut pos = scan.segment(seq, &data, last_segment, &path) as u64;
             if pos < len {
                 if !last_segment {
                     tracing::error!(segment = %path.display(), offset = pos, "corrupt cache record at the end of a sealed segment; its range is marked lost");
@@ -403,6 +427,11 @@ impl DiskCache {
             }
             segs.push((seq, pos));
         }
+        let Scan {
+            entries,
+            acked_through,
+            ..
+        } = scan;
         let mut entries = fill_gaps(entries);
         // Damage at the end of what was acknowledged (the last records before the last sync
         // mark) hides LSNs no record follows: they are lost too.

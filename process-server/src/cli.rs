@@ -164,29 +164,7 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
             crate::metrics::check_rpo(&st);
         }
     });
-    let st = Arc::clone(&state);
-    tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let file = config.as_deref().map(Settings::from_file).transpose();
-            match file.and_then(|f| flags.clone().or(f.unwrap_or_default()).resolve()) {
-                Ok(c) => {
-                    st.max_bandwidth_bps
-                        .store(c.max_bandwidth_bps, Ordering::Relaxed);
-                    tracing::info!(
-                        max_bandwidth_bps = c.max_bandwidth_bps,
-                        "configuration reloaded"
-                    );
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
-                }
-            }
-        }
-    });
+    spawn_reload(Arc::clone(&state), config, flags);
     let local = listener.local_addr().map_err(|e| Error::Io {
         context: "local addr".into(),
         source: e,
@@ -199,6 +177,33 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
     runtime::cli::notify_stopping();
     tracing::info!("process-server shutting down");
     Ok(())
+}
+
+/// SIGHUP reloads the configuration: the bandwidth limit takes the new value.
+fn spawn_reload(state: Arc<State>, config: Option<PathBuf>, flags: Settings) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let file = config.as_deref().map(Settings::from_file).transpose();
+            match file.and_then(|f| flags.clone().or(f.unwrap_or_default()).resolve()) {
+                Ok(c) => {
+                    state
+                        .max_bandwidth_bps
+                        .store(c.max_bandwidth_bps, Ordering::Relaxed);
+                    tracing::info!(
+                        max_bandwidth_bps = c.max_bandwidth_bps,
+                        "configuration reloaded"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
+                }
+            }
+        }
+    });
 }
 
 fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse {
@@ -221,53 +226,8 @@ fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse
             200,
             serde_json::to_string(&crate::metrics::status(state)).expect("serializable"),
         ),
-        (Method::Post, "/bandwidth") => {
-            let rate = String::from_utf8_lossy(&req.body).trim().to_owned();
-            match rate.as_str() {
-                "0" | "none" => {
-                    state.max_bandwidth_bps.store(0, Ordering::Relaxed);
-                    tracing::info!("bandwidth limit removed");
-                    AdminResponse::text(200, "bandwidth limit removed\n")
-                }
-                r => match runtime::units::parse_rate(r) {
-                    Ok(bps) if bps < crate::config::MIN_BANDWIDTH_BPS => AdminResponse::text(
-                        400,
-                        format!("{r} is below 8kbit, the lowest limit (0 lifts it)\n"),
-                    ),
-                    Ok(bps) => {
-                        state.max_bandwidth_bps.store(bps, Ordering::Relaxed);
-                        tracing::info!(max_bandwidth_bps = bps, "bandwidth limit changed");
-                        AdminResponse::text(
-                            200,
-                            format!(
-                                "bandwidth limit set to {}\n",
-                                runtime::units::fmt_rate(bps as f64)
-                            ),
-                        )
-                    }
-                    Err(e) => AdminResponse::text(400, format!("{e}\n")),
-                },
-            }
-        }
-        (Method::Post, "/disks/retire") => {
-            let id = String::from_utf8_lossy(&req.body).trim().to_owned();
-            let Some(disk) = id.parse().ok().and_then(|id| state.disk(id)) else {
-                return AdminResponse::text(
-                    404,
-                    format!("disk {id:?} is not known to this process server\n"),
-                );
-            };
-            match disk.retire() {
-                Ok(()) => AdminResponse::text(
-                    200,
-                    format!(
-                        "disk {} retired: its cache is removed and it is never attached again\n",
-                        disk.attach.disk_id
-                    ),
-                ),
-                Err(e) => AdminResponse::text(409, format!("{e}\n")),
-            }
-        }
+        (Method::Post, "/bandwidth") => set_bandwidth(state, &req.body),
+        (Method::Post, "/disks/retire") => retire(state, &req.body),
         (Method::Get, "/bandwidth") => AdminResponse::text(
             405,
             "the bandwidth limit changes by POST only (process-server set-bandwidth)\n",
@@ -276,5 +236,56 @@ fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse
             404,
             "try GET /metrics, /health or /status, or POST /bandwidth or /disks/retire\n",
         ),
+    }
+}
+
+/// `POST /bandwidth`: a new link limit (`0` or `none` lifts it).
+fn set_bandwidth(state: &State, body: &[u8]) -> AdminResponse {
+    let rate = String::from_utf8_lossy(body).trim().to_owned();
+    match rate.as_str() {
+        "0" | "none" => {
+            state.max_bandwidth_bps.store(0, Ordering::Relaxed);
+            tracing::info!("bandwidth limit removed");
+            AdminResponse::text(200, "bandwidth limit removed\n")
+        }
+        r => match runtime::units::parse_rate(r) {
+            Ok(bps) if bps < crate::config::MIN_BANDWIDTH_BPS => AdminResponse::text(
+                400,
+                format!("{r} is below 8kbit, the lowest limit (0 lifts it)\n"),
+            ),
+            Ok(bps) => {
+                state.max_bandwidth_bps.store(bps, Ordering::Relaxed);
+                tracing::info!(max_bandwidth_bps = bps, "bandwidth limit changed");
+                AdminResponse::text(
+                    200,
+                    format!(
+                        "bandwidth limit set to {}\n",
+                        runtime::units::fmt_rate(bps as f64)
+                    ),
+                )
+            }
+            Err(e) => AdminResponse::text(400, format!("{e}\n")),
+        },
+    }
+}
+
+/// `POST /disks/retire`: a detached disk's cache goes, and it is never attached again.
+fn retire(state: &State, body: &[u8]) -> AdminResponse {
+    let id = String::from_utf8_lossy(body).trim().to_owned();
+    let Some(disk) = id.parse().ok().and_then(|id| state.disk(id)) else {
+        return AdminResponse::text(
+            404,
+            format!("disk {id:?} is not known to this process server\n"),
+        );
+    };
+    match disk.retire() {
+        Ok(()) => AdminResponse::text(
+            200,
+            format!(
+                "disk {} retired: its cache is removed and it is never attached again\n",
+                disk.attach.disk_id
+            ),
+        ),
+        Err(e) => AdminResponse::text(409, format!("{e}\n")),
     }
 }

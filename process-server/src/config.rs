@@ -108,9 +108,9 @@ pub struct Config {
     pub max_bandwidth_bps: u64,
     /// In-flight window in bytes.
     pub window_bytes: u64,
-    /// RPO threshold.
     /// See [`Settings::link_timeout_s`].
     pub link_timeout_s: u64,
+    /// RPO threshold.
     pub rpo_threshold_s: u64,
     /// JSON logs.
     pub log_json: bool,
@@ -154,80 +154,12 @@ impl Settings {
 
     /// Applies defaults and checks values.
     pub fn resolve(self) -> Result<Config> {
-        // One or more master targets, filled in order: a master target takes at most 60
-        // disks, so a larger site lists several.
-        let addrs: Vec<String> = self
-            .master_target
-            .as_deref()
-            .unwrap_or("127.0.0.1:7443")
-            .split(',')
-            .map(|a| a.trim().to_owned())
-            .filter(|a| !a.is_empty())
-            .collect();
-        let names: Vec<String> = self
-            .master_target_name
-            .as_deref()
-            .map(|n| n.split(',').map(|a| a.trim().to_owned()).collect())
-            .unwrap_or_default();
-        if addrs.is_empty() || (!names.is_empty() && names.len() != addrs.len()) {
-            return Err(Error::InvalidParameter {
-                param: "master-target-name",
-                reason: format!(
-                    "{} names for {} master targets: give one per master target, or none",
-                    names.len(),
-                    addrs.len()
-                ),
-            });
-        }
-        let master_targets: Vec<MasterTarget> = addrs
-            .into_iter()
-            .enumerate()
-            .map(|(i, addr)| {
-                let host = addr
-                    .rsplit_once(':')
-                    .map_or(addr.as_str(), |(h, _)| h)
-                    .trim_matches(['[', ']'])
-                    .to_owned();
-                MasterTarget {
-                    name: names.get(i).cloned().unwrap_or(host),
-                    addr,
-                }
-            })
-            .collect();
-        let (level, adaptive_compression) =
-            match self.compression_level.as_deref().unwrap_or("auto") {
-                "auto" => (3, true),
-                l => (
-                    l.parse().map_err(|_| Error::InvalidParameter {
-                        param: "compression-level",
-                        reason: format!("{l:?}: use auto, 0 (none) or 1 to 19"),
-                    })?,
-                    false,
-                ),
-            };
-        if !(0..=19).contains(&level) {
-            return Err(Error::InvalidParameter {
-                param: "compression-level",
-                reason: format!("{level}: use 0 (none) to 19"),
-            });
-        }
-        let max_bandwidth_bps = match self.max_bandwidth.as_deref() {
-            None | Some("0") | Some("") => 0,
-            Some(r) => {
-                let bps =
-                    runtime::units::parse_rate(r).map_err(|reason| Error::InvalidParameter {
-                        param: "max-bandwidth",
-                        reason,
-                    })?;
-                if bps < MIN_BANDWIDTH_BPS {
-                    return Err(Error::InvalidParameter {
-                        param: "max-bandwidth",
-                        reason: format!("{r} is below 8kbit, the lowest limit (0 for none)"),
-                    });
-                }
-                bps
-            }
-        };
+        let master_targets = master_targets(
+            self.master_target.as_deref(),
+            self.master_target_name.as_deref(),
+        )?;
+        let (level, adaptive_compression) = compression(self.compression_level.as_deref())?;
+        let max_bandwidth_bps = bandwidth(self.max_bandwidth.as_deref())?;
         let log_json = runtime::log::parse_log_format(self.log_format.as_deref())?;
         let tls = Path::new("/etc/failback/tls");
         let ca = self.tls_ca.unwrap_or_else(|| tls.join("ca.pem"));
@@ -290,5 +222,86 @@ impl Settings {
             )?,
             log_json,
         })
+    }
+}
+
+/// One or more master targets, filled in order: a master target takes at most 60 disks, so
+/// a larger site lists several (`addrs` comma-separated; `names` one per address, or none:
+/// each address's host).
+fn master_targets(addrs: Option<&str>, names: Option<&str>) -> Result<Vec<MasterTarget>> {
+    let addrs: Vec<String> = addrs
+        .unwrap_or("127.0.0.1:7443")
+        .split(',')
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let names: Vec<String> = names
+        .map(|n| n.split(',').map(|a| a.trim().to_owned()).collect())
+        .unwrap_or_default();
+    if addrs.is_empty() || (!names.is_empty() && names.len() != addrs.len()) {
+        return Err(Error::InvalidParameter {
+            param: "master-target-name",
+            reason: format!(
+                "{} names for {} master targets: give one per master target, or none",
+                names.len(),
+                addrs.len()
+            ),
+        });
+    }
+    Ok(addrs
+        .into_iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let host = addr
+                .rsplit_once(':')
+                .map_or(addr.as_str(), |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_owned();
+            MasterTarget {
+                name: names.get(i).cloned().unwrap_or(host),
+                addr,
+            }
+        })
+        .collect())
+}
+
+/// The zstd level and whether it adapts: `auto` (from 3), 0 (none) or 1 to 19.
+fn compression(level: Option<&str>) -> Result<(i32, bool)> {
+    let (level, adaptive) = match level.unwrap_or("auto") {
+        "auto" => (3, true),
+        l => (
+            l.parse().map_err(|_| Error::InvalidParameter {
+                param: "compression-level",
+                reason: format!("{l:?}: use auto, 0 (none) or 1 to 19"),
+            })?,
+            false,
+        ),
+    };
+    if !(0..=19).contains(&level) {
+        return Err(Error::InvalidParameter {
+            param: "compression-level",
+            reason: format!("{level}: use 0 (none) to 19"),
+        });
+    }
+    Ok((level, adaptive))
+}
+
+/// The link limit in bytes per second (0: none; at least 8 kbit/s).
+fn bandwidth(rate: Option<&str>) -> Result<u64> {
+    match rate {
+        None | Some("0") | Some("") => Ok(0),
+        Some(r) => {
+            let bps = runtime::units::parse_rate(r).map_err(|reason| Error::InvalidParameter {
+                param: "max-bandwidth",
+                reason,
+            })?;
+            if bps < MIN_BANDWIDTH_BPS {
+                return Err(Error::InvalidParameter {
+                    param: "max-bandwidth",
+                    reason: format!("{r} is below 8kbit, the lowest limit (0 for none)"),
+                });
+            }
+            Ok(bps)
+        }
     }
 }

@@ -104,6 +104,15 @@ impl<A, D> Requests<A, D> {
             .push_back((r.request_id, waiter));
     }
 
+    /// Forgets the requests nobody waits for any more (`waiting` says of each waiter).
+    pub fn retain_waiting(&mut self, attach: impl Fn(&A) -> bool, digests: impl Fn(&D) -> bool) {
+        self.attach.retain(|_, (_, a)| attach(a));
+        for queue in self.digests.values_mut() {
+            queue.retain(|(_, d)| digests(d));
+        }
+        self.digests.retain(|_, q| !q.is_empty());
+    }
+
     /// An `Ack` entry of `disk_id`: the answer to its attach, if one is in flight (`None`:
     /// a durability ack of the stream).
     pub fn on_ack(&mut self, disk_id: u64) -> Option<AttachAnswer<A>> {

@@ -276,79 +276,9 @@ impl State {
             std::fs::read_dir(&cfg.cache_dir).ctx(|| format!("list {}", cfg.cache_dir.display()))?
         {
             let e = e.ctx(|| "list cache".into())?;
-            let meta = e.path().join("disk.json");
-            let Ok(bytes) = std::fs::read(&meta) else {
+            let Some(disk) = open_disk(&cfg, &e.path())? else {
                 continue;
             };
-            let m: DiskMeta =
-                serde_json::from_slice(&bytes).map_err(|err| Error::InvalidParameter {
-                    param: "cache",
-                    reason: format!("{}: {err}", meta.display()),
-                })?;
-            let route = if m.master_target.is_empty() {
-                0
-            } else {
-                cfg.master_targets.iter().position(|t| t.addr == m.master_target).ok_or_else(|| Error::InvalidParameter {
-                    param: "master-target",
-                    reason: format!("disk {} replicates to {}, which is no longer configured: add it back to master-target", m.disk_id, m.master_target),
-                })?
-            };
-            let mut uuid = [0u8; 16];
-            for (i, b) in uuid.iter_mut().enumerate() {
-                *b = u8::from_str_radix(m.disk_uuid.get(i * 2..i * 2 + 2).unwrap_or("00"), 16)
-                    .unwrap_or(0);
-            }
-            let attach = DiskAttach {
-                request_id: 0,
-                disk_id: m.disk_id,
-                vm_id: m.vm_id,
-                group_id: m.group_id,
-                disk_uuid: uuid,
-                size_bytes: m.size_bytes,
-                sector_size: m.sector_size,
-                location: if m.alternate {
-                    LocationKind::Alternate
-                } else {
-                    LocationKind::Original
-                },
-                target: m.target,
-            };
-            // What the master target held when the disk was detached: all of it is durable
-            // there, and nothing is shipped again.
-            let detached_lsn = std::fs::read_to_string(e.path().join("detached"))
-                .ok()
-                .and_then(|t| t.trim().rsplit(' ').next()?.parse::<u64>().ok());
-            let cache = DiskCache::open(&e.path(), detached_lsn.unwrap_or(0))?;
-            if !cache.position_known() {
-                tracing::error!(dir = %e.path().display(), "this process server has no record of how far the master target acknowledged this disk (acked-lsn missing or damaged, no segment left): its agents wait until the master target says where the disk stands");
-            }
-            // Everything before the oldest record still cached was acknowledged by the master
-            // target (records leave only then): a lower bound until it says more.
-            let durable_lsn = detached_lsn
-                .unwrap_or_else(|| cache.oldest_lsn().map_or(cache.last_lsn(), |l| l - 1));
-            tracing::info!(
-                disk = attach.disk_id,
-                cached_to_lsn = cache.last_lsn(),
-                cache_bytes = cache.bytes(),
-                "cache opened"
-            );
-            let disk = Disk {
-                attach,
-                cache: Mutex::new(cache),
-                counters: DiskCounters::default(),
-                rpo_alarm: AtomicBool::new(false),
-                resync_required: AtomicBool::new(e.path().join("resync-required").exists()),
-                detached: AtomicBool::new(e.path().join("detached").exists()),
-                retired: AtomicBool::new(e.path().join("retired").exists()),
-                resyncing: AtomicBool::new(false),
-                stream_epoch: AtomicU64::new(0),
-                refused: Mutex::new(None),
-                route,
-                cache_dir: cfg.cache_dir.clone(),
-            };
-            disk.counters
-                .mt_durable_lsn
-                .store(durable_lsn, Ordering::Release);
             disks.insert(disk.attach.disk_id, Arc::new(disk));
         }
         let cfg_level = cfg.compression_level;
@@ -492,4 +422,83 @@ pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The disk kept in cache directory `dir` (`None`: not a disk's directory).
+fn open_disk(cfg: &Config, dir: &Path) -> Result<Option<Disk>> {
+    let meta = dir.join("disk.json");
+    let Ok(bytes) = std::fs::read(&meta) else {
+        return Ok(None);
+    };
+    let m: DiskMeta = serde_json::from_slice(&bytes).map_err(|err| Error::InvalidParameter {
+        param: "cache",
+        reason: format!("{}: {err}", meta.display()),
+    })?;
+    let route = if m.master_target.is_empty() {
+        0
+    } else {
+        cfg.master_targets.iter().position(|t| t.addr == m.master_target).ok_or_else(|| Error::InvalidParameter {
+                param: "master-target",
+                reason: format!("disk {} replicates to {}, which is no longer configured: add it back to master-target", m.disk_id, m.master_target),
+            })?
+    };
+    let mut uuid = [0u8; 16];
+    for (i, b) in uuid.iter_mut().enumerate() {
+        *b = u8::from_str_radix(m.disk_uuid.get(i * 2..i * 2 + 2).unwrap_or("00"), 16).unwrap_or(0);
+    }
+    let attach = DiskAttach {
+        request_id: 0,
+        disk_id: m.disk_id,
+        vm_id: m.vm_id,
+        group_id: m.group_id,
+        disk_uuid: uuid,
+        size_bytes: m.size_bytes,
+        sector_size: m.sector_size,
+        location: if m.alternate {
+            LocationKind::Alternate
+        } else {
+            LocationKind::Original
+        },
+        target: m.target,
+    };
+    // What the master target held when the disk was detached: all of it is durable
+    // there, and nothing is shipped again.
+    let detached_lsn = std::fs::read_to_string(dir.join("detached"))
+        .ok()
+        .and_then(|t| t.trim().rsplit(' ').next()?.parse::<u64>().ok());
+    let cache = DiskCache::open(dir, detached_lsn.unwrap_or(0))?;
+    if !cache.position_known() {
+        tracing::error!(dir = %dir.display(), "this process server has no record of how far the master target acknowledged this disk (acked-lsn missing or damaged, no segment left): its agents wait until the master target says where the disk stands");
+    }
+    // Everything before the oldest record still cached was acknowledged by the master
+    // target (records leave only then): a lower bound until it says more.
+    let durable_lsn =
+        detached_lsn.unwrap_or_else(|| cache.oldest_lsn().map_or(cache.last_lsn(), |l| l - 1));
+    tracing::info!(
+        disk = attach.disk_id,
+        cached_to_lsn = cache.last_lsn(),
+        cache_bytes = cache.bytes(),
+        "cache opened"
+    );
+    let disk = Disk {
+        attach,
+        cache: Mutex::new(cache),
+        counters: DiskCounters::default(),
+        rpo_alarm: AtomicBool::new(false),
+        resync_required: AtomicBool::new(dir.join("resync-required").exists()),
+        detached: AtomicBool::new(dir.join("detached").exists()),
+        retired: AtomicBool::new(dir.join("retired").exists()),
+        resyncing: AtomicBool::new(false),
+        stream_epoch: AtomicU64::new(0),
+        refused: Mutex::new(None),
+        route,
+        cache_dir: cfg.cache_dir.clone(),
+    };
+    disk.counters
+        .mt_durable_lsn
+        .store(durable_lsn, Ordering::Release);
+    disk.counters
+        .mt_durable_lsn
+        .store(durable_lsn, Ordering::Release);
+    Ok(Some(disk))
 }

@@ -134,10 +134,12 @@ async fn session(
         ..
     } = connect(&spec, MessageCodec::default()).await?;
     let mut ship = Ship::default();
-    attach_all(state, index, &mut framed, version, &mut ship).await?;
+    // One numbering of requests for the whole connection.
+    let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
+    attach_all(state, index, &mut framed, &pending, &mut ship).await?;
     up.connected.store(true, Ordering::Release);
     tracing::info!(master_target = %up.target.addr, version, disks = ship.cursor.len(), "link to the master target up");
-    ship_until_down(state, index, requests, framed, version, ship).await
+    ship_until_down(state, index, requests, framed, (version, pending), ship).await
 }
 
 /// Attaches every disk that replicates to this master target, one at a time, and learns
@@ -147,14 +149,14 @@ async fn attach_all(
     state: &State,
     index: usize,
     framed: &mut Link,
-    version: u16,
+    pending: &Pending,
     ship: &mut Ship,
 ) -> Result<()> {
     let disks = state
         .all()
         .into_iter()
         .filter(|d| d.route == index && !d.is_detached());
-    let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
+    let timeout = Duration::from_secs(state.cfg.link_timeout_s);
     for disk in disks {
         let (tx, mut rx) = oneshot::channel();
         let mut a = disk.attach.clone();
@@ -168,11 +170,20 @@ async fn attach_all(
         }
         framed.send(Message::DiskAttach(a)).await?;
         let ship_now = Mutex::new(std::mem::take(ship));
+        // Bounded: a master target that never answers is as dead as one that is silent.
+        let deadline = tokio::time::Instant::now() + timeout;
         let answer = loop {
-            match framed.next().await {
-                Some(Ok(m)) => handle_reply(state, &ship_now, &pending, m)?,
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(Error::MasterTarget("closed while attaching".into())),
+            match tokio::time::timeout_at(deadline, framed.next()).await {
+                Ok(Some(Ok(m))) => handle_reply(state, index, &ship_now, pending, m)?,
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) => return Err(Error::MasterTarget("closed while attaching".into())),
+                Err(_) => {
+                    return Err(Error::MasterTarget(format!(
+                        "no answer to the attach of disk {} in {} s (link-timeout-s); reconnecting",
+                        disk.attach.disk_id,
+                        timeout.as_secs()
+                    )))
+                }
             }
             if let Ok(answer) = rx.try_recv() {
                 break answer;
@@ -244,7 +255,7 @@ impl Waits {
 /// Reads the master target's answers until the link fails; `heard_ms` is when it last
 /// said anything (ms since `began`).
 fn spawn_reader(
-    state: &Arc<State>,
+    (state, index): (&Arc<State>, usize),
     mut reader: FramedRead<tokio::io::ReadHalf<ClientStream>, MessageCodec>,
     ship: &Arc<Mutex<Ship>>,
     pending: &Pending,
@@ -262,7 +273,7 @@ fn spawn_reader(
     tokio::spawn(async move {
         while let Some(m) = reader.next().await {
             heard.store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
-            handle_reply(&st, &sh, &pe, m?)?;
+            handle_reply(&st, index, &sh, &pe, m?)?;
             ak.notify_one();
         }
         Err::<(), Error>(Error::MasterTarget(
@@ -278,7 +289,7 @@ async fn ship_until_down(
     index: usize,
     requests: &mut mpsc::Receiver<UplinkRequest>,
     framed: Link,
-    version: u16,
+    (version, pending): (u16, Pending),
     ship: Ship,
 ) -> Result<()> {
     let parts = framed.into_parts();
@@ -286,12 +297,19 @@ async fn ship_until_down(
     let mut reader = FramedRead::new(rd, MessageCodec::default());
     reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
     let ship = Arc::new(Mutex::new(ship));
-    let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
     let acked = Arc::new(tokio::sync::Notify::new());
     // A link that says nothing for link-timeout-s is dead, however TCP sees it.
     let began = Instant::now();
     let heard_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut reader_task = spawn_reader(state, reader, &ship, &pending, &acked, &heard_ms, began);
+    let mut reader_task = spawn_reader(
+        (state, index),
+        reader,
+        &ship,
+        &pending,
+        &acked,
+        &heard_ms,
+        began,
+    );
     let mut jobs: Jobs = VecDeque::new();
     let parallel = JOBS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut limiter = Limiter::default();
@@ -380,6 +398,9 @@ async fn ship_until_down(
 /// attach of that disk is under way).
 fn start_request(req: UplinkRequest, pending: &Pending, ship: &Mutex<Ship>) -> Option<Message> {
     let mut p = pending.lock().expect("poisoned");
+    // Requesters that gave up (the relay's time limit) wait no more: their entries go, so
+    // the map is bounded by the requests still waited for.
+    p.retain_waiting(|a| !a.is_closed(), |d| !d.is_closed());
     match req {
         UplinkRequest::Attach(mut a, tx) => {
             // One attach of a disk id in flight: its answer is the disk's ack.
@@ -707,7 +728,32 @@ fn on_unsolicited_error(state: &State, ship: &Mutex<Ship>, e: ErrorMsg) -> Resul
     Ok(())
 }
 
-fn handle_reply(state: &State, ship: &Mutex<Ship>, pending: &Pending, m: Message) -> Result<()> {
+/// Whether disk `disk_id` replicates over link `index`: a master target speaks only of
+/// its own disks (one that names another's, by mistake or on purpose, must not trim,
+/// rewind or detach it).
+fn ours(state: &State, index: usize, disk_id: u64) -> bool {
+    state.disk(disk_id).is_some_and(|d| d.route == index)
+}
+
+fn not_ours(index: usize, disk_id: u64, what: &str) {
+    if let Some(suppressed) = LOG_THROTTLE.admit(&format!("not ours {index}")) {
+        tracing::warn!(
+            disk = disk_id,
+            message = what,
+            suppressed,
+            "the master target speaks of a disk that does not replicate to it: ignored"
+        );
+    }
+}
+
+/// Handles one message of the master target on link `index`.
+fn handle_reply(
+    state: &State,
+    index: usize,
+    ship: &Mutex<Ship>,
+    pending: &Pending,
+    m: Message,
+) -> Result<()> {
     match m {
         Message::Ack(a) => {
             for e in a.entries {
@@ -735,10 +781,14 @@ fn handle_reply(state: &State, ship: &Mutex<Ship>, pending: &Pending, m: Message
                             .cursor
                             .insert(e.disk_id, e.durable_lsn + 1);
                     }
-                    None => on_stream_ack(state, ship, e.disk_id, e.durable_lsn)?,
+                    None if ours(state, index, e.disk_id) => {
+                        on_stream_ack(state, ship, e.disk_id, e.durable_lsn)?
+                    }
+                    None => not_ours(index, e.disk_id, "ack"),
                 }
             }
         }
+        Message::Nack(n) if !ours(state, index, n.disk_id) => not_ours(index, n.disk_id, "nack"),
         Message::Nack(n) => {
             let mut s = ship.lock().expect("poisoned");
             // A refusal of the data itself (not a gap's echo) is counted: a record refused
@@ -790,6 +840,9 @@ fn handle_reply(state: &State, ship: &Mutex<Ship>, pending: &Pending, m: Message
                 }
                 ErrorFor::Attach(AttachAnswer::Relayed(tx)) => drop(tx.send(Err(e))),
                 ErrorFor::Digests(tx) => drop(tx.send(Err(e))),
+                ErrorFor::Unsolicited if e.disk_id != 0 && !ours(state, index, e.disk_id) => {
+                    not_ours(index, e.disk_id, "error")
+                }
                 ErrorFor::Unsolicited => on_unsolicited_error(state, ship, e)?,
             }
         }
@@ -922,5 +975,116 @@ mod tests {
             "{:?}",
             done - t0
         );
+    }
+}
+
+#[cfg(test)]
+mod routes {
+    use super::*;
+    use crate::config::{Config, MasterTarget};
+    use wire_protocol::{Ack, AckEntry, DiskAttach, LocationKind, Nack};
+
+    fn two_links(dir: &std::path::Path) -> Arc<State> {
+        let tls = runtime::tls::TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("c.pem"),
+            key: dir.join("c.key"),
+        };
+        let mt = |n: u16| MasterTarget {
+            addr: format!("127.0.0.1:{n}"),
+            name: "127.0.0.1".into(),
+        };
+        let cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            master_targets: vec![mt(1), mt(2)],
+            cache_dir: dir.join("cache"),
+            cache_limit_bytes: Some(1 << 30),
+            tls_server: tls.clone(),
+            tls_client: tls,
+            compression_level: 0,
+            adaptive_compression: false,
+            max_bandwidth_bps: 0,
+            window_bytes: 1 << 20,
+            link_timeout_s: 30,
+            rpo_threshold_s: 900,
+            log_json: false,
+        };
+        std::fs::create_dir_all(&cfg.cache_dir).unwrap();
+        let links = (0..2).map(|_| mpsc::channel(1).0).collect();
+        State::open(cfg, links).unwrap()
+    }
+
+    /// A master target speaks only of its own disks: an ack, a nack or a detach of a disk
+    /// that replicates to another master target (a compromised one, or the same disk id
+    /// elsewhere) trims nothing, rewinds nothing, detaches nothing.
+    #[test]
+    fn a_master_target_cannot_touch_another_ones_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = two_links(dir.path());
+        let attach = DiskAttach {
+            disk_id: 7,
+            vm_id: "vm1".into(),
+            group_id: String::new(),
+            disk_uuid: [7; 16],
+            size_bytes: 1 << 20,
+            sector_size: 512,
+            location: LocationKind::Alternate,
+            target: String::new(),
+            request_id: 0,
+        };
+        let disk = state.add_disk(attach, 0, 1).unwrap(); // replicates over link 1
+        let frame = MessageCodec::default()
+            .encode_to_bytes(&Message::Heartbeat { seq: 1, time_us: 1 })
+            .unwrap();
+        {
+            let mut c = disk.cache.lock().unwrap();
+            c.append(1, 1, 1, &frame).unwrap();
+            c.sync().unwrap();
+        }
+        let ship = Mutex::new(Ship::default());
+        let pending: Pending = Arc::new(Mutex::new(Requests::new(2)));
+        let from_link_0 = [
+            Message::Ack(Ack {
+                entries: vec![AckEntry {
+                    disk_id: 7,
+                    durable_lsn: 1,
+                }],
+            }),
+            Message::Nack(Nack {
+                disk_id: 7,
+                from_lsn: 1,
+                code: ErrorCode::DigestMismatch,
+                reason: "x".into(),
+            }),
+            Message::Error(ErrorMsg {
+                code: ErrorCode::Detached,
+                disk_id: 7,
+                message: "x".into(),
+                request_id: 0,
+            }),
+        ];
+        for m in from_link_0 {
+            handle_reply(&state, 0, &ship, &pending, m).unwrap();
+        }
+        assert!(
+            disk.cache.lock().unwrap().backlog_bytes() > 0,
+            "not trimmed"
+        );
+        assert_eq!(disk.counters.mt_durable_lsn.load(Ordering::Acquire), 0);
+        assert!(!disk.is_detached());
+        assert!(
+            ship.lock().unwrap().cursor.is_empty(),
+            "not shipped over link 0"
+        );
+        // Its own master target may.
+        let ack = Message::Ack(Ack {
+            entries: vec![AckEntry {
+                disk_id: 7,
+                durable_lsn: 1,
+            }],
+        });
+        handle_reply(&state, 1, &ship, &pending, ack).unwrap();
+        assert_eq!(disk.counters.mt_durable_lsn.load(Ordering::Acquire), 1);
     }
 }

@@ -151,7 +151,12 @@ fn encode_value(kind: Kind, value: Value, m: MetricEncoder) -> std::fmt::Result 
     match (kind, value) {
         (Kind::Counter, Value::Int(v)) => ConstCounter::new(v).encode(m),
         (Kind::Counter, Value::Float(v)) => ConstCounter::new(v).encode(m),
-        (Kind::Gauge, Value::Int(v)) => ConstGauge::new(v).encode(m),
+        // prometheus-client writes u64 gauges as i64 and fails past i64::MAX (an LSN or a
+        // rate a peer or an operator set that high): those go out as floats.
+        (Kind::Gauge, Value::Int(v)) => match i64::try_from(v) {
+            Ok(v) => ConstGauge::new(v).encode(m),
+            Err(_) => ConstGauge::new(v as f64).encode(m),
+        },
         (Kind::Gauge, Value::Signed(v)) => ConstGauge::new(v).encode(m),
         (Kind::Counter, Value::Signed(v)) => {
             unreachable!("a counter never goes negative: {v}")
@@ -213,6 +218,7 @@ mod tests {
             )],
         );
         e.single("t_ratio", Kind::Gauge, "A ratio.", Value::Float(0.5));
+        e.single("t_huge", Kind::Gauge, "Past i64.", Value::Int(u64::MAX));
         let text = e.render();
         assert!(
             text.contains("# TYPE t_limit_bytes gauge\nt_limit_bytes 1000000\n"),
@@ -224,6 +230,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("t_ratio 0.5\n"), "{text}");
+        let huge: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("t_huge "))
+            .and_then(|v| v.parse().ok())
+            .expect("a number");
+        assert!(huge >= u64::MAX as f64 * 0.999, "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
         // No sample line was split or forged by the hostile label.
         assert_eq!(text.lines().filter(|l| l.starts_with("t_bytes")).count(), 1);

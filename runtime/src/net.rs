@@ -210,8 +210,14 @@ fn error_frame(code: ErrorCode, message: String) -> Message {
 
 impl Gate {
     fn refuse(&self, counter: &AtomicU64, peer: SocketAddr, why: &str) {
+        self.refuse_as(counter, peer, why, why);
+    }
+
+    /// Counts and logs a refusal; its log lines are throttled by `kind`, so words a peer
+    /// chooses (a node id's length, a role) cannot make every refusal a line of its own.
+    fn refuse_as(&self, counter: &AtomicU64, peer: SocketAddr, kind: &str, why: &str) {
         counter.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.throttle.admit(why) {
+        if let Some(suppressed) = self.throttle.admit(kind) {
             tracing::warn!(service = self.policy.service, %peer, suppressed, "connection refused: {why}");
         }
     }
@@ -286,11 +292,12 @@ impl Gate {
         let (version, hello) = match handshake::accept(first, hello_role, &identity.to_string()) {
             Ok(v) => v,
             Err(refusal) => {
-                let counter = match refusal {
-                    Refusal::Version(_) => &r.version,
-                    Refusal::Malformed(_) | Refusal::Forbidden(_) => &r.forbidden,
+                let (counter, kind) = match refusal {
+                    Refusal::Version(_) => (&r.version, "hello: version"),
+                    Refusal::Malformed(_) => (&r.forbidden, "hello: malformed"),
+                    Refusal::Forbidden(_) => (&r.forbidden, "hello: role"),
                 };
-                self.refuse(counter, peer, refusal.reason());
+                self.refuse_as(counter, peer, kind, refusal.reason());
                 let _ = framed.send(refusal.message()).await;
                 return None;
             }

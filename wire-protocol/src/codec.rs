@@ -196,13 +196,17 @@ impl Encoder<&Message> for MessageCodec {
         let mut flags = 0;
         if let Compression::Zstd(level) = self.compression {
             if raw_len >= MIN_COMPRESS_LEN {
-                let c = match &mut self.compressor {
-                    Some(c) => c,
-                    None => self
-                        .compressor
-                        .insert(zstd::bulk::Compressor::new(level).map_err(Error::Io)?),
-                };
-                let out = c.compress(&dst[payload_at..]).map_err(Error::Io)?;
+                let compressed = match &mut self.compressor {
+                    Some(c) => Ok(c),
+                    None => zstd::bulk::Compressor::new(level).map(|c| self.compressor.insert(c)),
+                }
+                .and_then(|c| c.compress(&dst[payload_at..]));
+                // Nothing of a message that fails to encode stays in the buffer: the frames
+                // before it must go out whole, and nothing after a torn one.
+                let out = compressed.map_err(|e| {
+                    dst.truncate(start);
+                    Error::Io(e)
+                })?;
                 if out.len() <= raw_len - raw_len / MIN_SAVING_DIVISOR {
                     dst.truncate(payload_at);
                     dst.extend_from_slice(&out);

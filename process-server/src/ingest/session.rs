@@ -205,8 +205,10 @@ impl Conn {
         }
         replies.extend(resync_notices(&self.state, &self.attached, &mut self.told));
         let (ack, failures) = group_commit(&self.state, &touched);
+        // The ack first, then the answers in the order of the requests (a version-1 agent
+        // matches answers by order), then what failed to become durable.
         Ok(Outcome::Replies(
-            ack.into_iter().chain(failures).chain(replies).collect(),
+            ack.into_iter().chain(replies).chain(failures).collect(),
         ))
     }
 
