@@ -284,6 +284,27 @@ fn frame_whole(bytes: &[u8]) -> bool {
     matches!(FrameCodec::default().decode(&mut buf), Ok(Some(_)) if buf.is_empty())
 }
 
+/// Where a segment read at open ends, its good part ending at `good` of `len` bytes: a
+/// sealed segment keeps its damaged end (its range is lost), the last segment's torn tail
+/// (never acknowledged) is cut off.
+fn end_segment(fs: &dyn FileSystem, path: &Path, good: u64, len: u64, last: bool) -> Result<u64> {
+    if good == len {
+        return Ok(len);
+    }
+    if !last {
+        tracing::error!(segment = %path.display(), offset = good, "corrupt cache record at the end of a sealed segment; its range is marked lost");
+        return Ok(len);
+    }
+    tracing::warn!(segment = %path.display(), offset = good, "truncating a torn cache tail (never acknowledged)");
+    let w = fs
+        .open(path, OpenMode::ReadWrite)
+        .ctx(|| format!("open {}", path.display()))?;
+    w.set_len(good)
+        .ctx(|| format!("truncate {}", path.display()))?;
+    w.sync_all().ctx(|| format!("fsync {}", path.display()))?;
+    Ok(good)
+}
+
 /// What the segments read so far at open say.
 struct Scan {
     /// Records indexed, in file order.
@@ -410,22 +431,8 @@ impl DiskCache {
             let data = read_all(&*fs, &path).ctx(|| format!("read {}", path.display()))?;
             let len = data.len() as u64;
             let last_segment = i + 1 == seqs.len();
-            let mut pos = scan.segment(seq, &data, last_segment, &path) as u64;
-            if pos < len {
-                if !last_segment {
-                    tracing::error!(segment = %path.display(), offset = pos, "corrupt cache record at the end of a sealed segment; its range is marked lost");
-                    pos = len;
-                } else {
-                    tracing::warn!(segment = %path.display(), offset = pos, "truncating a torn cache tail (never acknowledged)");
-                    let w = fs
-                        .open(&path, OpenMode::ReadWrite)
-                        .ctx(|| format!("open {}", path.display()))?;
-                    w.set_len(pos)
-                        .ctx(|| format!("truncate {}", path.display()))?;
-                    w.sync_all().ctx(|| format!("fsync {}", path.display()))?;
-                }
-            }
-            segs.push((seq, pos));
+            let good = scan.segment(seq, &data, last_segment, &path) as u64;
+            segs.push((seq, end_segment(&*fs, &path, good, len, last_segment)?));
         }
         let Scan {
             entries,

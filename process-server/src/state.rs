@@ -442,10 +442,7 @@ fn open_disk(cfg: &Config, dir: &Path) -> Result<Option<Disk>> {
                 reason: format!("disk {} replicates to {}, which is no longer configured: add it back to master-target", m.disk_id, m.master_target),
             })?
     };
-    let mut uuid = [0u8; 16];
-    for (i, b) in uuid.iter_mut().enumerate() {
-        *b = u8::from_str_radix(m.disk_uuid.get(i * 2..i * 2 + 2).unwrap_or("00"), 16).unwrap_or(0);
-    }
+    let uuid = uuid_from_hex(&m.disk_uuid);
     let attach = DiskAttach {
         request_id: 0,
         disk_id: m.disk_id,
@@ -501,4 +498,13 @@ fn open_disk(cfg: &Config, dir: &Path) -> Result<Option<Disk>> {
         .mt_durable_lsn
         .store(durable_lsn, Ordering::Release);
     Ok(Some(disk))
+}
+
+/// The 16 bytes of a UUID kept as 32 hex digits (a digit pair that does not parse: 0).
+fn uuid_from_hex(hex: &str) -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    for (i, b) in uuid.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(i * 2..i * 2 + 2).unwrap_or("00"), 16).unwrap_or(0);
+    }
+    uuid
 }

@@ -331,11 +331,9 @@ async fn ship_until_down(
         cpu: Duration::ZERO,
         since: Instant::now(),
     };
-    let mut beat = tokio::time::interval(Duration::from_millis(timeout_ms / 4));
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = every(Duration::from_millis(timeout_ms / 4));
     let mut beat_seq = 0u64;
-    let mut retry = tokio::time::interval(Duration::from_millis(REATTACH_EVERY_MS));
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     loop {
         fill(state, &ship, &mut jobs, parallel, version);
         waits.adapt(state);
@@ -357,9 +355,7 @@ async fn ship_until_down(
                 let sending = Instant::now();
                 send_paced(&mut out.wr, &s.frame, &state.max_bandwidth_bps, &mut limiter, timeout_ms).await?;
                 waits.link += sending.elapsed();
-                s.disk.counters.wire_bytes.fetch_add(s.frame.len() as u64, Ordering::Relaxed);
-                s.disk.counters.logical_bytes_shipped.fetch_add(s.logical, Ordering::Relaxed);
-                s.disk.counters.coalesced_bytes.fetch_add(s.coalesced, Ordering::Relaxed);
+                s.count();
             }
             _ = state.work.notified(), if jobs.is_empty() => {}
             _ = acked.notified(), if jobs.is_empty() => {
@@ -374,14 +370,7 @@ async fn ship_until_down(
                 }
             }
             _ = beat.tick() => {
-                let silent_ms = (began.elapsed().as_millis() as u64)
-                    .saturating_sub(heard_ms.load(Ordering::Relaxed));
-                if silent_ms > timeout_ms {
-                    return Err(Error::MasterTarget(format!(
-                        "no word from the master target for {} s (link-timeout-s): the link is dead; reconnecting",
-                        silent_ms / 1000
-                    )));
-                }
+                alive(began, &heard_ms, timeout_ms)?;
                 beat_seq += 1;
                 out.send(&Message::Heartbeat { seq: beat_seq, time_us: crate::state::now_us() }).await?;
             }
@@ -464,12 +453,46 @@ async fn within(
     }
 }
 
+/// A timer that skips the ticks it missed.
+fn every(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
 /// One record made ready for the link.
 struct Shipped {
     disk: Arc<Disk>,
     frame: Bytes,
     logical: u64,
     coalesced: u64,
+}
+
+impl Shipped {
+    /// Counts the record as put on the link.
+    fn count(&self) {
+        let c = &self.disk.counters;
+        c.wire_bytes
+            .fetch_add(self.frame.len() as u64, Ordering::Relaxed);
+        c.logical_bytes_shipped
+            .fetch_add(self.logical, Ordering::Relaxed);
+        c.coalesced_bytes
+            .fetch_add(self.coalesced, Ordering::Relaxed);
+    }
+}
+
+/// The link is dead once the master target has said nothing for the link timeout (ms since
+/// `began` when it last spoke in `heard_ms`), however TCP sees it.
+fn alive(began: Instant, heard_ms: &std::sync::atomic::AtomicU64, timeout_ms: u64) -> Result<()> {
+    let silent_ms =
+        (began.elapsed().as_millis() as u64).saturating_sub(heard_ms.load(Ordering::Relaxed));
+    if silent_ms > timeout_ms {
+        return Err(Error::MasterTarget(format!(
+            "no word from the master target for {} s (link-timeout-s): the link is dead; reconnecting",
+            silent_ms / 1000
+        )));
+    }
+    Ok(())
 }
 
 fn fill(
@@ -746,6 +769,82 @@ fn not_ours(index: usize, disk_id: u64, what: &str) {
     }
 }
 
+/// An ack: the answer to an attach of the disk, or how far the master target holds it.
+fn on_ack(
+    state: &State,
+    index: usize,
+    ship: &Mutex<Ship>,
+    pending: &Pending,
+    a: wire_protocol::Ack,
+) -> Result<()> {
+    for e in a.entries {
+        let answer = pending.lock().expect("poisoned").on_ack(e.disk_id);
+        match answer {
+            Some(AttachAnswer::Reattach) => {
+                if let Some(disk) = state.disk(e.disk_id) {
+                    tracing::info!(
+                        disk = e.disk_id,
+                        durable_lsn = e.durable_lsn,
+                        "the master target takes the disk again"
+                    );
+                    attached(
+                        state,
+                        &mut ship.lock().expect("poisoned"),
+                        &disk,
+                        e.durable_lsn,
+                    )?;
+                }
+            }
+            Some(AttachAnswer::Relayed(tx)) => {
+                let _ = tx.send(Ok(e.durable_lsn));
+                ship.lock()
+                    .expect("poisoned")
+                    .cursor
+                    .insert(e.disk_id, e.durable_lsn + 1);
+            }
+            None if ours(state, index, e.disk_id) => {
+                on_stream_ack(state, ship, e.disk_id, e.durable_lsn)?
+            }
+            None => not_ours(index, e.disk_id, "ack"),
+        }
+    }
+    Ok(())
+}
+
+/// A nack: resend the disk's stream from an LSN (a record refused again and again is lost).
+fn on_nack(state: &State, ship: &Mutex<Ship>, n: wire_protocol::Nack) {
+    let mut s = ship.lock().expect("poisoned");
+    // A refusal of the data itself (not a gap's echo) is counted: a record refused
+    // again and again is lost here (its range ships as a resync marker, the agent
+    // resyncs), never resent forever.
+    if n.code != ErrorCode::LsnGap {
+        let count = s.refusals.entry((n.disk_id, n.from_lsn)).or_insert(0);
+        *count += 1;
+        if *count >= MAX_REFUSALS_PER_LSN {
+            s.refusals.remove(&(n.disk_id, n.from_lsn));
+            if let Some(d) = state.disk(n.disk_id) {
+                tracing::error!(disk = n.disk_id, lsn = n.from_lsn, reason = %n.reason, "the master target refuses a cached record again and again: it is dropped as lost and the agent resyncs the disk");
+                d.cache.lock().expect("poisoned").mark_lost(n.from_lsn);
+            }
+        }
+        s.last_rewind.remove(&n.disk_id);
+    }
+    if s.last_rewind.get(&n.disk_id) != Some(&n.from_lsn) {
+        if let Some(suppressed) = LOG_THROTTLE.admit(&format!("nack {}", n.disk_id)) {
+            tracing::warn!(disk = n.disk_id, from_lsn = n.from_lsn, reason = %n.reason, suppressed, "master target asks for a resend");
+        }
+        s.last_rewind.insert(n.disk_id, n.from_lsn);
+        s.cursor.insert(n.disk_id, n.from_lsn);
+        let mut freed = 0;
+        s.in_flight.retain(|&(d, last, bytes)| {
+            let drop = d == n.disk_id && last >= n.from_lsn;
+            freed += if drop { bytes } else { 0 };
+            !drop
+        });
+        s.in_flight_bytes -= freed;
+    }
+}
+
 /// Handles one message of the master target on link `index`.
 fn handle_reply(
     state: &State,
@@ -755,72 +854,9 @@ fn handle_reply(
     m: Message,
 ) -> Result<()> {
     match m {
-        Message::Ack(a) => {
-            for e in a.entries {
-                let answer = pending.lock().expect("poisoned").on_ack(e.disk_id);
-                match answer {
-                    Some(AttachAnswer::Reattach) => {
-                        if let Some(disk) = state.disk(e.disk_id) {
-                            tracing::info!(
-                                disk = e.disk_id,
-                                durable_lsn = e.durable_lsn,
-                                "the master target takes the disk again"
-                            );
-                            attached(
-                                state,
-                                &mut ship.lock().expect("poisoned"),
-                                &disk,
-                                e.durable_lsn,
-                            )?;
-                        }
-                    }
-                    Some(AttachAnswer::Relayed(tx)) => {
-                        let _ = tx.send(Ok(e.durable_lsn));
-                        ship.lock()
-                            .expect("poisoned")
-                            .cursor
-                            .insert(e.disk_id, e.durable_lsn + 1);
-                    }
-                    None if ours(state, index, e.disk_id) => {
-                        on_stream_ack(state, ship, e.disk_id, e.durable_lsn)?
-                    }
-                    None => not_ours(index, e.disk_id, "ack"),
-                }
-            }
-        }
+        Message::Ack(a) => on_ack(state, index, ship, pending, a)?,
         Message::Nack(n) if !ours(state, index, n.disk_id) => not_ours(index, n.disk_id, "nack"),
-        Message::Nack(n) => {
-            let mut s = ship.lock().expect("poisoned");
-            // A refusal of the data itself (not a gap's echo) is counted: a record refused
-            // again and again is lost here (its range ships as a resync marker, the agent
-            // resyncs), never resent forever.
-            if n.code != ErrorCode::LsnGap {
-                let count = s.refusals.entry((n.disk_id, n.from_lsn)).or_insert(0);
-                *count += 1;
-                if *count >= MAX_REFUSALS_PER_LSN {
-                    s.refusals.remove(&(n.disk_id, n.from_lsn));
-                    if let Some(d) = state.disk(n.disk_id) {
-                        tracing::error!(disk = n.disk_id, lsn = n.from_lsn, reason = %n.reason, "the master target refuses a cached record again and again: it is dropped as lost and the agent resyncs the disk");
-                        d.cache.lock().expect("poisoned").mark_lost(n.from_lsn);
-                    }
-                }
-                s.last_rewind.remove(&n.disk_id);
-            }
-            if s.last_rewind.get(&n.disk_id) != Some(&n.from_lsn) {
-                if let Some(suppressed) = LOG_THROTTLE.admit(&format!("nack {}", n.disk_id)) {
-                    tracing::warn!(disk = n.disk_id, from_lsn = n.from_lsn, reason = %n.reason, suppressed, "master target asks for a resend");
-                }
-                s.last_rewind.insert(n.disk_id, n.from_lsn);
-                s.cursor.insert(n.disk_id, n.from_lsn);
-                let mut freed = 0;
-                s.in_flight.retain(|&(d, last, bytes)| {
-                    let drop = d == n.disk_id && last >= n.from_lsn;
-                    freed += if drop { bytes } else { 0 };
-                    !drop
-                });
-                s.in_flight_bytes -= freed;
-            }
-        }
+        Message::Nack(n) => on_nack(state, ship, n),
         Message::DigestList(l) => {
             if let Some(tx) = pending.lock().expect("poisoned").on_digests(&l) {
                 let _ = tx.send(Ok(l));

@@ -222,14 +222,14 @@ impl Gate {
         }
     }
 
-    /// TLS, identity, Hello, slot: a [`Peer`] and its slot, or `None` once the refusal is
-    /// logged.
-    async fn admit(
+    /// TLS, then the certificate's identity, which must be of a role this service takes:
+    /// the framed stream, the identity and the role its Hello must announce.
+    async fn identify(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
         acceptor: TlsAcceptor,
-    ) -> Option<(Peer, Slot)> {
+    ) -> Option<(Framed<ServerStream, MessageCodec>, Identity, Role)> {
         let _ = tcp.set_nodelay(true);
         let r = &self.refusals;
         let tls = match tokio::time::timeout(
@@ -272,6 +272,19 @@ impl Gate {
             let _ = framed.send(error_frame(ErrorCode::Forbidden, why)).await;
             return None;
         };
+        Some((framed, identity, hello_role))
+    }
+
+    /// TLS, identity, Hello, slot: a [`Peer`] and its slot, or `None` once the refusal is
+    /// logged.
+    async fn admit(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        acceptor: TlsAcceptor,
+    ) -> Option<(Peer, Slot)> {
+        let r = &self.refusals;
+        let (mut framed, identity, hello_role) = self.identify(tcp, peer, acceptor).await?;
         let first = match tokio::time::timeout(
             Duration::from_millis(HELLO_TIMEOUT_MS),
             framed.next(),
@@ -464,10 +477,8 @@ fn classify(addr: &str, server_name: &str, e: &std::io::Error) -> Error {
     }
 }
 
-/// Connects, completes TLS (checking the server's role), exchanges Hellos and negotiates
-/// the version, each step under its timeout. An `Error` frame in answer becomes
-/// [`Error::Refused`] with its code.
-pub async fn connect(spec: &ClientSpec, codec: MessageCodec) -> Result<Connected> {
+/// TCP, then TLS with the server, whose certificate must be of the role `spec` expects.
+async fn tls_to(spec: &ClientSpec) -> Result<(ClientStream, Identity)> {
     let tcp = tokio::time::timeout(
         Duration::from_millis(CONNECT_TIMEOUT_MS),
         TcpStream::connect(&spec.addr),
@@ -498,6 +509,14 @@ pub async fn connect(spec: &ClientSpec, codec: MessageCodec) -> Result<Connected
             permanent: true,
         });
     }
+    Ok((tls, identity))
+}
+
+/// Connects, completes TLS (checking the server's role), exchanges Hellos and negotiates
+/// the version, each step under its timeout. An `Error` frame in answer becomes
+/// [`Error::Refused`] with its code.
+pub async fn connect(spec: &ClientSpec, codec: MessageCodec) -> Result<Connected> {
+    let (tls, identity) = tls_to(spec).await?;
     let mut framed = Framed::new(tls, codec);
     framed
         .send(Message::Hello(handshake::hello(spec.role, &spec.node_id)))
