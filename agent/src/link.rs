@@ -164,31 +164,7 @@ impl Link {
         framed.send(Message::DiskAttach(attach)).await?;
         let answer =
             tokio::time::timeout(Duration::from_millis(ATTACH_TIMEOUT_MS), framed.next()).await;
-        let resume = match answer {
-            Ok(Some(Ok(Message::Ack(a)))) => a.entries.first().map_or(0, |e| e.durable_lsn),
-            Ok(Some(Ok(Message::Error(e)))) => {
-                return Err(Error::Peer {
-                    code: e.code,
-                    message: format!(
-                        "attach of disk {} refused: {}",
-                        self.attach.disk_id, e.message
-                    ),
-                });
-            }
-            Ok(Some(Ok(m))) => {
-                return Err(Error::Refused(format!(
-                    "attach: unexpected answer {}",
-                    m.name()
-                )))
-            }
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(None) => {
-                return Err(Error::Refused(
-                    "the process server closed the link while attaching".into(),
-                ))
-            }
-            Err(_) => return Err(Error::Refused("no answer to the attach in time".into())),
-        };
+        let resume = self.resume_point(answer)?;
         let (sink, mut stream) = framed.split();
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {
@@ -227,6 +203,36 @@ impl Link {
             "linked to the process server"
         );
         Ok(resume)
+    }
+
+    /// Where the stream resumes, from the process server's answer to the attach: the
+    /// highest LSN it holds of the disk, or why not.
+    fn resume_point(
+        &self,
+        answer: std::result::Result<
+            Option<wire_protocol::Result<Message>>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<u64> {
+        match answer {
+            Ok(Some(Ok(Message::Ack(a)))) => Ok(a.entries.first().map_or(0, |e| e.durable_lsn)),
+            Ok(Some(Ok(Message::Error(e)))) => Err(Error::Peer {
+                code: e.code,
+                message: format!(
+                    "attach of disk {} refused: {}",
+                    self.attach.disk_id, e.message
+                ),
+            }),
+            Ok(Some(Ok(m))) => Err(Error::Refused(format!(
+                "attach: unexpected answer {}",
+                m.name()
+            ))),
+            Ok(Some(Err(e))) => Err(e.into()),
+            Ok(None) => Err(Error::Refused(
+                "the process server closed the link while attaching".into(),
+            )),
+            Err(_) => Err(Error::Refused("no answer to the attach in time".into())),
+        }
     }
 
     /// Tries to reconnect if the link is down and the backoff allows. Returns whether up.

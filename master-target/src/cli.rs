@@ -155,6 +155,13 @@ fn fmt_time(us: u64) -> String {
         .to_string()
 }
 
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().map_err(|e| crate::error::Error::Io {
+        context: "start runtime".into(),
+        source: e,
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
@@ -163,11 +170,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = settings(config, s)?;
             runtime::log::init_logging(cfg.log_json);
-            let rt = tokio::runtime::Runtime::new().map_err(|e| crate::error::Error::Io {
-                context: "start runtime".into(),
-                source: e,
-            })?;
-            rt.block_on(serve(cfg))
+            tokio_runtime()?.block_on(serve(cfg))
         }
         Command::Points {
             config,
@@ -191,16 +194,9 @@ fn run(cli: Cli) -> Result<()> {
                     .map_or(connect.as_str(), |(h, _)| h)
                     .to_owned()
             });
-            let rt = tokio::runtime::Runtime::new().map_err(|e| crate::error::Error::Io {
-                context: "start runtime".into(),
-                source: e,
-            })?;
-            let lsn = rt.block_on(crate::admin::detach(
-                &connect,
-                &name,
-                &runtime::tls::TlsFiles::of_role(&tls_dir, runtime::tls::PeerRole::Operator),
-                disk,
-            ))?;
+            let files = runtime::tls::TlsFiles::of_role(&tls_dir, runtime::tls::PeerRole::Operator);
+            let lsn =
+                tokio_runtime()?.block_on(crate::admin::detach(&connect, &name, &files, disk))?;
             println!("disk {disk} detached at lsn {lsn}; its lock is released and the on-premises VM can boot from it");
             Ok(())
         }
@@ -208,12 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             settings: s,
             disk,
-        } => {
-            let cfg = offline_settings(config, s)?;
-            let (lsn, aside) = export::recover_journal(&cfg.data_dir, &cfg.retention_dir, disk)?;
-            println!("disk {disk}: the damaged journal is kept at {}; a new one starts at lsn {lsn} (the disk as of its last commit; earlier points are gone). The process server's next attach serves the disk again.", aside.display());
-            Ok(())
-        }
+        } => recover_journal(offline_settings(config, s)?, disk),
         Command::Export {
             config,
             settings: s,
@@ -243,6 +234,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `master-target recover-journal`: a damaged journal set aside, a new one begun.
+fn recover_journal(cfg: crate::config::Config, disk: u64) -> Result<()> {
+    let (lsn, aside) = export::recover_journal(&cfg.data_dir, &cfg.retention_dir, disk)?;
+    println!("disk {disk}: the damaged journal is kept at {}; a new one starts at lsn {lsn} (the disk as of its last commit; earlier points are gone). The process server's next attach serves the disk again.", aside.display());
+    Ok(())
 }
 
 /// `master-target points`: each disk's points, as a table or one JSON object per line.

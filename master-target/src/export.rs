@@ -416,6 +416,20 @@ fn rehash(
     Ok(())
 }
 
+/// The UUID of an exported VMDK: a disk of its own (a second disk with the replicated disk's
+/// UUID beside it would make the next reprotect refuse both), unless the export is to
+/// replace the disk (`keep`).
+fn export_uuid(replicated: &str, lsn: u64, keep: bool) -> [u8; 16] {
+    if keep {
+        return crate::registry::uuid_bytes(replicated);
+    }
+    let seed = format!("{replicated}/{lsn}/{:?}", std::time::SystemTime::now());
+    *blake3::hash(seed.as_bytes())
+        .as_bytes()
+        .first_chunk::<16>()
+        .expect("32 bytes")
+}
+
 /// Writes disk `disk_id` as it was at `sel` into `out` (and, for a VMDK, its flat extent
 /// beside it). Returns what was written.
 pub fn export(
@@ -481,24 +495,7 @@ pub fn export(
     guard.0 = None;
     let mut files = vec![data_out.clone()];
     if format == Format::Vmdk {
-        // A disk of its own: a second disk with the replicated disk's UUID beside it would
-        // make the next reprotect refuse both (unless the export is to replace it).
-        let uuid = if opts.keep_uuid {
-            crate::registry::uuid_bytes(&rec.uuid)
-        } else {
-            *blake3::hash(
-                format!(
-                    "{}/{}/{:?}",
-                    rec.uuid,
-                    point.lsn,
-                    std::time::SystemTime::now()
-                )
-                .as_bytes(),
-            )
-            .as_bytes()
-            .first_chunk::<16>()
-            .expect("32 bytes")
-        };
+        let uuid = export_uuid(&rec.uuid, point.lsn, opts.keep_uuid);
         let flat_name = data_out
             .file_name()
             .and_then(|s| s.to_str())

@@ -284,6 +284,20 @@ fn frame_whole(bytes: &[u8]) -> bool {
     matches!(FrameCodec::default().decode(&mut buf), Ok(Some(_)) if buf.is_empty())
 }
 
+/// The numbers of the segments in `dir` (made if missing), oldest first.
+fn segment_numbers(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u32>> {
+    fs.create_dir_all(dir)
+        .ctx(|| format!("create cache directory {}", dir.display()))?;
+    let mut seqs: Vec<u32> = fs
+        .list(dir)
+        .ctx(|| format!("list {}", dir.display()))?
+        .iter()
+        .filter_map(|n| n.strip_prefix("seg-")?.strip_suffix(".fbc")?.parse().ok())
+        .collect();
+    seqs.sort();
+    Ok(seqs)
+}
+
 /// Where a segment read at open ends, its good part ending at `good` of `len` bytes: a
 /// sealed segment keeps its damaged end (its range is lost), the last segment's torn tail
 /// (never acknowledged) is cut off.
@@ -335,6 +349,16 @@ fn last_mark_end(data: &[u8]) -> usize {
 }
 
 impl Scan {
+    /// Nothing read yet; the disk's position known so far is `seen`.
+    fn new(seen: u64) -> Scan {
+        Scan {
+            entries: std::collections::VecDeque::new(),
+            acked_through: 0,
+            seen,
+            skipped: 0,
+        }
+    }
+
     /// Indexes segment `seq`'s records; returns where its good part ends.
     fn segment(&mut self, seq: u32, data: &[u8], last_segment: bool, path: &Path) -> usize {
         let mut p = 0usize;
@@ -409,22 +433,9 @@ impl DiskCache {
 
     /// [`DiskCache::open`] on any [`FileSystem`] (the simulator's).
     pub fn open_in(fs: Arc<dyn FileSystem>, dir: &Path, trimmed_lsn: u64) -> Result<DiskCache> {
-        fs.create_dir_all(dir)
-            .ctx(|| format!("create cache directory {}", dir.display()))?;
-        let mut seqs: Vec<u32> = fs
-            .list(dir)
-            .ctx(|| format!("list {}", dir.display()))?
-            .iter()
-            .filter_map(|n| n.strip_prefix("seg-")?.strip_suffix(".fbc")?.parse().ok())
-            .collect();
-        seqs.sort();
+        let seqs = segment_numbers(&*fs, dir)?;
         let acked_file = read_acked(&*fs, dir);
-        let mut scan = Scan {
-            entries: std::collections::VecDeque::new(),
-            acked_through: 0,
-            seen: acked_file.unwrap_or(0).max(trimmed_lsn),
-            skipped: 0,
-        };
+        let mut scan = Scan::new(acked_file.unwrap_or(0).max(trimmed_lsn));
         let mut segs = Vec::new();
         for (i, &seq) in seqs.iter().enumerate() {
             let path = seg_path(dir, seq);
