@@ -274,6 +274,25 @@ mod tests {
         assert_eq!(r.on_ack(1), Some(AttachAnswer::Reattach));
     }
 
+    /// Requesters that gave up (the relay's time limit) are forgotten, so the map stays
+    /// bounded by those still waiting, and a later attach of the disk is not "busy".
+    #[test]
+    fn waiters_that_gave_up_are_forgotten() {
+        let mut r: Requests<bool, bool> = Requests::new(2);
+        r.start_attach(&mut attach(1), false).unwrap();
+        let (mut d1, mut d2) = (digests(1), digests(1));
+        r.start_digests(&mut d1, false);
+        r.start_digests(&mut d2, true);
+        r.retain_waiting(|a| *a, |d| *d);
+        assert!(!r.attaching(1));
+        assert!(r.start_attach(&mut attach(1), true).is_ok());
+        assert_eq!(r.on_error(&error(1, d1.request_id)), ErrorFor::Unsolicited);
+        assert_eq!(
+            r.on_error(&error(1, d2.request_id)),
+            ErrorFor::Digests(true)
+        );
+    }
+
     /// A version-1 master target sends no ids: answers match by disk and order, as before.
     #[test]
     fn version_1_matches_by_disk_and_order() {
