@@ -1,28 +1,23 @@
 //! The agent's engine: captures writes into batches with LSNs, takes bookmarks with disk
 //! digests, falls back to a dirty-region bitmap in long outages, and resyncs.
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use wire_protocol::{Bookmark, BookmarkKind, DigestRequest, Message, Write, WriteBatch};
+use wire_protocol::{Bookmark, BookmarkKind, DigestRequest, Message};
 
 use crate::control;
 use crate::error::{Error, IoContext, Result};
 use crate::link::{Link, Sent};
 use crate::source::{hex, SourceDisk, DIGEST_BLOCK_BYTES};
+use crate::stream::{Batcher, Dirty};
 use tokio::sync::mpsc;
-use wire_protocol::message::{MAX_BATCH_DATA_LEN, MAX_WRITES_PER_BATCH};
+use wire_protocol::message::MAX_BATCH_DATA_LEN;
 
-/// A batch is sent once it holds this much data (1 MiB batches compress best with zstd and
-/// keep per-batch overhead far below 0.1%).
-pub const BATCH_BYTES: usize = 1 << 20;
-/// ... or this many writes.
-pub const BATCH_WRITES: usize = 1024;
-const _: () = assert!(BATCH_BYTES <= MAX_BATCH_DATA_LEN && BATCH_WRITES <= MAX_WRITES_PER_BATCH);
+pub use crate::stream::{BATCH_BYTES, BATCH_WRITES};
 const _: () = assert!(
     DIGEST_BLOCK_BYTES as usize <= MAX_BATCH_DATA_LEN,
     "a resync block fits a batch"
@@ -120,10 +115,10 @@ pub struct Engine {
     /// The source disk.
     pub source: SourceDisk,
     disk_id: u64,
-    batch: Vec<Write>,
-    batch_bytes: usize,
-    next_lsn: u64,
-    dirty: BTreeSet<u64>,
+    /// Writes waiting for a batch, and LSN numbering.
+    batcher: Batcher,
+    /// Blocks written while the link was down and the buffer full.
+    dirty: Dirty,
     /// A resync is under way: the target is not consistent, so bookmarks make no point.
     resyncing: bool,
     state_dir: PathBuf,
@@ -201,12 +196,10 @@ impl Engine {
         };
         Ok(Engine {
             link,
+            batcher: Batcher::new(disk_id, resume),
+            dirty: Dirty::new(source.blocks(), DIGEST_BLOCK_BYTES),
             source,
             disk_id,
-            batch: Vec::new(),
-            batch_bytes: 0,
-            next_lsn: resume + 1,
-            dirty: BTreeSet::new(),
             resyncing: false,
             state_dir: state_dir.into(),
             _lock: lock,
@@ -220,7 +213,7 @@ impl Engine {
 
     /// The next LSN to be assigned.
     pub fn next_lsn(&self) -> u64 {
-        self.next_lsn
+        self.batcher.next_lsn()
     }
 
     /// Captures one write: applies it to the source disk and queues it. A write longer
@@ -239,7 +232,7 @@ impl Engine {
         self.stats.writes += 1;
         self.stats.bytes += data.len() as u64;
         if !self.dirty.is_empty() && !self.link.is_up() {
-            self.mark_dirty(offset, data.len() as u64);
+            self.dirty.mark(offset, data.len() as u64);
             return Ok(());
         }
         if data.is_empty() {
@@ -257,33 +250,13 @@ impl Engine {
     /// Adds one write to the pending batch, sending the batch first if the write would take
     /// it past what a batch may carry, and after if it is full enough.
     async fn queue(&mut self, offset: u64, data: Bytes) -> Result<()> {
-        debug_assert!(data.len() <= MAX_BATCH_DATA_LEN, "callers split writes");
-        if !self.batch.is_empty()
-            && (self.batch_bytes + data.len() > MAX_BATCH_DATA_LEN
-                || self.batch.len() >= MAX_WRITES_PER_BATCH)
-        {
+        if self.batcher.must_seal_before(data.len()) {
             Box::pin(self.flush()).await?;
         }
-        self.batch_bytes += data.len();
-        self.batch.push(Write {
-            timestamp_us: now_us(),
-            offset,
-            digest: wire_protocol::digest(&data),
-            data,
-        });
-        if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_WRITES {
+        if self.batcher.add(offset, data, now_us()) {
             Box::pin(self.flush()).await?;
         }
         Ok(())
-    }
-
-    fn mark_dirty(&mut self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        for b in offset / DIGEST_BLOCK_BYTES..=(offset + len - 1) / DIGEST_BLOCK_BYTES {
-            self.dirty.insert(b);
-        }
     }
 
     /// Sends the pending batch.
@@ -291,33 +264,18 @@ impl Engine {
         if let Some(e) = self.link.take_fatal() {
             return Err(e);
         }
-        if self.batch.is_empty() {
+        let Some(batch) = self.batcher.seal(self.link.acked_lsn()) else {
             return self.resend_dirty().await;
-        }
-        let writes = std::mem::take(&mut self.batch);
-        let bytes = std::mem::take(&mut self.batch_bytes);
-        let n = writes.len() as u64;
-        self.continue_after_resume();
-        let first = self.next_lsn;
-        let spans: Vec<(u64, u64)> = writes
-            .iter()
-            .map(|w| (w.offset, w.data.len() as u64))
-            .collect();
-        let msg = Message::WriteBatch(WriteBatch {
-            disk_id: self.disk_id,
-            first_lsn: first,
-            writes,
-        });
-        match self.link.send(msg, first, first + n - 1, bytes).await {
-            Sent::Queued => self.next_lsn += n,
-            Sent::Overflow => {
-                if self.dirty.is_empty() {
-                    self.stats.overflows += 1;
-                    tracing::warn!(buffered_bytes = self.link.unacked_bytes(), "link down longer than the buffer holds: tracking dirty regions; they are resynced when the link returns");
-                }
-                for (o, l) in spans {
-                    self.mark_dirty(o, l);
-                }
+        };
+        let (first, last) = (batch.first_lsn, batch.last_lsn);
+        if self.link.send(batch.msg, first, last, batch.bytes).await == Sent::Overflow {
+            self.batcher.unseal(first);
+            if self.dirty.is_empty() {
+                self.stats.overflows += 1;
+                tracing::warn!(buffered_bytes = self.link.unacked_bytes(), "link down longer than the buffer holds: tracking dirty regions; they are resynced when the link returns");
+            }
+            for (o, l) in batch.spans {
+                self.dirty.mark(o, l);
             }
         }
         self.resend_dirty().await
@@ -328,7 +286,7 @@ impl Engine {
         if self.dirty.is_empty() || !self.link.ensure_up().await {
             return Ok(());
         }
-        let blocks: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let blocks = self.dirty.take();
         tracing::info!(
             blocks = blocks.len(),
             "link is back: resending dirty regions"
@@ -352,17 +310,9 @@ impl Engine {
         Ok(sent)
     }
 
-    /// A process server whose stream restarted after the master target's position tells a
-    /// resume point past what this agent numbered (it acknowledged everything up to it): go
-    /// on after it, or every write would be refused as a gap.
-    fn continue_after_resume(&mut self) {
-        self.next_lsn = self.next_lsn.max(self.link.acked_lsn + 1);
-    }
-
     async fn marker(&mut self, kind: BookmarkKind, tag: &str) -> Result<u64> {
         self.flush().await?;
-        self.continue_after_resume();
-        let lsn = self.next_lsn;
+        let lsn = self.batcher.take_lsns(self.link.acked_lsn(), 1);
         let time_us = now_us();
         let msg = Message::Bookmark(Bookmark {
             disk_id: self.disk_id,
@@ -373,11 +323,11 @@ impl Engine {
             tag: tag.to_owned(),
         });
         match self.link.send(msg, lsn, lsn, 0).await {
-            Sent::Queued => {
-                self.next_lsn += 1;
-                Ok(lsn)
+            Sent::Queued => Ok(lsn),
+            Sent::Overflow => {
+                self.batcher.unseal(lsn);
+                Err(Error::Refused("link down and buffer full".into()))
             }
-            Sent::Overflow => Err(Error::Refused("link down and buffer full".into())),
         }
     }
 

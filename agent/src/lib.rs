@@ -5,7 +5,8 @@
 //! - [`datagen`]: deterministic write content of a chosen compressibility.
 //! - [`source`]: the source disk with per-block digests kept current; disk digests.
 //! - [`link`]: the mutual-TLS link to the process server, with a bounded resend buffer.
-//! - [`engine`]: batching, LSNs, bookmarks, dirty tracking in outages, resync.
+//! - [`stream`]: the pure core: batching with LSNs, the resend window, dirty regions.
+//! - [`engine`]: the engine around it: capture, bookmarks, outages, resync.
 //! - [`replay`]: a trace through the engine, with mapping and pacing.
 //! - [`control`]: the running agent's socket for `agent bookmark`.
 //! - [`cli`].
@@ -24,6 +25,7 @@ pub mod error;
 pub mod link;
 pub mod replay;
 pub mod source;
+pub mod stream;
 pub mod trace;
 
 pub use error::{Error, Result};

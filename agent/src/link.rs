@@ -18,6 +18,7 @@ use tokio_util::codec::Framed;
 use wire_protocol::{Compression, DiskAttach, ErrorCode, Message, MessageCodec, Role};
 
 use crate::error::{Error, Result};
+use crate::stream::Window;
 
 /// Where the process server is and how to prove who we are.
 #[derive(Debug, Clone)]
@@ -46,11 +47,8 @@ pub struct Link {
     compression: Compression,
     sink: Option<Sink>,
     events: Option<mpsc::Receiver<Message>>,
-    unacked: VecDeque<(u64, u64, Message, usize)>,
-    unacked_bytes: usize,
-    max_unacked_bytes: usize,
-    /// Highest LSN the process server has made durable.
-    pub acked_lsn: u64,
+    /// What the process server has not acknowledged yet (see [`crate::stream`]).
+    window: Window,
     /// Highest LSN durable on the master target, as the process server last said.
     pub remote_durable_lsn: u64,
     next_attempt: Instant,
@@ -105,10 +103,7 @@ impl Link {
             compression,
             sink: None,
             events: None,
-            unacked: VecDeque::new(),
-            unacked_bytes: 0,
-            max_unacked_bytes,
-            acked_lsn: 0,
+            window: Window::new(max_unacked_bytes),
             remote_durable_lsn: 0,
             next_attempt: Instant::now(),
             backoff_ms: 100,
@@ -139,7 +134,17 @@ impl Link {
 
     /// Bytes waiting for an ack.
     pub fn unacked_bytes(&self) -> usize {
-        self.unacked_bytes
+        self.window.bytes()
+    }
+
+    /// The highest LSN the process server holds durably.
+    pub fn acked_lsn(&self) -> u64 {
+        self.window.acked_lsn()
+    }
+
+    /// Whether a message of `bytes` would be taken now without waiting.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.window.has_room(bytes)
     }
 
     /// Connects and attaches. Returns the highest LSN the process server holds for the disk.
@@ -177,24 +182,12 @@ impl Link {
         self.sink = Some(sink);
         self.events = Some(rx);
         self.backoff_ms = 100;
-        self.on_ack(resume);
         // Resend what the process server does not hold.
-        let resend: Vec<Message> = self
-            .unacked
-            .iter()
-            .filter(|u| u.1 > resume)
-            .map(|u| u.2.clone())
-            .collect();
-        if !resend.is_empty()
-            && self
-                .unacked
-                .iter()
-                .find(|u| u.1 > resume)
-                .is_some_and(|u| u.0 > resume + 1)
-        {
+        let r = self.window.resume(resume);
+        if r.lost {
             tracing::error!(resume, "the process server lost writes the agent no longer holds; run a differential resync");
         }
-        for m in resend {
+        for m in r.resend {
             self.write(m).await;
         }
         tracing::info!(
@@ -269,31 +262,17 @@ impl Link {
         }
     }
 
-    fn on_ack(&mut self, lsn: u64) {
-        self.acked_lsn = self.acked_lsn.max(lsn);
-        while self.unacked.front().is_some_and(|u| u.1 <= self.acked_lsn) {
-            let (_, _, _, b) = self.unacked.pop_front().expect("checked");
-            self.unacked_bytes -= b;
-        }
-    }
-
     async fn handle(&mut self, m: Message) {
         match m {
             Message::Ack(a) => {
                 let id = self.attach.disk_id;
                 for e in a.entries.iter().filter(|e| e.disk_id == id) {
-                    self.on_ack(e.durable_lsn);
+                    self.window.on_ack(e.durable_lsn);
                 }
             }
             Message::Nack(n) => {
                 tracing::warn!(from_lsn = n.from_lsn, reason = %n.reason, "process server asks for a resend");
-                let resend: Vec<Message> = self
-                    .unacked
-                    .iter()
-                    .filter(|u| u.1 >= n.from_lsn)
-                    .map(|u| u.2.clone())
-                    .collect();
-                for m in resend {
+                for m in self.window.from(n.from_lsn) {
                     self.write(m).await;
                 }
             }
@@ -368,14 +347,13 @@ impl Link {
     /// the buffer is full and the link is up.
     pub async fn send(&mut self, m: Message, first: u64, last: u64, bytes: usize) -> Sent {
         self.poll().await;
-        while self.unacked_bytes + bytes > self.max_unacked_bytes && !self.unacked.is_empty() {
+        while !self.window.has_room(bytes) {
             if !self.ensure_up().await {
                 return Sent::Overflow;
             }
             self.wait_event(Duration::from_millis(200)).await;
         }
-        self.unacked.push_back((first, last, m.clone(), bytes));
-        self.unacked_bytes += bytes;
+        self.window.push(m.clone(), first, last, bytes);
         if self.ensure_up().await {
             self.write(m).await;
         }
@@ -385,14 +363,14 @@ impl Link {
     /// Waits until everything sent is acknowledged, for at most `max`. Returns whether it was.
     pub async fn drain(&mut self, max: Duration) -> bool {
         let deadline = Instant::now() + max;
-        while !self.unacked.is_empty() && Instant::now() < deadline && self.fatal.is_none() {
+        while !self.window.is_empty() && Instant::now() < deadline && self.fatal.is_none() {
             if !self.ensure_up().await {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             self.wait_event(Duration::from_millis(200)).await;
         }
-        self.unacked.is_empty()
+        self.window.is_empty()
     }
 
     /// A refusal met while reconnecting that retrying cannot fix, if any.
