@@ -5,6 +5,8 @@
 //! - [`ingest`]: agent connections (mutual TLS): cache, group-commit fsync, ack, relay.
 //! - [`uplink`]: the link to the master target: resume, parallel compression, window, trim.
 //! - [`coalesce`]: dropping overwritten data inside a batch (no I/O).
+//! - [`pace`]: the bandwidth limit as a token bucket on the caller's clock (no I/O).
+//! - [`shipper`]: per-disk cursor, in-flight window, rewinds and refusals (no I/O).
 //! - [`requests`]: which relayed request each answer of the master target belongs to (no I/O).
 //! - [`commands`]: the operator's commands against a running process server.
 //! - [`state`], [`config`], [`metrics`], [`cli`].
@@ -25,7 +27,9 @@ pub mod config;
 pub mod error;
 pub mod ingest;
 pub mod metrics;
+pub mod pace;
 pub mod requests;
+pub mod shipper;
 pub mod state;
 pub mod uplink;
 

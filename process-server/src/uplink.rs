@@ -33,8 +33,9 @@ use crate::state::{Disk, State, UplinkRequest};
 static LOG_THROTTLE: std::sync::LazyLock<runtime::log::Throttle> =
     std::sync::LazyLock::new(|| runtime::log::Throttle::new(Duration::from_secs(1)));
 
-/// A record the master target refuses this many times is lost (resync marker, resync).
-pub const MAX_REFUSALS_PER_LSN: u32 = 3;
+use crate::pace::{slice_len, TokenBucket};
+pub use crate::shipper::MAX_REFUSALS_PER_LSN;
+use crate::shipper::{Nacked, Shipper as Ship};
 /// How often a link asks the master target again for disks it refused.
 pub const REATTACH_EVERY_MS: u64 = 5_000;
 /// Longest wait between reconnection attempts.
@@ -45,21 +46,6 @@ pub const MIN_BACKOFF_MS: u64 = 100;
 pub const JOBS_PER_CORE: usize = 2;
 /// Records taken from one disk before the next disk's turn (fairness across disks).
 pub const RECORDS_PER_TURN: usize = 8;
-
-/// Where shipping stands.
-#[derive(Debug, Default)]
-struct Ship {
-    /// Next LSN to send, per disk.
-    cursor: HashMap<u64, u64>,
-    /// (disk, last LSN, wire bytes) sent and not yet acknowledged.
-    in_flight: VecDeque<(u64, u64, u64)>,
-    in_flight_bytes: u64,
-    /// The LSN of the last rewind per disk: later nacks for the same LSN are echoes of
-    /// batches that were in flight when it happened.
-    last_rewind: HashMap<u64, u64>,
-    /// Refusals of the data at (disk, LSN) by the master target, counted.
-    refusals: HashMap<(u64, u64), u32>,
-}
 
 type AttachTx = oneshot::Sender<Result<u64, ErrorMsg>>;
 type DigestTx = oneshot::Sender<Result<DigestList, ErrorMsg>>;
@@ -138,7 +124,7 @@ async fn session(
     let pending: Pending = Arc::new(Mutex::new(Requests::new(version)));
     attach_all(state, index, &mut framed, &pending, &mut ship).await?;
     up.connected.store(true, Ordering::Release);
-    tracing::info!(master_target = %up.target.addr, version, disks = ship.cursor.len(), "link to the master target up");
+    tracing::info!(master_target = %up.target.addr, version, disks = ship.disks().len(), "link to the master target up");
     ship_until_down(state, index, requests, framed, (version, pending), ship).await
 }
 
@@ -312,7 +298,7 @@ async fn ship_until_down(
     );
     let mut jobs: Jobs = VecDeque::new();
     let parallel = JOBS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut limiter = Limiter::default();
+    let mut pacer = Pacer::default();
     let timeout_ms = state.cfg.link_timeout_s * 1000;
     let mut out = Outbox {
         wr,
@@ -337,7 +323,8 @@ async fn ship_until_down(
     loop {
         fill(state, &ship, &mut jobs, parallel, version);
         waits.adapt(state);
-        let window_full = ship.lock().expect("poisoned").in_flight_bytes >= state.cfg.window_bytes;
+        let window_full =
+            ship.lock().expect("poisoned").in_flight_bytes() >= state.cfg.window_bytes;
         let waited_from = Instant::now();
         tokio::select! {
             r = &mut reader_task => return r.map_err(|e| Error::MasterTarget(format!("reader: {e}")))?,
@@ -353,7 +340,7 @@ async fn ship_until_down(
                 waits.cpu += waited_from.elapsed();
                 let Some(s) = done.map_err(|e| Error::MasterTarget(format!("compression task: {e}")))?? else { continue };
                 let sending = Instant::now();
-                send_paced(&mut out.wr, &s.frame, &state.max_bandwidth_bps, &mut limiter, timeout_ms).await?;
+                send_paced(&mut out.wr, &s.frame, &state.max_bandwidth_bps, &mut pacer, timeout_ms).await?;
                 waits.link += sending.elapsed();
                 s.count();
             }
@@ -402,11 +389,7 @@ fn start_request(req: UplinkRequest, pending: &Pending, ship: &Mutex<Ship>) -> O
                 }));
                 return None;
             }
-            ship.lock()
-                .expect("poisoned")
-                .cursor
-                .entry(a.disk_id)
-                .or_insert(0);
+            ship.lock().expect("poisoned").attaching(a.disk_id);
             Some(Message::DiskAttach(a))
         }
         UplinkRequest::Digests(mut d, tx) => {
@@ -419,13 +402,7 @@ fn start_request(req: UplinkRequest, pending: &Pending, ship: &Mutex<Ship>) -> O
 /// Attaches of the disks the master target refused: asked again (a recovered journal, a
 /// fixed datastore), one attach of a disk at a time.
 fn reattaches(state: &State, index: usize, ship: &Mutex<Ship>, pending: &Pending) -> Vec<Message> {
-    let shipping: Vec<u64> = ship
-        .lock()
-        .expect("poisoned")
-        .cursor
-        .keys()
-        .copied()
-        .collect();
+    let shipping = ship.lock().expect("poisoned").disks();
     let mut p = pending.lock().expect("poisoned");
     state
         .all()
@@ -507,14 +484,12 @@ fn fill(
     let mut s = ship.lock().expect("poisoned");
     for disk in state.all() {
         let id = disk.attach.disk_id;
-        let Some(&cursor) = s.cursor.get(&id) else {
+        // Nothing ships of a disk whose attach is under way, or that was detached.
+        let Some(cursor) = s.cursor(id) else {
             continue;
         };
         if disk.is_detached() {
             continue;
-        }
-        if cursor == 0 {
-            continue; // attach still pending
         }
         let entries = {
             let cache = disk.cache.lock().expect("poisoned");
@@ -526,14 +501,11 @@ fn fill(
             v
         };
         for e in entries {
-            if jobs.len() >= parallel || s.in_flight_bytes >= window {
+            if jobs.len() >= parallel || s.in_flight_bytes() >= window {
                 return;
             }
             // Count the record's cached size now; the ack releases it.
-            let bytes = u64::from(e.frame_len);
-            s.in_flight.push_back((id, e.last_lsn, bytes));
-            s.in_flight_bytes += bytes;
-            s.cursor.insert(id, e.last_lsn + 1);
+            s.shipped(id, e.last_lsn, u64::from(e.frame_len));
             let disk = Arc::clone(&disk);
             jobs.push_back(tokio::task::spawn_blocking(move || {
                 prepare(disk, e, level, version)
@@ -699,7 +671,7 @@ fn attached(state: &State, ship: &mut Ship, disk: &Disk, lsn: u64) -> Result<()>
     }
     on_durable(state, disk, lsn)?;
     *disk.refused.lock().expect("poisoned") = None;
-    ship.cursor.insert(disk.attach.disk_id, lsn + 1);
+    ship.attached(disk.attach.disk_id, lsn);
     Ok(())
 }
 
@@ -717,18 +689,7 @@ fn on_stream_ack(state: &State, ship: &Mutex<Ship>, disk_id: u64, lsn: u64) -> R
     if let Some(disk) = state.disk(disk_id) {
         on_durable(state, &disk, lsn)?;
     }
-    let mut s = ship.lock().expect("poisoned");
-    if s.last_rewind.get(&disk_id).is_some_and(|&r| r <= lsn) {
-        s.last_rewind.remove(&disk_id);
-    }
-    s.refusals.retain(|&(d, l), _| d != disk_id || l > lsn);
-    let mut freed = 0;
-    s.in_flight.retain(|&(d, last, bytes)| {
-        let done = d == disk_id && last <= lsn;
-        freed += if done { bytes } else { 0 };
-        !done
-    });
-    s.in_flight_bytes -= freed;
+    ship.lock().expect("poisoned").on_ack(disk_id, lsn);
     Ok(())
 }
 
@@ -741,7 +702,7 @@ fn on_unsolicited_error(state: &State, ship: &Mutex<Ship>, e: ErrorMsg) -> Resul
             disk = e.disk_id,
             "the master target detached the disk for failback: shipping it stops"
         );
-        ship.lock().expect("poisoned").cursor.remove(&e.disk_id);
+        ship.lock().expect("poisoned").stop(e.disk_id);
         if let Some(d) = state.disk(e.disk_id) {
             d.mark_detached()?;
         }
@@ -799,8 +760,7 @@ fn on_ack(
                 let _ = tx.send(Ok(e.durable_lsn));
                 ship.lock()
                     .expect("poisoned")
-                    .cursor
-                    .insert(e.disk_id, e.durable_lsn + 1);
+                    .attached(e.disk_id, e.durable_lsn);
             }
             None if ours(state, index, e.disk_id) => {
                 on_stream_ack(state, ship, e.disk_id, e.durable_lsn)?
@@ -813,35 +773,21 @@ fn on_ack(
 
 /// A nack: resend the disk's stream from an LSN (a record refused again and again is lost).
 fn on_nack(state: &State, ship: &Mutex<Ship>, n: wire_protocol::Nack) {
-    let mut s = ship.lock().expect("poisoned");
-    // A refusal of the data itself (not a gap's echo) is counted: a record refused
-    // again and again is lost here (its range ships as a resync marker, the agent
-    // resyncs), never resent forever.
-    if n.code != ErrorCode::LsnGap {
-        let count = s.refusals.entry((n.disk_id, n.from_lsn)).or_insert(0);
-        *count += 1;
-        if *count >= MAX_REFUSALS_PER_LSN {
-            s.refusals.remove(&(n.disk_id, n.from_lsn));
-            if let Some(d) = state.disk(n.disk_id) {
-                tracing::error!(disk = n.disk_id, lsn = n.from_lsn, reason = %n.reason, "the master target refuses a cached record again and again: it is dropped as lost and the agent resyncs the disk");
-                d.cache.lock().expect("poisoned").mark_lost(n.from_lsn);
-            }
+    let refused = n.code != ErrorCode::LsnGap;
+    let nacked = ship
+        .lock()
+        .expect("poisoned")
+        .on_nack(n.disk_id, n.from_lsn, refused);
+    if nacked == Nacked::Lost {
+        if let Some(d) = state.disk(n.disk_id) {
+            tracing::error!(disk = n.disk_id, lsn = n.from_lsn, reason = %n.reason, "the master target refuses a cached record again and again: it is dropped as lost and the agent resyncs the disk");
+            d.cache.lock().expect("poisoned").mark_lost(n.from_lsn);
         }
-        s.last_rewind.remove(&n.disk_id);
     }
-    if s.last_rewind.get(&n.disk_id) != Some(&n.from_lsn) {
+    if nacked != Nacked::Echo {
         if let Some(suppressed) = LOG_THROTTLE.admit(&format!("nack {}", n.disk_id)) {
             tracing::warn!(disk = n.disk_id, from_lsn = n.from_lsn, reason = %n.reason, suppressed, "master target asks for a resend");
         }
-        s.last_rewind.insert(n.disk_id, n.from_lsn);
-        s.cursor.insert(n.disk_id, n.from_lsn);
-        let mut freed = 0;
-        s.in_flight.retain(|&(d, last, bytes)| {
-            let drop = d == n.disk_id && last >= n.from_lsn;
-            freed += if drop { bytes } else { 0 };
-            !drop
-        });
-        s.in_flight_bytes -= freed;
     }
 }
 
@@ -891,89 +837,54 @@ fn handle_reply(
     Ok(())
 }
 
-/// The link is paced in slices of at most this many bytes, so a frame (up to 16 MiB) never
-/// leaves as one burst and a new rate applies from the next slice.
-pub const PACE_SLICE_MAX_BYTES: usize = 64 << 10;
-/// ... and of at most this much time at the current rate.
-pub const PACE_SLICE_MS: u64 = 10;
-/// Slices are at least this large (one Ethernet payload), however low the rate.
-pub const PACE_SLICE_MIN_BYTES: usize = 1500;
-/// A wait for tokens is cut into steps this long, re-reading the rate after each: a changed
-/// limit (or none) takes effect within this time.
-pub const PACE_RECHECK_MS: u64 = 50;
-const _: () = assert!(PACE_SLICE_MIN_BYTES <= PACE_SLICE_MAX_BYTES && PACE_RECHECK_MS < 100);
-
-/// Bytes of one slice at `rate_bps` (0: no limit, the rest at once).
-fn slice_len(rate_bps: u64, remaining: usize) -> usize {
-    if rate_bps == 0 {
-        return remaining;
-    }
-    let by_time = (rate_bps.saturating_mul(PACE_SLICE_MS) / 1000) as usize;
-    by_time
-        .clamp(PACE_SLICE_MIN_BYTES, PACE_SLICE_MAX_BYTES)
-        .min(remaining)
-}
-
 /// Writes `frame` to `wr`, paced to the rate in `rate_bps` (read before every slice); each
 /// slice must leave within `timeout_ms` (the pacing's own waits do not count).
 async fn send_paced(
     wr: &mut (impl tokio::io::AsyncWrite + Unpin),
     frame: &[u8],
     rate_bps: &std::sync::atomic::AtomicU64,
-    limiter: &mut Limiter,
+    pacer: &mut Pacer,
     timeout_ms: u64,
 ) -> Result<()> {
     let mut at = 0;
     while at < frame.len() {
         let n = slice_len(rate_bps.load(Ordering::Relaxed), frame.len() - at);
-        limiter.wait(rate_bps, n).await;
+        pacer.wait(rate_bps, n).await;
         within(timeout_ms, wr.write_all(&frame[at..at + n])).await?;
         at += n;
     }
     Ok(())
 }
 
-/// Paces writes to a byte rate: a token bucket holding at most one slice, so the link sees
-/// a steady flow, not bursts.
+/// A token bucket on tokio's clock (a paused test clock paces too).
 #[derive(Debug)]
-struct Limiter {
-    tokens: f64,
-    last: tokio::time::Instant,
+struct Pacer {
+    bucket: TokenBucket,
+    epoch: tokio::time::Instant,
 }
 
-impl Default for Limiter {
+impl Default for Pacer {
     fn default() -> Self {
-        Limiter {
-            tokens: 0.0,
-            last: tokio::time::Instant::now(),
+        Pacer {
+            bucket: TokenBucket::default(),
+            epoch: tokio::time::Instant::now(),
         }
     }
 }
 
-impl Limiter {
-    /// Waits until `bytes` may be sent at the rate in `rate_bps`, re-reading the rate every
-    /// [`PACE_RECHECK_MS`].
+impl Pacer {
+    /// Waits until `bytes` may leave at the rate in `rate_bps`, read again after each wait
+    /// (a changed limit, or none, takes effect within [`crate::pace::PACE_RECHECK_MS`]).
     async fn wait(&mut self, rate_bps: &std::sync::atomic::AtomicU64, bytes: usize) {
         loop {
-            let rate = rate_bps.load(Ordering::Relaxed) as f64;
-            let now = tokio::time::Instant::now();
-            let elapsed = now.duration_since(self.last).as_secs_f64();
-            self.last = now;
-            if rate == 0.0 {
-                self.tokens = 0.0;
-                return;
+            let now_us = self.epoch.elapsed().as_micros() as u64;
+            match self
+                .bucket
+                .take(now_us, rate_bps.load(Ordering::Relaxed), bytes)
+            {
+                0 => return,
+                wait_us => tokio::time::sleep(Duration::from_micros(wait_us)).await,
             }
-            let burst = (bytes as f64).max(rate * PACE_SLICE_MS as f64 / 1000.0);
-            self.tokens = (self.tokens + elapsed * rate).min(burst);
-            if self.tokens >= bytes as f64 {
-                self.tokens -= bytes as f64;
-                return;
-            }
-            let need_s = (bytes as f64 - self.tokens) / rate;
-            tokio::time::sleep(Duration::from_secs_f64(
-                need_s.min(PACE_RECHECK_MS as f64 / 1000.0),
-            ))
-            .await;
         }
     }
 }
@@ -981,21 +892,13 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pace::PACE_RECHECK_MS;
     use std::sync::atomic::AtomicU64;
-
-    #[test]
-    fn slices_are_small_and_bounded() {
-        assert_eq!(slice_len(0, 16 << 20), 16 << 20);
-        assert_eq!(slice_len(1_000, 1 << 20), PACE_SLICE_MIN_BYTES);
-        assert_eq!(slice_len(125_000_000, 1 << 20), PACE_SLICE_MAX_BYTES);
-        assert_eq!(slice_len(1_000_000, 1 << 20), 10_000);
-        assert_eq!(slice_len(1_000_000, 10), 10);
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_lifted_limit_takes_effect_within_a_recheck() {
         let rate = Arc::new(AtomicU64::new(1_000)); // 8 kbit/s
-        let mut l = Limiter::default();
+        let mut l = Pacer::default();
         let r = Arc::clone(&rate);
         let t0 = tokio::time::Instant::now();
         let waiter = tokio::spawn(async move {
@@ -1110,7 +1013,7 @@ mod routes {
         assert_eq!(disk.counters.mt_durable_lsn.load(Ordering::Acquire), 0);
         assert!(!disk.is_detached());
         assert!(
-            ship.lock().unwrap().cursor.is_empty(),
+            ship.lock().unwrap().disks().is_empty(),
             "not shipped over link 0"
         );
         // Its own master target may.
