@@ -37,7 +37,9 @@ pub enum Ingest {
     Gap(u64),
     /// The cache does not know where the stream stands: wait for the master target.
     NotReady,
-    /// No room (or an injected error): not acknowledged.
+    /// The volume is full: the agent is held back until the uplink makes room.
+    Full,
+    /// An injected error: not acknowledged (the agent hears an error).
     Failed,
 }
 
@@ -104,6 +106,7 @@ impl Ps {
         }
         match cache.append(first, last, ts, &frame) {
             Ok(()) => Ingest::Appended,
+            Err(e) if e.is_out_of_space() => Ingest::Full,
             Err(_) => Ingest::Failed,
         }
     }
@@ -138,9 +141,10 @@ impl Ps {
         self.cache.as_mut().expect("running").trim(lsn).is_ok()
     }
 
-    /// Up to `max` messages to ship from `from` on, read back from the cache. `Err` for a
-    /// record that does not read back (nothing at rest is damaged here: a bug).
-    pub fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<Message>, String> {
+    /// Up to `max` messages to ship from `from` on, read back from the cache, with their
+    /// cached size. `Err` for a record that does not read back (nothing at rest is damaged
+    /// here: a bug).
+    pub fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<(Message, u64)>, String> {
         let cache = self.cache.as_ref().expect("running");
         let mut out = Vec::new();
         // As the uplink: only what the cache holds durably leaves.
@@ -157,7 +161,10 @@ impl Ps {
                 ));
             }
             match cache.read(&e) {
-                Ok(f) => out.push(self.codec.decode_frame(f).map_err(|e| e.to_string())?),
+                Ok(f) => out.push((
+                    self.codec.decode_frame(f).map_err(|e| e.to_string())?,
+                    u64::from(e.frame_len),
+                )),
                 Err(err) if injected(&format!("{err:?} {err}")) => break,
                 Err(err) => return Err(format!("cache record does not read back: {err}")),
             }

@@ -37,6 +37,8 @@ enum Append {
     Held,
     /// Not taken: the reply says why.
     Refused(Message),
+    /// The cache failed to write it (not for want of room): the reply says why.
+    Failed(Message),
     /// The volume is full: wait for room and offer it again.
     Full,
 }
@@ -79,6 +81,11 @@ enum Outcome {
     Replies(Vec<Message>),
     /// Send this and close: a frame that does not decode leaves the stream untrustworthy.
     Close(Message, Error),
+    /// Send these and close: the cache failed to append or sync, so what the agent sent
+    /// after the failure cannot be taken in order. It reconnects, hears where the cache
+    /// stands, and sends the rest again. (Without the close an agent with nothing more to
+    /// send, or with a full buffer, waits forever for an ack: the simulator found it.)
+    Fail(Vec<Message>, Error),
 }
 
 /// What one connection knows of its disks.
@@ -95,6 +102,8 @@ struct Conn {
     /// (DiskCache::adopt_remote) closes the connection, so the agent attaches again.
     epochs: HashMap<u64, u64>,
     decoder: MessageCodec,
+    /// The cache failed to take a frame of this group.
+    cache_failed: bool,
 }
 
 pub(super) async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
@@ -113,6 +122,7 @@ pub(super) async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
         told_durable: HashMap::new(),
         epochs: HashMap::new(),
         decoder: MessageCodec::default(),
+        cache_failed: false,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(REMOTE_DURABLE_EVERY_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,6 +165,13 @@ pub(super) async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
             }
             Outcome::Close(last_word, cause) => {
                 let _ = framed.send(last_word).await;
+                return Err(cause);
+            }
+            Outcome::Fail(replies, cause) => {
+                for reply in replies {
+                    let _ = framed.feed(reply).await;
+                }
+                let _ = framed.flush().await;
                 return Err(cause);
             }
         }
@@ -205,11 +222,8 @@ impl Conn {
         }
         replies.extend(resync_notices(&self.state, &self.attached, &mut self.told));
         let (ack, failures) = group_commit(&self.state, &touched);
-        // The ack first, then the answers in the order of the requests (a version-1 agent
-        // matches answers by order), then what failed to become durable.
-        Ok(Outcome::Replies(
-            ack.into_iter().chain(replies).chain(failures).collect(),
-        ))
+        let appends_failed = std::mem::take(&mut self.cache_failed);
+        Ok(outcome(ack, replies, failures, appends_failed))
     }
 
     /// Caches one stream frame of a disk this VM owns; a reply when it is not taken.
@@ -249,6 +263,10 @@ impl Conn {
                 return Ok(None);
             }
             Append::Refused(reply) => return Ok(Some(reply)),
+            Append::Failed(reply) => {
+                self.cache_failed = true;
+                return Ok(Some(reply));
+            }
             Append::New | Append::Full => {}
         }
         disk.counters
@@ -393,9 +411,33 @@ fn try_append(state: &State, disk: &Disk, rec: &Record, raw: &Bytes) -> Append {
         }
         Err(e) => {
             tracing::error!(disk = disk_id, error = %e, "cache append failed; not acknowledged");
-            Append::Refused(err_msg(ErrorCode::Internal, disk_id, e.to_string()))
+            Append::Failed(err_msg(ErrorCode::Internal, disk_id, e.to_string()))
         }
     }
+}
+
+/// What a group's end says: the ack first, then the answers in the order of the requests
+/// (a version-1 agent matches answers by order), then what failed to become durable; and
+/// the connection closes if the cache failed to append or sync anything of the group.
+fn outcome(
+    ack: Option<Message>,
+    replies: Vec<Message>,
+    sync_failures: Vec<Message>,
+    appends_failed: bool,
+) -> Outcome {
+    let failed = appends_failed || !sync_failures.is_empty();
+    let replies = ack
+        .into_iter()
+        .chain(replies)
+        .chain(sync_failures)
+        .collect();
+    if failed {
+        return Outcome::Fail(
+            replies,
+            Error::Refused("the cache failed to append or sync: closing the agent's connection so it resumes at what is durable".into()),
+        );
+    }
+    Outcome::Replies(replies)
 }
 
 /// Group commit: one fsync per touched disk; the ack of what is durable, and the errors of
@@ -477,5 +519,42 @@ async fn wait_for_space(state: &State) {
             warned = true;
         }
         let _ = tokio::time::timeout(Duration::from_millis(500), state.space.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(lsn: u64) -> Message {
+        Message::Ack(Ack {
+            entries: vec![AckEntry {
+                disk_id: 1,
+                durable_lsn: lsn,
+            }],
+        })
+    }
+
+    // Found by the simulator (seeds 304, 341, 669 and 9 more of 3,000, before the fix): an
+    // agent whose buffer was full, or that had sent everything, waited forever for an ack
+    // of what the cache failed to take, because the connection stayed open.
+    #[test]
+    fn a_failed_append_or_sync_closes_the_connection_after_the_answers() {
+        let err = || err_msg(ErrorCode::Internal, 1, "EIO".into());
+        match outcome(Some(ack(5)), vec![err()], Vec::new(), true) {
+            Outcome::Fail(replies, _) => {
+                assert_eq!(replies.len(), 2);
+                assert!(matches!(replies[0], Message::Ack(_)), "the ack first");
+            }
+            _ => panic!("a failed append must close the connection"),
+        }
+        assert!(matches!(
+            outcome(None, Vec::new(), vec![err()], false),
+            Outcome::Fail(..)
+        ));
+        assert!(matches!(
+            outcome(Some(ack(5)), vec![err()], Vec::new(), false),
+            Outcome::Replies(r) if r.len() == 2
+        ));
     }
 }
