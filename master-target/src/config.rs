@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Settings as given (file or flags); `None` means "use the default".
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -91,14 +91,7 @@ pub struct Config {
 impl Settings {
     /// Reads a TOML file of settings.
     pub fn from_file(path: &Path) -> Result<Settings> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidParameter {
-            param: "config",
-            reason: format!("{}: {e}", path.display()),
-        })?;
-        toml::from_str(&text).map_err(|e| Error::InvalidParameter {
-            param: "config",
-            reason: format!("{}: {e}", path.display()),
-        })
+        Ok(runtime::config::load_toml(path)?)
     }
 
     /// `self` with every unset key taken from `base`.

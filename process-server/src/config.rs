@@ -119,14 +119,7 @@ pub struct Config {
 impl Settings {
     /// Reads a TOML file of settings.
     pub fn from_file(path: &Path) -> Result<Settings> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidParameter {
-            param: "config",
-            reason: format!("{}: {e}", path.display()),
-        })?;
-        toml::from_str(&text).map_err(|e| Error::InvalidParameter {
-            param: "config",
-            reason: format!("{}: {e}", path.display()),
-        })
+        Ok(runtime::config::load_toml(path)?)
     }
 
     /// `self` with every unset key taken from `base`.

@@ -9,6 +9,7 @@
 //! - [`lock`]: one instance per directory.
 //! - [`log`]: logging set-up (colour only on a terminal) and throttled warnings.
 //! - [`units`]: sizes, rates and range checks as operators write them.
+//! - [`config`]: the one TOML configuration loader.
 //! - [`metrics`], [`cli`].
 //!
 //! # Design constraints
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod lock;
 pub mod log;
