@@ -139,23 +139,123 @@ fn fail(msg: impl Into<String>) -> Error {
     Error::Failed(msg.into())
 }
 
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// The demo's files.
+struct Layout {
+    dir: PathBuf,
+    source: PathBuf,
+    vm_folder: PathBuf,
+    onprem_desc: PathBuf,
+}
+
+/// What was watched while replicating.
+#[derive(Default)]
+struct Watched {
+    rpo_samples: Vec<u64>,
+    last: DiskStatus,
+}
+
+impl Watched {
+    fn saw(&mut self, s: DiskStatus) {
+        self.rpo_samples.push(s.rpo_ms);
+        self.last = s;
+    }
+
+    /// The `q` quantile of the RPO samples, in ms.
+    fn rpo_ms(&mut self, q: f64) -> u64 {
+        self.rpo_samples.sort_unstable();
+        self.rpo_samples
+            .get(((self.rpo_samples.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// What the failback's checks found.
+struct Verified {
+    problems: Vec<String>,
+    src_hash: blake3::Hash,
+    dst_hash: blake3::Hash,
+    points: Vec<serde_json::Value>,
+    latest_app: String,
+    earlier_checked: Option<String>,
+}
+
 fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     let disk_bytes = runtime::units::parse_bytes(&args.disk_size).map_err(fail)?;
-    let bin = std::env::current_exe().map_err(|e| Error::Io {
-        context: "find own binary".into(),
-        source: e,
+    let (mut c, l) = setup(args, dir, disk_bytes)?;
+    let (trace_path, format) = trace_of(args, &l.dir)?;
+    step(
+        4,
+        &format!(
+            "differential resync, then replaying {} with app-consistent bookmarks{}",
+            trace_path.display(),
+            args.link
+                .as_deref()
+                .map(|l| format!(" through a {l} link"))
+                .unwrap_or_default()
+        ),
+    );
+    let started = Instant::now();
+    let child = start_agent(&c, args, &l, &trace_path, &format)?;
+
+    step(5, "replicating (live: backlog, RPO, throughput)");
+    let bar = indicatif::ProgressBar::new_spinner();
+    let mut watched = Watched::default();
+    let report = watch_agent(&c, child, &l, started, &bar, &mut watched)?;
+    let last_lsn = report["last_lsn"]
+        .as_u64()
+        .ok_or_else(|| fail("no last_lsn in the agent's report"))?;
+
+    // The planned failback: the writer has stopped (the VM is shut down); drain.
+    let failback_started = Instant::now();
+    c.wait_durable(DISK_ID, last_lsn, Duration::from_secs(600), |s| {
+        bar.set_message(format!(
+            "draining: {} of {last_lsn} on-premises, backlog {}",
+            s.durable_lsn,
+            human(s.backlog_bytes)
+        ));
+        bar.tick();
+        watched.saw(s.clone());
     })?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-        context: format!("create {}", dir.display()),
-        source: e,
-    })?;
+    bar.finish_and_clear();
+    let replicate_secs = started.elapsed().as_secs_f64();
+    step(
+        6,
+        "failing back: final point taken, disk drained and detached; verifying",
+    );
+    c.detach(DISK_ID)?;
+    let v = verify(&c, &l)?;
+    let failback_secs = failback_started.elapsed().as_secs_f64();
+    c.stop();
+    for p in &v.problems {
+        eprintln!("MISMATCH: {p}");
+    }
+    let secs = (replicate_secs, failback_secs);
+    Ok(summary(
+        args,
+        disk_bytes,
+        &trace_path,
+        &report,
+        &mut watched,
+        &v,
+        secs,
+    ))
+}
+
+/// Steps 1 to 3: certificates, the two services, the source disk and a stale on-premises
+/// copy of it.
+fn setup(args: &DemoArgs, dir: &Path, disk_bytes: u64) -> Result<(Cluster, Layout)> {
+    let bin = std::env::current_exe().map_err(io("find own binary"))?;
+    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
 
     step(1, "making a CA and server/client certificates");
-    let dir = &std::path::absolute(dir).map_err(|e| Error::Io {
-        context: format!("resolve {}", dir.display()),
-        source: e,
-    })?;
-    let mut c = Cluster::new(dir, &bin)?;
+    let dir = std::path::absolute(dir).map_err(io(format!("resolve {}", dir.display())))?;
+    let mut c = Cluster::new(&dir, &bin)?;
     if let Some(l) = &args.link {
         runtime::units::parse_rate(l).map_err(fail)?;
         c.ps_extra.push(format!("--max-bandwidth={l}"));
@@ -170,48 +270,95 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     c.wait_linked(Duration::from_secs(30))?;
 
     step(3, &format!("making the source disk ({}) and an on-premises VMDK that differs in {:.1}% of its blocks", args.disk_size, args.differ_percent));
-    let source = dir.join("source").join("vm1-disk1.img");
     let vm_folder = dir.join("onprem").join("vm1");
-    let onprem_desc = vm_folder.join("vm1-disk1.vmdk");
+    let l = Layout {
+        source: dir.join("source").join("vm1-disk1.img"),
+        onprem_desc: vm_folder.join("vm1-disk1.vmdk"),
+        vm_folder,
+        dir,
+    };
     make_disks(
-        &source,
-        &vm_folder,
+        &l.source,
+        &l.vm_folder,
         disk_bytes,
         args.differ_percent,
         args.compressibility,
     )?;
 
-    let (trace_path, format) = match (&args.trace, &args.format) {
-        (Some(t), Some(f)) => (t.clone(), f.clone()),
+    Ok((c, l))
+}
+
+/// The demo's JSON summary.
+fn summary(
+    args: &DemoArgs,
+    disk_bytes: u64,
+    trace_path: &Path,
+    report: &serde_json::Value,
+    watched: &mut Watched,
+    v: &Verified,
+    (replicate_secs, failback_secs): (f64, f64),
+) -> serde_json::Value {
+    let last = watched.last.clone();
+    let compared = report["resync_compared_bytes"].as_u64().unwrap_or(0);
+    let sent = report["resync_sent_bytes"].as_u64().unwrap_or(0);
+    json!({
+        "verified": v.problems.is_empty(),
+        "disk_bytes": disk_bytes,
+        "trace": trace_path.display().to_string(),
+        "writes": report["writes"],
+        "logical_bytes": last.logical_bytes,
+        "wire_bytes": last.wire_bytes,
+        "compression_ratio": if last.wire_bytes > 0 { last.logical_bytes as f64 / last.wire_bytes as f64 } else { 0.0 },
+        "coalesced_bytes": last.coalesced_bytes,
+        "seconds": replicate_secs,
+        "throughput_mb_s": last.logical_bytes as f64 / replicate_secs / 1e6,
+        "rpo_p50_ms": watched.rpo_ms(0.5),
+        "rpo_p99_ms": watched.rpo_ms(0.99),
+        "rpo_max_ms": watched.rpo_ms(1.0),
+        "recovery_points": v.points.len(),
+        "app_consistent_points": v.points.iter().filter(|p| p["kind"] == "app-consistent").count(),
+        "resync_compared_bytes": compared,
+        "resync_sent_bytes": sent,
+        "resync_saved_bytes": compared.saturating_sub(sent),
+        "failback_seconds": failback_secs,
+        "latest_app_point": v.latest_app,
+        "earlier_point_checked": v.earlier_checked,
+        "source_blake3": v.src_hash.to_hex().to_string(),
+        "onprem_blake3": v.dst_hash.to_hex().to_string(),
+        "kept_in": args.keep.as_ref().map(|d| d.display().to_string()),
+    })
+}
+
+/// The trace to replay: the user's, or the built-in sample written beside the disks.
+fn trace_of(args: &DemoArgs, dir: &Path) -> Result<(PathBuf, String)> {
+    match (&args.trace, &args.format) {
+        (Some(t), Some(f)) => Ok((t.clone(), f.clone())),
         _ => {
             let p = dir.join("tpcc-small.disksim");
-            std::fs::write(&p, DEFAULT_TRACE).map_err(|e| Error::Io {
-                context: format!("write {}", p.display()),
-                source: e,
-            })?;
-            (p, "disksim-ns".to_string())
+            std::fs::write(&p, DEFAULT_TRACE).map_err(io(format!("write {}", p.display())))?;
+            Ok((p, "disksim-ns".to_string()))
         }
-    };
-    step(
-        4,
-        &format!(
-            "differential resync, then replaying {} with app-consistent bookmarks{}",
-            trace_path.display(),
-            args.link
-                .as_deref()
-                .map(|l| format!(" through a {l} link"))
-                .unwrap_or_default()
-        ),
-    );
-    let started = Instant::now();
-    let mut agent = c.agent("replay", DISK_ID, &source, &args.disk_size);
+    }
+}
+
+/// Starts the agent: a differential resync against the stale on-premises disk, then the
+/// trace with periodic app-consistent bookmarks and a final one.
+fn start_agent(
+    c: &Cluster,
+    args: &DemoArgs,
+    l: &Layout,
+    trace: &Path,
+    format: &str,
+) -> Result<std::process::Child> {
+    let mut agent = c.agent("replay", DISK_ID, &l.source, &args.disk_size);
+    let log = std::fs::File::create(l.dir.join("logs/agent.log")).map_err(io("agent log"))?;
     agent
-        .arg(format!("--trace={}", trace_path.display()))
+        .arg(format!("--trace={}", trace.display()))
         .arg(format!("--format={format}"))
         .arg("--device=all")
         .arg(format!("--compressibility={}", args.compressibility))
         .arg("--location=original")
-        .arg(format!("--target={}", onprem_desc.display()))
+        .arg(format!("--target={}", l.onprem_desc.display()))
         .arg("--resync=differential")
         .arg(format!(
             "--bookmark-every-s={}",
@@ -219,26 +366,21 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
         ))
         .arg("--final-bookmark=failback-final")
         .stdout(Stdio::piped())
-        .stderr(
-            std::fs::File::create(dir.join("logs/agent.log")).map_err(|e| Error::Io {
-                context: "agent log".into(),
-                source: e,
-            })?,
-        );
-    let mut child = agent.spawn().map_err(|e| Error::Io {
-        context: "start the agent".into(),
-        source: e,
-    })?;
+        .stderr(log);
+    agent.spawn().map_err(io("start the agent"))
+}
 
-    step(5, "replicating (live: backlog, RPO, throughput)");
-    let bar = indicatif::ProgressBar::new_spinner();
-    let mut rpo_samples = Vec::new();
-    let mut last = DiskStatus::default();
+/// Shows progress until the agent ends; returns its JSON report (an error if it failed).
+fn watch_agent(
+    c: &Cluster,
+    mut child: std::process::Child,
+    l: &Layout,
+    started: Instant,
+    bar: &indicatif::ProgressBar,
+    watched: &mut Watched,
+) -> Result<serde_json::Value> {
     let status = loop {
-        if let Some(st) = child.try_wait().map_err(|e| Error::Io {
-            context: "agent".into(),
-            source: e,
-        })? {
+        if let Some(st) = child.try_wait().map_err(io("agent"))? {
             break st;
         }
         if let Some(s) = c
@@ -246,14 +388,13 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
             .ok()
             .and_then(|v| v.into_iter().find(|s| s.disk_id == DISK_ID))
         {
-            rpo_samples.push(s.rpo_ms);
             let secs = started.elapsed().as_secs_f64().max(0.001);
             bar.set_message(format!(
                 "lsn {} cached / {} on-premises | backlog {} | RPO {:.1} s | logical {:.1} MB/s, wire {:.1} MB/s",
                 s.cached_lsn, s.durable_lsn, human(s.backlog_bytes), s.rpo_ms as f64 / 1000.0, s.logical_bytes as f64 / secs / 1e6, s.wire_bytes as f64 / secs / 1e6
             ));
             bar.tick();
-            last = s;
+            watched.saw(s);
         }
         if started.elapsed() > Duration::from_secs(1800) {
             let _ = child.kill();
@@ -262,50 +403,27 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out).map_err(
-        |e| Error::Io {
-            context: "agent output".into(),
-            source: e,
-        },
-    )?;
+    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out)
+        .map_err(io("agent output"))?;
     if !status.success() {
         return Err(fail(format!(
             "the agent failed ({status}); see {}",
-            dir.join("logs/agent.log").display()
+            l.dir.join("logs/agent.log").display()
         )));
     }
-    let report: serde_json::Value = out
-        .lines()
+    out.lines()
         .find_map(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| fail("the agent printed no report"))?;
-    let last_lsn = report["last_lsn"]
-        .as_u64()
-        .ok_or_else(|| fail("no last_lsn in the agent's report"))?;
+        .ok_or_else(|| fail("the agent printed no report"))
+}
 
-    // The planned failback: the writer has stopped (the VM is shut down); drain.
-    let failback_started = Instant::now();
-    c.wait_durable(DISK_ID, last_lsn, Duration::from_secs(600), |s| {
-        rpo_samples.push(s.rpo_ms);
-        bar.set_message(format!(
-            "draining: {} of {last_lsn} on-premises, backlog {}",
-            s.durable_lsn,
-            human(s.backlog_bytes)
-        ));
-        bar.tick();
-        last = s.clone();
-    })?;
-    bar.finish_and_clear();
-    let replicate_secs = started.elapsed().as_secs_f64();
-    step(
-        6,
-        "failing back: final point taken, disk drained and detached; verifying",
-    );
-    c.detach(DISK_ID)?;
-    let onprem_flat = vm_folder.join("vm1-disk1-flat.vmdk");
-    let (src_hash, dst_hash) = (file_blake3(&source)?, file_blake3(&onprem_flat)?);
+/// The failback's proof: the on-premises disk equals the source, and the latest and an
+/// earlier app-consistent point export to the digests the agent recorded.
+fn verify(c: &Cluster, l: &Layout) -> Result<Verified> {
+    let onprem_flat = l.vm_folder.join("vm1-disk1-flat.vmdk");
+    let (src_hash, dst_hash) = (file_blake3(&l.source)?, file_blake3(&onprem_flat)?);
     let mut problems = Vec::new();
     if src_hash != dst_hash {
-        let block = first_difference(&source, &onprem_flat, BLOCK as usize)?;
+        let block = first_difference(&l.source, &onprem_flat, BLOCK as usize)?;
         problems.push(format!("the on-premises disk differs from the source: first differing 64 KiB block {block:?} (offset {:?})", block.map(|b| b * BLOCK)));
     }
     let bookmarks =
@@ -314,12 +432,9 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     let app = bookmarks
         .last()
         .ok_or_else(|| fail("no bookmark was taken"))?;
-    let export = vm_folder.join("vm1-disk1-latest-app.vmdk");
+    let export = l.vm_folder.join("vm1-disk1-latest-app.vmdk");
     c.export(DISK_ID, "latest-app", &export, "vmdk")?;
-    let exported = agent::source::hex(
-        &agent::source::image_digest(&vm_folder.join("vm1-disk1-latest-app-flat.vmdk"))
-            .map_err(|e| fail(e.to_string()))?,
-    );
+    let exported = digest_of(&l.vm_folder.join("vm1-disk1-latest-app-flat.vmdk"))?;
     if exported != app.disk_digest {
         problems.push(format!("the latest app-consistent point ({}) exports to digest {exported}, but the agent recorded {}", app.tag, app.disk_digest));
     }
@@ -328,11 +443,9 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
     if bookmarks.len() >= 2 {
         let b = &bookmarks[bookmarks.len() / 2];
         if let Some(p) = points.iter().find(|p| p["tag"] == b.tag.as_str()) {
-            let out = vm_folder.join("earlier.img");
+            let out = l.vm_folder.join("earlier.img");
             c.export(DISK_ID, &p["id"].to_string(), &out, "raw")?;
-            let d = agent::source::hex(
-                &agent::source::image_digest(&out).map_err(|e| fail(e.to_string()))?,
-            );
+            let d = digest_of(&out)?;
             if d != b.disk_digest {
                 problems.push(format!(
                     "point {} ({}) exports to digest {d}, but the agent recorded {}",
@@ -343,46 +456,21 @@ fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
             earlier_checked = Some(b.tag.clone());
         }
     }
-    let failback_secs = failback_started.elapsed().as_secs_f64();
-    c.stop();
-    for p in &problems {
-        eprintln!("MISMATCH: {p}");
-    }
-    rpo_samples.sort_unstable();
-    let pct = |q: f64| {
-        rpo_samples
-            .get(((rpo_samples.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    let compared = report["resync_compared_bytes"].as_u64().unwrap_or(0);
-    let sent = report["resync_sent_bytes"].as_u64().unwrap_or(0);
-    Ok(json!({
-        "verified": problems.is_empty(),
-        "disk_bytes": disk_bytes,
-        "trace": trace_path.display().to_string(),
-        "writes": report["writes"],
-        "logical_bytes": last.logical_bytes,
-        "wire_bytes": last.wire_bytes,
-        "compression_ratio": if last.wire_bytes > 0 { last.logical_bytes as f64 / last.wire_bytes as f64 } else { 0.0 },
-        "coalesced_bytes": last.coalesced_bytes,
-        "seconds": replicate_secs,
-        "throughput_mb_s": last.logical_bytes as f64 / replicate_secs / 1e6,
-        "rpo_p50_ms": pct(0.5),
-        "rpo_p99_ms": pct(0.99),
-        "rpo_max_ms": rpo_samples.last().copied().unwrap_or(0),
-        "recovery_points": points.len(),
-        "app_consistent_points": points.iter().filter(|p| p["kind"] == "app-consistent").count(),
-        "resync_compared_bytes": compared,
-        "resync_sent_bytes": sent,
-        "resync_saved_bytes": compared.saturating_sub(sent),
-        "failback_seconds": failback_secs,
-        "latest_app_point": app.tag,
-        "earlier_point_checked": earlier_checked,
-        "source_blake3": src_hash.to_hex().to_string(),
-        "onprem_blake3": dst_hash.to_hex().to_string(),
-        "kept_in": args.keep.as_ref().map(|d| d.display().to_string()),
-    }))
+    Ok(Verified {
+        problems,
+        src_hash,
+        dst_hash,
+        latest_app: app.tag.clone(),
+        points,
+        earlier_checked,
+    })
+}
+
+/// An image's disk digest (the agent's definition), hex.
+fn digest_of(image: &Path) -> Result<String> {
+    Ok(agent::source::hex(
+        &agent::source::image_digest(image).map_err(|e| fail(e.to_string()))?,
+    ))
 }
 
 /// Writes the source disk (deterministic data) and an on-premises flat VMDK equal to it
@@ -451,15 +539,29 @@ fn human(b: u64) -> String {
 }
 
 fn print_summary(s: &serde_json::Value) {
-    let u = |k: &str| s[k].as_u64().unwrap_or(0);
-    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
     let mut o = std::io::stderr().lock();
     let _ = writeln!(o, "\n  failback demo summary");
     let _ = writeln!(
         o,
         "  ---------------------------------------------------------------"
     );
-    let rows: Vec<(&str, String)> = vec![
+    for (k, v) in data_rows(s).into_iter().chain(time_rows(s)) {
+        let _ = writeln!(o, "  {k:<22} {v}");
+    }
+    if let Some(k) = s["kept_in"].as_str() {
+        let _ = writeln!(
+            o,
+            "  {:<22} {k} (source/, onprem/, logs/, data/)",
+            "kept in"
+        );
+    }
+}
+
+/// The summary's rows about what was verified and carried.
+fn data_rows(s: &serde_json::Value) -> Vec<(&'static str, String)> {
+    let u = |k: &str| s[k].as_u64().unwrap_or(0);
+    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    vec![
         (
             "verified",
             if s["verified"].as_bool() == Some(true) {
@@ -489,6 +591,14 @@ fn print_summary(s: &serde_json::Value) {
                 f("seconds")
             ),
         ),
+    ]
+}
+
+/// The summary's rows about time: RPO, points, resync, failback.
+fn time_rows(s: &serde_json::Value) -> Vec<(&'static str, String)> {
+    let u = |k: &str| s[k].as_u64().unwrap_or(0);
+    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    vec![
         (
             "RPO p50 / p99 / max",
             format!(
@@ -522,15 +632,5 @@ fn print_summary(s: &serde_json::Value) {
                 f("failback_seconds")
             ),
         ),
-    ];
-    for (k, v) in rows {
-        let _ = writeln!(o, "  {k:<22} {v}");
-    }
-    if let Some(k) = s["kept_in"].as_str() {
-        let _ = writeln!(
-            o,
-            "  {:<22} {k} (source/, onprem/, logs/, data/)",
-            "kept in"
-        );
-    }
+    ]
 }

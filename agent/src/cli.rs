@@ -10,9 +10,8 @@ use wire_protocol::{Compression, DiskAttach, LocationKind};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::link::{Endpoint, Link};
-use crate::replay::{self, OutOfRange, Pace, ReplayOpts};
+use crate::replay::{self, ReplayOpts};
 use crate::source::{hex, image_digest, SourceDisk};
-use crate::trace::Format;
 
 /// The source side of failback: captures a VM's writes (here: replays recorded block
 /// traces against a source disk file), streams them to the process server, and resyncs.
@@ -95,53 +94,29 @@ pub enum ResyncMode {
     Full,
 }
 
+/// `agent replay`.
+#[derive(Debug, Args)]
+struct ReplayCmd {
+    #[command(flatten)]
+    disk: DiskArgs,
+    #[command(flatten)]
+    opts: ReplayOpts,
+    /// Resync before replaying.
+    #[arg(long, value_enum, default_value = "none")]
+    resync: ResyncMode,
+    /// Take a last app-consistent bookmark with this tag when the trace ends.
+    #[arg(long)]
+    final_bookmark: Option<String>,
+    /// When the trace ends, keep the stream open (as a VM whose writer stopped) and take
+    /// bookmarks asked for with `agent bookmark`, until SIGTERM or SIGINT; then drain.
+    #[arg(long)]
+    stay: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Replay a block trace against the source disk and stream it.
-    Replay {
-        #[command(flatten)]
-        disk: DiskArgs,
-        /// The trace file.
-        #[arg(long)]
-        trace: PathBuf,
-        /// Its format.
-        #[arg(long, value_enum)]
-        format: Format,
-        /// Replay this device only (default: the first seen; "all" merges every device onto the disk).
-        #[arg(long)]
-        device: Option<String>,
-        /// Writes beyond the disk's end.
-        #[arg(long, value_enum, default_value = "wrap")]
-        out_of_range: OutOfRange,
-        /// fast, realtime, or a speed such as 4x.
-        #[arg(long, default_value = "fast")]
-        pace: Pace,
-        /// Seed of the data written.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// How compressible the data is: 0.0 random .. 1.0 zeros (0.5: zstd halves it).
-        #[arg(long, default_value_t = 0.5)]
-        compressibility: f64,
-        /// App-consistent bookmark every this many seconds of trace time.
-        #[arg(long)]
-        bookmark_every_s: Option<f64>,
-        /// Stop after this many writes.
-        #[arg(long)]
-        max_writes: Option<u64>,
-        /// Count malformed trace lines instead of stopping at the first.
-        #[arg(long)]
-        skip_bad_lines: bool,
-        /// Resync before replaying.
-        #[arg(long, value_enum, default_value = "none")]
-        resync: ResyncMode,
-        /// Take a last app-consistent bookmark with this tag when the trace ends.
-        #[arg(long)]
-        final_bookmark: Option<String>,
-        /// When the trace ends, keep the stream open (as a VM whose writer stopped) and take
-        /// bookmarks asked for with `agent bookmark`, until SIGTERM or SIGINT; then drain.
-        #[arg(long)]
-        stay: bool,
-    },
+    Replay(ReplayCmd),
     /// Resync the target disk with the source.
     Resync {
         #[command(flatten)]
@@ -198,71 +173,15 @@ pub const MAX_BUFFER_BYTES: u64 = 64 << 30;
 /// passed).
 pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     runtime::log::init_logging(runtime::log::parse_log_format(Some(&d.log_format))?);
-    let size = runtime::units::bytes_in("disk-size", &d.disk_size, MIN_DISK_BYTES, MAX_DISK_BYTES)?;
-    if !size.is_multiple_of(512) {
-        return Err(Error::InvalidParameter {
-            param: "disk-size",
-            reason: format!("{} is not a multiple of 512 bytes", d.disk_size),
-        });
-    }
-    let buffer =
-        runtime::units::bytes_in("buffer", &d.buffer, MIN_BUFFER_BYTES, MAX_BUFFER_BYTES)? as usize;
-    runtime::units::check_range(
-        "compression-level",
-        d.compression_level,
-        0,
-        19,
-        d.compression_level,
-    )?;
-    runtime::units::check_range("disk-id", d.disk_id, 1, u64::MAX, d.disk_id)?;
-    // The certificate says which VM this agent is; --vm-id may only repeat it.
+    let (size, buffer) = check_sizes(d)?;
     let tls = TlsFiles::of_role(&d.tls_dir, PeerRole::Agent);
-    tls.check()?;
-    let identity = runtime::tls::identity_of_file(&tls.cert)?;
-    if identity.role != PeerRole::Agent {
-        return Err(Error::InvalidParameter {
-            param: "tls-dir",
-            reason: format!(
-                "{} is a {} certificate ({identity}); an agent needs its VM's agent certificate (failback certs --role agent --vm VM)",
-                tls.cert.display(),
-                identity.role
-            ),
-        });
-    }
-    let vm_id = match &d.vm_id {
-        Some(v) if *v != identity.name => {
-            return Err(Error::InvalidParameter {
-                param: "vm-id",
-                reason: format!(
-                    "{v:?}, but the certificate in {} is VM {:?}'s: use that VM's certificate, or leave --vm-id out",
-                    d.tls_dir.display(),
-                    identity.name
-                ),
-            })
-        }
-        _ => identity.name.clone(),
-    };
-    let uuid = match &d.disk_uuid {
-        Some(h) => {
-            let v: Vec<u8> = (0..h.len() / 2)
-                .filter_map(|i| u8::from_str_radix(h.get(i * 2..i * 2 + 2)?, 16).ok())
-                .collect();
-            v.try_into().map_err(|_| Error::InvalidParameter {
-                param: "disk-uuid",
-                reason: format!("{h:?} is not 32 hex digits"),
-            })?
-        }
-        None => {
-            let h = blake3::hash(format!("{vm_id}/{}", d.disk_id).as_bytes());
-            h.as_bytes()[..16].try_into().expect("16 bytes")
-        }
-    };
+    let vm_id = vm_of_certificate(d, &tls)?;
     let attach = DiskAttach {
         request_id: 0,
         disk_id: d.disk_id,
-        vm_id: vm_id.clone(),
+        disk_uuid: disk_uuid(d, &vm_id)?,
+        vm_id,
         group_id: String::new(),
-        disk_uuid: uuid,
         size_bytes: size,
         sector_size: 512,
         location: if d.location == Location::Original {
@@ -305,6 +224,82 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     started
 }
 
+/// The disk's size and the resend buffer's, checked with the other numeric settings.
+fn check_sizes(d: &DiskArgs) -> Result<(u64, usize)> {
+    let size = runtime::units::bytes_in("disk-size", &d.disk_size, MIN_DISK_BYTES, MAX_DISK_BYTES)?;
+    if !size.is_multiple_of(512) {
+        return Err(Error::InvalidParameter {
+            param: "disk-size",
+            reason: format!("{} is not a multiple of 512 bytes", d.disk_size),
+        });
+    }
+    let buffer =
+        runtime::units::bytes_in("buffer", &d.buffer, MIN_BUFFER_BYTES, MAX_BUFFER_BYTES)? as usize;
+    runtime::units::check_range(
+        "compression-level",
+        d.compression_level,
+        0,
+        19,
+        d.compression_level,
+    )?;
+    runtime::units::check_range("disk-id", d.disk_id, 1, u64::MAX, d.disk_id)?;
+    Ok((size, buffer))
+}
+
+/// The VM this agent is: the one its certificate names (`--vm-id` may only repeat it).
+fn vm_of_certificate(d: &DiskArgs, tls: &TlsFiles) -> Result<String> {
+    tls.check()?;
+    let identity = runtime::tls::identity_of_file(&tls.cert)?;
+    if identity.role != PeerRole::Agent {
+        return Err(Error::InvalidParameter {
+            param: "tls-dir",
+            reason: format!(
+                "{} is a {} certificate ({identity}); an agent needs its VM's agent certificate (failback certs --role agent --vm VM)",
+                tls.cert.display(),
+                identity.role
+            ),
+        });
+    }
+    match &d.vm_id {
+        Some(v) if *v != identity.name => Err(Error::InvalidParameter {
+            param: "vm-id",
+            reason: format!(
+                "{v:?}, but the certificate in {} is VM {:?}'s: use that VM's certificate, or leave --vm-id out",
+                d.tls_dir.display(),
+                identity.name
+            ),
+        }),
+        _ => Ok(identity.name),
+    }
+}
+
+/// `--disk-uuid`, or one derived from the VM and disk ids (stable across runs).
+fn disk_uuid(d: &DiskArgs, vm_id: &str) -> Result<[u8; 16]> {
+    match &d.disk_uuid {
+        Some(h) => {
+            // Exactly 32 hex digits: a 33rd (a typo) is an error, not ignored.
+            let bytes: Option<Vec<u8>> = (h.len() == 32
+                && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| {
+                (0..16)
+                    .map(|i| u8::from_str_radix(&h[i * 2..i * 2 + 2], 16).ok())
+                    .collect()
+            })
+            .flatten();
+            bytes
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| Error::InvalidParameter {
+                    param: "disk-uuid",
+                    reason: format!("{h:?} is not 32 hex digits"),
+                })
+        }
+        None => {
+            let h = blake3::hash(format!("{vm_id}/{}", d.disk_id).as_bytes());
+            Ok(h.as_bytes()[..16].try_into().expect("16 bytes"))
+        }
+    }
+}
+
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let p = indicatif::ProgressBar::new(len);
     p.set_style(
@@ -316,112 +311,91 @@ fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     p
 }
 
+/// `agent replay`: the trace, with a resync interleaved if asked for (or if the last run
+/// crashed), then a final bookmark, an open stream until SIGTERM with `--stay`, a drain.
+async fn replay_cmd(c: ReplayCmd) -> Result<()> {
+    // Everything that can be checked here is, before the disk is registered.
+    c.opts.check()?;
+    let mut e = engine(&c.disk).await?;
+    let resync = if c.resync == ResyncMode::None && e.unclean_start {
+        ResyncMode::Differential
+    } else {
+        c.resync
+    };
+    // A resync runs interleaved with the replay's writes, as it would with a live VM.
+    let mut rs = if resync != ResyncMode::None {
+        Some(e.resync_begin(resync == ResyncMode::Full).await?)
+    } else {
+        None
+    };
+    let p = indicatif::ProgressBar::new_spinner();
+    let sum = replay::replay(&mut e, &c.opts, &mut rs, |s| {
+        if s.writes % 256 == 0 {
+            p.set_message(format!("{} writes, {} bytes", s.writes, s.bytes));
+            p.tick();
+        }
+    })
+    .await?;
+    finish_resync(&mut e, rs).await?;
+    if let Some(tag) = c.final_bookmark {
+        e.bookmark(&tag).await?;
+    }
+    if c.stay {
+        eprintln!("the trace ended; the agent stays (agent bookmark --state-dir {} --tag TAG takes bookmarks) until SIGTERM", c.disk.state_dir.display());
+        e.serve_until_stopped().await?;
+    }
+    e.drain(Duration::from_secs(600)).await?;
+    p.finish_and_clear();
+    report_replay(&sum, &e);
+    Ok(())
+}
+
+/// Completes a resync the replay left under way (or one the process server asked for).
+async fn finish_resync(e: &mut Engine, mut rs: Option<crate::engine::Resync>) -> Result<()> {
+    e.link.poll().await;
+    if rs.is_none() && e.link.take_resync_requested() {
+        rs = Some(e.resync_begin(false).await?);
+    }
+    let Some(mut r) = rs else {
+        return Ok(());
+    };
+    while !r.done() {
+        e.resync_step(&mut r).await?;
+    }
+    e.resync_end(r).await?;
+    eprintln!(
+        "resync: compared {} bytes, sent {} bytes",
+        e.stats.resync_compared_bytes, e.stats.resync_sent_bytes
+    );
+    Ok(())
+}
+
+/// The replay's summary: a JSON line, then a sentence.
+fn report_replay(sum: &replay::ReplaySummary, e: &Engine) {
+    let mut v = serde_json::to_value(sum).expect("serializable");
+    v["last_lsn"] = (e.next_lsn() - 1).into();
+    v["resync_compared_bytes"] = e.stats.resync_compared_bytes.into();
+    v["resync_sent_bytes"] = e.stats.resync_sent_bytes.into();
+    // Every bookmark of the run: periodic, requested and the final one.
+    v["bookmarks"] = e.stats.bookmarks.into();
+    println!("{v}");
+    let devices = if sum.other_device > 0 {
+        format!(
+            "; {} writes of other devices left out (--device all merges them)",
+            sum.other_device
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "replayed {} writes ({} bytes) of device {:?} over {:.2} s of trace; {} wrapped into the disk, {} skipped, {} bad lines skipped; {} bookmarks; last lsn {}{devices}",
+        sum.writes, sum.bytes, sum.device, sum.trace_seconds, sum.wrapped, sum.skipped, sum.bad_lines, e.stats.bookmarks, e.next_lsn() - 1
+    );
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Replay {
-            disk,
-            trace,
-            format,
-            device,
-            out_of_range,
-            pace,
-            seed,
-            compressibility,
-            bookmark_every_s,
-            max_writes,
-            skip_bad_lines,
-            resync,
-            final_bookmark,
-            stay,
-        } => {
-            // Everything that can be checked here is, before the disk is registered.
-            runtime::units::check_range(
-                "compressibility",
-                compressibility,
-                0.0,
-                1.0,
-                compressibility,
-            )?;
-            if let Some(s) = bookmark_every_s {
-                runtime::units::check_range("bookmark-every-s", s, 0.001, 86_400.0, s)?;
-            }
-            crate::trace::check(&trace, format, skip_bad_lines)?;
-            let mut e = engine(&disk).await?;
-            let resync = if resync == ResyncMode::None && e.unclean_start {
-                ResyncMode::Differential
-            } else {
-                resync
-            };
-            // A resync runs interleaved with the replay's writes, as it would with a live VM.
-            let mut rs = if resync != ResyncMode::None {
-                Some(e.resync_begin(resync == ResyncMode::Full).await?)
-            } else {
-                None
-            };
-            let opts = ReplayOpts {
-                trace,
-                format,
-                device,
-                out_of_range,
-                pace,
-                seed,
-                compressibility,
-                bookmark_every_s,
-                max_writes,
-                skip_bad_lines,
-            };
-            let p = indicatif::ProgressBar::new_spinner();
-            let sum = replay::replay(&mut e, &opts, &mut rs, |s| {
-                if s.writes % 256 == 0 {
-                    p.set_message(format!("{} writes, {} bytes", s.writes, s.bytes));
-                    p.tick();
-                }
-            })
-            .await?;
-            e.link.poll().await;
-            if rs.is_none() && e.link.take_resync_requested() {
-                rs = Some(e.resync_begin(false).await?);
-            }
-            if let Some(mut r) = rs {
-                while !r.done() {
-                    e.resync_step(&mut r).await?;
-                }
-                e.resync_end(r).await?;
-                eprintln!(
-                    "resync: compared {} bytes, sent {} bytes",
-                    e.stats.resync_compared_bytes, e.stats.resync_sent_bytes
-                );
-            }
-            if let Some(tag) = final_bookmark {
-                e.bookmark(&tag).await?;
-            }
-            if stay {
-                eprintln!("the trace ended; the agent stays (agent bookmark --state-dir {} --tag TAG takes bookmarks) until SIGTERM", disk.state_dir.display());
-                e.serve_until_stopped().await?;
-            }
-            e.drain(Duration::from_secs(600)).await?;
-            p.finish_and_clear();
-            let mut v = serde_json::to_value(&sum).expect("serializable");
-            v["last_lsn"] = (e.next_lsn() - 1).into();
-            v["resync_compared_bytes"] = e.stats.resync_compared_bytes.into();
-            v["resync_sent_bytes"] = e.stats.resync_sent_bytes.into();
-            // Every bookmark of the run: periodic, requested and the final one.
-            v["bookmarks"] = e.stats.bookmarks.into();
-            println!("{v}");
-            let devices = if sum.other_device > 0 {
-                format!(
-                    "; {} writes of other devices left out (--device all merges them)",
-                    sum.other_device
-                )
-            } else {
-                String::new()
-            };
-            println!(
-                "replayed {} writes ({} bytes) of device {:?} over {:.2} s of trace; {} wrapped into the disk, {} skipped, {} bad lines skipped; {} bookmarks; last lsn {}{devices}",
-                sum.writes, sum.bytes, sum.device, sum.trace_seconds, sum.wrapped, sum.skipped, sum.bad_lines, e.stats.bookmarks, e.next_lsn() - 1
-            );
-            Ok(())
-        }
+        Command::Replay(c) => replay_cmd(c).await,
         Command::Resync { disk, mode } => {
             let mut e = engine(&disk).await?;
             let p = bar(0, "resync");

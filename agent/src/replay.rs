@@ -51,29 +51,56 @@ impl std::str::FromStr for Pace {
     }
 }
 
-/// A replay's settings.
-#[derive(Debug, Clone)]
+/// A replay's settings (the `agent replay` flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ReplayOpts {
-    /// The trace.
+    /// The trace file.
+    #[arg(long)]
     pub trace: PathBuf,
     /// Its format.
+    #[arg(long, value_enum)]
     pub format: Format,
-    /// Replay only this device (default: the first one seen; "all": every device onto one disk).
+    /// Replay this device only (default: the first seen; "all" merges every device onto the disk).
+    #[arg(long)]
     pub device: Option<String>,
-    /// Beyond the disk's end.
+    /// Writes beyond the disk's end.
+    #[arg(long, value_enum, default_value = "wrap")]
     pub out_of_range: OutOfRange,
-    /// Pacing.
+    /// fast, realtime, or a speed such as 4x.
+    #[arg(long, default_value = "fast")]
     pub pace: Pace,
-    /// Data seed.
+    /// Seed of the data written.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// 0.0 (random) to 1.0 (zeros).
+    /// How compressible the data is: 0.0 random .. 1.0 zeros (0.5: zstd halves it).
+    #[arg(long, default_value_t = 0.5)]
     pub compressibility: f64,
     /// App-consistent bookmark every this many seconds of trace time.
+    #[arg(long)]
     pub bookmark_every_s: Option<f64>,
     /// Stop after this many writes.
+    #[arg(long)]
     pub max_writes: Option<u64>,
-    /// Count malformed lines instead of failing.
+    /// Count malformed trace lines instead of stopping at the first.
+    #[arg(long)]
     pub skip_bad_lines: bool,
+}
+
+impl ReplayOpts {
+    /// Checks what can be checked before the disk is registered anywhere.
+    pub fn check(&self) -> Result<()> {
+        runtime::units::check_range(
+            "compressibility",
+            self.compressibility,
+            0.0,
+            1.0,
+            self.compressibility,
+        )?;
+        if let Some(s) = self.bookmark_every_s {
+            runtime::units::check_range("bookmark-every-s", s, 0.001, 86_400.0, s)?;
+        }
+        crate::trace::check(&self.trace, self.format, self.skip_bad_lines)
+    }
 }
 
 /// What a replay did.
@@ -120,6 +147,63 @@ fn stop_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     flag
 }
 
+/// Waits (flushed) until `due` after `started`, in short steps that answer bookmark
+/// requests meanwhile.
+async fn wait_until(engine: &mut Engine, started: Instant, due: Duration) -> Result<()> {
+    if due <= started.elapsed() {
+        return Ok(());
+    }
+    engine.flush().await?;
+    while let Some(wait) = due.checked_sub(started.elapsed()) {
+        tokio::time::sleep(wait.min(Duration::from_millis(CONTROL_EVERY_MS))).await;
+        engine.serve_control().await?;
+    }
+    Ok(())
+}
+
+/// Where a write of `len` bytes at `offset` lands on a disk of `size` bytes: as is, mapped
+/// into the disk (kept whole and sector-aligned), or nowhere (counted as skipped).
+fn map_into(
+    offset: u64,
+    len: u64,
+    size: u64,
+    out_of_range: OutOfRange,
+    sum: &mut ReplaySummary,
+) -> Option<u64> {
+    let end = offset.saturating_add(len);
+    if len > size || (end > size && out_of_range == OutOfRange::Skip) {
+        sum.skipped += 1;
+        return None;
+    }
+    if end > size {
+        sum.wrapped += 1;
+        return Some((offset % size).min(size - len) / 512 * 512);
+    }
+    Some(offset)
+}
+
+/// A resync under way advances one chunk every [`RESYNC_EVERY_WRITES`] writes; one the
+/// process server asks for begins here.
+async fn advance_resync(
+    engine: &mut Engine,
+    resync: &mut Option<crate::engine::Resync>,
+    writes: u64,
+) -> Result<()> {
+    if resync.is_none() && engine.link.take_resync_requested() {
+        *resync = Some(engine.resync_begin(false).await?);
+    }
+    if let Some(r) = resync.as_mut() {
+        if writes.is_multiple_of(RESYNC_EVERY_WRITES) {
+            engine.resync_step(r).await?;
+        }
+        // Done: the target is consistent from here, and bookmarks make points again.
+        if r.done() {
+            engine.resync_end(resync.take().expect("checked")).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Replays `opts.trace` into `engine`, advancing `resync` (if any) between writes; starts a
 /// differential resync if the process server asks for one.
 /// `on_progress` is called after each write.
@@ -156,14 +240,7 @@ pub async fn replay(
         }
         if let (Pace::Speed(f), true) = (opts.pace, w.time_ns > 0) {
             let due = Duration::from_nanos((w.time_ns as f64 / f) as u64);
-            if due > started.elapsed() {
-                engine.flush().await?;
-                // Sleep in short steps: bookmark requests are answered meanwhile.
-                while let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait.min(Duration::from_millis(CONTROL_EVERY_MS))).await;
-                    engine.serve_control().await?;
-                }
-            }
+            wait_until(engine, started, due).await?;
         }
         while let Some(at) = next_bookmark_ns.filter(|&at| w.time_ns >= at) {
             let tag = format!("auto-{}", sum.bookmarks + 1);
@@ -172,19 +249,9 @@ pub async fn replay(
             }
             next_bookmark_ns = Some(at + (opts.bookmark_every_s.unwrap_or(1.0) * 1e9) as u64);
         }
-        let mut offset = w.offset;
-        if w.len > size {
-            sum.skipped += 1;
+        let Some(offset) = map_into(w.offset, w.len, size, opts.out_of_range, &mut sum) else {
             continue;
-        }
-        if offset + w.len > size {
-            if opts.out_of_range == OutOfRange::Skip {
-                sum.skipped += 1;
-                continue;
-            }
-            offset = (offset % size).min(size - w.len) / 512 * 512;
-            sum.wrapped += 1;
-        }
+        };
         let mut data = BytesMut::zeroed(w.len as usize);
         datagen::fill(opts.seed, index, opts.compressibility, &mut data);
         index += 1;
@@ -192,19 +259,7 @@ pub async fn replay(
         sum.writes += 1;
         sum.bytes += w.len;
         sum.trace_seconds = w.time_ns as f64 / 1e9;
-        // A resync under way advances one chunk every RESYNC_EVERY_WRITES writes.
-        if resync.is_none() && engine.link.take_resync_requested() {
-            *resync = Some(engine.resync_begin(false).await?);
-        }
-        if let Some(r) = resync.as_mut() {
-            if sum.writes % RESYNC_EVERY_WRITES == 0 {
-                engine.resync_step(r).await?;
-            }
-            // Done: the target is consistent from here, and bookmarks make points again.
-            if r.done() {
-                engine.resync_end(resync.take().expect("checked")).await?;
-            }
-        }
+        advance_resync(engine, resync, sum.writes).await?;
         if last_request_check.elapsed() > Duration::from_millis(CONTROL_EVERY_MS) {
             engine.serve_control().await?;
             last_request_check = Instant::now();

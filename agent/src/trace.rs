@@ -294,90 +294,105 @@ pub fn parse_line(format: Format, line: &str) -> Result<Option<TraceWrite>, Stri
         return Ok(None);
     }
     match format {
-        Format::Msr => {
-            let f: Vec<&str> = line.split(',').collect();
-            if f.len() < 6 {
-                return Err(format!("{} fields, expected 7 (Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime)", f.len()));
-            }
-            let ticks: u64 = num(Some(f[0]), "timestamp")?;
-            match f[3].trim().to_ascii_lowercase().as_str() {
-                "write" => {}
-                "read" => return Ok(None),
-                t => return Err(format!("type {t:?} is neither Read nor Write")),
-            }
-            Ok(Some(TraceWrite {
-                time_ns: ticks.saturating_mul(100),
-                device: format!("{}:{}", f[1].trim(), f[2].trim()),
-                offset: num(Some(f[4]), "offset")?,
-                len: num(Some(f[5]), "size")?,
-            }))
-        }
-        Format::Disksim | Format::DisksimNs => {
-            let mut it = line.split_whitespace();
-            let time = it.next().ok_or("empty line")?;
-            let time_ns = if format == Format::DisksimNs {
-                num::<f64>(Some(time), "time")? as u64
-            } else {
-                secs_to_ns(time, "time")? / 1000
-            };
-            let dev: u32 = num(it.next(), "devno")?;
-            let blk: u64 = num(it.next(), "blkno")?;
-            let cnt: u64 = num(it.next(), "bcount")?;
-            let flags: u32 = num(it.next(), "flags")?;
-            if flags & 1 == 1 {
-                return Ok(None);
-            }
-            Ok(Some(TraceWrite {
-                time_ns,
-                device: dev.to_string(),
-                offset: blk.checked_mul(SECTOR_BYTES).ok_or("blkno overflows")?,
-                len: cnt.checked_mul(SECTOR_BYTES).ok_or("bcount overflows")?,
-            }))
-        }
-        Format::Vscsi => {
-            if line.starts_with("version") {
-                return Ok(None);
-            }
-            let f: Vec<&str> = line.split(',').collect();
-            if f.len() < 5 {
-                return Err(format!(
-                    "{} fields, expected 5 (version,time,op,size,lbn)",
-                    f.len()
-                ));
-            }
-            let op = u8::from_str_radix(f[2].trim().trim_start_matches("0x"), 16)
-                .map_err(|_| format!("op {:?} is not a hex SCSI opcode", f[2]))?;
-            // WRITE(6), WRITE(10), WRITE(12), WRITE(16).
-            if !matches!(op, 0x0a | 0x2a | 0xaa | 0x8a) {
-                return Ok(None);
-            }
-            let lbn: u64 = num(Some(f[4]), "lbn")?;
-            Ok(Some(TraceWrite {
-                time_ns: secs_to_ns(f[1], "time")?,
-                device: "0".into(),
-                offset: lbn.checked_mul(SECTOR_BYTES).ok_or("lbn overflows")?,
-                len: num(Some(f[3]), "size")?,
-            }))
-        }
-        Format::Blkparse => {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // Summary sections and other event lines are not I/O records.
-            if f.len() < 10 || !f[0].contains(',') || f[5] != "Q" || f[8] != "+" {
-                return Ok(None);
-            }
-            if !f[6].contains('W') {
-                return Ok(None);
-            }
-            let sector: u64 = num(Some(f[7]), "sector")?;
-            let count: u64 = num(Some(f[9]), "count")?;
-            Ok(Some(TraceWrite {
-                time_ns: secs_to_ns(f[3], "time")?,
-                device: f[0].to_owned(),
-                offset: sector * SECTOR_BYTES,
-                len: count * SECTOR_BYTES,
-            }))
-        }
+        Format::Msr => parse_msr(line),
+        Format::Disksim | Format::DisksimNs => parse_disksim(line, format == Format::DisksimNs),
+        Format::Vscsi => parse_vscsi(line),
+        Format::Blkparse => parse_blkparse(line),
     }
+}
+
+/// MSR Cambridge CSV: `Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime`.
+fn parse_msr(line: &str) -> Result<Option<TraceWrite>, String> {
+    let f: Vec<&str> = line.split(',').collect();
+    if f.len() < 6 {
+        return Err(format!(
+            "{} fields, expected 7 (Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime)",
+            f.len()
+        ));
+    }
+    let ticks: u64 = num(Some(f[0]), "timestamp")?;
+    match f[3].trim().to_ascii_lowercase().as_str() {
+        "write" => {}
+        "read" => return Ok(None),
+        t => return Err(format!("type {t:?} is neither Read nor Write")),
+    }
+    Ok(Some(TraceWrite {
+        time_ns: ticks.saturating_mul(100),
+        device: format!("{}:{}", f[1].trim(), f[2].trim()),
+        offset: num(Some(f[4]), "offset")?,
+        len: num(Some(f[5]), "size")?,
+    }))
+}
+
+/// DiskSim ASCII: `time devno blkno bcount flags` (time in ms, or ns with `in_ns`).
+fn parse_disksim(line: &str, in_ns: bool) -> Result<Option<TraceWrite>, String> {
+    let mut it = line.split_whitespace();
+    let time = it.next().ok_or("empty line")?;
+    let time_ns = if in_ns {
+        num::<f64>(Some(time), "time")? as u64
+    } else {
+        secs_to_ns(time, "time")? / 1000
+    };
+    let dev: u32 = num(it.next(), "devno")?;
+    let blk: u64 = num(it.next(), "blkno")?;
+    let cnt: u64 = num(it.next(), "bcount")?;
+    let flags: u32 = num(it.next(), "flags")?;
+    if flags & 1 == 1 {
+        return Ok(None);
+    }
+    Ok(Some(TraceWrite {
+        time_ns,
+        device: dev.to_string(),
+        offset: blk.checked_mul(SECTOR_BYTES).ok_or("blkno overflows")?,
+        len: cnt.checked_mul(SECTOR_BYTES).ok_or("bcount overflows")?,
+    }))
+}
+
+/// CloudPhysics vscsi CSV: `version,time,op,size,lbn`.
+fn parse_vscsi(line: &str) -> Result<Option<TraceWrite>, String> {
+    if line.starts_with("version") {
+        return Ok(None);
+    }
+    let f: Vec<&str> = line.split(',').collect();
+    if f.len() < 5 {
+        return Err(format!(
+            "{} fields, expected 5 (version,time,op,size,lbn)",
+            f.len()
+        ));
+    }
+    let op = u8::from_str_radix(f[2].trim().trim_start_matches("0x"), 16)
+        .map_err(|_| format!("op {:?} is not a hex SCSI opcode", f[2]))?;
+    // WRITE(6), WRITE(10), WRITE(12), WRITE(16).
+    if !matches!(op, 0x0a | 0x2a | 0xaa | 0x8a) {
+        return Ok(None);
+    }
+    let lbn: u64 = num(Some(f[4]), "lbn")?;
+    Ok(Some(TraceWrite {
+        time_ns: secs_to_ns(f[1], "time")?,
+        device: "0".into(),
+        offset: lbn.checked_mul(SECTOR_BYTES).ok_or("lbn overflows")?,
+        len: num(Some(f[3]), "size")?,
+    }))
+}
+
+/// blkparse's default output: queue (`Q`) events of writes.
+fn parse_blkparse(line: &str) -> Result<Option<TraceWrite>, String> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    // Summary sections and other event lines are not I/O records.
+    if f.len() < 10 || !f[0].contains(',') || f[5] != "Q" || f[8] != "+" {
+        return Ok(None);
+    }
+    if !f[6].contains('W') {
+        return Ok(None);
+    }
+    let sector: u64 = num(Some(f[7]), "sector")?;
+    let count: u64 = num(Some(f[9]), "count")?;
+    Ok(Some(TraceWrite {
+        time_ns: secs_to_ns(f[3], "time")?,
+        device: f[0].to_owned(),
+        offset: sector.checked_mul(SECTOR_BYTES).ok_or("sector overflows")?,
+        len: count.checked_mul(SECTOR_BYTES).ok_or("count overflows")?,
+    }))
 }
 
 #[cfg(test)]

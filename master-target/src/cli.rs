@@ -187,19 +187,7 @@ fn run(cli: Cli) -> Result<()> {
             server_name,
             tls_dir,
             disk,
-        } => {
-            let name = server_name.unwrap_or_else(|| {
-                connect
-                    .rsplit_once(':')
-                    .map_or(connect.as_str(), |(h, _)| h)
-                    .to_owned()
-            });
-            let files = runtime::tls::TlsFiles::of_role(&tls_dir, runtime::tls::PeerRole::Operator);
-            let lsn =
-                tokio_runtime()?.block_on(crate::admin::detach(&connect, &name, &files, disk))?;
-            println!("disk {disk} detached at lsn {lsn}; its lock is released and the on-premises VM can boot from it");
-            Ok(())
-        }
+        } => detach(&connect, server_name, &tls_dir, disk),
         Command::RecoverJournal {
             config,
             settings: s,
@@ -234,6 +222,21 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `master-target detach`: asks the running master target (as an operator) to stop
+/// replicating a disk and release it for failback.
+fn detach(connect: &str, server_name: Option<String>, tls_dir: &Path, disk: u64) -> Result<()> {
+    let name = server_name.unwrap_or_else(|| {
+        connect
+            .rsplit_once(':')
+            .map_or(connect, |(h, _)| h)
+            .to_owned()
+    });
+    let files = runtime::tls::TlsFiles::of_role(tls_dir, runtime::tls::PeerRole::Operator);
+    let lsn = tokio_runtime()?.block_on(crate::admin::detach(connect, &name, &files, disk))?;
+    println!("disk {disk} detached at lsn {lsn}; its lock is released and the on-premises VM can boot from it");
+    Ok(())
 }
 
 /// `master-target recover-journal`: a damaged journal set aside, a new one begun.

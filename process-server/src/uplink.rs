@@ -201,6 +201,17 @@ struct Outbox {
 }
 
 impl Outbox {
+    fn new(wr: tokio::io::WriteHalf<ClientStream>, version: u16, timeout_ms: u64) -> Outbox {
+        let mut codec = MessageCodec::default();
+        codec.set_version(version);
+        Outbox {
+            wr,
+            codec,
+            buf: BytesMut::new(),
+            timeout_ms,
+        }
+    }
+
     async fn send(&mut self, msg: &Message) -> Result<()> {
         self.buf.clear();
         self.codec.encode(msg, &mut self.buf)?;
@@ -218,6 +229,19 @@ struct Waits {
 }
 
 impl Waits {
+    fn new(state: &State) -> Waits {
+        Waits {
+            adaptive: AdaptiveLevel::new(
+                state.compression_level.load(Ordering::Relaxed),
+                AUTO_MIN,
+                AUTO_MAX,
+            ),
+            link: Duration::ZERO,
+            cpu: Duration::ZERO,
+            since: Instant::now(),
+        }
+    }
+
     fn adapt(&mut self, state: &State) {
         if !state.cfg.adaptive_compression || self.since.elapsed() < Duration::from_secs(1) {
             return;
@@ -238,17 +262,43 @@ impl Waits {
     }
 }
 
+/// Heartbeats: four per link timeout, so a live link is never taken for a dead one.
+struct Beat {
+    tick: tokio::time::Interval,
+    seq: u64,
+}
+
+impl Beat {
+    fn new(timeout_ms: u64) -> Beat {
+        Beat {
+            tick: every(Duration::from_millis(timeout_ms / 4)),
+            seq: 0,
+        }
+    }
+
+    fn next(&mut self) -> Message {
+        self.seq += 1;
+        Message::Heartbeat {
+            seq: self.seq,
+            time_us: crate::state::now_us(),
+        }
+    }
+}
+
 /// Reads the master target's answers until the link fails; `heard_ms` is when it last
 /// said anything (ms since `began`).
 fn spawn_reader(
     (state, index): (&Arc<State>, usize),
-    mut reader: FramedRead<tokio::io::ReadHalf<ClientStream>, MessageCodec>,
+    (rd, read_buf): (tokio::io::ReadHalf<ClientStream>, &[u8]),
     ship: &Arc<Mutex<Ship>>,
     pending: &Pending,
     acked: &Arc<tokio::sync::Notify>,
     heard_ms: &Arc<std::sync::atomic::AtomicU64>,
     began: Instant,
 ) -> tokio::task::JoinHandle<Result<()>> {
+    // Bytes the handshake read past the Hello belong to the first answers.
+    let mut reader = FramedRead::new(rd, MessageCodec::default());
+    reader.read_buffer_mut().extend_from_slice(read_buf);
     let (st, sh, pe, ak, heard) = (
         Arc::clone(state),
         Arc::clone(ship),
@@ -280,8 +330,6 @@ async fn ship_until_down(
 ) -> Result<()> {
     let parts = framed.into_parts();
     let (rd, wr) = tokio::io::split(parts.io);
-    let mut reader = FramedRead::new(rd, MessageCodec::default());
-    reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
     let ship = Arc::new(Mutex::new(ship));
     let acked = Arc::new(tokio::sync::Notify::new());
     // A link that says nothing for link-timeout-s is dead, however TCP sees it.
@@ -289,7 +337,7 @@ async fn ship_until_down(
     let heard_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut reader_task = spawn_reader(
         (state, index),
-        reader,
+        (rd, &parts.read_buf),
         &ship,
         &pending,
         &acked,
@@ -300,25 +348,9 @@ async fn ship_until_down(
     let parallel = JOBS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut pacer = Pacer::default();
     let timeout_ms = state.cfg.link_timeout_s * 1000;
-    let mut out = Outbox {
-        wr,
-        codec: MessageCodec::default(),
-        buf: BytesMut::new(),
-        timeout_ms,
-    };
-    out.codec.set_version(version);
-    let mut waits = Waits {
-        adaptive: AdaptiveLevel::new(
-            state.compression_level.load(Ordering::Relaxed),
-            AUTO_MIN,
-            AUTO_MAX,
-        ),
-        link: Duration::ZERO,
-        cpu: Duration::ZERO,
-        since: Instant::now(),
-    };
-    let mut beat = every(Duration::from_millis(timeout_ms / 4));
-    let mut beat_seq = 0u64;
+    let mut out = Outbox::new(wr, version, timeout_ms);
+    let mut waits = Waits::new(state);
+    let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     loop {
         fill(state, &ship, &mut jobs, parallel, version);
@@ -356,10 +388,9 @@ async fn ship_until_down(
                     waits.link += waited_from.elapsed();
                 }
             }
-            _ = beat.tick() => {
+            _ = beat.tick.tick() => {
                 alive(began, &heard_ms, timeout_ms)?;
-                beat_seq += 1;
-                out.send(&Message::Heartbeat { seq: beat_seq, time_us: crate::state::now_us() }).await?;
+                out.send(&beat.next()).await?;
             }
             _ = retry.tick() => {
                 for msg in reattaches(state, index, &ship, &pending) {
