@@ -10,7 +10,6 @@ use master_target::apply::{Applier, RetentionPolicy, Verdict};
 use master_target::disk::DiskFile;
 use master_target::journal::Journal;
 use process_server::cache::DiskCache;
-use tokio_util::codec::Encoder;
 use wire_protocol::{digest, Message, MessageCodec, Write, WriteBatch};
 
 fn batch(first_lsn: u64, writes: u64, len: usize) -> WriteBatch {

@@ -4,7 +4,6 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tokio_util::codec::Decoder;
 use wire_protocol::MessageCodec;
 
 fuzz_target!(|data: &[u8]| {

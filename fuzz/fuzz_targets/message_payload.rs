@@ -4,7 +4,6 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tokio_util::codec::Decoder;
 use wire_protocol::frame::{put_frame, Header, FLAG_ZSTD};
 use wire_protocol::MessageCodec;
 

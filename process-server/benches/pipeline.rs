@@ -8,7 +8,6 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
-use tokio_util::codec::{Decoder, Encoder};
 use wire_protocol::frame::FrameCodec;
 use wire_protocol::{Compression, Message, MessageCodec, Write, WriteBatch};
 

@@ -58,7 +58,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use store::{FileHandle, FileSystem, OpenMode, RealFs};
-use tokio_util::codec::Decoder;
 use wire_protocol::frame::{FrameCodec, MAX_FRAME_LEN};
 
 use crate::error::{Error, IoContext, Result};

@@ -20,7 +20,7 @@ use runtime::net::{connect, ClientSpec, ClientStream, Connected};
 use runtime::tls::PeerRole;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::FramedRead;
 use wire_protocol::frame::FLAG_ZSTD;
 use wire_protocol::{Compression, DigestList, ErrorCode, ErrorMsg, Message, MessageCodec, Role};
 

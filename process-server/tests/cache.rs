@@ -6,7 +6,6 @@ use std::io::Write as _;
 use bytes::{Bytes, BytesMut};
 use process_server::cache::DiskCache;
 use process_server::Error;
-use tokio_util::codec::Encoder;
 use wire_protocol::{digest, Message, MessageCodec, Write, WriteBatch};
 
 fn frame(lsn: u64, len: usize) -> Vec<u8> {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use process_server::cache::DiskCache;
 use store::{FileSystem, SimFaults, SimFs};
-use tokio_util::codec::Encoder;
 use wire_protocol::{digest, Message, MessageCodec, Write, WriteBatch};
 
 const DIR: &str = "/cache/disk-1";

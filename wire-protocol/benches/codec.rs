@@ -6,7 +6,6 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tokio_util::codec::{Decoder, Encoder};
 use wire_protocol::{digest, Compression, Message, MessageCodec, Write, WriteBatch};
 
 /// Batches carry up to this much data, as the process server ships them.

@@ -7,7 +7,6 @@
 //! an error, not an allocation.
 
 use bytes::{Bytes, BytesMut};
-use tokio_util::codec::{Decoder, Encoder};
 
 use bytes::BufMut;
 
@@ -146,11 +145,10 @@ impl MessageCodec {
     }
 }
 
-impl Decoder for MessageCodec {
-    type Item = Message;
-    type Error = Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>> {
+impl MessageCodec {
+    /// The next whole message at the front of `src`, taken out of it; `None` until its
+    /// frame has arrived whole. An error leaves the stream unusable.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>> {
         let before = src.len();
         let Some(frame) = self.frames.decode(src)? else {
             return Ok(None);
@@ -160,7 +158,9 @@ impl Decoder for MessageCodec {
         self.decode_frame(frame).map(Some)
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>> {
+    /// As [`MessageCodec::decode`] at the end of the stream: bytes left over are a torn
+    /// frame.
+    pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>> {
         match self.decode(src)? {
             Some(m) => Ok(Some(m)),
             None if src.is_empty() => Ok(None),
@@ -169,14 +169,11 @@ impl Decoder for MessageCodec {
             }),
         }
     }
-}
 
-impl Encoder<&Message> for MessageCodec {
-    type Error = Error;
-
-    /// Encodes the payload straight after room left for the header in `dst` (one copy of
-    /// the data); a payload worth compressing is replaced there by its zstd frame.
-    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<()> {
+    /// Appends `msg` to `dst` as one frame in this codec's version. The payload is encoded
+    /// straight after room left for the header (one copy of the data); a payload worth
+    /// compressing is replaced there by its zstd frame. On error nothing is appended.
+    pub fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<()> {
         let start = dst.len();
         let payload_at = start + HEADER_LEN;
         dst.put_bytes(0, HEADER_LEN);
@@ -230,13 +227,5 @@ impl Encoder<&Message> for MessageCodec {
         self.stats.raw_bytes_out += raw_len as u64;
         self.stats.wire_bytes_out += (dst.len() - start) as u64;
         Ok(())
-    }
-}
-
-impl Encoder<Message> for MessageCodec {
-    type Error = Error;
-
-    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<()> {
-        self.encode(&msg, dst)
     }
 }

@@ -20,7 +20,6 @@
 //! [`MAX_PAYLOAD_LEN`] before the receive buffer is allowed to grow.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio_util::codec::{Decoder, Encoder};
 
 use crate::version::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use crate::{Error, Result};
@@ -159,11 +158,10 @@ pub struct FrameCodec {
     pending: Option<Header>,
 }
 
-impl Decoder for FrameCodec {
-    type Item = Frame;
-    type Error = Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>> {
+impl FrameCodec {
+    /// The next whole frame at the front of `src`, checked (header and CRC), taken out of
+    /// it; `None` until one has arrived whole. An error leaves the stream unusable.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>> {
         let header = match self.pending {
             Some(h) => h,
             None => {
@@ -198,7 +196,8 @@ impl Decoder for FrameCodec {
         }))
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>> {
+    /// As [`FrameCodec::decode`] at the end of the stream: bytes left over are a torn frame.
+    pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>> {
         match self.decode(src)? {
             Some(f) => Ok(Some(f)),
             None if src.is_empty() => Ok(None),
@@ -207,12 +206,9 @@ impl Decoder for FrameCodec {
             }),
         }
     }
-}
 
-impl Encoder<&Frame> for FrameCodec {
-    type Error = Error;
-
-    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<()> {
+    /// Appends `frame` to `dst` as it was received (header, payload, CRC).
+    pub fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<()> {
         put_frame(frame.header, &frame.payload, dst)
     }
 }

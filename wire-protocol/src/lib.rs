@@ -5,14 +5,17 @@
 //!
 //! # Layout
 //! - [`frame`]: the frame layer: a fixed header with its own CRC32C, the payload (zstd or
-//!   raw) and a CRC32C over the payload. Tokio-util [`Decoder`](tokio_util::codec::Decoder)
-//!   and [`Encoder`](tokio_util::codec::Encoder) implementations.
+//!   raw) and a CRC32C over the payload, with [`frame::FrameCodec`] to cut a byte stream
+//!   into checked frames.
 //! - [`message`]: the messages carried in frames, their payload layouts and their stable
 //!   type numbers.
 //! - [`codec`]: [`MessageCodec`], frames and messages together, with per-batch compression.
 //! - [`version`]: protocol version negotiation.
 //! - [`handshake`]: the Hello exchange, as pure checks the services' shells call.
 //! - [`digest`]: the disk digest (per-block blake3, then blake3 of the block digests).
+//! - `tokio_codec` (feature `tokio-codec`): tokio-util's `Decoder` and `Encoder` for the
+//!   codecs, for the services' `Framed` sockets. Without it the crate depends on no
+//!   runtime (`cargo tree -p wire-protocol -e normal`).
 //!
 //! TLS, connection handling, the admin endpoint and everything else the services share at
 //! run time live in the `runtime` crate: this one stays free of I/O.
@@ -34,6 +37,8 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+#[cfg(feature = "tokio-codec")]
+mod tokio_codec;
 pub mod version;
 
 pub use codec::{CodecStats, Compression, MessageCodec};

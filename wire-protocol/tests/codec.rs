@@ -2,7 +2,6 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
-use tokio_util::codec::{Decoder, Encoder};
 use wire_protocol::frame::{put_frame, Header, FLAG_ZSTD, HEADER_LEN, MAX_PAYLOAD_LEN};
 use wire_protocol::message::{types, MAX_BATCH_DATA_LEN};
 use wire_protocol::*;
