@@ -119,6 +119,8 @@ pub struct Engine {
     batcher: Batcher,
     /// Blocks written while the link was down and the buffer full.
     dirty: Dirty,
+    /// Dirty blocks are being resent (the flushes on the way do not start another round).
+    resending_dirty: bool,
     /// A resync is under way: the target is not consistent, so bookmarks make no point.
     resyncing: bool,
     state_dir: PathBuf,
@@ -198,6 +200,7 @@ impl Engine {
             link,
             batcher: Batcher::new(disk_id, resume),
             dirty: Dirty::new(source.blocks(), DIGEST_BLOCK_BYTES),
+            resending_dirty: false,
             source,
             disk_id,
             resyncing: false,
@@ -283,16 +286,28 @@ impl Engine {
 
     /// Once the link is back, sends the current content of every dirty block.
     async fn resend_dirty(&mut self) -> Result<()> {
-        if self.dirty.is_empty() || !self.link.ensure_up().await {
+        // The flushes inside send_blocks come back here: one loop does the work.
+        if self.resending_dirty || self.dirty.is_empty() || !self.link.ensure_up().await {
             return Ok(());
         }
-        let blocks = self.dirty.take();
         tracing::info!(
-            blocks = blocks.len(),
+            blocks = self.dirty.len(),
             "link is back: resending dirty regions"
         );
-        self.send_blocks(&blocks).await?;
-        self.stats.dirty_blocks_resent += blocks.len() as u64;
+        self.resending_dirty = true;
+        let sent = self.resend_dirty_chunks().await;
+        self.resending_dirty = false;
+        sent
+    }
+
+    /// Resends dirty blocks a chunk at a time, so the list in hand stays small (the bitmap
+    /// is the bound), while the link stays up.
+    async fn resend_dirty_chunks(&mut self) -> Result<()> {
+        while !self.dirty.is_empty() && self.link.is_up() {
+            let blocks = self.dirty.take(RESYNC_CHUNK_BLOCKS as usize);
+            self.send_blocks(&blocks).await?;
+            self.stats.dirty_blocks_resent += blocks.len() as u64;
+        }
         Ok(())
     }
 
@@ -508,72 +523,7 @@ impl Engine {
             (b..b + u64::from(count)).collect()
         } else {
             self.flush().await?;
-            let chunk = |first: u64| {
-                let n = RESYNC_CHUNK_BLOCKS.min((r.blocks - first) as u32);
-                Message::DigestRequest(DigestRequest {
-                    disk_id: self.disk_id,
-                    block_size: DIGEST_BLOCK_BYTES as u32,
-                    first_block: first,
-                    block_count: n,
-                    request_id: 0,
-                })
-            };
-            let max = Duration::from_secs(300);
-            // A link that drops while a request waits (a process server restarting, or
-            // closing the connection so the agent attaches again) loses the requests in
-            // flight: ask again on the new link, a bounded number of times.
-            let mut drops = 0;
-            let reply = loop {
-                // A request sent ahead on an earlier connection is never answered: ask again.
-                let id = match r.prefetched {
-                    Some((block, id, generation))
-                        if block == b && generation == self.link.generation() =>
-                    {
-                        id
-                    }
-                    _ => self.link.send_request(chunk(b), max).await?,
-                };
-                // Keep one request ahead: the master target hashes the next chunk while
-                // this one is compared and sent.
-                let next = b + u64::from(count);
-                r.prefetched = None;
-                if next < r.blocks {
-                    let id = self.link.send_request(chunk(next), max).await?;
-                    r.prefetched = Some((next, id, self.link.generation()));
-                }
-                match self.link.reply(id, max).await {
-                    Ok(m) => break m,
-                    Err(e)
-                        if drops < MAX_REQUEST_RETRIES
-                            && (!self.link.is_up() || self.link.stale(id)) =>
-                    {
-                        drops += 1;
-                        tracing::warn!(error = %e, attempt = drops, "the link dropped during a resync request; asking again");
-                        r.prefetched = None;
-                        self.link.forget_replies();
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            let theirs = match reply {
-                Message::DigestList(l)
-                    if l.first_block == b && l.digests.len() == count as usize =>
-                {
-                    l.digests
-                }
-                Message::Error(e) => {
-                    return Err(Error::Refused(format!(
-                        "digest request refused: {}",
-                        e.message
-                    )))
-                }
-                other => {
-                    return Err(Error::Refused(format!(
-                        "unexpected reply to a digest request: {}",
-                        other.name()
-                    )))
-                }
-            };
+            let theirs = self.target_digests(r, b, count).await?;
             self.stats.resync_digest_bytes += 32 * u64::from(count);
             let ours = &self.source.digests()[b as usize..(b + u64::from(count)) as usize];
             (0..count as usize)
@@ -594,6 +544,82 @@ impl Engine {
         std::fs::write(&r.progress_path, r.next_block.to_string())
             .ctx(|| format!("write {}", r.progress_path.display()))?;
         Ok(())
+    }
+
+    /// The target's digests of the `count` blocks from `b`, keeping one request ahead (the
+    /// master target hashes the next chunk while this one is compared and sent).
+    async fn target_digests(
+        &mut self,
+        r: &mut Resync,
+        b: u64,
+        count: u32,
+    ) -> Result<Vec<[u8; 32]>> {
+        let max = Duration::from_secs(300);
+        // A link that drops while a request waits (a process server restarting, or
+        // closing the connection so the agent attaches again) loses the requests in
+        // flight: ask again on the new link, a bounded number of times.
+        let mut drops = 0;
+        let reply = loop {
+            // A request sent ahead on an earlier connection is never answered: ask again.
+            let id = match r.prefetched {
+                Some((block, id, generation))
+                    if block == b && generation == self.link.generation() =>
+                {
+                    id
+                }
+                _ => {
+                    self.link
+                        .send_request(self.digest_request(r, b), max)
+                        .await?
+                }
+            };
+            let next = b + u64::from(count);
+            r.prefetched = None;
+            if next < r.blocks {
+                let id = self
+                    .link
+                    .send_request(self.digest_request(r, next), max)
+                    .await?;
+                r.prefetched = Some((next, id, self.link.generation()));
+            }
+            match self.link.reply(id, max).await {
+                Ok(m) => break m,
+                Err(e)
+                    if drops < MAX_REQUEST_RETRIES
+                        && (!self.link.is_up() || self.link.stale(id)) =>
+                {
+                    drops += 1;
+                    tracing::warn!(error = %e, attempt = drops, "the link dropped during a resync request; asking again");
+                    r.prefetched = None;
+                    self.link.forget_replies();
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        match reply {
+            Message::DigestList(l) if l.first_block == b && l.digests.len() == count as usize => {
+                Ok(l.digests)
+            }
+            Message::Error(e) => Err(Error::Refused(format!(
+                "digest request refused: {}",
+                e.message
+            ))),
+            other => Err(Error::Refused(format!(
+                "unexpected reply to a digest request: {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// The digest request for the chunk that starts at block `first`.
+    fn digest_request(&self, r: &Resync, first: u64) -> Message {
+        Message::DigestRequest(DigestRequest {
+            disk_id: self.disk_id,
+            block_size: DIGEST_BLOCK_BYTES as u32,
+            first_block: first,
+            block_count: RESYNC_CHUNK_BLOCKS.min((r.blocks - first) as u32),
+            request_id: 0,
+        })
     }
 
     /// Ends a resync: the target is consistent from here on.

@@ -39,6 +39,11 @@ pub const ATTACH_TIMEOUT_MS: u64 = 90_000;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF_MS: u64 = 2_000;
+/// The first wait after a failed attempt or a dropped link. The wait doubles with each
+/// failure and starts over only when the process server acknowledges something new: a
+/// process server that takes the attach and then closes (its cache failing every append)
+/// is retried at a bounded rate, not in a tight loop of TLS handshakes and resends.
+const MIN_BACKOFF_MS: u64 = 100;
 
 /// The link.
 pub struct Link {
@@ -106,7 +111,7 @@ impl Link {
             window: Window::new(max_unacked_bytes),
             remote_durable_lsn: 0,
             next_attempt: Instant::now(),
-            backoff_ms: 100,
+            backoff_ms: MIN_BACKOFF_MS,
             replies: VecDeque::new(),
             version: wire_protocol::version::PROTOCOL_VERSION_MIN,
             last_request_id: 0,
@@ -181,11 +186,20 @@ impl Link {
         });
         self.sink = Some(sink);
         self.events = Some(rx);
-        self.backoff_ms = 100;
         // Resend what the process server does not hold.
         let r = self.window.resume(resume);
         if r.lost {
-            tracing::error!(resume, "the process server lost writes the agent no longer holds; run a differential resync");
+            // Its stream expects lsn resume+1, which this agent no longer holds: going on
+            // would be refused as a gap forever. Stop; the next start finds the run unclean
+            // and resyncs the disk (differential) from a stream that starts at `resume`.
+            let e = Error::Refused(format!(
+                "the process server resumes disk {} at lsn {resume}, but it had acknowledged up to lsn {}: it lost acknowledged writes (its cache was replaced or damaged); the agent stops, and its next start resyncs the disk (differential)",
+                self.attach.disk_id,
+                self.window.acked_lsn()
+            ));
+            tracing::error!(error = %e, "stream lost on the process server");
+            self.fatal = Some(e);
+            return Ok(resume);
         }
         for m in r.resend {
             self.write(m).await;
@@ -256,8 +270,7 @@ impl Link {
         if let Some(sink) = &mut self.sink {
             if let Err(e) = sink.send(m).await {
                 tracing::warn!(error = %e, "link to the process server dropped");
-                self.sink = None;
-                self.events = None;
+                self.dropped();
             }
         }
     }
@@ -267,6 +280,10 @@ impl Link {
             Message::Ack(a) => {
                 let id = self.attach.disk_id;
                 for e in a.entries.iter().filter(|e| e.disk_id == id) {
+                    if e.durable_lsn > self.window.acked_lsn() {
+                        // Progress: the next drop is retried quickly again.
+                        self.backoff_ms = MIN_BACKOFF_MS;
+                    }
                     self.window.on_ack(e.durable_lsn);
                 }
             }
@@ -305,23 +322,41 @@ impl Link {
         }
     }
 
-    /// Handles every event already received, without waiting.
+    /// Handles every event already received, without waiting; makes the link again (when
+    /// the backoff allows) if it is down while anything waits for an ack, so an agent with
+    /// no new writes does not hold its window forever after the process server closed.
     pub async fn poll(&mut self) {
-        loop {
-            let m = match &mut self.events {
-                Some(rx) => match rx.try_recv() {
-                    Ok(m) => m,
-                    Err(mpsc::error::TryRecvError::Empty) => return,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        self.sink = None;
-                        self.events = None;
-                        return;
-                    }
-                },
-                None => return,
-            };
+        while let Some(m) = self.try_event() {
             self.handle(m).await;
         }
+        if !self.is_up() && !self.window.is_empty() {
+            self.ensure_up().await;
+        }
+    }
+
+    /// An event already received, if any.
+    fn try_event(&mut self) -> Option<Message> {
+        match self.events.as_mut()?.try_recv() {
+            Ok(m) => Some(m),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                self.dropped();
+                None
+            }
+        }
+    }
+
+    /// The link dropped: the next attempt waits out the backoff, which grows until the
+    /// process server acknowledges something new.
+    fn dropped(&mut self) {
+        self.sink = None;
+        self.events = None;
+        // The first drop since the last progress is retried at once (a process server
+        // restarting); drops again and again wait, longer each time.
+        if self.backoff_ms > MIN_BACKOFF_MS {
+            self.next_attempt = Instant::now() + Duration::from_millis(self.backoff_ms);
+        }
+        self.backoff_ms = (self.backoff_ms * 2).min(MAX_BACKOFF_MS);
     }
 
     /// Waits up to `max` for one event; returns false if the link is down.
@@ -335,8 +370,7 @@ impl Link {
                 true
             }
             Ok(None) => {
-                self.sink = None;
-                self.events = None;
+                self.dropped();
                 false
             }
             Err(_) => true,

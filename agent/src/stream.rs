@@ -146,7 +146,6 @@ impl Batcher {
 /// One message the process server has not acknowledged yet.
 #[derive(Debug)]
 struct Unacked {
-    first_lsn: u64,
     last_lsn: u64,
     msg: Message,
     bytes: usize,
@@ -206,8 +205,11 @@ impl Window {
     /// check [`Window::has_room`] first.
     pub fn push(&mut self, msg: Message, first_lsn: u64, last_lsn: u64, bytes: usize) {
         assert!(self.has_room(bytes), "callers check for room");
+        assert!(
+            first_lsn <= last_lsn && self.unacked.back().is_none_or(|u| u.last_lsn < first_lsn),
+            "the window holds the stream in LSN order"
+        );
         self.unacked.push_back(Unacked {
-            first_lsn,
             last_lsn,
             msg,
             bytes,
@@ -231,11 +233,10 @@ impl Window {
     /// A (re)connection at which the process server holds up to `resume`: drops what it
     /// holds, and says what to send again and whether anything between is lost.
     pub fn resume(&mut self, resume: u64) -> Resume {
+        // It had acknowledged more than it holds now (with or without anything unacked
+        // here): those LSNs are gone from both ends.
+        let lost = resume < self.acked_lsn;
         self.on_ack(resume);
-        let lost = self
-            .unacked
-            .front()
-            .is_some_and(|u| u.first_lsn > resume + 1);
         Resume {
             resend: self.from(resume + 1),
             lost,
@@ -305,17 +306,21 @@ impl Dirty {
         }
     }
 
-    /// The dirty blocks in order; the tracker is clean after.
-    pub fn take(&mut self) -> Vec<u64> {
-        let mut out = Vec::with_capacity(self.count as usize);
+    /// Up to `max` dirty blocks, the lowest first, marked clean (a caller resends them in
+    /// chunks, so the list it holds stays small whatever the disk's size).
+    pub fn take(&mut self, max: usize) -> Vec<u64> {
+        let mut out = Vec::with_capacity(max.min(self.count as usize));
         for (w, word) in self.bits.iter_mut().enumerate() {
-            let mut v = std::mem::take(word);
-            while v != 0 {
-                out.push(w as u64 * 64 + u64::from(v.trailing_zeros()));
-                v &= v - 1;
+            while *word != 0 && out.len() < max {
+                let bit = word.trailing_zeros();
+                out.push(w as u64 * 64 + u64::from(bit));
+                *word &= !(1u64 << bit);
+            }
+            if out.len() >= max {
+                break;
             }
         }
-        self.count = 0;
+        self.count -= out.len() as u64;
         out
     }
 }
@@ -390,6 +395,9 @@ mod tests {
         w.push(marker(6), 6, 6, 1);
         assert!(w.resume(3).lost, "4..=5 were acknowledged and are gone");
         assert!(!w.resume(5).lost);
+        let mut empty = Window::new(100);
+        empty.on_ack(5);
+        assert!(empty.resume(3).lost, "also with nothing unacknowledged");
     }
 
     #[test]
@@ -402,7 +410,9 @@ mod tests {
         d.mark(10_000_000, 5); // wholly past the end
         d.mark(7, 0);
         assert_eq!(d.len(), 3);
-        assert_eq!(d.take(), vec![0, 1, 129]);
-        assert!(d.is_empty() && d.take().is_empty());
+        assert_eq!(d.take(2), vec![0, 1]);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.take(10), vec![129]);
+        assert!(d.is_empty() && d.take(10).is_empty());
     }
 }

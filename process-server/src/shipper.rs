@@ -121,6 +121,11 @@ impl Shipper {
     /// The master target asks for `disk_id` again from `from_lsn`: `refused` when it
     /// refused the data there (a digest mismatch, a full volume), not when it saw a gap.
     pub fn on_nack(&mut self, disk_id: u64, from_lsn: u64, refused: bool) -> Nacked {
+        if !self.ships(disk_id) {
+            // A late answer about a disk this link stopped shipping (detached): nothing to
+            // rewind, and nothing of its cache to call lost.
+            return Nacked::Echo;
+        }
         let mut lost = false;
         if refused {
             let count = self.refusals.entry((disk_id, from_lsn)).or_insert(0);
@@ -226,7 +231,7 @@ mod tests {
         s.shipped(7, 1, 10);
         s.stop(7);
         assert!(!s.ships(7) && s.in_flight_bytes() == 0);
-        s.on_nack(7, 1, false);
+        assert_eq!(s.on_nack(7, 1, true), Nacked::Echo);
         assert!(!s.ships(7), "a late nack does not bring it back");
     }
 }

@@ -29,6 +29,9 @@ pub enum ToAgent {
     Nack(u64),
     /// An append or a sync failed: nothing acknowledged.
     Error,
+    /// The process server closed the connection (after a failed append or sync): the
+    /// last message on it.
+    Closed,
 }
 
 pub type AgentConn = Conn<ToPs, ToAgent>;
@@ -52,6 +55,12 @@ impl Agent {
             conn: None,
             attached: false,
         }
+    }
+
+    /// Whether the agent would (re)connect: the real one does while anything waits for an
+    /// ack or there is more to capture (`Link::poll`, `Link::send`).
+    pub fn wants_link(&self, src: &Source) -> bool {
+        !self.window.is_empty() || self.next <= src.last_lsn()
     }
 
     /// The connection is gone (a reset, or the process server died).
@@ -94,7 +103,7 @@ impl Agent {
                     self.attached = true;
                     r.resend
                 }
-                ToAgent::NotReady => {
+                ToAgent::NotReady | ToAgent::Closed => {
                     self.drop_conn();
                     return Ok(());
                 }

@@ -63,6 +63,8 @@ struct Sim {
     /// The uplink's in-flight window.
     window_bytes: u64,
     conns: u64,
+    /// The agent connection the process server closed (it reads no more of it).
+    closed_conn: Option<u64>,
     tally: Tally,
     trace: bool,
 }
@@ -98,6 +100,7 @@ impl Sim {
             shipper: Shipper::default(),
             window_bytes,
             conns: 0,
+            closed_conn: None,
             tally: Tally::default(),
             trace: std::env::var("SIM_TRACE").is_ok(),
         }
@@ -217,7 +220,11 @@ impl Sim {
     /// captures more of the stream while its window has room.
     fn agent(&mut self) -> Check {
         let now = self.now();
-        if self.agent.conn.is_none() && self.ps.cache.is_some() && self.rng.u32(..3) == 0 {
+        if self.agent.conn.is_none()
+            && self.ps.cache.is_some()
+            && self.agent.wants_link(&self.src)
+            && self.rng.u32(..3) == 0
+        {
             self.conns += 1;
             let delay = self.delay();
             self.agent.connect(self.conns, now, delay);
@@ -242,6 +249,9 @@ impl Sim {
             let Some(c) = self.agent.conn.as_mut() else {
                 return;
             };
+            if self.closed_conn == Some(c.id) {
+                return; // closed by the process server: it reads no more of it
+            }
             let Some(m) = c.recv_up(now) else { break };
             let msg = match m {
                 ToPs::Attach => {
@@ -295,11 +305,11 @@ impl Sim {
             }
         }
         if failed {
-            // The process server closes the connection after a failed append or sync
-            // (ingest session's `Outcome::Fail`): the agent attaches again and resends.
+            // The process server sends its answers, then closes the connection (ingest
+            // session's `Outcome::Fail`): the agent attaches again and resends.
             trace!(self, "the cache failed: the agent's connection closes");
-            self.agent.drop_conn();
-            return;
+            answers.push(ToAgent::Closed);
+            self.closed_conn = self.agent.conn.as_ref().map(|c| c.id);
         }
         for a in answers {
             let delay = self.delay();

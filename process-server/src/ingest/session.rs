@@ -410,7 +410,10 @@ fn try_append(state: &State, disk: &Disk, rec: &Record, raw: &Bytes) -> Append {
             Append::Full
         }
         Err(e) => {
-            tracing::error!(disk = disk_id, error = %e, "cache append failed; not acknowledged");
+            // Throttled: a failing volume fails every append of every reconnection.
+            if let Some(suppressed) = state.refusal_log.admit("cache append failed") {
+                tracing::error!(disk = disk_id, error = %e, suppressed, "cache append failed; not acknowledged; the agent's connection closes and it resumes at what is durable");
+            }
             Append::Failed(err_msg(ErrorCode::Internal, disk_id, e.to_string()))
         }
     }
@@ -454,7 +457,9 @@ fn group_commit(state: &State, touched: &HashSet<u64>) -> (Option<Message>, Vec<
                 durable_lsn: cache.last_lsn(),
             }),
             Err(e) => {
-                tracing::error!(disk = disk_id, error = %e, "cache fsync failed; not acknowledged");
+                if let Some(suppressed) = state.refusal_log.admit("cache fsync failed") {
+                    tracing::error!(disk = disk_id, error = %e, suppressed, "cache fsync failed; not acknowledged; the agent's connection closes and it resumes at what is durable");
+                }
                 failures.push(err_msg(ErrorCode::Internal, disk_id, e.to_string()));
             }
         }
