@@ -65,6 +65,9 @@ struct Sim {
     conns: u64,
     /// The agent connection the process server closed (it reads no more of it).
     closed_conn: Option<u64>,
+    /// Partitions: no connection is made before these steps.
+    agent_cut_until: u64,
+    link_cut_until: u64,
     tally: Tally,
     trace: bool,
 }
@@ -101,6 +104,8 @@ impl Sim {
             window_bytes,
             conns: 0,
             closed_conn: None,
+            agent_cut_until: 0,
+            link_cut_until: 0,
             tally: Tally::default(),
             trace: std::env::var("SIM_TRACE").is_ok(),
         }
@@ -155,6 +160,21 @@ impl Sim {
                 self.tally.resets += 1;
                 self.agent.drop_conn();
             }
+            9 => {
+                // The agent's network is cut off: nothing connects for a while.
+                let steps = self.rng.u64(5..60);
+                trace!(self, "agent partitioned for {steps} steps");
+                self.tally.partitions += 1;
+                self.agent.drop_conn();
+                self.agent_cut_until = self.now() + steps;
+            }
+            10 => {
+                let steps = self.rng.u64(5..60);
+                trace!(self, "link partitioned for {steps} steps");
+                self.tally.partitions += 1;
+                self.link = None;
+                self.link_cut_until = self.now() + steps;
+            }
             _ => {}
         }
     }
@@ -201,7 +221,7 @@ impl Sim {
         let Some(lsn) = self.mt.committed() else {
             return Ok(());
         };
-        if self.ps.cache.is_none() || self.link.is_some() {
+        if self.ps.cache.is_none() || self.link.is_some() || self.now() < self.link_cut_until {
             return Ok(());
         }
         // The process server deletes its cache up to what the master target reports.
@@ -222,6 +242,7 @@ impl Sim {
         let now = self.now();
         if self.agent.conn.is_none()
             && self.ps.cache.is_some()
+            && now >= self.agent_cut_until
             && self.agent.wants_link(&self.src)
             && self.rng.u32(..3) == 0
         {
@@ -563,7 +584,7 @@ fn seeds() {
         }
     }
     eprintln!(
-        "{n} seeds: {} steps, {:.1} simulated hours, {} power losses, {} kills, {} EIO, {} ENOSPC, {} torn and {} lost unsynced writes, {} connection resets, {} LSNs acknowledged on-premises, {} point exports checked; {} failed",
+        "{n} seeds: {} steps, {:.1} simulated hours, {} power losses, {} kills, {} EIO, {} ENOSPC, {} torn and {} lost unsynced writes, {} connection resets, {} partitions, {} LSNs acknowledged on-premises, {} point exports checked; {} failed",
         sum.steps,
         sum.sim_us as f64 / 3.6e9,
         sum.crashes,
@@ -573,6 +594,7 @@ fn seeds() {
         sum.torn,
         sum.lost_unsynced,
         sum.resets,
+        sum.partitions,
         sum.acked_lsn,
         sum.points_checked,
         failures.len()

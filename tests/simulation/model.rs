@@ -173,6 +173,7 @@ pub struct Tally {
     pub torn: u64,
     pub lost_unsynced: u64,
     pub resets: u64,
+    pub partitions: u64,
     pub acked_lsn: u64,
     pub points_checked: u64,
 }
@@ -188,6 +189,7 @@ impl Tally {
         self.torn += t.torn;
         self.lost_unsynced += t.lost_unsynced;
         self.resets += t.resets;
+        self.partitions += t.partitions;
         self.acked_lsn += t.acked_lsn;
         self.points_checked += t.points_checked;
     }

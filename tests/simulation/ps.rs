@@ -56,7 +56,12 @@ impl Ps {
             },
             cache: None,
             added: false,
-            codec: MessageCodec::new(Compression::None),
+            // Frames as the agent sends them: raw, or zstd (`--compression-level`); the
+            // cache keeps them as received either way.
+            codec: MessageCodec::new(match rng.u32(..3) {
+                0 => Compression::None,
+                l => Compression::Zstd(l as i32),
+            }),
         }
     }
 
