@@ -24,12 +24,14 @@ fn every_trace_replicates_exactly_with_concurrent_streams() {
         "disksim-ns",
         &["--device=all", "--bookmark-every-s=0.02"],
     );
+    // Real content: the bytes of this build's own binary, not generated data.
+    let content = format!("--content={}", env!("CARGO_BIN_EXE_failback"));
     let b = replay(
         &c,
         2,
         "tencent-cbs-50k.msr.csv",
         "msr",
-        &["--max-writes=6000", "--bookmark-every-s=5"],
+        &["--max-writes=6000", "--bookmark-every-s=5", &content],
     );
     let d = replay(
         &c,

@@ -249,6 +249,18 @@ fn bad_agent_input_leaves_nothing_behind_and_permanent_errors_end_at_once() {
         trace_agent(&tpcc, "disksim-ns", &["--buffer=1KiB"]),
         &["buffer", "range"],
     );
+    fails_saying(
+        trace_agent(&tpcc, "disksim-ns", &["--content=/nonexistent/disk.img"]),
+        &["--content", "disk.img"],
+    );
+    fails_saying(
+        trace_agent(
+            &tpcc,
+            "disksim-ns",
+            &["--content=/etc/hostname", "--compressibility=0.3"],
+        ),
+        &["--content", "--compressibility"],
+    );
     let _ = &mut trace_agent;
     // Nothing was registered anywhere.
     let status = c.ps_status().unwrap();

@@ -75,6 +75,10 @@ pub struct ReplayOpts {
     /// How compressible the data is: 0.0 random .. 1.0 zeros (0.5: zstd halves it).
     #[arg(long, default_value_t = 0.5)]
     pub compressibility: f64,
+    /// Draw the written data from this file instead (a disk image, an archive of real
+    /// files): ratios and speeds of real data, still reproducible with --seed.
+    #[arg(long, conflicts_with = "compressibility")]
+    pub content: Option<PathBuf>,
     /// App-consistent bookmark every this many seconds of trace time.
     #[arg(long)]
     pub bookmark_every_s: Option<f64>,
@@ -99,7 +103,21 @@ impl ReplayOpts {
         if let Some(s) = self.bookmark_every_s {
             runtime::units::check_range("bookmark-every-s", s, 0.001, 86_400.0, s)?;
         }
+        if let Some(p) = &self.content {
+            datagen::Content::from_file(p, self.seed)?;
+        }
         crate::trace::check(&self.trace, self.format, self.skip_bad_lines)
+    }
+
+    /// Where the written data comes from.
+    pub fn content(&self) -> Result<datagen::Content> {
+        match &self.content {
+            Some(p) => datagen::Content::from_file(p, self.seed),
+            None => Ok(datagen::Content::Synthetic {
+                seed: self.seed,
+                compressibility: self.compressibility,
+            }),
+        }
     }
 }
 
@@ -214,6 +232,7 @@ pub async fn replay(
     mut on_progress: impl FnMut(&ReplaySummary),
 ) -> Result<ReplaySummary> {
     let mut reader = TraceReader::open(&opts.trace, opts.format, opts.skip_bad_lines)?;
+    let content = opts.content()?;
     let size = engine.source.size_bytes();
     let mut sum = ReplaySummary::default();
     let started = Instant::now();
@@ -253,7 +272,7 @@ pub async fn replay(
             continue;
         };
         let mut data = BytesMut::zeroed(w.len as usize);
-        datagen::fill(opts.seed, index, opts.compressibility, &mut data);
+        content.fill(index, &mut data)?;
         index += 1;
         engine.write(offset, data.freeze()).await?;
         sum.writes += 1;
