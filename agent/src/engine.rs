@@ -1,12 +1,13 @@
 //! The agent's engine: captures writes into batches with LSNs, takes bookmarks with disk
 //! digests, falls back to a dirty-region bitmap in long outages, and resyncs.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use store::{FileSystem, OpenMode, RealFs};
 use wire_protocol::{Bookmark, BookmarkKind, DigestRequest, Message};
 
 use crate::control;
@@ -36,6 +37,10 @@ struct Wait {
 
 /// The file present in the state directory while an agent runs (removed on a clean end).
 pub const RUNNING_MARKER: &str = "running";
+/// The state directory's record of an interrupted resync: the next block to resync.
+const RESYNC_PROGRESS: &str = "resync-progress";
+/// The state directory's bookmark records, one JSON line each.
+const BOOKMARKS: &str = "bookmarks.jsonl";
 /// The line added to the marker once a run captures writes: a crash after it may have lost
 /// writes the process server never got.
 const CAPTURING: &str = "capturing";
@@ -124,6 +129,8 @@ pub struct Engine {
     /// A resync is under way: the target is not consistent, so bookmarks make no point.
     resyncing: bool,
     state_dir: PathBuf,
+    /// Where the state directory's files live (the machine's file system).
+    fs: Arc<dyn FileSystem>,
     /// Held for the engine's life: one agent per state directory.
     _lock: runtime::lock::DirLock,
     /// Requests from `agent bookmark`.
@@ -160,17 +167,18 @@ impl Engine {
         let lock = runtime::lock::DirLock::acquire(state_dir, "agent")?;
         let control = control::listen(state_dir)?;
         // A marker present for the whole run: found at start, it says the last run crashed.
+        let fs: Arc<dyn FileSystem> = Arc::new(RealFs);
         let marker = state_dir.join(RUNNING_MARKER);
-        let unclean_start =
-            std::fs::read_to_string(&marker).is_ok_and(|m| m.lines().any(|l| l == CAPTURING));
+        let unclean_start = store::read_all(&*fs, &marker)
+            .is_ok_and(|m| String::from_utf8_lossy(&m).lines().any(|l| l == CAPTURING));
         if unclean_start {
             tracing::warn!(state_dir = %state_dir.display(), "the previous run of this agent did not end cleanly after capturing writes: some may not have reached the process server; a differential resync of the whole disk brings the target level");
             // An interrupted resync's progress does not cover writes lost in the crash.
-            let _ = std::fs::remove_file(state_dir.join("resync-progress"));
+            let progress = state_dir.join(RESYNC_PROGRESS);
+            store::remove_durable(&*fs, &progress)
+                .ctx(|| format!("remove {}", progress.display()))?;
         }
-        std::fs::write(&marker, std::process::id().to_string())
-            .and_then(|_| std::fs::File::open(&marker)?.sync_all())
-            .and_then(|_| std::fs::File::open(state_dir)?.sync_all())
+        store::write_durable(&*fs, &marker, std::process::id().to_string().as_bytes())
             .ctx(|| format!("write {}", marker.display()))?;
         let deadline = Instant::now() + connect_timeout;
         let mut backoff = runtime::net::Backoff::new(START_BACKOFF_MIN_MS, START_BACKOFF_MAX_MS);
@@ -201,6 +209,7 @@ impl Engine {
             batcher: Batcher::new(disk_id, resume),
             dirty: Dirty::new(source.blocks(), DIGEST_BLOCK_BYTES),
             resending_dirty: false,
+            fs,
             source,
             disk_id,
             resyncing: false,
@@ -226,8 +235,8 @@ impl Engine {
         if !self.marked_capturing {
             // Durable before the first write: a crash from here on is known at the next start.
             let marker = self.state_dir.join(RUNNING_MARKER);
-            std::fs::write(&marker, format!("{}\n{CAPTURING}\n", std::process::id()))
-                .and_then(|_| std::fs::File::open(&marker)?.sync_all())
+            let text = format!("{}\n{CAPTURING}\n", std::process::id());
+            store::write_durable(&*self.fs, &marker, text.as_bytes())
                 .ctx(|| format!("write {}", marker.display()))?;
             self.marked_capturing = true;
         }
@@ -379,14 +388,15 @@ impl Engine {
             time_us: now_us(),
             disk_digest: digest,
         };
-        let path = self.state_dir.join("bookmarks.jsonl");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .ctx(|| format!("open {}", path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(&rec).expect("serializable"))
-            .ctx(|| format!("write {}", path.display()))?;
+        let path = self.state_dir.join(BOOKMARKS);
+        let line = format!("{}\n", serde_json::to_string(&rec).expect("serializable"));
+        // Appended and synced: the record is what an export of the point is checked against.
+        let append = || -> std::io::Result<()> {
+            let f = self.fs.open(&path, OpenMode::CreateOrOpen)?;
+            f.write_all_at(line.as_bytes(), f.len()?)?;
+            f.sync_data()
+        };
+        append().ctx(|| format!("append to {}", path.display()))?;
         self.stats.bookmarks += 1;
         Ok(Some(rec))
     }
@@ -483,10 +493,10 @@ impl Engine {
     /// digest differs from the target's. The target has no consistent recovery point until
     /// [`Engine::resync_end`]. An interrupted resync resumes at the chunk where it stopped.
     pub async fn resync_begin(&mut self, full: bool) -> Result<Resync> {
-        let progress_path = self.state_dir.join("resync-progress");
-        let next_block: u64 = std::fs::read_to_string(&progress_path)
+        let progress_path = self.state_dir.join(RESYNC_PROGRESS);
+        let next_block: u64 = store::read_all(&*self.fs, &progress_path)
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .and_then(|s| String::from_utf8_lossy(&s).trim().parse().ok())
             .unwrap_or(0);
         if next_block > 0 {
             tracing::info!(next_block, "resuming an interrupted resync");
@@ -541,8 +551,12 @@ impl Engine {
             ));
         }
         r.next_block = b + u64::from(count);
-        std::fs::write(&r.progress_path, r.next_block.to_string())
-            .ctx(|| format!("write {}", r.progress_path.display()))?;
+        store::write_durable(
+            &*self.fs,
+            &r.progress_path,
+            r.next_block.to_string().as_bytes(),
+        )
+        .ctx(|| format!("write {}", r.progress_path.display()))?;
         Ok(())
     }
 
@@ -628,7 +642,7 @@ impl Engine {
         self.marker(BookmarkKind::ResyncCompleted, "resync-completed")
             .await?;
         self.resyncing = false;
-        let _ = std::fs::remove_file(&r.progress_path);
+        let _ = store::remove_durable(&*self.fs, &r.progress_path);
         Ok(())
     }
 
@@ -673,15 +687,8 @@ impl Engine {
             self.link.close().await;
             // Everything captured is held by the process server: the run ends clean.
             let marker = self.state_dir.join(RUNNING_MARKER);
-            match std::fs::remove_file(&marker) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::Io {
-                        context: format!("remove {}", marker.display()),
-                        source: e,
-                    })
-                }
-                _ => {}
-            }
+            store::remove_durable(&*self.fs, &marker)
+                .ctx(|| format!("remove {}", marker.display()))?;
             self.marked_capturing = false;
             Ok(())
         } else {
@@ -700,11 +707,13 @@ impl Drop for Engine {
     }
 }
 
-/// Reads the bookmark records of a state directory.
+/// Reads the bookmark records of a state directory. A last line without its newline is
+/// a record a crash tore while it was appended (its bookmark was never answered as taken):
+/// it is left out.
 pub fn read_bookmarks(state_dir: &Path) -> Result<Vec<BookmarkRecord>> {
-    let path = state_dir.join("bookmarks.jsonl");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+    let path = state_dir.join(BOOKMARKS);
+    let bytes = match store::read_all(&RealFs, &path) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
             return Err(Error::Io {
@@ -713,7 +722,10 @@ pub fn read_bookmarks(state_dir: &Path) -> Result<Vec<BookmarkRecord>> {
             })
         }
     };
-    text.lines()
+    let text = String::from_utf8_lossy(&bytes);
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             serde_json::from_str(l).map_err(|e| Error::InvalidParameter {
@@ -722,4 +734,28 @@ pub fn read_bookmarks(state_dir: &Path) -> Result<Vec<BookmarkRecord>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bookmark_record_torn_by_a_crash_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_bookmarks(dir.path()).unwrap().is_empty());
+        let rec = BookmarkRecord {
+            lsn: 9,
+            tag: "t".into(),
+            time_us: 1,
+            disk_digest: "ab".into(),
+        };
+        let line = serde_json::to_string(&rec).unwrap();
+        let path = dir.path().join(BOOKMARKS);
+        std::fs::write(&path, format!("{line}\n{}", &line[..10])).unwrap();
+        assert_eq!(read_bookmarks(dir.path()).unwrap(), vec![rec.clone()]);
+        // A whole line that does not parse is damage, and said so.
+        std::fs::write(&path, format!("{line}\nnot json\n")).unwrap();
+        assert!(read_bookmarks(dir.path()).is_err());
+    }
 }

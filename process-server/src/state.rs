@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
+use store::{FileSystem, RealFs};
 use tokio::sync::{mpsc, oneshot, Notify};
 use wire_protocol::{DigestList, DigestRequest, DiskAttach, ErrorMsg, LocationKind};
 
@@ -79,6 +80,8 @@ pub struct Disk {
     pub counters: DiskCounters,
     /// The cache directory (for the disk's marker files).
     pub cache_dir: std::path::PathBuf,
+    /// Where its files live (the machine's file system in the service).
+    pub fs: Arc<dyn FileSystem>,
     /// Index of the master target (in the configured list) this disk replicates to.
     pub route: usize,
     /// Set while its RPO is past the threshold.
@@ -112,9 +115,12 @@ impl Disk {
     /// Marks the disk for resync (durably) after the loss of LSNs `first..=last`.
     pub fn require_resync(&self, first: u64, last: u64) -> Result<()> {
         let p = self.marker_path(&self.cache_dir);
-        std::fs::write(&p, format!("lost lsn {first}..={last}\n"))
-            .and_then(|_| std::fs::File::open(&p)?.sync_all())
-            .ctx(|| format!("write {}", p.display()))?;
+        store::write_durable(
+            &*self.fs,
+            &p,
+            format!("lost lsn {first}..={last}\n").as_bytes(),
+        )
+        .ctx(|| format!("write {}", p.display()))?;
         self.resync_required.store(true, Ordering::Release);
         Ok(())
     }
@@ -133,9 +139,8 @@ impl Disk {
         let p = dir.join("detached");
         let lsn = self.counters.mt_durable_lsn.load(Ordering::Acquire);
         tracing::info!(disk = self.attach.disk_id, durable_lsn = lsn, "the disk was detached for failback on the master target: nothing more of it is shipped");
-        std::fs::write(&p, format!("detached on the master target at lsn {lsn}\n"))
-            .and_then(|_| std::fs::File::open(&p)?.sync_all())
-            .and_then(|_| std::fs::File::open(&dir)?.sync_all())
+        let text = format!("detached on the master target at lsn {lsn}\n");
+        store::write_durable(&*self.fs, &p, text.as_bytes())
             .ctx(|| format!("write {}", p.display()))
     }
 
@@ -151,10 +156,12 @@ impl Disk {
         self.cache.lock().expect("poisoned").remove_all()?;
         let dir = disk_dir(&self.cache_dir, self.attach.disk_id);
         let p = dir.join("retired");
-        std::fs::write(&p, b"retired by an operator; its cache was removed\n")
-            .and_then(|_| std::fs::File::open(&p)?.sync_all())
-            .and_then(|_| std::fs::File::open(&dir)?.sync_all())
-            .ctx(|| format!("write {}", p.display()))?;
+        store::write_durable(
+            &*self.fs,
+            &p,
+            b"retired by an operator; its cache was removed\n",
+        )
+        .ctx(|| format!("write {}", p.display()))?;
         self.retired.store(true, Ordering::Release);
         tracing::info!(disk = self.attach.disk_id, vm = %self.attach.vm_id, "disk retired: its cache is removed and it is never attached again");
         Ok(())
@@ -182,7 +189,7 @@ impl Disk {
     /// Clears the mark once the agent's resync has completed.
     pub fn resync_done(&self) {
         if self.resync_required.swap(false, Ordering::AcqRel) {
-            let _ = std::fs::remove_file(self.marker_path(&self.cache_dir));
+            let _ = store::remove_durable(&*self.fs, &self.marker_path(&self.cache_dir));
             tracing::info!(
                 disk = self.attach.disk_id,
                 "resync completed by the agent; the disk is consistent again"
@@ -243,6 +250,8 @@ pub struct State {
     /// Held while a new disk is attached: one at a time, so concurrent attaches cannot
     /// race a disk id's owner or a VM's quota.
     pub attach_lock: tokio::sync::Mutex<()>,
+    /// Where the disks' files live (the machine's file system in the service).
+    fs: Arc<dyn FileSystem>,
     /// Held for the process's life: one process server per cache directory.
     _lock: runtime::lock::DirLock,
 }
@@ -271,12 +280,13 @@ impl State {
             })
             .collect();
         let lock = runtime::lock::DirLock::acquire(&cfg.cache_dir, "process server")?;
+        let fs: Arc<dyn FileSystem> = Arc::new(RealFs);
         let mut disks = HashMap::new();
-        for e in
-            std::fs::read_dir(&cfg.cache_dir).ctx(|| format!("list {}", cfg.cache_dir.display()))?
-        {
-            let e = e.ctx(|| "list cache".into())?;
-            let Some(disk) = open_disk(&cfg, &e.path())? else {
+        let names = fs
+            .list(&cfg.cache_dir)
+            .ctx(|| format!("list {}", cfg.cache_dir.display()))?;
+        for name in names {
+            let Some(disk) = open_disk(&cfg, &fs, &cfg.cache_dir.join(name))? else {
                 continue;
             };
             disks.insert(disk.attach.disk_id, Arc::new(disk));
@@ -304,6 +314,7 @@ impl State {
             refused: Default::default(),
             attach_lock: tokio::sync::Mutex::new(()),
             refusal_log: runtime::log::Throttle::new(std::time::Duration::from_secs(1)),
+            fs,
             _lock: lock,
         }))
     }
@@ -344,7 +355,10 @@ impl State {
         route: usize,
     ) -> Result<Arc<Disk>> {
         let dir = disk_dir(&self.cfg.cache_dir, attach.disk_id);
-        std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        self.fs
+            .create_dir_all(&dir)
+            .and_then(|()| self.fs.sync_dir(&self.cfg.cache_dir))
+            .ctx(|| format!("create {}", dir.display()))?;
         let meta = DiskMeta {
             disk_id: attach.disk_id,
             vm_id: attach.vm_id.clone(),
@@ -360,18 +374,11 @@ impl State {
             target: attach.target.clone(),
             master_target: self.cfg.master_targets[route].addr.clone(),
         };
-        let tmp = dir.join("disk.json.tmp");
-        let write = || -> std::io::Result<()> {
-            std::fs::write(
-                &tmp,
-                serde_json::to_vec_pretty(&meta).expect("serializable"),
-            )?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, dir.join("disk.json"))?;
-            std::fs::File::open(&dir)?.sync_all()
-        };
-        write().ctx(|| format!("write {}", dir.join("disk.json").display()))?;
-        let mut cache = DiskCache::open(&dir, durable_lsn)?;
+        let meta_path = dir.join("disk.json");
+        let json = serde_json::to_vec_pretty(&meta).expect("serializable");
+        store::write_durable(&*self.fs, &meta_path, &json)
+            .ctx(|| format!("write {}", meta_path.display()))?;
+        let mut cache = DiskCache::open_in(Arc::clone(&self.fs), &dir, durable_lsn)?;
         cache.confirm_position()?;
         let disk = Arc::new(Disk {
             attach,
@@ -385,6 +392,7 @@ impl State {
             stream_epoch: AtomicU64::new(0),
             refused: Mutex::new(None),
             cache_dir: self.cfg.cache_dir.clone(),
+            fs: Arc::clone(&self.fs),
             route,
         });
         disk.counters
@@ -425,9 +433,9 @@ pub fn now_us() -> u64 {
 }
 
 /// The disk kept in cache directory `dir` (`None`: not a disk's directory).
-fn open_disk(cfg: &Config, dir: &Path) -> Result<Option<Disk>> {
+fn open_disk(cfg: &Config, fs: &Arc<dyn FileSystem>, dir: &Path) -> Result<Option<Disk>> {
     let meta = dir.join("disk.json");
-    let Ok(bytes) = std::fs::read(&meta) else {
+    let Ok(bytes) = store::read_all(&**fs, &meta) else {
         return Ok(None);
     };
     let m: DiskMeta = serde_json::from_slice(&bytes).map_err(|err| Error::InvalidParameter {
@@ -460,10 +468,17 @@ fn open_disk(cfg: &Config, dir: &Path) -> Result<Option<Disk>> {
     };
     // What the master target held when the disk was detached: all of it is durable
     // there, and nothing is shipped again.
-    let detached_lsn = std::fs::read_to_string(dir.join("detached"))
+    let detached_lsn = store::read_all(&**fs, &dir.join("detached"))
         .ok()
-        .and_then(|t| t.trim().rsplit(' ').next()?.parse::<u64>().ok());
-    let cache = DiskCache::open(dir, detached_lsn.unwrap_or(0))?;
+        .and_then(|t| {
+            String::from_utf8_lossy(&t)
+                .trim()
+                .rsplit(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+    let cache = DiskCache::open_in(Arc::clone(fs), dir, detached_lsn.unwrap_or(0))?;
     if !cache.position_known() {
         tracing::error!(dir = %dir.display(), "this process server has no record of how far the master target acknowledged this disk (acked-lsn missing or damaged, no segment left): its agents wait until the master target says where the disk stands");
     }
@@ -482,14 +497,15 @@ fn open_disk(cfg: &Config, dir: &Path) -> Result<Option<Disk>> {
         cache: Mutex::new(cache),
         counters: DiskCounters::default(),
         rpo_alarm: AtomicBool::new(false),
-        resync_required: AtomicBool::new(dir.join("resync-required").exists()),
-        detached: AtomicBool::new(dir.join("detached").exists()),
-        retired: AtomicBool::new(dir.join("retired").exists()),
+        resync_required: AtomicBool::new(fs.exists(&dir.join("resync-required"))),
+        detached: AtomicBool::new(fs.exists(&dir.join("detached"))),
+        retired: AtomicBool::new(fs.exists(&dir.join("retired"))),
         resyncing: AtomicBool::new(false),
         stream_epoch: AtomicU64::new(0),
         refused: Mutex::new(None),
         route,
         cache_dir: cfg.cache_dir.clone(),
+        fs: Arc::clone(fs),
     };
     disk.counters
         .mt_durable_lsn

@@ -1,7 +1,8 @@
 //! Every file operation the services' durable state makes, behind one trait.
 //!
-//! The retention journal and the disks of the master target (and, later, the process
-//! server's cache) do their I/O through [`FileSystem`] and [`FileHandle`], like
+//! The retention journal and the disks of the master target, the process server's cache
+//! and its per-disk state files, and the agent's state directory do their I/O through
+//! [`FileSystem`] and [`FileHandle`], like
 //! raft-engine's `FileSystem`: [`RealFs`] in production, [`SimFs`] in the deterministic
 //! simulator (`tests/simulation.rs`), which crashes at any operation, tears and drops
 //! unsynced writes, fills the volume and fails operations with EIO, all from one seed.
@@ -156,6 +157,42 @@ impl FileSystem for RealFs {
     }
     fn exists(&self, path: &Path) -> bool {
         path.exists()
+    }
+}
+
+/// Replaces `path` with `data` durably and atomically: written beside it, fsynced, renamed
+/// over it, and the directory fsynced. After a crash the file holds the old contents or
+/// the new, never a mix, and once this returns the new contents survive a power loss.
+pub fn write_durable(fs: &dyn FileSystem, path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    match fs.remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let f = fs.open(&tmp, OpenMode::CreateNew)?;
+    f.write_all_at(data, 0)?;
+    f.sync_all()?;
+    drop(f);
+    fs.rename(&tmp, path)?;
+    fs.sync_dir(&parent_dir(path))
+}
+
+/// The whole of a file.
+pub fn read_all(fs: &dyn FileSystem, path: &Path) -> io::Result<Vec<u8>> {
+    let f = fs.open(path, OpenMode::Read)?;
+    let mut buf = vec![0; f.len()? as usize];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
+/// Removes `path` if it is there, and syncs its directory (a removal is durable only then).
+pub fn remove_durable(fs: &dyn FileSystem, path: &Path) -> io::Result<()> {
+    match fs.remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => fs.sync_dir(&parent_dir(path)),
     }
 }
 
