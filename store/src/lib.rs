@@ -7,6 +7,13 @@
 //! simulator (`tests/simulation.rs`), which crashes at any operation, tears and drops
 //! unsynced writes, fills the volume and fails operations with EIO, all from one seed.
 //!
+//! What stays outside, by design: checks that are about the operating system itself, not
+//! about durable state: resolving and confining paths against symlinks and hard links
+//! (`canonicalize`, `O_NOFOLLOW`, device and inode numbers) in the master target's
+//! datastore and export code, advisory locks on disks and state directories, and the
+//! io_uring apply path (which submits to an open `std::fs::File`, itself a
+//! [`FileHandle`]).
+//!
 //! # Design constraints
 //! - The trait is as small as the callers need: positional reads and writes, length,
 //!   truncation, the two fsyncs, and the namespace operations with an explicit directory
