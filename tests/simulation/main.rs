@@ -359,6 +359,7 @@ impl Sim {
                 break;
             }
             for (m, bytes) in read {
+                trace!(self, "uplink ships lsn {}..={}", span(&m).0, span(&m).1);
                 self.shipper.shipped(DISK_ID, span(&m).1, bytes);
                 let delay = self.delay();
                 self.link.as_mut().expect("checked").send_up(now, delay, m);
@@ -375,7 +376,14 @@ impl Sim {
         let now = self.tally.steps;
         let conn = link.id;
         let mut works = Vec::new();
-        for _ in 0..self.rng.usize(1..=4) {
+        // A group held for room is retried before anything more is read: the worker blocks
+        // on it and reads its queue no further (service.rs `apply_until_room`).
+        let take = if self.mt.held.is_some() {
+            0
+        } else {
+            self.rng.usize(1..=4)
+        };
+        for _ in 0..take {
             let Some(m) = link.recv_up(now) else { break };
             works.push(match m {
                 Message::WriteBatch(b) => Work::Batch(b, conn),
@@ -386,7 +394,14 @@ impl Sim {
         if works.is_empty() && self.mt.held.is_none() {
             return Ok(());
         }
+        trace!(
+            self,
+            "master target takes {} messages (a held group: {})",
+            works.len(),
+            self.mt.held.is_some()
+        );
         let answers = self.mt.serve(works, conn)?;
+        trace!(self, "master target answers {answers:?}");
         if self.mt.fs.crashed() || self.mt.core.is_none() {
             self.link = None;
             return Ok(());
@@ -424,7 +439,9 @@ impl Sim {
                 }
                 Message::Nack(n) => {
                     let refused = n.code != ErrorCode::LsnGap;
-                    if self.shipper.on_nack(DISK_ID, n.from_lsn, refused) == Nacked::Lost {
+                    let nacked = self.shipper.on_nack(DISK_ID, n.from_lsn, refused);
+                    trace!(self, "master target nacks from lsn {} ({:?}): {nacked:?}, cursor {:?}, in flight {} bytes", n.from_lsn, n.code, self.shipper.cursor(DISK_ID), self.shipper.in_flight_bytes());
+                    if nacked == Nacked::Lost {
                         return Err(format!(
                             "the master target refused lsn {} again and again: {}",
                             n.from_lsn, n.reason
@@ -548,6 +565,8 @@ const FOUND: &[(u64, &str)] = &[
     (304, "an agent with nothing more to send waited forever for the ack of a record the cache failed to sync (the connection now closes: ingest `Outcome::Fail`)"),
     (341, "the same with the agent's buffer full"),
     (2214, "the same, a failed append with 70 KiB in the agent's buffer"),
+    (60208, "the simulator's own: its master target dropped messages that arrived while a group waited for room (the real worker reads nothing then), and the uplink waited for their acks for ever"),
+    (81396, "the same"),
 ];
 
 #[test]

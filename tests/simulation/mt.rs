@@ -89,6 +89,10 @@ impl Mt {
     /// Takes requests arriving on connection `conn` and returns the answers (to `conn`).
     /// A group held back by a full volume is tried first.
     pub fn serve(&mut self, works: Vec<Work<u64>>, conn: u64) -> Result<Vec<Message>, String> {
+        assert!(
+            self.held.is_none() || works.is_empty(),
+            "the worker reads nothing more while a group waits for room"
+        );
         let core = self.core.as_mut().expect("running");
         let (g, gconn) = match self.held.take() {
             Some(held) => held,
