@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -567,56 +567,6 @@ fn points_around_damage(c: &Cluster, last_lsn: u64, damaged_lsn: u64) {
         exact > 0 && refused > 0,
         "points on both sides: {exact} exact, {refused} refused"
     );
-}
-
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// A small ext4 filesystem of `mib` MiB mounted (loop) at `dir`, unmounted when dropped.
-struct SmallVolume {
-    dir: std::path::PathBuf,
-}
-
-impl SmallVolume {
-    fn new(image: &Path, dir: &Path, mib: u64) -> SmallVolume {
-        let run = |cmd: &mut std::process::Command| {
-            let out = cmd.stdin(Stdio::null()).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(std::process::Command::new("truncate")
-            .arg(format!("-s{mib}M"))
-            .arg(image));
-        run(std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(image));
-        std::fs::create_dir_all(dir).unwrap();
-        run(std::process::Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(image)
-            .arg(dir));
-        SmallVolume { dir: dir.into() }
-    }
-}
-
-impl Drop for SmallVolume {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            let ok = std::process::Command::new("umount")
-                .arg(&self.dir)
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
 }
 
 /// A linked cluster whose `data/{data_subdir}` is a small volume of `mib` MiB, with

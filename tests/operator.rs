@@ -652,3 +652,134 @@ fn services_tell_systemd_they_are_ready_and_stopping() {
     let log = std::fs::read_to_string(c.dir.join("logs/mt-notify.log")).unwrap();
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// A write into `dir` that must finish within 10 s (a frozen filesystem blocks it).
+fn writable(dir: &Path, name: &str) -> bool {
+    Command::new("timeout")
+        .arg("10")
+        .arg("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo x > {}/{name} && sync -f {}/{name}",
+            dir.display(),
+            dir.display()
+        ))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_frozen_bookmark_runs_its_hooks_and_always_thaws() {
+    if !root() {
+        eprintln!(
+            "freezing a filesystem needs root (mount -o loop, FIFREEZE): run as root (CI does)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let vol = SmallVolume::new(&c.dir.join("app.img"), &c.dir.join("app"), 32);
+    let mnt = vol.dir.display().to_string();
+    let state = c.agent_state(1).display().to_string();
+    // An agent whose writer stopped but which is still up.
+    let mut cmd = c.agent("replay", 1, &source(&c, 1), "256MiB");
+    cmd.arg(format!(
+        "--trace={}",
+        traces().join("tpcc-small.disksim").display()
+    ))
+    .arg("--format=disksim-ns")
+    .arg("--max-writes=300")
+    .arg("--bookmark-every-s=0.02")
+    .arg("--stay")
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(c.dir.join("logs/agent-1.log")).unwrap());
+    let agent = cmd.spawn().unwrap();
+    let post = c.dir.join("post-ran");
+    let bookmark = |extra: &[&str]| {
+        let mut args = vec![
+            "agent",
+            "bookmark",
+            "--state-dir",
+            &state,
+            "--tag",
+            "frozen",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let pre = format!("--pre-hook=echo quiesced > {mnt}/pre");
+    let post_hook = format!("--post-hook=touch {}", post.display());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        let out = bookmark(&["--freeze", &mnt, &pre, &post_hook]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("frozen for"), "{said}");
+    assert!(
+        vol.dir.join("pre").exists() && post.exists(),
+        "both hooks ran"
+    );
+    assert!(writable(&vol.dir, "after-ok"), "thawed after a bookmark");
+    let points = c.points(1).unwrap();
+    assert!(
+        points
+            .iter()
+            .any(|p| p["tag"] == "frozen" && p["kind"] == "app-consistent"),
+        "{points:?}"
+    );
+    // Failures: each says why, and the filesystem is writable after every one.
+    let nobody = c.dir.join("no-agent-here").display().to_string();
+    let e = fails_saying(
+        run(&[
+            "agent",
+            "bookmark",
+            "--state-dir",
+            &nobody,
+            "--tag",
+            "x",
+            "--freeze",
+            &mnt,
+        ]),
+        &["no agent is running"],
+    );
+    assert!(
+        writable(&vol.dir, "after-no-agent"),
+        "thawed after an error: {e}"
+    );
+    fails_saying(
+        bookmark(&["--freeze", "/nonexistent/mnt"]),
+        &["freeze", "/nonexistent/mnt"],
+    );
+    fails_saying(
+        bookmark(&["--freeze", &mnt, "--pre-hook=exit 3", &post_hook]),
+        &["pre hook", "exit status: 3"],
+    );
+    assert!(
+        writable(&vol.dir, "after-failed-hook"),
+        "a failed pre-hook freezes nothing"
+    );
+    // Frozen by someone else: refused, and left as that someone froze it.
+    assert!(Command::new("fsfreeze")
+        .args(["-f", &mnt])
+        .status()
+        .unwrap()
+        .success());
+    let busy = bookmark(&["--freeze", &mnt]);
+    assert!(Command::new("fsfreeze")
+        .args(["-u", &mnt])
+        .status()
+        .unwrap()
+        .success());
+    fails_saying(busy, &["frozen already"]);
+    // SAFETY: kill(2) on our child's pid.
+    unsafe {
+        libc::kill(agent.id() as i32, libc::SIGTERM);
+    }
+    let r = finish(&c, 1, agent);
+    verify(&c, 1, r["last_lsn"].as_u64().unwrap());
+}

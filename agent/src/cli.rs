@@ -1,6 +1,6 @@
 //! The `agent` command line: `replay`, `resync`, `bookmark`, `digest`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -113,6 +113,31 @@ struct ReplayCmd {
     stay: bool,
 }
 
+/// Making a bookmark app-consistent: hooks around it and filesystems frozen while it is
+/// taken (`agent bookmark`).
+#[derive(Debug, Args)]
+struct FreezeArgs {
+    /// Freeze the filesystem mounted here (FIFREEZE) while the bookmark is taken, and thaw
+    /// it at once after (always: also on error or timeout). Repeat for several.
+    #[arg(long = "freeze", value_name = "MOUNTPOINT")]
+    mountpoints: Vec<PathBuf>,
+    /// The longest the filesystems stay frozen: the bookmark is taken within it or not at
+    /// all.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=crate::freeze::MAX_FREEZE_S))]
+    freeze_timeout_s: u64,
+    /// A command (sh -c) run before the freeze, to quiesce an application (flush a
+    /// database); a failure stops here and nothing is frozen or taken.
+    #[arg(long)]
+    pre_hook: Option<String>,
+    /// A command (sh -c) run after the thaw (resume the application), whenever the
+    /// pre-hook succeeded (or there is none), also when the bookmark failed.
+    #[arg(long)]
+    post_hook: Option<String>,
+}
+
+/// The longest a hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Replay a block trace against the source disk and stream it.
@@ -138,6 +163,8 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout_s: u64,
+        #[command(flatten)]
+        freeze: FreezeArgs,
     },
     /// Print the disk digest of an image (to check an exported recovery point).
     Digest {
@@ -393,6 +420,90 @@ fn report_replay(sum: &replay::ReplaySummary, e: &Engine) {
     );
 }
 
+/// `agent bookmark`: the pre-hook, the freeze, the bookmark taken by the running agent,
+/// the thaw (always), the post-hook, then the wait until it is durable on the master target.
+async fn bookmark_cmd(
+    state_dir: &Path,
+    tag: &str,
+    timeout: Duration,
+    f: &FreezeArgs,
+) -> Result<()> {
+    if let Some(h) = &f.pre_hook {
+        crate::freeze::run_hook("pre", h, HOOK_TIMEOUT)?;
+    }
+    let taken = take_frozen(state_dir, tag, timeout, f).await;
+    if let Some(h) = &f.post_hook {
+        crate::freeze::run_hook("post", h, HOOK_TIMEOUT)?;
+    }
+    let (mut client, pause_ms) = taken?;
+    let r = client.answer(timeout + Duration::from_secs(10)).await?;
+    if !r.ok {
+        return Err(Error::Refused(format!("bookmark {tag:?}: {}", r.error)));
+    }
+    let frozen = match pause_ms {
+        Some(ms) => format!(
+            "; {} frozen for {ms} ms",
+            f.mountpoints
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => String::new(),
+    };
+    println!(
+        "bookmark {:?} taken at lsn {} and durable on the master target: its recovery point has lsn {} (master-target points lists it as app-consistent); source disk digest {}{frozen}",
+        r.tag, r.lsn, r.lsn, r.disk_digest
+    );
+    Ok(())
+}
+
+/// Freezes the filesystems (if any), has the agent take the bookmark, and thaws as soon as
+/// it is taken or the freeze window ends. Returns the request (its last answer still to
+/// come) and how long the filesystems were frozen.
+async fn take_frozen(
+    state_dir: &Path,
+    tag: &str,
+    timeout: Duration,
+    f: &FreezeArgs,
+) -> Result<(crate::control::Client, Option<u64>)> {
+    let mut req = crate::control::BookmarkRequest {
+        tag: tag.to_owned(),
+        timeout_ms: timeout.as_millis() as u64,
+        take_before_mono_ms: 0,
+        report_taken: false,
+    };
+    if f.mountpoints.is_empty() {
+        return Ok((crate::control::Client::send(state_dir, &req).await?, None));
+    }
+    let frozen = crate::freeze::Frozen::freeze(&f.mountpoints)?;
+    let started = crate::freeze::mono_ms();
+    let window = Duration::from_secs(f.freeze_timeout_s);
+    req.take_before_mono_ms = started + window.as_millis() as u64;
+    req.report_taken = true;
+    let sent = crate::control::Client::send(state_dir, &req).await;
+    let answered = match sent {
+        Ok(mut client) => client.answer(window).await.map(|a| (client, a)),
+        Err(e) => Err(e),
+    };
+    // Thawed before anything else is looked at: applications wait while frozen.
+    frozen.thaw()?;
+    let pause_ms = crate::freeze::mono_ms() - started;
+    let (client, first) = answered.map_err(|e| {
+        Error::Refused(format!(
+            "bookmark {tag:?} not taken within the {} s freeze window (thawed after {pause_ms} ms): {e}",
+            window.as_secs()
+        ))
+    })?;
+    if !first.taken {
+        return Err(Error::Refused(format!(
+            "bookmark {tag:?} (thawed after {pause_ms} ms): {}",
+            first.error
+        )));
+    }
+    Ok((client, Some(pause_ms)))
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Replay(c) => replay_cmd(c).await,
@@ -416,18 +527,8 @@ async fn run(cli: Cli) -> Result<()> {
             state_dir,
             tag,
             timeout_s,
-        } => {
-            let r =
-                crate::control::request(&state_dir, &tag, Duration::from_secs(timeout_s)).await?;
-            if !r.ok {
-                return Err(Error::Refused(format!("bookmark {tag:?}: {}", r.error)));
-            }
-            println!(
-                "bookmark {:?} taken at lsn {} and durable on the master target: its recovery point has lsn {} (master-target points lists it as app-consistent); source disk digest {}",
-                r.tag, r.lsn, r.lsn, r.disk_digest
-            );
-            Ok(())
-        }
+            freeze,
+        } => bookmark_cmd(&state_dir, &tag, Duration::from_secs(timeout_s), &freeze).await,
         Command::Digest { image } => {
             println!("{}  {}", hex(&image_digest(&image)?), image.display());
             Ok(())

@@ -10,6 +10,16 @@
 //! The answer comes once the bookmark is durable on the master target (ok), or when it
 //! could not be taken or did not get there within `timeout_ms` (not ok, with the reason).
 //!
+//! For a frozen filesystem (`agent bookmark --freeze`) the request also carries
+//! `"take_before_mono_ms"` (the machine's monotonic clock: the agent takes the bookmark
+//! before then or not at all) and `"report_taken": true`, and a first line comes as soon
+//! as the bookmark is in the stream, so the filesystem is thawed then, not once durable:
+//! ```text
+//! -> {"tag": "db", "timeout_ms": 60000, "take_before_mono_ms": 81234567, "report_taken": true}
+//! <- {"ok": true, "taken": true, "lsn": 20017, "tag": "db", "disk_digest": "ab12...", "error": ""}
+//! <- {"ok": true, "lsn": 20017, "tag": "db", "disk_digest": "ab12...", "error": ""}
+//! ```
+//!
 //! # Design constraints
 //! - The socket lives in the state directory, which the agent holds locked: a stale socket
 //!   left by a crash is replaced at start, never one of a running agent. Its mode is 0600:
@@ -46,13 +56,22 @@ pub struct BookmarkRequest {
     pub tag: String,
     /// How long to wait for it to be durable on the master target.
     pub timeout_ms: u64,
+    /// Take it before this instant of the monotonic clock, or not at all (0: any time).
+    #[serde(default)]
+    pub take_before_mono_ms: u64,
+    /// Send a first answer as soon as it is taken.
+    #[serde(default)]
+    pub report_taken: bool,
 }
 
 /// The answer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BookmarkReply {
-    /// Taken and durable on the master target.
+    /// Taken and durable on the master target (with `taken`: taken, in the stream).
     pub ok: bool,
+    /// The early answer of a `report_taken` request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub taken: bool,
     /// Its LSN (the recovery point's LSN on the master target).
     pub lsn: u64,
     /// Its tag.
@@ -81,6 +100,8 @@ pub struct Request {
     pub req: BookmarkRequest,
     /// Where the answer goes.
     pub reply: oneshot::Sender<BookmarkReply>,
+    /// Where the early answer goes (a `report_taken` request).
+    pub taken: Option<oneshot::Sender<BookmarkReply>>,
 }
 
 /// The socket of a state directory.
@@ -135,11 +156,23 @@ async fn serve(sock: UnixStream, tx: mpsc::Sender<Request>) -> std::io::Result<(
         (Ok(Ok(_)), Ok(mut req)) => {
             req.timeout_ms = req.timeout_ms.min(MAX_WAIT_MS);
             let (reply, answer) = oneshot::channel();
+            let (taken_tx, taken) = oneshot::channel();
+            let taken_tx = req.report_taken.then_some(taken_tx);
             let tag = req.tag.clone();
-            match tx.try_send(Request { req, reply }) {
-                Ok(()) => answer
-                    .await
-                    .unwrap_or_else(|_| BookmarkReply::failed(&tag, "the agent stopped")),
+            match tx.try_send(Request {
+                req,
+                reply,
+                taken: taken_tx,
+            }) {
+                Ok(()) => {
+                    // The early answer, if asked for and it comes before the last.
+                    if let Ok(t) = taken.await {
+                        write_line(&mut wr, &t).await?;
+                    }
+                    answer
+                        .await
+                        .unwrap_or_else(|_| BookmarkReply::failed(&tag, "the agent stopped"))
+                }
                 Err(_) => {
                     BookmarkReply::failed(&tag, "the agent is busy with other requests; retry")
                 }
@@ -150,45 +183,76 @@ async fn serve(sock: UnixStream, tx: mpsc::Sender<Request>) -> std::io::Result<(
             "a request is one line of JSON: {\"tag\": ..., \"timeout_ms\": ...}",
         ),
     };
-    let mut out = serde_json::to_string(&reply).expect("serializable");
+    write_line(&mut wr, &reply).await
+}
+
+async fn write_line(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &BookmarkReply,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(reply).expect("serializable");
     out.push('\n');
     wr.write_all(out.as_bytes()).await
 }
 
 /// Asks the agent running with `state_dir` for a bookmark and waits for the answer.
 pub async fn request(state_dir: &Path, tag: &str, timeout: Duration) -> Result<BookmarkReply> {
-    let path = socket_path(state_dir);
-    let sock = UnixStream::connect(&path).await.map_err(|e| {
-        Error::Refused(format!(
-            "no agent is running with the state directory {} ({}: {e}): start the agent (or name its --state-dir) first",
-            state_dir.display(),
-            path.display()
-        ))
-    })?;
-    let (rd, mut wr) = sock.into_split();
-    let mut req = serde_json::to_string(&BookmarkRequest {
+    let req = BookmarkRequest {
         tag: tag.to_owned(),
         timeout_ms: timeout.as_millis() as u64,
-    })
-    .expect("serializable");
-    req.push('\n');
-    wr.write_all(req.as_bytes())
-        .await
-        .ctx(|| format!("write to {}", path.display()))?;
-    let mut line = String::new();
-    // The agent answers within the timeout; a little more for the way back.
-    tokio::time::timeout(
-        timeout + Duration::from_secs(10),
-        BufReader::new(rd)
-            .take(MAX_REQUEST_BYTES)
-            .read_line(&mut line),
-    )
-    .await
-    .map_err(|_| Error::Refused("the agent did not answer in time".into()))?
-    .ctx(|| format!("read from {}", path.display()))?;
-    serde_json::from_str(&line).map_err(|e| {
-        Error::Refused(format!(
-            "the agent's answer could not be read ({e}): {line:?}"
-        ))
-    })
+        take_before_mono_ms: 0,
+        report_taken: false,
+    };
+    let mut conn = Client::send(state_dir, &req).await?;
+    conn.answer(timeout + Duration::from_secs(10)).await
+}
+
+/// A request sent on the socket, its answers read line by line.
+pub struct Client {
+    lines: tokio::io::Lines<BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>>,
+    path: PathBuf,
+    _wr: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Client {
+    /// Connects to the agent running with `state_dir` and sends `req`.
+    pub async fn send(state_dir: &Path, req: &BookmarkRequest) -> Result<Client> {
+        let path = socket_path(state_dir);
+        let sock = UnixStream::connect(&path).await.map_err(|e| {
+            Error::Refused(format!(
+                "no agent is running with the state directory {} ({}: {e}): start the agent (or name its --state-dir) first",
+                state_dir.display(),
+                path.display()
+            ))
+        })?;
+        let (rd, mut wr) = sock.into_split();
+        let mut line = serde_json::to_string(req).expect("serializable");
+        line.push('\n');
+        wr.write_all(line.as_bytes())
+            .await
+            .ctx(|| format!("write to {}", path.display()))?;
+        // Bounded: at most two answers of a small size each.
+        let lines = BufReader::new(rd.take(4 * MAX_REQUEST_BYTES)).lines();
+        Ok(Client {
+            lines,
+            path,
+            _wr: wr,
+        })
+    }
+
+    /// The next answer, within `max`.
+    pub async fn answer(&mut self, max: Duration) -> Result<BookmarkReply> {
+        let line = tokio::time::timeout(max, self.lines.next_line())
+            .await
+            .map_err(|_| Error::Refused("the agent did not answer in time".into()))?
+            .ctx(|| format!("read from {}", self.path.display()))?
+            .ok_or_else(|| {
+                Error::Refused("the agent closed the request without an answer".into())
+            })?;
+        serde_json::from_str(&line).map_err(|e| {
+            Error::Refused(format!(
+                "the agent's answer could not be read ({e}): {line:?}"
+            ))
+        })
+    }
 }

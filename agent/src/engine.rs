@@ -33,6 +33,10 @@ struct Wait {
     reply: control::BookmarkReply,
     deadline: Instant,
     to: tokio::sync::oneshot::Sender<control::BookmarkReply>,
+    /// A frozen filesystem's bookmark: taken before this monotonic instant or not at all.
+    take_before_mono_ms: u64,
+    /// Where the early answer goes, once taken.
+    taken: Option<tokio::sync::oneshot::Sender<control::BookmarkReply>>,
 }
 
 /// The file present in the state directory while an agent runs (removed on a clean end).
@@ -357,7 +361,22 @@ impl Engine {
 
     /// Takes an app-consistent bookmark and records the source digest at that instant.
     pub async fn bookmark(&mut self, tag: &str) -> Result<Option<BookmarkRecord>> {
+        self.bookmark_by(tag, 0).await
+    }
+
+    /// [`Engine::bookmark`], not taken at all once the monotonic clock reaches
+    /// `take_before_mono_ms` (0: any time): a frozen filesystem is thawed then.
+    async fn bookmark_by(
+        &mut self,
+        tag: &str,
+        take_before_mono_ms: u64,
+    ) -> Result<Option<BookmarkRecord>> {
         self.flush().await?;
+        // Between here and the LSN nothing waits, and no write is captured meanwhile.
+        if take_before_mono_ms > 0 && crate::freeze::mono_ms() >= take_before_mono_ms {
+            self.stats.bookmarks_skipped += 1;
+            return Ok(None);
+        }
         if self.resyncing {
             self.stats.bookmarks_skipped += 1;
             tracing::warn!(
@@ -417,28 +436,14 @@ impl Engine {
                 reply: control::BookmarkReply::failed(&tag, ""),
                 deadline: Instant::now() + Duration::from_millis(r.req.timeout_ms),
                 to: r.reply,
+                take_before_mono_ms: r.req.take_before_mono_ms,
+                taken: r.taken,
             });
         }
         if self.waits.is_empty() {
             return Ok(());
         }
-        // Take the bookmarks not yet taken, if the target is consistent now.
-        for i in 0..self.waits.len() {
-            if self.waits[i].reply.ok || self.resyncing || !self.dirty.is_empty() {
-                continue;
-            }
-            let tag = self.waits[i].reply.tag.clone();
-            if let Some(rec) = self.bookmark(&tag).await? {
-                tracing::info!(tag = %rec.tag, lsn = rec.lsn, "bookmark taken on request");
-                self.waits[i].reply = control::BookmarkReply {
-                    ok: true,
-                    lsn: rec.lsn,
-                    tag: rec.tag,
-                    disk_digest: rec.disk_digest,
-                    error: String::new(),
-                };
-            }
-        }
+        self.take_waiting().await?;
         self.flush().await?;
         self.link.poll().await;
         let durable = self.link.remote_durable_lsn;
@@ -464,6 +469,51 @@ impl Engine {
                 };
                 let _ = w.to.send(control::BookmarkReply::failed(&w.reply.tag, why));
             }
+        }
+        Ok(())
+    }
+
+    /// Takes the bookmarks asked for and not yet taken, if the target is consistent now; a
+    /// frozen filesystem's only before its deadline (after it, the request fails at once).
+    async fn take_waiting(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.waits.len() {
+            let (tag, before) = (
+                self.waits[i].reply.tag.clone(),
+                self.waits[i].take_before_mono_ms,
+            );
+            if self.waits[i].reply.ok {
+                i += 1;
+                continue;
+            }
+            let rec = if self.resyncing || !self.dirty.is_empty() {
+                None
+            } else {
+                self.bookmark_by(&tag, before).await?
+            };
+            if let Some(rec) = rec {
+                tracing::info!(tag = %rec.tag, lsn = rec.lsn, "bookmark taken on request");
+                let w = &mut self.waits[i];
+                w.reply = control::BookmarkReply {
+                    ok: true,
+                    taken: false,
+                    lsn: rec.lsn,
+                    tag: rec.tag,
+                    disk_digest: rec.disk_digest,
+                    error: String::new(),
+                };
+                if let Some(t) = w.taken.take() {
+                    let _ = t.send(control::BookmarkReply {
+                        taken: true,
+                        ..w.reply.clone()
+                    });
+                }
+            } else if before > 0 && crate::freeze::mono_ms() >= before {
+                let w = self.waits.remove(i);
+                let _ = w.to.send(control::BookmarkReply::failed(&tag, "the freeze window (--freeze-timeout-s) ended before the agent could take the bookmark: nothing was taken; retry (with a longer --freeze-timeout-s if the agent is busy or resyncing)"));
+                continue;
+            }
+            i += 1;
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ pub mod control;
 pub mod datagen;
 pub mod engine;
 pub mod error;
+pub mod freeze;
 pub mod link;
 pub mod replay;
 pub mod source;

@@ -450,34 +450,8 @@ fn open_disk(cfg: &Config, fs: &Arc<dyn FileSystem>, dir: &Path) -> Result<Optio
                 reason: format!("disk {} replicates to {}, which is no longer configured: add it back to master-target", m.disk_id, m.master_target),
             })?
     };
-    let uuid = uuid_from_hex(&m.disk_uuid);
-    let attach = DiskAttach {
-        request_id: 0,
-        disk_id: m.disk_id,
-        vm_id: m.vm_id,
-        group_id: m.group_id,
-        disk_uuid: uuid,
-        size_bytes: m.size_bytes,
-        sector_size: m.sector_size,
-        location: if m.alternate {
-            LocationKind::Alternate
-        } else {
-            LocationKind::Original
-        },
-        target: m.target,
-    };
-    // What the master target held when the disk was detached: all of it is durable
-    // there, and nothing is shipped again.
-    let detached_lsn = store::read_all(&**fs, &dir.join("detached"))
-        .ok()
-        .and_then(|t| {
-            String::from_utf8_lossy(&t)
-                .trim()
-                .rsplit(' ')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        });
+    let attach = m.into_attach();
+    let detached_lsn = detached_lsn(&**fs, dir);
     let cache = DiskCache::open_in(Arc::clone(fs), dir, detached_lsn.unwrap_or(0))?;
     if !cache.position_known() {
         tracing::error!(dir = %dir.display(), "this process server has no record of how far the master target acknowledged this disk (acked-lsn missing or damaged, no segment left): its agents wait until the master target says where the disk stands");
@@ -510,10 +484,40 @@ fn open_disk(cfg: &Config, fs: &Arc<dyn FileSystem>, dir: &Path) -> Result<Optio
     disk.counters
         .mt_durable_lsn
         .store(durable_lsn, Ordering::Release);
-    disk.counters
-        .mt_durable_lsn
-        .store(durable_lsn, Ordering::Release);
     Ok(Some(disk))
+}
+
+/// What the master target held when the disk was detached (its `detached` file): all of it
+/// is durable there, and nothing is shipped again.
+fn detached_lsn(fs: &dyn FileSystem, dir: &Path) -> Option<u64> {
+    let text = store::read_all(fs, &dir.join("detached")).ok()?;
+    String::from_utf8_lossy(&text)
+        .trim()
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl DiskMeta {
+    /// The attach this disk was registered with.
+    fn into_attach(self) -> DiskAttach {
+        DiskAttach {
+            request_id: 0,
+            disk_id: self.disk_id,
+            disk_uuid: uuid_from_hex(&self.disk_uuid),
+            vm_id: self.vm_id,
+            group_id: self.group_id,
+            size_bytes: self.size_bytes,
+            sector_size: self.sector_size,
+            location: if self.alternate {
+                LocationKind::Alternate
+            } else {
+                LocationKind::Original
+            },
+            target: self.target,
+        }
+    }
 }
 
 /// The 16 bytes of a UUID kept as 32 hex digits (a digit pair that does not parse: 0).

@@ -502,3 +502,61 @@ fn pump(
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }
+
+/// Whether the tests run as root (loop mounts and freezing need it; CI is).
+pub fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A small ext4 filesystem of `mib` MiB mounted (loop) at `dir`, unmounted when dropped.
+pub struct SmallVolume {
+    /// Where it is mounted.
+    pub dir: std::path::PathBuf,
+}
+
+impl SmallVolume {
+    pub fn new(image: &Path, dir: &Path, mib: u64) -> SmallVolume {
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(std::process::Command::new("truncate")
+            .arg(format!("-s{mib}M"))
+            .arg(image));
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(image));
+        std::fs::create_dir_all(dir).unwrap();
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(dir));
+        SmallVolume { dir: dir.into() }
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        // A filesystem left frozen (a failed freeze test) would block the unmount for ever.
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+        for _ in 0..50 {
+            let ok = std::process::Command::new("umount")
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
