@@ -653,19 +653,28 @@ fn services_tell_systemd_they_are_ready_and_stopping() {
     assert!(log.contains("shutting down"), "{log}");
 }
 
-/// A write into `dir` that must finish within 10 s (a frozen filesystem blocks it).
+/// A write into `dir` that must finish within 10 s. A filesystem left frozen blocks it
+/// (uninterruptibly): it is then thawed here, so the test fails instead of hanging.
 fn writable(dir: &Path, name: &str) -> bool {
-    Command::new("timeout")
-        .arg("10")
-        .arg("sh")
+    let mut w = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "echo x > {}/{name} && sync -f {}/{name}",
             dir.display(),
             dir.display()
         ))
-        .status()
-        .is_ok_and(|s| s.success())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(s) = w.try_wait().unwrap() {
+            return s.success();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("fsfreeze").arg("-u").arg(dir).status();
+    let _ = w.wait();
+    false
 }
 
 #[test]
@@ -755,6 +764,16 @@ fn a_frozen_bookmark_runs_its_hooks_and_always_thaws() {
         bookmark(&["--freeze", "/nonexistent/mnt"]),
         &["freeze", "/nonexistent/mnt"],
     );
+    // A directory inside a filesystem would freeze all of it; one filesystem named twice
+    // would be frozen twice: both refused before anything is frozen.
+    std::fs::create_dir_all(vol.dir.join("sub")).unwrap();
+    let sub = vol.dir.join("sub").display().to_string();
+    fails_saying(bookmark(&["--freeze", &sub]), &["not a mountpoint"]);
+    fails_saying(
+        bookmark(&["--freeze", &mnt, "--freeze", &mnt]),
+        &["listed twice"],
+    );
+    assert!(writable(&vol.dir, "after-refusals"));
     fails_saying(
         bookmark(&["--freeze", &mnt, "--pre-hook=exit 3", &post_hook]),
         &["pre hook", "exit status: 3"],

@@ -8,7 +8,7 @@ use runtime::tls::{PeerRole, TlsFiles};
 use wire_protocol::{Compression, DiskAttach, LocationKind};
 
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::link::{Endpoint, Link};
 use crate::replay::{self, ReplayOpts};
 use crate::source::{hex, image_digest, SourceDisk};
@@ -428,14 +428,21 @@ async fn bookmark_cmd(
     timeout: Duration,
     f: &FreezeArgs,
 ) -> Result<()> {
+    crate::freeze::check_targets(&f.mountpoints, state_dir)?;
     if let Some(h) = &f.pre_hook {
         crate::freeze::run_hook("pre", h, HOOK_TIMEOUT)?;
     }
     let taken = take_frozen(state_dir, tag, timeout, f).await;
-    if let Some(h) = &f.post_hook {
-        crate::freeze::run_hook("post", h, HOOK_TIMEOUT)?;
-    }
-    let (mut client, pause_ms) = taken?;
+    // After the bookmark is in the stream (or could not be): the application resumes.
+    let post = match &f.post_hook {
+        Some(h) => crate::freeze::run_hook("post", h, HOOK_TIMEOUT),
+        None => Ok(()),
+    };
+    let (mut client, pause_ms) = match (taken, &post) {
+        (Ok(t), _) => t,
+        (Err(e), Ok(())) => return Err(e),
+        (Err(e), Err(p)) => return Err(Error::Refused(format!("{e}; and {p}"))),
+    };
     let r = client.answer(timeout + Duration::from_secs(10)).await?;
     if !r.ok {
         return Err(Error::Refused(format!("bookmark {tag:?}: {}", r.error)));
@@ -455,53 +462,99 @@ async fn bookmark_cmd(
         "bookmark {:?} taken at lsn {} and durable on the master target: its recovery point has lsn {} (master-target points lists it as app-consistent); source disk digest {}{frozen}",
         r.tag, r.lsn, r.lsn, r.disk_digest
     );
+    if let Err(p) = post {
+        return Err(Error::Refused(format!(
+            "the bookmark is durable (lsn {}), but {p}",
+            r.lsn
+        )));
+    }
     Ok(())
 }
 
 /// Freezes the filesystems (if any), has the agent take the bookmark, and thaws as soon as
 /// it is taken or the freeze window ends. Returns the request (its last answer still to
-/// come) and how long the filesystems were frozen.
+/// come) and how long the filesystems were frozen. Without filesystems to freeze it still
+/// waits until the bookmark is taken, so a post-hook never resumes an application before.
 async fn take_frozen(
     state_dir: &Path,
     tag: &str,
     timeout: Duration,
     f: &FreezeArgs,
 ) -> Result<(crate::control::Client, Option<u64>)> {
+    use tokio::signal::unix::{signal, SignalKind};
     let mut req = crate::control::BookmarkRequest {
         tag: tag.to_owned(),
         timeout_ms: timeout.as_millis() as u64,
         take_before_mono_ms: 0,
-        report_taken: false,
+        report_taken: true,
     };
     if f.mountpoints.is_empty() {
-        return Ok((crate::control::Client::send(state_dir, &req).await?, None));
+        let mut client = crate::control::Client::send(state_dir, &req).await?;
+        let first = client.answer(timeout + Duration::from_secs(10)).await?;
+        return taken_or_why(tag, first, None).map(|()| (client, None));
     }
-    let frozen = crate::freeze::Frozen::freeze(&f.mountpoints)?;
-    let started = crate::freeze::mono_ms();
+    // While frozen, SIGINT, SIGTERM and SIGHUP are caught, not fatal: dying here would
+    // leave the filesystems frozen. They end the command once thawed.
+    let kinds = [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+    ];
+    let mut caught = Vec::new();
+    for k in kinds {
+        caught.push(signal(k).ctx(|| "catch signals".into())?);
+    }
     let window = Duration::from_secs(f.freeze_timeout_s);
+    // The window starts before the first freeze: no filesystem stays frozen longer.
+    let started = crate::freeze::mono_ms();
     req.take_before_mono_ms = started + window.as_millis() as u64;
-    req.report_taken = true;
-    let sent = crate::control::Client::send(state_dir, &req).await;
-    let answered = match sent {
-        Ok(mut client) => client.answer(window).await.map(|a| (client, a)),
+    let frozen = crate::freeze::Frozen::freeze(&f.mountpoints)?;
+    let answered = match crate::control::Client::send(state_dir, &req).await {
+        Ok(mut client) => {
+            let left = Duration::from_millis(
+                req.take_before_mono_ms
+                    .saturating_sub(crate::freeze::mono_ms()),
+            );
+            client.answer(left).await.map(|a| (client, a))
+        }
         Err(e) => Err(e),
     };
     // Thawed before anything else is looked at: applications wait while frozen.
     frozen.thaw()?;
     let pause_ms = crate::freeze::mono_ms() - started;
+    if caught
+        .iter_mut()
+        .any(|s| futures::FutureExt::now_or_never(s.recv()).is_some())
+    {
+        return Err(Error::Refused(format!(
+            "interrupted: the filesystems were thawed after {pause_ms} ms; the bookmark may have been taken before the thaw (master-target points shows it once durable)"
+        )));
+    }
     let (client, first) = answered.map_err(|e| {
         Error::Refused(format!(
-            "bookmark {tag:?} not taken within the {} s freeze window (thawed after {pause_ms} ms): {e}",
+            "bookmark {tag:?} not taken within the {} s freeze window (thawed after {pause_ms} ms): {e}; the agent takes none after the window; retry, with a longer --freeze-timeout-s if the agent is busy",
             window.as_secs()
         ))
     })?;
-    if !first.taken {
-        return Err(Error::Refused(format!(
-            "bookmark {tag:?} (thawed after {pause_ms} ms): {}",
-            first.error
-        )));
+    taken_or_why(tag, first, Some(pause_ms)).map(|()| (client, Some(pause_ms)))
+}
+
+/// The first answer must say the bookmark was taken.
+fn taken_or_why(
+    tag: &str,
+    first: crate::control::BookmarkReply,
+    pause_ms: Option<u64>,
+) -> Result<()> {
+    if first.taken {
+        return Ok(());
     }
-    Ok((client, Some(pause_ms)))
+    let thawed = pause_ms.map_or(String::new(), |ms| format!(" (thawed after {ms} ms)"));
+    let why = if first.error.is_empty() {
+        "the agent did not say it was taken (an agent older than this command: restart it with this version)".to_owned()
+    } else {
+        first.error
+    };
+    Err(Error::Refused(format!("bookmark {tag:?}{thawed}: {why}")))
 }
 
 async fn run(cli: Cli) -> Result<()> {

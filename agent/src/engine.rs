@@ -361,7 +361,11 @@ impl Engine {
 
     /// Takes an app-consistent bookmark and records the source digest at that instant.
     pub async fn bookmark(&mut self, tag: &str) -> Result<Option<BookmarkRecord>> {
-        self.bookmark_by(tag, 0).await
+        let Some(rec) = self.bookmark_by(tag, 0).await? else {
+            return Ok(None);
+        };
+        self.record(&rec)?;
+        Ok(Some(rec))
     }
 
     /// [`Engine::bookmark`], not taken at all once the monotonic clock reaches
@@ -372,11 +376,6 @@ impl Engine {
         take_before_mono_ms: u64,
     ) -> Result<Option<BookmarkRecord>> {
         self.flush().await?;
-        // Between here and the LSN nothing waits, and no write is captured meanwhile.
-        if take_before_mono_ms > 0 && crate::freeze::mono_ms() >= take_before_mono_ms {
-            self.stats.bookmarks_skipped += 1;
-            return Ok(None);
-        }
         if self.resyncing {
             self.stats.bookmarks_skipped += 1;
             tracing::warn!(
@@ -394,6 +393,13 @@ impl Engine {
             return Ok(None);
         }
         let digest = hex(&self.source.disk_digest());
+        // Checked last, after the slow work: between here and the LSN (taken first thing in
+        // `marker`) nothing waits and no write is captured, so a bookmark checked in time
+        // is placed in time (a frozen filesystem is thawed at the deadline, not before).
+        if take_before_mono_ms > 0 && crate::freeze::mono_ms() >= take_before_mono_ms {
+            self.stats.bookmarks_skipped += 1;
+            return Ok(None);
+        }
         let lsn = match self.marker(BookmarkKind::AppConsistent, tag).await {
             Ok(l) => l,
             Err(_) => {
@@ -401,15 +407,19 @@ impl Engine {
                 return Ok(None);
             }
         };
-        let rec = BookmarkRecord {
+        Ok(Some(BookmarkRecord {
             lsn,
             tag: tag.to_owned(),
             time_us: now_us(),
             disk_digest: digest,
-        };
+        }))
+    }
+
+    /// Keeps the record of a bookmark taken (appended and synced: it is what an export of
+    /// the point is checked against).
+    fn record(&mut self, rec: &BookmarkRecord) -> Result<()> {
         let path = self.state_dir.join(BOOKMARKS);
-        let line = format!("{}\n", serde_json::to_string(&rec).expect("serializable"));
-        // Appended and synced: the record is what an export of the point is checked against.
+        let line = format!("{}\n", serde_json::to_string(rec).expect("serializable"));
         let append = || -> std::io::Result<()> {
             let f = self.fs.open(&path, OpenMode::CreateOrOpen)?;
             f.write_all_at(line.as_bytes(), f.len()?)?;
@@ -417,7 +427,7 @@ impl Engine {
         };
         append().ctx(|| format!("append to {}", path.display()))?;
         self.stats.bookmarks += 1;
-        Ok(Some(rec))
+        Ok(())
     }
 
     /// Serves `agent bookmark`: takes the bookmarks asked for (once the target is
@@ -492,22 +502,24 @@ impl Engine {
                 self.bookmark_by(&tag, before).await?
             };
             if let Some(rec) = rec {
-                tracing::info!(tag = %rec.tag, lsn = rec.lsn, "bookmark taken on request");
                 let w = &mut self.waits[i];
                 w.reply = control::BookmarkReply {
                     ok: true,
                     taken: false,
                     lsn: rec.lsn,
-                    tag: rec.tag,
-                    disk_digest: rec.disk_digest,
+                    tag: rec.tag.clone(),
+                    disk_digest: rec.disk_digest.clone(),
                     error: String::new(),
                 };
+                // Told at once: a frozen filesystem is thawed now, before anything else here.
                 if let Some(t) = w.taken.take() {
                     let _ = t.send(control::BookmarkReply {
                         taken: true,
                         ..w.reply.clone()
                     });
                 }
+                tracing::info!(tag = %rec.tag, lsn = rec.lsn, "bookmark taken on request");
+                self.record(&rec)?;
             } else if before > 0 && crate::freeze::mono_ms() >= before {
                 let w = self.waits.remove(i);
                 let _ = w.to.send(control::BookmarkReply::failed(&tag, "the freeze window (--freeze-timeout-s) ended before the agent could take the bookmark: nothing was taken; retry (with a longer --freeze-timeout-s if the agent is busy or resyncing)"));

@@ -43,6 +43,42 @@ pub fn mono_ms() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
+/// Checks what is to be frozen before anything is: each path is a mountpoint (FIFREEZE on
+/// any directory freezes the whole filesystem it is on: `/var/lib/db` on the root
+/// filesystem would freeze `/`), no filesystem is listed twice, and none holds the agent's
+/// state directory (the agent writes there while it takes the bookmark: it would wait on
+/// the freeze).
+pub fn check_targets(mountpoints: &[PathBuf], state_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |m: &Path, why: String| Error::InvalidParameter {
+        param: "freeze",
+        reason: format!("{}: {why}", m.display()),
+    };
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+    let state_dev = dev(state_dir).ok();
+    let mut seen = Vec::new();
+    for m in mountpoints {
+        let d = dev(m).map_err(|e| bad(m, e.to_string()))?;
+        let canon = std::fs::canonicalize(m).map_err(|e| bad(m, e.to_string()))?;
+        let parent_dev = canon
+            .parent()
+            .map(dev)
+            .transpose()
+            .map_err(|e| bad(m, e.to_string()))?;
+        if parent_dev == Some(d) {
+            return Err(bad(m, "not a mountpoint: freezing it would freeze the whole filesystem it is on; give the directory that filesystem is mounted on (findmnt -T PATH)".into()));
+        }
+        if seen.contains(&d) {
+            return Err(bad(m, "the same filesystem is listed twice".into()));
+        }
+        if state_dev == Some(d) {
+            return Err(bad(m, format!("the agent's state directory {} is on this filesystem, and the agent writes there while it takes the bookmark; keep the state directory elsewhere", state_dir.display())));
+        }
+        seen.push(d);
+    }
+    Ok(())
+}
+
 /// Filesystems frozen by this process, thawed by [`Frozen::thaw`] or on drop.
 #[derive(Debug)]
 pub struct Frozen {
@@ -108,9 +144,11 @@ fn ioctl(dir: &std::fs::File, request: libc::c_ulong) -> std::io::Result<()> {
 fn freeze_error(m: &Path, e: &std::io::Error) -> String {
     let why = match e.raw_os_error() {
         Some(libc::EPERM) => "freezing needs root (CAP_SYS_ADMIN)",
-        Some(libc::EBUSY) => "it is frozen already (another backup tool, or an earlier fsfreeze -f)",
+        Some(libc::EBUSY) => {
+            "it is frozen already (another backup tool, or an earlier fsfreeze -f)"
+        }
         Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) => {
-            "its filesystem cannot be frozen, or it is not a mountpoint (give the directory a filesystem is mounted on)"
+            "its filesystem cannot be frozen"
         }
         _ => "",
     };
