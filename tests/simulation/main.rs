@@ -4,24 +4,27 @@
 //! app-consistent bookmarks), what the agent sends and resends, when either machine loses
 //! power (at any file operation: unsynced writes lost or torn, unsynced names forgotten),
 //! when either service is killed (its page cache kept), when operations fail with EIO, when
-//! volumes are full, and when the agent's connection or the link between the process server
-//! and the master target resets. What runs is the real code on `store::SimFs`: the process
-//! server's cache (`process_server::cache::DiskCache`) and the master target's apply core
-//! and journal (`master_target::core::DiskCore`); the rules of the services' network shells
-//! (resume points, group commit, attach, trim) are replayed here, step by step. At every
-//! step it checks:
-//! - **nothing acknowledged is lost**: what the process server acknowledged to the agent is
+//! volumes are full, and how the simulated connections (agent → process server → master
+//! target) delay, reset and partition. What runs is the real code, on `store::SimFs`: the
+//! agent's resend window (`agent::stream::Window`), the process server's cache
+//! (`process_server::cache::DiskCache`) and uplink shipping state
+//! (`process_server::shipper::Shipper`), and the master target's apply core and journal
+//! (`master_target::core::DiskCore`); the rules of the services' tokio shells (resume
+//! points, group commit, closing after a cache failure, attach, trim) are replayed here,
+//! step by step. It checks:
+//! - at every step, **nothing acknowledged is lost**: what the process server acknowledged to the agent is
 //!   in its cache or durable on the master target after any crash; what the master target
 //!   acknowledged (or reported at attach) is in its journal after any crash; no range is
 //!   ever found lost (nothing at rest is damaged here, so a lost range is lost data);
-//! - **the disk equals the source at the committed LSN** (blake3 of the whole image);
-//! - **every recovery point exports exactly**, and an app-consistent point carries its
-//!   bookmark's tag;
+//! - after every recovery of the master target and at the end, **the disk equals the source
+//!   at the committed LSN** (blake3 of the whole image), and **every recovery point exports
+//!   exactly**, an app-consistent point carrying its bookmark's tag;
 //! - **no livelock**: once faults stop, the whole stream is durable on-premises within a
 //!   bounded number of steps.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 2,000, about a minute here) from `SIM_FIRST_SEED`
-//! (default 0), `SIM_SEED=S` replays one seed and `SIM_TRACE=1` prints its events. A failure prints its seed and the command.
+//! (default 0), `SIM_SEED=S` replays one seed alone and `SIM_TRACE=1` prints its events (with
+//! `-- --nocapture`). A failure, a panic included, prints its seed and the command.
 
 mod agent_side;
 mod model;
@@ -551,13 +554,36 @@ impl Sim {
 }
 
 fn run_seed(seed: u64) -> Result<Tally, String> {
-    let mut sim = Sim::new(seed);
-    sim.run().map(|()| sim.tally).map_err(|e| {
-        format!(
-            "seed {}: {e}\n  replay: SIM_SEED={} SIM_TRACE=1 cargo test --release --test simulation -- --nocapture",
-            sim.seed, sim.seed
-        )
-    })
+    // A panic (a broken invariant in the code under test) is a failure of its seed too.
+    let ran = std::panic::catch_unwind(|| {
+        let mut sim = Sim::new(seed);
+        sim.run().map(|()| sim.tally)
+    });
+    let e = match ran {
+        Ok(Ok(t)) => return Ok(t),
+        Ok(Err(e)) => e,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            format!("panicked: {what}")
+        }
+    };
+    Err(format!(
+        "seed {seed}: {e}\n  replay: SIM_SEED={seed} SIM_TRACE=1 cargo test --release --test simulation -- --nocapture"
+    ))
+}
+
+/// A number from the environment, or `default`; anything else is a mistake said at once.
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={s:?} is not a number")),
+        Err(_) => default,
+    }
 }
 
 /// Seeds that found bugs, replayed on every run (each with what it found).
@@ -571,6 +597,9 @@ const FOUND: &[(u64, &str)] = &[
 
 #[test]
 fn found_seeds_stay_fixed() {
+    if std::env::var("SIM_SEED").is_ok() {
+        return; // a replay of one seed traces that seed alone
+    }
     for (seed, what) in FOUND {
         if let Err(e) = run_seed(*seed) {
             panic!("{e}\n  this seed once found: {what}");
@@ -580,20 +609,14 @@ fn found_seeds_stay_fixed() {
 
 #[test]
 fn seeds() {
-    if let Ok(s) = std::env::var("SIM_SEED") {
-        let seed: u64 = s.parse().expect("SIM_SEED is a number");
+    if std::env::var("SIM_SEED").is_ok() {
+        let seed = env_number("SIM_SEED", 0);
         let t = run_seed(seed).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("seed {seed}: {t:?}");
         return;
     }
-    let n: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2_000);
-    let first: u64 = std::env::var("SIM_FIRST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let n = env_number("SIM_SEEDS", 2_000);
+    let first = env_number("SIM_FIRST_SEED", 0);
     let mut sum = Tally::default();
     let mut failures = Vec::new();
     for seed in first..first + n {
@@ -603,7 +626,7 @@ fn seeds() {
         }
     }
     eprintln!(
-        "{n} seeds: {} steps, {:.1} simulated hours, {} power losses, {} kills, {} EIO, {} ENOSPC, {} torn and {} lost unsynced writes, {} connection resets, {} partitions, {} LSNs acknowledged on-premises, {} point exports checked; {} failed",
+        "{n} seeds from {first}: {} steps, {:.1} simulated hours, {} power losses, {} kills, {} EIO, {} ENOSPC, {} torn and {} lost unsynced writes, {} connection resets, {} partitions, {} LSNs acknowledged on-premises, {} point exports checked; {} failed",
         sum.steps,
         sum.sim_us as f64 / 3.6e9,
         sum.crashes,
