@@ -49,7 +49,6 @@ const CALM_STEPS: u32 = 3_000;
 const MAX_DELAY_STEPS: u64 = 3;
 
 struct Sim {
-    seed: u64,
     rng: fastrand::Rng,
     src: Source,
     mt: Mt,
@@ -94,7 +93,6 @@ impl Sim {
         let agent = Agent::new(&mut rng);
         let window_bytes = rng.u64(4 << 10..256 << 10);
         Sim {
-            seed,
             rng,
             src,
             mt,
