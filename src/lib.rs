@@ -2,3 +2,4 @@
 //! separate processes on loopback (used by the demo and by the end-to-end tests).
 
 pub mod harness;
+pub mod live;

@@ -1,4 +1,4 @@
-//! The `agent` command line: `replay`, `resync`, `bookmark`, `digest`.
+//! The `agent` command line: `replay`, `protect`, `resync`, `bookmark`, `digest`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -138,10 +138,31 @@ struct FreezeArgs {
 /// The longest a hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// `agent protect`.
+#[derive(Debug, Args)]
+struct ProtectCmd {
+    #[command(flatten)]
+    disk: DiskArgs,
+    /// An empty directory where the disk appears as one file (MOUNT_DIR/NAME), served
+    /// through FUSE: put a loop device on it (losetup -f --show MOUNT_DIR/NAME) and use
+    /// that as the VM's disk. Every write to it is captured before it completes.
+    #[arg(long)]
+    mount_dir: PathBuf,
+    /// The file's name in the mount directory.
+    #[arg(long, default_value = "disk.img")]
+    name: String,
+    /// Resync before capturing (a restart after a crash resyncs differentially anyway).
+    #[arg(long, value_enum, default_value = "none")]
+    resync: ResyncMode,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Replay a block trace against the source disk and stream it.
     Replay(ReplayCmd),
+    /// Protect a live disk: serve the source disk as a file through FUSE (root) and stream
+    /// every write to it, until the mount is unmounted or SIGTERM; then drain.
+    Protect(ProtectCmd),
     /// Resync the target disk with the source.
     Resync {
         #[command(flatten)]
@@ -377,6 +398,40 @@ async fn replay_cmd(c: ReplayCmd) -> Result<()> {
     Ok(())
 }
 
+/// `agent protect`: the disk served and captured until unmounted or told to stop (a
+/// resync first if asked for or if the last run crashed, interleaved with live writes),
+/// then a drain.
+async fn protect_cmd(c: ProtectCmd) -> Result<()> {
+    if c.name.is_empty() || c.name.contains('/') || c.name == "." || c.name == ".." {
+        return Err(Error::InvalidParameter {
+            param: "name",
+            reason: format!("{:?} is not a file name", c.name),
+        });
+    }
+    let mut e = engine(&c.disk).await?;
+    let resync = match c.resync {
+        ResyncMode::None if e.unclean_start => ResyncMode::Differential,
+        m => m,
+    };
+    let rs = if resync == ResyncMode::None {
+        None
+    } else {
+        Some(e.resync_begin(resync == ResyncMode::Full).await?)
+    };
+    let sum = crate::protect::protect(&mut e, &c.mount_dir, &c.name, rs).await?;
+    e.drain(Duration::from_secs(600)).await?;
+    let mut v = serde_json::to_value(&sum).expect("serializable");
+    v["last_lsn"] = (e.next_lsn() - 1).into();
+    v["bookmarks"] = e.stats.bookmarks.into();
+    v["resync_sent_bytes"] = e.stats.resync_sent_bytes.into();
+    println!("{v}");
+    println!(
+        "protected {} for {:.1} s: {} writes ({} bytes), {} flushes, {} bookmarks; everything is held by the process server (last lsn {})",
+        c.disk.source.display(), sum.seconds, sum.writes, sum.bytes, sum.syncs, e.stats.bookmarks, e.next_lsn() - 1
+    );
+    Ok(())
+}
+
 /// Completes a resync the replay left under way (or one the process server asked for).
 async fn finish_resync(e: &mut Engine, mut rs: Option<crate::engine::Resync>) -> Result<()> {
     e.link.poll().await;
@@ -560,6 +615,7 @@ fn taken_or_why(
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Replay(c) => replay_cmd(c).await,
+        Command::Protect(c) => protect_cmd(c).await,
         Command::Resync { disk, mode } => {
             let mut e = engine(&disk).await?;
             let p = bar(0, "resync");

@@ -8,6 +8,7 @@
 //! - [`stream`]: the pure core: batching with LSNs, the resend window, dirty regions.
 //! - [`engine`]: the engine around it: capture, bookmarks, outages, resync.
 //! - [`replay`]: a trace through the engine, with mapping and pacing.
+//! - [`capture`], [`protect`]: a live disk served through FUSE, every write captured.
 //! - [`control`]: the running agent's socket for `agent bookmark`.
 //! - [`cli`].
 //!
@@ -17,6 +18,7 @@
 //! - Resync and dirty-region resends travel in the same LSN stream as live writes, so the
 //!   newest content always lands last.
 
+pub mod capture;
 pub mod cli;
 pub mod control;
 pub mod datagen;
@@ -24,6 +26,7 @@ pub mod engine;
 pub mod error;
 pub mod freeze;
 pub mod link;
+pub mod protect;
 pub mod replay;
 pub mod source;
 pub mod stream;

@@ -149,6 +149,14 @@ impl SourceDisk {
         Ok(&buf[..l])
     }
 
+    /// Another handle on the image, for reads from another thread (positioned reads share
+    /// no file offset).
+    pub fn reader(&self) -> Result<File> {
+        self.file
+            .try_clone()
+            .ctx(|| format!("open {} again", self.path.display()))
+    }
+
     /// Number of digest blocks.
     pub fn blocks(&self) -> u64 {
         self.digests.len() as u64
