@@ -77,14 +77,32 @@ impl Live {
         );
     }
 
-    /// Unmounts the filesystem, detaches the loop device, and stops the agent with SIGTERM
-    /// (it drains and ends clean). Returns its report.
-    fn stop(mut self, c: &Cluster) -> serde_json::Value {
+    /// Unmounts the filesystem, detaches the loop device, and unmounts the disk: the agent
+    /// drains and ends clean. Returns its report.
+    fn unmount(mut self, c: &Cluster) -> serde_json::Value {
         self.app.take().unwrap().unmount().unwrap();
         self.lo.take().unwrap().detach().unwrap();
-        let agent = self.agent.take().unwrap();
+        live::run(Command::new("umount").arg(&self.mount_dir)).unwrap();
+        finish(c, 1, self.agent.take().unwrap())
+    }
+
+    /// SIGTERM while the filesystem is still in use: the agent keeps capturing until the
+    /// disk is closed (the filesystem unmounted, the loop device detached), then drains and
+    /// ends clean. Returns its report.
+    fn terminate(mut self, c: &Cluster) -> serde_json::Value {
+        let mut agent = self.agent.take().unwrap();
         // SAFETY: kill has no memory preconditions; the pid is our child's.
         unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            agent.try_wait().unwrap().is_none(),
+            "the agent waits for the disk to be closed"
+        );
+        let late = self.app_dir().join("written-after-sigterm");
+        std::fs::write(&late, b"still captured").unwrap();
+        live::run(Command::new("sync").arg("-f").arg(&late)).unwrap();
+        self.app.take().unwrap().unmount().unwrap();
+        self.lo.take().unwrap().detach().unwrap();
         finish(c, 1, agent)
     }
 }
@@ -155,7 +173,7 @@ fn a_live_filesystem_fails_back_with_its_database_and_files_intact() {
     let second = live::commit(&db, first, 120, 3000).unwrap();
     l.bookmark(&c, "second");
     let last = live::commit(&db, second, 25, 3000).unwrap();
-    let report = l.stop(&c);
+    let report = l.unmount(&c);
     assert!(report["writes"].as_u64().unwrap() > 100, "{report}");
     failed_back(&c, &report);
     check(&c, &point_of(&c, "first"), first, Some(&tree()));
@@ -233,7 +251,7 @@ fn a_live_filesystem_survives_kills_of_the_agent_the_services_and_the_applicatio
     assert!(recovered.rows >= after_app.rows, "{recovered:?}");
     let after_agent = live::commit(&db, recovered, 20, 3000).unwrap();
     l.bookmark(&c, "after-agent-kill");
-    let report = l.stop(&c);
+    let report = l.terminate(&c);
     assert!(
         report["resync_sent_bytes"].as_u64().unwrap() > 0,
         "{report}"
@@ -248,4 +266,54 @@ fn a_live_filesystem_survives_kills_of_the_agent_the_services_and_the_applicatio
         check(&c, &point_of(&c, tag), expected, None);
     }
     check(&c, "latest", after_agent, None);
+}
+
+/// `agent protect` with its directory wrong, before anything is registered or created.
+fn protect_fails(dir: &Path, mount_dir: &Path, extra: &[&str], words: &[&str]) {
+    let src = dir.join("src.img");
+    let out = Command::new(BIN)
+        .args(["agent", "protect", "--create-source", "--disk-size=16MiB"])
+        .arg(format!("--source={}", src.display()))
+        .arg(format!("--mount-dir={}", mount_dir.display()))
+        .arg(format!("--state-dir={}", dir.join("state").display()))
+        .arg(format!("--tls-dir={}", dir.join("no-tls").display()))
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it succeeded: {e}");
+    for w in words {
+        assert!(e.contains(w), "{w:?} not in: {e}");
+    }
+    assert!(!src.exists(), "nothing is created before the checks pass");
+}
+
+#[test]
+fn protect_refuses_a_mount_dir_that_would_hide_files_or_is_not_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let full = d.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("ibdata1"), b"a database's file").unwrap();
+    protect_fails(d, &full, &[], &["mount-dir", "not empty", "hide"]);
+    let file = d.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    protect_fails(d, &file, &[], &["not a directory"]);
+    protect_fails(d, &d.join("missing"), &[], &["create the directory first"]);
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    protect_fails(d, &empty, &["--name=../escape"], &["not a file name"]);
+    if root() {
+        // Someone else's file system mounted there is named, never mounted over.
+        live::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "tmpfs"])
+                .arg(&empty),
+        )
+        .unwrap();
+        let m = Mounted { dir: empty.clone() };
+        protect_fails(d, &empty, &[], &["already has a tmpfs file system"]);
+        m.unmount().unwrap();
+    }
 }

@@ -408,6 +408,8 @@ async fn protect_cmd(c: ProtectCmd) -> Result<()> {
             reason: format!("{:?} is not a file name", c.name),
         });
     }
+    // Before the disk is registered anywhere: a wrong directory costs nothing.
+    crate::protect::check_mount_dir(&c.mount_dir)?;
     let mut e = engine(&c.disk).await?;
     let resync = match c.resync {
         ResyncMode::None if e.unclean_start => ResyncMode::Differential,

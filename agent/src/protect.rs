@@ -207,9 +207,9 @@ fn umount_lazy(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The mount point must be a directory with nothing mounted on it, except a mount of
-/// ours whose agent died (cleared here, so a restart after a crash needs no hand work).
-fn check_mount_dir(dir: &Path) -> Result<()> {
+/// The mount point must be an empty directory with nothing mounted on it, except a mount
+/// of ours whose agent died (cleared here, so a restart after a crash needs no hand work).
+pub fn check_mount_dir(dir: &Path) -> Result<()> {
     let bad = |reason: String| Error::InvalidParameter {
         param: "mount-dir",
         reason,
@@ -231,9 +231,17 @@ fn check_mount_dir(dir: &Path) -> Result<()> {
             _ => return Err(bad(format!("{} is served by another running agent (a failback mount that answers): stop it first", dir.display()))),
         }
     }
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(bad(format!("{} is not a directory", dir.display()))),
+    match std::fs::read_dir(dir).map(|mut d| d.next().is_none()) {
+        Ok(true) => Ok(()),
+        // A mount hides what the directory holds: a mistyped path must not hide a
+        // database's files from its application.
+        Ok(false) => Err(bad(format!(
+            "{} is not empty: the disk is served on an empty directory (mounting over files would hide them)",
+            dir.display()
+        ))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            Err(bad(format!("{} is not a directory", dir.display())))
+        }
         Err(e) => Err(bad(format!(
             "{}: {e} (create the directory first)",
             dir.display()
