@@ -240,18 +240,27 @@ fn a_live_filesystem_survives_kills_of_the_agent_the_services_and_the_applicatio
     assert!(after_app.rows >= after_services.rows, "{after_app:?}");
     l.bookmark(&c, "after-app-kill");
 
-    // The agent is killed mid-workload; a restart resyncs, the filesystem recovers.
+    // The agent is killed mid-workload while the process server is down, so writes it
+    // captured never reached it; a restart resyncs them, the filesystem recovers.
+    c.kill_ps();
     let (mut writer, _) = live::spawn_commits(&db, after_app, 2000, 3000).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(300));
     l.crash();
     let _ = writer.kill();
     writer.wait().unwrap();
+    c.start_ps().unwrap();
     let l = Live::start(&c, false);
     let recovered = committed_now(&db);
     assert!(recovered.rows >= after_app.rows, "{recovered:?}");
     let after_agent = live::commit(&db, recovered, 20, 3000).unwrap();
     l.bookmark(&c, "after-agent-kill");
     let report = l.terminate(&c);
+    // The restart compared the whole disk with the target and sent what the kill cut off.
+    assert_eq!(
+        report["resync_compared_bytes"].as_u64().unwrap(),
+        256 << 20,
+        "{report}"
+    );
     assert!(
         report["resync_sent_bytes"].as_u64().unwrap() > 0,
         "{report}"

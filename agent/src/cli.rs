@@ -425,6 +425,7 @@ async fn protect_cmd(c: ProtectCmd) -> Result<()> {
     let mut v = serde_json::to_value(&sum).expect("serializable");
     v["last_lsn"] = (e.next_lsn() - 1).into();
     v["bookmarks"] = e.stats.bookmarks.into();
+    v["resync_compared_bytes"] = e.stats.resync_compared_bytes.into();
     v["resync_sent_bytes"] = e.stats.resync_sent_bytes.into();
     println!("{v}");
     println!(

@@ -435,20 +435,7 @@ impl Engine {
     /// it is durable on the master target or its time is up. Call it often (every 100 ms).
     pub async fn serve_control(&mut self) -> Result<()> {
         while let Ok(r) = self.control.try_recv() {
-            let tag = r.req.tag.clone();
-            if let Err(e) = wire_protocol::message::validate_tag(&tag) {
-                let _ = r
-                    .reply
-                    .send(control::BookmarkReply::failed("", e.to_string()));
-                continue;
-            }
-            self.waits.push(Wait {
-                reply: control::BookmarkReply::failed(&tag, ""),
-                deadline: Instant::now() + Duration::from_millis(r.req.timeout_ms),
-                to: r.reply,
-                take_before_mono_ms: r.req.take_before_mono_ms,
-                taken: r.taken,
-            });
+            self.accept_control(r);
         }
         if self.waits.is_empty() {
             return Ok(());
@@ -481,6 +468,31 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The next request from `agent bookmark`, for a loop that waits on other things too
+    /// (a frozen filesystem waits for it: the 100 ms of a timer are too long). Hand it to
+    /// [`Engine::accept_control`], then call [`Engine::serve_control`].
+    pub async fn next_control(&mut self) -> Option<control::Request> {
+        self.control.recv().await
+    }
+
+    /// Queues a request from `agent bookmark` (a malformed tag is answered at once).
+    pub fn accept_control(&mut self, r: control::Request) {
+        let tag = r.req.tag.clone();
+        if let Err(e) = wire_protocol::message::validate_tag(&tag) {
+            let _ = r
+                .reply
+                .send(control::BookmarkReply::failed("", e.to_string()));
+            return;
+        }
+        self.waits.push(Wait {
+            reply: control::BookmarkReply::failed(&tag, ""),
+            deadline: Instant::now() + Duration::from_millis(r.req.timeout_ms),
+            to: r.reply,
+            take_before_mono_ms: r.req.take_before_mono_ms,
+            taken: r.taken,
+        });
     }
 
     /// Takes the bookmarks asked for and not yet taken, if the target is consistent now; a

@@ -90,6 +90,10 @@ pub async fn protect(
                 Some(op) => handle(engine, op, &mut sum).await?,
                 None => break,
             },
+            Some(r) = engine.next_control() => {
+                engine.accept_control(r);
+                engine.serve_control().await?;
+            }
             _ = tick.tick() => between_writes(engine, &mut resync).await?,
             () = stop.notified(), if !detached => {
                 detached = true;
