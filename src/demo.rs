@@ -144,6 +144,12 @@ fn validate(args: &DemoArgs) -> std::result::Result<(), String> {
         }
     }
     if let Some(k) = &args.keep {
+        if k.exists() && !k.is_dir() {
+            return Err(format!(
+                "--keep {}: not a directory; the demo keeps its disks in a new or empty directory",
+                k.display()
+            ));
+        }
         let used = std::fs::read_dir(k).map(|mut d| d.next().is_some());
         if used.unwrap_or(false) {
             return Err(format!(

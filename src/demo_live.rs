@@ -157,7 +157,7 @@ pub fn demo(args: &DemoArgs, dir: &Path) -> Result<serde_json::Value> {
 fn protect(c: &Cluster, source: &Path, size: &str) -> Result<Protected> {
     let mount_dir = c.dir.join("capture");
     let log = c.dir.join("logs/agent.log");
-    let agent = live::start_protect(c, DISK_ID, source, size, &mount_dir, &log)?;
+    let agent = live::start_protect(c, DISK_ID, source, size, (&mount_dir, &[]), &log)?;
     let mut p = Protected {
         agent,
         mount_dir,
@@ -290,7 +290,7 @@ fn prove(
     c.export(DISK_ID, &id, &earlier, "raw")?;
     let cases = [
         (
-            "on-premises disk (latest)",
+            "on-premises disk",
             onprem_flat(dir),
             "latest",
             latest,

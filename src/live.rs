@@ -107,14 +107,14 @@ fn wait_bounded(mut child: Child, max: Duration, what: &str) -> Result<std::proc
     })
 }
 
-/// Starts `agent protect` for `disk_id` with the disk served in `mount_dir`, and waits until
-/// the file is there. Its log goes to `log`.
+/// Starts `agent protect` for `disk_id` with the disk served in `mount_dir` (and `extra`
+/// arguments), and waits until the file is there. Its log goes to `log`.
 pub fn start_protect(
     c: &Cluster,
     disk_id: u64,
     source: &Path,
     size: &str,
-    mount_dir: &Path,
+    (mount_dir, extra): (&Path, &[&str]),
     log: &Path,
 ) -> Result<Child> {
     std::fs::create_dir_all(mount_dir).map_err(|source| Error::Io {
@@ -132,6 +132,7 @@ pub fn start_protect(
     let mut child = c
         .agent("protect", disk_id, source, size)
         .arg(format!("--mount-dir={}", mount_dir.display()))
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(log_file)
         .spawn()

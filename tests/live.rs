@@ -42,13 +42,16 @@ struct Live {
     mount_dir: PathBuf,
     lo: Option<Loop>,
     app: Option<Mounted>,
+    /// A crash leaves the dead mount for the next agent to clear.
+    keep_mount: bool,
 }
 
 impl Live {
     fn start(c: &Cluster, mkfs: bool) -> Live {
         let mount_dir = c.dir.join("capture");
         let log = c.dir.join("logs/agent-1.log");
-        let agent = live::start_protect(c, 1, &source(c, 1), DISK, &mount_dir, &log).unwrap();
+        let agent =
+            live::start_protect(c, 1, &source(c, 1), DISK, (&mount_dir, &[]), &log).unwrap();
         let lo = Loop::attach(&mount_dir.join("disk.img"), false).unwrap();
         if mkfs {
             live::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev)).unwrap();
@@ -60,6 +63,7 @@ impl Live {
             mount_dir,
             lo: Some(lo),
             app: Some(app),
+            keep_mount: false,
         }
     }
 
@@ -104,6 +108,15 @@ impl Live {
             agent.try_wait().unwrap().is_none(),
             "the agent waits for the disk to be closed"
         );
+        // SAFETY: as above.
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(300));
+        let log = std::fs::read_to_string(c.dir.join("logs/agent-1.log")).unwrap();
+        let dev = &self.lo.as_ref().unwrap().dev;
+        assert!(
+            log.contains("still stopping") && log.contains(dev.as_str()),
+            "a second SIGTERM says what holds the disk: {log}"
+        );
         let late = self.app_dir().join("written-after-sigterm");
         std::fs::write(&late, b"still captured").unwrap();
         live::run(Command::new("sync").arg("-f").arg(&late)).unwrap();
@@ -120,6 +133,9 @@ impl Drop for Live {
         if let Some(mut a) = self.agent.take() {
             let _ = a.kill();
             let _ = a.wait();
+        }
+        if self.keep_mount {
+            return;
         }
         let _ = Command::new("umount")
             .arg("-l")
@@ -172,6 +188,20 @@ fn a_live_filesystem_fails_back_with_its_database_and_files_intact() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(dir.path());
     let l = Live::start(&c, true);
+    // One agent per source image: a second one (another disk, state and mount directory)
+    // would write it behind the first one's back.
+    let other = c.dir.join("capture-2");
+    std::fs::create_dir_all(&other).unwrap();
+    let out = c
+        .agent("protect", 2, &source(&c, 1), DISK)
+        .arg(format!("--mount-dir={}", other.display()))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("in use by another agent"),
+        "{e}"
+    );
     let db = l.app_dir().join(APP_DIR);
     let first = live::commit(&db, Committed::default(), 40, 3000).unwrap();
     live::untar(&tree(), &l.app_dir()).unwrap();
@@ -197,7 +227,21 @@ impl Live {
         agent.wait().unwrap();
         drop(self.app.take());
         drop(self.lo.take());
-        std::mem::forget(self);
+        self.keep_mount = true;
+    }
+}
+
+/// Clears the FUSE mount of a test's agents whatever happens (a failed test must not leave
+/// a dead mount behind).
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -216,6 +260,7 @@ fn a_live_filesystem_survives_kills_of_the_agent_the_services_and_the_applicatio
     }
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(dir.path());
+    let _guard = MountGuard(c.dir.join("capture"));
     let l = Live::start(&c, true);
     let db = l.app_dir().join(APP_DIR);
     let before = live::commit(&db, Committed::default(), 30, 3000).unwrap();
@@ -319,6 +364,20 @@ fn protect_refuses_a_mount_dir_that_would_hide_files_or_is_not_one() {
     let empty = d.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     protect_fails(d, &empty, &["--name=../escape"], &["not a file name"]);
+    // The source (or the state directory) under the mount would be hidden by it.
+    let out = Command::new(BIN)
+        .args(["agent", "protect", "--create-source", "--disk-size=16MiB"])
+        .arg(format!("--source={}", empty.join("disk.img").display()))
+        .arg(format!("--mount-dir={}", empty.display()))
+        .arg(format!("--state-dir={}", d.join("state").display()))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("inside --mount-dir"),
+        "{e}"
+    );
+    assert!(!empty.join("disk.img").exists(), "nothing is created");
     if root() {
         // Someone else's file system mounted there is named, never mounted over.
         live::run(

@@ -769,6 +769,30 @@ fn a_frozen_bookmark_runs_its_hooks_and_always_thaws() {
     std::fs::create_dir_all(vol.dir.join("sub")).unwrap();
     let sub = vol.dir.join("sub").display().to_string();
     fails_saying(bookmark(&["--freeze", &sub]), &["not a mountpoint"]);
+    // An agent whose source image is on the filesystem writes it while the bookmark is
+    // taken: freezing it would wait for ever. Refused before anything is frozen.
+    let fake = c.dir.join("agent-with-source-on-vol");
+    std::fs::create_dir_all(&fake).unwrap();
+    std::fs::write(vol.dir.join("disk.img"), b"a source image").unwrap();
+    std::fs::write(
+        fake.join(agent::engine::SOURCE_PATH),
+        vol.dir.join("disk.img").display().to_string(),
+    )
+    .unwrap();
+    let fake = fake.display().to_string();
+    fails_saying(
+        run(&[
+            "agent",
+            "bookmark",
+            "--state-dir",
+            &fake,
+            "--tag",
+            "x",
+            "--freeze",
+            &mnt,
+        ]),
+        &["source disk", "on this filesystem"],
+    );
     fails_saying(
         bookmark(&["--freeze", &mnt, "--freeze", &mnt]),
         &["listed twice"],

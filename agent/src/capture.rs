@@ -76,11 +76,19 @@ pub struct CaptureFs {
     started: SystemTime,
     uid: u32,
     gid: u32,
+    /// Open handles on the disk, for the agent to say what keeps it from stopping.
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl CaptureFs {
     /// The file system for a disk of `size_bytes`, named `name`, read from `reader`.
-    pub fn new(name: &str, size_bytes: u64, reader: File, to_engine: mpsc::Sender<Op>) -> Self {
+    pub fn new(
+        name: &str,
+        size_bytes: u64,
+        reader: File,
+        to_engine: mpsc::Sender<Op>,
+        opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         // SAFETY: getuid and getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         CaptureFs {
@@ -91,6 +99,7 @@ impl CaptureFs {
             started: SystemTime::now(),
             uid,
             gid,
+            opened,
         }
     }
 
@@ -184,6 +193,8 @@ impl Filesystem for CaptureFs {
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         if ino == DISK_INO {
+            self.opened
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             reply.opened(0, 0);
         } else {
             reply.error(libc::EISDIR);
@@ -272,6 +283,21 @@ impl Filesystem for CaptureFs {
         reply.ok();
     }
 
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _flags: i32,
+        _lock: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.opened
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        reply.ok();
+    }
+
     fn getxattr(
         &mut self,
         _req: &Request<'_>,
@@ -282,6 +308,62 @@ impl Filesystem for CaptureFs {
     ) {
         // A disk image has no extended attributes; ENOSYS tells the kernel to stop asking.
         reply.error(libc::ENOSYS);
+    }
+
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        // One file, the disk: the directory takes no other (refused quietly, each of these).
+        reply.error(libc::EPERM);
+    }
+
+    fn mknod(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(libc::EPERM);
+    }
+
+    fn mkdir(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(libc::EPERM);
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, _parent: u64, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(libc::EPERM);
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _newparent: u64,
+        _newname: &OsStr,
+        _flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(libc::EPERM);
     }
 
     fn fallocate(

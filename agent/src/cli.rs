@@ -408,8 +408,13 @@ async fn protect_cmd(c: ProtectCmd) -> Result<()> {
             reason: format!("{:?} is not a file name", c.name),
         });
     }
+    runtime::log::init_logging(runtime::log::parse_log_format(Some(&c.disk.log_format))?);
     // Before the disk is registered anywhere: a wrong directory costs nothing.
     crate::protect::check_mount_dir(&c.mount_dir)?;
+    crate::protect::check_outside(
+        &c.mount_dir,
+        &[("source", &c.disk.source), ("state-dir", &c.disk.state_dir)],
+    )?;
     let mut e = engine(&c.disk).await?;
     let resync = match c.resync {
         ResyncMode::None if e.unclean_start => ResyncMode::Differential,

@@ -43,6 +43,8 @@ struct Wait {
 pub const RUNNING_MARKER: &str = "running";
 /// The state directory's record of an interrupted resync: the next block to resync.
 const RESYNC_PROGRESS: &str = "resync-progress";
+/// The state directory's record of the source image's path (see [`crate::freeze`]).
+pub const SOURCE_PATH: &str = "source-path";
 /// The state directory's bookmark records, one JSON line each.
 const BOOKMARKS: &str = "bookmarks.jsonl";
 /// The line added to the marker once a run captures writes: a crash after it may have lost
@@ -184,6 +186,12 @@ impl Engine {
         }
         store::write_durable(&*fs, &marker, std::process::id().to_string().as_bytes())
             .ctx(|| format!("write {}", marker.display()))?;
+        // Where the source image is, for `agent bookmark --freeze` to refuse freezing the
+        // filesystem under it (the agent writes there while the bookmark is taken).
+        let at = state_dir.join(SOURCE_PATH);
+        let path = std::path::absolute(source.path()).unwrap_or_else(|_| source.path().into());
+        store::write_durable(&*fs, &at, path.as_os_str().as_encoded_bytes())
+            .ctx(|| format!("write {}", at.display()))?;
         let deadline = Instant::now() + connect_timeout;
         let mut backoff = runtime::net::Backoff::new(START_BACKOFF_MIN_MS, START_BACKOFF_MAX_MS);
         let mut attempts = 0u32;
@@ -236,6 +244,15 @@ impl Engine {
     /// than a batch may carry travels as consecutive pieces, each with its own LSN (a disk
     /// guarantees no more than sector atomicity for a large write either).
     pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<()> {
+        self.capture(offset, data.clone()).await?;
+        self.source.rehash(offset, &data)
+    }
+
+    /// [`Engine::write`] without the digest upkeep: the caller must call
+    /// [`SourceDisk::rehash`] on `engine.source` with the same write before anything else
+    /// of the engine's (a bookmark reads the digests). Live capture answers the kernel in
+    /// between, so the next write is on its way while this one is hashed.
+    pub async fn capture(&mut self, offset: u64, data: Bytes) -> Result<()> {
         if !self.marked_capturing {
             // Durable before the first write: a crash from here on is known at the next start.
             let marker = self.state_dir.join(RUNNING_MARKER);
@@ -244,7 +261,7 @@ impl Engine {
                 .ctx(|| format!("write {}", marker.display()))?;
             self.marked_capturing = true;
         }
-        self.source.write(offset, &data)?;
+        self.source.write_data(offset, &data)?;
         self.stats.writes += 1;
         self.stats.bytes += data.len() as u64;
         if !self.dirty.is_empty() && !self.link.is_up() {

@@ -56,6 +56,13 @@ pub fn check_targets(mountpoints: &[PathBuf], state_dir: &Path) -> Result<()> {
     };
     let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
     let state_dev = dev(state_dir).ok();
+    // The running agent's source image: it is written while the bookmark is taken, so its
+    // filesystem frozen would wait for ever on the freeze of another (a live disk's loop
+    // device flushes through the agent).
+    let source = std::fs::read(state_dir.join(crate::engine::SOURCE_PATH))
+        .ok()
+        .map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned()));
+    let source_dev = source.as_deref().and_then(|p| dev(p).ok());
     let mut seen = Vec::new();
     for m in mountpoints {
         let d = dev(m).map_err(|e| bad(m, e.to_string()))?;
@@ -73,6 +80,9 @@ pub fn check_targets(mountpoints: &[PathBuf], state_dir: &Path) -> Result<()> {
         }
         if state_dev == Some(d) {
             return Err(bad(m, format!("the agent's state directory {} is on this filesystem, and the agent writes there while it takes the bookmark; keep the state directory elsewhere", state_dir.display())));
+        }
+        if source_dev == Some(d) {
+            return Err(bad(m, format!("the agent's source disk {} is on this filesystem, and the agent writes it while the bookmark is taken; keep the source image elsewhere", source.as_deref().unwrap_or(Path::new("")).display())));
         }
         seen.push(d);
     }

@@ -54,11 +54,13 @@ pub async fn protect(
 ) -> Result<ProtectSummary> {
     check_mount_dir(mount_dir)?;
     let (tx, mut rx) = mpsc::channel(OPS_QUEUE);
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let fs = CaptureFs::new(
         name,
         engine.source.size_bytes(),
         engine.source.reader()?,
         tx,
+        std::sync::Arc::clone(&opened),
     );
     let options = [
         fuser::MountOption::FSName(FS_NAME.into()),
@@ -83,7 +85,7 @@ pub async fn protect(
     let started = Instant::now();
     let mut sum = ProtectSummary::default();
     let mut tick = tokio::time::interval(Duration::from_millis(CONTROL_EVERY_MS));
-    let mut detached = false;
+    let mut holders: Option<Vec<String>> = None;
     loop {
         tokio::select! {
             op = rx.recv() => match op {
@@ -95,10 +97,11 @@ pub async fn protect(
                 engine.serve_control().await?;
             }
             _ = tick.tick() => between_writes(engine, &mut resync).await?,
-            () = stop.notified(), if !detached => {
-                detached = true;
-                detach(mount_dir);
-            }
+            () = stop.notified() => match &holders {
+                // The loop devices on the disk are named before the detach hides its path.
+                None => holders = Some(detach(&mount_dir.join(name))),
+                Some(h) => still_held(h, opened.load(std::sync::atomic::Ordering::Relaxed)),
+            },
         }
     }
     sum.seconds = started.elapsed().as_secs_f64();
@@ -120,11 +123,18 @@ pub async fn protect(
 async fn handle(engine: &mut Engine, op: Op, sum: &mut ProtectSummary) -> Result<()> {
     match op {
         Op::Write { offset, data, done } => {
-            let len = data.len() as u64;
-            let r = engine.write(offset, data).await;
             sum.writes += 1;
-            sum.bytes += len;
-            answer(done, r)
+            sum.bytes += data.len() as u64;
+            let r = engine.capture(offset, data.clone()).await;
+            let captured = r.is_ok();
+            answer(done, r)?;
+            // Hashed once the kernel has its answer: the FUSE thread takes the next request
+            // meanwhile. Nothing else of the engine runs in between (a bookmark reads the
+            // digests), since this task is the engine's only user.
+            if captured {
+                engine.source.rehash(offset, &data)?;
+            }
+            Ok(())
         }
         Op::Sync { done } => {
             sum.syncs += 1;
@@ -175,7 +185,7 @@ async fn finish_resync(engine: &mut Engine, resync: Option<Resync>) -> Result<()
     Ok(())
 }
 
-/// A notification on the first SIGTERM or SIGINT.
+/// A notification on every SIGTERM or SIGINT.
 fn stop_signals() -> Result<std::sync::Arc<tokio::sync::Notify>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).ctx(|| "catch SIGTERM".into())?;
@@ -183,22 +193,50 @@ fn stop_signals() -> Result<std::sync::Arc<tokio::sync::Notify>> {
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let s = std::sync::Arc::clone(&stop);
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            s.notify_one();
         }
-        s.notify_one();
     });
     Ok(stop)
 }
 
-/// Detaches the mount lazily: new opens fail from now on, and the run ends once whoever
-/// holds the disk open closes it.
-fn detach(mount_dir: &Path) {
-    tracing::info!(mount_dir = %mount_dir.display(), "stopping: the disk is unmounted; the agent drains and ends once it is closed (umount its filesystem, then losetup -d its loop device)");
+/// Detaches the mount of `disk` lazily: new opens fail from now on, and the run ends once
+/// whoever holds the disk open closes it. Returns the loop devices on it.
+fn detach(disk: &Path) -> Vec<String> {
+    let held = loop_devices_on(disk);
+    let mount_dir = disk.parent().unwrap_or(disk);
+    tracing::info!(mount_dir = %mount_dir.display(), loop_devices = ?held, "stopping: the disk is unmounted; the agent drains and ends once it is closed (umount the filesystem on its loop device, then losetup -d it)");
     if let Err(e) = umount_lazy(mount_dir) {
         tracing::warn!(error = %e, "unmounting the disk failed; unmount it by hand (umount -l)");
     }
+    held
+}
+
+/// Says, on a repeated SIGTERM, what still keeps the agent from stopping.
+fn still_held(loop_devices: &[String], open_handles: u64) {
+    tracing::warn!(open_handles, loop_devices = ?loop_devices, "still stopping: the disk is in use; unmount the filesystem on its loop device and losetup -d it, and the agent drains and ends (a SIGKILL now means a differential resync of the whole disk at the next start)");
+}
+
+/// The loop devices whose backing file is `disk` (from /sys/block/loop*/loop/backing_file).
+fn loop_devices_on(disk: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|b| Path::new(b.trim()) == disk)
+        })
+        .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
+        .collect();
+    found.sort();
+    found
 }
 
 fn umount_lazy(dir: &Path) -> std::io::Result<()> {
@@ -251,6 +289,36 @@ pub fn check_mount_dir(dir: &Path) -> Result<()> {
             dir.display()
         ))),
     }
+}
+
+/// Refuses paths inside the mount directory: the mount would hide them from the agent
+/// itself (the source would be served from under its own mount).
+pub fn check_outside(mount_dir: &Path, paths: &[(&'static str, &Path)]) -> Result<()> {
+    let dir = std::path::absolute(mount_dir).ctx(|| format!("resolve {}", mount_dir.display()))?;
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    for (param, p) in paths {
+        let abs = std::path::absolute(p).ctx(|| format!("resolve {}", p.display()))?;
+        // The deepest existing ancestor resolves symlinks; the rest is appended as given.
+        let resolved = abs
+            .ancestors()
+            .find_map(|a| {
+                std::fs::canonicalize(a)
+                    .ok()
+                    .map(|c| c.join(abs.strip_prefix(a).unwrap_or(Path::new(""))))
+            })
+            .unwrap_or(abs);
+        if resolved.starts_with(&dir) {
+            return Err(Error::InvalidParameter {
+                param,
+                reason: format!(
+                    "{} is inside --mount-dir {}, which the disk is mounted over: keep it outside",
+                    p.display(),
+                    mount_dir.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// statfs(2) of `dir`: unlike a stat, never answered from the kernel's cache, so a FUSE

@@ -63,11 +63,14 @@ impl SourceDisk {
     /// Opens `path` and hashes it; with `create`, a missing disk is made (zeroed, of
     /// `size_bytes`).
     pub fn open(path: &Path, size_bytes: u64, create: bool) -> Result<SourceDisk> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(create)
             .truncate(false)
+            // A disk's content is the VM's data: only its owner reads it.
+            .mode(0o600)
             .open(path)
             .map_err(|e| {
                 let hint = if e.kind() == std::io::ErrorKind::NotFound {
@@ -80,6 +83,24 @@ impl SourceDisk {
                     source: e,
                 }
             })?;
+        // One agent per source image: a second one (another disk id, another state
+        // directory) would write it behind the first one's back, and the first would never
+        // stream those writes.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::InvalidParameter {
+                    param: "source",
+                    reason: format!("{} is in use by another agent (it holds the image's lock): one agent per source disk; stop the other one first", path.display()),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::Io {
+                    context: format!("lock {}", path.display()),
+                    source: e,
+                })
+            }
+        }
         let len = file
             .metadata()
             .ctx(|| format!("stat {}", path.display()))?
@@ -102,6 +123,11 @@ impl SourceDisk {
         })
     }
 
+    /// Where the image is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Size in bytes.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -119,13 +145,24 @@ impl SourceDisk {
 
     /// Writes `data` at `offset` and rehashes the blocks it touched.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_data(offset, data)?;
+        self.rehash(offset, data)
+    }
+
+    /// Writes `data` at `offset`, leaving the digests of the blocks it touched stale until
+    /// [`SourceDisk::rehash`] (live capture answers the kernel in between).
+    pub fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         assert!(
             offset + data.len() as u64 <= self.size_bytes,
             "callers map writes into the disk"
         );
         self.file
             .write_all_at(data, offset)
-            .ctx(|| format!("write {}", self.path.display()))?;
+            .ctx(|| format!("write {}", self.path.display()))
+    }
+
+    /// Brings the digests of the blocks `data` (written at `offset`) touched up to date.
+    pub fn rehash(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }

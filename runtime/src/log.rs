@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 /// `NO_COLOR` is unset: under systemd every line would otherwise carry escape codes.
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // fuser's mount module logs an ERROR when the kernel has already unmounted a disk the
+    // agent serves (every clean stop); its real failures come back to the agent as errors.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,fuser::mnt=off"));
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
