@@ -68,6 +68,9 @@ pub struct Cluster {
     pub mt_extra: Vec<String>,
     /// Where the process server reaches the master target, if not directly (a relay).
     pub ps_upstream: Option<String>,
+    /// The network namespace the master target runs in (`ip netns exec`), if not this one:
+    /// the WAN bench puts it behind a shaped link.
+    pub mt_netns: Option<String>,
     mt: Option<Child>,
     ps: Option<Child>,
     /// Extra master targets: address and process.
@@ -112,6 +115,7 @@ impl Cluster {
             ps_extra: Vec::new(),
             mt_extra: Vec::new(),
             ps_upstream: None,
+            mt_netns: None,
             mt: None,
             ps: None,
             extra_mts: Vec::new(),
@@ -126,9 +130,16 @@ impl Cluster {
             format!("open {}", log.display())
         })?;
         let err = io(out.try_clone(), || "dup log".into())?;
+        let mut cmd = match (&self.mt_netns, name) {
+            (Some(ns), "master-target") => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            _ => Command::new(&self.bin),
+        };
         io(
-            Command::new(&self.bin)
-                .arg(name)
+            cmd.arg(name)
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(out)

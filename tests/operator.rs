@@ -446,8 +446,9 @@ fn one_instance_per_directory() {
         &["--pace=realtime", "--max-writes=20000"],
     );
     wait_streaming(&c, 1);
+    // Another source image: the same one is refused by its own lock (tests/live.rs).
     let out = c
-        .agent("replay", 1, &source(&c, 1), "256MiB")
+        .agent("replay", 1, &source(&c, 2), "256MiB")
         .arg(format!(
             "--trace={}",
             traces().join("tpcc-small.disksim").display()

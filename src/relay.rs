@@ -1,0 +1,125 @@
+//! A TCP relay that adds one-way delay: this kernel has no netem, so a WAN link's latency
+//! comes from user space (its rate from `tbf` on a veth pair, see `benches/wan.rs`).
+//!
+//! # Design constraints
+//! - Each direction of each connection is a reader thread and a writer thread joined by a
+//!   bounded queue of chunks stamped with their arrival: the writer sends a chunk no sooner
+//!   than `delay` after it arrived, so the delay holds whatever the rate, and bytes keep
+//!   their order.
+//! - Bounded: at most [`QUEUE_CHUNKS`] chunks of [`CHUNK_BYTES`] wait per direction (a full
+//!   queue stops the reader, and TCP's flow control the sender); every thread ends when its
+//!   connection does or the relay is dropped.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Error, Result};
+
+/// The most one read takes off a connection.
+const CHUNK_BYTES: usize = 64 << 10;
+/// Chunks waiting per direction: 16 MiB, above a 1 Gbit/s link's bandwidth-delay product at
+/// 100 ms.
+const QUEUE_CHUNKS: usize = 256;
+
+/// A delaying relay to one target; stops accepting when dropped.
+#[derive(Debug)]
+pub struct DelayRelay {
+    /// Where to connect instead of the target.
+    pub addr: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl DelayRelay {
+    /// Listens on `listen` (e.g. 127.0.0.1:0) and relays every connection to `target`,
+    /// holding each byte `one_way` in each direction.
+    pub fn start(listen: &str, target: &str, one_way: Duration) -> Result<DelayRelay> {
+        let l = TcpListener::bind(listen).map_err(|source| Error::Io {
+            context: format!("relay: bind {listen}"),
+            source,
+        })?;
+        l.set_nonblocking(true).map_err(|source| Error::Io {
+            context: "relay: nonblocking".into(),
+            source,
+        })?;
+        let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, target) = (Arc::clone(&stop), target.to_owned());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((down, _)) => {
+                        if let Ok(up) = TcpStream::connect(&target) {
+                            let _ = connect_pair(down, up, one_way, &s);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(DelayRelay { addr, stop })
+    }
+}
+
+impl Drop for DelayRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts both directions between `a` and `b`.
+fn connect_pair(
+    a: TcpStream,
+    b: TcpStream,
+    one_way: Duration,
+    stop: &Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    a.set_nonblocking(false)?;
+    for s in [&a, &b] {
+        s.set_nodelay(true)?;
+    }
+    for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
+        let (tx, rx) = sync_channel(QUEUE_CHUNKS);
+        let stop = Arc::clone(stop);
+        std::thread::spawn(move || read_side(from, &tx, &stop));
+        std::thread::spawn(move || write_side(to, &rx, one_way));
+    }
+    Ok(())
+}
+
+fn read_side(mut from: TcpStream, tx: &SyncSender<(Instant, Vec<u8>)>, stop: &AtomicBool) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    while !stop.load(Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    // The queue's end tells the writer to close its side once the rest is delivered.
+}
+
+fn write_side(mut to: TcpStream, rx: &Receiver<(Instant, Vec<u8>)>, one_way: Duration) {
+    while let Ok((at, chunk)) = rx.recv() {
+        if let Some(wait) = (at + one_way).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if to.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
