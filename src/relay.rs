@@ -31,6 +31,7 @@ pub struct DelayRelay {
     /// Where to connect instead of the target.
     pub addr: String,
     stop: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
 }
 
 impl DelayRelay {
@@ -47,20 +48,34 @@ impl DelayRelay {
         })?;
         let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, target) = (Arc::clone(&stop), target.to_owned());
+        let held = Arc::new(AtomicBool::new(false));
+        let (s, h, target) = (Arc::clone(&stop), Arc::clone(&held), target.to_owned());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match l.accept() {
+                    // Held: the link is down; a connection is closed at once.
+                    Ok(_) if h.load(Ordering::Relaxed) => {}
                     Ok((down, _)) => {
                         if let Ok(up) = TcpStream::connect(&target) {
-                            let _ = connect_pair(down, up, one_way, &s);
+                            let _ = connect_pair(down, up, one_way, [&s, &h]);
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
-        Ok(DelayRelay { addr, stop })
+        Ok(DelayRelay { addr, stop, held })
+    }
+
+    /// Takes the link down: connections through it close (within half a second), new ones
+    /// are closed at once, until [`DelayRelay::release`].
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::Relaxed);
+    }
+
+    /// Brings the link back.
+    pub fn release(&self) {
+        self.held.store(false, Ordering::Relaxed);
     }
 }
 
@@ -75,7 +90,7 @@ fn connect_pair(
     a: TcpStream,
     b: TcpStream,
     one_way: Duration,
-    stop: &Arc<AtomicBool>,
+    [stop, held]: [&Arc<AtomicBool>; 2],
 ) -> std::io::Result<()> {
     a.set_nonblocking(false)?;
     for s in [&a, &b] {
@@ -83,17 +98,17 @@ fn connect_pair(
     }
     for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
         let (tx, rx) = sync_channel(QUEUE_CHUNKS);
-        let stop = Arc::clone(stop);
-        std::thread::spawn(move || read_side(from, &tx, &stop));
+        let (stop, held) = (Arc::clone(stop), Arc::clone(held));
+        std::thread::spawn(move || read_side(from, &tx, [&stop, &held]));
         std::thread::spawn(move || write_side(to, &rx, one_way));
     }
     Ok(())
 }
 
-fn read_side(mut from: TcpStream, tx: &SyncSender<(Instant, Vec<u8>)>, stop: &AtomicBool) {
+fn read_side(mut from: TcpStream, tx: &SyncSender<(Instant, Vec<u8>)>, flags: [&AtomicBool; 2]) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = vec![0u8; CHUNK_BYTES];
-    while !stop.load(Ordering::Relaxed) {
+    while !flags.iter().any(|f| f.load(Ordering::Relaxed)) {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
@@ -109,7 +124,11 @@ fn read_side(mut from: TcpStream, tx: &SyncSender<(Instant, Vec<u8>)>, stop: &At
             Err(_) => break,
         }
     }
-    // The queue's end tells the writer to close its side once the rest is delivered.
+    // The queue's end tells the writer to close its side once the rest is delivered; a
+    // held link closes this side at once, as a link that went down.
+    if flags[1].load(Ordering::Relaxed) {
+        let _ = from.shutdown(Shutdown::Both);
+    }
 }
 
 fn write_side(mut to: TcpStream, rx: &Receiver<(Instant, Vec<u8>)>, one_way: Duration) {

@@ -1,0 +1,303 @@
+//! The cases, run where the process server is (inside its namespace for a shaped link):
+//! a cluster whose master target is behind the link, the agent, and what they measured.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use failback::harness::{Cluster, DiskStatus};
+use failback::relay::DelayRelay;
+
+use crate::{CONTENT_BYTES, IP_MT};
+
+/// The trace replayed under churn (245 MB of writes over 147 s at its own speed).
+const CHURN_TRACE: &str = "tests/data/traces/tencent-cbs-50k.msr.csv";
+/// Its writes per second of trace time, in bytes: the churn's speed factor comes from it.
+const CHURN_TRACE_BYTES_PER_S: f64 = 244_600_832.0 / 147.0;
+/// The churn's load: this share of the link's rate, in bytes written by the application.
+const CHURN_LOAD: f64 = 0.5;
+
+/// Which case.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Case {
+    /// Agent start to all durable: a full resync of the image.
+    Bulk,
+    /// The same image held in the process server's cache, then released.
+    Drain,
+    /// The trace replayed at half the link's rate: RPO.
+    Churn,
+}
+
+/// One case's cluster: the master target in `mt_netns` (if any) behind a relay adding
+/// `one_way_ms`, the process server here.
+struct Setup {
+    _dir: tempfile::TempDir,
+    c: Cluster,
+    relay: Option<DelayRelay>,
+    tls: PathBuf,
+}
+
+fn setup(mt_netns: Option<&str>, one_way_ms: u64, relay: bool) -> Setup {
+    let bin = Path::new(env!("CARGO_BIN_EXE_failback"));
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let names = ["localhost".into(), "127.0.0.1".into(), IP_MT.into()];
+    runtime::tls::make_test_pki(&tls, &names, &[]).unwrap();
+    let mut c = Cluster::new(dir.path(), bin).unwrap();
+    if let Some(ns) = mt_netns {
+        c.mt_netns = Some(ns.into());
+        let port = |a: &str| a.rsplit(':').next().unwrap().to_owned();
+        c.mt_addr = format!("{IP_MT}:{}", port(&c.mt_addr));
+        c.mt_admin = format!("{IP_MT}:{}", port(&c.mt_admin));
+    }
+    let relay = (mt_netns.is_some() || relay).then(|| {
+        let r = DelayRelay::start("127.0.0.1:0", &c.mt_addr, Duration::from_millis(one_way_ms))
+            .unwrap();
+        c.ps_upstream = Some(r.addr.clone());
+        r
+    });
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(60)).unwrap();
+    Setup {
+        _dir: dir,
+        c,
+        relay,
+        tls,
+    }
+}
+
+/// Runs `case` with `content` on a link of `rate` (none: loopback).
+pub(crate) fn run(
+    case: Case,
+    content: &Path,
+    mt_netns: Option<&str>,
+    one_way_ms: u64,
+    rate: Option<&str>,
+) -> serde_json::Value {
+    // Loopback has no relay, except to be held down for a drain.
+    let mut s = setup(mt_netns, one_way_ms, case == Case::Drain);
+    let rate_bps = rate
+        .and_then(|r| runtime::units::parse_rate(r).ok())
+        .map(|b| b as f64);
+    let mut v = match case {
+        Case::Churn => churn(&s, content, rate_bps.unwrap_or(125e6)),
+        _ => resync(&s, content, case == Case::Drain),
+    };
+    let secs = v["seconds"].as_f64().unwrap_or(1.0);
+    let wire = v["wire_bytes"].as_f64().unwrap_or(0.0);
+    // parse_rate gives bytes per second.
+    v["link_used"] = rate_bps.map(|r| wire / secs / r).into();
+    s.c.stop();
+    drop(s.relay.take());
+    if case == Case::Bulk {
+        let pipe = crate::net::pipe(content, &s.tls, mt_netns, one_way_ms);
+        v["pipe_mb_s"] = pipe.into();
+        v["vs_pipe"] = pipe
+            .map(|p| v["logical_mb_s"].as_f64().unwrap_or(0.0) / p)
+            .into();
+    }
+    v
+}
+
+/// Bulk or drain: a full resync of the image; with `drain`, the link held down once the
+/// stream flows until the agent is done, and the drain measured from its release.
+fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
+    let c = &s.c;
+    let src = c.dir.join("source/bench.img");
+    std::fs::copy(content, &src).unwrap();
+    let started = Instant::now();
+    let agent = agent(
+        c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
+            .arg("--mode=full"),
+        c,
+    );
+    if let (true, Some(r)) = (drain, &s.relay) {
+        wait_streaming(c);
+        r.hold();
+    }
+    let agent_cpu = reap(agent, c);
+    let mut from = Mark {
+        at: started,
+        status: DiskStatus::default(),
+        cpu: (0.0, 0.0),
+    };
+    if let (true, Some(r)) = (drain, &s.relay) {
+        from = mark(c);
+        r.release();
+        c.wait_linked(Duration::from_secs(60)).unwrap();
+        from.at = Instant::now();
+    }
+    let mut v = durable(c, &from, agent_cpu);
+    v["case"] = (if drain { "drain" } else { "bulk" }).into();
+    v
+}
+
+/// Churn: the trace with the image's bytes, at the speed that writes half the link's rate;
+/// RPO sampled every 50 ms while it runs.
+fn churn(s: &Setup, content: &Path, rate_bps: f64) -> serde_json::Value {
+    let c = &s.c;
+    let factor = CHURN_LOAD * rate_bps / CHURN_TRACE_BYTES_PER_S;
+    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join(CHURN_TRACE);
+    let started = Instant::now();
+    let mut cmd = c.agent("replay", 1, &c.dir.join("source/churn.img"), "1GiB");
+    cmd.arg(format!("--trace={}", trace.display()))
+        .arg("--format=msr")
+        .arg(format!("--content={}", content.display()))
+        .arg(format!("--pace={factor:.3}x"));
+    let mut agent = agent(&mut cmd, c);
+    let mut rpo = Vec::new();
+    let mut series = Vec::new();
+    while agent.try_wait().unwrap().is_none() {
+        let st = status(c);
+        rpo.push(st.rpo_ms);
+        series.push(serde_json::json!([
+            started.elapsed().as_millis() as u64,
+            st.rpo_ms,
+            st.logical_bytes,
+            st.wire_bytes
+        ]));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent_cpu = reap(agent, c);
+    let from = Mark {
+        at: started,
+        status: DiskStatus::default(),
+        cpu: (0.0, 0.0),
+    };
+    let mut v = durable(c, &from, agent_cpu);
+    rpo.sort_unstable();
+    let q = |f: f64| {
+        rpo.get(((rpo.len().max(1) - 1) as f64 * f).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    v["case"] = "churn".into();
+    v["speed_factor"] = factor.into();
+    v["rpo_p50_ms"] = q(0.5).into();
+    v["rpo_p99_ms"] = q(0.99).into();
+    v["rpo_max_ms"] = q(1.0).into();
+    v["series_ms_rpo_logical_wire"] = series.into();
+    v
+}
+
+fn agent(cmd: &mut std::process::Command, c: &Cluster) -> Child {
+    cmd.stdout(Stdio::piped())
+        .stderr(std::fs::File::create(c.dir.join("logs/agent.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for the agent; its CPU seconds (it is the only child reaped in between, so the
+/// children's usage grows by its).
+fn reap(agent: Child, c: &Cluster) -> f64 {
+    let before = children_cpu_s();
+    let out = agent.wait_with_output().unwrap();
+    let cpu = children_cpu_s() - before;
+    assert!(
+        out.status.success(),
+        "agent: {}",
+        std::fs::read_to_string(c.dir.join("logs/agent.log")).unwrap_or_default()
+    );
+    cpu
+}
+
+/// Where a measurement starts: when, the counters, the services' CPU seconds (PS, MT).
+struct Mark {
+    at: Instant,
+    status: DiskStatus,
+    cpu: (f64, f64),
+}
+
+fn mark(c: &Cluster) -> Mark {
+    let (mt_pid, ps_pid) = c.pids();
+    Mark {
+        at: Instant::now(),
+        status: status(c),
+        cpu: (usage(ps_pid).0, usage(mt_pid).0),
+    }
+}
+
+/// Waits until all the process server holds is durable; what was carried since `from`.
+fn durable(c: &Cluster, from: &Mark, agent_cpu: f64) -> serde_json::Value {
+    let lsn = status(c).cached_lsn;
+    let mut last = None;
+    c.wait_durable(1, lsn, Duration::from_secs(1800), |s| {
+        last = Some(s.clone())
+    })
+    .unwrap();
+    let secs = from.at.elapsed().as_secs_f64();
+    let s = last.unwrap_or_else(|| status(c));
+    let logical = s.logical_bytes.saturating_sub(from.status.logical_bytes) as f64;
+    let wire = s.wire_bytes.saturating_sub(from.status.wire_bytes) as f64;
+    let (mt_pid, ps_pid) = c.pids();
+    let ((ps_cpu, ps_rss), (mt_cpu, mt_rss)) = (usage(ps_pid), usage(mt_pid));
+    let gb = (logical / 1e9).max(1e-9);
+    serde_json::json!({
+        "seconds": secs,
+        "logical_bytes": logical,
+        "wire_bytes": wire,
+        "logical_mb_s": logical / secs / 1e6,
+        "wire_mb_s": wire / secs / 1e6,
+        "ratio": logical / wire.max(1.0),
+        "ps_cpu_s_per_gb": (ps_cpu - from.cpu.0) / gb,
+        "mt_cpu_s_per_gb": (mt_cpu - from.cpu.1) / gb,
+        "agent_cpu_s_per_gb": agent_cpu / gb,
+        "ps_peak_rss_mib": ps_rss,
+        "mt_peak_rss_mib": mt_rss,
+    })
+}
+
+/// The process server's status of disk 1.
+fn status(c: &Cluster) -> DiskStatus {
+    c.ps_status()
+        .ok()
+        .and_then(|v| v.into_iter().find(|s| s.disk_id == 1))
+        .unwrap_or_default()
+}
+
+/// Waits (bounded) until disk 1's stream reaches the process server.
+fn wait_streaming(c: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status(c).cached_lsn < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "disk 1 is not streaming after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn usage(pid: Option<u32>) -> (f64, f64) {
+    pid.map_or((0.0, 0.0), proc_usage)
+}
+
+/// A process's CPU seconds (user + system) and peak RSS (MiB), from /proc.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let cpu = (ticks(11) + ticks(12)) / hz;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, rss_kib / 1024.0)
+}
+
+/// CPU seconds of the children reaped so far.
+fn children_cpu_s() -> f64 {
+    // SAFETY: an all-zero rusage is valid, and getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}

@@ -1,0 +1,222 @@
+//! failback through emulated WAN links, on real content, beside iperf3 on the same link.
+//!
+//! Each shaped link is two network namespaces joined by a veth pair with `tbf` on both ends
+//! (the rate) and a delaying relay (`failback::relay`, half the RTT each way: this kernel has
+//! no netem). The process server and the agent run in one namespace, the master target in
+//! the other. The written data is drawn from an ext4 image of a real OS tree (`mkfs.ext4 -d
+//! /usr/share`), so compression ratios are a real disk's.
+//!
+//! Cases measured here: **bulk**, agent start to everything durable on-premises: a full
+//! resync of the 1 GiB real-content image (the first replication of a real disk); and
+//! **drain**, the same image held in the process server's cache (the link held down by the
+//! relay), then released: link back to all durable. Per link: logical and wire throughput, link
+//! utilization (wire bits over the link's rate), compression ratio, CPU seconds per logical
+//! GB and peak RSS of each service; iperf3 on the same link when it is installed.
+//!
+//! Run: `cargo bench --bench wan` (root for the shaped links; without root, or without
+//! `ip`/`tc`, it says so and measures loopback only). Namespaces are named `fbwan-*`; they
+//! are removed when the bench ends or fails, and any left by a killed run are removed first.
+
+mod case;
+mod net;
+mod plot;
+
+use net::{can_shape, iperf3, Net};
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+/// The links: name, tbf rate (none: loopback), round-trip time.
+const LINKS: [(&str, Option<&str>, u64); 3] = [
+    ("100 Mbit/s, 10 ms RTT", Some("100mbit"), 10),
+    ("1 Gbit/s, 2 ms RTT", Some("1gbit"), 2),
+    ("loopback", None, 0),
+];
+/// The real-content image: its size, and the tree it holds.
+const CONTENT_BYTES: u64 = 1 << 30;
+const CONTENT_TREE: &str = "/usr/share";
+/// The namespaces' prefix (a killed run's are found by it).
+const NS_PREFIX: &str = "fbwan-";
+/// The veth pair's addresses.
+const IP_PS: &str = "10.79.0.1";
+const IP_MT: &str = "10.79.0.2";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return; // cargo's bench listing
+    }
+    if let Some(i) = args.iter().position(|a| a == "--inner") {
+        // Inside the process server's namespace: one case, a JSON line out.
+        let a = &args[i + 1..];
+        let v = cases(
+            Path::new(&a[0]),
+            a.get(1).map(String::as_str),
+            a.get(2).map_or(0, |d| d.parse().unwrap()),
+            a.get(3).map(String::as_str),
+        );
+        println!("{v}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content.img");
+    make_content(&content);
+    let shaped = can_shape();
+    if let Err(why) = &shaped {
+        eprintln!("wan: shaped links skipped ({why}); loopback only");
+    }
+    let mut rows = Vec::new();
+    for (name, rate, rtt_ms) in LINKS {
+        let v = match (rate, &shaped) {
+            (None, _) => cases(&content, None, 0, None),
+            (Some(r), Ok(())) => shaped_case(&content, r, rtt_ms),
+            (Some(_), Err(_)) => continue,
+        };
+        eprintln!("{name}: {v}");
+        rows.push((name, v));
+    }
+    println!("bulk (agent start -> all durable on-premises): full resync of a 1 GiB ext4 image of {CONTENT_TREE}");
+    println!("| link | logical MB/s | wire MB/s | link used | ratio | zstd-1+TLS pipe MB/s (ours ÷ pipe) | iperf3 Mbit/s | CPU s/GB PS, MT, agent | peak RSS MiB PS, MT |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, v) in &rows {
+        let b = &v["bulk"];
+        let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {name} | {:.1} | {:.1} | {} | {:.2}:1 | {} | {} | {:.1}, {:.1}, {:.1} | {:.0}, {:.0} |",
+            f("logical_mb_s"),
+            f("wire_mb_s"),
+            used(b),
+            f("ratio"),
+            b["pipe_mb_s"].as_f64().map_or("-".into(), |p| format!("{p:.1} ({:.2}x)", f("vs_pipe"))),
+            v["iperf3_mbit_s"].as_f64().map_or("-".into(), |m| format!("{m:.0}")),
+            f("ps_cpu_s_per_gb"),
+            f("mt_cpu_s_per_gb"),
+            f("agent_cpu_s_per_gb"),
+            f("ps_peak_rss_mib"),
+            f("mt_peak_rss_mib"),
+        );
+    }
+    println!("drain of the same image held in the process server's cache, then released (link up to all durable)");
+    println!("| link | logical MB/s | wire MB/s | link used | wire ÷ iperf3 | CPU s/GB PS, MT | peak RSS MiB PS, MT |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, v) in &rows {
+        let d = &v["drain"];
+        let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {name} | {:.1} | {:.1} | {} | {} | {:.1}, {:.1} | {:.0}, {:.0} |",
+            f("logical_mb_s"),
+            f("wire_mb_s"),
+            used(d),
+            v["iperf3_mbit_s"]
+                .as_f64()
+                .map_or("-".into(), |m| format!("{:.2}", f("wire_mb_s") * 8.0 / m)),
+            f("ps_cpu_s_per_gb"),
+            f("mt_cpu_s_per_gb"),
+            f("ps_peak_rss_mib"),
+            f("mt_peak_rss_mib"),
+        );
+    }
+    println!("churn: the Tencent CBS trace with the image's bytes, sped up to write half the link's rate");
+    println!("| link | speed | logical MB/s | wire MB/s | link used | RPO p50 / p99 / max ms |");
+    println!("|---|---|---|---|---|---|");
+    for (name, v) in &rows {
+        let ch = &v["churn"];
+        if ch.is_null() {
+            continue;
+        }
+        let u = |k: &str| ch[k].as_u64().unwrap_or(0);
+        let f = |k: &str| ch[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {name} | {:.1}x | {:.1} | {:.1} | {} | {} / {} / {} |",
+            f("speed_factor"),
+            f("logical_mb_s"),
+            f("wire_mb_s"),
+            used(ch),
+            u("rpo_p50_ms"),
+            u("rpo_p99_ms"),
+            u("rpo_max_ms"),
+        );
+    }
+    let plots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wan");
+    match plot::write(&plots, &rows) {
+        Ok(()) => eprintln!("wan: plots in {}", plots.display()),
+        Err(e) => eprintln!("wan: no plots: {e}"),
+    }
+    println!(
+        "{}",
+        serde_json::json!(rows
+            .iter()
+            .map(|(n, v)| serde_json::json!({"link": n, "cases": v}))
+            .collect::<Vec<_>>())
+    );
+}
+
+fn used(v: &serde_json::Value) -> String {
+    v["link_used"]
+        .as_f64()
+        .map_or("-".into(), |u| format!("{u:.2}"))
+}
+
+/// Both cases on one link.
+fn cases(
+    content: &Path,
+    mt_netns: Option<&str>,
+    one_way_ms: u64,
+    rate: Option<&str>,
+) -> serde_json::Value {
+    use case::{run, Case};
+    serde_json::json!({
+        "bulk": run(Case::Bulk, content, mt_netns, one_way_ms, rate),
+        "drain": run(Case::Drain, content, mt_netns, one_way_ms, rate),
+        "churn": rate.map(|_| run(Case::Churn, content, mt_netns, one_way_ms, rate)),
+    })
+}
+
+/// An ext4 image of a real OS tree (the content the agent writes).
+fn make_content(img: &Path) {
+    let t = Instant::now();
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d", CONTENT_TREE])
+        .arg(img)
+        .arg(format!("{}k", CONTENT_BYTES >> 10))
+        .output()
+        .expect("mkfs.ext4 is installed");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 -d {CONTENT_TREE}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "wan: content image of {CONTENT_TREE} made in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// The bulk case on a shaped link: this bench again inside the process server's namespace,
+/// and iperf3 on the same link.
+fn shaped_case(content: &Path, rate: &str, rtt_ms: u64) -> serde_json::Value {
+    let net = Net::new(rate);
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.a])
+        .arg(&me)
+        .arg("--inner")
+        .arg(content)
+        .arg(&net.b)
+        .arg((rtt_ms / 2).to_string())
+        .arg(rate)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut v: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON line from the inner run");
+    v["iperf3_mbit_s"] = iperf3(&net).map_or(serde_json::Value::Null, Into::into);
+    v
+}

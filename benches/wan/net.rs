@@ -1,0 +1,255 @@
+//! The emulated link: two network namespaces joined by a veth pair shaped by `tbf`, and
+//! what runs across it besides failback (iperf3, a `zstd | socat` TLS pipe).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use failback::relay::DelayRelay;
+
+use crate::{CONTENT_BYTES, IP_MT, IP_PS, NS_PREFIX};
+
+/// Why links cannot be shaped here, if they cannot.
+pub(crate) fn can_shape() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    for tool in ["ip", "tc"] {
+        let ok = Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            return Err(format!("no {tool}"));
+        }
+    }
+    Ok(())
+}
+
+/// Two namespaces joined by a veth pair shaped by tbf; removed on drop.
+pub(crate) struct Net {
+    pub(crate) a: String,
+    pub(crate) b: String,
+}
+
+impl Net {
+    pub(crate) fn new(rate: &str) -> Net {
+        remove_stale();
+        let id = std::process::id();
+        let net = Net {
+            a: format!("{NS_PREFIX}{id}-a"),
+            b: format!("{NS_PREFIX}{id}-b"),
+        };
+        let (va, vb) = (format!("fbw{id}a"), format!("fbw{id}b"));
+        let burst = if rate.starts_with('1') && rate.contains("gbit") {
+            "256kb"
+        } else {
+            "64kb"
+        };
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), net.a.clone()],
+            vec!["netns".into(), "add".into(), net.b.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                va.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                vb.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                va.clone(),
+                "netns".into(),
+                net.a.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                vb.clone(),
+                "netns".into(),
+                net.b.clone(),
+            ],
+            vec![
+                "-n".into(),
+                net.a.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{IP_PS}/24"),
+                "dev".into(),
+                va.clone(),
+            ],
+            vec![
+                "-n".into(),
+                net.b.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{IP_MT}/24"),
+                "dev".into(),
+                vb.clone(),
+            ],
+            vec![
+                "-n".into(),
+                net.a.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                net.b.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                net.a.clone(),
+                "link".into(),
+                "set".into(),
+                va.clone(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                net.b.clone(),
+                "link".into(),
+                "set".into(),
+                vb.clone(),
+                "up".into(),
+            ],
+        ];
+        for s in steps {
+            run("ip", &s);
+        }
+        for (ns, dev) in [(&net.a, &va), (&net.b, &vb)] {
+            run(
+                "ip",
+                &[
+                    "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                    rate, "burst", burst, "latency", "20ms",
+                ]
+                .map(String::from),
+            );
+        }
+        net
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Removes namespaces a killed run left (their processes are gone with the run).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let ns = l.split_whitespace().next().unwrap_or("");
+        if ns.starts_with(NS_PREFIX) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn run(cmd: &str, args: &[String]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// iperf3 from the process server's namespace to the master target's, 5 s, one stream.
+pub(crate) fn iperf3(net: &Net) -> Option<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &net.b, "iperf3", "-s", "-1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &net.a, "iperf3", "-c", IP_MT, "-t", "5", "-J",
+        ])
+        .output()
+        .ok();
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out?.stdout).ok()?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e6)
+}
+
+/// The same bytes through `zstd -1 | socat` TLS on the same link (and relay), as an
+/// operator's hand-made pipe would carry them: MB/s of the image, if zstd and socat exist.
+pub(crate) fn pipe(
+    content: &Path,
+    tls: &Path,
+    mt_netns: Option<&str>,
+    one_way_ms: u64,
+) -> Option<f64> {
+    let have = |t: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("socat") || !have("zstd") {
+        eprintln!("wan: no socat or zstd: the pipe is not measured");
+        return None;
+    }
+    let port = failback::harness::free_port().ok()?;
+    let host = if mt_netns.is_some() {
+        IP_MT
+    } else {
+        "127.0.0.1"
+    };
+    let listen = format!(
+        "socat -u OPENSSL-LISTEN:{port},reuseaddr,cert={},key={},verify=0 - | zstd -d -q -c > /dev/null",
+        tls.join("master-target.pem").display(),
+        tls.join("master-target.key").display()
+    );
+    let mut rx = match mt_netns {
+        Some(ns) => Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", &listen])
+            .spawn(),
+        None => Command::new("sh").args(["-c", &listen]).spawn(),
+    }
+    .ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let upstream = format!("{host}:{port}");
+    let relay = mt_netns
+        .map(|_| DelayRelay::start("127.0.0.1:0", &upstream, Duration::from_millis(one_way_ms)));
+    let target = match &relay {
+        Some(Ok(r)) => r.addr.clone(),
+        _ => upstream,
+    };
+    let t = Instant::now();
+    let send = format!(
+        "zstd -1 -q -c '{}' | socat -u - OPENSSL:{target},verify=0",
+        content.display()
+    );
+    let sent = Command::new("sh")
+        .args(["-c", &send])
+        .status()
+        .is_ok_and(|s| s.success());
+    let received = rx.wait().is_ok_and(|s| s.success());
+    let secs = t.elapsed().as_secs_f64();
+    (sent && received).then(|| CONTENT_BYTES as f64 / secs / 1e6)
+}
