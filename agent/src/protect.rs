@@ -55,8 +55,8 @@ pub async fn protect(
     check_mount_dir(mount_dir)?;
     // Absolute and resolved: the kernel names a loop device's backing file so, and the
     // stop compares with it.
-    let mount_dir = &std::fs::canonicalize(mount_dir)
-        .ctx(|| format!("resolve {}", mount_dir.display()))?;
+    let mount_dir =
+        &std::fs::canonicalize(mount_dir).ctx(|| format!("resolve {}", mount_dir.display()))?;
     let (tx, mut rx) = mpsc::channel(OPS_QUEUE);
     let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let fs = CaptureFs::new(

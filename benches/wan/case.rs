@@ -13,19 +13,23 @@ use crate::{CONTENT_BYTES, IP_MT};
 /// The trace replayed under churn (245 MB of writes over 147 s at its own speed).
 const CHURN_TRACE: &str = "tests/data/traces/tencent-cbs-50k.msr.csv";
 /// Its writes per second of trace time, in bytes: the churn's speed factor comes from it.
-const CHURN_TRACE_BYTES_PER_S: f64 = 244_600_832.0 / 147.0;
-/// The churn's load: this share of the link's rate, in bytes written by the application.
+const CHURN_TRACE_BYTES_PER_S: f64 = 244_600_832.0 / CHURN_TRACE_SECONDS;
+/// The churn's load: this share of the link's rate, on the wire.
 const CHURN_LOAD: f64 = 0.5;
+/// The churn trace's own length in seconds.
+const CHURN_TRACE_SECONDS: f64 = 147.0;
+/// How long a churn lasts (the trace is looped to fill it).
+const CHURN_SECONDS: f64 = 20.0;
 
 /// Which case.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq)]
 pub(crate) enum Case {
     /// Agent start to all durable: a full resync of the image.
     Bulk,
     /// The same image held in the process server's cache, then released.
     Drain,
-    /// The trace replayed at half the link's rate: RPO.
-    Churn,
+    /// The trace replayed to fill half the link, at this compression ratio: RPO.
+    Churn(f64),
 }
 
 /// One case's cluster: the master target in `mt_netns` (if any) behind a relay adding
@@ -82,7 +86,7 @@ pub(crate) fn run(
         .and_then(|r| runtime::units::parse_rate(r).ok())
         .map(|b| b as f64);
     let mut v = match case {
-        Case::Churn => churn(&s, content, rate_bps.unwrap_or(125e6)),
+        Case::Churn(ratio) => churn(&s, content, rate_bps.unwrap_or(125e6), ratio),
         _ => resync(&s, content, case == Case::Drain),
     };
     let secs = v["seconds"].as_f64().unwrap_or(1.0);
@@ -93,9 +97,10 @@ pub(crate) fn run(
     drop(s.relay.take());
     if case == Case::Bulk {
         let pipe = crate::net::pipe(content, &s.tls, mt_netns, one_way_ms);
-        v["pipe_mb_s"] = pipe.into();
+        v["pipe_mb_s"] = pipe.map(|p| p.0).into();
+        v["pipe_ratio"] = pipe.map(|p| p.1).into();
         v["vs_pipe"] = pipe
-            .map(|p| v["logical_mb_s"].as_f64().unwrap_or(0.0) / p)
+            .map(|p| v["logical_mb_s"].as_f64().unwrap_or(0.0) / p.0)
             .into();
     }
     v
@@ -108,6 +113,7 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
     let src = c.dir.join("source/bench.img");
     std::fs::copy(content, &src).unwrap();
     let started = Instant::now();
+    let before = children_cpu_s();
     let agent = agent(
         c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
             .arg("--mode=full"),
@@ -117,39 +123,45 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
         wait_streaming(c);
         r.hold();
     }
-    let agent_cpu = reap(agent, c);
+    let agent_cpu = reap(agent, c, before);
     let mut from = Mark {
         at: started,
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
     };
     if let (true, Some(r)) = (drain, &s.relay) {
+        // Timed from the release: the process server's reconnect is part of a drain.
         from = mark(c);
         r.release();
-        c.wait_linked(Duration::from_secs(60)).unwrap();
-        from.at = Instant::now();
     }
     let mut v = durable(c, &from, agent_cpu);
     v["case"] = (if drain { "drain" } else { "bulk" }).into();
     v
 }
 
-/// Churn: the trace with the image's bytes, at the speed that writes half the link's rate;
-/// RPO sampled every 50 ms while it runs.
-fn churn(s: &Setup, content: &Path, rate_bps: f64) -> serde_json::Value {
+/// Churn: the trace with the image's bytes, at the speed that puts half the link's rate on
+/// the wire (at the bulk case's compression `ratio`), looped to last [`CHURN_SECONDS`]; RPO
+/// sampled every 50 ms while it runs.
+fn churn(s: &Setup, content: &Path, rate_bps: f64, ratio: f64) -> serde_json::Value {
     let c = &s.c;
-    let factor = CHURN_LOAD * rate_bps / CHURN_TRACE_BYTES_PER_S;
-    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join(CHURN_TRACE);
+    let factor = CHURN_LOAD * rate_bps * ratio.max(1.0) / CHURN_TRACE_BYTES_PER_S;
+    let reps = (CHURN_SECONDS * factor / CHURN_TRACE_SECONDS)
+        .ceil()
+        .max(1.0) as u32;
+    let trace = looped_trace(&c.dir, reps);
     let started = Instant::now();
     let mut cmd = c.agent("replay", 1, &c.dir.join("source/churn.img"), "1GiB");
     cmd.arg(format!("--trace={}", trace.display()))
         .arg("--format=msr")
         .arg(format!("--content={}", content.display()))
         .arg(format!("--pace={factor:.3}x"));
+    let before = children_cpu_s();
     let mut agent = agent(&mut cmd, c);
     let mut rpo = Vec::new();
     let mut series = Vec::new();
+    let deadline = started + Duration::from_secs(600);
     while agent.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the churn ran over 600 s");
         let st = status(c);
         rpo.push(st.rpo_ms);
         series.push(serde_json::json!([
@@ -160,7 +172,7 @@ fn churn(s: &Setup, content: &Path, rate_bps: f64) -> serde_json::Value {
         ]));
         std::thread::sleep(Duration::from_millis(50));
     }
-    let agent_cpu = reap(agent, c);
+    let agent_cpu = reap(agent, c, before);
     let from = Mark {
         at: started,
         status: DiskStatus::default(),
@@ -175,11 +187,34 @@ fn churn(s: &Setup, content: &Path, rate_bps: f64) -> serde_json::Value {
     };
     v["case"] = "churn".into();
     v["speed_factor"] = factor.into();
+    v["trace_loops"] = reps.into();
+    v["rpo_samples"] = rpo.len().into();
     v["rpo_p50_ms"] = q(0.5).into();
     v["rpo_p99_ms"] = q(0.99).into();
     v["rpo_max_ms"] = q(1.0).into();
     v["series_ms_rpo_logical_wire"] = series.into();
     v
+}
+
+/// The churn trace written `reps` times over, each copy after the last in time (MSR:
+/// the first field is the time in 100 ns units).
+fn looped_trace(dir: &Path, reps: u32) -> PathBuf {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(CHURN_TRACE)).unwrap();
+    let time = |l: &str| l.split(',').next().and_then(|t| t.parse::<u64>().ok());
+    let first = text.lines().find_map(time).unwrap_or(0);
+    let span = text.lines().filter_map(time).max().unwrap_or(first) - first + 10_000_000;
+    let mut out = String::with_capacity(text.len() * reps as usize);
+    for r in 0..u64::from(reps) {
+        for l in text.lines() {
+            if let (Some(t), Some((_, rest))) = (time(l), l.split_once(',')) {
+                out.push_str(&format!("{},{rest}\n", t + r * span));
+            }
+        }
+    }
+    let path = dir.join("churn.msr.csv");
+    std::fs::write(&path, out).unwrap();
+    path
 }
 
 fn agent(cmd: &mut std::process::Command, c: &Cluster) -> Child {
@@ -189,10 +224,9 @@ fn agent(cmd: &mut std::process::Command, c: &Cluster) -> Child {
         .unwrap()
 }
 
-/// Waits for the agent; its CPU seconds (it is the only child reaped in between, so the
-/// children's usage grows by its).
-fn reap(agent: Child, c: &Cluster) -> f64 {
-    let before = children_cpu_s();
+/// Waits for the agent; its CPU seconds (it is the only child reaped since `before` was
+/// read, so the children's usage grows by its).
+fn reap(agent: Child, c: &Cluster, before: f64) -> f64 {
     let out = agent.wait_with_output().unwrap();
     let cpu = children_cpu_s() - before;
     assert!(
@@ -211,6 +245,10 @@ struct Mark {
 }
 
 fn mark(c: &Cluster) -> Mark {
+    assert!(
+        c.ps_status().is_ok(),
+        "the process server's status is readable"
+    );
     let (mt_pid, ps_pid) = c.pids();
     Mark {
         at: Instant::now(),

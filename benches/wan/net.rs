@@ -196,13 +196,14 @@ pub(crate) fn iperf3(net: &Net) -> Option<f64> {
 }
 
 /// The same bytes through `zstd -1 | socat` TLS on the same link (and relay), as an
-/// operator's hand-made pipe would carry them: MB/s of the image, if zstd and socat exist.
+/// operator's hand-made pipe would carry them: MB/s of the image and the compression ratio,
+/// if zstd and socat exist.
 pub(crate) fn pipe(
     content: &Path,
     tls: &Path,
     mt_netns: Option<&str>,
     one_way_ms: u64,
-) -> Option<f64> {
+) -> Option<(f64, f64)> {
     let have = |t: &str| {
         Command::new("sh")
             .arg("-c")
@@ -241,15 +242,31 @@ pub(crate) fn pipe(
         _ => upstream,
     };
     let t = Instant::now();
+    // The compressed stream's length is counted on its way (the pipe's ratio).
+    let counted = tls.join("pipe-wire-bytes");
     let send = format!(
-        "zstd -1 -q -c '{}' | socat -u - OPENSSL:{target},verify=0",
-        content.display()
+        "zstd -1 -q -c '{}' | tee >(wc -c > '{}') | socat -u - OPENSSL:{target},verify=0",
+        content.display(),
+        counted.display()
     );
-    let sent = Command::new("sh")
+    let sent = Command::new("bash")
         .args(["-c", &send])
         .status()
         .is_ok_and(|s| s.success());
+    if !sent {
+        // The listener would wait for ever for a sender that never came.
+        let _ = rx.kill();
+    }
     let received = rx.wait().is_ok_and(|s| s.success());
     let secs = t.elapsed().as_secs_f64();
-    (sent && received).then(|| CONTENT_BYTES as f64 / secs / 1e6)
+    let wire: f64 = std::fs::read_to_string(&counted)
+        .ok()
+        .and_then(|w| w.trim().parse().ok())
+        .unwrap_or(0.0);
+    (sent && received).then(|| {
+        (
+            CONTENT_BYTES as f64 / secs / 1e6,
+            CONTENT_BYTES as f64 / wire.max(1.0),
+        )
+    })
 }
