@@ -31,112 +31,41 @@ pub(crate) fn can_shape() -> Result<(), String> {
 pub(crate) struct Net {
     pub(crate) a: String,
     pub(crate) b: String,
+    /// One end of the veth pair: left in this namespace if setup failed before moving it.
+    veth: String,
 }
 
 impl Net {
     pub(crate) fn new(rate: &str) -> Net {
         remove_stale();
         let id = std::process::id();
+        let (va, vb) = (format!("fbw{id}a"), format!("fbw{id}b"));
         let net = Net {
             a: format!("{NS_PREFIX}{id}-a"),
             b: format!("{NS_PREFIX}{id}-b"),
+            veth: va.clone(),
         };
-        let (va, vb) = (format!("fbw{id}a"), format!("fbw{id}b"));
         let burst = if rate.starts_with('1') && rate.contains("gbit") {
             "256kb"
         } else {
             "64kb"
         };
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), net.a.clone()],
-            vec!["netns".into(), "add".into(), net.b.clone()],
-            vec![
-                "link".into(),
-                "add".into(),
-                va.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                vb.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                va.clone(),
-                "netns".into(),
-                net.a.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                vb.clone(),
-                "netns".into(),
-                net.b.clone(),
-            ],
-            vec![
-                "-n".into(),
-                net.a.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{IP_PS}/24"),
-                "dev".into(),
-                va.clone(),
-            ],
-            vec![
-                "-n".into(),
-                net.b.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{IP_MT}/24"),
-                "dev".into(),
-                vb.clone(),
-            ],
-            vec![
-                "-n".into(),
-                net.a.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                net.b.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                net.a.clone(),
-                "link".into(),
-                "set".into(),
-                va.clone(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                net.b.clone(),
-                "link".into(),
-                "set".into(),
-                vb.clone(),
-                "up".into(),
-            ],
-        ];
-        for s in steps {
-            run("ip", &s);
-        }
-        for (ns, dev) in [(&net.a, &va), (&net.b, &vb)] {
-            run(
-                "ip",
-                &[
-                    "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                    rate, "burst", burst, "latency", "20ms",
-                ]
-                .map(String::from),
-            );
+        let (a, b) = (&net.a, &net.b);
+        // Names and addresses hold no spaces: each step is one line of `ip` arguments.
+        let ip = |args: String| run("ip", &args.split(' ').map(String::from).collect::<Vec<_>>());
+        ip(format!("netns add {a}"));
+        ip(format!("netns add {b}"));
+        ip(format!("link add {va} type veth peer name {vb}"));
+        ip(format!("link set {va} netns {a}"));
+        ip(format!("link set {vb} netns {b}"));
+        ip(format!("-n {a} addr add {IP_PS}/24 dev {va}"));
+        ip(format!("-n {b} addr add {IP_MT}/24 dev {vb}"));
+        for (ns, dev) in [(a, &va), (b, &vb)] {
+            ip(format!("-n {ns} link set lo up"));
+            ip(format!("-n {ns} link set {dev} up"));
+            ip(format!(
+                "netns exec {ns} tc qdisc add dev {dev} root tbf rate {rate} burst {burst} latency 20ms"
+            ));
         }
         net
     }
@@ -147,6 +76,11 @@ impl Drop for Net {
         for ns in [&self.a, &self.b] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        // Gone with its namespace when setup got that far; otherwise still here.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
