@@ -5,10 +5,20 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use store::FileHandle;
 
 use crate::error::{Error, IoContext, Result};
+
+/// How long a lock held elsewhere is waited for before [`Error::DiskLocked`]. A ring's
+/// teardown (and a write's last file reference, put by an io-wq worker after its completion
+/// is visible) runs in kernel workers after `close`; on a loaded 2-core machine that was
+/// seen to outlast an immediate reopen. A second is far beyond it and still a prompt answer
+/// when the disk really is in use.
+pub const LOCK_RELEASE_WAIT_MS: u64 = 1_000;
+/// Poll interval while waiting for the lock.
+const LOCK_POLL_MS: u64 = 10;
 
 /// A disk's flat extent (or raw image), open for reading and writing, exclusively locked.
 #[derive(Debug)]
@@ -32,15 +42,28 @@ impl DiskFile {
 
     /// Takes a file opened for reading and writing (by [`crate::datastore`], confined to a
     /// datastore) and locks it exclusively; `path` names it in messages.
+    ///
+    /// A lock held by someone else is waited for up to [`LOCK_RELEASE_WAIT_MS`] first: a
+    /// disk this process (or one that just exited) closed can stay locked for a moment
+    /// after the close, because io_uring drops its file references from a kernel worker.
     pub fn lock(file: File, path: &Path) -> Result<DiskFile> {
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(Error::DiskLocked { path: path.into() }),
-            Err(TryLockError::Error(e)) => {
-                return Err(Error::Io {
-                    context: format!("lock {}", path.display()),
-                    source: e,
-                })
+        let deadline = Instant::now() + Duration::from_millis(LOCK_RELEASE_WAIT_MS);
+        // Bounded by the deadline.
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(LOCK_POLL_MS));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Error::DiskLocked { path: path.into() })
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(Error::Io {
+                        context: format!("lock {}", path.display()),
+                        source: e,
+                    })
+                }
             }
         }
         let size_bytes = file
