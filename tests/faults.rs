@@ -700,6 +700,7 @@ fn hostile_input_with_a_valid_certificate_is_refused_and_loses_nothing() {
             &mut l,
             Message::DiskAttach(DiskAttach {
                 request_id: 0,
+                os_type: String::new(),
                 disk_id: 9,
                 vm_id: "vm1".into(),
                 group_id: String::new(),

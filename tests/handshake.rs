@@ -174,6 +174,7 @@ fn attach(request_id: u64) -> Message {
         location: LocationKind::Alternate,
         target: String::new(),
         request_id,
+        os_type: String::new(),
     })
 }
 

@@ -60,6 +60,7 @@ async fn ask(l: &mut Link, m: Message) -> Message {
 fn attach(disk_id: u64, vm: &str, location: LocationKind, target: &str, size: u64) -> Message {
     Message::DiskAttach(DiskAttach {
         request_id: 0,
+        os_type: String::new(),
         disk_id,
         vm_id: vm.into(),
         group_id: String::new(),

@@ -226,6 +226,7 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     let vm_id = vm_of_certificate(d, &tls)?;
     let attach = DiskAttach {
         request_id: 0,
+        os_type: String::new(),
         disk_id: d.disk_id,
         disk_uuid: disk_uuid(d, &vm_id)?,
         vm_id,

@@ -104,6 +104,7 @@ fn link(dir: &std::path::Path, addr: String) -> Link {
         location: LocationKind::Alternate,
         target: String::new(),
         request_id: 0,
+        os_type: String::new(),
     };
     Link::new(ep, attach, Compression::None, 1 << 20).unwrap()
 }

@@ -26,6 +26,7 @@ fn req(id: u64, location: LocationKind, target: &Path, size: u64) -> DiskAttach 
     uuid[..8].copy_from_slice(&id.to_be_bytes());
     DiskAttach {
         request_id: 0,
+        os_type: String::new(),
         disk_id: id,
         vm_id: format!("vm{id}"),
         group_id: String::new(),

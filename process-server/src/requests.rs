@@ -204,6 +204,7 @@ mod tests {
             location: LocationKind::Alternate,
             target: "t".into(),
             request_id: 0,
+            os_type: String::new(),
         }
     }
 

@@ -211,6 +211,9 @@ struct DiskMeta {
     /// The master target's address (absent in caches from before several were allowed).
     #[serde(default)]
     master_target: String,
+    /// The VM's OS type (absent in caches from before replication groups).
+    #[serde(default)]
+    os_type: String,
 }
 
 /// One master target and the link to it.
@@ -373,6 +376,7 @@ impl State {
             alternate: attach.location == LocationKind::Alternate,
             target: attach.target.clone(),
             master_target: self.cfg.master_targets[route].addr.clone(),
+            os_type: attach.os_type.clone(),
         };
         let meta_path = dir.join("disk.json");
         let json = serde_json::to_vec_pretty(&meta).expect("serializable");
@@ -504,6 +508,7 @@ impl DiskMeta {
     fn into_attach(self) -> DiskAttach {
         DiskAttach {
             request_id: 0,
+            os_type: self.os_type,
             disk_id: self.disk_id,
             disk_uuid: uuid_from_hex(&self.disk_uuid),
             vm_id: self.vm_id,

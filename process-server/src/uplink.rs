@@ -1002,6 +1002,7 @@ mod routes {
             location: LocationKind::Alternate,
             target: String::new(),
             request_id: 0,
+            os_type: String::new(),
         };
         let disk = state.add_disk(attach, 0, 1).unwrap(); // replicates over link 1
         let frame = MessageCodec::default()

@@ -44,8 +44,9 @@ pub mod version;
 pub use codec::{CodecStats, Compression, MessageCodec};
 pub use error::{Error, Result};
 pub use message::{
-    Ack, AckEntry, Bookmark, BookmarkKind, DigestList, DigestRequest, DiskAttach, ErrorCode,
-    ErrorMsg, Hello, LocationKind, Message, Nack, Retry, Role, Write, WriteBatch, CAP_ZSTD,
+    Ack, AckEntry, Bookmark, BookmarkKind, Cut, CutPhase, DigestList, DigestRequest, DiskAttach,
+    ErrorCode, ErrorMsg, Hello, LocationKind, Message, Nack, Retry, Role, Write, WriteBatch,
+    CAP_ZSTD, CUT_APP_CONSISTENT,
 };
 
 /// The blake3 digest of a block of data, as carried on the wire.

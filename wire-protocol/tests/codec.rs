@@ -54,10 +54,11 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             any::<bool>(),
             arb_string(),
-            any::<u64>()
+            any::<u64>(),
+            arb_string()
         )
-            .prop_map(|(id, vm, g, uuid, size, alt, t, rid)| Message::DiskAttach(
-                DiskAttach {
+            .prop_map(
+                |(id, vm, g, uuid, size, alt, t, rid, os)| Message::DiskAttach(DiskAttach {
                     disk_id: id,
                     vm_id: vm,
                     group_id: g,
@@ -71,8 +72,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     },
                     target: t,
                     request_id: rid,
-                }
-            )),
+                    os_type: os,
+                })
+            ),
         (
             any::<u64>(),
             1u64..(1 << 50),
@@ -165,6 +167,34 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|d| Message::Detach { disk_id: d }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(disk_id, lsn)| Message::RemoteDurable { disk_id, lsn }),
+        (
+            1u8..=6,
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u8>(),
+            any::<u64>(),
+            arb_string()
+        )
+            .prop_map(|(p, disk_id, cut_id, lsn, flags, hold_us, tag)| {
+                let phase = [
+                    CutPhase::Hold,
+                    CutPhase::Held,
+                    CutPhase::Mark,
+                    CutPhase::Release,
+                    CutPhase::Marked,
+                    CutPhase::Refused,
+                ][p as usize - 1];
+                Message::Cut(Cut {
+                    phase,
+                    disk_id,
+                    cut_id,
+                    lsn,
+                    flags,
+                    hold_us,
+                    tag,
+                })
+            }),
     ]
 }
 
@@ -218,6 +248,18 @@ proptest! {
             let mut want = msg.clone();
             if v < version::REQUEST_IDS_SINCE {
                 want.set_request_id(0);
+            }
+            if v < version::GROUPS_SINCE {
+                if let Message::DiskAttach(a) = &mut want {
+                    a.os_type.clear();
+                }
+                if matches!(msg, Message::Cut(_)) {
+                    // Never sent to an older peer: encoding it is refused.
+                    let mut codec = MessageCodec::new(c);
+                    codec.set_version(v);
+                    prop_assert!(codec.encode(&msg, &mut BytesMut::new()).is_err());
+                    continue;
+                }
             }
             prop_assert_eq!(decode_all(encode_in(v, &msg, c)).unwrap(), vec![want]);
         }

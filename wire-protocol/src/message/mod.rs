@@ -4,13 +4,14 @@
 //! [`IGNORABLE_TYPES_START`] up are optional messages an older peer may skip. All integers are
 //! big-endian. `str` is `{ len: u16, utf8: [u8; len] }`. A payload is laid out as the version
 //! in its frame header says ([`crate::frame`]); the layouts below are version 2's, and a field
-//! marked `v2:` is absent in version 1 (it reads as 0 there).
+//! marked `v2:` is absent in version 1 (it reads as 0 there), one marked `v3:` absent before
+//! version 3 (it reads as empty), and a message marked `v3` is never sent to an older peer.
 //!
 //! ```text
 //! Hello         = 1  { proto_min: u16, proto_max: u16, role: u8, capabilities: u32, node_id: str }
 //! DiskAttach    = 2  { disk_id: u64, vm_id: str, group_id: str, disk_uuid: [u8; 16],
 //!                      size_bytes: u64, sector_size: u32, location: u8, target: str,
-//!                      v2: request_id: u64 }
+//!                      v2: request_id: u64, v3: os_type: str }
 //! WriteBatch    = 3  { disk_id: u64, first_lsn: u64, count: u32,
 //!                      writes: [{ timestamp_us: u64, offset: u64, len: u32,
 //!                                 digest: [u8; 32], data: [u8; len] }; count] }
@@ -27,6 +28,14 @@
 //!                      v2: request_id: u64 }                      // 0: not a reply to a request
 //! Nack          = 10 { disk_id: u64, from_lsn: u64, code: u16, reason: str }  // resend from from_lsn
 //! Detach        = 11 { disk_id: u64 }
+//! Cut           = 12 { phase: u8, disk_id: u64, cut_id: u64, lsn: u64, flags: u8,   // v3
+//!                      hold_us: u64, tag: str }
+//!                    // a group-consistent cut, in two phases (process-server/src/groups.rs):
+//!                    // Hold (1, PS→agent) → Held (2, lsn: the last LSN before the hold) or
+//!                    // Refused (6, tag: why); then Mark (3, PS→agent, tag) → Marked (5, lsn:
+//!                    // the marker bookmark's, hold_us: how long writes waited) or Release
+//!                    // (4, PS→agent: the cut is abandoned, take no marker). flags bit 0:
+//!                    // app-consistent (the filesystem is frozen while held).
 //! RemoteDurable = 0x8001 { disk_id: u64, lsn: u64 }  // ignorable: every item up to lsn is
 //!                                                    // durable on the master target
 //! ```
@@ -321,6 +330,50 @@ pub struct DiskAttach {
     pub target: String,
     /// Numbers this request on its connection (version 2; 0: none). See the module doc.
     pub request_id: u64,
+    /// The VM's operating system ("linux", "windows"; version 3, "" before: unknown). Every
+    /// VM of a replication group has the same one.
+    pub os_type: String,
+}
+
+/// The step of a group-consistent cut a [`Cut`] message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CutPhase {
+    /// Process server to agent: hold new writes and say where the stream stands.
+    Hold = 1,
+    /// Agent to process server: holding; `lsn` is the last LSN before the hold.
+    Held = 2,
+    /// Process server to agent: every member holds; put the marker in the stream, go on.
+    Mark = 3,
+    /// Process server to agent: the cut is abandoned; go on without a marker.
+    Release = 4,
+    /// Agent to process server: the marker is in the stream at `lsn`; writes waited
+    /// `hold_us`.
+    Marked = 5,
+    /// Agent to process server: this disk cannot take part (`tag` says why).
+    Refused = 6,
+}
+
+/// Flag of a [`Cut`]: app-consistent (filesystems frozen while held).
+pub const CUT_APP_CONSISTENT: u8 = 1;
+
+/// One step of a group-consistent cut (version 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// Which step.
+    pub phase: CutPhase,
+    /// The disk (the connection's).
+    pub disk_id: u64,
+    /// The cut: unique per process server, carried as the marker's `group_marker`.
+    pub cut_id: u64,
+    /// Held: the last LSN before the hold; Marked: the marker's LSN; else 0.
+    pub lsn: u64,
+    /// [`CUT_APP_CONSISTENT`].
+    pub flags: u8,
+    /// Marked: how long new writes waited, microseconds; else 0.
+    pub hold_us: u64,
+    /// Mark: the bookmark's tag; Refused: why; else "".
+    pub tag: String,
 }
 
 /// One captured write.
@@ -481,6 +534,8 @@ pub enum Message {
         /// The disk.
         disk_id: u64,
     },
+    /// See [`Cut`] (version 3).
+    Cut(Cut),
     /// Process server to agent: every item of the disk up to `lsn` is durable on the master
     /// target (not only in the process server's cache, which [`Ack`] reports). Optional: an
     /// older agent skips it.
@@ -521,6 +576,8 @@ pub mod types {
     pub const NACK: u16 = 10;
     /// Detach
     pub const DETACH: u16 = 11;
+    /// [`super::Cut`] (version 3)
+    pub const CUT: u16 = 12;
     /// RemoteDurable (ignorable)
     pub const REMOTE_DURABLE: u16 = 0x8001;
     const _: () = assert!(REMOTE_DURABLE >= super::IGNORABLE_TYPES_START);
@@ -549,6 +606,7 @@ impl Message {
             Message::Error(_) => ERROR,
             Message::Nack(_) => NACK,
             Message::Detach { .. } => DETACH,
+            Message::Cut(_) => CUT,
             Message::RemoteDurable { .. } => REMOTE_DURABLE,
             Message::Ignored { msg_type } => *msg_type,
         }
@@ -568,6 +626,7 @@ impl Message {
             Message::Error(_) => "error",
             Message::Nack(_) => "nack",
             Message::Detach { .. } => "detach",
+            Message::Cut(_) => "cut",
             Message::RemoteDurable { .. } => "remote durable",
             Message::Ignored { .. } => "ignored",
         }

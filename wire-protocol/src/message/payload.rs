@@ -6,12 +6,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::types::*;
 use super::{
-    invalid, Ack, AckEntry, Bookmark, BookmarkKind, DigestList, DigestRequest, DiskAttach,
-    ErrorCode, ErrorMsg, Hello, LocationKind, Message, Nack, Role, Write, WriteBatch,
+    invalid, Ack, AckEntry, Bookmark, BookmarkKind, Cut, CutPhase, DigestList, DigestRequest,
+    DiskAttach, ErrorCode, ErrorMsg, Hello, LocationKind, Message, Nack, Role, Write, WriteBatch,
     BATCH_HEADER_LEN, IGNORABLE_TYPES_START, MAX_ACK_ENTRIES, MAX_BATCH_DATA_LEN,
     MAX_DIGESTS_PER_LIST, MAX_WRITES_PER_BATCH, WRITE_META_LEN,
 };
-use crate::version::REQUEST_IDS_SINCE;
+use crate::version::{GROUPS_SINCE, REQUEST_IDS_SINCE};
 use crate::{Error, Result};
 
 impl Message {
@@ -59,6 +59,21 @@ impl Message {
                 put_str(dst, &n.reason)?;
             }
             Message::Detach { disk_id } => dst.put_u64(*disk_id),
+            Message::Cut(c) => {
+                if version < GROUPS_SINCE {
+                    return Err(Error::Invalid {
+                        field: "message",
+                        detail: format!("a cut needs protocol version {GROUPS_SINCE}, the peer speaks {version}"),
+                    });
+                }
+                dst.put_u8(c.phase as u8);
+                dst.put_u64(c.disk_id);
+                dst.put_u64(c.cut_id);
+                dst.put_u64(c.lsn);
+                dst.put_u8(c.flags);
+                dst.put_u64(c.hold_us);
+                put_str(dst, &c.tag)?;
+            }
             Message::RemoteDurable { disk_id, lsn } => {
                 dst.put_u64(*disk_id);
                 dst.put_u64(*lsn);
@@ -72,6 +87,9 @@ impl Message {
         }
         if version >= REQUEST_IDS_SINCE && carries_request_id(self.msg_type()) {
             dst.put_u64(self.request_id());
+        }
+        if let (Message::DiskAttach(a), true) = (self, version >= GROUPS_SINCE) {
+            put_str(dst, &a.os_type)?;
         }
         Ok(())
     }
@@ -91,6 +109,7 @@ impl Message {
             ERROR => "error",
             NACK => "nack",
             DETACH => "detach",
+            CUT if version >= GROUPS_SINCE => "cut",
             REMOTE_DURABLE => "remote durable",
             t if t >= IGNORABLE_TYPES_START => return Ok(Message::Ignored { msg_type: t }),
             t => return Err(Error::UnknownMessage(t)),
@@ -100,6 +119,9 @@ impl Message {
         if version >= REQUEST_IDS_SINCE && carries_request_id(msg_type) {
             let id = r.u64()?;
             msg.set_request_id(id);
+        }
+        if let (Message::DiskAttach(a), true) = (&mut msg, version >= GROUPS_SINCE) {
+            a.os_type = r.string("os type")?;
         }
         r.finish()?;
         Ok(msg)
@@ -166,6 +188,23 @@ fn decode_fields(msg_type: u16, r: &mut Reader) -> Result<Message> {
             reason: r.string("reason")?,
         }),
         DETACH => Message::Detach { disk_id: r.u64()? },
+        CUT => Message::Cut(Cut {
+            phase: match r.u8()? {
+                1 => CutPhase::Hold,
+                2 => CutPhase::Held,
+                3 => CutPhase::Mark,
+                4 => CutPhase::Release,
+                5 => CutPhase::Marked,
+                6 => CutPhase::Refused,
+                v => return Err(invalid("cut phase", v)),
+            },
+            disk_id: r.u64()?,
+            cut_id: r.u64()?,
+            lsn: r.u64()?,
+            flags: r.u8()?,
+            hold_us: r.u64()?,
+            tag: r.string("tag")?,
+        }),
         REMOTE_DURABLE => Message::RemoteDurable {
             disk_id: r.u64()?,
             lsn: r.u64()?,
@@ -200,6 +239,7 @@ fn decode_attach(r: &mut Reader) -> Result<DiskAttach> {
         },
         target: r.string("target")?,
         request_id: 0,
+        os_type: String::new(),
     })
 }
 
