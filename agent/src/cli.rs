@@ -50,6 +50,14 @@ pub struct DiskArgs {
     /// original: the on-premises disk exists; alternate: create a new one.
     #[arg(long, value_enum, default_value = "alternate")]
     pub location: Location,
+    /// The replication group of this VM (as the process server's `[[group]]` names it):
+    /// its disks then get group-consistent recovery points with the group's other VMs.
+    #[arg(long, default_value = "")]
+    pub group: String,
+    /// The VM's operating system as reported to the process server (every VM of a group
+    /// has the same one).
+    #[arg(long, default_value = std::env::consts::OS)]
+    pub os_type: String,
     /// The process server, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:7444")]
     pub process_server: String,
@@ -222,15 +230,25 @@ pub const MAX_BUFFER_BYTES: u64 = 64 << 30;
 pub async fn engine(d: &DiskArgs) -> Result<Engine> {
     runtime::log::init_logging(runtime::log::parse_log_format(Some(&d.log_format))?);
     let (size, buffer) = check_sizes(d)?;
+    for (param, v) in [("group", &d.group), ("os-type", &d.os_type)] {
+        if !v.is_empty() {
+            wire_protocol::message::validate_name(param, v).map_err(|e| {
+                Error::InvalidParameter {
+                    param,
+                    reason: e.to_string(),
+                }
+            })?;
+        }
+    }
     let tls = TlsFiles::of_role(&d.tls_dir, PeerRole::Agent);
     let vm_id = vm_of_certificate(d, &tls)?;
     let attach = DiskAttach {
         request_id: 0,
-        os_type: String::new(),
+        os_type: d.os_type.clone(),
         disk_id: d.disk_id,
         disk_uuid: disk_uuid(d, &vm_id)?,
         vm_id,
-        group_id: String::new(),
+        group_id: d.group.clone(),
         size_bytes: size,
         sector_size: 512,
         location: if d.location == Location::Original {

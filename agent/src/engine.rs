@@ -19,6 +19,9 @@ use tokio::sync::mpsc;
 use wire_protocol::message::MAX_BATCH_DATA_LEN;
 
 pub use crate::stream::{BATCH_BYTES, BATCH_WRITES};
+
+mod cut;
+pub use cut::HOLD_MAX_MS;
 const _: () = assert!(
     DIGEST_BLOCK_BYTES as usize <= MAX_BATCH_DATA_LEN,
     "a resync block fits a batch"
@@ -94,6 +97,23 @@ pub struct BookmarkRecord {
     pub time_us: u64,
     /// The source disk digest (see [`crate::source`]), hex.
     pub disk_digest: String,
+    /// The replication group's cut this bookmark marks (0: none; absent in records from
+    /// before replication groups).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub group_marker: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// What woke [`Engine::next_request`].
+pub enum Wake {
+    /// A request from `agent bookmark`: [`Engine::accept_control`], then
+    /// [`Engine::serve_control`].
+    Control(control::Request),
+    /// A cut step: [`Engine::serve_cut`].
+    Cut(wire_protocol::Cut),
 }
 
 /// Counters of a run.
@@ -356,6 +376,11 @@ impl Engine {
     }
 
     async fn marker(&mut self, kind: BookmarkKind, tag: &str) -> Result<u64> {
+        self.group_marker(kind, tag, 0).await
+    }
+
+    /// A bookmark in the stream, with a replication group's cut id (0: none).
+    async fn group_marker(&mut self, kind: BookmarkKind, tag: &str, cut_id: u64) -> Result<u64> {
         self.flush().await?;
         let lsn = self.batcher.take_lsns(self.link.acked_lsn(), 1);
         let time_us = now_us();
@@ -364,7 +389,7 @@ impl Engine {
             lsn,
             kind,
             time_us,
-            group_marker: 0,
+            group_marker: cut_id,
             tag: tag.to_owned(),
         });
         match self.link.send(msg, lsn, lsn, 0).await {
@@ -429,6 +454,7 @@ impl Engine {
             tag: tag.to_owned(),
             time_us: now_us(),
             disk_digest: digest,
+            group_marker: 0,
         }))
     }
 
@@ -487,11 +513,13 @@ impl Engine {
         Ok(())
     }
 
-    /// The next request from `agent bookmark`, for a loop that waits on other things too
-    /// (a frozen filesystem waits for it: the 100 ms of a timer are too long). Hand it to
-    /// [`Engine::accept_control`], then call [`Engine::serve_control`].
-    pub async fn next_control(&mut self) -> Option<control::Request> {
-        self.control.recv().await
+    /// The next request from `agent bookmark` or step of a replication group's cut, for a
+    /// loop that waits on other things too (cancel-safe).
+    pub async fn next_request(&mut self) -> Wake {
+        tokio::select! {
+            Some(r) = self.control.recv() => Wake::Control(r),
+            c = self.link.next_cut() => Wake::Cut(c),
+        }
     }
 
     /// Queues a request from `agent bookmark` (a malformed tag is answered at once).
@@ -569,6 +597,7 @@ impl Engine {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                c = self.link.next_cut() => self.serve_cut(c).await?,
                 _ = tokio::time::sleep(Duration::from_millis(crate::replay::CONTROL_EVERY_MS)) => {
                     self.serve_control().await?;
                     self.link.poll().await;
@@ -840,6 +869,7 @@ mod tests {
             tag: "t".into(),
             time_us: 1,
             disk_digest: "ab".into(),
+            group_marker: 0,
         };
         let line = serde_json::to_string(&rec).unwrap();
         let path = dir.path().join(BOOKMARKS);

@@ -15,7 +15,7 @@ use runtime::net::{connect, ClientSpec, ClientStream, Connected};
 use runtime::tls::{PeerRole, TlsFiles};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
-use wire_protocol::{Compression, DiskAttach, ErrorCode, Message, MessageCodec, Role};
+use wire_protocol::{Compression, Cut, DiskAttach, ErrorCode, Message, MessageCodec, Role};
 
 use crate::error::{Error, Result};
 use crate::stream::Window;
@@ -44,6 +44,11 @@ const MAX_BACKOFF_MS: u64 = 2_000;
 /// process server that takes the attach and then closes (its cache failing every append)
 /// is retried at a bounded rate, not in a tight loop of TLS handshakes and resends.
 const MIN_BACKOFF_MS: u64 = 100;
+
+/// Cut messages queued for the engine. The process server has one cut of a disk in flight
+/// at a time (two messages to the agent: hold, then mark or release); more are a peer's
+/// mistake and are dropped (its cut times out and is abandoned).
+const CUT_QUEUE: usize = 8;
 
 /// The link.
 pub struct Link {
@@ -74,6 +79,10 @@ pub struct Link {
     /// A refusal retrying cannot fix, met while reconnecting in the background: the engine
     /// stops with it.
     fatal: Option<Error>,
+    /// Cut messages from the process server, for the engine (kept apart from the other
+    /// events so that waiting for one is cancel-safe in a `select!`).
+    cuts: mpsc::Receiver<Cut>,
+    cuts_tx: mpsc::Sender<Cut>,
 }
 
 /// What became of a send.
@@ -102,7 +111,10 @@ impl Link {
             role: Role::Agent,
             node_id: attach.vm_id.clone(),
         };
+        let (cuts_tx, cuts) = mpsc::channel(CUT_QUEUE);
         Ok(Link {
+            cuts,
+            cuts_tx,
             spec,
             attach,
             compression,
@@ -177,8 +189,14 @@ impl Link {
         let resume = self.resume_point(answer)?;
         let (sink, mut stream) = framed.split();
         let (tx, rx) = mpsc::channel(1024);
+        let cuts = self.cuts_tx.clone();
         tokio::spawn(async move {
             while let Some(Ok(m)) = stream.next().await {
+                if let Message::Cut(c) = m {
+                    // Full: a peer sending more than one cut at a time; its cut lapses.
+                    let _ = cuts.try_send(c);
+                    continue;
+                }
                 if tx.send(m).await.is_err() {
                     break;
                 }
@@ -405,6 +423,28 @@ impl Link {
             self.wait_event(Duration::from_millis(200)).await;
         }
         self.window.is_empty()
+    }
+
+    /// The next cut message from the process server (cancel-safe).
+    pub async fn next_cut(&mut self) -> Cut {
+        match self.cuts.recv().await {
+            Some(c) => c,
+            // The link holds a sender itself, so the channel never closes.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A cut message already received, if any.
+    pub fn try_cut(&mut self) -> Option<Cut> {
+        self.cuts.try_recv().ok()
+    }
+
+    /// Answers a cut step (not part of the LSN stream: lost with the link, and then the
+    /// process server abandons the cut).
+    pub async fn send_cut(&mut self, c: Cut) {
+        if self.version >= wire_protocol::version::GROUPS_SINCE {
+            self.write(Message::Cut(c)).await;
+        }
     }
 
     /// A refusal met while reconnecting that retrying cannot fix, if any.

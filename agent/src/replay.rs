@@ -173,7 +173,11 @@ async fn wait_until(engine: &mut Engine, started: Instant, due: Duration) -> Res
     }
     engine.flush().await?;
     while let Some(wait) = due.checked_sub(started.elapsed()) {
-        tokio::time::sleep(wait.min(Duration::from_millis(CONTROL_EVERY_MS))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait.min(Duration::from_millis(CONTROL_EVERY_MS))) => {}
+            // A replication group's cut is served at once: its members wait for this one.
+            c = engine.link.next_cut() => engine.serve_cut(c).await?,
+        }
         engine.serve_control().await?;
     }
     Ok(())
@@ -271,6 +275,7 @@ pub async fn replay(
         let Some(offset) = map_into(w.offset, w.len, size, opts.out_of_range, &mut sum) else {
             continue;
         };
+        engine.serve_cuts().await?;
         let mut data = BytesMut::zeroed(w.len as usize);
         content.fill(index, &mut data)?;
         index += 1;

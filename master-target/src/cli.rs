@@ -45,6 +45,10 @@ enum Command {
         /// Only this disk.
         #[arg(long)]
         disk: Option<u64>,
+        /// The group points of this replication group (points present on every disk of
+        /// the group, from one cut) instead of disks' points.
+        #[arg(long, conflicts_with = "disk")]
+        group: Option<String>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -91,12 +95,17 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
         /// The disk.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        disk: Option<u64>,
+        /// Every disk of this replication group, at one group point (its id from `points
+        /// --group`, latest or latest-app); --out is then a directory.
         #[arg(long)]
-        disk: u64,
+        group: Option<String>,
         /// latest, latest-app, a point id, or an RFC 3339 time (the newest point at or before it).
         #[arg(long)]
         point: PointSel,
-        /// Output file (for vmdk: the descriptor; the flat extent goes beside it).
+        /// Output file (for vmdk: the descriptor; the flat extent goes beside it); with
+        /// --group, the directory the disks go to (as VM-disk-ID.img or .vmdk).
         #[arg(long)]
         out: PathBuf,
         /// Output format.
@@ -176,11 +185,15 @@ fn run(cli: Cli) -> Result<()> {
             config,
             settings: s,
             disk,
+            group,
             json,
         } => {
             runtime::cli::quiet_on_broken_pipe();
             let cfg = offline_settings(config, s)?;
-            print_points(&cfg, disk, json)
+            match group {
+                Some(g) => print_group_points(&cfg, &g, json),
+                None => print_points(&cfg, disk, json),
+            }
         }
         Command::Detach {
             connect,
@@ -197,6 +210,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             settings: s,
             disk,
+            group,
             point,
             out,
             format,
@@ -208,6 +222,29 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 keep_uuid,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let Some(disk) = disk else {
+                let group = group.expect("clap: --disk or --group");
+                let (gp, done) = crate::groups::export(
+                    &cfg.data_dir,
+                    &cfg.retention_dir,
+                    &group,
+                    &point,
+                    &out,
+                    format,
+                    opts,
+                )?;
+                println!(
+                    "group {group}: group point {} ({}, tag {:?}), {} disks:",
+                    gp.id,
+                    fmt_time(gp.time_us),
+                    gp.tag,
+                    done.len()
+                );
+                for (m, e) in gp.members.iter().zip(&done) {
+                    print_export(m.disk, e);
+                }
+                return Ok(());
             };
             let e = export::export(
                 &cfg.data_dir,
@@ -280,6 +317,45 @@ fn print_points(cfg: &crate::config::Config, disk: Option<u64>, json: bool) -> R
                 p.tag
             );
         }
+    }
+    Ok(())
+}
+
+/// `master-target points --group G`: the group's points, as a table or one JSON object per
+/// line.
+fn print_group_points(cfg: &crate::config::Config, group: &str, json: bool) -> Result<()> {
+    let points = crate::groups::list(&cfg.data_dir, &cfg.retention_dir, group)?;
+    if json {
+        for p in &points {
+            let mut v = serde_json::to_value(p).expect("serializable");
+            v["time"] = fmt_time(p.time_us).into();
+            println!("{v}");
+        }
+        return Ok(());
+    }
+    println!("group {group}: {} group points", points.len());
+    println!(
+        "{:>20}  {:<24}  {:<16}  {:<40}  tag",
+        "id", "time", "kind", "disk:lsn"
+    );
+    for p in &points {
+        let kind = match p.kind {
+            crate::journal::PointKind::AppConsistent => "app-consistent",
+            _ => "crash-consistent",
+        };
+        let lsns: Vec<String> = p
+            .members
+            .iter()
+            .map(|m| format!("{}:{}", m.disk, m.point.lsn))
+            .collect();
+        println!(
+            "{:>20}  {:<24}  {:<16}  {:<40}  {}",
+            p.id,
+            fmt_time(p.time_us),
+            kind,
+            lsns.join(" "),
+            p.tag
+        );
     }
     Ok(())
 }

@@ -121,15 +121,21 @@ pub struct Exported {
 fn open(data_dir: &Path, retention_dir: &Path, disk_id: u64) -> Result<(DiskFile, Journal)> {
     let reg = Registry::read(data_dir)?;
     let rec = reg.get(disk_id).ok_or(Error::UnknownDisk(disk_id))?;
-    let disk = DiskFile::open(&rec.data_path).map_err(|e| match e {
+    let disk = open_disk(&rec.data_path, disk_id)?;
+    let journal = Journal::open(&Disks::journal_dir(retention_dir, disk_id), &disk)?;
+    Ok((disk, journal))
+}
+
+/// Opens and locks a disk's file for an export: a disk the service serves is refused with
+/// what to do.
+pub fn open_disk(data_path: &Path, disk_id: u64) -> Result<DiskFile> {
+    DiskFile::open(data_path).map_err(|e| match e {
         Error::DiskLocked { .. } => Error::DiskInUse {
             disk_id,
             what: "detach the disk (master-target detach), or stop the service, first".into(),
         },
         e => e,
-    })?;
-    let journal = Journal::open(&Disks::journal_dir(retention_dir, disk_id), &disk)?;
-    Ok((disk, journal))
+    })
 }
 
 /// Every point of every disk (or of one), oldest first per disk, with its committed LSN.
@@ -221,6 +227,7 @@ pub fn select(points: &[Point], committed_lsn: u64, sel: &PointSel) -> Result<Po
             time_us: points.last().map_or(0, |p| p.time_us),
             kind: PointKind::CrashConsistent,
             tag: "latest".into(),
+            group_marker: 0,
         }),
         PointSel::LatestApp => points
             .iter()

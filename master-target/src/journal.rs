@@ -24,7 +24,9 @@
 //! }
 //! Undo   { lsn: u64, timestamp_us: u64, offset: u64, old_data: [u8] }  // bytes write `lsn` overwrote
 //! Commit { lsn: u64, time_us: u64 }     // every item up to lsn is durable on the disk
-//! Point  { id: u64, lsn: u64, time_us: u64, kind: u8, tag_len: u16, tag: [u8; tag_len] }
+//! Point  { id: u64, lsn: u64, time_us: u64, kind: u8, tag_len: u16, tag: [u8; tag_len],
+//!          group_marker: u64 }   // optional (present when non-zero): a replication group's
+//!                                // cut id; older readers ignore it
 //! ```
 //! Every segment starts with a commit record (a checkpoint of the committed LSN), so the
 //! committed LSN is always found in the last segment.
@@ -102,6 +104,14 @@ pub struct Point {
     pub kind: PointKind,
     /// The bookmark's tag ("" for crash-consistent points).
     pub tag: String,
+    /// The replication group's cut this point is part of (0: none). A group point is the
+    /// set of points of one cut id, one on every disk of the group.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub group_marker: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone)]
@@ -236,6 +246,10 @@ fn encode_point(p: &Point, out: &mut Vec<u8>) {
     body.push(p.kind.code());
     body.extend_from_slice(&(tag.len() as u16).to_be_bytes());
     body.extend_from_slice(tag);
+    // Optional trailing field: a reader from before replication groups ignores it.
+    if p.group_marker != 0 {
+        body.extend_from_slice(&p.group_marker.to_be_bytes());
+    }
     encode(KIND_POINT, &body, out);
 }
 
@@ -366,6 +380,7 @@ fn record_at(
                 time_us: be64(&body[16..]),
                 kind,
                 tag: String::from_utf8_lossy(tag).into_owned(),
+                group_marker: body.get(27 + tag_len..35 + tag_len).map_or(0, be64),
             })
         }
         _ => return Ok(None),
@@ -998,12 +1013,12 @@ impl Journal {
         &mut self,
         lsn: u64,
         time_us: u64,
-        points: Vec<(u64, u64, PointKind, String)>,
+        points: Vec<(u64, u64, PointKind, String, u64)>,
     ) -> Result<Vec<Point>> {
         let mut buf = Vec::new();
         let mut made = Vec::new();
         let first_id = self.next_point_id;
-        for (plsn, ptime, kind, tag) in points {
+        for (plsn, ptime, kind, tag, group_marker) in points {
             // Resync markers are not points: they take no id, so point ids run on unbroken.
             let id = if kind.is_point() {
                 self.next_point_id += 1;
@@ -1017,6 +1032,7 @@ impl Journal {
                 time_us: ptime,
                 kind,
                 tag,
+                group_marker,
             };
             encode_point(&p, &mut buf);
             made.push(p);

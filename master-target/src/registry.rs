@@ -37,6 +37,9 @@ pub struct DiskRecord {
     /// The committed LSN when it was detached.
     #[serde(default)]
     pub detached_lsn: u64,
+    /// The VM's OS type ("" in lists from before replication groups).
+    #[serde(default)]
+    pub os_type: String,
 }
 
 /// The durable disk list.

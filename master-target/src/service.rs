@@ -94,6 +94,27 @@ fn check_attach(req: &DiskAttach) -> Result<()> {
     Ok(())
 }
 
+/// The rules of a replication group that this master target sees (the process server
+/// checks membership): every disk of a group comes through one process server (it
+/// coordinates the group's cuts) and every VM of it has the same OS type.
+fn check_group(by: &str, req: &DiskAttach, disks: &[DiskRecord]) -> Result<()> {
+    if req.group_id.is_empty() {
+        return Ok(());
+    }
+    let others = disks
+        .iter()
+        .filter(|d| d.attached && d.group_id == req.group_id && d.disk_id != req.disk_id);
+    for d in others {
+        if d.process_server != by {
+            return Err(Error::Forbidden(format!("disk {}: replication group {} is replicated through process server {}: every disk of a group goes through one process server", req.disk_id, req.group_id, d.process_server)));
+        }
+        if d.os_type != req.os_type {
+            return Err(Error::Forbidden(format!("disk {}: replication group {} holds {} VMs (VM {}), and VM {} is {}: every VM of a group has the same OS type", req.disk_id, req.group_id, d.os_type, d.vm_id, req.vm_id, req.os_type)));
+        }
+    }
+    Ok(())
+}
+
 fn restart_advice(disk_id: u64, e: &Error) -> String {
     match e {
         Error::JournalCorrupt { .. } => format!("disk {disk_id} is not served: its retention journal is damaged where data was committed; the other disks carry on. Run `master-target recover-journal --disk {disk_id}` (it keeps the damaged journal aside, keeps the disk as of its last commit, and drops the points before it), then the process server re-attaches it"),
@@ -232,6 +253,7 @@ impl Disks {
         if let Some(answer) = self.attached_already(by, req, &uuid, &reg) {
             return answer;
         }
+        check_group(by, req, &reg.disks)?;
         let attached: Vec<&DiskRecord> = reg.disks.iter().filter(|d| d.attached).collect();
         if attached.len() >= MAX_DISKS {
             return Err(Error::DiskLimit {
@@ -283,6 +305,7 @@ impl Disks {
             attached: true,
             process_server: by.to_owned(),
             detached_lsn: 0,
+            os_type: req.os_type.clone(),
         };
         let committed = self.start(&rec, disk)?;
         reg.put(rec)?;

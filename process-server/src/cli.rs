@@ -76,6 +76,34 @@ enum Command {
         #[arg(long)]
         disk: u64,
     },
+    /// Print every replication group: its disks, RPO (the oldest of its disks'), cuts made
+    /// and abandoned (and why), and how long cuts held writes.
+    Groups {
+        /// The admin endpoint of the running service.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        admin: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take an app-consistent bookmark of a whole replication group now: every VM holds its
+    /// writes for a moment, and each disk's stream gets the same marker. Waits until the
+    /// group point is durable on the master target; exits non-zero if the cut was abandoned
+    /// or is not durable in time.
+    GroupBookmark {
+        /// The admin endpoint of the running service.
+        #[arg(long, default_value = "127.0.0.1:9444")]
+        admin: String,
+        /// The group.
+        #[arg(long)]
+        group: String,
+        /// The bookmark's tag.
+        #[arg(long)]
+        tag: String,
+        /// Seconds to wait for the group point to be durable on the master target (at most 25).
+        #[arg(long, default_value_t = 20)]
+        wait_s: u64,
+    },
     /// Change the bandwidth limit of the running service (e.g. 200Mbit; 0 for none).
     SetBandwidth {
         /// The admin endpoint of the running service.
@@ -123,6 +151,16 @@ async fn run(cli: Cli) -> Result<()> {
             timeout_s,
         } => crate::commands::drain(&admin, &disk, timeout_s).await,
         Command::Retire { admin, disk } => crate::commands::retire(&admin, disk).await,
+        Command::Groups { admin, json } => {
+            runtime::cli::quiet_on_broken_pipe();
+            crate::commands::groups(&admin, json).await
+        }
+        Command::GroupBookmark {
+            admin,
+            group,
+            tag,
+            wait_s,
+        } => crate::commands::group_bookmark(&admin, &group, &tag, wait_s).await,
         Command::SetBandwidth { admin, rate } => {
             crate::commands::set_bandwidth(&admin, &rate).await
         }
@@ -146,13 +184,19 @@ async fn serve(cfg: crate::config::Config, config: Option<PathBuf>, flags: Setti
     let (st, r) = (Arc::clone(&state), Arc::clone(&refusals));
     let admin = runtime::admin::serve_admin(cfg.admin_listen, move |req| {
         let (st, r) = (Arc::clone(&st), Arc::clone(&r));
-        async move { admin(&st, &r, req) }
+        async move {
+            if req.method == Method::Post && req.path == "/groups/bookmark" {
+                return group_bookmark(&st, &req.body).await;
+            }
+            admin(&st, &r, req)
+        }
     })
     .await
     .map_err(|e| Error::Io {
         context: format!("admin endpoint on {}", cfg.admin_listen),
         source: e,
     })?;
+    crate::cuts::spawn(&state);
     for (index, rx) in rxs.into_iter().enumerate() {
         tokio::spawn(crate::uplink::run(Arc::clone(&state), index, rx));
     }
@@ -226,6 +270,11 @@ fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse
             200,
             serde_json::to_string(&crate::metrics::status(state)).expect("serializable"),
         ),
+        (Method::Get, "/groups") => AdminResponse::json(
+            200,
+            serde_json::to_string(&crate::cuts::status(state, &crate::metrics::status(state)))
+                .expect("serializable"),
+        ),
         (Method::Post, "/bandwidth") => set_bandwidth(state, &req.body),
         (Method::Post, "/disks/retire") => retire(state, &req.body),
         (Method::Get, "/bandwidth") => AdminResponse::text(
@@ -234,8 +283,41 @@ fn admin(state: &State, refusals: &Refusals, req: AdminRequest) -> AdminResponse
         ),
         _ => AdminResponse::text(
             404,
-            "try GET /metrics, /health or /status, or POST /bandwidth or /disks/retire\n",
+            "try GET /metrics, /health, /status or /groups, or POST /bandwidth, /disks/retire or /groups/bookmark\n",
         ),
+    }
+}
+
+/// The body of `POST /groups/bookmark`.
+#[derive(serde::Deserialize, serde::Serialize)]
+pub struct GroupBookmarkRequest {
+    /// The group.
+    pub group: String,
+    /// The bookmark's tag.
+    pub tag: String,
+    /// How long to wait for the group point to be durable on the master target, seconds.
+    pub wait_s: u64,
+}
+
+/// The longest `POST /groups/bookmark` waits for durability: the admin client gives up on
+/// an answer after 30 s.
+pub const MAX_GROUP_BOOKMARK_WAIT_S: u64 = 25;
+
+/// `POST /groups/bookmark`: an app-consistent group bookmark now.
+async fn group_bookmark(state: &State, body: &[u8]) -> AdminResponse {
+    let req: GroupBookmarkRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return AdminResponse::text(
+                400,
+                format!("the body is not a group bookmark request ({e})\n"),
+            )
+        }
+    };
+    let wait = Duration::from_secs(req.wait_s.min(MAX_GROUP_BOOKMARK_WAIT_S));
+    match crate::cuts::bookmark(state, &req.group, &req.tag, wait).await {
+        Ok(r) => AdminResponse::json(200, serde_json::to_string(&r).expect("serializable")),
+        Err(why) => AdminResponse::text(409, format!("{why}\n")),
     }
 }
 

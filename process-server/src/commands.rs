@@ -1,5 +1,5 @@
 //! The operator's commands against a running process server, through its admin endpoint:
-//! `status`, `disks`, `drain`, `retire`, `set-bandwidth`.
+//! `status`, `disks`, `drain`, `retire`, `set-bandwidth`, `groups`, `group-bookmark`.
 
 use std::time::{Duration, Instant};
 
@@ -218,4 +218,75 @@ pub async fn retire(admin: &str, disk: u64) -> Result<()> {
 /// `set-bandwidth`: changes the link's limit at once.
 pub async fn set_bandwidth(admin: &str, rate: &str) -> Result<()> {
     change(admin, "/bandwidth", rate).await
+}
+
+/// `groups`: every replication group's figures.
+pub async fn groups(admin: &str, json: bool) -> Result<()> {
+    let (code, body) = request(admin, Method::Get, "/groups", "").await?;
+    if code != 200 {
+        return Err(Error::Refused(format!(
+            "the process server answered /groups with HTTP {code}: {}",
+            body.trim()
+        )));
+    }
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let groups: Vec<crate::cuts::GroupStatus> = serde_json::from_str(&body).map_err(|e| {
+        Error::Refused(format!(
+            "the process server's group status could not be read ({e})"
+        ))
+    })?;
+    if groups.is_empty() {
+        println!("no replication groups configured (process-server --group ID=VM,VM,...)");
+    }
+    println!(
+        "{:<16} {:>5} {:>9} {:>8} {:>7} {:>9} {:>10} {:>10}  last abandoned",
+        "GROUP", "DISKS", "CONNECTED", "RPO", "CUTS", "ABANDONED", "PAUSE_P99", "PAUSE_MAX"
+    );
+    for g in groups {
+        println!(
+            "{:<16} {:>5} {:>9} {:>8} {:>7} {:>9} {:>8.1}ms {:>8.1}ms  {}",
+            g.group,
+            g.disks.len(),
+            g.connected.len(),
+            fmt_secs(g.rpo_ms as f64 / 1000.0),
+            g.cuts_made,
+            g.cuts_abandoned,
+            g.pause_p99_us as f64 / 1000.0,
+            g.pause_max_us as f64 / 1000.0,
+            g.last_abandoned
+        );
+    }
+    Ok(())
+}
+
+/// `group-bookmark`: an app-consistent bookmark of a whole group, durable on the master
+/// target before this returns 0.
+pub async fn group_bookmark(admin: &str, group: &str, tag: &str, wait_s: u64) -> Result<()> {
+    let body = serde_json::to_string(&crate::cli::GroupBookmarkRequest {
+        group: group.into(),
+        tag: tag.into(),
+        wait_s: wait_s.min(crate::cli::MAX_GROUP_BOOKMARK_WAIT_S),
+    })
+    .expect("serializable");
+    let (code, answer) = request(admin, Method::Post, "/groups/bookmark", &body).await?;
+    if code != 200 {
+        return Err(Error::Refused(answer.trim().to_owned()));
+    }
+    let r: crate::cuts::BookmarkResult = serde_json::from_str(&answer).map_err(|e| {
+        Error::Refused(format!(
+            "the process server's answer could not be read ({e}): {answer}"
+        ))
+    })?;
+    println!("{answer}");
+    if r.durable {
+        Ok(())
+    } else {
+        Err(Error::Refused(format!(
+            "group {group}: cut {} was made, but not every marker is durable on the master target yet; it becomes a group point when they are (check process-server status)",
+            r.cut_id
+        )))
+    }
 }

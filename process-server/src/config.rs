@@ -63,6 +63,14 @@ pub struct Settings {
     /// Log format: text or json. Default: text
     #[arg(long)]
     pub log_format: Option<String>,
+    /// A replication group, ID=VM,VM,...: its VMs' disks get group-consistent recovery
+    /// points (every VM of a group attaches with `agent --group ID`, has the same OS and
+    /// the same master target). Repeat the flag for several; in TOML a list of strings. Default: none
+    #[arg(long)]
+    pub group: Option<Vec<String>>,
+    /// Seconds between a group's crash-consistent cuts. Default: 10
+    #[arg(long)]
+    pub group_cut_interval_s: Option<u64>,
 }
 
 /// The smallest window: one largest frame (16 MiB) must fit, or nothing ships.
@@ -114,6 +122,10 @@ pub struct Config {
     pub rpo_threshold_s: u64,
     /// JSON logs.
     pub log_json: bool,
+    /// Replication groups.
+    pub groups: Vec<crate::groups::GroupDef>,
+    /// Milliseconds between a group's crash-consistent cuts.
+    pub group_cut_interval_ms: u64,
 }
 
 impl Settings {
@@ -142,6 +154,8 @@ impl Settings {
             rpo_threshold_s: self.rpo_threshold_s.or(b.rpo_threshold_s),
             link_timeout_s: self.link_timeout_s.or(b.link_timeout_s),
             log_format: self.log_format.or(b.log_format),
+            group: self.group.or(b.group),
+            group_cut_interval_s: self.group_cut_interval_s.or(b.group_cut_interval_s),
         }
     }
 
@@ -214,8 +228,31 @@ impl Settings {
                 self.rpo_threshold_s.unwrap_or(900),
             )?,
             log_json,
+            groups: groups(self.group.as_deref().unwrap_or_default())?,
+            group_cut_interval_ms: 1000
+                * runtime::units::check_range(
+                    "group-cut-interval-s",
+                    self.group_cut_interval_s.unwrap_or(10),
+                    1,
+                    86_400,
+                    self.group_cut_interval_s.unwrap_or(10),
+                )?,
         })
     }
+}
+
+/// The replication groups, parsed and checked against each other.
+fn groups(specs: &[String]) -> Result<Vec<crate::groups::GroupDef>> {
+    let bad = |reason: String| Error::InvalidParameter {
+        param: "group",
+        reason,
+    };
+    let groups = specs
+        .iter()
+        .map(|s| crate::groups::parse_group(s).map_err(bad))
+        .collect::<Result<Vec<_>>>()?;
+    crate::groups::check_groups(&groups).map_err(bad)?;
+    Ok(groups)
 }
 
 /// One or more master targets, filled in order: a master target takes at most 60 disks, so

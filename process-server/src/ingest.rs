@@ -175,7 +175,12 @@ fn route_of(state: &State, disk_id: u64) -> usize {
 /// durable LSN.
 async fn attach_new(state: &State, a: &DiskAttach) -> Result<(usize, u64), ErrorMsg> {
     let mut last = None;
-    for i in 0..state.uplinks.len() {
+    // Every disk of a replication group goes to the master target its first disk went to.
+    let routes = match crate::cuts::group_route(state, &a.group_id) {
+        Some(r) => r..r + 1,
+        None => 0..state.uplinks.len(),
+    };
+    for i in routes {
         match relay(
             state,
             i,
@@ -237,7 +242,7 @@ fn refuse_content(msg: &Message, size_bytes: u64) -> Option<Message> {
 /// An agent's attach: checked against its VM, then (one new disk at a time, so the checks
 /// and the registration are one step that concurrent attaches cannot interleave with)
 /// registered here and on the master target.
-async fn attach(state: &State, identity: &Identity, a: DiskAttach) -> Message {
+async fn attach(state: &State, identity: &Identity, a: DiskAttach, version: u16) -> Message {
     let (id, vm) = (a.disk_id, identity.name.as_str());
     if a.vm_id != vm {
         return forbidden(state, identity, id, "disk attach");
@@ -269,6 +274,16 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach) -> Message {
         })
     };
     let _one_at_a_time = state.attach_lock.lock().await;
+    if let Some(why) = state
+        .disk(id)
+        .filter(|d| owns(vm, d) && d.attach.group_id != a.group_id)
+        .map(|d| format!("disk {id} was attached in replication group {:?}, not {:?}: a disk stays in its group (retire it and protect it again to change)", d.attach.group_id, a.group_id))
+        .or_else(|| crate::cuts::attach_refusal(state, vm, &a, version))
+    {
+        state.refused.forbidden.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%identity, disk = id, group = %a.group_id, reason = %why, "attach refused by a replication group rule");
+        return err_msg(ErrorCode::Forbidden, id, format!("disk attach refused: {why}"));
+    }
     match state.disk(id) {
         Some(d) if !owns(vm, &d) => forbidden(state, identity, id, "disk attach"),
         Some(d) if d.is_detached() => detached(id),

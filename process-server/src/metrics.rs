@@ -102,6 +102,40 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
         .collect()
 }
 
+const GROUP_SERIES: [Series<crate::cuts::GroupStatus>; 5] = [
+    Series {
+        name: "failback_ps_group_rpo_seconds",
+        kind: Kind::Gauge,
+        help: "A replication group's RPO: the oldest of its disks'.",
+        value: |g| Value::Float(g.rpo_ms as f64 / 1000.0),
+    },
+    Series {
+        name: "failback_ps_group_cuts_made",
+        kind: Kind::Counter,
+        help: "Group-consistent cuts made (every disk of the group marked).",
+        value: |g| Value::Int(g.cuts_made),
+    },
+    Series {
+        name: "failback_ps_group_cuts_abandoned",
+        kind: Kind::Counter,
+        help:
+            "Group-consistent cuts abandoned (a member refused, was slow or gone): no group point.",
+        value: |g| Value::Int(g.cuts_abandoned),
+    },
+    Series {
+        name: "failback_ps_group_cut_pause_p99_seconds",
+        kind: Kind::Gauge,
+        help: "p99 of how long a member's writes were held for a cut (last 1024 holds).",
+        value: |g| Value::Float(g.pause_p99_us as f64 / 1e6),
+    },
+    Series {
+        name: "failback_ps_group_last_cut_timestamp_seconds",
+        kind: Kind::Gauge,
+        help: "When the group's last cut was made (0: never).",
+        value: |g| Value::Float(g.last_cut_time_us as f64 / 1e6),
+    },
+];
+
 const SERIES: [Series<DiskStatus>; 8] = [
     Series {
         name: "failback_ps_rpo_seconds",
@@ -185,7 +219,13 @@ pub fn render(state: &State, refusals: &Refusals) -> String {
         "zstd level of new batches on the link (0: none).",
         Value::Signed(state.compression_level.load(Ordering::Relaxed).into()),
     );
-    let rows: Vec<(Labels, DiskStatus)> = status(state)
+    let disks = status(state);
+    let groups: Vec<(Labels, crate::cuts::GroupStatus)> = crate::cuts::status(state, &disks)
+        .into_iter()
+        .map(|g| (vec![("group", Escaped::new(&g.group))], g))
+        .collect();
+    e.rows(&GROUP_SERIES, &groups);
+    let rows: Vec<(Labels, DiskStatus)> = disks
         .into_iter()
         .map(|d| {
             let labels = vec![

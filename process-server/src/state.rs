@@ -253,6 +253,8 @@ pub struct State {
     /// Held while a new disk is attached: one at a time, so concurrent attaches cannot
     /// race a disk id's owner or a VM's quota.
     pub attach_lock: tokio::sync::Mutex<()>,
+    /// Replication groups: routes to their agents, cuts, figures.
+    pub groups: crate::cuts::Groups,
     /// Where the disks' files live (the machine's file system in the service).
     fs: Arc<dyn FileSystem>,
     /// Held for the process's life: one process server per cache directory.
@@ -295,6 +297,7 @@ impl State {
             disks.insert(disk.attach.disk_id, Arc::new(disk));
         }
         let cfg_level = cfg.compression_level;
+        let (cfg_groups, cache_dir) = (cfg.groups.clone(), cfg.cache_dir.clone());
         let volume = volume_bytes(&cfg.cache_dir);
         let cache_limit_bytes = match cfg.cache_limit_bytes {
             Some(b) => {
@@ -317,9 +320,18 @@ impl State {
             refused: Default::default(),
             attach_lock: tokio::sync::Mutex::new(()),
             refusal_log: runtime::log::Throttle::new(std::time::Duration::from_secs(1)),
+            groups: crate::cuts::Groups::new(
+                cfg_groups,
+                crate::cuts::load_last_cut_id(&*fs, &cache_dir),
+            ),
             fs,
             _lock: lock,
         }))
+    }
+
+    /// Where the disks' files live.
+    pub fn fs(&self) -> &dyn FileSystem {
+        &*self.fs
     }
 
     /// A disk by id.

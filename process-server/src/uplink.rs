@@ -979,6 +979,8 @@ mod routes {
             link_timeout_s: 30,
             rpo_threshold_s: 900,
             log_json: false,
+            groups: Vec::new(),
+            group_cut_interval_ms: 10_000,
         };
         std::fs::create_dir_all(&cfg.cache_dir).unwrap();
         let links = (0..2).map(|_| mpsc::channel(1).0).collect();

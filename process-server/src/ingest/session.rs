@@ -104,6 +104,28 @@ struct Conn {
     decoder: MessageCodec,
     /// The cache failed to take a frame of this group.
     cache_failed: bool,
+    /// The protocol version spoken (replication groups need version 3).
+    version: u16,
+    /// This connection's number (its group disks' route is removed with it).
+    id: u64,
+    /// Where replication groups' cut steps for this connection's disks are queued.
+    cuts: tokio::sync::mpsc::Sender<Message>,
+}
+
+/// Cut steps queued for one connection: one cut of a disk is in flight at a time (two
+/// messages), so a full queue means a stuck connection, and the cut gives it up.
+const CUT_OUT_QUEUE: usize = 16;
+
+/// Numbers connections, for their group disks' routes.
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Removes a connection's group routes when it ends, however it ends.
+struct Unroute(Arc<State>, u64);
+
+impl Drop for Unroute {
+    fn drop(&mut self) {
+        self.0.groups.unroute(self.1);
+    }
 }
 
 pub(super) async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
@@ -114,7 +136,13 @@ pub(super) async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
     new_parts.write_buf = parts.write_buf;
     let mut framed = Framed::from_parts(new_parts);
     framed.codec_mut().messages.set_version(peer.version);
+    let (cuts, mut cut_rx) = tokio::sync::mpsc::channel(CUT_OUT_QUEUE);
+    let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let _unroute = Unroute(Arc::clone(&state), id);
     let mut conn = Conn {
+        version: peer.version,
+        id,
+        cuts,
         state,
         identity: peer.identity,
         attached: HashSet::new(),
@@ -132,6 +160,11 @@ pub(super) async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
                 Some(f) => f,
                 None => return Ok(()),
             },
+            Some(m) = cut_rx.recv() => {
+                // A replication group's cut step: sent at once, the agent holds writes.
+                framed.send(m).await?;
+                continue;
+            }
             _ = tick.tick() => {
                 // A loss found while the agent is quiet (the uplink reading a damaged
                 // record) reaches it here, not only with its next message.
@@ -299,12 +332,16 @@ impl Conn {
                 let epoch = state
                     .disk(id)
                     .map_or(0, |d| d.stream_epoch.load(Ordering::Acquire));
-                let reply = attach(&state, identity, a).await;
+                let group = !a.group_id.is_empty();
+                let reply = attach(&state, identity, a, self.version).await;
                 // Only a disk this VM may touch joins the connection's set (it is told of
                 // that disk's durability and resync needs, nothing of others').
                 if matches!(reply, Message::Ack(_)) {
                     self.attached.insert(id);
                     self.epochs.insert(id, epoch);
+                    if group {
+                        state.groups.route(id, self.id, self.cuts.clone());
+                    }
                 }
                 Some(answering(request_id, reply))
             }
@@ -335,6 +372,14 @@ impl Conn {
                 ))
             }
             Message::Heartbeat { seq, time_us } => Some(Message::Heartbeat { seq, time_us }),
+            Message::Cut(c) => {
+                // An answer counts only for a disk this connection attached.
+                if !self.attached.contains(&c.disk_id) {
+                    return Some(forbidden(&state, identity, c.disk_id, "cut"));
+                }
+                state.groups.reply(c);
+                None
+            }
             Message::Ignored { .. } => None,
             other => Some(err_msg(
                 ErrorCode::Malformed,

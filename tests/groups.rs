@@ -1,0 +1,202 @@
+//! Replication groups end to end, as real processes: two VMs' agents replay traces while
+//! the process server cuts the group (every second, and once on demand with a tag); every
+//! group point the master target lists is exported whole and each disk equals, byte for
+//! byte, its source at that cut (the digest its agent recorded while holding writes). The
+//! group's rules refuse the wrong members with the reason.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use failback::harness::Cluster;
+
+const GROUP: &str = "erp";
+
+fn group_cluster(dir: &Path) -> Cluster {
+    let mut c = Cluster::new(dir, Path::new(BIN)).unwrap();
+    c.ps_extra = vec![
+        format!("--group={GROUP}=vm1,vm2"),
+        "--group-cut-interval-s=1".into(),
+    ];
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    c
+}
+
+fn groups_status(c: &Cluster) -> serde_json::Value {
+    let (code, body) = failback::harness::http_get(&c.ps_admin, "/groups").unwrap();
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+}
+
+/// Runs a failback command; returns (success, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn group_points_are_cut_together_and_export_every_disk_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = group_cluster(dir.path());
+    let group = format!("--group={GROUP}");
+    // About 5 s of trace each at 30x, so interval cuts land mid-stream.
+    let a = replay(
+        &c,
+        1,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &[&group, "--pace=30x"],
+    );
+    let b = replay(
+        &c,
+        2,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &[&group, "--pace=30x", "--compressibility=0.3"],
+    );
+    wait_streaming(&c, 1);
+    wait_streaming(&c, 2);
+    // An on-demand, tagged (app-consistent) group bookmark mid-stream, durable on return.
+    let (ok, out, err) = run(&[
+        "process-server",
+        "group-bookmark",
+        &format!("--admin={}", c.ps_admin),
+        "--group=erp",
+        "--tag=before-upgrade",
+    ]);
+    assert!(ok, "group bookmark: {out}{err}\n{}", c.log_tails(30));
+    let taken: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(taken["durable"], true, "{out}");
+    let ra = finish(&c, 1, a);
+    let rb = finish(&c, 2, b);
+    let st = groups_status(&c);
+    assert!(
+        st["cuts_made"].as_u64().unwrap() >= 3,
+        "interval cuts were made: {st}"
+    );
+    assert!(st["pause_max_us"].as_u64().unwrap() > 0, "{st}");
+    // The agents are gone: the next cut is abandoned, and says why.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while groups_status(&c)["cuts_abandoned"].as_u64().unwrap() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no cut abandoned without agents: {}",
+            groups_status(&c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(groups_status(&c)["last_abandoned"]
+        .as_str()
+        .unwrap()
+        .contains("not connected"));
+
+    for (disk, r) in [(1, &ra), (2, &rb)] {
+        c.wait_durable(
+            disk,
+            r["last_lsn"].as_u64().unwrap(),
+            Duration::from_secs(120),
+            |_| {},
+        )
+        .unwrap();
+        c.detach(disk).unwrap();
+    }
+    let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
+    args.extend(c.mt_dirs());
+    let listed = c.mt_cmd(&args).unwrap();
+    let points: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(points.len() >= 3, "group points: {listed}");
+    let tagged = points
+        .iter()
+        .find(|p| p["id"] == taken["cut_id"])
+        .unwrap_or_else(|| panic!("the tagged group point is listed: {listed}"));
+    assert_eq!(tagged["tag"], "before-upgrade");
+    assert_eq!(tagged["kind"], "app-consistent");
+    // Every group point, exported whole, is each disk exactly as its agent held it.
+    let records: Vec<_> = [1, 2]
+        .iter()
+        .map(|d| agent::engine::read_bookmarks(&c.agent_state(*d)).unwrap())
+        .collect();
+    for p in &points {
+        let out = c.dir.join(format!("group-{}", p["id"]));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut args = vec![
+            "export".to_owned(),
+            "--group=erp".into(),
+            format!("--point={}", p["id"]),
+            format!("--out={}", out.display()),
+        ];
+        args.extend(c.mt_dirs());
+        c.mt_cmd(&args).unwrap();
+        let members = p["members"].as_array().unwrap();
+        assert_eq!(members.len(), 2, "{p}");
+        for m in members {
+            let disk = m["disk"].as_u64().unwrap();
+            let rec = records[disk as usize - 1]
+                .iter()
+                .find(|r| r.group_marker == p["id"].as_u64().unwrap())
+                .unwrap_or_else(|| panic!("disk {disk} recorded cut {}", p["id"]));
+            assert_eq!(m["point"]["lsn"].as_u64().unwrap(), rec.lsn, "{p}");
+            let img = out.join(format!("vm{disk}-disk-{disk}.img"));
+            let d = agent::source::hex(&agent::source::image_digest(&img).unwrap());
+            assert_eq!(d, rec.disk_digest, "disk {disk} at group point {}", p["id"]);
+        }
+    }
+}
+
+#[test]
+fn a_group_refuses_members_that_break_its_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = group_cluster(dir.path());
+    let one = |disk: u64, vm: &str, extra: &[&str]| -> String {
+        let src = c.dir.join("source").join(format!("r{disk}.img"));
+        let out = c
+            .agent_in_vm("replay", vm, disk, &src, "16MiB")
+            .arg(format!(
+                "--trace={}",
+                traces().join("tpcc-small.disksim").display()
+            ))
+            .arg("--format=disksim-ns")
+            .arg("--max-writes=20")
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            String::new()
+        } else {
+            text
+        }
+    };
+    // A VM of the group, attached with --group: fine.
+    assert_eq!(one(1, "vm1", &["--group=erp"]), "");
+    // A VM that is not a member.
+    let e = one(3, "vm3", &["--group=erp"]);
+    assert!(e.contains("not a member of replication group erp"), "{e}");
+    // A member attached without its group: a group is reprotected as a whole.
+    let e = one(4, "vm2", &[]);
+    assert!(e.contains("--group erp"), "{e}");
+    // Another OS than the group's.
+    let e = one(5, "vm2", &["--group=erp", "--os-type=windows"]);
+    assert!(e.contains("same OS type"), "{e}");
+    // A group that is not configured.
+    let e = one(6, "vm2", &["--group=crm"]);
+    assert!(e.contains("not configured"), "{e}");
+    // The disk stays in its group: attached again in another, it is refused.
+    let e = one(1, "vm1", &[]);
+    assert!(
+        e.contains("stays in its group") || e.contains("--group erp"),
+        "{e}"
+    );
+}
