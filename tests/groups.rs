@@ -200,3 +200,60 @@ fn a_group_refuses_members_that_break_its_rules() {
         "{e}"
     );
 }
+
+#[test]
+fn a_cut_with_a_stalled_member_is_abandoned_in_bounded_time_and_never_half_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = group_cluster(dir.path());
+    let group = format!("--group={GROUP}");
+    let a = replay(&c, 1, "tpcc-small.disksim", "disksim-ns", &[&group, "--max-writes=200", "--stay"]);
+    let b = replay(&c, 2, "tpcc-small.disksim", "disksim-ns", &[&group, "--max-writes=200", "--stay"]);
+    let bookmark = |tag: &str| {
+        run(&[
+            "process-server",
+            "group-bookmark",
+            &format!("--admin={}", c.ps_admin),
+            "--group=erp",
+            &format!("--tag={tag}"),
+        ])
+    };
+    // Both agents up and answering.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !bookmark("ready").0 {
+        assert!(Instant::now() < deadline, "no group bookmark while both agents run: {}", c.log_tails(20));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // B stops answering (SIGSTOP: a hung VM): the cut is abandoned within the phase limit,
+    // naming B, and A's writes were held no longer than that.
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    unsafe { libc::kill(b.id() as i32, libc::SIGSTOP) };
+    let started = Instant::now();
+    let (ok, out, err) = bookmark("stalled");
+    let took = started.elapsed();
+    assert!(!ok, "{out}");
+    assert!(err.contains("abandoned") && err.contains("disk(s) 2"), "{err}");
+    assert!(took < Duration::from_secs(10), "the refusal took {took:?}");
+    // SAFETY: as above.
+    unsafe { libc::kill(b.id() as i32, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !bookmark("after").0 {
+        assert!(Instant::now() < deadline, "no group bookmark after B resumed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (disk, child) in [(1, a), (2, b)] {
+        // SAFETY: as above.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let r = finish(&c, disk, child);
+        c.wait_durable(disk, r["last_lsn"].as_u64().unwrap(), Duration::from_secs(60), |_| {})
+            .unwrap();
+    }
+    let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
+    args.extend(c.mt_dirs());
+    let listed = c.mt_cmd(&args).unwrap();
+    let tags: Vec<String> = listed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tag"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(tags.contains(&"after".to_owned()), "{listed}");
+    assert!(!tags.contains(&"stalled".to_owned()), "an abandoned cut is no group point: {listed}");
+}
