@@ -17,7 +17,7 @@ use failback::harness::{file_blake3, first_difference, Cluster, DiskStatus, Erro
 use serde_json::json;
 
 /// The trace the demo replays by default (MIT; see tests/data/traces/README.md).
-const DEFAULT_TRACE: &[u8] = include_bytes!("../tests/data/traces/tpcc-small.disksim");
+pub(crate) const DEFAULT_TRACE: &[u8] = include_bytes!("../tests/data/traces/tpcc-small.disksim");
 const DISK_ID: u64 = 1;
 const BLOCK: u64 = 64 << 10;
 
@@ -58,6 +58,11 @@ pub struct DemoArgs {
     /// else /usr/share/doc, else /etc).
     #[arg(long, requires = "live")]
     pub tree: Option<PathBuf>,
+    /// Two VMs of one replication group fail back together: the process server cuts the
+    /// group every second and the demo bookmarks it on demand; the latest and an earlier
+    /// group point are exported whole and every disk of each is checked.
+    #[arg(long, conflicts_with_all = ["trace", "format", "live"])]
+    pub group: bool,
 }
 
 /// Runs the demo; returns the exit code.
@@ -91,6 +96,8 @@ pub fn run(args: DemoArgs) -> i32 {
         }
         let dir = std::path::absolute(&dir).unwrap_or(dir);
         crate::demo_live::demo(&args, &dir)
+    } else if args.group {
+        crate::demo_group::demo(&args, &dir)
     } else {
         demo(&args, &dir)
     };
@@ -161,15 +168,15 @@ fn validate(args: &DemoArgs) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn step(n: u32, text: &str) {
+pub(crate) fn step(n: u32, text: &str) {
     eprintln!("[{n}/6] {text}");
 }
 
-fn fail(msg: impl Into<String>) -> Error {
+pub(crate) fn fail(msg: impl Into<String>) -> Error {
     Error::Failed(msg.into())
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
     move |source| Error::Io { context, source }
 }
@@ -309,7 +316,7 @@ fn setup(args: &DemoArgs, dir: &Path, disk_bytes: u64) -> Result<(Cluster, Layou
     };
     make_disks(
         &l.source,
-        &l.vm_folder,
+        (&l.vm_folder, "vm1-disk1"),
         disk_bytes,
         args.differ_percent,
         args.compressibility,
@@ -497,7 +504,7 @@ fn verify(c: &Cluster, l: &Layout) -> Result<Verified> {
 }
 
 /// An image's disk digest (the agent's definition), hex.
-fn digest_of(image: &Path) -> Result<String> {
+pub(crate) fn digest_of(image: &Path) -> Result<String> {
     Ok(agent::source::hex(
         &agent::source::image_digest(image).map_err(|e| fail(e.to_string()))?,
     ))
@@ -505,9 +512,9 @@ fn digest_of(image: &Path) -> Result<String> {
 
 /// Writes the source disk (deterministic data) and an on-premises flat VMDK equal to it
 /// except in `differ_percent` of its 64 KiB blocks.
-fn make_disks(
+pub(crate) fn make_disks(
     source: &Path,
-    onprem_dir: &Path,
+    (onprem_dir, name): (&Path, &str),
     size: u64,
     differ_percent: f64,
     compressibility: f64,
@@ -520,11 +527,11 @@ fn make_disks(
     };
     let src = std::fs::File::create(source).map_err(ioe(format!("create {}", source.display())))?;
     src.set_len(size).map_err(ioe("size source".into()))?;
-    let uuid: [u8; 16] = blake3::hash(b"vm1/1").as_bytes()[..16]
-        .try_into()
-        .expect("16");
+    let named = blake3::hash(name.as_bytes());
+    let uuid: [u8; 16] = named.as_bytes()[..16].try_into().expect("16");
+    let seed = u64::from_le_bytes(named.as_bytes()[16..24].try_into().expect("8"));
     std::fs::create_dir_all(onprem_dir).map_err(ioe(format!("create {}", onprem_dir.display())))?;
-    let img = master_target::vmdk::create(onprem_dir, "vm1-disk1", size, &uuid)
+    let img = master_target::vmdk::create(onprem_dir, name, size, &uuid)
         .map_err(|e| fail(e.to_string()))?;
     let dst = std::fs::OpenOptions::new()
         .write(true)
@@ -540,7 +547,8 @@ fn make_disks(
     let mut off = 0;
     while off < size {
         let n = chunk.min(size - off) as usize;
-        agent::datagen::fill(0xd15c, off / chunk, compressibility, &mut buf[..n]);
+        // Seeded by the disk's name: each VM's disk holds its own data.
+        agent::datagen::fill(seed, off / chunk, compressibility, &mut buf[..n]);
         src.write_all_at(&buf[..n], off)
             .map_err(ioe("write source".into()))?;
         // The on-premises copy went stale while the VM ran in Azure: some blocks differ.
@@ -559,7 +567,7 @@ fn make_disks(
     Ok(())
 }
 
-fn human(b: u64) -> String {
+pub(crate) fn human(b: u64) -> String {
     match b {
         b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
@@ -577,6 +585,8 @@ fn print_summary(s: &serde_json::Value) {
     );
     let rows = if s["mode"] == "live" {
         live_rows(s)
+    } else if s["mode"] == "group" {
+        crate::demo_group::rows(s)
     } else {
         data_rows(s).into_iter().chain(time_rows(s)).collect()
     };

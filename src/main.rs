@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod demo_group;
 mod demo_live;
 
 /// Failback data plane: bring VMs home from Azure.

@@ -206,8 +206,20 @@ fn a_cut_with_a_stalled_member_is_abandoned_in_bounded_time_and_never_half_made(
     let dir = tempfile::tempdir().unwrap();
     let c = group_cluster(dir.path());
     let group = format!("--group={GROUP}");
-    let a = replay(&c, 1, "tpcc-small.disksim", "disksim-ns", &[&group, "--max-writes=200", "--stay"]);
-    let b = replay(&c, 2, "tpcc-small.disksim", "disksim-ns", &[&group, "--max-writes=200", "--stay"]);
+    let a = replay(
+        &c,
+        1,
+        "tpcc-small.disksim",
+        "disksim-ns",
+        &[&group, "--max-writes=200", "--stay"],
+    );
+    let b = replay(
+        &c,
+        2,
+        "tpcc-small.disksim",
+        "disksim-ns",
+        &[&group, "--max-writes=200", "--stay"],
+    );
     let bookmark = |tag: &str| {
         run(&[
             "process-server",
@@ -220,7 +232,11 @@ fn a_cut_with_a_stalled_member_is_abandoned_in_bounded_time_and_never_half_made(
     // Both agents up and answering.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !bookmark("ready").0 {
-        assert!(Instant::now() < deadline, "no group bookmark while both agents run: {}", c.log_tails(20));
+        assert!(
+            Instant::now() < deadline,
+            "no group bookmark while both agents run: {}",
+            c.log_tails(20)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // B stops answering (SIGSTOP: a hung VM): the cut is abandoned within the phase limit,
@@ -231,29 +247,85 @@ fn a_cut_with_a_stalled_member_is_abandoned_in_bounded_time_and_never_half_made(
     let (ok, out, err) = bookmark("stalled");
     let took = started.elapsed();
     assert!(!ok, "{out}");
-    assert!(err.contains("abandoned") && err.contains("disk(s) 2"), "{err}");
+    assert!(
+        err.contains("abandoned") && err.contains("disk(s) 2"),
+        "{err}"
+    );
     assert!(took < Duration::from_secs(10), "the refusal took {took:?}");
     // SAFETY: as above.
     unsafe { libc::kill(b.id() as i32, libc::SIGCONT) };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !bookmark("after").0 {
-        assert!(Instant::now() < deadline, "no group bookmark after B resumed");
+        assert!(
+            Instant::now() < deadline,
+            "no group bookmark after B resumed"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     for (disk, child) in [(1, a), (2, b)] {
         // SAFETY: as above.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let r = finish(&c, disk, child);
-        c.wait_durable(disk, r["last_lsn"].as_u64().unwrap(), Duration::from_secs(60), |_| {})
-            .unwrap();
+        c.wait_durable(
+            disk,
+            r["last_lsn"].as_u64().unwrap(),
+            Duration::from_secs(60),
+            |_| {},
+        )
+        .unwrap();
     }
     let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
     args.extend(c.mt_dirs());
     let listed = c.mt_cmd(&args).unwrap();
     let tags: Vec<String> = listed
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tag"].as_str().unwrap().to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["tag"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert!(tags.contains(&"after".to_owned()), "{listed}");
-    assert!(!tags.contains(&"stalled".to_owned()), "an abandoned cut is no group point: {listed}");
+    assert!(
+        !tags.contains(&"stalled".to_owned()),
+        "an abandoned cut is no group point: {listed}"
+    );
+}
+
+#[test]
+fn the_group_demo_fails_back_both_vms_and_checks_two_group_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("kept");
+    let (ok, out, err) = run(&[
+        "demo",
+        "--group",
+        "--json",
+        "--disk-size=64MiB",
+        &format!("--keep={}", keep.display()),
+    ]);
+    assert!(ok, "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(s["verified"], true, "{s}");
+    assert!(s["group_points"].as_u64().unwrap() >= 2, "{s}");
+    assert!(
+        s["latest_group_point"].as_u64().is_some()
+            && s["earlier_group_point_checked"].as_u64().is_some(),
+        "{s}"
+    );
+    let disks = s["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    assert_ne!(
+        disks[0]["source_blake3"], disks[1]["source_blake3"],
+        "each VM has its own data"
+    );
+    // The trace demo's layout, for every disk of the group.
+    for (vm, disk) in [("vm1", 1), ("vm2", 2)] {
+        assert!(keep.join(format!("source/{vm}-disk{disk}.img")).is_file());
+        let desc = keep.join(format!("onprem/{vm}/{vm}-disk{disk}.vmdk"));
+        assert!(keep
+            .join(format!("onprem/{vm}/{vm}-disk{disk}-flat.vmdk"))
+            .is_file());
+        qemu_img(&["check", desc.to_str().unwrap()]);
+    }
 }
