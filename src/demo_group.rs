@@ -1,12 +1,15 @@
 //! `failback demo --group`: two VMs of one replication group fail back together.
 //!
-//! 1. certificates; 2. the services, the process server with the group `demo` of vm1 and
-//! vm2; 3. each VM's source disk and a stale on-premises VMDK of it; 4. both agents resync
-//! differentially and replay the trace (slowed, so cuts land mid-stream) while the process
-//! server cuts the group every second and the demo takes app-consistent group bookmarks on
-//! demand; 5. drain and detach both; 6. verify each on-premises disk equals its source, and
-//! export the latest and an earlier group point whole: every disk of it must equal what its
-//! agent recorded while it held writes for that cut.
+//! 1. certificates;
+//! 2. the services, the process server with the group `demo` of vm1 and vm2;
+//! 3. each VM's source disk and a stale on-premises VMDK of it;
+//! 4. both agents resync differentially and replay the trace (slowed, so cuts land
+//!    mid-stream) while the process server cuts the group every second and the demo takes
+//!    app-consistent group bookmarks on demand;
+//! 5. drain and detach both;
+//! 6. verify each on-premises disk equals its source, and export the latest and an earlier
+//!    group point whole: every disk of it must equal what its agent recorded while it held
+//!    writes for that cut.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
