@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-use wire_protocol::{Cut, Message};
+use wire_protocol::{Cut, CutPhase, Message};
 
 use crate::groups::{CutCore, GroupDef, Outcome, Step, CUT_PHASE_TIMEOUT_MS, PAUSE_SAMPLES};
 use crate::state::{now_us, State};
@@ -60,7 +60,8 @@ pub struct GroupStatus {
     pub last_cut_time_us: u64,
     /// Why the last abandoned cut was abandoned ("" if none yet).
     pub last_abandoned: String,
-    /// Write pause per member and cut (how long its writes were held), p50, microseconds.
+    /// Write pause per member and cut, made or abandoned (how long its writes were held),
+    /// p50, microseconds.
     pub pause_p50_us: u64,
     /// p99 of the same.
     pub pause_p99_us: u64,
@@ -144,8 +145,18 @@ impl Groups {
             .retain(|_, (c, _)| *c != conn);
     }
 
-    /// An agent's answer to a cut step.
-    pub fn reply(&self, c: Cut) {
+    /// An agent's answer to a cut step (of a disk of group `group`). Every hold's length
+    /// is counted, also of a cut abandoned or already over (an agent that was released
+    /// says how long it held).
+    pub fn reply(&self, group: &str, c: Cut) {
+        if matches!(c.phase, CutPhase::Marked | CutPhase::Released) {
+            if let Some(s) = self.stats.lock().expect("poisoned").get_mut(group) {
+                if s.pauses_us.len() == PAUSE_SAMPLES {
+                    s.pauses_us.pop_front();
+                }
+                s.pauses_us.push_back(c.hold_us);
+            }
+        }
         if let Some(tx) = self.inflight.lock().expect("poisoned").get(&c.cut_id) {
             let _ = tx.try_send(c);
         }
@@ -396,16 +407,10 @@ fn record(state: &State, id: &str, cut_id: u64, o: Outcome) -> Outcome {
     let mut all = state.groups.stats.lock().expect("poisoned");
     let s = all.entry(id.to_owned()).or_default();
     match &o {
-        Outcome::Made { holds_us, .. } => {
+        Outcome::Made { .. } => {
             s.made += 1;
             s.last_cut_id = cut_id;
             s.last_cut_time_us = now_us();
-            for h in holds_us {
-                if s.pauses_us.len() == PAUSE_SAMPLES {
-                    s.pauses_us.pop_front();
-                }
-                s.pauses_us.push_back(*h);
-            }
         }
         Outcome::Abandoned(why) => {
             s.abandoned += 1;

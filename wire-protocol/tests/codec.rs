@@ -168,7 +168,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(disk_id, lsn)| Message::RemoteDurable { disk_id, lsn }),
         (
-            1u8..=6,
+            1u8..=7,
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
@@ -184,6 +184,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     CutPhase::Release,
                     CutPhase::Marked,
                     CutPhase::Refused,
+                    CutPhase::Released,
                 ][p as usize - 1];
                 Message::Cut(Cut {
                     phase,

@@ -78,6 +78,7 @@ impl Engine {
                     hold_ms = HOLD_MAX_MS,
                     "the process server did not end the cut in time: writes go on, and the cut is abandoned"
                 );
+                self.released(&hold, started).await;
                 return Ok(());
             };
             if next.cut_id != hold.cut_id {
@@ -86,7 +87,10 @@ impl Engine {
                 continue;
             }
             match next.phase {
-                CutPhase::Release => return Ok(()),
+                CutPhase::Release => {
+                    self.released(&hold, started).await;
+                    return Ok(());
+                }
                 CutPhase::Mark => return self.mark(&hold, &next, started).await,
                 _ => continue,
             }
@@ -158,6 +162,19 @@ impl Engine {
             disk_digest: digest,
             group_marker: hold.cut_id,
         })
+    }
+
+    /// Says the hold ended without a marker, and how long writes waited.
+    async fn released(&mut self, hold: &Cut, started: Instant) {
+        self.link
+            .send_cut(Cut {
+                phase: CutPhase::Released,
+                lsn: 0,
+                hold_us: started.elapsed().as_micros() as u64,
+                tag: String::new(),
+                ..hold.clone()
+            })
+            .await;
     }
 
     async fn refuse(&mut self, c: &Cut, why: &str) {

@@ -374,10 +374,13 @@ impl Conn {
             Message::Heartbeat { seq, time_us } => Some(Message::Heartbeat { seq, time_us }),
             Message::Cut(c) => {
                 // An answer counts only for a disk this connection attached.
-                if !self.attached.contains(&c.disk_id) {
+                let Some(d) = state
+                    .disk(c.disk_id)
+                    .filter(|_| self.attached.contains(&c.disk_id))
+                else {
                     return Some(forbidden(&state, identity, c.disk_id, "cut"));
-                }
-                state.groups.reply(c);
+                };
+                state.groups.reply(&d.attach.group_id, c);
                 None
             }
             Message::Ignored { .. } => None,

@@ -34,8 +34,9 @@
 //!                    // Hold (1, PS→agent) → Held (2, lsn: the last LSN before the hold) or
 //!                    // Refused (6, tag: why); then Mark (3, PS→agent, tag) → Marked (5, lsn:
 //!                    // the marker bookmark's, hold_us: how long writes waited) or Release
-//!                    // (4, PS→agent: the cut is abandoned, take no marker). flags bit 0:
-//!                    // app-consistent (the filesystem is frozen while held).
+//!                    // (4, PS→agent: the cut is abandoned, take no marker), answered by
+//!                    // Released (7, hold_us), also sent when the agent's own hold limit
+//!                    // ends a hold. flags bit 0: app-consistent.
 //! RemoteDurable = 0x8001 { disk_id: u64, lsn: u64 }  // ignorable: every item up to lsn is
 //!                                                    // durable on the master target
 //! ```
@@ -352,6 +353,9 @@ pub enum CutPhase {
     Marked = 5,
     /// Agent to process server: this disk cannot take part (`tag` says why).
     Refused = 6,
+    /// Agent to process server: it went on without a marker (released, or its own hold
+    /// limit passed) after holding writes `hold_us`.
+    Released = 7,
 }
 
 /// Flag of a [`Cut`]: app-consistent (filesystems frozen while held).
@@ -370,7 +374,7 @@ pub struct Cut {
     pub lsn: u64,
     /// [`CUT_APP_CONSISTENT`].
     pub flags: u8,
-    /// Marked: how long new writes waited, microseconds; else 0.
+    /// Marked, Released: how long new writes waited, microseconds; else 0.
     pub hold_us: u64,
     /// Mark: the bookmark's tag; Refused: why; else "".
     pub tag: String,

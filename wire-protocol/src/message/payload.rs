@@ -196,6 +196,7 @@ fn decode_fields(msg_type: u16, r: &mut Reader) -> Result<Message> {
                 4 => CutPhase::Release,
                 5 => CutPhase::Marked,
                 6 => CutPhase::Refused,
+                7 => CutPhase::Released,
                 v => return Err(invalid("cut phase", v)),
             },
             disk_id: r.u64()?,
