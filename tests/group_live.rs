@@ -302,3 +302,129 @@ fn no_group_point_holds_an_effect_without_its_cause_under_the_crash_loop() {
         "the group points hold the application's records ({newest_b})"
     );
 }
+
+/// `failback master-target`'s output must be of a command that succeeded.
+fn debugfs_cat(image: &Path, file: &str) -> Option<String> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{file}")])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+#[test]
+fn an_app_consistent_group_bookmark_freezes_every_vms_filesystem() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
+    c.ps_extra = vec![
+        "--group=erp=vm1,vm2".into(),
+        "--group-cut-interval-s=86400".into(),
+    ];
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let _guard = MountGuard(vec![mount_dir(&c, 1), mount_dir(&c, 2)]);
+    let mut vms = Vec::new();
+    for disk in [1u64, 2] {
+        let app = c.dir.join(format!("app-{disk}"));
+        let freeze = format!("--freeze-on-group-bookmark={}", app.display());
+        let log = c.dir.join(format!("logs/agent-{disk}.log"));
+        let agent = live::start_protect(
+            &c,
+            disk,
+            &source(&c, disk),
+            "64MiB",
+            (&mount_dir(&c, disk), &["--group=erp", &freeze]),
+            &log,
+        )
+        .unwrap();
+        let lo = live::Loop::attach(&mount_dir(&c, disk).join("disk.img"), false).unwrap();
+        live::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev)).unwrap();
+        let fs = live::Mounted::mount(&lo.dev, &app, false).unwrap();
+        // Written, never fsynced: only the freeze puts it on the disk before the cut.
+        std::fs::write(
+            app.join("before.txt"),
+            format!("vm{disk} before the bookmark\n"),
+        )
+        .unwrap();
+        vms.push((disk, agent, lo, fs));
+    }
+    let (ok, out, err) = (|| {
+        let o = Command::new(BIN)
+            .args([
+                "process-server",
+                "group-bookmark",
+                "--group=erp",
+                "--tag=frozen",
+            ])
+            .arg(format!("--admin={}", c.ps_admin))
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    })();
+    assert!(ok, "{out}{err}\n{}", c.log_tails(30));
+    for (disk, _, _, fs) in &vms {
+        std::fs::write(fs.dir.join("after.txt"), format!("vm{disk} after\n")).unwrap();
+    }
+    let mut ends = Vec::new();
+    for (disk, agent, lo, fs) in vms {
+        fs.unmount().unwrap();
+        lo.detach().unwrap();
+        live::run(Command::new("umount").arg(mount_dir(&c, disk))).unwrap();
+        ends.push((disk, finish(&c, disk, agent)));
+    }
+    for (disk, r) in &ends {
+        c.wait_durable(
+            *disk,
+            r["last_lsn"].as_u64().unwrap(),
+            Duration::from_secs(120),
+            |_| {},
+        )
+        .unwrap();
+        c.detach(*disk).unwrap();
+    }
+    let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
+    args.extend(c.mt_dirs());
+    let listed = c.mt_cmd(&args).unwrap();
+    let p: serde_json::Value = listed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|p| p["tag"] == "frozen")
+        .unwrap_or_else(|| panic!("the frozen group point is listed: {listed}"));
+    assert_eq!(p["kind"], "app-consistent");
+    let out = c.dir.join("frozen");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut args = vec![
+        "export".to_owned(),
+        "--group=erp".into(),
+        format!("--point={}", p["id"]),
+        format!("--out={}", out.display()),
+    ];
+    args.extend(c.mt_dirs());
+    c.mt_cmd(&args).unwrap();
+    for disk in [1u64, 2] {
+        let img = out.join(format!("vm{disk}-disk-{disk}.img"));
+        // Frozen at the cut: the journal was checkpointed and the filesystem is clean, with
+        // the file written before the bookmark and not the one after.
+        let sb = live::run(Command::new("dumpe2fs").arg("-h").arg(&img)).unwrap();
+        assert!(
+            !sb.contains("needs_recovery"),
+            "vm{disk}: the filesystem was frozen at the cut: {sb}"
+        );
+        live::run(Command::new("e2fsck").arg("-fn").arg(&img)).unwrap();
+        assert_eq!(
+            debugfs_cat(&img, "before.txt").as_deref(),
+            Some(format!("vm{disk} before the bookmark\n").as_str())
+        );
+        assert_eq!(debugfs_cat(&img, "after.txt"), None);
+    }
+}

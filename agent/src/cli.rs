@@ -58,6 +58,12 @@ pub struct DiskArgs {
     /// has the same one).
     #[arg(long, default_value = std::env::consts::OS)]
     pub os_type: String,
+    /// A filesystem (its mountpoint; repeat for several) frozen for each app-consistent
+    /// bookmark of the group (process-server group-bookmark): flushed and still while the
+    /// group is cut, thawed at once after. Never the filesystem holding --source or
+    /// --state-dir.
+    #[arg(long, requires = "group")]
+    pub freeze_on_group_bookmark: Vec<PathBuf>,
     /// The process server, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:7444")]
     pub process_server: String,
@@ -283,7 +289,11 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
         &d.state_dir,
         Duration::from_secs(120),
     )
-    .await;
+    .await
+    .map(|mut e| {
+        e.freeze_on_cut.clone_from(&d.freeze_on_group_bookmark);
+        e
+    });
     if started.is_err() && created {
         // A run that never started leaves no empty disk behind.
         let _ = std::fs::remove_file(&d.source);

@@ -22,6 +22,7 @@ pub use crate::stream::{BATCH_BYTES, BATCH_WRITES};
 
 mod cut;
 pub use cut::HOLD_MAX_MS;
+pub use cut::{FreezeResult, Freezing};
 const _: () = assert!(
     DIGEST_BLOCK_BYTES as usize <= MAX_BATCH_DATA_LEN,
     "a resync block fits a batch"
@@ -114,6 +115,8 @@ pub enum Wake {
     Control(control::Request),
     /// A cut step: [`Engine::serve_cut`].
     Cut(wire_protocol::Cut),
+    /// A group cut's filesystems are frozen: [`Engine::serve_frozen`].
+    Frozen(FreezeResult),
 }
 
 /// Counters of a run.
@@ -170,6 +173,10 @@ pub struct Engine {
     waits: Vec<Wait>,
     /// Counters.
     pub stats: RunStats,
+    /// Filesystems frozen for an app-consistent group cut (`--freeze-on-group-bookmark`).
+    pub freeze_on_cut: Vec<PathBuf>,
+    /// An app-consistent cut waiting for its freeze.
+    freezing: Option<Freezing>,
 }
 
 fn now_us() -> u64 {
@@ -252,6 +259,8 @@ impl Engine {
             marked_capturing: false,
             waits: Vec::new(),
             stats: RunStats::default(),
+            freeze_on_cut: Vec::new(),
+            freezing: None,
         })
     }
 
@@ -516,9 +525,28 @@ impl Engine {
     /// The next request from `agent bookmark` or step of a replication group's cut, for a
     /// loop that waits on other things too (cancel-safe).
     pub async fn next_request(&mut self) -> Wake {
+        let freezing = async {
+            match self.freezing.as_mut() {
+                Some(f) => f.done().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(r) = self.control.recv() => Wake::Control(r),
             c = self.link.next_cut() => Wake::Cut(c),
+            r = freezing => Wake::Frozen(r),
+        }
+    }
+
+    /// Serves what woke [`Engine::next_request`].
+    pub async fn serve_wake(&mut self, w: Wake) -> Result<()> {
+        match w {
+            Wake::Control(r) => {
+                self.accept_control(r);
+                self.serve_control().await
+            }
+            Wake::Cut(c) => self.serve_cut(c).await,
+            Wake::Frozen(r) => self.serve_frozen(r).await,
         }
     }
 
@@ -597,7 +625,7 @@ impl Engine {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                c = self.link.next_cut() => self.serve_cut(c).await?,
+                w = self.next_request() => self.serve_wake(w).await?,
                 _ = tokio::time::sleep(Duration::from_millis(crate::replay::CONTROL_EVERY_MS)) => {
                     self.serve_control().await?;
                     self.link.poll().await;

@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::capture::{CaptureFs, Op};
-use crate::engine::{Engine, Resync, Wake};
+use crate::engine::{Engine, Resync};
 use crate::error::{Error, IoContext, Result};
 use crate::replay::CONTROL_EVERY_MS;
 
@@ -96,15 +96,9 @@ pub async fn protect(
                 Some(op) => handle(engine, op, &mut sum).await?,
                 None => break,
             },
-            w = engine.next_request() => match w {
-                Wake::Control(r) => {
-                    engine.accept_control(r);
-                    engine.serve_control().await?;
-                }
-                // A replication group's cut: writes wait (the FUSE thread waits for the
-                // engine) until it is marked or released.
-                Wake::Cut(c) => engine.serve_cut(c).await?,
-            },
+            // A bookmark request, or a replication group's cut: while a cut holds, writes
+            // wait (the FUSE thread waits for the engine) until it is marked or released.
+            w = engine.next_request() => engine.serve_wake(w).await?,
             _ = tick.tick() => between_writes(engine, &mut resync).await?,
             () = stop.notified() => match &holders {
                 // The loop devices on the disk are named before the detach hides its path.

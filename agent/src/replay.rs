@@ -176,7 +176,7 @@ async fn wait_until(engine: &mut Engine, started: Instant, due: Duration) -> Res
         tokio::select! {
             _ = tokio::time::sleep(wait.min(Duration::from_millis(CONTROL_EVERY_MS))) => {}
             // A replication group's cut is served at once: its members wait for this one.
-            c = engine.link.next_cut() => engine.serve_cut(c).await?,
+            w = engine.next_request() => engine.serve_wake(w).await?,
         }
         engine.serve_control().await?;
     }

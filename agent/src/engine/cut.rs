@@ -15,6 +15,11 @@
 //!   goes on, and a Mark that comes later is refused (the cut is abandoned, never half-made).
 //! - A disk that is not consistent on the target (resync under way, dirty regions waiting)
 //!   refuses at once, with the reason.
+//! - An app-consistent cut freezes the agent's `--freeze-on-group-bookmark` filesystems
+//!   first, in a thread, while the engine goes on serving writes (a filesystem on a
+//!   captured disk flushes through it); the hold begins once they are frozen, and they are
+//!   thawed, from a thread too (a thaw writes the superblock), as soon as the marker is
+//!   placed or the cut is given up.
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +27,7 @@ use wire_protocol::{BookmarkKind, Cut, CutPhase, CUT_APP_CONSISTENT};
 
 use super::{now_us, BookmarkRecord, Engine};
 use crate::error::Result;
+use crate::freeze::Frozen;
 use crate::source::hex;
 
 /// The longest an agent holds new writes for a cut, whatever the process server does. The
@@ -31,12 +37,62 @@ use crate::source::hex;
 pub const HOLD_MAX_MS: u64 = 2_000;
 
 impl Engine {
-    /// Serves every cut message already received (between two writes of a replay).
+    /// Serves every cut message already received, and a freeze that completed (between two
+    /// writes of a replay).
     pub async fn serve_cuts(&mut self) -> Result<()> {
         while let Some(c) = self.link.try_cut() {
             self.serve_cut(c).await?;
         }
+        let done = self.freezing.as_mut().and_then(|f| f.done.try_recv().ok());
+        if let Some(r) = done {
+            self.serve_frozen(r).await?;
+        }
         Ok(())
+    }
+
+    /// Freezes the filesystems of an app-consistent cut in a thread of its own, while this
+    /// engine goes on serving writes (a filesystem on a captured disk flushes through it):
+    /// the hold begins once they are frozen ([`Engine::serve_frozen`]).
+    fn start_freeze(&mut self, hold: Cut) {
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let (mounts, state_dir) = (self.freeze_on_cut.clone(), self.state_dir.clone());
+        std::thread::spawn(move || {
+            // Checked now, not at start: a filesystem on the captured disk is mounted after
+            // the agent starts serving it.
+            let r = crate::freeze::check_targets(&mounts, &state_dir)
+                .and_then(|()| Frozen::freeze(&mounts));
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        self.freezing = Some(Freezing {
+            hold,
+            started: Instant::now(),
+            done,
+            cancelled: false,
+        });
+    }
+
+    /// The filesystems of a cut are frozen (or could not be): hold, mark, thaw.
+    pub async fn serve_frozen(&mut self, r: FreezeResult) -> Result<()> {
+        let Some(f) = self.freezing.take() else {
+            return Ok(());
+        };
+        match r {
+            Err(why) => {
+                self.refuse(&f.hold, &why).await;
+                Ok(())
+            }
+            // The process server gave the cut up meanwhile: thawed at once.
+            Ok(frozen) if f.cancelled => {
+                drop(ThawApart(Some(frozen)));
+                self.released(&f.hold, f.started).await;
+                Ok(())
+            }
+            Ok(frozen) => {
+                // Thawed whatever the hold's outcome, also on an early return.
+                let _thaw = ThawApart(Some(frozen));
+                self.hold(f.hold, f.started).await
+            }
+        }
     }
 
     /// Takes part in a cut that begins with `hold`: holds new writes (by not returning),
@@ -45,7 +101,26 @@ impl Engine {
     /// with a refusal or ignored.
     pub async fn serve_cut(&mut self, hold: Cut) -> Result<()> {
         let started = Instant::now();
+        if let Some(f) = self
+            .freezing
+            .as_mut()
+            .filter(|f| f.hold.cut_id == hold.cut_id)
+        {
+            // Released (or anything else) while freezing: give the cut up once frozen.
+            f.cancelled = true;
+            return Ok(());
+        }
         match hold.phase {
+            CutPhase::Hold if self.freezing.is_some() => {
+                self.refuse(&hold, "busy freezing for an earlier cut").await;
+                return Ok(());
+            }
+            CutPhase::Hold
+                if hold.flags & CUT_APP_CONSISTENT != 0 && !self.freeze_on_cut.is_empty() =>
+            {
+                self.start_freeze(hold);
+                return Ok(());
+            }
             CutPhase::Hold => {}
             CutPhase::Mark => {
                 self.refuse(&hold, "this agent no longer holds writes for the cut (its hold limit passed, or it restarted)").await;
@@ -53,6 +128,12 @@ impl Engine {
             }
             _ => return Ok(()),
         }
+        self.hold(hold, started).await
+    }
+
+    /// Holds new writes (by not returning) from `started`, says where the stream stands,
+    /// and marks the stream when told to.
+    async fn hold(&mut self, hold: Cut, started: Instant) -> Result<()> {
         // Writes already captured take their LSNs before the hold's position is reported.
         self.flush().await?;
         if let Some(why) = self.not_consistent() {
@@ -188,5 +269,43 @@ impl Engine {
                 ..c.clone()
             })
             .await;
+    }
+}
+
+/// A freeze's outcome: the frozen filesystems, or why not.
+pub type FreezeResult = std::result::Result<Frozen, String>;
+
+/// An app-consistent cut whose filesystems are being frozen.
+pub struct Freezing {
+    hold: Cut,
+    started: Instant,
+    done: tokio::sync::oneshot::Receiver<FreezeResult>,
+    /// The process server ended the cut meanwhile.
+    cancelled: bool,
+}
+
+impl Freezing {
+    /// Waits for the freeze (cancel-safe).
+    pub async fn done(&mut self) -> FreezeResult {
+        (&mut self.done)
+            .await
+            .unwrap_or_else(|_| Err("the freeze thread ended without an answer".into()))
+    }
+}
+
+/// Thaws in a thread of its own when dropped: a thaw writes the filesystem's superblock,
+/// which on a captured disk goes through this engine, so thawing on the engine's own task
+/// would wait on itself.
+struct ThawApart(Option<Frozen>);
+
+impl Drop for ThawApart {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            std::thread::spawn(move || {
+                if let Err(e) = f.thaw() {
+                    tracing::error!(error = %e, "thaw after a group cut failed");
+                }
+            });
+        }
     }
 }
