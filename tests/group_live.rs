@@ -303,7 +303,7 @@ fn no_group_point_holds_an_effect_without_its_cause_under_the_crash_loop() {
     );
 }
 
-/// `failback master-target`'s output must be of a command that succeeded.
+/// A file's content read from an ext4 image with debugfs (None: absent).
 fn debugfs_cat(image: &Path, file: &str) -> Option<String> {
     let out = Command::new("debugfs")
         .args(["-R", &format!("cat /{file}")])
@@ -354,24 +354,23 @@ fn an_app_consistent_group_bookmark_freezes_every_vms_filesystem() {
         .unwrap();
         vms.push((disk, agent, lo, fs));
     }
-    let (ok, out, err) = (|| {
-        let o = Command::new(BIN)
-            .args([
-                "process-server",
-                "group-bookmark",
-                "--group=erp",
-                "--tag=frozen",
-            ])
-            .arg(format!("--admin={}", c.ps_admin))
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    })();
-    assert!(ok, "{out}{err}\n{}", c.log_tails(30));
+    let o = Command::new(BIN)
+        .args([
+            "process-server",
+            "group-bookmark",
+            "--group=erp",
+            "--tag=frozen",
+        ])
+        .arg(format!("--admin={}", c.ps_admin))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        c.log_tails(30)
+    );
     for (disk, _, _, fs) in &vms {
         std::fs::write(fs.dir.join("after.txt"), format!("vm{disk} after\n")).unwrap();
     }
