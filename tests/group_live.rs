@@ -28,19 +28,6 @@ const SLOTS: u64 = DISK_BYTES / RECORD_BYTES;
 /// The longest the writer retries a write while an agent restarts.
 const WRITE_RETRY_MAX: Duration = Duration::from_secs(60);
 
-fn can_run() -> bool {
-    let missing = live::missing_tools();
-    if !missing.is_empty() {
-        assert!(
-            std::env::var_os("FAILBACK_REQUIRE_LIVE").is_none(),
-            "FAILBACK_REQUIRE_LIVE is set, but this machine lacks: {}",
-            missing.join(", ")
-        );
-        eprintln!("live group tests need: {}", missing.join(", "));
-    }
-    missing.is_empty()
-}
-
 /// Clears the test's FUSE mounts whatever happens.
 struct MountGuard(Vec<PathBuf>);
 
@@ -121,7 +108,7 @@ fn write_retrying(dir: &Path, offset: u64, rec: &[u8], stop: &AtomicBool) -> boo
 
 #[test]
 fn no_group_point_holds_an_effect_without_its_cause_under_the_crash_loop() {
-    if !can_run() {
+    if !live_can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -233,23 +220,8 @@ fn no_group_point_holds_an_effect_without_its_cause_under_the_crash_loop() {
         live::run(Command::new("umount").arg(mount_dir(&c, disk))).unwrap();
         reports.push(finish(&c, disk, child));
     }
-    for (disk, r) in [1, 2].into_iter().zip(&reports) {
-        c.wait_durable(
-            disk,
-            r["last_lsn"].as_u64().unwrap(),
-            Duration::from_secs(180),
-            |_| {},
-        )
-        .unwrap();
-        c.detach(disk).unwrap();
-    }
-    let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
-    args.extend(c.mt_dirs());
-    let listed = c.mt_cmd(&args).unwrap();
-    let points: Vec<serde_json::Value> = listed
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    drain_and_detach(&c, &[(1, &reports[0]), (2, &reports[1])]);
+    let (points, listed) = group_points(&c, "erp");
     assert!(
         points.len() >= 5,
         "group points made across the faults: {listed}"
@@ -266,15 +238,7 @@ fn no_group_point_holds_an_effect_without_its_cause_under_the_crash_loop() {
         if out.exists() {
             continue;
         }
-        std::fs::create_dir_all(&out).unwrap();
-        let mut args = vec![
-            "export".to_owned(),
-            "--group=erp".into(),
-            format!("--point={}", p["id"]),
-            format!("--out={}", out.display()),
-        ];
-        args.extend(c.mt_dirs());
-        c.mt_cmd(&args).unwrap();
+        export_group(&c, "erp", &p["id"].to_string(), &out).unwrap();
         let (img_a, img_b) = (out.join("vm1-disk-1.img"), out.join("vm2-disk-2.img"));
         let (sa, sb) = (slots(&img_a), slots(&img_b));
         for (s, (ra, rb)) in sa.iter().zip(&sb).enumerate() {
@@ -316,7 +280,7 @@ fn debugfs_cat(image: &Path, file: &str) -> Option<String> {
 
 #[test]
 fn an_app_consistent_group_bookmark_freezes_every_vms_filesystem() {
-    if !can_run() {
+    if !live_can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -391,25 +355,14 @@ fn an_app_consistent_group_bookmark_freezes_every_vms_filesystem() {
         .unwrap();
         c.detach(*disk).unwrap();
     }
-    let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
-    args.extend(c.mt_dirs());
-    let listed = c.mt_cmd(&args).unwrap();
-    let p: serde_json::Value = listed
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let (points, listed) = group_points(&c, "erp");
+    let p = points
+        .iter()
         .find(|p| p["tag"] == "frozen")
         .unwrap_or_else(|| panic!("the frozen group point is listed: {listed}"));
     assert_eq!(p["kind"], "app-consistent");
     let out = c.dir.join("frozen");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut args = vec![
-        "export".to_owned(),
-        "--group=erp".into(),
-        format!("--point={}", p["id"]),
-        format!("--out={}", out.display()),
-    ];
-    args.extend(c.mt_dirs());
-    c.mt_cmd(&args).unwrap();
+    export_group(&c, "erp", &p["id"].to_string(), &out).unwrap();
     for disk in [1u64, 2] {
         let img = out.join(format!("vm{disk}-disk-{disk}.img"));
         // Frozen at the cut: the journal was checkpointed and the filesystem is clean, with

@@ -99,23 +99,8 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
         .unwrap()
         .contains("not connected"));
 
-    for (disk, r) in [(1, &ra), (2, &rb)] {
-        c.wait_durable(
-            disk,
-            r["last_lsn"].as_u64().unwrap(),
-            Duration::from_secs(120),
-            |_| {},
-        )
-        .unwrap();
-        c.detach(disk).unwrap();
-    }
-    let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
-    args.extend(c.mt_dirs());
-    let listed = c.mt_cmd(&args).unwrap();
-    let points: Vec<serde_json::Value> = listed
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    drain_and_detach(&c, &[(1, &ra), (2, &rb)]);
+    let (points, listed) = group_points(&c, "erp");
     assert!(points.len() >= 3, "group points: {listed}");
     let tagged = points
         .iter()
@@ -123,6 +108,16 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
         .unwrap_or_else(|| panic!("the tagged group point is listed: {listed}"));
     assert_eq!(tagged["tag"], "before-upgrade");
     assert_eq!(tagged["kind"], "app-consistent");
+    // A group is exported whole or not at all: one output in the way, nothing written.
+    let blocked = c.dir.join("blocked");
+    std::fs::create_dir_all(&blocked).unwrap();
+    std::fs::write(blocked.join("vm2-disk-2.img"), b"keep me").unwrap();
+    assert!(export_group(&c, "erp", "latest", &blocked).is_err());
+    assert!(!blocked.join("vm1-disk-1.img").exists(), "nothing written");
+    assert_eq!(
+        std::fs::read(blocked.join("vm2-disk-2.img")).unwrap(),
+        b"keep me"
+    );
     // Every group point, exported whole, is each disk exactly as its agent held it.
     let records: Vec<_> = [1, 2]
         .iter()
@@ -130,15 +125,7 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
         .collect();
     for p in &points {
         let out = c.dir.join(format!("group-{}", p["id"]));
-        std::fs::create_dir_all(&out).unwrap();
-        let mut args = vec![
-            "export".to_owned(),
-            "--group=erp".into(),
-            format!("--point={}", p["id"]),
-            format!("--out={}", out.display()),
-        ];
-        args.extend(c.mt_dirs());
-        c.mt_cmd(&args).unwrap();
+        export_group(&c, "erp", &p["id"].to_string(), &out).unwrap();
         let members = p["members"].as_array().unwrap();
         assert_eq!(members.len(), 2, "{p}");
         for m in members {
@@ -169,6 +156,7 @@ fn a_group_refuses_members_that_break_its_rules() {
             ))
             .arg("--format=disksim-ns")
             .arg("--max-writes=20")
+            .arg("--connect-timeout-s=2")
             .args(extra)
             .output()
             .unwrap();
@@ -274,21 +262,11 @@ fn a_cut_with_a_stalled_member_is_abandoned_in_bounded_time_and_never_half_made(
         )
         .unwrap();
     }
-    let mut args = vec!["points".to_owned(), "--group=erp".into(), "--json".into()];
-    args.extend(c.mt_dirs());
-    let listed = c.mt_cmd(&args).unwrap();
-    let tags: Vec<String> = listed
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["tag"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert!(tags.contains(&"after".to_owned()), "{listed}");
+    let (points, listed) = group_points(&c, "erp");
+    let tags: Vec<&str> = points.iter().map(|p| p["tag"].as_str().unwrap()).collect();
+    assert!(tags.contains(&"after"), "{listed}");
     assert!(
-        !tags.contains(&"stalled".to_owned()),
+        !tags.contains(&"stalled"),
         "an abandoned cut is no group point: {listed}"
     );
 }
@@ -327,5 +305,75 @@ fn the_group_demo_fails_back_both_vms_and_checks_two_group_points() {
             .join(format!("onprem/{vm}/{vm}-disk{disk}-flat.vmdk"))
             .is_file());
         qemu_img(&["check", desc.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn a_process_server_restarted_without_the_group_never_stops_its_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = group_cluster(dir.path());
+    let group = format!("--group={GROUP}");
+    let mut agents: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|d| {
+            replay(
+                &c,
+                d,
+                "tpcc-small.disksim",
+                "disksim-ns",
+                &[&group, "--max-writes=200", "--stay"],
+            )
+        })
+        .collect();
+    let bookmark = |c: &Cluster, tag: &str| {
+        run(&[
+            "process-server",
+            "group-bookmark",
+            &format!("--admin={}", c.ps_admin),
+            "--group=erp",
+            &format!("--tag={tag}"),
+        ])
+        .0
+    };
+    let until_made = |c: &Cluster, tag: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !bookmark(c, tag) {
+            assert!(
+                Instant::now() < deadline,
+                "no group bookmark {tag}: {}",
+                c.log_tails(20)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    until_made(&c, "first");
+    // The operator restarts the process server with the group left out of its settings:
+    // the agents are refused as "not ready" and keep running (a live disk keeps serving
+    // its VM), however long it takes.
+    c.kill_ps();
+    c.ps_extra.clear();
+    c.start_ps().unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    for a in &mut agents {
+        assert!(
+            a.try_wait().unwrap().is_none(),
+            "an agent stopped: {}",
+            c.log_tails(20)
+        );
+    }
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-1.log")).unwrap();
+    assert!(log.contains("not configured"), "the agent says why: {log}");
+    // Put back, the idle agents attach again by themselves and the group is cut again.
+    c.kill_ps();
+    c.ps_extra = vec![
+        format!("--group={GROUP}=vm1,vm2"),
+        "--group-cut-interval-s=1".into(),
+    ];
+    c.start_ps().unwrap();
+    until_made(&c, "after");
+    for (disk, a) in [1, 2].into_iter().zip(agents) {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+        finish(&c, disk, a);
     }
 }

@@ -18,20 +18,6 @@ const DISK: &str = "256MiB";
 /// The application's directory on the filesystem.
 const APP_DIR: &str = "db";
 
-fn can_run() -> bool {
-    let missing = live::missing_tools();
-    if !missing.is_empty() {
-        // CI sets it: there a skipped live test would hide a broken capture path.
-        assert!(
-            std::env::var_os("FAILBACK_REQUIRE_LIVE").is_none(),
-            "FAILBACK_REQUIRE_LIVE is set, but this machine lacks: {}",
-            missing.join(", ")
-        );
-        eprintln!("live capture tests need: {}", missing.join(", "));
-    }
-    missing.is_empty()
-}
-
 /// The real file tree untarred onto the filesystem: this repository's agent sources.
 fn tree() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("agent")
@@ -182,7 +168,7 @@ fn point_of(c: &Cluster, tag: &str) -> String {
 
 #[test]
 fn a_live_filesystem_fails_back_with_its_database_and_files_intact() {
-    if !can_run() {
+    if !live_can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -255,7 +241,7 @@ fn committed_now(db: &Path) -> Committed {
 
 #[test]
 fn a_live_filesystem_survives_kills_of_the_agent_the_services_and_the_application() {
-    if !can_run() {
+    if !live_can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -155,6 +155,7 @@ fn an_agent_can_touch_its_own_vms_disks_and_nothing_else() {
                 kind: BookmarkKind::ResyncStarted,
                 time_us: 1,
                 group_marker: 0,
+                group_members: 0,
                 tag: "evil".into(),
             }),
         )

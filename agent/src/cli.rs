@@ -64,6 +64,10 @@ pub struct DiskArgs {
     /// --state-dir.
     #[arg(long, requires = "group")]
     pub freeze_on_group_bookmark: Vec<PathBuf>,
+    /// How long the first attach keeps trying while the process server answers "not
+    /// ready" or cannot be reached (after that the agent stops with the last answer).
+    #[arg(long, default_value_t = 120)]
+    pub connect_timeout_s: u64,
     /// The process server, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:7444")]
     pub process_server: String,
@@ -287,7 +291,7 @@ pub async fn engine(d: &DiskArgs) -> Result<Engine> {
         source,
         d.disk_id,
         &d.state_dir,
-        Duration::from_secs(120),
+        Duration::from_secs(d.connect_timeout_s),
     )
     .await
     .map(|mut e| {

@@ -385,11 +385,17 @@ impl Engine {
     }
 
     async fn marker(&mut self, kind: BookmarkKind, tag: &str) -> Result<u64> {
-        self.group_marker(kind, tag, 0).await
+        self.group_marker(kind, tag, (0, 0)).await
     }
 
-    /// A bookmark in the stream, with a replication group's cut id (0: none).
-    async fn group_marker(&mut self, kind: BookmarkKind, tag: &str, cut_id: u64) -> Result<u64> {
+    /// A bookmark in the stream, with a replication group's cut id and how many disks the
+    /// cut covers ((0, 0): none).
+    async fn group_marker(
+        &mut self,
+        kind: BookmarkKind,
+        tag: &str,
+        (cut_id, members): (u64, u32),
+    ) -> Result<u64> {
         self.flush().await?;
         let lsn = self.batcher.take_lsns(self.link.acked_lsn(), 1);
         let time_us = now_us();
@@ -399,6 +405,7 @@ impl Engine {
             kind,
             time_us,
             group_marker: cut_id,
+            group_members: members,
             tag: tag.to_owned(),
         });
         match self.link.send(msg, lsn, lsn, 0).await {

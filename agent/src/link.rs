@@ -342,12 +342,15 @@ impl Link {
 
     /// Handles every event already received, without waiting; makes the link again (when
     /// the backoff allows) if it is down while anything waits for an ack, so an agent with
-    /// no new writes does not hold its window forever after the process server closed.
+    /// no new writes does not hold its window forever after the process server closed (and
+    /// always for a replication group's member).
     pub async fn poll(&mut self) {
         while let Some(m) = self.try_event() {
             self.handle(m).await;
         }
-        if !self.is_up() && !self.window.is_empty() {
+        // A replication group's member reconnects even when idle: the group's cuts wait
+        // for every member.
+        if !self.is_up() && (!self.window.is_empty() || !self.attach.group_id.is_empty()) {
             self.ensure_up().await;
         }
     }

@@ -337,6 +337,7 @@ mod tests {
             kind: wire_protocol::BookmarkKind::AppConsistent,
             time_us: 0,
             group_marker: 0,
+            group_members: 0,
             tag: String::new(),
         })
     }

@@ -358,7 +358,8 @@ impl Applier {
                         tracing::warn!(disk = self.disk_id, tag = %b.tag, "bookmark during a resync is not a consistent point; skipped");
                         continue;
                     }
-                    points.push((b.lsn, b.time_us, kind, b.tag.clone(), b.group_marker));
+                    let group = (b.group_marker, b.group_members);
+                    points.push((b.lsn, b.time_us, kind, b.tag.clone(), group));
                     self.last_point_time_us = b.time_us;
                 }
             }
@@ -375,7 +376,7 @@ impl Applier {
                 last_time_us,
                 PointKind::CrashConsistent,
                 String::new(),
-                0,
+                (0, 0),
             ));
             self.last_point_time_us = last_time_us;
         }
@@ -593,7 +594,7 @@ fn point_kind(kind: BookmarkKind) -> PointKind {
 
 /// Whether a resync is under way after `points` (the newest resync marker among them says;
 /// none: as the journal was before them). No consistent point is made during a resync.
-fn resyncing_after(points: &[(u64, u64, PointKind, String, u64)], before: bool) -> bool {
+fn resyncing_after(points: &[crate::journal::NewPoint], before: bool) -> bool {
     points
         .iter()
         .rev()

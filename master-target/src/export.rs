@@ -228,6 +228,7 @@ pub fn select(points: &[Point], committed_lsn: u64, sel: &PointSel) -> Result<Po
             kind: PointKind::CrashConsistent,
             tag: "latest".into(),
             group_marker: 0,
+            group_members: 0,
         }),
         PointSel::LatestApp => points
             .iter()
@@ -437,6 +438,26 @@ fn export_uuid(replicated: &str, lsn: u64, keep: bool) -> [u8; 16] {
         .expect("32 bytes")
 }
 
+/// Checks an export's output files before anything is written (see [`check_output`]);
+/// returns where the data goes (the flat extent, for a VMDK).
+pub fn check_outputs(
+    data_dir: &Path,
+    retention_dir: &Path,
+    reg: &Registry,
+    out: &Path,
+    format: Format,
+    force: bool,
+) -> Result<PathBuf> {
+    let data_out = data_path(out, format)?;
+    let known = known_files(reg);
+    let service_dirs = [data_dir, retention_dir];
+    check_output(&data_out, &known, &service_dirs, force)?;
+    if format == Format::Vmdk {
+        check_output(out, &known, &service_dirs, force)?;
+    }
+    Ok(data_out)
+}
+
 /// Writes disk `disk_id` as it was at `sel` into `out` (and, for a VMDK, its flat extent
 /// beside it). Returns what was written.
 pub fn export(
@@ -453,13 +474,7 @@ pub fn export(
         .get(disk_id)
         .ok_or_else(|| not_listed(data_dir, disk_id))?
         .clone();
-    let data_out = data_path(out, format)?;
-    let known = known_files(&reg);
-    let service_dirs = [data_dir, retention_dir];
-    check_output(&data_out, &known, &service_dirs, opts.force)?;
-    if format == Format::Vmdk {
-        check_output(out, &known, &service_dirs, opts.force)?;
-    }
+    let data_out = check_outputs(data_dir, retention_dir, &reg, out, format, opts.force)?;
     let (disk, journal) = open(data_dir, retention_dir, disk_id)?;
     let point = select(journal.points(), journal.committed_lsn(), sel)?;
     let size = disk.size_bytes();

@@ -2,11 +2,14 @@
 //!
 //! The process server cuts a group's streams together (`process-server/src/groups.rs`);
 //! each disk's marker becomes an ordinary point of that disk, carrying the cut's id as its
-//! `group_marker`. A group point is a cut id present among the points of **every** disk of
-//! the group: each of those points exists only once its disk durably applied up to it, so a
-//! group point exists only when all of them do, and a cut that was abandoned half-way (a
-//! marker on some disks, not on all) is never one. Nothing else is stored: the journals are
-//! the record, so group points survive restarts and are pruned with their disks' points.
+//! `group_marker` and how many disks the cut covers as its `group_members`. A group point
+//! is a cut id whose marker **every** disk of the cut holds (as many of the group's disks
+//! as `group_members` says): each of those points exists only once its disk durably applied
+//! up to it, so a group point exists only when all of them do, and a cut abandoned half-way
+//! (a marker on some disks, not on all) is never one. A disk that joins the group later
+//! changes no earlier group point. Only a disk's first marker of a cut counts. Nothing else
+//! is stored: the journals are the record, so group points survive restarts and are pruned
+//! with their disks' points.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -58,25 +61,41 @@ pub fn list(data_dir: &Path, retention_dir: &Path, group: &str) -> Result<Vec<Gr
             data_dir.display()
         )));
     }
-    // Cut id → each disk's point of it.
-    let mut cuts: BTreeMap<u64, Vec<Member>> = BTreeMap::new();
+    let mut per_disk = Vec::new();
     for d in &disks {
         let dir = Disks::journal_dir(retention_dir, d.disk_id);
         let (points, _) = crate::journal::inspect(&dir)?;
+        per_disk.push((d.disk_id, d.vm_id.clone(), points));
+    }
+    Ok(whole(group, per_disk))
+}
+
+/// The group points among the disks' points (each disk: id, VM, its points oldest first),
+/// oldest first.
+pub fn whole(group: &str, per_disk: Vec<(u64, String, Vec<Point>)>) -> Vec<GroupPoint> {
+    // Cut id → each disk's first point of it (a later marker with the same cut id, which
+    // only a compromised agent would place, changes nothing).
+    let mut cuts: BTreeMap<u64, Vec<Member>> = BTreeMap::new();
+    for (disk, vm, points) in per_disk {
         for p in points.into_iter().filter(|p| p.group_marker != 0) {
-            cuts.entry(p.group_marker).or_default().push(Member {
-                disk: d.disk_id,
-                vm: d.vm_id.clone(),
-                point: p,
-            });
+            let members = cuts.entry(p.group_marker).or_default();
+            if !members.iter().any(|m| m.disk == disk) {
+                members.push(Member {
+                    disk,
+                    vm: vm.clone(),
+                    point: p,
+                });
+            }
         }
     }
+    // Whole: as many disks hold the cut's marker as the cut covered, and they agree on how
+    // many that is. Membership travels with the markers, so a disk that joins the group
+    // (or leaves it) later changes no earlier group point.
     let mut out: Vec<GroupPoint> = cuts
         .into_iter()
         .filter(|(_, m)| {
-            disks
-                .iter()
-                .all(|d| m.iter().filter(|x| x.disk == d.disk_id).count() == 1)
+            let n = m[0].point.group_members;
+            n > 0 && m.len() == n as usize && m.iter().all(|x| x.point.group_members == n)
         })
         .map(|(id, members)| GroupPoint {
             group: group.into(),
@@ -95,7 +114,7 @@ pub fn list(data_dir: &Path, retention_dir: &Path, group: &str) -> Result<Vec<Gr
         })
         .collect();
     out.sort_by_key(|g| (g.time_us, g.id));
-    Ok(out)
+    out
 }
 
 /// Which group point: `latest`, `latest-app` or a group point's id.
@@ -117,8 +136,9 @@ pub fn select(points: &[GroupPoint], sel: &PointSel) -> Result<GroupPoint> {
 }
 
 /// Writes every disk of `group` as it was at one group point into `out_dir`, one file per
-/// disk named `VM-disk-ID.img` (or `.vmdk` with its flat extent). Every disk's lock is
-/// checked before the first is written, so a group is exported whole or not at all.
+/// disk named `VM-disk-ID.img` (or `.vmdk` with its flat extent). Every disk's lock and
+/// every output is checked before the first is written, and a failure after that removes
+/// what this export wrote: a group is exported whole or not at all.
 pub fn export(
     data_dir: &Path,
     retention_dir: &Path,
@@ -136,15 +156,18 @@ pub fn export(
         });
     }
     let reg = Registry::read(data_dir)?;
+    // Everything that can be checked is, before the first disk is written: every disk free
+    // (not served) and every output allowed.
     for m in &point.members {
         let rec = reg.get(m.disk).ok_or(Error::UnknownDisk(m.disk))?;
-        // Fails now, before anything is written, if a disk is still served.
         drop(crate::export::open_disk(&rec.data_path, m.disk)?);
+        let out = member_path(out_dir, m, format);
+        crate::export::check_outputs(data_dir, retention_dir, &reg, &out, format, opts.force)?;
     }
-    let mut done = Vec::new();
+    let mut done: Vec<Exported> = Vec::new();
     for m in &point.members {
         let out = member_path(out_dir, m, format);
-        let e = crate::export::export(
+        match crate::export::export(
             data_dir,
             retention_dir,
             m.disk,
@@ -152,8 +175,17 @@ pub fn export(
             &out,
             format,
             opts,
-        )?;
-        done.push(e);
+        ) {
+            Ok(e) => done.push(e),
+            Err(e) => {
+                // A group is exported whole or not at all: the disks already written by
+                // this export go.
+                for f in done.iter().flat_map(|d| &d.files) {
+                    let _ = std::fs::remove_file(f);
+                }
+                return Err(e);
+            }
+        }
     }
     Ok((point, done))
 }
@@ -166,4 +198,59 @@ pub fn member_path(out_dir: &Path, m: &Member, format: Format) -> PathBuf {
         "img"
     };
     out_dir.join(format!("{}-disk-{}.{ext}", m.vm, m.disk))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(id: u64, lsn: u64, cut: u64, members: u32) -> Point {
+        Point {
+            id,
+            lsn,
+            time_us: lsn,
+            kind: PointKind::CrashConsistent,
+            tag: String::new(),
+            group_marker: cut,
+            group_members: members,
+        }
+    }
+
+    fn ids(v: &[GroupPoint]) -> Vec<u64> {
+        v.iter().map(|g| g.id).collect()
+    }
+
+    #[test]
+    fn a_group_point_needs_every_disk_of_its_cut_and_no_more() {
+        let a = vec![
+            point(1, 10, 100, 2),
+            point(2, 20, 200, 2),
+            point(3, 30, 300, 3),
+        ];
+        let b = vec![point(1, 11, 100, 2), point(2, 25, 300, 3)];
+        // Disk 3 joined the group after cuts 100 and 200: they stay whole.
+        let c = vec![point(1, 5, 300, 3)];
+        let g = whole(
+            "g",
+            vec![(1, "a".into(), a), (2, "b".into(), b), (3, "c".into(), c)],
+        );
+        // Cut 200 reached disk 1 only: never a group point.
+        assert_eq!(ids(&g), vec![100, 300]);
+        assert_eq!(g[1].members.len(), 3);
+    }
+
+    #[test]
+    fn a_forged_later_marker_or_a_disagreeing_count_hides_nothing_and_completes_nothing() {
+        // Disk 2 (a compromised agent) places cut 100's marker again later: its first
+        // counts, and the group point stays.
+        let a = vec![point(1, 10, 100, 2), point(2, 40, 400, 2)];
+        let b = vec![
+            point(1, 11, 100, 2),
+            point(2, 50, 100, 2),
+            point(3, 60, 400, 1),
+        ];
+        let g = whole("g", vec![(1, "a".into(), a), (2, "b".into(), b)]);
+        assert_eq!(ids(&g), vec![100]);
+        assert_eq!(g[0].members[1].point.lsn, 11);
+    }
 }

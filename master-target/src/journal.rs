@@ -25,8 +25,9 @@
 //! Undo   { lsn: u64, timestamp_us: u64, offset: u64, old_data: [u8] }  // bytes write `lsn` overwrote
 //! Commit { lsn: u64, time_us: u64 }     // every item up to lsn is durable on the disk
 //! Point  { id: u64, lsn: u64, time_us: u64, kind: u8, tag_len: u16, tag: [u8; tag_len],
-//!          group_marker: u64 }   // optional (present when non-zero): a replication group's
-//!                                // cut id; older readers ignore it
+//!          group_marker: u64, group_members: u32 }  // optional (present when the marker is
+//!                                // non-zero): a replication group's cut id and how many
+//!                                // disks it covers; older readers ignore them
 //! ```
 //! Every segment starts with a commit record (a checkpoint of the committed LSN), so the
 //! committed LSN is always found in the last segment.
@@ -91,6 +92,10 @@ impl PointKind {
     }
 }
 
+/// A point to record with a commit: its LSN, time, kind, tag, and group cut (marker id,
+/// disks covered; (0, 0) if none).
+pub type NewPoint = (u64, u64, PointKind, String, (u64, u32));
+
 /// A recovery point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Point {
@@ -108,6 +113,13 @@ pub struct Point {
     /// set of points of one cut id, one on every disk of the group.
     #[serde(skip_serializing_if = "is_zero")]
     pub group_marker: u64,
+    /// How many disks the group's cut covers (with `group_marker`).
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub group_members: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -249,6 +261,7 @@ fn encode_point(p: &Point, out: &mut Vec<u8>) {
     // Optional trailing field: a reader from before replication groups ignores it.
     if p.group_marker != 0 {
         body.extend_from_slice(&p.group_marker.to_be_bytes());
+        body.extend_from_slice(&p.group_members.to_be_bytes());
     }
     encode(KIND_POINT, &body, out);
 }
@@ -381,6 +394,9 @@ fn record_at(
                 kind,
                 tag: String::from_utf8_lossy(tag).into_owned(),
                 group_marker: body.get(27 + tag_len..35 + tag_len).map_or(0, be64),
+                group_members: body
+                    .get(35 + tag_len..39 + tag_len)
+                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes"))),
             })
         }
         _ => return Ok(None),
@@ -1009,16 +1025,11 @@ impl Journal {
 
     /// Records that everything up to `lsn` is durable on the disk, with the new `points`, and
     /// makes it durable. Rotates the segment when it is full.
-    pub fn commit(
-        &mut self,
-        lsn: u64,
-        time_us: u64,
-        points: Vec<(u64, u64, PointKind, String, u64)>,
-    ) -> Result<Vec<Point>> {
+    pub fn commit(&mut self, lsn: u64, time_us: u64, points: Vec<NewPoint>) -> Result<Vec<Point>> {
         let mut buf = Vec::new();
         let mut made = Vec::new();
         let first_id = self.next_point_id;
-        for (plsn, ptime, kind, tag, group_marker) in points {
+        for (plsn, ptime, kind, tag, (group_marker, group_members)) in points {
             // Resync markers are not points: they take no id, so point ids run on unbroken.
             let id = if kind.is_point() {
                 self.next_point_id += 1;
@@ -1033,6 +1044,7 @@ impl Journal {
                 kind,
                 tag,
                 group_marker,
+                group_members,
             };
             encode_point(&p, &mut buf);
             made.push(p);

@@ -101,6 +101,12 @@ fn check_group(by: &str, req: &DiskAttach, disks: &[DiskRecord]) -> Result<()> {
     if req.group_id.is_empty() {
         return Ok(());
     }
+    for (param, v) in [("group_id", &req.group_id), ("os_type", &req.os_type)] {
+        wire_protocol::message::validate_name(param, v).map_err(|e| Error::InvalidParameter {
+            param,
+            reason: e.to_string(),
+        })?;
+    }
     let others = disks
         .iter()
         .filter(|d| d.attached && d.group_id == req.group_id && d.disk_id != req.disk_id);
@@ -109,7 +115,7 @@ fn check_group(by: &str, req: &DiskAttach, disks: &[DiskRecord]) -> Result<()> {
             return Err(Error::Forbidden(format!("disk {}: replication group {} is replicated through process server {}: every disk of a group goes through one process server", req.disk_id, req.group_id, d.process_server)));
         }
         if d.os_type != req.os_type {
-            return Err(Error::Forbidden(format!("disk {}: replication group {} holds {} VMs (VM {}), and VM {} is {}: every VM of a group has the same OS type", req.disk_id, req.group_id, d.os_type, d.vm_id, req.vm_id, req.os_type)));
+            return Err(Error::Forbidden(format!("disk {}: replication group {} is of {} VMs, and VM {} is {}: every VM of a group has the same OS type", req.disk_id, req.group_id, d.os_type, req.vm_id, req.os_type)));
         }
     }
     Ok(())

@@ -117,7 +117,7 @@ proptest! {
                     }
                 }
                 Op::Bookmark => {
-                    let bm = Bookmark { disk_id: 1, lsn: next, kind: BookmarkKind::AppConsistent, time_us: ts, group_marker: 0, tag: format!("t{next}") };
+                    let bm = Bookmark { disk_id: 1, lsn: next, kind: BookmarkKind::AppConsistent, time_us: ts, group_marker: 0, group_members: 0, tag: format!("t{next}") };
                     let Verdict::Accept(items) = ap.check_bookmark(&bm, next) else { panic!("bookmark refused") };
                     let made = ap.apply(&items).unwrap();
                     prop_assert_eq!(made.len(), 1);

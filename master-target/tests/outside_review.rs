@@ -297,6 +297,7 @@ fn r6_pruning_deletes_the_record_of_a_kept_point() {
         kind: BookmarkKind::AppConsistent,
         time_us: 1_000_000,
         group_marker: 0,
+        group_members: 0,
         tag: "app-3".into(),
     }));
     src.writes.push((0, Bytes::new())); // lsn 3 is the bookmark

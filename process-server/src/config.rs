@@ -63,9 +63,10 @@ pub struct Settings {
     /// Log format: text or json. Default: text
     #[arg(long)]
     pub log_format: Option<String>,
-    /// A replication group, ID=VM,VM,...: its VMs' disks get group-consistent recovery
-    /// points (every VM of a group attaches with `agent --group ID`, has the same OS and
-    /// the same master target). Repeat the flag for several; in TOML a list of strings. Default: none
+    /// A replication group, ID[:OS]=VM,VM,... (e.g. erp:linux=vm-db,vm-app): its VMs' disks
+    /// get group-consistent recovery points (every VM of a group attaches with `agent
+    /// --group ID`, has the same OS, given or else the first VM's, and the same master
+    /// target). Repeat the flag for several; in TOML a list of strings. Default: none
     #[arg(long)]
     pub group: Option<Vec<String>>,
     /// Seconds between a group's crash-consistent cuts. Default: 10

@@ -10,7 +10,7 @@
 //!   `CACHE_DIR/group-cut-id` before it is used, and a new one is at least the wall clock
 //!   in microseconds. The master target joins a group point's disks by it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,8 +79,23 @@ struct Stats {
     pauses_us: VecDeque<u64>,
 }
 
+/// Cuts whose members' late answers (a release's hold) are still heard.
+const RECENT_CUTS: usize = 64;
+/// A hold counted in the figures is at most this long: an agent holds at most 2 s
+/// (`agent::engine::HOLD_MAX_MS`), and a longer claim is a broken or hostile agent's.
+const MAX_PAUSE_US: u64 = 2_500_000;
+
+/// A cut made lately: its members, and whose hold was counted.
+struct Recent {
+    cut_id: u64,
+    group: String,
+    disks: Vec<u64>,
+    counted: HashSet<u64>,
+}
+
 /// The groups of this process server.
 pub struct Groups {
+    recent: Mutex<VecDeque<Recent>>,
     defs: Vec<GroupDef>,
     /// Disk id → (connection id, the connection's outbound queue), for disks attached by
     /// agents that speak cuts.
@@ -105,6 +120,7 @@ impl Groups {
             rxs.insert(g.id.clone(), rx);
         }
         Groups {
+            recent: Mutex::default(),
             stats: Mutex::new(
                 defs.iter()
                     .map(|g| (g.id.clone(), Stats::default()))
@@ -149,17 +165,44 @@ impl Groups {
     /// is counted, also of a cut abandoned or already over (an agent that was released
     /// says how long it held).
     pub fn reply(&self, group: &str, c: Cut) {
-        if matches!(c.phase, CutPhase::Marked | CutPhase::Released) {
-            if let Some(s) = self.stats.lock().expect("poisoned").get_mut(group) {
-                if s.pauses_us.len() == PAUSE_SAMPLES {
-                    s.pauses_us.pop_front();
+        {
+            let mut recent = self.recent.lock().expect("poisoned");
+            // Only a member of one of the group's recent cuts is heard, and its hold counted
+            // once (an agent cannot flood another cut's queue or skew the figures).
+            let Some(r) = recent
+                .iter_mut()
+                .find(|r| r.cut_id == c.cut_id && r.group == group && r.disks.contains(&c.disk_id))
+            else {
+                return;
+            };
+            if matches!(c.phase, CutPhase::Marked | CutPhase::Released)
+                && r.counted.insert(c.disk_id)
+            {
+                if let Some(s) = self.stats.lock().expect("poisoned").get_mut(group) {
+                    if s.pauses_us.len() == PAUSE_SAMPLES {
+                        s.pauses_us.pop_front();
+                    }
+                    s.pauses_us.push_back(c.hold_us.min(MAX_PAUSE_US));
                 }
-                s.pauses_us.push_back(c.hold_us);
             }
         }
         if let Some(tx) = self.inflight.lock().expect("poisoned").get(&c.cut_id) {
             let _ = tx.try_send(c);
         }
+    }
+
+    /// Remembers a cut's members (for [`Groups::reply`]).
+    fn begin(&self, cut_id: u64, group: &str, disks: &[u64]) {
+        let mut recent = self.recent.lock().expect("poisoned");
+        if recent.len() == RECENT_CUTS {
+            recent.pop_front();
+        }
+        recent.push_back(Recent {
+            cut_id,
+            group: group.into(),
+            disks: disks.to_vec(),
+            counted: HashSet::new(),
+        });
     }
 
     fn connected(&self, disk_id: u64) -> bool {
@@ -178,12 +221,23 @@ impl Groups {
     }
 }
 
-/// Reads the last cut id issued (0 if none yet).
+/// The last cut id issued, as far as it can be known: what `group-cut-id` says, and at
+/// least the clock (a cut id is at least the wall clock in microseconds when issued, so
+/// every id issued before now is below it: ids never repeat, and a marker from before a
+/// lost or damaged file is still known as issued).
 pub fn load_last_cut_id(fs: &dyn store::FileSystem, cache_dir: &std::path::Path) -> u64 {
-    store::read_all(fs, &cache_dir.join(CUT_ID_FILE))
-        .ok()
-        .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
-        .unwrap_or(0)
+    let path = cache_dir.join(CUT_ID_FILE);
+    let kept = match store::read_all(fs, &path) {
+        Ok(b) => match String::from_utf8_lossy(&b).trim().parse::<u64>() {
+            Ok(v) => v,
+            Err(_) => {
+                tracing::warn!(path = %path.display(), "the last group cut id could not be read; new cut ids continue from the clock");
+                0
+            }
+        },
+        Err(_) => 0,
+    };
+    kept.max(now_us())
 }
 
 /// A new cut id, durable before it is used.
@@ -214,30 +268,65 @@ pub fn attach_refusal(
     };
     if member_of.map(|m| &m.id) != Some(&g.id) {
         return Some(format!(
-            "VM {vm} is not a member of replication group {} (its VMs: {})",
-            g.id,
-            g.vms.join(", ")
+            "VM {vm} is not a member of replication group {} (process-server --group)",
+            g.id
         ));
     }
     if version < wire_protocol::version::GROUPS_SINCE {
         return Some(format!("replication groups need an agent that speaks protocol version {}; this one speaks {version}: upgrade the agent", wire_protocol::version::GROUPS_SINCE));
     }
-    if a.os_type.is_empty() {
-        return Some(
-            "the agent did not say its OS type: every VM of a group must have the same one".into(),
-        );
+    if let Err(e) = wire_protocol::message::validate_name("os type", &a.os_type) {
+        return Some(format!("{e}: every VM of a group reports its OS type"));
     }
-    for d in state
-        .all()
-        .iter()
-        .filter(|d| d.attach.group_id == g.id && d.attach.disk_id != a.disk_id)
-    {
-        if d.attach.os_type != a.os_type {
-            return Some(format!("replication group {} holds {} VMs (VM {}), and VM {vm} is {}: every VM of a group has the same OS type", g.id, d.attach.os_type, d.attach.vm_id, a.os_type));
-        }
+    // The group's OS: as configured, else as its first disk said. Other VMs' names stay
+    // out of the answer.
+    let os = g.os.clone().or_else(|| {
+        state
+            .all()
+            .iter()
+            .find(|d| d.attach.group_id == g.id && d.attach.disk_id != a.disk_id)
+            .map(|d| d.attach.os_type.clone())
+    });
+    match os {
+        Some(os) if os != a.os_type => Some(format!(
+            "replication group {} is of {os} VMs, and VM {vm} says it is {}: every VM of a group has the same OS type",
+            g.id, a.os_type
+        )),
+        _ => None,
     }
-    None
 }
+
+/// The refusal of a group marker this process server never asked for: on a disk outside
+/// any group, for a cut id it has not issued yet, or covering no disk or more than a master
+/// target holds. (A marker for a cut it did issue is the agent's own disk's business: the
+/// master target counts only a disk's first marker of a cut.)
+pub fn refuse_marker(state: &State, disk: &crate::state::Disk, msg: &Message) -> Option<Message> {
+    let Message::Bookmark(b) = msg else {
+        return None;
+    };
+    if b.group_marker == 0 {
+        return None;
+    }
+    let issued = *state.groups.last_cut_id.lock().expect("poisoned");
+    let why = if disk.attach.group_id.is_empty() {
+        "a group marker on a disk of no replication group"
+    } else if b.group_marker > issued {
+        "a group marker for a cut this process server has not made"
+    } else if b.group_members == 0 || b.group_members as usize > MAX_CUT_DISKS {
+        "a group marker covering no disk, or more than a master target holds"
+    } else {
+        return None;
+    };
+    Some(Message::Error(wire_protocol::ErrorMsg {
+        code: wire_protocol::ErrorCode::Malformed,
+        disk_id: b.disk_id,
+        message: format!("bookmark at lsn {}: {why}", b.lsn),
+        request_id: 0,
+    }))
+}
+
+/// Most disks one cut can cover: every disk of a master target.
+const MAX_CUT_DISKS: usize = 60;
 
 /// The master target a new disk of group `group` must go to: the one its other disks
 /// replicate to (every VM of a group has the same master target), if it has any yet.
@@ -337,6 +426,7 @@ async fn cut(state: &State, id: &str, app: bool, tag: &str) -> (u64, Outcome) {
             return (0, record(state, id, 0, Outcome::Abandoned(why)));
         }
     };
+    state.groups.begin(cut_id, id, &disks);
     let (tx, mut rx) = mpsc::channel(REPLY_QUEUE);
     state
         .groups
@@ -502,11 +592,7 @@ pub async fn bookmark(
         .map_err(|_| "the process server is stopping".to_owned())?;
     let marks = match outcome {
         Outcome::Made { marks, .. } => marks,
-        Outcome::Abandoned(why) => {
-            return Err(format!(
-                "the group bookmark was abandoned (no group point was made): {why}"
-            ))
-        }
+        Outcome::Abandoned(why) => return Err(format!("the group bookmark was abandoned: {why}")),
     };
     let deadline = Instant::now() + wait;
     // Bounded by the deadline.

@@ -47,15 +47,24 @@ pub struct GroupDef {
     pub id: String,
     /// Its member VMs.
     pub vms: Vec<String>,
+    /// The OS type every member must report (None: whatever its first disk reported).
+    pub os: Option<String>,
 }
 
-/// Parses `ID=VM,VM,...` (the `group` setting).
+/// Parses `ID[:OS]=VM,VM,...` (the `group` setting).
 pub fn parse_group(spec: &str) -> Result<GroupDef, String> {
-    let (id, vms) = spec.split_once('=').ok_or_else(|| {
-        format!("{spec:?}: write a group as ID=VM,VM,... (e.g. erp=vm-db,vm-app)")
+    let (head, vms) = spec.split_once('=').ok_or_else(|| {
+        format!("{spec:?}: write a group as ID[:OS]=VM,VM,... (e.g. erp:linux=vm-db,vm-app)")
     })?;
-    let id = id.trim();
+    let (id, os) = match head.split_once(':') {
+        Some((id, os)) => (id.trim(), Some(os.trim().to_owned())),
+        None => (head.trim(), None),
+    };
     wire_protocol::message::validate_name("group id", id).map_err(|e| e.to_string())?;
+    if let Some(os) = &os {
+        wire_protocol::message::validate_name("os type", os)
+            .map_err(|e| format!("group {id}: {e}"))?;
+    }
     let vms: Vec<String> = vms.split(',').map(|v| v.trim().to_owned()).collect();
     for v in &vms {
         wire_protocol::message::validate_name("vm id", v)
@@ -73,7 +82,11 @@ pub fn parse_group(spec: &str) -> Result<GroupDef, String> {
     if sorted.len() != vms.len() {
         return Err(format!("group {id} names a VM twice"));
     }
-    Ok(GroupDef { id: id.into(), vms })
+    Ok(GroupDef {
+        id: id.into(),
+        vms,
+        os,
+    })
 }
 
 /// Checks groups against each other: unique ids, a VM in one group at most.
@@ -211,7 +224,12 @@ impl CutCore {
                 self.members.insert(c.disk_id, Member::Held(c.lsn));
                 if self.members.values().all(|m| matches!(m, Member::Held(_))) {
                     self.marking = true;
-                    Step::Send(self.to_all(CutPhase::Mark, &self.tag.clone()))
+                    let mut marks = self.to_all(CutPhase::Mark, &self.tag.clone());
+                    // A Mark names how many disks the cut covers.
+                    for m in &mut marks {
+                        m.lsn = self.members.len() as u64;
+                    }
+                    Step::Send(marks)
                 } else {
                     Step::Wait
                 }
@@ -270,14 +288,17 @@ impl CutCore {
             })
             .map(|(d, _)| d.to_string())
             .collect();
-        let phase = if self.marking { "mark" } else { "hold" };
-        (
-            self.releases(),
-            Outcome::Abandoned(format!(
-                "no answer to the {phase} within {CUT_PHASE_TIMEOUT_MS} ms from disk(s) {}",
+        let why = if self.marking {
+            // Every member held when the marks went out, so any marker placed is part of a
+            // consistent cut: the group point exists if all arrive, and is never half-made.
+            format!("every disk held and was told to mark, but disk(s) {} did not confirm within {CUT_PHASE_TIMEOUT_MS} ms: the group point exists only if their markers reach the master target (master-target points --group)", silent.join(", "))
+        } else {
+            format!(
+                "no answer to the hold within {CUT_PHASE_TIMEOUT_MS} ms from disk(s) {}",
                 silent.join(", ")
-            )),
-        )
+            )
+        };
+        (self.releases(), Outcome::Abandoned(why))
     }
 }
 
@@ -381,6 +402,11 @@ mod tests {
     fn groups_are_parsed_and_checked() {
         let g = parse_group("erp=vm-db, vm-app").unwrap();
         assert_eq!(g.vms, vec!["vm-db", "vm-app"]);
+        assert_eq!(
+            parse_group("erp:linux=vm").unwrap().os.as_deref(),
+            Some("linux")
+        );
+        assert!(parse_group("erp:li nux=vm").is_err());
         assert!(parse_group("erp").is_err());
         assert!(parse_group("e/rp=vm").is_err());
         assert!(parse_group("erp=vm,vm").is_err());

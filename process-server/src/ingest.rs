@@ -282,7 +282,10 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach, version: u16)
     {
         state.refused.forbidden.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%identity, disk = id, group = %a.group_id, reason = %why, "attach refused by a replication group rule");
-        return err_msg(ErrorCode::Forbidden, id, format!("disk attach refused: {why}"));
+        // Not ready rather than refused for good: the fix is in this process server's
+        // configuration, and an agent told "never" would stop capturing (a live disk would
+        // fail its VM's I/O); told "not yet", it keeps the VM running and tries again.
+        return err_msg(ErrorCode::NotReady, id, format!("disk attach refused by a replication group rule (the agent retries): {why}"));
     }
     match state.disk(id) {
         Some(d) if !owns(vm, &d) => forbidden(state, identity, id, "disk attach"),

@@ -563,6 +563,7 @@ fn substitute(disk_id: u64, first: u64, last: u64, version: u16) -> Result<Bytes
         kind: wire_protocol::BookmarkKind::ResyncStarted,
         time_us: crate::state::now_us(),
         group_marker: 0,
+        group_members: 0,
         tag: "cache-corruption".into(),
     });
     codec.encode(&marker, &mut out)?;

@@ -560,3 +560,68 @@ impl Drop for SmallVolume {
         }
     }
 }
+
+/// Whether the live-capture tools are here (root, FUSE, loop devices, mkfs.ext4, sqlite3).
+/// CI sets FAILBACK_REQUIRE_LIVE: there a skipped live test would hide a broken capture
+/// path, so a missing tool fails the test instead.
+pub fn live_can_run() -> bool {
+    let missing = failback::live::missing_tools();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var_os("FAILBACK_REQUIRE_LIVE").is_none(),
+            "FAILBACK_REQUIRE_LIVE is set, but this machine lacks: {}",
+            missing.join(", ")
+        );
+        eprintln!("live capture tests need: {}", missing.join(", "));
+    }
+    missing.is_empty()
+}
+
+/// Waits until each disk's reported last LSN is durable on the master target, then
+/// detaches the disk (the failback).
+pub fn drain_and_detach(c: &Cluster, reports: &[(u64, &serde_json::Value)]) {
+    for (disk, r) in reports {
+        c.wait_durable(
+            *disk,
+            r["last_lsn"].as_u64().unwrap(),
+            Duration::from_secs(180),
+            |_| {},
+        )
+        .unwrap();
+        c.detach(*disk).unwrap();
+    }
+}
+
+/// The group points of `group` (`master-target points --group G --json`), with the listing.
+pub fn group_points(c: &Cluster, group: &str) -> (Vec<serde_json::Value>, String) {
+    let mut args = vec![
+        "points".to_owned(),
+        format!("--group={group}"),
+        "--json".into(),
+    ];
+    args.extend(c.mt_dirs());
+    let listed = c.mt_cmd(&args).unwrap();
+    let points = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (points, listed)
+}
+
+/// `master-target export --group G --point P --out OUT` (raw images, OUT created).
+pub fn export_group(
+    c: &Cluster,
+    group: &str,
+    point: &str,
+    out: &Path,
+) -> failback::harness::Result<String> {
+    std::fs::create_dir_all(out).unwrap();
+    let mut args = vec![
+        "export".to_owned(),
+        format!("--group={group}"),
+        format!("--point={point}"),
+        format!("--out={}", out.display()),
+    ];
+    args.extend(c.mt_dirs());
+    c.mt_cmd(&args)
+}

@@ -88,6 +88,7 @@ impl Source {
                 kind: BookmarkKind::AppConsistent,
                 time_us: *time_us,
                 group_marker: 0,
+                group_members: 0,
                 tag: tag.clone(),
             })),
             Item::Write { .. } => {

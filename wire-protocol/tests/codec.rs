@@ -104,6 +104,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 },
                 time_us: t,
                 group_marker: g,
+                group_members: 0,
                 tag,
             })),
         prop::collection::vec((any::<u64>(), any::<u64>()), 0..20).prop_map(|v| Message::Ack(
@@ -251,8 +252,10 @@ proptest! {
                 want.set_request_id(0);
             }
             if v < version::GROUPS_SINCE {
-                if let Message::DiskAttach(a) = &mut want {
-                    a.os_type.clear();
+                match &mut want {
+                    Message::DiskAttach(a) => a.os_type.clear(),
+                    Message::Bookmark(b) => b.group_members = 0,
+                    _ => {}
                 }
                 if matches!(msg, Message::Cut(_)) {
                     // Never sent to an older peer: encoding it is refused.

@@ -210,7 +210,14 @@ impl Engine {
             BookmarkKind::CrashConsistent
         };
         let digest = hex(&self.source.disk_digest());
-        let lsn = match self.group_marker(kind, &tag, hold.cut_id).await {
+        // A Mark names how many disks the cut covers; the marker carries it to the master
+        // target, which lists the group point only once that many disks hold it.
+        let Ok(members) = u32::try_from(mark.lsn) else {
+            self.refuse(hold, "the mark's disk count is out of range")
+                .await;
+            return Ok(());
+        };
+        let lsn = match self.group_marker(kind, &tag, (hold.cut_id, members)).await {
             Ok(l) => l,
             Err(e) => {
                 self.refuse(

@@ -287,7 +287,9 @@ impl Conn {
         }
         // What can be checked here is, before anything is acknowledged: a write the master
         // target would refuse must never be acknowledged to the agent.
-        if let Some(r) = refuse_content(msg, disk.attach.size_bytes) {
+        if let Some(r) = refuse_content(msg, disk.attach.size_bytes)
+            .or_else(|| crate::cuts::refuse_marker(&state, &disk, msg))
+        {
             return Ok(Some(r));
         }
         match append_when_room(&state, &disk, &rec, raw, touched).await {

@@ -16,7 +16,8 @@
 //!                      writes: [{ timestamp_us: u64, offset: u64, len: u32,
 //!                                 digest: [u8; 32], data: [u8; len] }; count] }
 //!                    // write i has LSN first_lsn + i; digest = blake3(data), made at capture
-//! Bookmark      = 4  { disk_id: u64, lsn: u64, kind: u8, time_us: u64, group_marker: u64, tag: str }
+//! Bookmark      = 4  { disk_id: u64, lsn: u64, kind: u8, time_us: u64, group_marker: u64, tag: str,
+//!                      v3: group_members: u32 }
 //!                    // a bookmark takes an LSN of its own in the disk's stream
 //! Ack           = 5  { count: u32, entries: [{ disk_id: u64, durable_lsn: u64 }; count] }
 //! DigestRequest = 6  { disk_id: u64, block_size: u32, first_block: u64, block_count: u32,
@@ -32,7 +33,8 @@
 //!                      hold_us: u64, tag: str }
 //!                    // a group-consistent cut, in two phases (process-server/src/groups.rs):
 //!                    // Hold (1, PS→agent) → Held (2, lsn: the last LSN before the hold) or
-//!                    // Refused (6, tag: why); then Mark (3, PS→agent, tag) → Marked (5, lsn:
+//!                    // Refused (6, tag: why); then Mark (3, PS→agent, tag, lsn: how many
+//!                    // disks the cut covers, for the marker's group_members) → Marked (5, lsn:
 //!                    // the marker bookmark's, hold_us: how long writes waited) or Release
 //!                    // (4, PS→agent: the cut is abandoned, take no marker), answered by
 //!                    // Released (7, hold_us), also sent when the agent's own hold limit
@@ -370,7 +372,8 @@ pub struct Cut {
     pub disk_id: u64,
     /// The cut: unique per process server, carried as the marker's `group_marker`.
     pub cut_id: u64,
-    /// Held: the last LSN before the hold; Marked: the marker's LSN; else 0.
+    /// Held: the last LSN before the hold; Mark: how many disks the cut covers; Marked: the
+    /// marker's LSN; else 0.
     pub lsn: u64,
     /// [`CUT_APP_CONSISTENT`].
     pub flags: u8,
@@ -429,6 +432,9 @@ pub struct Bookmark {
     pub time_us: u64,
     /// Group-wide marker id for multi-VM consistency (0: none).
     pub group_marker: u64,
+    /// How many disks the group's cut covers (version 3; 0: none, or an older peer): the
+    /// master target's group point needs the marker on exactly that many disks.
+    pub group_members: u32,
     /// The application's tag.
     pub tag: String,
 }

@@ -88,8 +88,10 @@ impl Message {
         if version >= REQUEST_IDS_SINCE && carries_request_id(self.msg_type()) {
             dst.put_u64(self.request_id());
         }
-        if let (Message::DiskAttach(a), true) = (self, version >= GROUPS_SINCE) {
-            put_str(dst, &a.os_type)?;
+        match (self, version >= GROUPS_SINCE) {
+            (Message::DiskAttach(a), true) => put_str(dst, &a.os_type)?,
+            (Message::Bookmark(b), true) => dst.put_u32(b.group_members),
+            _ => {}
         }
         Ok(())
     }
@@ -120,8 +122,10 @@ impl Message {
             let id = r.u64()?;
             msg.set_request_id(id);
         }
-        if let (Message::DiskAttach(a), true) = (&mut msg, version >= GROUPS_SINCE) {
-            a.os_type = r.string("os type")?;
+        match (&mut msg, version >= GROUPS_SINCE) {
+            (Message::DiskAttach(a), true) => a.os_type = r.string("os type")?,
+            (Message::Bookmark(b), true) => b.group_members = r.u32()?,
+            _ => {}
         }
         r.finish()?;
         Ok(msg)
@@ -258,6 +262,7 @@ fn decode_bookmark(r: &mut Reader) -> Result<Bookmark> {
         time_us: r.u64()?,
         group_marker: r.u64()?,
         tag: r.string("tag")?,
+        group_members: 0,
     })
 }
 
