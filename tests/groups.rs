@@ -76,6 +76,16 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
     assert!(ok, "group bookmark: {out}{err}\n{}", c.log_tails(30));
     let taken: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(taken["durable"], true, "{out}");
+    // `status` shows the group's RPO below its disks.
+    let (ok, out, err) = run(&[
+        "process-server",
+        "status",
+        &format!("--admin={}", c.ps_admin),
+    ]);
+    assert!(
+        ok && out.contains("GROUP") && out.lines().any(|l| l.starts_with("erp ")),
+        "{out}{err}"
+    );
     let ra = finish(&c, 1, a);
     let rb = finish(&c, 2, b);
     let st = groups_status(&c);
@@ -84,20 +94,20 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
         "interval cuts were made: {st}"
     );
     assert!(st["pause_max_us"].as_u64().unwrap() > 0, "{st}");
-    // The agents are gone: the next cut is abandoned, and says why.
+    // The agents are gone: the next cuts are abandoned, and say why.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while groups_status(&c)["cuts_abandoned"].as_u64().unwrap() == 0 {
+    while !groups_status(&c)["last_abandoned"]
+        .as_str()
+        .unwrap()
+        .contains("not connected")
+    {
         assert!(
             Instant::now() < deadline,
-            "no cut abandoned without agents: {}",
+            "no cut abandoned for the agents' absence: {}",
             groups_status(&c)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(groups_status(&c)["last_abandoned"]
-        .as_str()
-        .unwrap()
-        .contains("not connected"));
 
     drain_and_detach(&c, &[(1, &ra), (2, &rb)]);
     let (points, listed) = group_points(&c, "erp");
@@ -181,6 +191,22 @@ fn a_group_refuses_members_that_break_its_rules() {
     // A group that is not configured.
     let e = one(6, "vm2", &["--group=crm"]);
     assert!(e.contains("not configured"), "{e}");
+    // vm2 never attached: no group point, cuts skipped (not begun, nothing held), and the
+    // group's RPO grows, so its alarm fires.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let g = groups_status(&c);
+        if g["rpo_ms"].as_u64().unwrap() >= 2000 && g["cuts_skipped"].as_u64().unwrap() > 0 {
+            assert_eq!(g["cuts_made"], 0, "{g}");
+            assert!(g["last_abandoned"].as_str().unwrap().contains("vm2"), "{g}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group's RPO does not grow: {g}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The disk stays in its group: attached again in another, it is refused.
     let e = one(1, "vm1", &[]);
     assert!(

@@ -50,8 +50,9 @@ pub struct DiskArgs {
     /// original: the on-premises disk exists; alternate: create a new one.
     #[arg(long, value_enum, default_value = "alternate")]
     pub location: Location,
-    /// The replication group of this VM (as the process server's `[[group]]` names it):
-    /// its disks then get group-consistent recovery points with the group's other VMs.
+    /// The replication group of this VM (the ID of the process server's `--group
+    /// ID[:OS]=VM,...` setting): its disks then get group-consistent recovery points with
+    /// the group's other VMs.
     #[arg(long, default_value = "")]
     pub group: String,
     /// The VM's operating system as reported to the process server (every VM of a group

@@ -235,6 +235,8 @@ impl Engine {
                     // server); past them the operator should know.
                     if attempts <= QUIET_ATTEMPTS {
                         tracing::info!(error = %e, retry_ms = wait.as_millis() as u64, "waiting for the process server");
+                    } else if matches!(e, Error::Peer { .. }) {
+                        tracing::warn!(error = %e, attempts, retry_ms = wait.as_millis() as u64, "the process server does not take this disk yet");
                     } else {
                         tracing::warn!(error = %e, attempts, retry_ms = wait.as_millis() as u64, "still cannot reach the process server");
                     }

@@ -83,6 +83,14 @@ pub async fn status(admin: &str, json: bool) -> Result<()> {
             eta
         );
     }
+    // Each replication group's RPO (the oldest of its disks') below the disks.
+    if let Ok((200, body)) = request(admin, Method::Get, "/groups", "").await {
+        let groups = parse_groups(&body)?;
+        if !groups.is_empty() {
+            println!();
+            print_groups(groups);
+        }
+    }
     Ok(())
 }
 
@@ -233,33 +241,51 @@ pub async fn groups(admin: &str, json: bool) -> Result<()> {
         println!("{body}");
         return Ok(());
     }
-    let groups: Vec<crate::cuts::GroupStatus> = serde_json::from_str(&body).map_err(|e| {
-        Error::Refused(format!(
-            "the process server's group status could not be read ({e})"
-        ))
-    })?;
+    let groups = parse_groups(&body)?;
     if groups.is_empty() {
         println!("no replication groups configured (process-server --group ID=VM,VM,...)");
     }
+    print_groups(groups);
+    Ok(())
+}
+
+fn parse_groups(body: &str) -> Result<Vec<crate::cuts::GroupStatus>> {
+    serde_json::from_str(body).map_err(|e| {
+        Error::Refused(format!(
+            "the process server's group status could not be read ({e})"
+        ))
+    })
+}
+
+/// The groups' table (`groups`, and `status` below its disks).
+fn print_groups(groups: Vec<crate::cuts::GroupStatus>) {
     println!(
-        "{:<16} {:>5} {:>9} {:>8} {:>7} {:>9} {:>10} {:>10}  last abandoned",
-        "GROUP", "DISKS", "CONNECTED", "RPO", "CUTS", "ABANDONED", "PAUSE_P99", "PAUSE_MAX"
+        "{:<16} {:>5} {:>9} {:>8} {:>7} {:>9} {:>7} {:>10} {:>10}  last abandoned or skipped",
+        "GROUP",
+        "DISKS",
+        "CONNECTED",
+        "RPO",
+        "CUTS",
+        "ABANDONED",
+        "SKIPPED",
+        "PAUSE_P99",
+        "PAUSE_MAX"
     );
     for g in groups {
         println!(
-            "{:<16} {:>5} {:>9} {:>8} {:>7} {:>9} {:>8.1}ms {:>8.1}ms  {}",
+            "{:<16} {:>5} {:>9} {:>8} {:>7} {:>9} {:>7} {:>8.1}ms {:>8.1}ms  {}",
             g.group,
             g.disks.len(),
             g.connected.len(),
             fmt_secs(g.rpo_ms as f64 / 1000.0),
             g.cuts_made,
             g.cuts_abandoned,
+            g.cuts_skipped,
             g.pause_p99_us as f64 / 1000.0,
             g.pause_max_us as f64 / 1000.0,
             g.last_abandoned
         );
     }
-    Ok(())
 }
 
 /// `group-bookmark`: an app-consistent bookmark of a whole group, durable on the master

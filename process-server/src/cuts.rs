@@ -48,17 +48,21 @@ pub struct GroupStatus {
     pub disks: Vec<u64>,
     /// Of those, served by a connected agent that takes part in cuts.
     pub connected: Vec<u64>,
-    /// The group's RPO: the oldest of its disks', milliseconds.
+    /// The group's RPO, milliseconds: the age of its last group point (made here), or its
+    /// disks' own RPO if older.
     pub rpo_ms: u64,
     /// Cuts made (every disk marked).
     pub cuts_made: u64,
-    /// Cuts abandoned.
+    /// Cuts abandoned (begun, and a member refused or did not answer in time).
     pub cuts_abandoned: u64,
+    /// Cuts not begun: a member VM had no disk attached, or its agent was not connected.
+    #[serde(default)]
+    pub cuts_skipped: u64,
     /// The last cut made, 0 if none.
     pub last_cut_id: u64,
     /// When it was made, microseconds since the epoch (0: never).
     pub last_cut_time_us: u64,
-    /// Why the last abandoned cut was abandoned ("" if none yet).
+    /// Why the last cut abandoned or skipped was ("" if none yet).
     pub last_abandoned: String,
     /// Write pause per member and cut, made or abandoned (how long its writes were held),
     /// p50, microseconds.
@@ -73,6 +77,8 @@ pub struct GroupStatus {
 struct Stats {
     made: u64,
     abandoned: u64,
+    /// Cuts not begun: a member not attached or not connected (no write was held).
+    skipped: u64,
     last_cut_id: u64,
     last_cut_time_us: u64,
     last_abandoned: String,
@@ -95,6 +101,8 @@ struct Recent {
 
 /// The groups of this process server.
 pub struct Groups {
+    /// When this process server started: a group with no point since is that old.
+    since_us: u64,
     recent: Mutex<VecDeque<Recent>>,
     defs: Vec<GroupDef>,
     /// Disk id → (connection id, the connection's outbound queue), for disks attached by
@@ -120,6 +128,7 @@ impl Groups {
             rxs.insert(g.id.clone(), rx);
         }
         Groups {
+            since_us: now_us(),
             recent: Mutex::default(),
             stats: Mutex::new(
                 defs.iter()
@@ -391,6 +400,9 @@ fn members(state: &State, g: &GroupDef) -> (Vec<u64>, Option<String>) {
         .filter(|d| d.attach.group_id == g.id && !d.is_detached())
         .collect();
     let ids: Vec<u64> = disks.iter().map(|d| d.attach.disk_id).collect();
+    if ids.is_empty() && state.all().iter().any(|d| d.attach.group_id == g.id) {
+        return (ids, Some("every disk of the group is detached (failed back): remove the group from this process server's configuration".into()));
+    }
     if let Some(vm) = g
         .vms
         .iter()
@@ -414,7 +426,13 @@ async fn cut(state: &State, id: &str, app: bool, tag: &str) -> (u64, Outcome) {
     let g = state.groups.def(id).expect("a configured group").clone();
     let (disks, unready) = members(state, &g);
     if let Some(why) = unready {
-        return (0, record(state, id, 0, Outcome::Abandoned(why)));
+        // Not begun, so nothing was held: counted apart from abandoned cuts (the group's
+        // RPO keeps growing, and says it).
+        let mut all = state.groups.stats.lock().expect("poisoned");
+        let s = all.entry(id.to_owned()).or_default();
+        s.skipped += 1;
+        s.last_abandoned.clone_from(&why);
+        return (0, Outcome::Abandoned(why));
     }
     let cut_id = match next_cut_id(state) {
         Ok(c) => c,
@@ -536,15 +554,24 @@ pub fn status(state: &State, disks: &[crate::metrics::DiskStatus]) -> Vec<GroupS
                     .copied()
                     .filter(|d| state.groups.connected(*d))
                     .collect(),
+                // The older of: the group's last point (made here; none yet: since this
+                // process server started), and its disks' own RPO.
                 rpo_ms: disks
                     .iter()
                     .filter(|d| ids.contains(&d.disk_id))
                     .map(|d| d.rpo_ms)
                     .max()
-                    .unwrap_or(0),
+                    .unwrap_or(0)
+                    .max(
+                        now_us().saturating_sub(
+                            s.map_or(0, |s| s.last_cut_time_us)
+                                .max(state.groups.since_us),
+                        ) / 1000,
+                    ),
                 disks: ids,
                 cuts_made: s.map_or(0, |s| s.made),
                 cuts_abandoned: s.map_or(0, |s| s.abandoned),
+                cuts_skipped: s.map_or(0, |s| s.skipped),
                 last_cut_id: s.map_or(0, |s| s.last_cut_id),
                 last_cut_time_us: s.map_or(0, |s| s.last_cut_time_us),
                 last_abandoned: s.map(|s| s.last_abandoned.clone()).unwrap_or_default(),

@@ -285,7 +285,7 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach, version: u16)
         // Not ready rather than refused for good: the fix is in this process server's
         // configuration, and an agent told "never" would stop capturing (a live disk would
         // fail its VM's I/O); told "not yet", it keeps the VM running and tries again.
-        return err_msg(ErrorCode::NotReady, id, format!("disk attach refused by a replication group rule (the agent retries): {why}"));
+        return err_msg(ErrorCode::NotReady, id, format!("not ready for this disk, by a replication group rule: {why}"));
     }
     match state.disk(id) {
         Some(d) if !owns(vm, &d) => forbidden(state, identity, id, "disk attach"),

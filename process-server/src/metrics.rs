@@ -102,11 +102,11 @@ pub fn status(state: &State) -> Vec<DiskStatus> {
         .collect()
 }
 
-const GROUP_SERIES: [Series<crate::cuts::GroupStatus>; 5] = [
+const GROUP_SERIES: [Series<crate::cuts::GroupStatus>; 6] = [
     Series {
         name: "failback_ps_group_rpo_seconds",
         kind: Kind::Gauge,
-        help: "A replication group's RPO: the oldest of its disks'.",
+        help: "A replication group's RPO: the age of its last group point, or its disks' own RPO if older.",
         value: |g| Value::Float(g.rpo_ms as f64 / 1000.0),
     },
     Series {
@@ -121,6 +121,12 @@ const GROUP_SERIES: [Series<crate::cuts::GroupStatus>; 5] = [
         help:
             "Group-consistent cuts abandoned (a member refused, was slow or gone): no group point.",
         value: |g| Value::Int(g.cuts_abandoned),
+    },
+    Series {
+        name: "failback_ps_group_cuts_skipped",
+        kind: Kind::Counter,
+        help: "Group cuts not begun: a member VM had no disk attached, or its agent was not connected.",
+        value: |g| Value::Int(g.cuts_skipped),
     },
     Series {
         name: "failback_ps_group_cut_pause_p99_seconds",
