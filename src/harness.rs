@@ -35,12 +35,42 @@ fn io<T>(r: std::io::Result<T>, context: impl FnOnce() -> String) -> Result<T> {
     })
 }
 
-/// A free port on loopback (bound, then released).
+/// Lowest port [`free_port`] hands out: below it, privileged and well-known services.
+const TEST_PORT_LOW: u16 = 20_000;
+/// Tries before [`free_port`] lets the kernel choose.
+const FREE_PORT_TRIES: u32 = 500;
+
+/// A free port on loopback (bound, then released), from below the kernel's ephemeral range.
+///
+/// Why not port 0: the kernel hands ports of its ephemeral range to every outgoing
+/// connection too, so a service restarted on the port it had (a process server after a
+/// SIGKILL) could find it taken by some client's connection (seen once in CI: the restarted
+/// process server exited "address in use"). Ports below the range are never given out
+/// that way.
 pub fn free_port() -> Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > TEST_PORT_LOW + 1_000 {
+        for _ in 0..FREE_PORT_TRIES {
+            let port = fastrand::u16(TEST_PORT_LOW..ephemeral_low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let l = io(TcpListener::bind("127.0.0.1:0"), || {
         "find a free port".into()
     })?;
     Ok(io(l.local_addr(), || "local addr".into())?.port())
+}
+
+/// The last lines of a service's log, for an error that says why it did not start.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// Per-disk figures from the process server's `/status`.
@@ -197,8 +227,9 @@ impl Cluster {
             "--allow-shared-retention-volume".into(),
         ];
         args.extend(self.mt_extra.iter().cloned());
-        let child = self.spawn("master-target", &format!("master-target{suffix}"), &args)?;
-        self.wait_http(admin, "/health", |c| c == 200, Duration::from_secs(30))?;
+        let log = format!("master-target{suffix}");
+        let mut child = self.spawn("master-target", &log, &args)?;
+        self.wait_started(&mut child, &log, admin, "/health")?;
         Ok(child)
     }
 
@@ -232,13 +263,34 @@ impl Cluster {
             ),
         ];
         args.extend(self.ps_extra.iter().cloned());
-        self.ps = Some(self.spawn("process-server", "process-server", &args)?);
-        self.wait_http(
-            &self.ps_admin.clone(),
-            "/metrics",
-            |c| c == 200,
-            Duration::from_secs(30),
-        )
+        let mut child = self.spawn("process-server", "process-server", &args)?;
+        let waited = self.wait_started(&mut child, "process-server", &self.ps_admin, "/metrics");
+        self.ps = Some(child);
+        waited
+    }
+
+    /// Waits until a service just started answers `path` with 200, or says why not: it
+    /// exited (with its log's last lines), or it did not answer in 30 s.
+    fn wait_started(&self, child: &mut Child, log: &str, addr: &str, path: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                let file = self.dir.join("logs").join(format!("{log}.log"));
+                return Err(Error::Failed(format!(
+                    "{log} exited ({status}) instead of serving {addr}; {} ends:\n{}",
+                    file.display(),
+                    log_tail(&file)
+                )));
+            }
+            if matches!(http_get(addr, path), Ok((200, _))) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(Error::Failed(format!(
+            "{addr}{path} did not answer in 30 s; see the logs in {}",
+            self.dir.join("logs").display()
+        )))
     }
 
     /// Waits until the process server is linked to the master target.
