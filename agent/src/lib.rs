@@ -25,6 +25,7 @@ pub mod datagen;
 pub mod engine;
 pub mod error;
 pub mod freeze;
+pub mod hold;
 pub mod link;
 pub mod protect;
 pub mod replay;

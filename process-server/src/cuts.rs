@@ -88,7 +88,7 @@ struct Stats {
 /// Cuts whose members' late answers (a release's hold) are still heard.
 const RECENT_CUTS: usize = 64;
 /// A hold counted in the figures is at most this long: an agent holds at most 2 s
-/// (`agent::engine::HOLD_MAX_MS`), and a longer claim is a broken or hostile agent's.
+/// (`agent::hold::HOLD_MAX_MS`), and a longer claim is a broken or hostile agent's.
 const MAX_PAUSE_US: u64 = 2_500_000;
 
 /// A cut made lately: its members, and whose hold was counted.

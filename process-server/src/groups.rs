@@ -13,8 +13,8 @@
 //! ```
 //!
 //! Mark goes out only once every member holds, so all holds overlap at that instant and
-//! the markers form a consistent cut (the argument is in `agent/src/engine/cut.rs`). An
-//! agent holds at most `agent::engine::HOLD_MAX_MS` and refuses a Mark after it: such a
+//! the markers form a consistent cut (the argument is in `agent/src/hold.rs`). An
+//! agent holds at most `agent::hold::HOLD_MAX_MS` and refuses a Mark after it: such a
 //! cut is abandoned. The master target lists a group point only when every disk of the
 //! group durably holds the cut's marker, so an abandoned cut (some markers placed, not all)
 //! is never a group point: a cut is made whole or not at all.
@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use wire_protocol::{Cut, CutPhase, CUT_APP_CONSISTENT};
 
 /// How long the process server waits for every member's answer to one phase. The agent
-/// holds writes for at most 2 s (`agent::engine::HOLD_MAX_MS`), well past this plus a
+/// holds writes for at most 2 s (`agent::hold::HOLD_MAX_MS`), well past this plus a
 /// round trip, so a Mark sent in time finds every member still holding.
 pub const CUT_PHASE_TIMEOUT_MS: u64 = 500;
 /// Most VMs in one group (the master target serves 60 disks; a group of more VMs than a

@@ -57,29 +57,15 @@ impl Mt {
     /// Opens the disk and recovers the journal. `Ok(None)`: an injected fault stopped it
     /// (try again later).
     pub fn start(&mut self) -> Result<Option<u64>, String> {
-        let fs: Arc<dyn FileSystem> = Arc::new(self.fs.clone());
-        let opened = fs
-            .open(&disk_path(), OpenMode::ReadWrite)
-            .map_err(|source| master_target::Error::Io {
-                context: "open the disk".into(),
-                source,
-            })
-            .and_then(|h| DiskFile::from_handle(h, &disk_path()))
-            .and_then(|disk| {
-                let j = Journal::open_in(Arc::clone(&fs), &journal_dir(), &disk)?
-                    .with_segment_target_bytes(self.segment_bytes);
-                Ok(Applier::new(DISK_ID, disk, j, self.policy))
-            });
-        match opened {
-            Ok(_) if self.fs.crashed() => Ok(None),
-            Ok(applier) => {
-                let lsn = applier.committed_lsn();
-                self.core = Some(DiskCore::new(applier));
-                Ok(Some(lsn))
-            }
-            Err(e) if self.fs.crashed() || injected(&e.to_string()) => Ok(None),
-            Err(e) => Err(format!("master target recovery failed: {e}")),
-        }
+        let core = open_core(
+            &self.fs,
+            (&disk_path(), &journal_dir(), DISK_ID),
+            self.policy,
+            self.segment_bytes,
+        )?;
+        let lsn = core.as_ref().map(|c| c.applier().committed_lsn());
+        self.core = core;
+        Ok(lsn)
     }
 
     pub fn committed(&self) -> Option<u64> {
@@ -175,15 +161,10 @@ impl Mt {
                         }
                     }
                 }
-                let out = MemFile(std::sync::Mutex::new(disk.clone()));
                 let journal = self.core.as_ref().expect("running").applier().journal();
-                if let Err(e) = journal.rewind(p.lsn, &out, &mut |_, _| {}) {
-                    return Err(format!(
-                        "point {} (lsn {}) does not export: {e}",
-                        p.id, p.lsn
-                    ));
-                }
-                if out.0.into_inner().unwrap() != src.image_at(p.lsn) {
+                let image = export(journal, &disk, p.lsn)
+                    .map_err(|e| format!("point {} (lsn {}) {e}", p.id, p.lsn))?;
+                if image != src.image_at(p.lsn) {
                     return Err(format!(
                         "point {} (lsn {}) exports something else than the source at that lsn",
                         p.id, p.lsn
@@ -198,6 +179,47 @@ impl Mt {
         }
         result
     }
+}
+
+/// Opens a disk (`disk`: its image, its journal's directory, its id) and recovers its
+/// journal, as the master target starts. `Ok(None)`: an injected fault stopped it (try
+/// again later).
+pub fn open_core(
+    fs: &SimFs,
+    disk: (&Path, &Path, u64),
+    policy: RetentionPolicy,
+    segment_bytes: u64,
+) -> Result<Option<DiskCore>, String> {
+    let (image, journal, disk_id) = disk;
+    let shared: Arc<dyn FileSystem> = Arc::new(fs.clone());
+    let opened = shared
+        .open(image, OpenMode::ReadWrite)
+        .map_err(|source| master_target::Error::Io {
+            context: "open the disk".into(),
+            source,
+        })
+        .and_then(|h| DiskFile::from_handle(h, image))
+        .and_then(|file| {
+            let j = Journal::open_in(Arc::clone(&shared), journal, &file)?
+                .with_segment_target_bytes(segment_bytes);
+            Ok(Applier::new(disk_id, file, j, policy))
+        });
+    match opened {
+        Ok(_) if fs.crashed() => Ok(None),
+        Ok(applier) => Ok(Some(DiskCore::new(applier))),
+        Err(e) if fs.crashed() || injected(&e.to_string()) => Ok(None),
+        Err(e) => Err(format!("master target recovery failed: {e}")),
+    }
+}
+
+/// The disk `disk` (its current image) as it was at `lsn`, rewound through `journal`, as an
+/// export writes it.
+pub fn export(journal: &Journal, disk: &[u8], lsn: u64) -> Result<Vec<u8>, String> {
+    let out = MemFile(std::sync::Mutex::new(disk.to_vec()));
+    journal
+        .rewind(lsn, &out, &mut |_, _| {})
+        .map_err(|e| format!("does not export: {e}"))?;
+    Ok(out.0.into_inner().expect("not poisoned"))
 }
 
 /// Whether an error came from a fault the simulator injected.

@@ -1,12 +1,6 @@
-//! The agent's part in a replication group's cut (the process server coordinates it:
-//! `process-server/src/groups.rs`).
-//!
-//! A cut is consistent across VMs because every member holds new writes at one common
-//! instant: the process server sends Hold to each member, and only once every member said
-//! Held does it send Mark. A member marks only if it held without a break from its Held to
-//! the Mark; so all holds overlap at the instant the process server decided. A write B made
-//! after seeing A's write complete was captured before B's hold, so A's write completed, and
-//! was captured, before that instant too: before A's hold, before A's marker.
+//! The agent's part in a replication group's cut: the tokio shell of the member's rules in
+//! [`crate::hold`] (where the argument for the cut's consistency is). The process server
+//! coordinates the cut (`process-server/src/groups.rs`).
 //!
 //! Design constraints:
 //! - The hold is the engine itself waiting: nothing is captured while [`Engine::serve_cut`]
@@ -23,18 +17,15 @@
 
 use std::time::{Duration, Instant};
 
-use wire_protocol::{BookmarkKind, Cut, CutPhase, CUT_APP_CONSISTENT};
+use wire_protocol::{Cut, CutPhase, CUT_APP_CONSISTENT};
 
 use super::{now_us, BookmarkRecord, Engine};
 use crate::error::Result;
 use crate::freeze::Frozen;
+use crate::hold::{self, Holding, Idle, Marker};
 use crate::source::hex;
 
-/// The longest an agent holds new writes for a cut, whatever the process server does. The
-/// process server waits 500 ms for its members' answers to each phase
-/// (`process_server::groups::CUT_PHASE_TIMEOUT_MS`), so a Mark later than this belongs to
-/// a cut it has abandoned. An application's writes never wait longer than this for a cut.
-pub const HOLD_MAX_MS: u64 = 2_000;
+pub use crate::hold::HOLD_MAX_MS;
 
 impl Engine {
     /// Serves every cut message already received, and a freeze that completed (between two
@@ -110,23 +101,23 @@ impl Engine {
             f.cancelled = true;
             return Ok(());
         }
-        match hold.phase {
-            CutPhase::Hold if self.freezing.is_some() => {
+        match hold::on_idle(&hold) {
+            Idle::Begin if self.freezing.is_some() => {
                 self.refuse(&hold, "busy freezing for an earlier cut").await;
                 return Ok(());
             }
-            CutPhase::Hold
+            Idle::Begin
                 if hold.flags & CUT_APP_CONSISTENT != 0 && !self.freeze_on_cut.is_empty() =>
             {
                 self.start_freeze(hold);
                 return Ok(());
             }
-            CutPhase::Hold => {}
-            CutPhase::Mark => {
-                self.refuse(&hold, "this agent no longer holds writes for the cut (its hold limit passed, or it restarted)").await;
+            Idle::Begin => {}
+            Idle::Refuse(answer) => {
+                self.answer(answer).await;
                 return Ok(());
             }
-            _ => return Ok(()),
+            Idle::Ignore => return Ok(()),
         }
         self.hold(hold, started).await
     }
@@ -141,14 +132,7 @@ impl Engine {
             return Ok(());
         }
         let held_lsn = self.next_lsn() - 1;
-        self.link
-            .send_cut(Cut {
-                phase: CutPhase::Held,
-                lsn: held_lsn,
-                tag: String::new(),
-                ..hold.clone()
-            })
-            .await;
+        self.link.send_cut(hold::held(&hold, held_lsn)).await;
         let deadline = started + Duration::from_millis(HOLD_MAX_MS);
         // Bounded by the deadline.
         loop {
@@ -162,18 +146,19 @@ impl Engine {
                 self.released(&hold, started).await;
                 return Ok(());
             };
-            if next.cut_id != hold.cut_id {
-                // Another cut while this one holds: the process server gave ours up.
-                self.refuse(&next, "busy with an earlier cut").await;
-                continue;
-            }
-            match next.phase {
-                CutPhase::Release => {
+            let held_ms = started.elapsed().as_millis() as u64;
+            match hold::on_holding(&hold, &next, held_ms) {
+                Holding::Mark(m) => return self.mark(&hold, &next, m, started).await,
+                Holding::RefuseMark(answer) => {
+                    self.answer(answer).await;
+                    return Ok(());
+                }
+                Holding::Release => {
                     self.released(&hold, started).await;
                     return Ok(());
                 }
-                CutPhase::Mark => return self.mark(&hold, &next, started).await,
-                _ => continue,
+                Holding::RefuseOther(answer) => self.answer(answer).await,
+                Holding::Wait => {}
             }
         }
     }
@@ -193,31 +178,12 @@ impl Engine {
 
     /// Puts the cut's marker in the stream (at the LSN after the held one: nothing was
     /// captured in between), records it with the disk's digest, and says so.
-    async fn mark(&mut self, hold: &Cut, mark: &Cut, started: Instant) -> Result<()> {
-        let tag = if mark.tag.is_empty() {
-            format!("group-cut-{}", hold.cut_id)
-        } else {
-            mark.tag.clone()
-        };
-        if wire_protocol::message::validate_tag(&tag).is_err() {
-            self.refuse(hold, "the cut's tag is not a valid bookmark tag")
-                .await;
-            return Ok(());
-        }
-        let kind = if mark.flags & CUT_APP_CONSISTENT != 0 {
-            BookmarkKind::AppConsistent
-        } else {
-            BookmarkKind::CrashConsistent
-        };
+    async fn mark(&mut self, hold: &Cut, mark: &Cut, m: Marker, started: Instant) -> Result<()> {
         let digest = hex(&self.source.disk_digest());
-        // A Mark names how many disks the cut covers; the marker carries it to the master
-        // target, which lists the group point only once that many disks hold it.
-        let Ok(members) = u32::try_from(mark.lsn) else {
-            self.refuse(hold, "the mark's disk count is out of range")
-                .await;
-            return Ok(());
-        };
-        let lsn = match self.group_marker(kind, &tag, (hold.cut_id, members)).await {
+        let lsn = match self
+            .group_marker(m.kind, &m.tag, (m.cut_id, m.members))
+            .await
+        {
             Ok(l) => l,
             Err(e) => {
                 self.refuse(
@@ -232,20 +198,13 @@ impl Engine {
         let hold_us = started.elapsed().as_micros() as u64;
         // The marker is in the stream: writes go on from here.
         self.link
-            .send_cut(Cut {
-                phase: CutPhase::Marked,
-                lsn,
-                hold_us,
-                flags: mark.flags,
-                tag: String::new(),
-                ..hold.clone()
-            })
+            .send_cut(hold::marked(hold, mark.flags, lsn, hold_us))
             .await;
         self.flush().await?;
         tracing::debug!(cut = hold.cut_id, lsn, hold_us, "group cut marked");
         self.record(&BookmarkRecord {
             lsn,
-            tag,
+            tag: m.tag,
             time_us: now_us(),
             disk_digest: digest,
             group_marker: hold.cut_id,
@@ -254,28 +213,20 @@ impl Engine {
 
     /// Says the hold ended without a marker, and how long writes waited.
     async fn released(&mut self, hold: &Cut, started: Instant) {
-        self.link
-            .send_cut(Cut {
-                phase: CutPhase::Released,
-                lsn: 0,
-                hold_us: started.elapsed().as_micros() as u64,
-                tag: String::new(),
-                ..hold.clone()
-            })
-            .await;
+        let hold_us = started.elapsed().as_micros() as u64;
+        self.link.send_cut(hold::released(hold, hold_us)).await;
     }
 
     async fn refuse(&mut self, c: &Cut, why: &str) {
-        tracing::info!(cut = c.cut_id, reason = why, "cut refused");
-        self.link
-            .send_cut(Cut {
-                phase: CutPhase::Refused,
-                lsn: 0,
-                hold_us: 0,
-                tag: why.into(),
-                ..c.clone()
-            })
-            .await;
+        self.answer(hold::refused(c, why)).await;
+    }
+
+    /// Sends an answer to the process server (a refusal is logged with its reason).
+    async fn answer(&mut self, a: Cut) {
+        if a.phase == CutPhase::Refused {
+            tracing::info!(cut = a.cut_id, reason = %a.tag, "cut refused");
+        }
+        self.link.send_cut(a).await;
     }
 }
 
