@@ -72,6 +72,7 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
         &format!("--admin={}", c.ps_admin),
         "--group=erp",
         "--tag=before-upgrade",
+        "--json",
     ]);
     assert!(ok, "group bookmark: {out}{err}\n{}", c.log_tails(30));
     let taken: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -150,6 +151,60 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
             assert_eq!(d, rec.disk_digest, "disk {disk} at group point {}", p["id"]);
         }
     }
+    if root() {
+        a_failed_forced_group_export_leaves_the_earlier_one_whole(&c, &points);
+    }
+}
+
+/// A forced re-export of the group that fails midway (its volume fills up while the second
+/// disk is written) leaves the earlier export of the group exactly as it was.
+fn a_failed_forced_group_export_leaves_the_earlier_one_whole(
+    c: &Cluster,
+    points: &[serde_json::Value],
+) {
+    // Room for the earlier export's two disks and one more, not two (ext4 keeps about 5%).
+    let image = c
+        .dir
+        .join(format!("group-{}", points[0]["id"]))
+        .join("vm1-disk-1.img");
+    let image_mib = std::fs::metadata(image).unwrap().len() >> 20;
+    let mib = image_mib * 7 / 2 + 32;
+    let vol = SmallVolume::new(&c.dir.join("small.ext4"), &c.dir.join("small"), mib);
+    let out = vol.dir.join("erp");
+    export_group(c, "erp", &points[0]["id"].to_string(), &out).unwrap();
+    let digests = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| format!("{n} {}", blake3::hash(&std::fs::read(dir.join(n)).unwrap())))
+            .collect()
+    };
+    let before = digests(&out);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let mut args = vec![
+        "export".to_owned(),
+        "--group=erp".into(),
+        format!("--point={}", points[points.len() - 1]["id"]),
+        format!("--out={}", out.display()),
+        "--force".into(),
+    ];
+    args.extend(c.mt_dirs());
+    let err = c
+        .mt_cmd(&args)
+        .expect_err("the volume is too small for the new export");
+    assert!(
+        err.to_string().contains("No space left") || err.to_string().contains("os error 28"),
+        "{err}"
+    );
+    assert_eq!(
+        digests(&out),
+        before,
+        "the earlier export is untouched, no staging left"
+    );
 }
 
 #[test]
