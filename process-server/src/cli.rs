@@ -103,6 +103,9 @@ enum Command {
         /// Seconds to wait for the group point to be durable on the master target (at most 25).
         #[arg(long, default_value_t = 20)]
         wait_s: u64,
+        /// Print the result as JSON (cut id, each disk's marker LSN, durable).
+        #[arg(long)]
+        json: bool,
     },
     /// Change the bandwidth limit of the running service (e.g. 200Mbit; 0 for none).
     SetBandwidth {
@@ -160,7 +163,8 @@ async fn run(cli: Cli) -> Result<()> {
             group,
             tag,
             wait_s,
-        } => crate::commands::group_bookmark(&admin, &group, &tag, wait_s).await,
+            json,
+        } => crate::commands::group_bookmark(&admin, (&group, &tag), wait_s, json).await,
         Command::SetBandwidth { admin, rate } => {
             crate::commands::set_bandwidth(&admin, &rate).await
         }

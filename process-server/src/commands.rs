@@ -290,7 +290,12 @@ fn print_groups(groups: Vec<crate::cuts::GroupStatus>) {
 
 /// `group-bookmark`: an app-consistent bookmark of a whole group, durable on the master
 /// target before this returns 0.
-pub async fn group_bookmark(admin: &str, group: &str, tag: &str, wait_s: u64) -> Result<()> {
+pub async fn group_bookmark(
+    admin: &str,
+    (group, tag): (&str, &str),
+    wait_s: u64,
+    json: bool,
+) -> Result<()> {
     let body = serde_json::to_string(&crate::cli::GroupBookmarkRequest {
         group: group.into(),
         tag: tag.into(),
@@ -306,7 +311,25 @@ pub async fn group_bookmark(admin: &str, group: &str, tag: &str, wait_s: u64) ->
             "the process server's answer could not be read ({e}): {answer}"
         ))
     })?;
-    println!("{answer}");
+    if json {
+        println!("{}", answer.trim());
+    } else {
+        let marks: Vec<String> = r
+            .marks
+            .iter()
+            .map(|(disk, lsn)| format!("disk {disk} at lsn {lsn}"))
+            .collect();
+        println!(
+            "group {group}: bookmark {tag:?} is cut {} (markers: {}){}",
+            r.cut_id,
+            marks.join(", "),
+            if r.durable {
+                "; durable on the master target: list it with `master-target points --group`"
+            } else {
+                ""
+            }
+        );
+    }
     if r.durable {
         Ok(())
     } else {
