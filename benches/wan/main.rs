@@ -15,7 +15,8 @@
 //!
 //! Run: `cargo bench --bench wan` (root for the shaped links; without root, or without
 //! `ip`/`tc`, it says so and measures loopback only). Namespaces are named `fbwan-*`; they
-//! are removed when the bench ends or fails, and any left by a killed run are removed first.
+//! are removed when the bench ends or fails, on Ctrl-C or SIGTERM (with what runs in them
+//! and the content image), and any left by a SIGKILLed run are removed first.
 
 mod case;
 mod net;
@@ -42,6 +43,33 @@ const NS_PREFIX: &str = "fbwan-";
 const IP_PS: &str = "10.79.0.1";
 const IP_MT: &str = "10.79.0.2";
 
+/// Set by the Ctrl-C handler: a case that fails now failed because its processes were
+/// killed, and waits for the handler's exit instead of reporting it.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ctrl-C or SIGTERM: the services in this run's namespaces are killed, the namespaces and
+/// the working directory (a 1 GiB image) removed, and the bench exits 130.
+fn on_interrupt(dir: &Path) {
+    let dir = dir.to_owned();
+    let ours = format!("{NS_PREFIX}{}-", std::process::id());
+    let set = ctrlc::set_handler(move || {
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!("wan: interrupted: stopping its services, removing its namespaces");
+        net::remove_namespaces(&ours);
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!(
+            "wan: interrupted; its namespaces and {} removed",
+            dir.display()
+        );
+        std::process::exit(130);
+    });
+    if let Err(e) = set {
+        eprintln!(
+            "wan: no Ctrl-C handler ({e}): an interrupted run's namespaces go at the next run"
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -60,6 +88,7 @@ fn main() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    on_interrupt(dir.path());
     let content = dir.path().join("content.img");
     make_content(&content);
     let shaped = can_shape();
@@ -215,6 +244,10 @@ fn shaped_case(content: &Path, rate: &str, rtt_ms: u64) -> serde_json::Value {
         .arg(rate)
         .output()
         .unwrap();
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        // The handler exits the bench within moments.
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    }
     assert!(
         out.status.success(),
         "{}",

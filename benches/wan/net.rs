@@ -86,14 +86,32 @@ impl Drop for Net {
 
 /// Removes namespaces a killed run left (their processes are gone with the run).
 fn remove_stale() {
+    remove_namespaces(NS_PREFIX);
+}
+
+/// Kills what runs in every namespace named `prefix*` and removes those namespaces (with
+/// them the veth pair).
+pub(crate) fn remove_namespaces(prefix: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         let ns = l.split_whitespace().next().unwrap_or("");
-        if ns.starts_with(NS_PREFIX) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        if !ns.starts_with(prefix) {
+            continue;
         }
+        let pids = Command::new("ip").args(["netns", "pids", ns]).output();
+        for pid in pids.iter().flat_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .into_owned()
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        }) {
+            // SAFETY: kill has no memory preconditions; the pid is one `ip` listed.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
 }
 
