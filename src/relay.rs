@@ -9,12 +9,14 @@
 //! - Bounded: at most [`QUEUE_CHUNKS`] chunks of [`CHUNK_BYTES`] wait per direction (a full
 //!   queue stops the reader, and TCP's flow control the sender); every thread ends when its
 //!   connection does or the relay is dropped.
+//! - A tap ([`DelayRelay::tap_start`]) records when each chunk from the client arrived and
+//!   its size, to measure how a sender paces itself; at most [`TAP_MAX_CHUNKS`] are kept.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::{Error, Result};
@@ -25,6 +27,12 @@ const CHUNK_BYTES: usize = 64 << 10;
 /// 100 ms.
 const QUEUE_CHUNKS: usize = 256;
 
+/// Chunks a tap keeps (about 24 MiB): 10 s of a 1 Gbit/s link in 2 KiB reads.
+pub const TAP_MAX_CHUNKS: usize = 1 << 20;
+
+/// Arrival time and size of each chunk from the client, while tapped.
+type Tap = Arc<Mutex<Option<Vec<(Instant, usize)>>>>;
+
 /// A delaying relay to one target; stops accepting when dropped.
 #[derive(Debug)]
 pub struct DelayRelay {
@@ -32,6 +40,7 @@ pub struct DelayRelay {
     pub addr: String,
     stop: Arc<AtomicBool>,
     held: Arc<AtomicBool>,
+    tap: Tap,
 }
 
 impl DelayRelay {
@@ -49,7 +58,9 @@ impl DelayRelay {
         let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicBool::new(false));
+        let tap: Tap = Arc::default();
         let (s, h, target) = (Arc::clone(&stop), Arc::clone(&held), target.to_owned());
+        let t = Arc::clone(&tap);
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match l.accept() {
@@ -57,14 +68,33 @@ impl DelayRelay {
                     Ok(_) if h.load(Ordering::Relaxed) => {}
                     Ok((down, _)) => {
                         if let Ok(up) = TcpStream::connect(&target) {
-                            let _ = connect_pair(down, up, one_way, [&s, &h]);
+                            let _ = connect_pair(down, up, one_way, [&s, &h], &t);
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
-        Ok(DelayRelay { addr, stop, held })
+        Ok(DelayRelay {
+            addr,
+            stop,
+            held,
+            tap,
+        })
+    }
+
+    /// Starts recording each chunk that arrives from a client: when, and how many bytes.
+    pub fn tap_start(&self) {
+        *self.tap.lock().expect("not poisoned") = Some(Vec::new());
+    }
+
+    /// Stops recording; returns what was recorded, in arrival order.
+    pub fn tap_take(&self) -> Vec<(Instant, usize)> {
+        self.tap
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .unwrap_or_default()
     }
 
     /// Takes the link down: connections through it close (within half a second), new ones
@@ -91,28 +121,42 @@ fn connect_pair(
     b: TcpStream,
     one_way: Duration,
     [stop, held]: [&Arc<AtomicBool>; 2],
+    tap: &Tap,
 ) -> std::io::Result<()> {
     a.set_nonblocking(false)?;
     for s in [&a, &b] {
         s.set_nodelay(true)?;
     }
-    for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
+    // Only the client's side is tapped.
+    for (from, to, tap) in [(a.try_clone()?, b.try_clone()?, Some(tap)), (b, a, None)] {
         let (tx, rx) = sync_channel(QUEUE_CHUNKS);
-        let (stop, held) = (Arc::clone(stop), Arc::clone(held));
-        std::thread::spawn(move || read_side(from, &tx, [&stop, &held]));
+        let (stop, held, tap) = (Arc::clone(stop), Arc::clone(held), tap.cloned());
+        std::thread::spawn(move || read_side(from, (&tx, tap), [&stop, &held]));
         std::thread::spawn(move || write_side(to, &rx, one_way));
     }
     Ok(())
 }
 
-fn read_side(mut from: TcpStream, tx: &SyncSender<(Instant, Vec<u8>)>, flags: [&AtomicBool; 2]) {
+fn read_side(
+    mut from: TcpStream,
+    (tx, tap): (&SyncSender<(Instant, Vec<u8>)>, Option<Tap>),
+    flags: [&AtomicBool; 2],
+) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = vec![0u8; CHUNK_BYTES];
     while !flags.iter().any(|f| f.load(Ordering::Relaxed)) {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                let now = Instant::now();
+                if let Some(t) = &tap {
+                    if let Some(v) = t.lock().expect("not poisoned").as_mut() {
+                        if v.len() < TAP_MAX_CHUNKS {
+                            v.push((now, n));
+                        }
+                    }
+                }
+                if tx.send((now, buf[..n].to_vec())).is_err() {
                     break;
                 }
             }

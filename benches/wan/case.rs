@@ -30,7 +30,15 @@ pub(crate) enum Case {
     Drain,
     /// The trace replayed to fill half the link, at this compression ratio: RPO.
     Churn(f64),
+    /// The process server limited to this rate (`--max-bandwidth`), with more to send than
+    /// it lets through: the rate it holds and its longest burst.
+    Limit(&'static str),
 }
+
+/// How long the limit case measures (after [`LIMIT_WARMUP`]).
+const LIMIT_WINDOW: Duration = Duration::from_secs(10);
+/// Skipped first: the attach and the first frames queued before the bucket ran.
+const LIMIT_WARMUP: Duration = Duration::from_secs(2);
 
 /// One case's cluster: the master target in `mt_netns` (if any) behind a relay adding
 /// `one_way_ms`, the process server here.
@@ -41,7 +49,7 @@ struct Setup {
     tls: PathBuf,
 }
 
-fn setup(mt_netns: Option<&str>, one_way_ms: u64, relay: bool) -> Setup {
+fn setup(mt_netns: Option<&str>, one_way_ms: u64, relay: bool, ps_extra: &[String]) -> Setup {
     let bin = Path::new(env!("CARGO_BIN_EXE_failback"));
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
@@ -61,6 +69,7 @@ fn setup(mt_netns: Option<&str>, one_way_ms: u64, relay: bool) -> Setup {
         c.ps_upstream = Some(r.addr.clone());
         r
     });
+    c.ps_extra.extend(ps_extra.iter().cloned());
     c.start_mt().unwrap();
     c.start_ps().unwrap();
     c.wait_linked(Duration::from_secs(60)).unwrap();
@@ -80,12 +89,22 @@ pub(crate) fn run(
     one_way_ms: u64,
     rate: Option<&str>,
 ) -> serde_json::Value {
-    // Loopback has no relay, except to be held down for a drain.
-    let mut s = setup(mt_netns, one_way_ms, case == Case::Drain);
+    // Loopback has no relay, except to be held down for a drain or tapped for a limit.
+    let limit = match case {
+        Case::Limit(l) => vec![format!("--max-bandwidth={l}")],
+        _ => Vec::new(),
+    };
+    let relay = matches!(case, Case::Drain | Case::Limit(_));
+    let mut s = setup(mt_netns, one_way_ms, relay, &limit);
     let rate_bps = rate
         .and_then(|r| runtime::units::parse_rate(r).ok())
         .map(|b| b as f64);
     let mut v = match case {
+        Case::Limit(l) => {
+            let v = limited(&s, content, l);
+            s.c.stop();
+            return v;
+        }
         Case::Churn(ratio) => churn(&s, content, rate_bps.unwrap_or(125e6), ratio),
         _ => resync(&s, content, case == Case::Drain),
     };
@@ -137,6 +156,63 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
     let mut v = durable(c, &from, agent_cpu);
     v["case"] = (if drain { "drain" } else { "bulk" }).into();
     v
+}
+
+/// A limited process server with a full resync to carry: the bytes it sends the master
+/// target, timed as they reach the relay, over [`LIMIT_WINDOW`]. Its rate, and its longest
+/// burst: the most bytes sent over any stretch beyond that steady rate, in milliseconds of
+/// it. (Against the steady rate, not the limit: the relay sees TLS records, about 1.5% more
+/// than the frames the limit paces at 512 kbit/s, and that drift over 10 s would count as a
+/// 150 ms "burst"; the rate's own error is the `of_limit` figure.)
+fn limited(s: &Setup, content: &Path, limit: &str) -> serde_json::Value {
+    let c = &s.c;
+    let relay = s.relay.as_ref().expect("a limit is measured at the relay");
+    let src = c.dir.join("source/bench.img");
+    std::fs::copy(content, &src).unwrap();
+    let mut agent = agent(
+        c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
+            .arg("--mode=full"),
+        c,
+    );
+    wait_streaming(c);
+    std::thread::sleep(LIMIT_WARMUP);
+    relay.tap_start();
+    std::thread::sleep(LIMIT_WINDOW);
+    let tap = relay.tap_take();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let rate_bytes_s = runtime::units::parse_rate(limit).unwrap() as f64;
+    let secs = LIMIT_WINDOW.as_secs_f64();
+    let bytes: f64 = tap.iter().map(|c| c.1 as f64).sum();
+    let steady = (bytes / secs).max(1.0);
+    let (_, burst_bytes) = bytes_and_burst(&tap, steady);
+    serde_json::json!({
+        "case": "limit",
+        "limit": limit,
+        "limit_bytes_s": rate_bytes_s,
+        "measured_bytes_s": bytes / secs,
+        "of_limit": bytes / secs / rate_bytes_s,
+        "longest_burst_ms": burst_bytes / steady * 1000.0,
+        "chunks": tap.len(),
+    })
+}
+
+/// Bytes in `tap`, and the most bytes that arrived over any stretch of it beyond what
+/// `rate` (bytes per second) allows in that stretch's time: max over i <= j of
+/// (bytes of chunks i..=j) - rate * (t_j - t_i), in one pass.
+fn bytes_and_burst(tap: &[(Instant, usize)], rate: f64) -> (f64, f64) {
+    let Some(&(t0, _)) = tap.first() else {
+        return (0.0, 0.0);
+    };
+    let (mut sum, mut best, mut min_before) = (0.0f64, 0.0f64, f64::MAX);
+    for &(t, n) in tap {
+        let at = t.duration_since(t0).as_secs_f64() * rate;
+        // Chunk i's stretch starts before its bytes: S_{i-1} - rate * t_i.
+        min_before = min_before.min(sum - at);
+        sum += n as f64;
+        best = best.max(sum - at - min_before);
+    }
+    (sum, best)
 }
 
 /// Churn: the trace with the image's bytes, at the speed that puts half the link's rate on

@@ -13,7 +13,11 @@
 //! utilization (wire bits over the link's rate), compression ratio, CPU seconds per logical
 //! GB and peak RSS of each service; iperf3 on the same link when it is installed.
 //!
-//! Run: `cargo bench --bench wan` (root for the shaped links; without root, or without
+//! The bandwidth limit (`--max-bandwidth` 512 kbit/s and 10 Mbit/s) is measured through the
+//! 100 Mbit/s link: the bytes the process server sends, timed as they reach the relay.
+//!
+//! Run: `cargo bench --bench wan` (`WAN_CASES=limit` or `bulk,drain,churn` for a part;
+//! root for the shaped links; without root, or without
 //! `ip`/`tc`, it says so and measures loopback only). Namespaces are named `fbwan-*`; they
 //! are removed when the bench ends or fails, on Ctrl-C or SIGTERM (with what runs in them
 //! and the content image), and any left by a SIGKILLed run are removed first.
@@ -37,6 +41,8 @@ const LINKS: [(&str, Option<&str>, u64); 3] = [
 /// The real-content image: its size, and the tree it holds.
 const CONTENT_BYTES: u64 = 1 << 30;
 const CONTENT_TREE: &str = "/usr/share";
+/// The process server's `--max-bandwidth` settings measured through the 100 Mbit/s link.
+const BANDWIDTH_LIMITS: [&str; 2] = ["512kbit", "10mbit"];
 /// The namespaces' prefix (a killed run's are found by it).
 const NS_PREFIX: &str = "fbwan-";
 /// The veth pair's addresses.
@@ -110,6 +116,9 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for (name, v) in &rows {
         let b = &v["bulk"];
+        if b.is_null() {
+            continue;
+        }
         let f = |k: &str| b[k].as_f64().unwrap_or(0.0);
         println!(
             "| {name} | {:.1} | {:.1} | {} | {:.2}:1 | {} | {} | {:.1}, {:.1}, {:.1} | {:.0}, {:.0} |",
@@ -135,6 +144,9 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     for (name, v) in &rows {
         let d = &v["drain"];
+        if d.is_null() {
+            continue;
+        }
         let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
         println!(
             "| {name} | {:.1} | {:.1} | {} | {} | {:.1}, {:.1} | {:.0}, {:.0} |",
@@ -172,6 +184,7 @@ fn main() {
             u("rpo_samples"),
         );
     }
+    print_limits(&rows);
     let plots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wan");
     match plot::write(&plots, &rows) {
         Ok(()) => eprintln!("wan: plots in {}", plots.display()),
@@ -184,6 +197,31 @@ fn main() {
             .map(|(n, v)| serde_json::json!({"link": n, "cases": v}))
             .collect::<Vec<_>>())
     );
+}
+
+/// The bandwidth limits' table (the links they were measured through).
+fn print_limits(rows: &[(&str, serde_json::Value)]) {
+    println!("bandwidth limit (--max-bandwidth) with a 1 GiB resync to carry: bytes leaving the process server for the master target, timed at the relay, over 10 s after 2 s");
+    println!("| link | limit | measured | ÷ limit | longest burst beyond the steady rate |");
+    println!("|---|---|---|---|---|");
+    for (name, v) in rows {
+        for l in v["limits"].as_array().into_iter().flatten() {
+            let f = |k: &str| l[k].as_f64().unwrap_or(0.0);
+            println!(
+                "| {name} | {} | {:.1} kbit/s | {:.3} | {:.0} ms |",
+                l["limit"].as_str().unwrap_or("-"),
+                f("measured_bytes_s") * 8.0 / 1e3,
+                f("of_limit"),
+                f("longest_burst_ms"),
+            );
+        }
+    }
+}
+
+/// Whether `case` is to run: `WAN_CASES` (e.g. `limit` or `bulk,drain`) names the cases of
+/// a partial run; all run by default.
+fn wanted(case: &str) -> bool {
+    std::env::var("WAN_CASES").map_or(true, |l| l.split(',').any(|c| c.trim() == case))
 }
 
 fn used(v: &serde_json::Value) -> String {
@@ -200,11 +238,26 @@ fn cases(
     rate: Option<&str>,
 ) -> serde_json::Value {
     use case::{run, Case};
-    let bulk = run(Case::Bulk, content, mt_netns, one_way_ms, rate);
-    let ratio = bulk["ratio"].as_f64().unwrap_or(1.0);
+    let bulk = wanted("bulk").then(|| run(Case::Bulk, content, mt_netns, one_way_ms, rate));
+    let ratio = bulk
+        .as_ref()
+        .and_then(|b| b["ratio"].as_f64())
+        .unwrap_or(1.0);
+    // The bandwidth limits are measured through the 100 Mbit/s link (they are below it).
+    let limits: Vec<_> = if rate == Some("100mbit") && wanted("limit") {
+        BANDWIDTH_LIMITS
+            .iter()
+            .map(|l| run(Case::Limit(l), content, mt_netns, one_way_ms, rate))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let churn = (rate.is_some() && wanted("churn"))
+        .then(|| run(Case::Churn(ratio), content, mt_netns, one_way_ms, rate));
     serde_json::json!({
-        "drain": run(Case::Drain, content, mt_netns, one_way_ms, rate),
-        "churn": rate.map(|_| run(Case::Churn(ratio), content, mt_netns, one_way_ms, rate)),
+        "limits": limits,
+        "drain": wanted("drain").then(|| run(Case::Drain, content, mt_netns, one_way_ms, rate)),
+        "churn": churn,
         "bulk": bulk,
     })
 }

@@ -3,7 +3,10 @@
 //! # Design constraints
 //! - The link sees a steady flow, not bursts: a frame (up to 16 MiB) leaves in slices of at
 //!   most [`PACE_SLICE_MS`] of the rate (and [`PACE_SLICE_MAX_BYTES`]), and the bucket
-//!   holds at most one slice, so no burst lasts longer than one slice's time.
+//!   holds at most two slices, so no burst lasts longer than two slices' time. The second
+//!   slice is slack for the timer: a wait overshoots by a millisecond or so, and time a
+//!   full bucket cannot keep is rate lost (with one slice, 10 Mbit/s held 0.90 of itself
+//!   through a real link: `cargo bench --bench wan`).
 //! - A new rate takes effect within [`PACE_RECHECK_MS`]: waits are cut into steps that long.
 //! - Time is a number of microseconds the caller owns (tokio's clock in the uplink, a
 //!   simulated one in tests), so the rate a limit holds is checked without sleeping.
@@ -50,7 +53,8 @@ impl TokenBucket {
             return 0;
         }
         let rate = rate_bps as f64;
-        let burst = (bytes as f64).max(rate * PACE_SLICE_MS as f64 / 1000.0);
+        let slice = rate * PACE_SLICE_MS as f64 / 1000.0;
+        let burst = (bytes as f64).max(slice) + slice.max(PACE_SLICE_MIN_BYTES as f64);
         self.tokens = (self.tokens + elapsed_s * rate).min(burst);
         if self.tokens >= bytes as f64 {
             self.tokens -= bytes as f64;
@@ -74,9 +78,10 @@ mod tests {
         assert_eq!(slice_len(1_000_000, 10), 10);
     }
 
-    /// Sends `total` bytes in frames of `frame` at `rate_bps` on a simulated clock; returns
-    /// (seconds taken, the most bytes that left within any 100 ms).
-    fn run(rate_bps: u64, total: usize, frame: usize) -> (f64, usize) {
+    /// Sends `total` bytes in frames of `frame` at `rate_bps` on a simulated clock where
+    /// every wait oversleeps by `late_us` (a real timer does); returns (seconds taken, the
+    /// most bytes that left within any 100 ms).
+    fn run(rate_bps: u64, total: usize, frame: usize, late_us: u64) -> (f64, usize) {
         let mut b = TokenBucket::default();
         let (mut now_us, mut sent) = (0u64, Vec::new());
         let mut left = total;
@@ -88,7 +93,7 @@ mod tests {
                 loop {
                     match b.take(now_us, rate_bps, n) {
                         0 => break,
-                        w => now_us += w,
+                        w => now_us += w + late_us,
                     }
                 }
                 sent.push((now_us, n));
@@ -111,17 +116,21 @@ mod tests {
 
     #[test]
     fn a_limit_holds_within_five_percent_with_no_long_burst() {
-        // 512 kbit/s and 10 Mbit/s, 10 s worth of 1 MiB frames (the aims).
-        for rate_bps in [64_000u64, 1_250_000] {
+        // 512 kbit/s and 10 Mbit/s, 10 s worth of 1 MiB frames (the aims), with a
+        // timer exact, and late by 1 or 2 ms.
+        for (rate_bps, late_us) in [64_000u64, 1_250_000]
+            .into_iter()
+            .flat_map(|r| [(r, 0), (r, 1_000), (r, 2_000)])
+        {
             let total = (rate_bps * 10) as usize;
-            let (secs, worst_100ms) = run(rate_bps, total, 1 << 20);
+            let (secs, worst_100ms) = run(rate_bps, total, 1 << 20, late_us);
             let measured = total as f64 / secs;
             assert!(
                 (measured / rate_bps as f64 - 1.0).abs() <= 0.05,
-                "{rate_bps} B/s: measured {measured:.0} B/s"
+                "{rate_bps} B/s, timer {late_us} us late: measured {measured:.0} B/s"
             );
-            // 100 ms of the rate, plus one slice of bucket.
-            let allowed = rate_bps as usize / 10 + slice_len(rate_bps, usize::MAX);
+            // 100 ms of the rate, plus two slices of bucket.
+            let allowed = rate_bps as usize / 10 + 2 * slice_len(rate_bps, usize::MAX);
             assert!(
                 worst_100ms <= allowed,
                 "{rate_bps} B/s: {worst_100ms} bytes within 100 ms (allowed {allowed})"
@@ -142,7 +151,9 @@ mod tests {
     fn no_limit_never_waits_and_a_clock_going_back_is_harmless() {
         let mut b = TokenBucket::default();
         assert_eq!(b.take(5, 0, 1 << 30), 0);
-        b.take(1_000_000, 1_000_000, 1);
+        // A full bucket (two 10 ms slices at 1 MB/s), emptied.
+        assert_eq!(b.take(1_000_000, 1_000_000, 1), 0);
+        assert_eq!(b.take(1_000_000, 1_000_000, 19_999), 0);
         assert!(b.take(10, 1_000_000, 10_000) > 0, "no tokens from the past");
     }
 }
