@@ -674,3 +674,120 @@ fn slow_admin_clients_do_not_block_health_and_state_changes_need_post() {
         6_250_000.0
     );
 }
+
+/// A member VM's agent that forges group markers: a marker for a cut its disk was never
+/// asked to mark (to make a group point of its own), and one claiming another disk count
+/// for a real cut (to hide it). The process server keeps both as plain bookmarks: the real
+/// group point stays listed and exports, and no group point holds the forger's disk.
+#[test]
+fn a_member_cannot_forge_or_hide_group_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c =
+        failback::harness::Cluster::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_failback")))
+            .unwrap();
+    c.ps_extra = vec![
+        "--group=erp=vm1,vm2".into(),
+        "--group-cut-interval-s=1".into(),
+    ];
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let honest: Vec<_> = [1, 2]
+        .map(|d| {
+            replay(
+                &c,
+                d,
+                "tencent-cbs-50k.msr.csv",
+                "msr",
+                &["--group=erp", "--pace=30x"],
+            )
+        })
+        .into();
+    let made = |c: &failback::harness::Cluster| -> serde_json::Value {
+        let (_, body) = http_get(&c.ps_admin, "/groups").unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while made(&c)["cuts_made"].as_u64().unwrap_or(0) < 2 {
+        assert!(Instant::now() < deadline, "no group cut made: {}", made(&c));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let real = made(&c)["last_cut_id"].as_u64().unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm1 = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);
+    rt.block_on(async {
+        let mut l = link(&c.ps_addr, &vm1, Role::Agent, PeerRole::ProcessServer)
+            .await
+            .unwrap();
+        // A new disk of VM 1 in the group (the process server may first say "not ready").
+        let Message::DiskAttach(mut a) = attach(33, "vm1", LocationKind::Alternate, "", 64 << 20)
+        else {
+            unreachable!()
+        };
+        a.group_id = "erp".into();
+        a.os_type = "linux".into();
+        let mut attached = false;
+        for _ in 0..100 {
+            match ask(&mut l, Message::DiskAttach(a.clone())).await {
+                Message::Ack(_) => {
+                    attached = true;
+                    break;
+                }
+                Message::Error(e) if e.code == ErrorCode::NotReady => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => panic!("attach of the forger's disk: {other:?}"),
+            }
+        }
+        assert!(attached, "the forger's disk attaches");
+        let forged = |lsn: u64, cut: u64, members: u32| {
+            Message::Bookmark(Bookmark {
+                disk_id: 33,
+                lsn,
+                kind: BookmarkKind::AppConsistent,
+                // The far future: a point "newest" by its own say.
+                time_us: 2_100_000_000_000_000,
+                group_marker: cut,
+                group_members: members,
+                tag: "forged".into(),
+            })
+        };
+        // A cut of its own (an issued id its disk was never asked for), then the real cut
+        // claimed with another count: both taken, as plain bookmarks.
+        for (lsn, cut, members) in [(1, 1, 1), (2, real, 2)] {
+            match ask(&mut l, forged(lsn, cut, members)).await {
+                Message::Ack(_) | Message::RemoteDurable { .. } => {}
+                other => panic!("the forged marker at lsn {lsn}: {other:?}"),
+            }
+        }
+    });
+    let reports: Vec<_> = honest
+        .into_iter()
+        .zip([1, 2])
+        .map(|(child, d)| finish(&c, d, child))
+        .collect();
+    drain_and_detach(&c, &[(1, &reports[0]), (2, &reports[1])]);
+    let (points, listed) = group_points(&c, "erp");
+    let p = points
+        .iter()
+        .find(|p| p["id"].as_u64() == Some(real))
+        .unwrap_or_else(|| panic!("the real group point {real} is hidden: {listed}"));
+    let disks: Vec<u64> = p["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["disk"].as_u64().unwrap())
+        .collect();
+    assert_eq!(disks, [1, 2], "{listed}");
+    assert!(
+        points.iter().all(|p| p["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["disk"] != 33)),
+        "a group point holds the forger's disk: {listed}"
+    );
+    let out = c.dir.join("real-point");
+    export_group(&c, "erp", &real.to_string(), &out).unwrap();
+}

@@ -40,7 +40,7 @@ pub struct GroupPoint {
     pub group: String,
     /// The cut's id: the group point's id.
     pub id: u64,
-    /// The latest of its disks' point times, microseconds since the epoch.
+    /// When the process server cut: the cut's id, microseconds since the epoch.
     pub time_us: u64,
     /// App-consistent if every disk's point is.
     pub kind: PointKind,
@@ -100,7 +100,9 @@ pub fn whole(group: &str, per_disk: Vec<(u64, String, Vec<Point>)>) -> Vec<Group
         .map(|(id, members)| GroupPoint {
             group: group.into(),
             id,
-            time_us: members.iter().map(|m| m.point.time_us).max().unwrap_or(0),
+            // The cut's time: its id is the process server's clock when it cut (the
+            // members' own times are theirs to say, and a member could say any).
+            time_us: id,
             kind: if members
                 .iter()
                 .all(|m| m.point.kind == PointKind::AppConsistent)
@@ -113,12 +115,12 @@ pub fn whole(group: &str, per_disk: Vec<(u64, String, Vec<Point>)>) -> Vec<Group
             members,
         })
         .collect();
-    out.sort_by_key(|g| (g.time_us, g.id));
+    out.sort_by_key(|g| g.id);
     out
 }
 
 /// Which group point: `latest`, `latest-app` or a group point's id.
-pub fn select(points: &[GroupPoint], sel: &PointSel) -> Result<GroupPoint> {
+pub fn select(group: &str, points: &[GroupPoint], sel: &PointSel) -> Result<GroupPoint> {
     let found = match sel {
         PointSel::Latest => points.last(),
         PointSel::LatestApp => points
@@ -130,7 +132,7 @@ pub fn select(points: &[GroupPoint], sel: &PointSel) -> Result<GroupPoint> {
     };
     found.cloned().ok_or_else(|| {
         Error::NoSuchPoint(format!(
-            "no group point matches {sel}; `master-target points --group G` lists them"
+            "no group point of group {group} matches {sel}; `master-target points --group {group}` lists them"
         ))
     })
 }
@@ -149,7 +151,7 @@ pub fn export(
     format: Format,
     opts: ExportOpts,
 ) -> Result<(GroupPoint, Vec<Exported>)> {
-    let point = select(&list(data_dir, retention_dir, group)?, sel)?;
+    let point = select(group, &list(data_dir, retention_dir, group)?, sel)?;
     if !out_dir.is_dir() {
         return Err(Error::ExportRefused {
             out: out_dir.into(),

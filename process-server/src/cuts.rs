@@ -18,7 +18,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use wire_protocol::{Cut, CutPhase, Message};
 
-use crate::groups::{CutCore, GroupDef, Outcome, Step, CUT_PHASE_TIMEOUT_MS, PAUSE_SAMPLES};
+use crate::groups::{
+    CutCore, GroupDef, MarkerBook, MarkerCheck, Outcome, Step, CUT_PHASE_TIMEOUT_MS, PAUSE_SAMPLES,
+};
 use crate::state::{now_us, State};
 
 /// The file holding the last cut id issued.
@@ -115,6 +117,8 @@ pub struct Groups {
     demand_rx: Mutex<HashMap<String, mpsc::Receiver<Demand>>>,
     /// The last cut id issued.
     last_cut_id: Mutex<u64>,
+    /// The markers asked for, and those that came in the disks' streams.
+    markers: Mutex<MarkerBook>,
 }
 
 impl Groups {
@@ -141,6 +145,7 @@ impl Groups {
             demands,
             demand_rx: Mutex::new(rxs),
             last_cut_id: Mutex::new(last_cut_id),
+            markers: Mutex::default(),
         }
     }
 
@@ -202,6 +207,7 @@ impl Groups {
 
     /// Remembers a cut's members (for [`Groups::reply`]).
     fn begin(&self, cut_id: u64, group: &str, disks: &[u64]) {
+        self.markers.lock().expect("poisoned").begin(cut_id, disks);
         let mut recent = self.recent.lock().expect("poisoned");
         if recent.len() == RECENT_CUTS {
             recent.pop_front();
@@ -305,16 +311,28 @@ pub fn attach_refusal(
     }
 }
 
-/// The refusal of a group marker this process server never asked for: on a disk outside
-/// any group, for a cut id it has not issued yet, or covering no disk or more than a master
-/// target holds. (A marker for a cut it did issue is the agent's own disk's business: the
-/// master target counts only a disk's first marker of a cut.)
-pub fn refuse_marker(state: &State, disk: &crate::state::Disk, msg: &Message) -> Option<Message> {
+/// What ingest does with a stream record that may carry a group marker.
+pub enum Marker {
+    /// Not a marker, or one asked for: cached as received.
+    Keep,
+    /// A marker not asked for: cached as this plain bookmark instead (the same LSN, kind,
+    /// time and tag, no group), so it can neither make a group point nor hide one.
+    Strip(Message),
+    /// No agent of a group sends this: refused with this reply.
+    Refuse(Message),
+}
+
+/// Checks a group marker in disk `disk`'s stream. Only markers this process server asked
+/// for reach the master target as markers, which is why it can trust them: a marker on a
+/// disk of no group, for a cut not issued yet, or covering no disk or more than a master
+/// target holds is refused; one for another cut, another disk count, a second one, or one
+/// from before a restart is stripped to a plain bookmark.
+pub fn check_marker(state: &State, disk: &crate::state::Disk, msg: &Message) -> Marker {
     let Message::Bookmark(b) = msg else {
-        return None;
+        return Marker::Keep;
     };
     if b.group_marker == 0 {
-        return None;
+        return Marker::Keep;
     }
     let issued = *state.groups.last_cut_id.lock().expect("poisoned");
     let why = if disk.attach.group_id.is_empty() {
@@ -324,9 +342,25 @@ pub fn refuse_marker(state: &State, disk: &crate::state::Disk, msg: &Message) ->
     } else if b.group_members == 0 || b.group_members as usize > MAX_CUT_DISKS {
         "a group marker covering no disk, or more than a master target holds"
     } else {
-        return None;
+        let check = state.groups.markers.lock().expect("poisoned").check(
+            b.disk_id,
+            b.group_marker,
+            b.group_members,
+            b.lsn,
+        );
+        if check == MarkerCheck::Accept {
+            return Marker::Keep;
+        }
+        if let Some(suppressed) = state.refusal_log.admit("marker stripped") {
+            tracing::warn!(disk = b.disk_id, cut = b.group_marker, lsn = b.lsn, suppressed, "a group marker this process server did not ask for (another cut or disk count, a second one, or one from before a restart): kept as a plain bookmark, never part of a group point");
+        }
+        return Marker::Strip(Message::Bookmark(wire_protocol::Bookmark {
+            group_marker: 0,
+            group_members: 0,
+            ..b.clone()
+        }));
     };
-    Some(Message::Error(wire_protocol::ErrorMsg {
+    Marker::Refuse(Message::Error(wire_protocol::ErrorMsg {
         code: wire_protocol::ErrorCode::Malformed,
         disk_id: b.disk_id,
         message: format!("bookmark at lsn {}: {why}", b.lsn),
@@ -470,9 +504,12 @@ async fn drive(
     first: Vec<Cut>,
     rx: &mut mpsc::Receiver<Cut>,
 ) -> Outcome {
+    // Every message is offered (a member whose connection fails must not keep the others
+    // holding to their own limit); the first disk that did not take one is returned.
     let send_all = |msgs: Vec<Cut>| -> Option<u64> {
         msgs.into_iter()
-            .find_map(|m| (!state.groups.send(m.clone())).then_some(m.disk_id))
+            .filter_map(|m| (!state.groups.send(m.clone())).then_some(m.disk_id))
+            .fold(None, |first, d| first.or(Some(d)))
     };
     if let Some(d) = send_all(first) {
         let (rel, _) = core.on_timeout();
@@ -494,6 +531,14 @@ async fn drive(
         match step {
             Step::Wait => {}
             Step::Send(marks) => {
+                // From now on this cut's markers are expected, with this disk count.
+                let members = marks.first().map_or(0, |m| m.lsn as u32);
+                state
+                    .groups
+                    .markers
+                    .lock()
+                    .expect("poisoned")
+                    .marking(core.id(), members);
                 if let Some(d) = send_all(marks) {
                     let (rel, _) = core.on_timeout();
                     send_all(rel);
@@ -505,9 +550,29 @@ async fn drive(
             }
             Step::Done(rel, o) => {
                 send_all(rel);
-                return o;
+                return in_streams(state, core.id(), o);
             }
         }
+    }
+}
+
+/// A cut every member says it marked is made only if each marker came in its disk's
+/// stream where the member said (a member that answers Marked without a marker, or with
+/// a stripped one, would have the process server report a group point the master target
+/// never lists).
+fn in_streams(state: &State, cut_id: u64, o: Outcome) -> Outcome {
+    let Outcome::Made { marks, .. } = &o else {
+        return o;
+    };
+    let book = state.groups.markers.lock().expect("poisoned");
+    match marks
+        .iter()
+        .find(|(d, lsn)| book.placed(cut_id, **d) != Some(**lsn))
+    {
+        Some((d, lsn)) => Outcome::Abandoned(format!(
+            "disk {d} said it marked at lsn {lsn}, but that marker did not come in its stream"
+        )),
+        None => o,
     }
 }
 

@@ -302,6 +302,97 @@ impl CutCore {
     }
 }
 
+/// Cuts whose markers a [`MarkerBook`] remembers: a marker for an older cut arrives only
+/// after a long outage, and is kept as a plain bookmark.
+pub const MARKER_BOOK_CUTS: usize = 64;
+
+/// What the process server does with a group marker in a disk's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkerCheck {
+    /// A marker this process server asked this disk for, with the cut's disk count (or a
+    /// resend of it): cached as it is.
+    Accept,
+    /// A marker it did not ask for (another cut, another count, a second one, or one from
+    /// before a restart): cached as a plain bookmark, so it can neither make a group point
+    /// nor hide one.
+    Strip,
+}
+
+/// One cut's markers: the disks it covers, the disk count its Marks named, and the marker
+/// each disk placed in its stream.
+#[derive(Debug)]
+struct CutMarkers {
+    cut_id: u64,
+    disks: Vec<u64>,
+    /// Set once the Marks went out.
+    members: Option<u32>,
+    placed: BTreeMap<u64, u64>,
+}
+
+/// The markers the process server asked for, and those that came: the master target
+/// trusts a group marker because only these reach it. No I/O; bounded to
+/// [`MARKER_BOOK_CUTS`] cuts.
+#[derive(Debug, Default)]
+pub struct MarkerBook {
+    cuts: std::collections::VecDeque<CutMarkers>,
+}
+
+impl MarkerBook {
+    /// Cut `cut_id` over `disks` begins.
+    pub fn begin(&mut self, cut_id: u64, disks: &[u64]) {
+        if self.cuts.len() == MARKER_BOOK_CUTS {
+            self.cuts.pop_front();
+        }
+        self.cuts.push_back(CutMarkers {
+            cut_id,
+            disks: disks.to_vec(),
+            members: None,
+            placed: BTreeMap::new(),
+        });
+    }
+
+    /// The Marks of cut `cut_id` go out, naming `members` disks: from now its markers are
+    /// expected.
+    pub fn marking(&mut self, cut_id: u64, members: u32) {
+        if let Some(c) = self.cuts.iter_mut().find(|c| c.cut_id == cut_id) {
+            c.members = Some(members);
+        }
+    }
+
+    /// A marker of cut `cut_id` covering `members` disks, at `lsn` of disk `disk`.
+    pub fn check(&mut self, disk: u64, cut_id: u64, members: u32, lsn: u64) -> MarkerCheck {
+        let Some(c) = self
+            .cuts
+            .iter_mut()
+            .find(|c| c.cut_id == cut_id && c.disks.contains(&disk))
+        else {
+            return MarkerCheck::Strip;
+        };
+        if c.members != Some(members) {
+            return MarkerCheck::Strip;
+        }
+        match c.placed.get(&disk) {
+            None => {
+                c.placed.insert(disk, lsn);
+                MarkerCheck::Accept
+            }
+            // The same marker again (a resend after a reconnect).
+            Some(&l) if l == lsn => MarkerCheck::Accept,
+            Some(_) => MarkerCheck::Strip,
+        }
+    }
+
+    /// Where disk `disk`'s marker of cut `cut_id` is in its stream, if it came.
+    pub fn placed(&self, cut_id: u64, disk: u64) -> Option<u64> {
+        self.cuts
+            .iter()
+            .find(|c| c.cut_id == cut_id)?
+            .placed
+            .get(&disk)
+            .copied()
+    }
+}
+
 /// The p-th percentile (0..=100) of `samples` (nearest rank; 0 when empty).
 pub fn percentile(samples: &[u64], p: f64) -> u64 {
     if samples.is_empty() {
@@ -316,6 +407,32 @@ pub fn percentile(samples: &[u64], p: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_markers_asked_for_pass() {
+        let mut b = MarkerBook::default();
+        b.begin(10, &[1, 2]);
+        // Before the Marks went out, nothing is expected.
+        assert_eq!(b.check(1, 10, 2, 50), MarkerCheck::Strip);
+        b.marking(10, 2);
+        assert_eq!(
+            b.check(3, 10, 2, 50),
+            MarkerCheck::Strip,
+            "a disk of no cut"
+        );
+        assert_eq!(b.check(1, 10, 3, 50), MarkerCheck::Strip, "another count");
+        assert_eq!(b.check(1, 11, 2, 50), MarkerCheck::Strip, "another cut");
+        assert_eq!(b.check(1, 10, 2, 50), MarkerCheck::Accept);
+        assert_eq!(b.check(1, 10, 2, 50), MarkerCheck::Accept, "a resend");
+        assert_eq!(b.check(1, 10, 2, 51), MarkerCheck::Strip, "a second marker");
+        assert_eq!((b.placed(10, 1), b.placed(10, 2)), (Some(50), None));
+        // Bounded: the oldest cut is forgotten, its late markers stripped.
+        for c in 100..100 + MARKER_BOOK_CUTS as u64 {
+            b.begin(c, &[2]);
+        }
+        b.marking(10, 2);
+        assert_eq!(b.check(2, 10, 2, 70), MarkerCheck::Strip);
+    }
 
     fn reply(phase: CutPhase, disk: u64, lsn: u64) -> Cut {
         Cut {

@@ -287,11 +287,20 @@ impl Conn {
         }
         // What can be checked here is, before anything is acknowledged: a write the master
         // target would refuse must never be acknowledged to the agent.
-        if let Some(r) = refuse_content(msg, disk.attach.size_bytes)
-            .or_else(|| crate::cuts::refuse_marker(&state, &disk, msg))
-        {
+        if let Some(r) = refuse_content(msg, disk.attach.size_bytes) {
             return Ok(Some(r));
         }
+        let stripped;
+        let raw = match crate::cuts::check_marker(&state, &disk, msg) {
+            crate::cuts::Marker::Keep => raw,
+            crate::cuts::Marker::Refuse(r) => return Ok(Some(r)),
+            crate::cuts::Marker::Strip(plain) => {
+                stripped = MessageCodec::new(wire_protocol::Compression::None)
+                    .encode_to_bytes(&plain)
+                    .map_err(|e| Error::Refused(format!("re-encode a bookmark: {e}")))?;
+                &stripped
+            }
+        };
         match append_when_room(&state, &disk, &rec, raw, touched).await {
             Append::Held => {
                 touched.insert(disk_id);
