@@ -151,9 +151,61 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
             assert_eq!(d, rec.disk_digest, "disk {disk} at group point {}", p["id"]);
         }
     }
+    a_group_export_replaces_only_an_earlier_one_and_whole(&c, &points);
     if root() {
         a_failed_forced_group_export_leaves_the_earlier_one_whole(&c, &points);
     }
+}
+
+/// `--force` replaces an earlier group export whole (no disk of the earlier point stays
+/// beside the new one), never a directory of other files; and a directory other users may
+/// write is refused.
+fn a_group_export_replaces_only_an_earlier_one_and_whole(
+    c: &Cluster,
+    points: &[serde_json::Value],
+) {
+    let (first, last) = (&points[0]["id"], &points[points.len() - 1]["id"]);
+    let out = c.dir.join(format!("group-{first}"));
+    let forced = |point: &serde_json::Value, out: &Path| {
+        let mut args = vec![
+            "export".to_owned(),
+            "--group=erp".into(),
+            format!("--point={point}"),
+            format!("--out={}", out.display()),
+            "--force".into(),
+        ];
+        args.extend(c.mt_dirs());
+        c.mt_cmd(&args)
+    };
+    forced(last, &out).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("group-point.json")).unwrap())
+            .unwrap();
+    assert_eq!(&manifest["id"], last, "{manifest}");
+    let mut names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["group-point.json", "vm1-disk-1.img", "vm2-disk-2.img"]
+    );
+    // Not a group export: never replaced, even with --force.
+    let other = c.dir.join("notes");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("todo.txt"), b"keep me").unwrap();
+    let err = forced(last, &other).unwrap_err().to_string();
+    assert!(err.contains("not a group export"), "{err}");
+    assert_eq!(std::fs::read(other.join("todo.txt")).unwrap(), b"keep me");
+    // Under a directory every user may write: refused before anything is written.
+    let shared = c.dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let err = export_group(c, "erp", &last.to_string(), &shared.join("erp"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("can be changed by another user"), "{err}");
 }
 
 /// A forced re-export of the group that fails midway (its volume fills up while the second
@@ -184,7 +236,7 @@ fn a_failed_forced_group_export_leaves_the_earlier_one_whole(
             .collect()
     };
     let before = digests(&out);
-    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(before.len(), 3, "two disks and the manifest: {before:?}");
     let mut args = vec![
         "export".to_owned(),
         "--group=erp".into(),

@@ -225,7 +225,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let Some(disk) = disk else {
                 let group = group.expect("clap: --disk or --group");
-                let (gp, done) = crate::groups::export(
+                let (gp, done) = crate::group_export::export(
                     &cfg.data_dir,
                     &cfg.retention_dir,
                     &group,

@@ -438,6 +438,34 @@ fn export_uuid(replicated: &str, lsn: u64, keep: bool) -> [u8; 16] {
         .expect("32 bytes")
 }
 
+/// Refuses an export under directory `dir` (for output `out`) if another user could swap
+/// what it writes: `dir` and every directory above it must be owned by root or this user,
+/// and writable by no one else unless sticky (as `/tmp`, where others cannot rename what
+/// is not theirs). An export writes a temporary file (or a group's staging directory)
+/// there and renames it into place; a directory others can write would let them put
+/// something else there in between, with this process's rights.
+pub fn check_private_dir(dir: &Path, out: &Path) -> Result<()> {
+    let canonical = std::fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for d in canonical.ancestors() {
+        let m = std::fs::metadata(d).ctx(|| format!("inspect {}", d.display()))?;
+        let (uid, mode) = (m.uid(), m.mode());
+        let others_write = mode & 0o022 != 0 && mode & 0o1000 == 0;
+        if (uid != 0 && uid != me) || others_write {
+            return Err(Error::ExportRefused {
+                out: out.into(),
+                reason: format!(
+                    "{} can be changed by another user (owner uid {uid}, mode {:o}), who could swap what the export writes: export under a directory only root or you can write",
+                    d.display(),
+                    mode & 0o7777
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks an export's output files before anything is written (see [`check_output`]);
 /// returns where the data goes (the flat extent, for a VMDK).
 pub fn check_outputs(
@@ -449,6 +477,9 @@ pub fn check_outputs(
     force: bool,
 ) -> Result<PathBuf> {
     let data_out = data_path(out, format)?;
+    if let Ok(dir) = std::fs::canonicalize(vmdk::parent_dir(&data_out)) {
+        check_private_dir(&dir, out)?;
+    }
     let known = known_files(reg);
     let service_dirs = [data_dir, retention_dir];
     check_output(&data_out, &known, &service_dirs, force)?;

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
-use crate::export::{ExportOpts, Exported, Format, PointSel};
+use crate::error::{Error, Result};
+use crate::export::{Format, PointSel};
 use crate::journal::{Point, PointKind};
 use crate::registry::Registry;
 use crate::service::Disks;
@@ -135,106 +135,6 @@ pub fn select(group: &str, points: &[GroupPoint], sel: &PointSel) -> Result<Grou
             "no group point of group {group} matches {sel}; `master-target points --group {group}` lists them"
         ))
     })
-}
-
-/// Writes every disk of `group` as it was at one group point into `out_dir`, one file per
-/// disk named `VM-disk-ID.img` (or `.vmdk` with its flat extent). Every disk's lock and
-/// every output is checked before the first is written, every disk is written and verified
-/// in a staging directory inside `out_dir`, and only then are they renamed into place: a
-/// group is exported whole or not at all, and a failure leaves `out_dir` as it was.
-pub fn export(
-    data_dir: &Path,
-    retention_dir: &Path,
-    group: &str,
-    sel: &PointSel,
-    out_dir: &Path,
-    format: Format,
-    opts: ExportOpts,
-) -> Result<(GroupPoint, Vec<Exported>)> {
-    let point = select(group, &list(data_dir, retention_dir, group)?, sel)?;
-    if !out_dir.is_dir() {
-        return Err(Error::ExportRefused {
-            out: out_dir.into(),
-            reason: "it is not a directory: with --group, --out names the directory the group's disks go to".into(),
-        });
-    }
-    let reg = Registry::read(data_dir)?;
-    // Everything that can be checked is, before the first disk is written: every disk free
-    // (not served) and every output allowed.
-    for m in &point.members {
-        let rec = reg.get(m.disk).ok_or(Error::UnknownDisk(m.disk))?;
-        drop(crate::export::open_disk(&rec.data_path, m.disk)?);
-        let out = member_path(out_dir, m, format);
-        crate::export::check_outputs(data_dir, retention_dir, &reg, &out, format, opts.force)?;
-    }
-    // Every disk goes to a staging directory beside the outputs first, and into place only
-    // once all are written and verified: a failure leaves the outputs as they were (with
-    // `--force`, an earlier export of the group stays whole).
-    let staging = out_dir.join(format!(".failback-group-export-{}", std::process::id()));
-    std::fs::create_dir(&staging).ctx(|| format!("create {}", staging.display()))?;
-    let staged = stage(data_dir, retention_dir, &point, (&staging, format), opts).map_err(|e| {
-        if crate::core::out_of_space(&e) {
-            Error::ExportRefused {
-                out: out_dir.into(),
-                reason: format!("its volume is full ({e}); nothing in it was replaced: a group export writes every disk of the group beside the outputs before it replaces any, so the volume needs room for the whole group besides what it holds. Free space there, or export to another directory"),
-            }
-        } else {
-            e
-        }
-    });
-    let placed = staged.and_then(|done| place(done, out_dir));
-    let _ = std::fs::remove_dir_all(&staging);
-    Ok((point, placed?))
-}
-
-/// Exports every member of `point` into the staging directory.
-fn stage(
-    data_dir: &Path,
-    retention_dir: &Path,
-    point: &GroupPoint,
-    (staging, format): (&Path, Format),
-    opts: ExportOpts,
-) -> Result<Vec<Exported>> {
-    point
-        .members
-        .iter()
-        .map(|m| {
-            let opts = ExportOpts {
-                force: false,
-                ..opts
-            };
-            let out = member_path(staging, m, format);
-            crate::export::export(
-                data_dir,
-                retention_dir,
-                m.disk,
-                &PointSel::Id(m.point.id),
-                &out,
-                format,
-                opts,
-            )
-        })
-        .collect()
-}
-
-/// Renames every staged file into `out_dir` (the images first, then the VMDK descriptors
-/// that name them) and makes the names durable.
-fn place(mut done: Vec<Exported>, out_dir: &Path) -> Result<Vec<Exported>> {
-    let mut order: Vec<&mut PathBuf> = done.iter_mut().flat_map(|d| d.files.iter_mut()).collect();
-    // A descriptor (.vmdk) after every image: a crash between two renames never leaves a
-    // descriptor naming an extent that is not there.
-    order.sort_by_key(|f| {
-        let name = f.to_string_lossy();
-        name.ends_with(".vmdk") && !name.ends_with("-flat.vmdk")
-    });
-    for f in order {
-        let name = f.file_name().expect("a file").to_owned();
-        let to = out_dir.join(name);
-        std::fs::rename(&*f, &to).ctx(|| format!("rename {} to {}", f.display(), to.display()))?;
-        *f = to;
-    }
-    crate::vmdk::sync_dir(out_dir)?;
-    Ok(done)
 }
 
 /// Where a member disk's export goes.
