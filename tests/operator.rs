@@ -443,7 +443,9 @@ fn one_instance_per_directory() {
         1,
         "tencent-cbs-50k.msr.csv",
         "msr",
-        &["--pace=realtime", "--max-writes=20000"],
+        // --stay too: a SIGTERM before the trace's end still stops it (it once waited for
+        // a second one).
+        &["--pace=realtime", "--max-writes=20000", "--stay"],
     );
     wait_streaming(&c, 1);
     // Another source image: the same one is refused by its own lock (tests/live.rs).
@@ -457,10 +459,19 @@ fn one_instance_per_directory() {
         .output()
         .unwrap();
     fails_saying(out, &["in use by process", "disk-1"]);
-    // SIGTERM stops the running agent cleanly: it drains and exits 0.
+    // SIGTERM stops the running agent cleanly: it drains and exits 0, within a minute.
     // SAFETY: kill(2) on our child's pid.
     unsafe {
         libc::kill(first.id() as i32, libc::SIGTERM);
+    }
+    let mut first = first;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while first.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "one SIGTERM did not stop a --stay agent mid-trace"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     let r = finish(&c, 1, first);
     assert!(r["last_lsn"].as_u64().unwrap() > 0);

@@ -422,7 +422,7 @@ async fn replay_cmd(c: ReplayCmd) -> Result<()> {
     if let Some(tag) = c.final_bookmark {
         e.bookmark(&tag).await?;
     }
-    if c.stay {
+    if c.stay && !sum.stopped_by_signal {
         eprintln!("the trace ended; the agent stays (agent bookmark --state-dir {} --tag TAG takes bookmarks) until SIGTERM", c.disk.state_dir.display());
         e.serve_until_stopped().await?;
     }

@@ -142,6 +142,9 @@ pub struct ReplaySummary {
     pub trace_seconds: f64,
     /// Bookmarks taken.
     pub bookmarks: u64,
+    /// SIGTERM or SIGINT stopped the replay before the trace's end (then `--stay` does not
+    /// keep the agent: the signal asked it to stop).
+    pub stopped_by_signal: bool,
 }
 
 /// A flag set when SIGTERM or SIGINT arrives (the replay then stops cleanly: what was
@@ -248,6 +251,7 @@ pub async fn replay(
     for w in &mut reader {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::info!("SIGTERM: the replay stops here; what was captured is drained");
+            sum.stopped_by_signal = true;
             break;
         }
         let w = w?;

@@ -243,12 +243,16 @@ pub fn temp_beside(path: &Path) -> Result<(PathBuf, fs::File)> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = parent_dir(path).join(format!(".{name}.{}.{n}.partial", std::process::id()));
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .ctx(|| format!("create {}", tmp.display()))?;
+    // A disk's image is the VM's data: readable by its owner only, as the disks are.
+    let f = std::os::unix::fs::OpenOptionsExt::mode(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true),
+        0o600,
+    )
+    .open(&tmp)
+    .ctx(|| format!("create {}", tmp.display()))?;
     Ok((tmp, f))
 }
 

@@ -76,8 +76,9 @@ enum Command {
         #[arg(long)]
         disk: u64,
     },
-    /// Print every replication group: its disks, RPO (the oldest of its disks'), cuts made
-    /// and abandoned (and why), and how long cuts held writes.
+    /// Print every replication group: its disks, RPO (the age of its last group point, or
+    /// its disks' own if older), cuts made, abandoned and skipped (and why), and how long
+    /// cuts held writes.
     Groups {
         /// The admin endpoint of the running service.
         #[arg(long, default_value = "127.0.0.1:9444")]

@@ -303,16 +303,29 @@ pub async fn group_bookmark(
     })
     .expect("serializable");
     let (code, answer) = request(admin, Method::Post, "/groups/bookmark", &body).await?;
+    let refused = |why: String| {
+        if json {
+            // A script gets an answer to parse either way.
+            println!(
+                "{}",
+                serde_json::json!({"group": group, "tag": tag, "made": false, "durable": false, "error": why})
+            );
+        }
+        Error::Refused(why)
+    };
     if code != 200 {
-        return Err(Error::Refused(answer.trim().to_owned()));
+        return Err(refused(answer.trim().to_owned()));
     }
     let r: crate::cuts::BookmarkResult = serde_json::from_str(&answer).map_err(|e| {
-        Error::Refused(format!(
+        refused(format!(
             "the process server's answer could not be read ({e}): {answer}"
         ))
     })?;
     if json {
-        println!("{}", answer.trim());
+        println!(
+            "{}",
+            serde_json::json!({"group": group, "tag": tag, "made": true, "cut_id": r.cut_id, "marks": r.marks, "durable": r.durable})
+        );
     } else {
         let marks: Vec<String> = r
             .marks

@@ -413,6 +413,11 @@ async fn group_task(state: Arc<State>, id: String, mut demands: mpsc::Receiver<D
             }
             // Said once per reason: an interval cut of a group whose VM is down fails
             // the same way every interval.
+            // Not begun (a member not attached or not connected): skipped, no cut id.
+            Outcome::Abandoned(why) if cut_id == 0 && (*why != last_reason || reply.is_some()) => {
+                tracing::warn!(group = %id, reason = %why, "group cut skipped: no group point this time");
+                last_reason.clone_from(why);
+            }
             Outcome::Abandoned(why) if *why != last_reason || reply.is_some() => {
                 tracing::warn!(group = %id, cut = cut_id, reason = %why, "group cut abandoned: no group point this time");
                 last_reason.clone_from(why);
@@ -445,7 +450,7 @@ fn members(state: &State, g: &GroupDef) -> (Vec<u64>, Option<String>) {
         return (
             ids,
             Some(format!(
-                "VM {vm} has no disk attached yet: a group point covers every VM of the group"
+                "VM {vm} has no disk attached (not yet, or detached): a group point covers every VM of the group"
             )),
         );
     }
