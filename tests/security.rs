@@ -675,9 +675,10 @@ fn slow_admin_clients_do_not_block_health_and_state_changes_need_post() {
     );
 }
 
-/// A member VM's agent that forges group markers: a marker for a cut its disk was never
-/// asked to mark (to make a group point of its own), and one claiming another disk count
-/// for a real cut (to hide it). The process server keeps both as plain bookmarks: the real
+/// A member VM's agent that forges group markers: one timed in the far future (to age out
+/// every real point of its disk), a marker for a cut its disk was never asked to mark (to
+/// make a group point of its own), and one claiming another disk count for a real cut (to
+/// hide it). The process server keeps both as plain bookmarks: the real
 /// group point stays listed and exports, and no group point holds the forger's disk.
 #[test]
 fn a_member_cannot_forge_or_hide_group_points() {
@@ -741,22 +742,29 @@ fn a_member_cannot_forge_or_hide_group_points() {
             }
         }
         assert!(attached, "the forger's disk attaches");
-        let forged = |lsn: u64, cut: u64, members: u32| {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        let forged = |lsn: u64, cut: u64, members: u32, time_us: u64| {
             Message::Bookmark(Bookmark {
                 disk_id: 33,
                 lsn,
                 kind: BookmarkKind::AppConsistent,
-                // The far future: a point "newest" by its own say.
-                time_us: 2_100_000_000_000_000,
+                time_us,
                 group_marker: cut,
                 group_members: members,
                 tag: "forged".into(),
             })
         };
+        // Timed in the far future, a bookmark would be its disk's newest point and age out
+        // every real one on the master target: refused.
+        let a = ask(&mut l, forged(1, real, 2, 2_100_000_000_000_000)).await;
+        assert_refused(&a, ErrorCode::OutOfRange, "a bookmark from the future");
         // A cut of its own (an issued id its disk was never asked for), then the real cut
         // claimed with another count: both taken, as plain bookmarks.
-        for (lsn, cut, members) in [(1, 1, 1), (2, real, 2)] {
-            match ask(&mut l, forged(lsn, cut, members)).await {
+        for (lsn, cut, members) in [(1, 1, 1), (2, real, 3)] {
+            match ask(&mut l, forged(lsn, cut, members, now_us)).await {
                 Message::Ack(_) | Message::RemoteDurable { .. } => {}
                 other => panic!("the forged marker at lsn {lsn}: {other:?}"),
             }

@@ -197,10 +197,47 @@ async fn attach_new(state: &State, a: &DiskAttach) -> Result<(usize, u64), Error
     Err(last.expect("at least one master target"))
 }
 
+/// How far ahead of this process server's clock a record's time may be. Machines kept by
+/// NTP agree within seconds; a record from further in the future would become its disk's
+/// newest point on the master target, whose retention window counts back from the newest
+/// point: one future-dated bookmark would age out every real point of that disk (and with
+/// them every group point of its group). Found by the group simulation.
+pub const MAX_CLOCK_LEAD_US: u64 = 600_000_000;
+
+/// Whether a record's time (`time_us`) is too far ahead of `now_us` (see
+/// [`MAX_CLOCK_LEAD_US`]).
+pub fn from_the_future(time_us: u64, now_us: u64) -> bool {
+    time_us > now_us.saturating_add(MAX_CLOCK_LEAD_US)
+}
+
 /// The refusal of a batch or bookmark whose content the master target would refuse: a
 /// write past the disk's end (the agent is broken: permanent), data that does not match its
-/// digest (damaged on the way: resend), a tag that is not a tag (permanent).
+/// digest (damaged on the way: resend), a tag that is not a tag (permanent), a time more
+/// than [`MAX_CLOCK_LEAD_US`] ahead of this process server's clock (permanent: the agent's
+/// clock is wrong).
 fn refuse_content(msg: &Message, size_bytes: u64) -> Option<Message> {
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let (disk_id, newest_us) = match msg {
+        Message::WriteBatch(b) => (
+            b.disk_id,
+            b.writes.iter().map(|w| w.timestamp_us).max().unwrap_or(0),
+        ),
+        Message::Bookmark(bm) => (bm.disk_id, bm.time_us),
+        _ => (0, 0),
+    };
+    if from_the_future(newest_us, now_us) {
+        return Some(err_msg(
+            ErrorCode::OutOfRange,
+            disk_id,
+            format!(
+                "a record timed {} s ahead of the process server's clock (at most {} s): the agent's clock is wrong; set it (NTP) and start the agent again",
+                (newest_us - now_us) / 1_000_000,
+                MAX_CLOCK_LEAD_US / 1_000_000
+            ),
+        ));
+    }
     match msg {
         Message::WriteBatch(b) => {
             if let Some(w) = b.writes.iter().find(|w| {

@@ -40,7 +40,9 @@ use std::path::{Path, PathBuf};
 use master_target::apply::RetentionPolicy;
 use master_target::core::{Applied, DiskCore, Work};
 use master_target::groups::GroupPoint;
-use process_server::groups::{CutCore, Outcome, Step, CUT_PHASE_TIMEOUT_MS};
+use process_server::groups::{
+    CutCore, MarkerBook, MarkerCheck, Outcome, Step, CUT_PHASE_TIMEOUT_MS,
+};
 use store::{FileSystem, SimFaults, SimFs};
 use wire_protocol::{ErrorCode, Message};
 
@@ -125,8 +127,31 @@ struct Ps {
     next_cut_at: u64,
     /// Which connection of each member is attached (answered with a resume point).
     attached: [Option<u64>; 2],
-    made: BTreeSet<u64>,
+    /// Cuts made, with each disk's marker LSN.
+    made: std::collections::BTreeMap<u64, std::collections::BTreeMap<u64, u64>>,
     abandoned: u64,
+    /// The markers asked for and those that came (the real `MarkerBook`; lost with the
+    /// process server).
+    book: MarkerBook,
+}
+
+/// The process server's check of a group marker on its way to the master target
+/// (`cuts::check_marker` over the real `MarkerBook`): one not asked for goes on as a plain
+/// bookmark.
+fn check_marker(book: &mut MarkerBook, msg: Message) -> Message {
+    match msg {
+        Message::Bookmark(b) if b.group_marker != 0 => {
+            match book.check(b.disk_id, b.group_marker, b.group_members, b.lsn) {
+                MarkerCheck::Accept => Message::Bookmark(b),
+                MarkerCheck::Strip => Message::Bookmark(wire_protocol::Bookmark {
+                    group_marker: 0,
+                    group_members: 0,
+                    ..b
+                }),
+            }
+        }
+        other => other,
+    }
 }
 
 /// What one seed did.
@@ -155,8 +180,22 @@ impl GroupTally {
     }
 }
 
+/// A deliberately broken variant, for the checker's own tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutant {
+    /// The real rules.
+    None,
+    /// Members place their marker when told to hold, without holding (and the process
+    /// server lets every marker through: its marker check would strip these, and the
+    /// causality check itself is what this mutant shows failing).
+    MarksOnHold,
+    /// The process server lets every marker through (no `MarkerBook`), and a member forges.
+    TrustsMarkers,
+}
+
 pub struct GroupSim {
     rng: fastrand::Rng,
+    mutant: Mutant,
     members: [Member; 2],
     app: App,
     ps: Ps,
@@ -179,7 +218,7 @@ pub struct GroupSim {
 type Check = Result<(), String>;
 
 impl GroupSim {
-    pub fn new(seed: u64, marks_on_hold: bool) -> GroupSim {
+    pub fn new(seed: u64, mutant: Mutant) -> GroupSim {
         let mut rng = fastrand::Rng::with_seed(seed);
         let fs = SimFs::new(seed ^ 0x6770);
         for d in DISKS {
@@ -191,9 +230,14 @@ impl GroupSim {
             Member::new(DISKS[1], &mut rng),
         ];
         for m in &mut members {
-            m.marks_on_hold = marks_on_hold;
+            m.marks_on_hold = mutant == Mutant::MarksOnHold;
+        }
+        // A quarter of the seeds have a hostile member forging markers.
+        if rng.u32(..4) == 0 || mutant == Mutant::TrustsMarkers {
+            members[rng.usize(..2)].forges = true;
         }
         GroupSim {
+            mutant,
             faults: SimFaults {
                 eio_per_million: [0, 0, 2_000][rng.usize(..3)],
                 capacity_bytes: 1 << 40,
@@ -267,6 +311,20 @@ impl GroupSim {
                 self.tally.kills += 1;
                 self.ps.up = false;
                 self.ps.cut = None;
+                self.ps.book = MarkerBook::default();
+                // A made cut whose markers were not yet durable anywhere is resent by the
+                // agents to a process server that did not ask for them: they arrive as plain
+                // bookmarks, and that cut is no group point. (The real process server keeps
+                // what it accepted in its durable cache; this one relays, so it forgets.)
+                let acked = self.acked;
+                self.ps.made.retain(|_, marks| {
+                    marks.iter().all(|(d, l)| {
+                        DISKS
+                            .iter()
+                            .position(|x| x == d)
+                            .is_some_and(|i| *l <= acked[i])
+                    })
+                });
                 self.link_down();
             }
             4 => {
@@ -376,6 +434,15 @@ impl GroupSim {
             }
         }
         for m in &mut self.members {
+            if m.forges && rng.u32(..20) == 0 && self.ps.next_cut_id > 1 {
+                // A cut already issued (any other is refused outright), claiming another
+                // disk count: to make a group point of one disk, or to hide a real one. (A
+                // member that places its own marker wrongly with the right count only
+                // spoils its own disk, as any write of its own could.)
+                let cut = rng.u64(1..self.ps.next_cut_id);
+                let members = if rng.bool() { 1 } else { 3 };
+                m.forge(cut, members, t, now, rng);
+            }
             if rng.u32(..4) == 0 {
                 let len = rng.usize(1..=8) * 512;
                 let low = SLOTS as usize * SLOT_BYTES / 512;
@@ -415,6 +482,11 @@ impl GroupSim {
                     }
                     Up::Data(msg) => match self.link.as_mut() {
                         Some(l) => {
+                            let msg = if self.mutant != Mutant::None {
+                                msg
+                            } else {
+                                check_marker(&mut self.ps.book, msg)
+                            };
                             let d = delay(&mut self.rng);
                             l.send_up(now, d, msg);
                         }
@@ -431,21 +503,35 @@ impl GroupSim {
         Ok(())
     }
 
-    fn send_cuts(&mut self, cuts: Vec<wire_protocol::Cut>) {
+    /// Offers every message (as the real driver does); returns the first disk whose
+    /// connection is gone.
+    fn send_cuts(&mut self, cuts: Vec<wire_protocol::Cut>) -> Option<u64> {
         let now = self.now();
+        let mut failed = None;
         for c in cuts {
             let i = DISKS
                 .iter()
                 .position(|&d| d == c.disk_id)
                 .expect("a member");
             let d = delay(&mut self.rng);
-            if let Some(conn) = self.members[i]
+            let conn = self.members[i]
                 .conn
                 .as_mut()
-                .filter(|k| self.ps.attached[i] == Some(k.id))
-            {
-                conn.send_down(now, d, Down::Cut(c));
+                .filter(|k| self.ps.attached[i] == Some(k.id));
+            match conn {
+                Some(conn) => conn.send_down(now, d, Down::Cut(c)),
+                None => failed = failed.or(Some(c.disk_id)),
             }
+        }
+        failed
+    }
+
+    /// The cut in flight is given up: releases to every member that may hold.
+    fn give_up(&mut self, id: u64, why: String) {
+        if let Some((core, _)) = self.ps.cut.take() {
+            let (releases, _) = core.on_timeout();
+            self.send_cuts(releases);
+            self.ended(id, Outcome::Abandoned(why));
         }
     }
 
@@ -456,13 +542,30 @@ impl GroupSim {
         match core.on_reply(answer) {
             Step::Wait => {}
             Step::Send(cuts) => {
+                let id = core.id();
                 self.ps.cut.as_mut().expect("in flight").1 = self.tally.steps;
-                self.send_cuts(cuts);
+                let members = cuts.first().map_or(0, |c| c.lsn as u32);
+                self.ps.book.marking(id, members);
+                if let Some(d) = self.send_cuts(cuts) {
+                    self.give_up(id, format!("disk {d}'s connection did not take the mark"));
+                }
             }
             Step::Done(cuts, outcome) => {
                 let id = core.id();
                 self.ps.cut = None;
                 self.send_cuts(cuts);
+                // As the real driver (`cuts::in_streams`): made only if every marker came.
+                let outcome = match outcome {
+                    Outcome::Made { marks, .. }
+                        if self.mutant == Mutant::None
+                            && marks
+                                .iter()
+                                .any(|(d, l)| self.ps.book.placed(id, *d) != Some(*l)) =>
+                    {
+                        Outcome::Abandoned("a marker did not come in its stream".into())
+                    }
+                    o => o,
+                };
                 self.ended(id, outcome);
             }
         }
@@ -471,8 +574,8 @@ impl GroupSim {
     fn ended(&mut self, id: u64, outcome: Outcome) {
         self.log(|| format!("cut {id}: {outcome:?}"));
         match outcome {
-            Outcome::Made { .. } => {
-                self.ps.made.insert(id);
+            Outcome::Made { marks, .. } => {
+                self.ps.made.insert(id, marks);
             }
             Outcome::Abandoned(_) => self.ps.abandoned += 1,
         }
@@ -512,8 +615,11 @@ impl GroupSim {
         };
         let (core, holds) = CutCore::new(id, &DISKS, app, &tag);
         self.log(|| format!("cut {id} begins"));
+        self.ps.book.begin(id, &DISKS);
         self.ps.cut = Some((core, now));
-        self.send_cuts(holds);
+        if let Some(d) = self.send_cuts(holds) {
+            self.give_up(id, format!("disk {d}'s connection did not take the hold"));
+        }
     }
 
     /// The master target takes what arrived on the uplink and answers.
@@ -704,6 +810,9 @@ impl GroupSim {
                 let lsn = m.point.lsn;
                 match self.members[i].items.get(lsn as usize - 1) {
                     Some(Item::Marker { cut_id }) if *cut_id == gp.id => {}
+                    Some(Item::Forged { cut_id }) => {
+                        return Err(format!("group point {}: disk {} point at lsn {lsn} is a marker its agent forged for cut {cut_id}", gp.id, DISKS[i]))
+                    }
                     other => return Err(format!("group point {}: disk {} point at lsn {lsn} is {other:?}, not the cut's marker", gp.id, DISKS[i])),
                 }
                 let disk = self.fs.contents(&disk_path(DISKS[i])).expect("exists");
@@ -751,7 +860,16 @@ impl GroupSim {
         self.mt_down();
         self.start()?;
         let listed: BTreeSet<u64> = self.group_points()?.iter().map(|g| g.id).collect();
-        if let Some(missing) = self.ps.made.difference(&listed).next() {
+        if let Some(missing) = self.ps.made.keys().find(|id| !listed.contains(id)) {
+            if self.trace {
+                for (i, c) in self.cores.as_ref().expect("up").iter().enumerate() {
+                    eprintln!(
+                        "disk {}: points {:?}",
+                        DISKS[i],
+                        c.applier().journal().points()
+                    );
+                }
+            }
             return Err(format!(
                 "cut {missing} was made (every member marked) but is no group point"
             ));
@@ -764,8 +882,8 @@ impl GroupSim {
 }
 
 /// Runs one seed; a panic is a failure of its seed too.
-pub fn run_seed(seed: u64, marks_on_hold: bool) -> Result<GroupTally, String> {
-    let ran = std::panic::catch_unwind(|| GroupSim::new(seed, marks_on_hold).run());
+pub fn run_seed(seed: u64, mutant: Mutant) -> Result<GroupTally, String> {
+    let ran = std::panic::catch_unwind(|| GroupSim::new(seed, mutant).run());
     let e = match ran {
         Ok(Ok(t)) => return Ok(t),
         Ok(Err(e)) => e,

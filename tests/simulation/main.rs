@@ -654,7 +654,7 @@ fn group_seeds() {
     }
     if std::env::var("SIM_GROUP_SEED").is_ok() {
         let seed = env_number("SIM_GROUP_SEED", 0);
-        let t = group::run_seed(seed, false).unwrap_or_else(|e| panic!("{e}"));
+        let t = group::run_seed(seed, group::Mutant::None).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("group seed {seed}: {t:?}");
         return;
     }
@@ -663,7 +663,7 @@ fn group_seeds() {
     let mut sum = group::GroupTally::default();
     let mut failures = Vec::new();
     for seed in first..first + n {
-        match group::run_seed(seed, false) {
+        match group::run_seed(seed, group::Mutant::None) {
             Ok(t) => sum.add(&t),
             Err(e) => failures.push(e),
         }
@@ -685,23 +685,36 @@ fn group_seeds() {
     assert!(sum.cuts_made > 0 && sum.group_points_checked > 0 && sum.cuts_abandoned > 0);
 }
 
-/// The checker can fail: members that place their marker when told to hold (without the
-/// common instant every member holds at) make group points that break causality, and the
-/// group simulation says so.
-#[test]
-fn group_check_catches_members_that_mark_without_holding() {
+/// Runs seeds of a broken variant until one fails; the failure must say `looked_for`.
+fn mutant_is_caught(mutant: group::Mutant, looked_for: &str) {
     if std::env::var("SIM_SEED").is_ok() || std::env::var("SIM_GROUP_SEED").is_ok() {
         return;
     }
     for seed in 0..300 {
-        if let Err(e) = group::run_seed(seed, true) {
+        if let Err(e) = group::run_seed(seed, mutant) {
             assert!(
-                e.contains("causality broken"),
-                "another failure than the one looked for: {e}"
+                e.contains(looked_for),
+                "{mutant:?}: another failure than the one looked for: {e}"
             );
             eprintln!("found at seed {seed}: {e}");
             return;
         }
     }
-    panic!("300 seeds of members marking without a hold and no broken causality found");
+    panic!("300 seeds of {mutant:?} and no failure saying {looked_for:?}");
+}
+
+/// The checker can fail: members that place their marker when told to hold (without the
+/// common instant every member holds at) make group points that break causality, and the
+/// group simulation says so.
+#[test]
+fn group_check_catches_members_that_mark_without_holding() {
+    mutant_is_caught(group::Mutant::MarksOnHold, "causality broken");
+}
+
+/// The checker can fail: a process server that lets every marker through (no
+/// `MarkerBook`) with a member forging markers lists group points that are not the cut's,
+/// and the group simulation says so.
+#[test]
+fn group_check_catches_a_process_server_that_trusts_every_marker() {
+    mutant_is_caught(group::Mutant::TrustsMarkers, "forged");
 }

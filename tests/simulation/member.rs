@@ -44,8 +44,17 @@ pub enum Down {
 /// One item of a member's stream (its LSN is its index + 1).
 #[derive(Debug, Clone)]
 pub enum Item {
-    Write { offset: u64, data: Bytes },
-    Marker { cut_id: u64 },
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
+    Marker {
+        cut_id: u64,
+    },
+    /// A marker a hostile agent put in its stream unasked.
+    Forged {
+        cut_id: u64,
+    },
 }
 
 /// One VM of the group: its stream, its agent's window, connection and hold.
@@ -62,6 +71,8 @@ pub struct Member {
     /// without waiting for the other members (`(cut, marker LSN)`).
     pub marks_on_hold: bool,
     early_marker: Option<(u64, u64)>,
+    /// A hostile agent: it puts markers of its own choosing in its stream now and then.
+    pub forges: bool,
     /// The image at an LSN, to move forward from.
     cached: (u64, Vec<u8>),
     /// How many cut messages it answered, and how many holds ended by its own limit.
@@ -80,6 +91,7 @@ impl Member {
             hold: None,
             marks_on_hold: false,
             early_marker: None,
+            forges: false,
             cached: (0, vec![0; DISK_BYTES]),
             answered: 0,
             hold_timeouts: 0,
@@ -178,6 +190,32 @@ impl Member {
         self.items.push(Item::Marker { cut_id: m.cut_id });
         self.push(msg, lsn, 0, now, rng);
         lsn
+    }
+
+    /// A hostile agent's marker for cut `cut_id` claiming `members` disks, asked for by no
+    /// one (to make a group point of its own, or to hide one).
+    pub fn forge(
+        &mut self,
+        cut_id: u64,
+        members: u32,
+        time_us: u64,
+        now: u64,
+        rng: &mut fastrand::Rng,
+    ) {
+        let lsn = self.last_lsn() + 1;
+        let msg = Message::Bookmark(Bookmark {
+            disk_id: self.disk_id,
+            lsn,
+            kind: BookmarkKind::AppConsistent,
+            // Its own clock: one far ahead is refused by the process server
+            // (`ingest::MAX_CLOCK_LEAD_US`), found by this simulation.
+            time_us,
+            group_marker: cut_id,
+            group_members: members,
+            tag: "forged".into(),
+        });
+        self.items.push(Item::Forged { cut_id });
+        self.push(msg, lsn, 0, now, rng);
     }
 
     /// Hears what arrived by `now` and answers it; `Err` for an answer that breaks a rule.
