@@ -191,6 +191,12 @@ fn a_group_export_replaces_only_an_earlier_one_and_whole(
         names,
         ["group-point.json", "vm1-disk-1.img", "vm2-disk-2.img"]
     );
+    // A group export with a file someone added: never replaced, even with --force.
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    let err = forced(first, &out).unwrap_err().to_string();
+    assert!(err.contains("did not write"), "{err}");
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
     // Not a group export: never replaced, even with --force.
     let other = c.dir.join("notes");
     std::fs::create_dir_all(&other).unwrap();
@@ -222,6 +228,11 @@ fn a_failed_forced_group_export_leaves_the_earlier_one_whole(
     let image_mib = std::fs::metadata(image).unwrap().len() >> 20;
     let mib = image_mib * 7 / 2 + 32;
     let vol = SmallVolume::new(&c.dir.join("small.ext4"), &c.dir.join("small"), mib);
+    // The volume's own mount point: the staging beside it would be on another volume.
+    let err = export_group(c, "erp", &points[0]["id"].to_string(), &vol.dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mount point"), "{err}");
     let out = vol.dir.join("erp");
     export_group(c, "erp", &points[0]["id"].to_string(), &out).unwrap();
     let digests = |dir: &Path| -> Vec<String> {

@@ -60,7 +60,7 @@ pub fn export(
 ) -> Result<(GroupPoint, Vec<Exported>)> {
     let point = select(group, &list(data_dir, retention_dir, group)?, sel)?;
     let (parent, name) = split(out_dir)?;
-    let target = target(out_dir, opts.force)?;
+    let target = target(out_dir, opts.force, group)?;
     crate::export::check_private_dir(&parent, out_dir)?;
     remove_stale(&parent, &name);
     let staging = parent.join(format!(
@@ -105,8 +105,9 @@ fn split(out_dir: &Path) -> Result<(PathBuf, std::ffi::OsString)> {
     Ok((parent, name.to_owned()))
 }
 
-/// What is at `out_dir`, and whether it may be replaced.
-fn target(out_dir: &Path, force: bool) -> Result<Target> {
+/// What is at `out_dir`, and whether it may be replaced: only an earlier export of `group`
+/// that holds nothing but what its manifest names.
+fn target(out_dir: &Path, force: bool, group: &str) -> Result<Target> {
     let refused = |reason: String| Error::ExportRefused {
         out: out_dir.into(),
         reason,
@@ -123,12 +124,25 @@ fn target(out_dir: &Path, force: bool) -> Result<Target> {
     if !meta.is_dir() {
         return Err(refused("it is a file: with --group, --out names the directory the group's disks go to (created if it does not exist)".into()));
     }
+    // The staging directory is made beside OUT, on its parent's filesystem: a filesystem
+    // mounted at OUT would have the whole group written to the wrong volume, then not
+    // renamed.
+    let parent = std::fs::metadata(crate::vmdk::parent_dir(out_dir))
+        .ctx(|| format!("inspect the parent of {}", out_dir.display()))?;
+    if std::os::unix::fs::MetadataExt::dev(&meta) != std::os::unix::fs::MetadataExt::dev(&parent) {
+        return Err(refused(format!(
+            "it is a mount point: name a directory inside it (e.g. {})",
+            out_dir.join("group").display()
+        )));
+    }
     let mut entries = std::fs::read_dir(out_dir).ctx(|| format!("list {}", out_dir.display()))?;
     if entries.next().is_none() {
         return Ok(Target::New);
     }
-    if !out_dir.join(MANIFEST).is_file() {
-        return Err(refused(format!("it holds files that are not a group export (no {MANIFEST}): name a new or empty directory; this one is never replaced, --force or not")));
+    if let Err(why) = earlier_export(out_dir, group) {
+        return Err(refused(format!(
+            "{why}: name a new or empty directory; this one is never replaced, --force or not"
+        )));
     }
     if !force {
         return Err(refused(
@@ -152,6 +166,41 @@ fn precheck(
         drop(crate::export::open_disk(&rec.data_path, m.disk)?);
         let out = member_path(staging, m, format);
         crate::export::check_outputs(data_dir, retention_dir, &reg, &out, format, false)?;
+    }
+    Ok(())
+}
+
+/// Whether `dir` is an earlier export of `group` and nothing else: its manifest names the
+/// group, and every entry is the manifest or a file it names.
+fn earlier_export(dir: &Path, group: &str) -> std::result::Result<(), String> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST)).map_err(|_| {
+        format!("it holds files that are not a group export (no readable {MANIFEST})")
+    })?;
+    let m: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("its {MANIFEST} is not a group export's ({e})"))?;
+    if m["group"].as_str() != Some(group) {
+        return Err(format!(
+            "it holds an export of group {}, not {group}",
+            m["group"]
+        ));
+    }
+    let named: std::collections::BTreeSet<&str> = m["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|x| x["files"].as_array().into_iter().flatten())
+        .filter_map(|f| f.as_str())
+        .chain([MANIFEST])
+        .collect();
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("it cannot be listed ({e})"))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let plain = e.file_type().is_ok_and(|t| t.is_file());
+        if !plain || !named.contains(name.as_str()) {
+            return Err(format!(
+                "it holds {name:?}, which the group export there did not write"
+            ));
+        }
     }
     Ok(())
 }

@@ -88,7 +88,7 @@ struct Stats {
 }
 
 /// Cuts whose members' late answers (a release's hold) are still heard.
-const RECENT_CUTS: usize = 64;
+const RECENT_CUTS: usize = 2 * crate::groups::MAX_GROUPS;
 /// A hold counted in the figures is at most this long: an agent holds at most 2 s
 /// (`agent::hold::HOLD_MAX_MS`), and a longer claim is a broken or hostile agent's.
 const MAX_PAUSE_US: u64 = 2_500_000;
@@ -207,7 +207,6 @@ impl Groups {
 
     /// Remembers a cut's members (for [`Groups::reply`]).
     fn begin(&self, cut_id: u64, group: &str, disks: &[u64]) {
-        self.markers.lock().expect("poisoned").begin(cut_id, disks);
         let mut recent = self.recent.lock().expect("poisoned");
         if recent.len() == RECENT_CUTS {
             recent.pop_front();
@@ -325,8 +324,9 @@ pub enum Marker {
 /// Checks a group marker in disk `disk`'s stream. Only markers this process server asked
 /// for reach the master target as markers, which is why it can trust them: a marker on a
 /// disk of no group, for a cut not issued yet, or covering no disk or more than a master
-/// target holds is refused; one for another cut, another disk count, a second one, or one
-/// from before a restart is stripped to a plain bookmark.
+/// target holds is refused; one for another cut, another disk count, place (not right after
+/// the LSN the disk said it held at), kind or tag, a second one, or one from before a
+/// restart is stripped to a plain bookmark.
 pub fn check_marker(state: &State, disk: &crate::state::Disk, msg: &Message) -> Marker {
     let Message::Bookmark(b) = msg else {
         return Marker::Keep;
@@ -342,12 +342,12 @@ pub fn check_marker(state: &State, disk: &crate::state::Disk, msg: &Message) -> 
     } else if b.group_members == 0 || b.group_members as usize > MAX_CUT_DISKS {
         "a group marker covering no disk, or more than a master target holds"
     } else {
-        let check = state.groups.markers.lock().expect("poisoned").check(
-            b.disk_id,
-            b.group_marker,
-            b.group_members,
-            b.lsn,
-        );
+        let check = state
+            .groups
+            .markers
+            .lock()
+            .expect("poisoned")
+            .check_bookmark(b);
         if check == MarkerCheck::Accept {
             return Marker::Keep;
         }
@@ -366,6 +366,22 @@ pub fn check_marker(state: &State, disk: &crate::state::Disk, msg: &Message) -> 
         message: format!("bookmark at lsn {}: {why}", b.lsn),
         request_id: 0,
     }))
+}
+
+/// The cache took a new record `msg` as it was (after [`check_marker`] kept it): if it is
+/// a group marker, its cut counts it as placed ([`in_streams`]). A resend the cache already
+/// held places nothing: a member cannot point its cut at a record that is not its marker.
+pub fn marker_cached(state: &State, msg: &Message) {
+    if let Message::Bookmark(b) = msg {
+        if b.group_marker != 0 {
+            state
+                .groups
+                .markers
+                .lock()
+                .expect("poisoned")
+                .cached(b.group_marker, b.disk_id, b.lsn);
+        }
+    }
 }
 
 /// Most disks one cut can cover: every disk of a master target.
@@ -536,14 +552,13 @@ async fn drive(
         match step {
             Step::Wait => {}
             Step::Send(marks) => {
-                // From now on this cut's markers are expected, with this disk count.
-                let members = marks.first().map_or(0, |m| m.lsn as u32);
+                // From now on each disk's marker is expected, exactly.
                 state
                     .groups
                     .markers
                     .lock()
                     .expect("poisoned")
-                    .marking(core.id(), members);
+                    .marking(core.id(), core.expected());
                 if let Some(d) = send_all(marks) {
                     let (rel, _) = core.on_timeout();
                     send_all(rel);

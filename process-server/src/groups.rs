@@ -179,6 +179,32 @@ impl CutCore {
         self.cut_id
     }
 
+    /// The marker each disk is asked for once every member held: right after its held LSN,
+    /// with the cut's disk count, kind and tag (the agent's default tag when the cut has
+    /// none, as `agent::hold` places it).
+    pub fn expected(&self) -> BTreeMap<u64, Expected> {
+        let tag = if self.tag.is_empty() {
+            format!("group-cut-{}", self.cut_id)
+        } else {
+            self.tag.clone()
+        };
+        self.members
+            .iter()
+            .filter_map(|(&d, m)| match m {
+                Member::Held(l) => Some((
+                    d,
+                    Expected {
+                        lsn: l + 1,
+                        members: self.members.len() as u32,
+                        app: self.flags & CUT_APP_CONSISTENT != 0,
+                        tag: tag.clone(),
+                    },
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn msg(&self, disk_id: u64, phase: CutPhase, tag: &str) -> Cut {
         Cut {
             phase,
@@ -302,34 +328,44 @@ impl CutCore {
     }
 }
 
-/// Cuts whose markers a [`MarkerBook`] remembers: a marker for an older cut arrives only
-/// after a long outage, and is kept as a plain bookmark.
-pub const MARKER_BOOK_CUTS: usize = 64;
+/// Cuts whose markers a [`MarkerBook`] remembers: two per group, so that every group's cut
+/// in flight is kept however many groups cut at once; a marker for an older cut arrives
+/// only after a long outage, and is kept as a plain bookmark.
+pub const MARKER_BOOK_CUTS: usize = 2 * MAX_GROUPS;
 
 /// What the process server does with a group marker in a disk's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MarkerCheck {
-    /// A marker this process server asked this disk for, with the cut's disk count (or a
-    /// resend of it): cached as it is.
+    /// Exactly the marker this process server asked this disk for: cached as it is.
     Accept,
-    /// A marker it did not ask for (another cut, another count, a second one, or one from
-    /// before a restart): cached as a plain bookmark, so it can neither make a group point
-    /// nor hide one.
+    /// A marker it did not ask for (another cut, count, place, kind or tag, a second one,
+    /// or one from before a restart): cached as a plain bookmark, so it can neither make a
+    /// group point nor hide one.
     Strip,
 }
 
-/// One cut's markers: the disks it covers, the disk count its Marks named, and the marker
-/// each disk placed in its stream.
+/// The marker a Mark asks one disk for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// Right after the LSN the disk said it held at.
+    pub lsn: u64,
+    /// How many disks the cut covers.
+    pub members: u32,
+    /// App-consistent or not, as the Mark said.
+    pub app: bool,
+    /// The bookmark's tag (the Mark's, or `group-cut-ID`).
+    pub tag: String,
+}
+
+/// One cut's markers: what each disk was asked for, and where each came into the cache.
 #[derive(Debug)]
 struct CutMarkers {
     cut_id: u64,
-    disks: Vec<u64>,
-    /// Set once the Marks went out.
-    members: Option<u32>,
-    placed: BTreeMap<u64, u64>,
+    expected: BTreeMap<u64, Expected>,
+    cached: BTreeMap<u64, u64>,
 }
 
-/// The markers the process server asked for, and those that came: the master target
+/// The markers the process server asked for, and those its cache took: the master target
 /// trusts a group marker because only these reach it. No I/O; bounded to
 /// [`MARKER_BOOK_CUTS`] cuts.
 #[derive(Debug, Default)]
@@ -338,56 +374,72 @@ pub struct MarkerBook {
 }
 
 impl MarkerBook {
-    /// Cut `cut_id` over `disks` begins.
-    pub fn begin(&mut self, cut_id: u64, disks: &[u64]) {
+    /// The Marks of cut `cut_id` go out: from now on each disk's marker, exactly as
+    /// described, is expected.
+    pub fn marking(&mut self, cut_id: u64, expected: BTreeMap<u64, Expected>) {
         if self.cuts.len() == MARKER_BOOK_CUTS {
             self.cuts.pop_front();
         }
         self.cuts.push_back(CutMarkers {
             cut_id,
-            disks: disks.to_vec(),
-            members: None,
-            placed: BTreeMap::new(),
+            expected,
+            cached: BTreeMap::new(),
         });
     }
 
-    /// The Marks of cut `cut_id` go out, naming `members` disks: from now its markers are
-    /// expected.
-    pub fn marking(&mut self, cut_id: u64, members: u32) {
-        if let Some(c) = self.cuts.iter_mut().find(|c| c.cut_id == cut_id) {
-            c.members = Some(members);
-        }
-    }
-
-    /// A marker of cut `cut_id` covering `members` disks, at `lsn` of disk `disk`.
-    pub fn check(&mut self, disk: u64, cut_id: u64, members: u32, lsn: u64) -> MarkerCheck {
-        let Some(c) = self
-            .cuts
-            .iter_mut()
-            .find(|c| c.cut_id == cut_id && c.disks.contains(&disk))
-        else {
+    /// Whether a marker (disk `disk`, cut `cut_id`, covering `members`, at `lsn`, `app` or
+    /// not, with `tag`) is the one asked for and not cached yet.
+    pub fn check(
+        &self,
+        disk: u64,
+        cut_id: u64,
+        members: u32,
+        lsn: u64,
+        app: bool,
+        tag: &str,
+    ) -> MarkerCheck {
+        let Some(c) = self.cuts.iter().find(|c| c.cut_id == cut_id) else {
             return MarkerCheck::Strip;
         };
-        if c.members != Some(members) {
-            return MarkerCheck::Strip;
-        }
-        match c.placed.get(&disk) {
-            None => {
-                c.placed.insert(disk, lsn);
-                MarkerCheck::Accept
-            }
-            // The same marker again (a resend after a reconnect).
-            Some(&l) if l == lsn => MarkerCheck::Accept,
-            Some(_) => MarkerCheck::Strip,
+        let asked = c
+            .expected
+            .get(&disk)
+            .is_some_and(|e| e.lsn == lsn && e.members == members && e.app == app && e.tag == tag);
+        // Once cached, the same marker again is a resend the cache answers as held.
+        if asked && c.cached.get(&disk).is_none_or(|&l| l == lsn) {
+            MarkerCheck::Accept
+        } else {
+            MarkerCheck::Strip
         }
     }
 
-    /// Where disk `disk`'s marker of cut `cut_id` is in its stream, if it came.
+    /// [`MarkerBook::check`] of a bookmark's group marker.
+    pub fn check_bookmark(&self, b: &wire_protocol::Bookmark) -> MarkerCheck {
+        let app = b.kind == wire_protocol::BookmarkKind::AppConsistent;
+        self.check(
+            b.disk_id,
+            b.group_marker,
+            b.group_members,
+            b.lsn,
+            app,
+            &b.tag,
+        )
+    }
+
+    /// The cache took disk `disk`'s marker of cut `cut_id` at `lsn` (a new record, not a
+    /// resend of one it holds).
+    pub fn cached(&mut self, cut_id: u64, disk: u64, lsn: u64) {
+        if let Some(c) = self.cuts.iter_mut().find(|c| c.cut_id == cut_id) {
+            c.cached.entry(disk).or_insert(lsn);
+        }
+    }
+
+    /// Where disk `disk`'s marker of cut `cut_id` went into the cache, if it did.
     pub fn placed(&self, cut_id: u64, disk: u64) -> Option<u64> {
         self.cuts
             .iter()
             .find(|c| c.cut_id == cut_id)?
-            .placed
+            .cached
             .get(&disk)
             .copied()
     }
@@ -411,27 +463,45 @@ mod tests {
     #[test]
     fn only_the_markers_asked_for_pass() {
         let mut b = MarkerBook::default();
-        b.begin(10, &[1, 2]);
+        let want = |lsn| Expected {
+            lsn,
+            members: 2,
+            app: true,
+            tag: "t".into(),
+        };
         // Before the Marks went out, nothing is expected.
-        assert_eq!(b.check(1, 10, 2, 50), MarkerCheck::Strip);
-        b.marking(10, 2);
+        assert_eq!(b.check(1, 10, 2, 50, true, "t"), MarkerCheck::Strip);
+        b.marking(10, [(1, want(50)), (2, want(7))].into());
+        let wrong = [
+            ((3, 10, 2, 50, true, "t"), "a disk of no cut"),
+            ((1, 10, 3, 50, true, "t"), "another count"),
+            ((1, 11, 2, 50, true, "t"), "another cut"),
+            ((1, 10, 2, 49, true, "t"), "another place"),
+            ((1, 10, 2, 50, false, "t"), "another kind"),
+            ((1, 10, 2, 50, true, "x"), "another tag"),
+        ];
+        for ((disk, cut, members, lsn, app, tag), what) in wrong {
+            assert_eq!(
+                b.check(disk, cut, members, lsn, app, tag),
+                MarkerCheck::Strip,
+                "{what}"
+            );
+        }
+        assert_eq!(b.check(1, 10, 2, 50, true, "t"), MarkerCheck::Accept);
+        // Not cached (a resend of what the cache holds): not placed.
+        assert_eq!(b.placed(10, 1), None);
+        b.cached(10, 1, 50);
         assert_eq!(
-            b.check(3, 10, 2, 50),
-            MarkerCheck::Strip,
-            "a disk of no cut"
+            b.check(1, 10, 2, 50, true, "t"),
+            MarkerCheck::Accept,
+            "a resend"
         );
-        assert_eq!(b.check(1, 10, 3, 50), MarkerCheck::Strip, "another count");
-        assert_eq!(b.check(1, 11, 2, 50), MarkerCheck::Strip, "another cut");
-        assert_eq!(b.check(1, 10, 2, 50), MarkerCheck::Accept);
-        assert_eq!(b.check(1, 10, 2, 50), MarkerCheck::Accept, "a resend");
-        assert_eq!(b.check(1, 10, 2, 51), MarkerCheck::Strip, "a second marker");
         assert_eq!((b.placed(10, 1), b.placed(10, 2)), (Some(50), None));
         // Bounded: the oldest cut is forgotten, its late markers stripped.
         for c in 100..100 + MARKER_BOOK_CUTS as u64 {
-            b.begin(c, &[2]);
+            b.marking(c, [(2, want(1))].into());
         }
-        b.marking(10, 2);
-        assert_eq!(b.check(2, 10, 2, 70), MarkerCheck::Strip);
+        assert_eq!(b.check(2, 10, 2, 7, true, "t"), MarkerCheck::Strip);
     }
 
     fn reply(phase: CutPhase, disk: u64, lsn: u64) -> Cut {

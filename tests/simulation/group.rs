@@ -141,8 +141,12 @@ struct Ps {
 fn check_marker(book: &mut MarkerBook, msg: Message) -> Message {
     match msg {
         Message::Bookmark(b) if b.group_marker != 0 => {
-            match book.check(b.disk_id, b.group_marker, b.group_members, b.lsn) {
-                MarkerCheck::Accept => Message::Bookmark(b),
+            match book.check_bookmark(&b) {
+                MarkerCheck::Accept => {
+                    // This relay has no cache: what it passes on is what a cache would take.
+                    book.cached(b.group_marker, b.disk_id, b.lsn);
+                    Message::Bookmark(b)
+                }
                 MarkerCheck::Strip => Message::Bookmark(wire_protocol::Bookmark {
                     group_marker: 0,
                     group_members: 0,
@@ -435,12 +439,11 @@ impl GroupSim {
         }
         for m in &mut self.members {
             if m.forges && rng.u32(..20) == 0 && self.ps.next_cut_id > 1 {
-                // A cut already issued (any other is refused outright), claiming another
-                // disk count: to make a group point of one disk, or to hide a real one. (A
-                // member that places its own marker wrongly with the right count only
-                // spoils its own disk, as any write of its own could.)
+                // A cut already issued (any other is refused outright), with any disk count
+                // (the right one too): to make a group point of one disk, to hide a real
+                // one, or to stand for its real marker somewhere else in its stream.
                 let cut = rng.u64(1..self.ps.next_cut_id);
-                let members = if rng.bool() { 1 } else { 3 };
+                let members = rng.u32(1..=3);
                 m.forge(cut, members, t, now, rng);
             }
             if rng.u32(..4) == 0 {
@@ -542,10 +545,9 @@ impl GroupSim {
         match core.on_reply(answer) {
             Step::Wait => {}
             Step::Send(cuts) => {
-                let id = core.id();
+                let (id, expected) = (core.id(), core.expected());
                 self.ps.cut.as_mut().expect("in flight").1 = self.tally.steps;
-                let members = cuts.first().map_or(0, |c| c.lsn as u32);
-                self.ps.book.marking(id, members);
+                self.ps.book.marking(id, expected);
                 if let Some(d) = self.send_cuts(cuts) {
                     self.give_up(id, format!("disk {d}'s connection did not take the mark"));
                 }
@@ -615,7 +617,6 @@ impl GroupSim {
         };
         let (core, holds) = CutCore::new(id, &DISKS, app, &tag);
         self.log(|| format!("cut {id} begins"));
-        self.ps.book.begin(id, &DISKS);
         self.ps.cut = Some((core, now));
         if let Some(d) = self.send_cuts(holds) {
             self.give_up(id, format!("disk {d}'s connection did not take the hold"));
@@ -810,7 +811,12 @@ impl GroupSim {
                 let lsn = m.point.lsn;
                 match self.members[i].items.get(lsn as usize - 1) {
                     Some(Item::Marker { cut_id }) if *cut_id == gp.id => {}
-                    Some(Item::Forged { cut_id }) => {
+                    // Forged, but as the real one: the process server took it only at the
+                    // place, count, kind and tag asked for (right after the LSN the member
+                    // held at, so nothing captured in between): its disk at the cut. The
+                    // exact-image and causality checks below judge it like any marker.
+                    Some(Item::Forged { cut_id, .. }) if *cut_id == gp.id => {}
+                    Some(Item::Forged { cut_id, .. }) => {
                         return Err(format!("group point {}: disk {} point at lsn {lsn} is a marker its agent forged for cut {cut_id}", gp.id, DISKS[i]))
                     }
                     other => return Err(format!("group point {}: disk {} point at lsn {lsn} is {other:?}, not the cut's marker", gp.id, DISKS[i])),

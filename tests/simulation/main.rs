@@ -716,5 +716,5 @@ fn group_check_catches_members_that_mark_without_holding() {
 /// and the group simulation says so.
 #[test]
 fn group_check_catches_a_process_server_that_trusts_every_marker() {
-    mutant_is_caught(group::Mutant::TrustsMarkers, "forged");
+    mutant_is_caught(group::Mutant::TrustsMarkers, "group point");
 }

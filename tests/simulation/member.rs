@@ -206,13 +206,15 @@ impl Member {
         let msg = Message::Bookmark(Bookmark {
             disk_id: self.disk_id,
             lsn,
-            kind: BookmarkKind::AppConsistent,
+            // Dressed as the real marker of an interval cut: only its place (and maybe its
+            // count) gives it away.
+            kind: BookmarkKind::CrashConsistent,
             // Its own clock: one far ahead is refused by the process server
             // (`ingest::MAX_CLOCK_LEAD_US`), found by this simulation.
             time_us,
             group_marker: cut_id,
             group_members: members,
-            tag: "forged".into(),
+            tag: format!("group-cut-{cut_id}"),
         });
         self.items.push(Item::Forged { cut_id });
         self.push(msg, lsn, 0, now, rng);

@@ -291,8 +291,12 @@ impl Conn {
             return Ok(Some(r));
         }
         let stripped;
+        let mut kept = false;
         let raw = match crate::cuts::check_marker(&state, &disk, msg) {
-            crate::cuts::Marker::Keep => raw,
+            crate::cuts::Marker::Keep => {
+                kept = true;
+                raw
+            }
             crate::cuts::Marker::Refuse(r) => return Ok(Some(r)),
             crate::cuts::Marker::Strip(plain) => {
                 stripped = MessageCodec::new(wire_protocol::Compression::None)
@@ -312,6 +316,9 @@ impl Conn {
                 return Ok(Some(reply));
             }
             Append::New | Append::Full => {}
+        }
+        if kept {
+            crate::cuts::marker_cached(&state, msg);
         }
         disk.counters
             .ingest_bytes
