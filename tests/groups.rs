@@ -212,6 +212,34 @@ fn a_group_export_replaces_only_an_earlier_one_and_whole(
         .unwrap_err()
         .to_string();
     assert!(err.contains("can be changed by another user"), "{err}");
+    if root() {
+        // A directory of another user (uid 4242): refused, unless that user ran sudo.
+        let alice = c.dir.join("alice");
+        std::fs::create_dir_all(&alice).unwrap();
+        std::os::unix::fs::chown(&alice, Some(4242), Some(4242)).unwrap();
+        let err = export_group(c, "erp", &last.to_string(), &alice.join("erp"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("uid 4242"), "{err}");
+        let mut args = vec![
+            "master-target".to_owned(),
+            "export".into(),
+            "--group=erp".into(),
+            format!("--point={last}"),
+            format!("--out={}", alice.join("erp").display()),
+        ];
+        args.extend(c.mt_dirs());
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("SUDO_UID", "4242")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// A forced re-export of the group that fails midway (its volume fills up while the second

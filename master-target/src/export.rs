@@ -439,8 +439,8 @@ fn export_uuid(replicated: &str, lsn: u64, keep: bool) -> [u8; 16] {
 }
 
 /// Refuses an export under directory `dir` (for output `out`) if another user could swap
-/// what it writes: `dir` and every directory above it must be owned by root or this user,
-/// and writable by no one else unless sticky (as `/tmp`, where others cannot rename what
+/// what it writes: `dir` and every directory above it must be owned by root, this user or
+/// (under sudo) the operator who ran it, and writable by no one else unless sticky (as `/tmp`, where others cannot rename what
 /// is not theirs). An export writes a temporary file (or a group's staging directory)
 /// there and renames it into place; a directory others can write would let them put
 /// something else there in between, with this process's rights.
@@ -448,11 +448,15 @@ pub fn check_private_dir(dir: &Path, out: &Path) -> Result<()> {
     let canonical = std::fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
+    // Under sudo, the operator's own directories are theirs to trust (their home, say).
+    let operator = std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok());
     for d in canonical.ancestors() {
         let m = std::fs::metadata(d).ctx(|| format!("inspect {}", d.display()))?;
         let (uid, mode) = (m.uid(), m.mode());
         let others_write = mode & 0o022 != 0 && mode & 0o1000 == 0;
-        if (uid != 0 && uid != me) || others_write {
+        if (uid != 0 && uid != me && Some(uid) != operator) || others_write {
             return Err(Error::ExportRefused {
                 out: out.into(),
                 reason: format!(
