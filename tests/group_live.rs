@@ -115,13 +115,7 @@ fn no_group_point_holds_an_effect_without_its_cause_under_the_crash_loop() {
     let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
     let relay = Relay::new(c.mt_addr.clone());
     c.ps_upstream = Some(relay.addr.clone());
-    c.ps_extra = vec![
-        "--group=erp=vm1,vm2".into(),
-        "--group-cut-interval-s=1".into(),
-    ];
-    c.start_mt().unwrap();
-    c.start_ps().unwrap();
-    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let mut c = start_group_cluster(c);
     let _guard = MountGuard(vec![mount_dir(&c, 1), mount_dir(&c, 2)]);
     let mut a = protect(&c, 1);
     // B's agent reaches the process server 10 ms away (each way), A's at once: a cut's hold

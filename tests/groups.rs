@@ -16,21 +16,7 @@ use failback::harness::Cluster;
 const GROUP: &str = "erp";
 
 fn group_cluster(dir: &Path) -> Cluster {
-    let mut c = Cluster::new(dir, Path::new(BIN)).unwrap();
-    c.ps_extra = vec![
-        format!("--group={GROUP}=vm1,vm2"),
-        "--group-cut-interval-s=1".into(),
-    ];
-    c.start_mt().unwrap();
-    c.start_ps().unwrap();
-    c.wait_linked(Duration::from_secs(30)).unwrap();
-    c
-}
-
-fn groups_status(c: &Cluster) -> serde_json::Value {
-    let (code, body) = failback::harness::http_get(&c.ps_admin, "/groups").unwrap();
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+    start_group_cluster(Cluster::new(dir, Path::new(BIN)).unwrap())
 }
 
 /// Runs a failback command; returns (success, stdout, stderr).

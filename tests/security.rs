@@ -683,16 +683,10 @@ fn slow_admin_clients_do_not_block_health_and_state_changes_need_post() {
 #[test]
 fn a_member_cannot_forge_or_hide_group_points() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c =
+    let c = start_group_cluster(
         failback::harness::Cluster::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_failback")))
-            .unwrap();
-    c.ps_extra = vec![
-        "--group=erp=vm1,vm2".into(),
-        "--group-cut-interval-s=1".into(),
-    ];
-    c.start_mt().unwrap();
-    c.start_ps().unwrap();
-    c.wait_linked(Duration::from_secs(30)).unwrap();
+            .unwrap(),
+    );
     let honest: Vec<_> = [1, 2]
         .map(|d| {
             replay(
@@ -704,16 +698,16 @@ fn a_member_cannot_forge_or_hide_group_points() {
             )
         })
         .into();
-    let made = |c: &failback::harness::Cluster| -> serde_json::Value {
-        let (_, body) = http_get(&c.ps_admin, "/groups").unwrap();
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while made(&c)["cuts_made"].as_u64().unwrap_or(0) < 2 {
-        assert!(Instant::now() < deadline, "no group cut made: {}", made(&c));
+    while groups_status(&c)["cuts_made"].as_u64().unwrap_or(0) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no group cut made: {}",
+            groups_status(&c)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let real = made(&c)["last_cut_id"].as_u64().unwrap();
+    let real = groups_status(&c)["last_cut_id"].as_u64().unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let vm1 = TlsFiles::of_role(&c.agent_tls("vm1"), PeerRole::Agent);

@@ -352,7 +352,7 @@ pub fn check_marker(state: &State, disk: &crate::state::Disk, msg: &Message) -> 
             return Marker::Keep;
         }
         if let Some(suppressed) = state.refusal_log.admit("marker stripped") {
-            tracing::warn!(disk = b.disk_id, cut = b.group_marker, lsn = b.lsn, suppressed, "a group marker this process server did not ask for (another cut or disk count, a second one, or one from before a restart): kept as a plain bookmark, never part of a group point");
+            tracing::warn!(disk = b.disk_id, cut = b.group_marker, lsn = b.lsn, suppressed, "a group marker this process server did not ask for (another cut, disk count, place, kind or tag, a second one, or one from before a restart): kept as a plain bookmark, never part of a group point");
         }
         return Marker::Strip(Message::Bookmark(wire_protocol::Bookmark {
             group_marker: 0,

@@ -625,3 +625,23 @@ pub fn export_group(
     args.extend(c.mt_dirs());
     c.mt_cmd(&args)
 }
+
+/// Starts `c`'s master target and a process server with group `erp` of VMs vm1 and vm2,
+/// cut every second, and waits until they are linked.
+pub fn start_group_cluster(mut c: Cluster) -> Cluster {
+    c.ps_extra = vec![
+        "--group=erp=vm1,vm2".into(),
+        "--group-cut-interval-s=1".into(),
+    ];
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    c
+}
+
+/// The first group's status from the process server's `/groups`.
+pub fn groups_status(c: &Cluster) -> serde_json::Value {
+    let (code, body) = failback::harness::http_get(&c.ps_admin, "/groups").unwrap();
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()[0].clone()
+}
