@@ -5,11 +5,13 @@
 //! - 4 KiB random O_DIRECT writes: latency p50/p99/max on both loop devices;
 //! - the freeze-to-thaw pause of `agent bookmark --freeze` on ext4 on the captured device
 //!   (a few sqlite3 transactions committed before each), beside a bare `fsfreeze -f`/`-u`
-//!   of the same filesystem (the kernel's share: its freeze waits for RCU grace periods).
+//!   of the same filesystem (the kernel's share: its freeze waits for RCU grace periods);
+//!   then both again with `/sys/kernel/rcu_expedited` set (put back as it was after).
 //!
 //! Run: `cargo bench --bench live_capture` (root, /dev/fuse, loop devices, mkfs.ext4 and
 //! sqlite3; without them it says what is missing and measures nothing). Prints a table and
-//! a JSON line.
+//! a JSON line. `LIVE_CASES=freeze` (any of `seq,rand,freeze`) runs a part; a case left out
+//! prints no figure.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -28,8 +30,9 @@ const SEQ_WRITE: usize = 1 << 20;
 const SEQ_RUNS: usize = 3;
 /// Random 4 KiB writes per target.
 const RAND_WRITES: usize = 3000;
-/// Frozen bookmarks measured.
-const FREEZES: usize = 40;
+/// Frozen bookmarks measured, with the kernel's defaults and again with expedited RCU
+/// (about 0.3 s each: enough for a p99 that is not the maximum of a few).
+const FREEZES: usize = 100;
 /// The disk (and plain image) size.
 const DISK: &str = "1GiB";
 const DISK_BYTES: u64 = 1 << 30;
@@ -70,19 +73,40 @@ fn main() {
     let cap_lo = Loop::attach(&mount_dir.join("disk.img"), false).unwrap();
     let plain_lo = Loop::attach(&plain, false).unwrap();
 
-    let seq_file = median_seq(&plain.display().to_string());
-    let seq_plain_loop = median_seq(&plain_lo.dev);
-    let seq_capture = median_seq(&cap_lo.dev);
-    let rand_plain = random_writes(&plain_lo.dev);
-    let rand_capture = random_writes(&cap_lo.dev);
-
-    // Capture alone: with the process server down the agent holds writes in its buffer
-    // (256 MiB), then tracks dirty regions, so the replication pipeline is out of the way.
-    c.kill_ps();
-    let seq_capture_alone = median_seq(&cap_lo.dev);
-    c.start_ps().unwrap();
-    caught_up(&c);
-    let (freeze_bookmark, freeze_bare) = freezes(&c, &cap_lo);
+    let cases = std::env::var("LIVE_CASES").unwrap_or_else(|_| "seq,rand,freeze".into());
+    let run = |case: &str| cases.split(',').any(|c| c.trim() == case);
+    let (mut seq_file, mut seq_plain_loop, mut seq_capture, mut seq_capture_alone) =
+        (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+    if run("seq") {
+        seq_file = median_seq(&plain.display().to_string());
+        seq_plain_loop = median_seq(&plain_lo.dev);
+        seq_capture = median_seq(&cap_lo.dev);
+    }
+    let (mut rand_plain, mut rand_capture) = (Vec::new(), Vec::new());
+    if run("rand") {
+        rand_plain = random_writes(&plain_lo.dev);
+        rand_capture = random_writes(&cap_lo.dev);
+    }
+    if run("seq") {
+        // Capture alone: with the process server down the agent holds writes in its buffer
+        // (256 MiB), then tracks dirty regions, so the replication pipeline is out of the way.
+        c.kill_ps();
+        seq_capture_alone = median_seq(&cap_lo.dev);
+        c.start_ps().unwrap();
+        caught_up(&c);
+    }
+    let (mut freeze_bookmark, mut freeze_bare) = (Vec::new(), Vec::new());
+    let (mut fast_bookmark, mut fast_bare) = (Vec::new(), Vec::new());
+    if run("freeze") {
+        let m = ext4(&c, &cap_lo);
+        let mut db = Committed::default();
+        (freeze_bookmark, freeze_bare) = freezes(&c, &m, &mut db, "b");
+        match RcuExpedited::on() {
+            Ok(_on) => (fast_bookmark, fast_bare) = freezes(&c, &m, &mut db, "e"),
+            Err(e) => eprintln!("live_capture: the freeze with expedited RCU is not measured: {e}"),
+        }
+        m.unmount().unwrap();
+    }
     drop(plain_lo);
     drop(cap_lo);
     let _ = Command::new("umount").arg(&mount_dir).status();
@@ -103,6 +127,7 @@ fn main() {
     println!("  the same, capture alone (process server down: writes held in the agent's 256 MiB buffer, then tracked as dirty regions): {:.0} MB/s ({:.2}x the plain file)", mb(seq_capture_alone), seq_file / seq_capture_alone);
     println!("  4 KiB random O_DIRECT write latency p50/p99/max: loop on plain file {}, loop on captured file {}", q3(&rand_plain), q3(&rand_capture));
     println!("  freeze-to-thaw pause p50/p99/max on the captured ext4: agent bookmark --freeze {}, bare fsfreeze -f/-u {}", q3(&freeze_bookmark), q3(&freeze_bare));
+    println!("  the same with /sys/kernel/rcu_expedited=1 (the kernel's freeze waits for RCU grace periods; expedited ones take microseconds): agent bookmark --freeze {}, bare fsfreeze -f/-u {}", q3(&fast_bookmark), q3(&fast_bare));
     println!(
         "{}",
         serde_json::json!({
@@ -116,6 +141,8 @@ fn main() {
             "rand_capture_us": quantiles(&rand_capture),
             "freeze_bookmark_us": quantiles(&freeze_bookmark),
             "freeze_bare_us": quantiles(&freeze_bare),
+            "freeze_bookmark_rcu_expedited_us": quantiles(&fast_bookmark),
+            "freeze_bare_rcu_expedited_us": quantiles(&fast_bare),
         })
     );
 }
@@ -200,23 +227,56 @@ fn caught_up(c: &Cluster) {
     }
 }
 
+/// The kernel's `rcu_expedited` switch, on while this lives; its earlier value is put back
+/// on drop (also when the bench fails).
+struct RcuExpedited {
+    before: String,
+}
+
+const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
+
+impl RcuExpedited {
+    fn on() -> std::io::Result<RcuExpedited> {
+        let before = std::fs::read_to_string(RCU_EXPEDITED)?;
+        std::fs::write(RCU_EXPEDITED, "1")?;
+        Ok(RcuExpedited { before })
+    }
+}
+
+impl Drop for RcuExpedited {
+    fn drop(&mut self) {
+        let _ = std::fs::write(RCU_EXPEDITED, self.before.trim());
+    }
+}
+
+/// A fresh ext4 on the captured device, mounted, its lazy inode-table initialisation done
+/// (it writes in the background and would be timed with the first freezes).
+fn ext4(c: &Cluster, cap: &Loop) -> Mounted {
+    live::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&cap.dev),
+    )
+    .unwrap();
+    Mounted::mount(&cap.dev, &c.dir.join("mnt"), false).unwrap()
+}
+
 /// Freeze pauses (µs) on ext4 on the captured device, a few transactions committed before
 /// each: `agent bookmark --freeze` (freeze, bookmark, thaw) and, alternating with it, a
 /// bare `fsfreeze -f` and `-u` of the same filesystem: the kernel's own share.
-fn freezes(c: &Cluster, cap: &Loop) -> (Vec<u64>, Vec<u64>) {
-    live::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&cap.dev)).unwrap();
-    let m = Mounted::mount(&cap.dev, &c.dir.join("mnt"), false).unwrap();
+/// `committed` is what the database holds before, and after; the bookmarks are tagged
+/// `{tag}{i}`.
+fn freezes(c: &Cluster, m: &Mounted, committed: &mut Committed, tag: &str) -> (Vec<u64>, Vec<u64>) {
     let mut out = (Vec::new(), Vec::new());
-    let mut committed = Committed::default();
     for i in 0..FREEZES {
-        committed = live::commit(&m.dir, committed, 5, 4000).unwrap();
+        *committed = live::commit(&m.dir, *committed, 5, 4000).unwrap();
         let said = live::run(
             Command::new(&c.bin)
                 .args([
                     "agent",
                     "bookmark",
                     "--tag",
-                    &format!("b{i}"),
+                    &format!("{tag}{i}"),
                     "--state-dir",
                 ])
                 .arg(c.agent_state(1))
@@ -230,17 +290,19 @@ fn freezes(c: &Cluster, cap: &Loop) -> (Vec<u64>, Vec<u64>) {
             .and_then(|s| s.split(' ').next()?.parse().ok())
             .unwrap_or_else(|| panic!("no pause in {said:?}"));
         out.0.push(ms * 1000);
-        committed = live::commit(&m.dir, committed, 5, 4000).unwrap();
+        *committed = live::commit(&m.dir, *committed, 5, 4000).unwrap();
         let t = Instant::now();
         live::run(Command::new("fsfreeze").arg("-f").arg(&m.dir)).unwrap();
         live::run(Command::new("fsfreeze").arg("-u").arg(&m.dir)).unwrap();
         out.1.push(t.elapsed().as_micros() as u64);
     }
-    m.unmount().unwrap();
     out
 }
 
 fn quantiles(v: &[u64]) -> serde_json::Value {
+    if v.is_empty() {
+        return serde_json::Value::Null; // the case did not run
+    }
     let mut s = v.to_vec();
     s.sort_unstable();
     let q = |f: f64| s[((s.len() - 1) as f64 * f).round() as usize];
@@ -250,6 +312,9 @@ fn quantiles(v: &[u64]) -> serde_json::Value {
 /// p50/p99/max, in ms.
 fn q3(v: &[u64]) -> String {
     let q = quantiles(v);
+    if q.is_null() {
+        return "not run".into();
+    }
     let ms = |k: &str| q[k].as_u64().unwrap_or(0) as f64 / 1000.0;
     format!("{:.2}/{:.2}/{:.2} ms", ms("p50"), ms("p99"), ms("max"))
 }

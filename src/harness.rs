@@ -39,6 +39,8 @@ fn io<T>(r: std::io::Result<T>, context: impl FnOnce() -> String) -> Result<T> {
 const TEST_PORT_LOW: u16 = 20_000;
 /// Tries before [`free_port`] lets the kernel choose.
 const FREE_PORT_TRIES: u32 = 500;
+/// How often `wait_durable` reads the status: the benches time short cases by it.
+const DURABLE_POLL_MS: u64 = 20;
 
 /// A free port on loopback (bound, then released), from below the kernel's ephemeral range.
 ///
@@ -379,7 +381,7 @@ impl Cluster {
                     return Ok(());
                 }
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(DURABLE_POLL_MS));
         }
         Err(Error::Failed(format!(
             "disk {disk_id} did not reach lsn {lsn} on the master target within {max:?}; status {:?}\n{}",

@@ -30,10 +30,19 @@ pub(crate) enum Case {
     Drain,
     /// The trace replayed to fill half the link, at this compression ratio: RPO.
     Churn(f64),
+    /// A differential resync to the original location: the on-premises disk holds the image
+    /// with one block in [`DIFF_EVERY`] different; then rsync between the same two images.
+    Diff,
     /// The process server limited to this rate (`--max-bandwidth`), with more to send than
     /// it lets through: the rate it holds and its longest burst.
     Limit(&'static str),
 }
+
+/// One 64 KiB block in this many differs between the source and the on-premises disk in
+/// the differential case (1%, as in `benches/resync.rs`).
+const DIFF_EVERY: u64 = 100;
+/// The differential case's block: the agent's digest block.
+const DIFF_BLOCK_BYTES: u64 = 64 << 10;
 
 /// How long the limit case measures (after [`LIMIT_WARMUP`]).
 const LIMIT_WINDOW: Duration = Duration::from_secs(10);
@@ -106,6 +115,11 @@ pub(crate) fn run(
             return v;
         }
         Case::Churn(ratio) => churn(&s, content, rate_bps.unwrap_or(125e6), ratio),
+        Case::Diff => {
+            let mut v = differential(&s, content);
+            v["rsync"] = crate::net::rsync(&s.c.dir, mt_netns, one_way_ms);
+            v
+        }
         _ => resync(&s, content, case == Case::Drain),
     };
     let secs = v["seconds"].as_f64().unwrap_or(1.0);
@@ -155,6 +169,78 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
     }
     let mut v = durable(c, &from, agent_cpu);
     v["case"] = (if drain { "drain" } else { "bulk" }).into();
+    v
+}
+
+/// The differential case: the on-premises disk is the image as it was, the source the image
+/// with one block in [`DIFF_EVERY`] replaced by another block of the image (real content),
+/// and `agent resync --mode=differential --location=original` from agent start to all
+/// durable; the disk then equals the source (blake3). Leaves `rsync-source.img` and
+/// `rsync-target.img` in the cluster's directory for the rsync run.
+fn differential(s: &Setup, content: &Path) -> serde_json::Value {
+    let c = &s.c;
+    let uuid = [3u8; 16];
+    let img =
+        master_target::vmdk::create(&c.dir.join("onprem/vm1"), "vm1-disk1", CONTENT_BYTES, &uuid)
+            .unwrap();
+    std::fs::copy(content, &img.data_path).unwrap();
+    std::fs::copy(content, c.dir.join("rsync-target.img")).unwrap();
+    let src = c.dir.join("source/bench.img");
+    std::fs::copy(content, &src).unwrap();
+    let blocks = CONTENT_BYTES / DIFF_BLOCK_BYTES;
+    let (from, to) = (
+        std::fs::File::open(content).unwrap(),
+        std::fs::OpenOptions::new().write(true).open(&src).unwrap(),
+    );
+    let mut buf = vec![0u8; DIFF_BLOCK_BYTES as usize];
+    let mut changed = 0u64;
+    for b in (DIFF_EVERY / 3..blocks).step_by(DIFF_EVERY as usize) {
+        // Another block of the image, far away: changed, and compressible as real data is.
+        let other = (b * 7919 + blocks / 2) % blocks;
+        std::os::unix::fs::FileExt::read_exact_at(&from, &mut buf, other * DIFF_BLOCK_BYTES)
+            .unwrap();
+        buf[0] ^= 0x5a; // never equal to the block it replaces
+        std::os::unix::fs::FileExt::write_all_at(&to, &buf, b * DIFF_BLOCK_BYTES).unwrap();
+        changed += 1;
+    }
+    drop((from, to));
+    std::fs::copy(&src, c.dir.join("rsync-source.img")).unwrap();
+    let started = Instant::now();
+    let before = children_cpu_s();
+    let agent = agent(
+        c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
+            .arg("--mode=differential")
+            .arg("--location=original")
+            .arg(format!("--target={}", img.descriptor.display()))
+            .arg(format!(
+                "--disk-uuid={}",
+                uuid.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            )),
+        c,
+    );
+    let (agent_cpu, said) = reap_said(agent, c, before);
+    let agent_exit_s = started.elapsed().as_secs_f64();
+    let from = Mark {
+        at: started,
+        status: DiskStatus::default(),
+        cpu: (0.0, 0.0),
+    };
+    let mut v = durable(c, &from, agent_cpu);
+    v["agent_exit_seconds"] = agent_exit_s.into();
+    v["agent_said"] = said.trim().into();
+    c.detach(1).unwrap();
+    assert_eq!(
+        failback::harness::file_blake3(&src).unwrap(),
+        failback::harness::file_blake3(&img.data_path).unwrap(),
+        "the differential resync left the on-premises disk equal to the source"
+    );
+    // The master target's digest list crosses the link the other way (32 bytes a block);
+    // the status counts only what the process server sends.
+    let digests = (blocks * 32) as f64;
+    v["case"] = "diff".into();
+    v["blocks_changed"] = changed.into();
+    v["digest_bytes"] = digests.into();
+    v["both_ways_bytes"] = (v["wire_bytes"].as_f64().unwrap_or(0.0) + digests).into();
     v
 }
 
@@ -303,6 +389,11 @@ fn agent(cmd: &mut std::process::Command, c: &Cluster) -> Child {
 /// Waits for the agent; its CPU seconds (it is the only child reaped since `before` was
 /// read, so the children's usage grows by its).
 fn reap(agent: Child, c: &Cluster, before: f64) -> f64 {
+    reap_said(agent, c, before).0
+}
+
+/// [`reap`], and what the agent printed.
+fn reap_said(agent: Child, c: &Cluster, before: f64) -> (f64, String) {
     let out = agent.wait_with_output().unwrap();
     let cpu = children_cpu_s() - before;
     assert!(
@@ -310,7 +401,7 @@ fn reap(agent: Child, c: &Cluster, before: f64) -> f64 {
         "agent: {}",
         std::fs::read_to_string(c.dir.join("logs/agent.log")).unwrap_or_default()
     );
-    cpu
+    (cpu, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Where a measurement starts: when, the counters, the services' CPU seconds (PS, MT).

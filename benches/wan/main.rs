@@ -16,7 +16,11 @@
 //! The bandwidth limit (`--max-bandwidth` 512 kbit/s and 10 Mbit/s) is measured through the
 //! 100 Mbit/s link: the bytes the process server sends, timed as they reach the relay.
 //!
-//! Run: `cargo bench --bench wan` (`WAN_CASES=limit` or `bulk,drain,churn` for a part;
+//! **diff** is a differential resync of the same image to an on-premises disk that differs
+//! in 1% of its blocks, beside `rsync --inplace --no-whole-file` of the same two images on
+//! the same link (an rsync daemon where the master target runs).
+//!
+//! Run: `cargo bench --bench wan` (`WAN_CASES=limit` or `bulk,drain,churn,diff` for a part;
 //! root for the shaped links; without root, or without
 //! `ip`/`tc`, it says so and measures loopback only). Namespaces are named `fbwan-*`; they
 //! are removed when the bench ends or fails, on Ctrl-C or SIGTERM (with what runs in them
@@ -184,6 +188,7 @@ fn main() {
             u("rpo_samples"),
         );
     }
+    print_diff(&rows);
     print_limits(&rows);
     let plots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wan");
     match plot::write(&plots, &rows) {
@@ -197,6 +202,34 @@ fn main() {
             .map(|(n, v)| serde_json::json!({"link": n, "cases": v}))
             .collect::<Vec<_>>())
     );
+}
+
+/// The differential resync's table: failback beside rsync on the same images and link.
+fn print_diff(rows: &[(&str, serde_json::Value)]) {
+    println!("differential resync to the original location: the 1 GiB image with 1% of its 64 KiB blocks replaced by other blocks of it; failback agent start -> all durable and verified, beside rsync --inplace --no-whole-file (daemon, plain TCP) of the same images on the same link");
+    println!("| link | failback s | failback MB on the link (both ways) | rsync s | rsync MB (both ways) | failback ÷ rsync time |");
+    println!("|---|---|---|---|---|---|");
+    for (name, v) in rows {
+        let d = &v["diff"];
+        if d.is_null() {
+            continue;
+        }
+        let r = &d["rsync"];
+        let secs = d["seconds"].as_f64().unwrap_or(0.0);
+        let mb =
+            |x: &serde_json::Value| x.as_f64().map_or("-".into(), |b| format!("{:.1}", b / 1e6));
+        println!(
+            "| {name} | {secs:.2} | {} | {} | {} | {} |",
+            mb(&d["both_ways_bytes"]),
+            r["seconds"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.2}")),
+            mb(&r["both_ways_bytes"]),
+            r["seconds"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{:.2}", secs / s)),
+        );
+    }
 }
 
 /// The bandwidth limits' table (the links they were measured through).
@@ -254,7 +287,9 @@ fn cases(
     };
     let churn = (rate.is_some() && wanted("churn"))
         .then(|| run(Case::Churn(ratio), content, mt_netns, one_way_ms, rate));
+    let diff = wanted("diff").then(|| run(Case::Diff, content, mt_netns, one_way_ms, rate));
     serde_json::json!({
+        "diff": diff,
         "limits": limits,
         "drain": wanted("drain").then(|| run(Case::Drain, content, mt_netns, one_way_ms, rate)),
         "churn": churn,

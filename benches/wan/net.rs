@@ -1,5 +1,5 @@
 //! The emulated link: two network namespaces joined by a veth pair shaped by `tbf`, and
-//! what runs across it besides failback (iperf3, a `zstd | socat` TLS pipe).
+//! what runs across it besides failback (iperf3, a `zstd | socat` TLS pipe, rsync).
 
 use std::path::Path;
 use std::process::Command;
@@ -178,21 +178,8 @@ pub(crate) fn pipe(
         tls.join("master-target.pem").display(),
         tls.join("master-target.key").display()
     );
-    let mut rx = match mt_netns {
-        Some(ns) => Command::new("ip")
-            .args(["netns", "exec", ns, "sh", "-c", &listen])
-            .spawn(),
-        None => Command::new("sh").args(["-c", &listen]).spawn(),
-    }
-    .ok()?;
-    std::thread::sleep(Duration::from_millis(500));
-    let upstream = format!("{host}:{port}");
-    let relay = mt_netns
-        .map(|_| DelayRelay::start("127.0.0.1:0", &upstream, Duration::from_millis(one_way_ms)));
-    let target = match &relay {
-        Some(Ok(r)) => r.addr.clone(),
-        _ => upstream,
-    };
+    let argv = ["sh".to_string(), "-c".into(), listen];
+    let (mut rx, _relay, target) = far_end(&argv, &format!("{host}:{port}"), mt_netns, one_way_ms)?;
     let t = Instant::now();
     // The compressed stream's length is counted on its way (the pipe's ratio).
     let counted = tls.join("pipe-wire-bytes");
@@ -221,4 +208,115 @@ pub(crate) fn pipe(
             CONTENT_BYTES as f64 / wire.max(1.0),
         )
     })
+}
+
+/// `rsync --inplace --no-whole-file` of `dir/rsync-source.img` onto `dir/rsync-target.img`
+/// (the same two images as failback's differential resync) across the same link and relay:
+/// an rsync daemon where the master target runs, the client where the process server runs.
+/// Seconds, bytes each way (rsync's own count), and whether the target then equals the
+/// source. The daemon's protocol is plain TCP: rsync carries no TLS here, failback does.
+pub(crate) fn rsync(dir: &Path, mt_netns: Option<&str>, one_way_ms: u64) -> serde_json::Value {
+    let have = Command::new("rsync")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("wan: no rsync: the differential comparison is not measured");
+        return serde_json::Value::Null;
+    }
+    let Ok(port) = failback::harness::free_port() else {
+        return serde_json::Value::Null;
+    };
+    let host = if mt_netns.is_some() {
+        IP_MT
+    } else {
+        "127.0.0.1"
+    };
+    let conf = dir.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\nuid = root\ngid = root\n[t]\npath = {}\nread only = no\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let daemon = [
+        "rsync".to_string(),
+        "--daemon".into(),
+        "--no-detach".into(),
+        format!("--config={}", conf.display()),
+        format!("--address={host}"),
+        format!("--port={port}"),
+    ];
+    let Some((mut rx, _relay, target)) =
+        far_end(&daemon, &format!("{host}:{port}"), mt_netns, one_way_ms)
+    else {
+        return serde_json::Value::Null;
+    };
+    let t = Instant::now();
+    let out = Command::new("rsync")
+        .args(["--inplace", "--no-whole-file", "--stats"])
+        .arg(dir.join("rsync-source.img"))
+        .arg(format!("rsync://{target}/t/rsync-target.img"))
+        .output();
+    let secs = t.elapsed().as_secs_f64();
+    let _ = rx.kill();
+    let _ = rx.wait();
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        other => {
+            let why = other.map_or_else(
+                |e| e.to_string(),
+                |o| String::from_utf8_lossy(&o.stderr).into_owned(),
+            );
+            eprintln!("wan: rsync failed ({why}): the differential comparison is not measured");
+            return serde_json::Value::Null;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "Total bytes sent: 15,418,046" (thousands separators in rsync 3.1+).
+    let count = |what: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(what))
+            .map(|n| n.trim().replace(',', "").parse::<f64>().unwrap_or(0.0))
+            .unwrap_or(0.0)
+    };
+    let (sent, received) = (count("Total bytes sent:"), count("Total bytes received:"));
+    let equal = failback::harness::file_blake3(&dir.join("rsync-source.img")).ok()
+        == failback::harness::file_blake3(&dir.join("rsync-target.img")).ok();
+    serde_json::json!({
+        "seconds": secs,
+        "sent_bytes": sent,
+        "received_bytes": received,
+        "both_ways_bytes": sent + received,
+        "target_equals_source": equal,
+    })
+}
+
+/// Starts `argv` where the master target runs (in `mt_netns`, if any) listening on
+/// `upstream`, and, for a shaped link, a relay here adding `one_way_ms` each way in front of
+/// it. The listener, the relay (kept while in use), and the address to send to.
+fn far_end(
+    argv: &[String],
+    upstream: &str,
+    mt_netns: Option<&str>,
+    one_way_ms: u64,
+) -> Option<(std::process::Child, Option<DelayRelay>, String)> {
+    let rx = match mt_netns {
+        Some(ns) => Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .spawn(),
+        None => Command::new(&argv[0]).args(&argv[1..]).spawn(),
+    }
+    .ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let relay = mt_netns.and_then(|_| {
+        DelayRelay::start("127.0.0.1:0", upstream, Duration::from_millis(one_way_ms)).ok()
+    });
+    let target = relay
+        .as_ref()
+        .map_or(upstream.to_owned(), |r| r.addr.clone());
+    Some((rx, relay, target))
 }
