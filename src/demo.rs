@@ -85,6 +85,8 @@ pub fn run(args: DemoArgs) -> i32 {
             }
         },
     };
+    // Interrupted, the demo stops what it started and unmounts what it mounted.
+    failback::cleanup::on_interrupt("failback demo", args.keep.is_none().then(|| dir.clone()));
     let result = if args.live {
         let missing = failback::live::missing_tools();
         if !missing.is_empty() {
@@ -101,6 +103,7 @@ pub fn run(args: DemoArgs) -> i32 {
     } else {
         demo(&args, &dir)
     };
+    failback::cleanup::wait_if_interrupted();
     match result {
         Ok(summary) => {
             print_summary(&summary);

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cleanup::Held;
 use crate::harness::{Cluster, Error, Result};
 
 /// The modulus of the running checksum (a prime, so the chain mixes every id in).
@@ -140,6 +141,8 @@ pub fn start_protect(
             context: "start agent protect".into(),
             source,
         })?;
+    // Cleared after the agent if the run is interrupted (a killed agent's mount is dead).
+    crate::cleanup::hold(Held::Mount(mount_dir.to_owned()));
     let file = mount_dir.join("disk.img");
     let deadline = Instant::now() + APPEAR_MAX;
     while !std::fs::metadata(&file).is_ok_and(|m| m.is_file()) {
@@ -177,20 +180,28 @@ impl Loop {
             cmd.arg("-r");
         }
         let dev = run(cmd.arg(image))?.trim().to_owned();
+        crate::cleanup::hold(Held::Loop(dev.clone()));
         Ok(Loop { dev })
     }
 
     /// Detaches it now (an error if it is busy).
     pub fn detach(mut self) -> Result<()> {
         let dev = std::mem::take(&mut self.dev);
-        run(Command::new("losetup").arg("-d").arg(&dev)).map(|_| ())
+        run(Command::new("losetup").arg("-d").arg(&dev))?;
+        crate::cleanup::release(&Held::Loop(dev));
+        Ok(())
     }
 }
 
 impl Drop for Loop {
     fn drop(&mut self) {
         if !self.dev.is_empty() {
-            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status();
+            crate::cleanup::release(&Held::Loop(std::mem::take(&mut self.dev)));
         }
     }
 }
@@ -215,13 +226,16 @@ impl Mounted {
             cmd.args(["-o", "ro,noload"]);
         }
         run(cmd.arg(dev).arg(dir))?;
+        crate::cleanup::hold(Held::Mount(dir.into()));
         Ok(Mounted { dir: dir.into() })
     }
 
     /// Unmounts it now.
     pub fn unmount(mut self) -> Result<()> {
         let dir = std::mem::take(&mut self.dir);
-        run(Command::new("umount").arg(&dir)).map(|_| ())
+        run(Command::new("umount").arg(&dir))?;
+        crate::cleanup::release(&Held::Mount(dir));
+        Ok(())
     }
 }
 
@@ -229,7 +243,12 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         if !self.dir.as_os_str().is_empty() {
             // Lazy: a failed test must not leave a mount behind a dead device.
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status();
+            crate::cleanup::release(&Held::Mount(std::mem::take(&mut self.dir)));
         }
     }
 }

@@ -188,6 +188,16 @@ fn a_live_filesystem_fails_back_with_its_database_and_files_intact() {
         !out.status.success() && e.contains("in use by another agent"),
         "{e}"
     );
+    // Its mode and owner are the agent's: a chmod or chown is refused, not dropped.
+    let disk = l.mount_dir.join("disk.img");
+    let perm = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
+    let e = std::fs::set_permissions(&disk, perm(0o644)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let e = std::os::unix::fs::chown(&disk, Some(1), None).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&disk).unwrap());
+    assert_eq!(mode & 0o7777, 0o600);
+    std::fs::set_permissions(&disk, perm(0o600)).unwrap(); // no change: fine
     let db = l.app_dir().join(APP_DIR);
     let first = live::commit(&db, Committed::default(), 40, 3000).unwrap();
     live::untar(&tree(), &l.app_dir()).unwrap();
@@ -375,5 +385,147 @@ fn protect_refuses_a_mount_dir_that_would_hide_files_or_is_not_one() {
         let m = Mounted { dir: empty.clone() };
         protect_fails(d, &empty, &[], &["already has a tmpfs file system"]);
         m.unmount().unwrap();
+    }
+}
+
+/// Mount points under `dir` (from /proc/mounts).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(&prefix))
+        .map(String::from)
+        .collect()
+}
+
+/// Processes whose command line names `dir` (the demo's services and agent do).
+fn processes_naming(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = stat.rsplit_once(')')?.1.trim_start().starts_with('Z');
+            (cmd.contains(&needle) && !zombie).then(|| format!("{pid}: {cmd}"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_live_demo_proves_every_point_and_keeps_the_trace_demos_layout() {
+    if !live_can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("kept");
+    let out = Command::new(env!("CARGO_BIN_EXE_failback"))
+        .args(["demo", "--live", "--json", "--keep"])
+        .arg(&keep)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo --live failed: {stderr}");
+    let v: serde_json::Value = stdout_of(&out)
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON summary");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["app_recovery_failures"], 0, "{v}");
+    let points = v["points_checked"].as_array().unwrap();
+    // The on-premises disk, the latest app-consistent point and an earlier one.
+    assert!(points.len() >= 3, "{v}");
+    for p in points {
+        let c = &p["check"];
+        assert_eq!(p["ok"], true, "{p}");
+        assert_eq!(c["fsck_clean"], true, "{p}");
+        assert_eq!(c["integrity_ok"], true, "{p}");
+        assert_eq!(c["tree_equal"], true, "{p}");
+        assert_eq!(c["committed"]["rows"], p["rows_expected"], "{p}");
+    }
+    // The same layout as the trace demo, checked with our own hash and qemu-img.
+    let source = keep.join("source/vm1-disk1.img");
+    let flat = keep.join("onprem/vm1/vm1-disk1-flat.vmdk");
+    assert_eq!(
+        file_blake3(&source).unwrap(),
+        file_blake3(&flat).unwrap(),
+        "the failed-back disk equals the source"
+    );
+    let vmdk = keep.join("onprem/vm1/vm1-disk1.vmdk");
+    qemu_img(&["check", &vmdk.display().to_string()]);
+    assert!(mounts_under(&keep).is_empty(), "{:?}", mounts_under(&keep));
+    assert!(
+        processes_naming(&keep).is_empty(),
+        "{:?}",
+        processes_naming(&keep)
+    );
+}
+
+/// Ctrl-C at a terminal signals the demo's whole process group.
+#[test]
+fn an_interrupted_live_demo_stops_its_processes_and_unmounts_everything() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    if !live_can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("kept");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_failback"))
+        .args(["demo", "--live", "--keep"])
+        .arg(&keep)
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupted while the workload runs on the mounted filesystem.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = demo.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if line.starts_with("[3/6]") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the demo reaches its workload");
+    assert!(!mounts_under(&keep).is_empty(), "mounted while it runs");
+    // SAFETY: killpg(2) has no memory preconditions; the group is the demo's own.
+    unsafe { libc::killpg(demo.id() as i32, libc::SIGINT) };
+    let status = wait_bounded(&mut demo, Duration::from_secs(60));
+    let said = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(said.contains("interrupted; cleaned up"), "{said}");
+    assert!(mounts_under(&keep).is_empty(), "{:?}", mounts_under(&keep));
+    assert!(
+        processes_naming(&keep).is_empty(),
+        "{:?}",
+        processes_naming(&keep)
+    );
+    // --keep: what it made stays for inspection.
+    assert!(keep.join("source/vm1-disk1.img").is_file());
+}
+
+fn wait_bounded(child: &mut Child, max: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + max;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not end within {max:?} of the interrupt");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -165,9 +165,9 @@ impl Filesystem for CaptureFs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<fuser::TimeOrNow>,
         _mtime: Option<fuser::TimeOrNow>,
@@ -179,16 +179,29 @@ impl Filesystem for CaptureFs {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        // A replicated disk keeps its size (an O_TRUNC open lands here too); owners, modes
-        // and times are not the disk's content and stay as they are.
-        if size.is_some_and(|s| s != self.attr(ino).size) {
+        // A replicated disk keeps its size (an O_TRUNC open lands here too).
+        let now = self.attr(ino);
+        if size.is_some_and(|s| s != now.size) {
             tracing::warn!(
                 requested = size,
                 "refused a change of the protected disk's size"
             );
             return reply.error(libc::EPERM);
         }
-        reply.attr(&ATTR_TTL, &self.attr(ino));
+        // Its owner and mode are the agent's (only it may open the disk): a chmod or chown
+        // that would change them is refused, not taken and silently dropped. Times are
+        // not the disk's content: a touch succeeds and changes nothing.
+        let mode_changes = mode.is_some_and(|m| m & 0o7777 != u32::from(now.perm));
+        if mode_changes || uid.is_some_and(|u| u != now.uid) || gid.is_some_and(|g| g != now.gid) {
+            tracing::warn!(
+                mode = mode.map(|m| format!("{:o}", m & 0o7777)),
+                uid,
+                gid,
+                "refused a change of the protected disk's owner or mode"
+            );
+            return reply.error(libc::EPERM);
+        }
+        reply.attr(&ATTR_TTL, &now);
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
