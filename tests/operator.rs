@@ -838,3 +838,47 @@ fn a_frozen_bookmark_runs_its_hooks_and_always_thaws() {
     let r = finish(&c, 1, agent);
     verify(&c, 1, r["last_lsn"].as_u64().unwrap());
 }
+
+/// One VM's second disk started with the first one's `--disk-id` (its own source and state
+/// directory): the process server refuses the second agent while the first one streams,
+/// and the first one's disk arrives whole. Two streams under one LSN sequence made the
+/// target neither disk and the agents ask each other's LSNs back for ever.
+#[test]
+fn a_second_agent_for_a_disk_that_streams_is_refused_and_the_first_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let first = replay(
+        &c,
+        1,
+        "tencent-cbs-50k.msr.csv",
+        "msr",
+        &["--max-writes=3000", "--pace=1x", "--bookmark-every-s=2"],
+    );
+    wait_streaming(&c, 1);
+    let other = c.dir.join("source/other-disk.img");
+    let out = Command::new(&c.bin)
+        .args(["agent", "replay", "--create-source", "--disk-size=256MiB"])
+        .arg(format!("--source={}", other.display()))
+        .args(["--disk-id=1", "--vm-id=vm1", "--connect-timeout-s=3"])
+        .arg(format!("--process-server={}", c.ps_addr))
+        .arg(format!("--tls-dir={}", c.agent_tls("vm1").display()))
+        .arg(format!(
+            "--state-dir={}",
+            c.dir.join("agents/other").display()
+        ))
+        .arg(format!(
+            "--trace={}",
+            traces().join("tencent-cbs-50k.msr.csv").display()
+        ))
+        .args(["--format=msr", "--max-writes=500"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second agent was taken: {said}");
+    assert!(
+        said.contains("being streamed by another agent") && said.contains("--disk-id"),
+        "{said}"
+    );
+    let report = finish(&c, 1, first);
+    verify(&c, 1, report["last_lsn"].as_u64().unwrap());
+}

@@ -279,7 +279,12 @@ fn refuse_content(msg: &Message, size_bytes: u64) -> Option<Message> {
 /// An agent's attach: checked against its VM, then (one new disk at a time, so the checks
 /// and the registration are one step that concurrent attaches cannot interleave with)
 /// registered here and on the master target.
-async fn attach(state: &State, identity: &Identity, a: DiskAttach, version: u16) -> Message {
+async fn attach(
+    state: &State,
+    identity: &Identity,
+    a: DiskAttach,
+    (version, conn, addr): (u16, u64, std::net::SocketAddr),
+) -> Message {
     let (id, vm) = (a.disk_id, identity.name.as_str());
     if a.vm_id != vm {
         return forbidden(state, identity, id, "disk attach");
@@ -302,14 +307,6 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach, version: u16)
             format!("disk attach: invalid {why}"),
         );
     }
-    let durable = |d: &Disk| {
-        Message::Ack(Ack {
-            entries: vec![AckEntry {
-                disk_id: id,
-                durable_lsn: d.cache.lock().expect("poisoned").durable_lsn(),
-            }],
-        })
-    };
     let _one_at_a_time = state.attach_lock.lock().await;
     if let Some(why) = state
         .disk(id)
@@ -324,6 +321,38 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach, version: u16)
         // fail its VM's I/O); told "not yet", it keeps the VM running and tries again.
         return err_msg(ErrorCode::NotReady, id, format!("not ready for this disk, by a replication group rule: {why}"));
     }
+    if let Some(h) = state
+        .disk(id)
+        .filter(|d| owns(vm, d))
+        .and_then(|_| state.held_elsewhere(id, conn))
+    {
+        let since_s = h.since.elapsed().map_or(0, |d| d.as_secs());
+        tracing::warn!(%identity, disk = id, from = %addr, holder = %h.addr, "attach refused: another connection streams this disk");
+        return err_msg(
+            ErrorCode::NotReady,
+            id,
+            format!("disk {id} of VM {vm} is being streamed by another agent (connected from {}, for {since_s} s): a disk has one agent, and two would mix two disks' writes on the target. Give each disk its own --disk-id. If that agent is gone, its connection closes within {} s and this attach is taken then", h.addr, runtime::net::KEEPALIVE_IDLE_S + u64::from(runtime::net::KEEPALIVE_RETRIES) * runtime::net::KEEPALIVE_INTERVAL_S),
+        );
+    }
+    let reply = attach_disk(state, identity, &a, vm).await;
+    if matches!(reply, Message::Ack(_)) {
+        let since = std::time::SystemTime::now();
+        state.hold(id, crate::state::Holder { conn, addr, since });
+    }
+    reply
+}
+
+/// The attach of a disk no other connection streams: its durable LSN, or why not.
+async fn attach_disk(state: &State, identity: &Identity, a: &DiskAttach, vm: &str) -> Message {
+    let id = a.disk_id;
+    let durable = |d: &Disk| {
+        Message::Ack(Ack {
+            entries: vec![AckEntry {
+                disk_id: id,
+                durable_lsn: d.cache.lock().expect("poisoned").durable_lsn(),
+            }],
+        })
+    };
     match state.disk(id) {
         Some(d) if !owns(vm, &d) => forbidden(state, identity, id, "disk attach"),
         Some(d) if d.is_detached() => detached(id),
@@ -349,8 +378,8 @@ async fn attach(state: &State, identity: &Identity, a: DiskAttach, version: u16)
                     format!("VM {vm} has {have} disks here already ({MAX_DISKS_PER_VM} at most); retire detached ones (process-server retire) first"),
                 );
             }
-            match attach_new(state, &a).await {
-                Ok((route, lsn)) => match state.add_disk(a, lsn, route) {
+            match attach_new(state, a).await {
+                Ok((route, lsn)) => match state.add_disk(a.clone(), lsn, route) {
                     Ok(d) => durable(&d),
                     Err(e) => err_msg(ErrorCode::Internal, id, e.to_string()),
                 },

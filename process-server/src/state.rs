@@ -227,6 +227,47 @@ pub struct Uplink {
     pub connected: AtomicBool,
 }
 
+/// The agent connection a disk's stream comes from. Two agents streaming one disk (one
+/// VM's second disk started with the first one's `--disk-id`) would interleave two
+/// different disks' writes under one LSN sequence: the target would become neither, and
+/// each agent would see the other's LSNs as gaps and ask for resends for ever. So a disk
+/// attached on one open connection is refused (not ready) on any other until that one
+/// closes; a dead agent's connection closes within the keepalive time
+/// (`runtime::net::KEEPALIVE_IDLE_S`).
+#[derive(Debug, Clone)]
+pub struct Holder {
+    /// The connection's number in this process.
+    pub conn: u64,
+    /// Where it comes from.
+    pub addr: std::net::SocketAddr,
+    /// When it attached the disk.
+    pub since: std::time::SystemTime,
+}
+
+impl State {
+    /// The other connection holding `disk_id`, if one does (none for `conn` itself).
+    pub fn held_elsewhere(&self, disk_id: u64, conn: u64) -> Option<Holder> {
+        let h = self.holders.lock().expect("poisoned");
+        h.get(&disk_id).filter(|h| h.conn != conn).cloned()
+    }
+
+    /// Records `holder` as the connection streaming `disk_id`.
+    pub fn hold(&self, disk_id: u64, holder: Holder) {
+        self.holders
+            .lock()
+            .expect("poisoned")
+            .insert(disk_id, holder);
+    }
+
+    /// Forgets every disk connection `conn` held (it closed).
+    pub fn release_conn(&self, conn: u64) {
+        self.holders
+            .lock()
+            .expect("poisoned")
+            .retain(|_, h| h.conn != conn);
+    }
+}
+
 /// Shared state.
 pub struct State {
     /// Configuration.
@@ -253,6 +294,8 @@ pub struct State {
     /// Held while a new disk is attached: one at a time, so concurrent attaches cannot
     /// race a disk id's owner or a VM's quota.
     pub attach_lock: tokio::sync::Mutex<()>,
+    /// The connection streaming each disk: one agent per disk (see [`Holder`]).
+    pub holders: Mutex<HashMap<u64, Holder>>,
     /// Replication groups: routes to their agents, cuts, figures.
     pub groups: crate::cuts::Groups,
     /// Where the disks' files live (the machine's file system in the service).
@@ -319,6 +362,7 @@ impl State {
             compression_level: std::sync::atomic::AtomicI32::new(cfg_level),
             refused: Default::default(),
             attach_lock: tokio::sync::Mutex::new(()),
+            holders: Mutex::new(HashMap::new()),
             refusal_log: runtime::log::Throttle::new(std::time::Duration::from_secs(1)),
             groups: crate::cuts::Groups::new(
                 cfg_groups,

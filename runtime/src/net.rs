@@ -231,6 +231,7 @@ impl Gate {
         acceptor: TlsAcceptor,
     ) -> Option<(Framed<ServerStream, MessageCodec>, Identity, Role)> {
         let _ = tcp.set_nodelay(true);
+        keepalive(&tcp);
         let r = &self.refusals;
         let tls = match tokio::time::timeout(
             Duration::from_millis(HANDSHAKE_TIMEOUT_MS),
@@ -408,6 +409,31 @@ pub fn spawn_server<H, F>(
     });
 }
 
+/// Seconds a connection may be quiet before the kernel probes its peer. An agent that is
+/// alive but idle answers the probes (its kernel does), so its connection stays; one whose
+/// machine rebooted or vanished is closed after [`KEEPALIVE_IDLE_S`] +
+/// [`KEEPALIVE_RETRIES`] × [`KEEPALIVE_INTERVAL_S`] = 25 s, instead of never (nothing is
+/// sent to an idle agent, so TCP alone would keep a half-open connection for ever). The
+/// process server lets one connection stream a disk at a time: a restarted agent's new
+/// connection waits at most that long for its dead one to go.
+pub const KEEPALIVE_IDLE_S: u64 = 10;
+/// Seconds between unanswered probes.
+pub const KEEPALIVE_INTERVAL_S: u64 = 5;
+/// Unanswered probes before the connection is closed.
+pub const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Turns TCP keepalive on (see [`KEEPALIVE_IDLE_S`]); a socket that refuses keeps going
+/// without it.
+fn keepalive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(KEEPALIVE_IDLE_S))
+        .with_interval(Duration::from_secs(KEEPALIVE_INTERVAL_S))
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "no TCP keepalive on this connection");
+    }
+}
+
 /// Where to connect and as whom.
 #[derive(Debug, Clone)]
 pub struct ClientSpec {
@@ -490,6 +516,7 @@ async fn tls_to(spec: &ClientSpec) -> Result<(ClientStream, Identity)> {
         source: e,
     })?;
     let _ = tcp.set_nodelay(true);
+    keepalive(&tcp);
     let name = crate::tls::server_name(&spec.server_name)?;
     let tls = tokio::time::timeout(
         Duration::from_millis(HANDSHAKE_TIMEOUT_MS),

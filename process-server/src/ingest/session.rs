@@ -92,6 +92,8 @@ enum Outcome {
 struct Conn {
     state: Arc<State>,
     identity: Identity,
+    /// The peer's address (named to an agent refused a disk this connection streams).
+    addr: std::net::SocketAddr,
     /// Disks this connection attached (it hears of these only).
     attached: HashSet<u64>,
     /// Disks it was told to resync.
@@ -119,12 +121,14 @@ const CUT_OUT_QUEUE: usize = 16;
 /// Numbers connections, for their group disks' routes.
 static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Removes a connection's group routes when it ends, however it ends.
+/// Removes a connection's group routes and its hold on its disks when it ends, however it
+/// ends.
 struct Unroute(Arc<State>, u64);
 
 impl Drop for Unroute {
     fn drop(&mut self) {
         self.0.groups.unroute(self.1);
+        self.0.release_conn(self.1);
     }
 }
 
@@ -142,6 +146,7 @@ pub(super) async fn connection(peer: Peer, state: Arc<State>) -> Result<()> {
     let mut conn = Conn {
         version: peer.version,
         id,
+        addr: peer.addr,
         cuts,
         state,
         identity: peer.identity,
@@ -351,7 +356,7 @@ impl Conn {
                     .disk(id)
                     .map_or(0, |d| d.stream_epoch.load(Ordering::Acquire));
                 let group = !a.group_id.is_empty();
-                let reply = attach(&state, identity, a, self.version).await;
+                let reply = attach(&state, identity, a, (self.version, self.id, self.addr)).await;
                 // Only a disk this VM may touch joins the connection's set (it is told of
                 // that disk's durability and resync needs, nothing of others').
                 if matches!(reply, Message::Ack(_)) {
