@@ -293,7 +293,7 @@ fn commits_sql(before: Committed, txns: u32, payload_bytes: u32) -> (String, Com
 }
 
 /// Starts sqlite3 committing `txns` transactions to the database in `dir` after `before`
-/// (the SQL read from a file beside `dir`, so the process can be killed at any point);
+/// (the SQL read from an unnamed file, so the process can be killed at any point);
 /// returns it and what is committed once it ends well.
 pub fn spawn_commits(
     dir: &Path,
@@ -302,20 +302,19 @@ pub fn spawn_commits(
     payload_bytes: u32,
 ) -> Result<(Child, Committed)> {
     let (sql, after) = commits_sql(before, txns, payload_bytes);
-    let script = std::env::temp_dir().join(format!(
-        "failback-sql-{}-{}",
-        std::process::id(),
-        before.rows
-    ));
-    std::fs::write(&script, sql).map_err(|source| Error::Io {
-        context: format!("write {}", script.display()),
+    // An unnamed file (O_TMPFILE): nobody can plant or swap it, and it goes with its last
+    // handle. (A named script in the shared temporary directory let a local user point
+    // root's write at any file, or add commands of their own to what sqlite3 ran.)
+    let mut input = tempfile::tempfile().map_err(|source| Error::Io {
+        context: "make the SQL script's file".into(),
         source,
     })?;
-    let input = std::fs::File::open(&script).map_err(|source| Error::Io {
-        context: format!("open {}", script.display()),
-        source,
-    })?;
-    let _ = std::fs::remove_file(&script);
+    std::io::Write::write_all(&mut input, sql.as_bytes())
+        .and_then(|()| std::io::Seek::rewind(&mut input))
+        .map_err(|source| Error::Io {
+            context: "write the SQL script".into(),
+            source,
+        })?;
     let child = Command::new("sqlite3")
         .arg(dir.join(DB_NAME))
         .stdin(input)

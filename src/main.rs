@@ -139,7 +139,14 @@ fn with_name(name: &str, args: Vec<OsString>) -> Vec<OsString> {
     std::iter::once(OsString::from(name)).chain(args).collect()
 }
 
+/// Files and directories the services make are their owner's alone: cache segments, the
+/// retention journal, the agent's state and the on-premises disks hold replicated data,
+/// which a 0644 file gave any local user to read.
+const PRIVATE_UMASK: libc::mode_t = 0o077;
+
 fn main() {
+    // SAFETY: umask(2) cannot fail and touches no memory.
+    unsafe { libc::umask(PRIVATE_UMASK) };
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Demo(args) => demo::run(args),

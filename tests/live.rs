@@ -529,3 +529,45 @@ fn wait_bounded(child: &mut Child, max: Duration) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A frozen bookmark of a captured disk whose agent is stalled: the flush before the
+/// freeze cannot end (the disk takes no writes), so nothing is frozen and the command ends
+/// within its window, saying why. (FIFREEZE itself flushes and cannot be timed: it held
+/// such a command in the kernel, and SIGKILL then left the filesystem frozen.)
+#[test]
+fn a_frozen_bookmark_of_a_stalled_agents_disk_freezes_nothing_and_ends_in_its_window() {
+    if !live_can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let l = Live::start(&c, true);
+    // Dirty pages the flush must push through the agent.
+    std::fs::write(l.app_dir().join("dirty"), vec![7u8; 8 << 20]).unwrap();
+    let pid = l.agent.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = std::time::Instant::now();
+    let out = Command::new(BIN)
+        .args(["agent", "bookmark", "--tag", "stalled", "--state-dir"])
+        .arg(c.agent_state(1))
+        .arg("--freeze")
+        .arg(l.app_dir())
+        .arg("--freeze-timeout-s=2")
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("could not be flushed") && e.contains("nothing was frozen"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(15), "ended after {took:?}");
+    // The agent runs again: the filesystem takes writes and a frozen bookmark works.
+    l.bookmark(&c, "after");
+    let report = l.unmount(&c);
+    failed_back(&c, &report);
+}

@@ -689,6 +689,25 @@ fn writable(dir: &Path, name: &str) -> bool {
     false
 }
 
+/// Whether the filesystem mounted on `dir` is frozen: a file made there does not appear
+/// within 300 ms (the writer waits for the thaw, then ends). Touching nothing else: a test
+/// freeze of its own would collide with the command's.
+fn is_frozen(dir: &Path, writers: &mut Vec<std::process::Child>) -> bool {
+    let mut w = Command::new("touch")
+        .arg(dir.join(format!("probe-{}", writers.len())))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        if w.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writers.push(w);
+    true
+}
+
 #[test]
 fn a_frozen_bookmark_runs_its_hooks_and_always_thaws() {
     if !root() {
@@ -831,6 +850,44 @@ fn a_frozen_bookmark_runs_its_hooks_and_always_thaws() {
         .unwrap()
         .success());
     fails_saying(busy, &["frozen already"]);
+    // Killed while frozen (SIGKILL: nothing of the command runs): its guard thaws. The
+    // agent is stopped so the bookmark waits, frozen, for its whole window.
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGSTOP) };
+    let mut frozen = Command::new(&c.bin)
+        .args([
+            "agent",
+            "bookmark",
+            "--state-dir",
+            &state,
+            "--tag",
+            "killed",
+        ])
+        .args(["--freeze", &mnt, "--freeze-timeout-s=30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut writers = Vec::new();
+    while !is_frozen(&vol.dir, &mut writers) {
+        assert!(Instant::now() < deadline, "the bookmark froze nothing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    frozen.kill().unwrap(); // SIGKILL
+    frozen.wait().unwrap();
+    assert!(
+        writable(&vol.dir, "after-sigkill"),
+        "thawed by the guard after SIGKILL"
+    );
+    for mut w in writers {
+        assert!(
+            w.wait().unwrap().success(),
+            "a writer blocked by the freeze ended"
+        );
+    }
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGCONT) };
     // SAFETY: kill(2) on our child's pid.
     unsafe {
         libc::kill(agent.id() as i32, libc::SIGTERM);

@@ -605,7 +605,7 @@ async fn take_frozen(
     // The window starts before the first freeze: no filesystem stays frozen longer.
     let started = crate::freeze::mono_ms();
     req.take_before_mono_ms = started + window.as_millis() as u64;
-    let frozen = crate::freeze::Frozen::freeze(&f.mountpoints)?;
+    let frozen = crate::freeze::Frozen::freeze(&f.mountpoints, window)?;
     let answered = match crate::control::Client::send(state_dir, &req).await {
         Ok(mut client) => {
             let left = Duration::from_millis(

@@ -8,7 +8,11 @@
 //!
 //! # Design constraints
 //! - Always thawed: on success, on error, on timeout, and when the value is dropped
-//!   (a panic or an early return), so no filesystem stays frozen behind a failed command.
+//!   (a panic or an early return), so no filesystem stays frozen behind a failed command;
+//!   and by a guard process when the command itself is killed (SIGKILL) while frozen.
+//! - Flushed before the freeze, within the freeze window: a flush that does not end (a
+//!   stalled agent or process server) freezes nothing, instead of holding the command in
+//!   the kernel's FIFREEZE past every timeout.
 //! - The freeze is done by the `agent bookmark` process, never by the agent: with live
 //!   capture the agent serves the device's writes, and freezing from inside it would wait
 //!   on itself.
@@ -89,24 +93,41 @@ pub fn check_targets(mountpoints: &[PathBuf], state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Filesystems frozen by this process, thawed by [`Frozen::thaw`] or on drop.
+/// Filesystems frozen by this process, thawed by [`Frozen::thaw`] or on drop, and by its
+/// [`Guard`] if this process dies first.
 #[derive(Debug)]
 pub struct Frozen {
     frozen: Vec<(PathBuf, std::fs::File)>,
+    guard: Option<Guard>,
 }
 
 impl Frozen {
     /// Freezes each mountpoint in order. If one fails, those already frozen are thawed and
-    /// the error says which one failed and why.
-    pub fn freeze(mountpoints: &[PathBuf]) -> Result<Frozen> {
-        let mut f = Frozen { frozen: Vec::new() };
+    /// the error says which one failed and why. Each filesystem is flushed first, within
+    /// `flush_max`: FIFREEZE flushes too, but cannot be interrupted or timed, and a captured
+    /// disk's flush waits on its agent (and that on its process server), so a stalled one
+    /// would hold the caller in the kernel past any timeout. Flushed in a child process
+    /// that is left behind if it hangs, nothing is frozen then.
+    pub fn freeze(mountpoints: &[PathBuf], flush_max: Duration) -> Result<Frozen> {
+        let mut dirs = Vec::new();
         for m in mountpoints {
             let dir = std::fs::File::open(m).map_err(|e| Error::InvalidParameter {
                 param: "freeze",
                 reason: format!("{}: {e}", m.display()),
             })?;
-            ioctl(&dir, FIFREEZE).map_err(|e| Error::Refused(freeze_error(m, &e)))?;
-            f.frozen.push((m.clone(), dir));
+            dirs.push((m.clone(), dir));
+        }
+        flush_first(mountpoints, flush_max)?;
+        let fds: Vec<i32> = dirs.iter().map(|(_, d)| d.as_raw_fd()).collect();
+        let guard = Guard::start(&fds)
+            .map_err(|e| Error::Refused(format!("could not start the thaw guard: {e}")))?;
+        let mut f = Frozen {
+            frozen: Vec::new(),
+            guard: Some(guard),
+        };
+        for (m, dir) in dirs {
+            ioctl(&dir, FIFREEZE).map_err(|e| Error::Refused(freeze_error(&m, &e)))?;
+            f.frozen.push((m, dir));
         }
         Ok(f)
     }
@@ -130,7 +151,129 @@ impl Frozen {
                 first.get_or_insert(Error::Refused(msg));
             }
         }
+        if let Some(g) = self.guard.take() {
+            g.stand_down();
+        }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// `sync -f` of each mountpoint, all within `max`; nothing is frozen if one does not end.
+fn flush_first(mountpoints: &[PathBuf], max: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + max;
+    for m in mountpoints {
+        // Its own output: a flush left hanging must not hold the caller's pipes (a script
+        // reading this command's output would wait for it too).
+        let mut child = std::process::Command::new("sync")
+            .arg("-f")
+            .arg(m)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Refused(format!("could not flush {}: sync: {e}", m.display())))?;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if std::time::Instant::now() > deadline => {
+                    let _ = child.kill(); // it ends when its flush does
+                    return Err(Error::Refused(format!(
+                        "{} could not be flushed within {} s, so nothing was frozen: its disk does not take writes (a captured disk waits on its agent, and the agent on its process server: is one stopped or stalled? agent status, process-server status)",
+                        m.display(),
+                        max.as_secs()
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(Error::Refused(format!("flush {}: {e}", m.display()))),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A child process that thaws the filesystems if this process dies while they may be
+/// frozen (SIGKILL, a crash: nothing of ours runs then). It holds the read end of a pipe;
+/// this process writes `F` before freezing and `T` once thawed. At end of file (this
+/// process closed it, or died and the kernel did), it thaws unless the last byte was `T`.
+/// A process stuck in FIFREEZE dies only once the call returns, so the guard's thaw comes
+/// after the freeze, never before.
+#[derive(Debug)]
+struct Guard {
+    pid: libc::pid_t,
+    pipe: std::fs::File,
+}
+
+impl Guard {
+    /// Forks the guard; `fds` are the open mountpoint directories it thaws.
+    fn start(fds: &[i32]) -> std::io::Result<Guard> {
+        let mut ends = [0i32; 2];
+        // SAFETY: a valid array of two descriptors to fill. CLOEXEC: hooks run later must
+        // not inherit the write end (they would delay the end of file).
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (rd, wr) = (ends[0], ends[1]);
+        // SAFETY: fork in a threaded process; the child below makes only async-signal-safe
+        // system calls (no allocation, no locks) on memory it already has, then _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: see above; `fds` and the buffer are the child's copies.
+            unsafe { guard_child(rd, wr, fds) }
+        }
+        // SAFETY: our copy of the read end, not used here.
+        unsafe { libc::close(rd) };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: the write end we own.
+            unsafe { libc::close(wr) };
+            return Err(e);
+        }
+        // SAFETY: `wr` is an open descriptor we own from here on.
+        let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(wr) };
+        std::io::Write::write_all(&mut pipe, b"F")?;
+        Ok(Guard { pid, pipe })
+    }
+
+    /// Thawed: the guard has nothing to do; it ends and is reaped.
+    fn stand_down(mut self) {
+        let _ = std::io::Write::write_all(&mut self.pipe, b"T");
+        drop(self.pipe);
+        let mut status = 0;
+        // SAFETY: our child's pid and a status to fill.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
+    }
+}
+
+/// The guard's life (see [`Guard`]).
+///
+/// # Safety
+/// Called only in the child right after fork: async-signal-safe calls only.
+unsafe fn guard_child(rd: i32, wr: i32, fds: &[i32]) -> ! {
+    // SAFETY (whole body): plain system calls on descriptors this process holds.
+    unsafe {
+        libc::close(wr);
+        // Out of the caller's process group and immune to its terminal's signals: a Ctrl-C
+        // of the group must not take the guard with it.
+        libc::setsid();
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        let mut last = 0u8;
+        let mut buf = [0u8; 16];
+        loop {
+            let n = libc::read(rd, buf.as_mut_ptr().cast(), buf.len());
+            if n > 0 {
+                last = buf[n as usize - 1];
+            } else if n == 0 || *libc::__errno_location() != libc::EINTR {
+                break;
+            }
+        }
+        if last != b'T' {
+            for &fd in fds {
+                let mut arg: libc::c_int = 0;
+                libc::ioctl(fd, FITHAW as _, &mut arg);
+            }
+        }
+        libc::_exit(0)
     }
 }
 

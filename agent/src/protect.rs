@@ -259,6 +259,13 @@ pub fn check_mount_dir(dir: &Path) -> Result<()> {
         param: "mount-dir",
         reason,
     };
+    // A directory another user can change could be swapped for a link to theirs (or to
+    // /etc) between this check and the mount, which would then hide what that holds.
+    if let Ok(Some(why)) = runtime::lock::others_can_change(dir) {
+        return Err(bad(format!(
+            "{why}: they could swap it for another directory before the disk is mounted on it; use a mount directory only root or you can write (e.g. under /run/failback)"
+        )));
+    }
     let mounted = mounted_here(dir)?;
     if let Some((fstype, source)) = &mounted {
         let ours = source == FS_NAME && (fstype == "fuse" || *fstype == format!("fuse.{FS_NAME}"));

@@ -445,29 +445,14 @@ fn export_uuid(replicated: &str, lsn: u64, keep: bool) -> [u8; 16] {
 /// there and renames it into place; a directory others can write would let them put
 /// something else there in between, with this process's rights.
 pub fn check_private_dir(dir: &Path, out: &Path) -> Result<()> {
-    let canonical = std::fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    // Under sudo, the operator's own directories are theirs to trust (their home, say).
-    let operator = std::env::var("SUDO_UID")
-        .ok()
-        .and_then(|u| u.parse::<u32>().ok());
-    for d in canonical.ancestors() {
-        let m = std::fs::metadata(d).ctx(|| format!("inspect {}", d.display()))?;
-        let (uid, mode) = (m.uid(), m.mode());
-        let others_write = mode & 0o022 != 0 && mode & 0o1000 == 0;
-        if (uid != 0 && uid != me && Some(uid) != operator) || others_write {
-            return Err(Error::ExportRefused {
-                out: out.into(),
-                reason: format!(
-                    "{} can be changed by another user (owner uid {uid}, mode {:o}), who could swap what the export writes: export under a directory only root or you can write",
-                    d.display(),
-                    mode & 0o7777
-                ),
-            });
-        }
+    let why = runtime::lock::others_can_change(dir).ctx(|| format!("inspect {}", dir.display()))?;
+    match why {
+        Some(why) => Err(Error::ExportRefused {
+            out: out.into(),
+            reason: format!("{why}, who could swap what the export writes: export under a directory only root or you can write"),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks an export's output files before anything is written (see [`check_output`]);

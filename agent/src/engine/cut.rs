@@ -51,7 +51,7 @@ impl Engine {
             // Checked now, not at start: a filesystem on the captured disk is mounted after
             // the agent starts serving it.
             let r = crate::freeze::check_targets(&mounts, &state_dir)
-                .and_then(|()| Frozen::freeze(&mounts));
+                .and_then(|()| Frozen::freeze(&mounts, Duration::from_millis(HOLD_MAX_MS)));
             let _ = tx.send(r.map_err(|e| e.to_string()));
         });
         self.freezing = Some(Freezing {
