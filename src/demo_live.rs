@@ -44,6 +44,13 @@ fn fail(msg: impl Into<String>) -> Error {
 /// The tree to untar: `--tree`, or the first of a few everywhere-present ones.
 fn tree_of(args: &DemoArgs) -> Result<PathBuf> {
     if let Some(t) = &args.tree {
+        // Said before anything runs: a typo must not look like a failed failback.
+        if !t.is_dir() {
+            return Err(fail(format!(
+                "--tree {}: not a directory (give a directory of files to untar onto the protected filesystem)",
+                t.display()
+            )));
+        }
         return Ok(t.clone());
     }
     ["/usr/share/zoneinfo", "/usr/share/doc", "/etc"]
