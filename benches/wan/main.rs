@@ -20,7 +20,8 @@
 //! in 1% of its blocks, beside `rsync --inplace --no-whole-file` of the same two images on
 //! the same link (an rsync daemon where the master target runs).
 //!
-//! Run: `cargo bench --bench wan` (`WAN_CASES=limit` or `bulk,drain,churn,diff` for a part;
+//! Run: `cargo bench --bench wan` (`WAN_CASES=limit` or `bulk,drain,churn,diff` for a part,
+//! `WAN_LINKS=100mbit`, `1gbit` or `loopback` for some links;
 //! root for the shaped links; without root, or without
 //! `ip`/`tc`, it says so and measures loopback only). Namespaces are named `fbwan-*`; they
 //! are removed when the bench ends or fails, on Ctrl-C or SIGTERM (with what runs in them
@@ -107,6 +108,9 @@ fn main() {
     }
     let mut rows = Vec::new();
     for (name, rate, rtt_ms) in LINKS {
+        if !link_wanted(rate) {
+            continue;
+        }
         let v = match (rate, &shaped) {
             (None, _) => cases(&content, None, 0, None),
             (Some(r), Ok(())) => shaped_case(&content, r, rtt_ms),
@@ -255,6 +259,13 @@ fn print_limits(rows: &[(&str, serde_json::Value)]) {
 /// a partial run; all run by default.
 fn wanted(case: &str) -> bool {
     std::env::var("WAN_CASES").map_or(true, |l| l.split(',').any(|c| c.trim() == case))
+}
+
+/// Whether the link of tbf `rate` is to run: `WAN_LINKS` (e.g. `1gbit` or
+/// `100mbit,loopback`) names the links of a partial run; all run by default.
+fn link_wanted(rate: Option<&str>) -> bool {
+    let name = rate.unwrap_or("loopback");
+    std::env::var("WAN_LINKS").map_or(true, |l| l.split(',').any(|c| c.trim() == name))
 }
 
 fn used(v: &serde_json::Value) -> String {

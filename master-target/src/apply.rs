@@ -14,7 +14,9 @@ use wire_protocol::{Bookmark, BookmarkKind, WriteBatch};
 
 use crate::disk::DiskFile;
 use crate::error::{Error, Result};
-use crate::journal::{begin_undo, finish_undo, Journal, JournalMark, Point, PointKind};
+use crate::journal::{
+    begin_undo, finish_undo, undo_records, Journal, JournalMark, Point, PointKind,
+};
 use crate::uring::IoBackend;
 
 /// One accepted item of a disk's stream.
@@ -267,18 +269,8 @@ impl Applier {
             self.journal.truncate_to(end)?;
             self.journal.sync()?;
         }
-        let mut records = Vec::new();
-        let mut at = 0;
-        while at + 40 <= undo.len() {
-            let body_len =
-                u32::from_be_bytes(undo[at + 8..at + 12].try_into().expect("4")) as usize;
-            let end = (at + 16 + body_len).min(undo.len());
-            let offset = u64::from_be_bytes(undo[at + 32..at + 40].try_into().expect("8"));
-            records.push((offset, &undo[at + 40..end]));
-            at = end;
-        }
-        for (offset, old) in records.into_iter().rev() {
-            self.disk.write_at(old, offset)?;
+        for (offset, old) in undo_records(undo).into_iter().rev() {
+            self.disk.write_at(&old, offset)?;
         }
         self.disk.sync()?;
         if let Some(c) = &mut self.digest_cache {

@@ -16,19 +16,25 @@
 //! ```text
 //! struct Record {              // all integers big-endian; don't reorder
 //!     magic:    [u8; 4],       // b"FBJ1"
-//!     kind:     u8,            // 1 undo, 2 commit, 3 point
+//!     kind:     u8,            // 1 undo, 2 commit, 3 point, 4 undo of zeros
 //!     reserved: [u8; 3],       // zero
 //!     body_len: u32,           // <= MAX_BODY_LEN
 //!     crc:      u32,           // CRC32C of kind, reserved, body_len and body
 //!     body:     [u8; body_len],
 //! }
 //! Undo   { lsn: u64, timestamp_us: u64, offset: u64, old_data: [u8] }  // bytes write `lsn` overwrote
+//! UndoZeros { lsn: u64, timestamp_us: u64, offset: u64, len: u64 }  // write `lsn` overwrote
+//!                                // `len` zero bytes (a never-written region: a new disk's
+//!                                // first replication journals no data); len <= MAX_BATCH_DATA_LEN
 //! Commit { lsn: u64, time_us: u64 }     // every item up to lsn is durable on the disk
 //! Point  { id: u64, lsn: u64, time_us: u64, kind: u8, tag_len: u16, tag: [u8; tag_len],
 //!          group_marker: u64, group_members: u32 }  // optional (present when the marker is
 //!                                // non-zero): a replication group's cut id and how many
 //!                                // disks it covers; older readers ignore them
 //! ```
+//! A journal with an UndoZeros record needs a master target that knows kind 4 (an older one
+//! refuses it as damaged).
+//!
 //! Every segment starts with a commit record (a checkpoint of the committed LSN), so the
 //! committed LSN is always found in the last segment.
 
@@ -52,7 +58,10 @@ pub const SEGMENT_TARGET_BYTES: u64 = 64 << 20;
 const KIND_UNDO: u8 = 1;
 const KIND_COMMIT: u8 = 2;
 const KIND_POINT: u8 = 3;
+const KIND_UNDO_ZEROS: u8 = 4;
 const UNDO_META_LEN: usize = 24;
+/// An UndoZeros body: the undo metadata and the length of the zeros.
+const UNDO_ZEROS_BODY_LEN: usize = UNDO_META_LEN + 8;
 
 /// The kind of a recovery point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -144,6 +153,8 @@ struct UndoRef {
     lsn: u64,
     pos: u64,
     body_len: u32,
+    /// An UndoZeros record: the old data is zeros, its length in the body.
+    zeros: bool,
 }
 
 /// Where a journal ended at one moment (see [`Journal::mark`]).
@@ -227,13 +238,55 @@ pub fn begin_undo(
     data
 }
 
-/// Computes the CRC of the undo record that starts at `start` in `out` (the last one).
-pub fn finish_undo(out: &mut [u8], start: usize) {
+/// Seals the undo record that starts at `start` in `out` (the last one): computes its CRC,
+/// after making it an UndoZeros record (no data) if the old data is all zeros.
+pub fn finish_undo(out: &mut Vec<u8>, start: usize) {
+    let data = start + HEADER_LEN + UNDO_META_LEN;
+    if is_zeros(&out[data..]) {
+        let len = (out.len() - data) as u64;
+        out.truncate(data);
+        out.extend_from_slice(&len.to_be_bytes());
+        out[start + 4] = KIND_UNDO_ZEROS;
+        out[start + 8..start + 12].copy_from_slice(&(UNDO_ZEROS_BODY_LEN as u32).to_be_bytes());
+    }
     let crc = crc32c::crc32c_append(
         crc32c::crc32c(&out[start + 4..start + 12]),
         &out[start + HEADER_LEN..],
     );
     out[start + 12..start + 16].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Whether `b` is all zeros (in 64-byte blocks the compiler vectorizes: this runs over every
+/// byte a group overwrites).
+fn is_zeros(b: &[u8]) -> bool {
+    let blocks = b.chunks_exact(64);
+    let tail = blocks.remainder();
+    blocks
+        .map(|c| c.iter().fold(0u8, |a, &x| a | x))
+        .all(|x| x == 0)
+        && tail.iter().all(|&x| x == 0)
+}
+
+/// The undo records of `buf` (whole records, as [`begin_undo`] and [`finish_undo`] wrote
+/// them), in order: each write's offset and the bytes it overwrote.
+pub fn undo_records(buf: &[u8]) -> Vec<(u64, std::borrow::Cow<'_, [u8]>)> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at + HEADER_LEN + UNDO_META_LEN <= buf.len() {
+        let kind = buf[at + 4];
+        let body_len = u32::from_be_bytes(buf[at + 8..at + 12].try_into().expect("4")) as usize;
+        let body = &buf[at + HEADER_LEN..(at + HEADER_LEN + body_len).min(buf.len())];
+        let offset = be64(&body[16..]);
+        let old = match kind {
+            KIND_UNDO_ZEROS => {
+                std::borrow::Cow::Owned(vec![0; be64(&body[UNDO_META_LEN..]) as usize])
+            }
+            _ => std::borrow::Cow::Borrowed(&body[UNDO_META_LEN..]),
+        };
+        records.push((offset, old));
+        at += HEADER_LEN + body_len;
+    }
+    records
 }
 
 /// Bytes of one commit record.
@@ -347,7 +400,7 @@ fn record_at(
     let crc = u32::from_be_bytes(h[12..16].try_into().expect("4"));
     if h[..4] != MAGIC
         || h[5..8] != [0, 0, 0]
-        || !(1..=3).contains(&kind)
+        || !(1..=4).contains(&kind)
         || body_len > MAX_BODY_LEN
         || len - pos - (HEADER_LEN as u64) < body_len as u64
     {
@@ -371,7 +424,20 @@ fn record_at(
             lsn: be64(body),
             pos,
             body_len: body_len as u32,
+            zeros: false,
         }),
+        KIND_UNDO_ZEROS
+            if body_len == UNDO_ZEROS_BODY_LEN
+                && be64(&body[UNDO_META_LEN..])
+                    <= wire_protocol::message::MAX_BATCH_DATA_LEN as u64 =>
+        {
+            Found::Undo(UndoRef {
+                lsn: be64(body),
+                pos,
+                body_len: body_len as u32,
+                zeros: true,
+            })
+        }
         KIND_COMMIT if body_len == 16 => Found::Commit(be64(body)),
         KIND_POINT if body_len >= 27 => {
             let tag_len = u16::from_be_bytes([body[25], body[26]]) as usize;
@@ -558,6 +624,10 @@ fn read_undo(f: &dyn FileHandle, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8
     }
     let body = buf.split_off(HEADER_LEN);
     let offset = be64(&body[16..]);
+    if r.zeros {
+        // Its length was bounded when the record was scanned.
+        return Ok((offset, vec![0; be64(&body[UNDO_META_LEN..]) as usize]));
+    }
     Ok((offset, body[UNDO_META_LEN..].to_vec()))
 }
 

@@ -23,16 +23,24 @@ fn policy() -> RetentionPolicy {
 }
 
 fn open(dir: &Path) -> Result<Applier, Error> {
+    open_rotating(dir, 64 << 10)
+}
+
+/// Opens with segments of `segment_bytes`.
+fn open_rotating(dir: &Path, segment_bytes: u64) -> Result<Applier, Error> {
     let disk = DiskFile::open(&dir.join("disk.img"))?;
-    let journal = Journal::open(&dir.join("journal"), &disk)?.with_segment_target_bytes(64 << 10);
+    let journal =
+        Journal::open(&dir.join("journal"), &disk)?.with_segment_target_bytes(segment_bytes);
     Ok(Applier::new(1, disk, journal, policy()))
 }
 
 /// A journal of `groups` committed groups (8 writes of 4 KiB each, a crash point after
-/// each), over several segments.
-fn build(dir: &Path, groups: u64) -> u64 {
-    std::fs::write(dir.join("disk.img"), vec![0u8; DISK_BYTES as usize]).unwrap();
-    let mut a = open(dir).unwrap();
+/// each), over several segments, on a disk of bytes `fill` (0: a new disk, whose undo
+/// records are UndoZeros records, kind 4; otherwise undo records with data, kind 1).
+fn build(dir: &Path, groups: u64, fill: u8) -> u64 {
+    std::fs::write(dir.join("disk.img"), vec![fill; DISK_BYTES as usize]).unwrap();
+    // Undo records of zeros are small: smaller segments keep their count alike.
+    let mut a = open_rotating(dir, if fill == 0 { 2 << 10 } else { 64 << 10 }).unwrap();
     let mut lsn = 1;
     for g in 0..groups {
         let writes = (0..8)
@@ -69,7 +77,8 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// The byte positions of each record of `kind` (1 undo, 2 commit, 3 point) in a segment.
+/// The byte positions of each record of `kind` (1 undo, 2 commit, 3 point, 4 undo of
+/// zeros) in a segment.
 fn records(seg: &Path, kind: u8) -> Vec<usize> {
     let b = std::fs::read(seg).unwrap();
     let mut out = Vec::new();
@@ -101,11 +110,14 @@ fn a_flipped_byte_in_committed_records_is_corruption_never_a_rollback() {
         ("oldest", 1, "first", 9), // an undo record's header in a sealed segment
         ("oldest", 3, "first", 20),
         ("oldest", 2, "last", 20), // a commit inside a sealed segment: its twin remains
+        ("newest", 4, "last", 40), // an undo of zeros: its length
+        ("newest", 4, "first", 9),
+        ("oldest", 4, "first", 36), // its offset, in a sealed segment
     ];
     for (which_seg, kind, which, off) in cases {
         let dir = tempfile::tempdir().unwrap();
         // 13 groups: the newest segment holds the last one (segments rotate every two).
-        let committed = build(dir.path(), 13);
+        let committed = build(dir.path(), 13, if kind == 4 { 0 } else { 0x5a });
         let disk_before = std::fs::read(dir.path().join("disk.img")).unwrap();
         let segs = segments(dir.path());
         assert!(segs.len() >= 3, "{segs:?}");
@@ -163,7 +175,7 @@ fn a_flipped_byte_in_committed_records_is_corruption_never_a_rollback() {
 #[test]
 fn a_flipped_undo_body_in_a_sealed_segment_fails_the_export_never_a_wrong_image() {
     let dir = tempfile::tempdir().unwrap();
-    let committed = build(dir.path(), 13);
+    let committed = build(dir.path(), 13, 0x5a);
     let seg = segments(dir.path())[0].clone();
     // Sealed segments' undo bodies are checked when an export reads them, not at open.
     // A record of the second group: the oldest point (after the first group) needs it.
@@ -182,7 +194,7 @@ fn a_flipped_undo_body_in_a_sealed_segment_fails_the_export_never_a_wrong_image(
 #[test]
 fn a_flipped_byte_in_the_newest_commit_keeps_its_twin_and_the_group() {
     let dir = tempfile::tempdir().unwrap();
-    let committed = build(dir.path(), 5);
+    let committed = build(dir.path(), 5, 0x5a);
     let seg = segments(dir.path()).pop().unwrap();
     let commits = records(&seg, 2);
     // Either copy of the newest commit.

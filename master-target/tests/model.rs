@@ -243,17 +243,11 @@ fn quota_drops_oldest_points_never_the_disk() {
     assert!(points[0].lsn > 1);
     for p in points {
         let want = &snapshots.iter().find(|(l, _)| *l == p.lsn).unwrap().1;
-        let out = dir.path().join("export.img");
-        std::fs::copy(dir.path().join("disk.img"), &out).unwrap();
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&out)
-            .unwrap();
-        a.journal().rewind(p.lsn, &f, &mut |_, _| {}).unwrap();
-        let mut got = vec![0u8; DISK_BYTES as usize];
-        f.read_exact_at(&mut got, 0).unwrap();
-        assert!(&got == want, "kept point {} exports exactly", p.id);
+        assert!(
+            &export(dir.path(), &a, p.lsn) == want,
+            "kept point {} exports exactly",
+            p.id
+        );
     }
 }
 
@@ -293,4 +287,82 @@ fn resync_digests_are_cached_and_invalidated_by_writes() {
         (after[0], after[1], after[3]),
         (first[0], first[1], first[3])
     );
+}
+
+/// A new disk's first replication overwrites only zeros: its undo records carry no data
+/// (UndoZeros), so the journal stays a sliver of what was applied, and every point still
+/// exports exactly, the one before the data as zeros.
+#[test]
+fn a_new_disks_first_replication_journals_no_data_and_exports_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    let mut a = open(dir.path());
+    let (mut lsn, mut model) = (1u64, vec![0u8; DISK_BYTES as usize]);
+    let mut snapshots = Vec::new();
+    // Eight passes of 16 KiB writes: the first four fill the fresh disk (zeros overwritten),
+    // the last four overwrite data.
+    for pass in 0..8u64 {
+        let writes: Vec<_> = (0..4)
+            .map(|i| {
+                (
+                    (pass % 4) * (64 << 10) + i * (16 << 10),
+                    16 << 10,
+                    (pass * 4 + i + 1) as u8,
+                )
+            })
+            .collect();
+        let Verdict::Accept(items) = a.check_batch(&batch(lsn, lsn * 10, &writes), lsn) else {
+            panic!("refused")
+        };
+        a.apply(&items).unwrap();
+        for &(o, l, v) in &writes {
+            model[o as usize..o as usize + l].fill(v);
+        }
+        lsn += writes.len() as u64;
+        snapshots.push((a.committed_lsn(), model.clone()));
+        if pass == 3 {
+            // 256 KiB applied over zeros: records of 40 + 8 bytes, commits and points.
+            assert!(
+                a.journal().bytes() < 8 << 10,
+                "journal of a fresh disk holds no data: {} bytes",
+                a.journal().bytes()
+            );
+        }
+    }
+    assert!(
+        a.journal().bytes() > DISK_BYTES,
+        "overwritten data is journaled"
+    );
+    for p in a.journal().points() {
+        let (_, want) = snapshots
+            .iter()
+            .find(|(l, _)| *l == p.lsn)
+            .expect("a snapshot");
+        let got = export(dir.path(), &a, p.lsn);
+        assert!(&got == want, "point at lsn {} exports exactly", p.lsn);
+    }
+    // Before any write: every undo record rolled back, zeros again.
+    let got = export(dir.path(), &a, 0);
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "before the first write the disk was zeros"
+    );
+}
+
+/// The disk as of `lsn`: a copy of it rewound by the journal.
+fn export(dir: &Path, a: &Applier, lsn: u64) -> Vec<u8> {
+    let out = dir.join("export.img");
+    std::fs::copy(dir.join("disk.img"), &out).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&out)
+        .unwrap();
+    a.journal().rewind(lsn, &f, &mut |_, _| {}).unwrap();
+    let mut got = vec![0u8; DISK_BYTES as usize];
+    f.read_exact_at(&mut got, 0).unwrap();
+    got
 }
