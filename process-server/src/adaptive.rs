@@ -1,8 +1,9 @@
 //! Choosing the zstd level from where the shipper waits (no I/O, no clock).
 //!
-//! Each period the shipper reports the fraction of time it waited on the link (window full,
-//! bandwidth limiter, socket) and the fraction it waited on compression while the link had
-//! room. Link-bound with idle cores: a higher level turns spare CPU into fewer wire bytes.
+//! Each period the shipper reports the fraction of time it waited on the link (bandwidth
+//! limiter, socket) and the fraction it waited on compression while the link had room. A
+//! full window is neither: it waits on the master target, where fewer wire bytes gain
+//! nothing. Link-bound with idle cores: a higher level turns spare CPU into fewer wire bytes.
 //! CPU-bound: step down. One step per period, within `min..=max`.
 
 /// Waiting on the link more than this fraction of a period makes it the bottleneck.
