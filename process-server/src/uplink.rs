@@ -10,7 +10,7 @@
 //!   server only once it is durable on-premises.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -228,12 +228,15 @@ impl Outbox {
     }
 }
 
-/// How long the shipper waited on the link and on compression: each second, the adaptive
-/// zstd level moves by it.
+/// How long the shipper waited on the link and on compression, and how long compression
+/// jobs ran: each second, the adaptive zstd level moves by it.
 struct Waits {
     adaptive: AdaptiveLevel,
     link: Duration,
     cpu: Duration,
+    /// Microseconds compression jobs ran (they add to it as they end).
+    busy_us: Arc<AtomicU64>,
+    cores: f64,
     since: Instant,
 }
 
@@ -247,6 +250,8 @@ impl Waits {
             ),
             link: Duration::ZERO,
             cpu: Duration::ZERO,
+            busy_us: Arc::default(),
+            cores: std::thread::available_parallelism().map_or(2, |n| n.get()) as f64,
             since: Instant::now(),
         }
     }
@@ -256,16 +261,12 @@ impl Waits {
             return;
         }
         let p = self.since.elapsed().as_secs_f64();
-        let level = self
-            .adaptive
-            .update(self.link.as_secs_f64() / p, self.cpu.as_secs_f64() / p);
+        let busy = self.busy_us.swap(0, Ordering::Relaxed) as f64 / 1e6 / p / self.cores;
+        let (link, cpu) = (self.link.as_secs_f64() / p, self.cpu.as_secs_f64() / p);
+        let level = self.adaptive.update(link, cpu, busy);
+        tracing::trace!(level, link, cpu, busy, "compression period");
         if level != state.compression_level.swap(level, Ordering::Relaxed) {
-            tracing::debug!(
-                level,
-                link_wait_s = self.link.as_secs_f64(),
-                cpu_wait_s = self.cpu.as_secs_f64(),
-                "compression level adapted"
-            );
+            tracing::debug!(level, link, cpu, busy, "compression level adapted");
         }
         (self.link, self.cpu, self.since) = (Duration::ZERO, Duration::ZERO, Instant::now());
     }
@@ -302,7 +303,7 @@ fn spawn_reader(
     ship: &Arc<Mutex<Ship>>,
     pending: &Pending,
     acked: &Arc<tokio::sync::Notify>,
-    heard_ms: &Arc<std::sync::atomic::AtomicU64>,
+    heard_ms: &Arc<AtomicU64>,
     began: Instant,
 ) -> tokio::task::JoinHandle<Result<()>> {
     // Bytes the handshake read past the Hello belong to the first answers.
@@ -343,7 +344,7 @@ async fn ship_until_down(
     let acked = Arc::new(tokio::sync::Notify::new());
     // A link that says nothing for link-timeout-s is dead, however TCP sees it.
     let began = Instant::now();
-    let heard_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let heard_ms = Arc::new(AtomicU64::new(0));
     let mut reader_task = spawn_reader(
         (state, index),
         (rd, &parts.read_buf),
@@ -362,8 +363,11 @@ async fn ship_until_down(
     let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     loop {
-        fill(state, &ship, &mut jobs, parallel, version);
+        fill(state, (&ship, &waits.busy_us), &mut jobs, parallel, version);
         waits.adapt(state);
+        let window_full =
+            ship.lock().expect("poisoned").in_flight_bytes() >= state.cfg.window_bytes;
+        let pool_full = jobs.len() >= parallel;
         let waited_from = Instant::now();
         tokio::select! {
             r = &mut reader_task => return r.map_err(|e| Error::MasterTarget(format!("reader: {e}")))?,
@@ -375,8 +379,13 @@ async fn ship_until_down(
             }
             done = async { jobs.front_mut().expect("checked").await }, if !jobs.is_empty() => {
                 jobs.pop_front();
-                // Waiting here, with the window open, is waiting on compression.
-                waits.cpu += waited_from.elapsed();
+                // Waiting here with every compression job running is waiting on the
+                // cores. With fewer (the window let only some start, or there was little
+                // to send) it is one job's latency, not a lack of CPU: counted as such, it
+                // held a 100 Mbit/s link at level 1.
+                if pool_full {
+                    waits.cpu += waited_from.elapsed();
+                }
                 let Some(s) = done.map_err(|e| Error::MasterTarget(format!("compression task: {e}")))?? else { continue };
                 let sending = Instant::now();
                 send_paced(&mut out.wr, &s.frame, &state.max_bandwidth_bps, &mut pacer, timeout_ms).await?;
@@ -384,13 +393,17 @@ async fn ship_until_down(
                 s.count();
             }
             _ = state.work.notified(), if jobs.is_empty() => {}
-            // A full window is a wait on the master target, not on the link: a link that
-            // is the bottleneck fills the socket first (the window is far above any
-            // link's bandwidth-delay product), so it counts as neither. Counted as the
-            // link, a master target applying slower than the link carried raised the level,
-            // and on shared cores the process server's extra compression slowed it more.
-            _ = acked.notified(), if jobs.is_empty() => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)), if jobs.is_empty() => {}
+            _ = acked.notified(), if jobs.is_empty() => {
+                // Nothing to compress because the window was full: waiting on the link.
+                if window_full {
+                    waits.link += waited_from.elapsed();
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)), if jobs.is_empty() => {
+                if window_full {
+                    waits.link += waited_from.elapsed();
+                }
+            }
             _ = beat.tick.tick() => {
                 alive(began, &heard_ms, timeout_ms)?;
                 out.send(&beat.next()).await?;
@@ -494,7 +507,7 @@ impl Shipped {
 
 /// The link is dead once the master target has said nothing for the link timeout (ms since
 /// `began` when it last spoke in `heard_ms`), however TCP sees it.
-fn alive(began: Instant, heard_ms: &std::sync::atomic::AtomicU64, timeout_ms: u64) -> Result<()> {
+fn alive(began: Instant, heard_ms: &AtomicU64, timeout_ms: u64) -> Result<()> {
     let silent_ms =
         (began.elapsed().as_millis() as u64).saturating_sub(heard_ms.load(Ordering::Relaxed));
     if silent_ms > timeout_ms {
@@ -508,7 +521,7 @@ fn alive(began: Instant, heard_ms: &std::sync::atomic::AtomicU64, timeout_ms: u6
 
 fn fill(
     state: &Arc<State>,
-    ship: &Arc<Mutex<Ship>>,
+    (ship, busy_us): (&Arc<Mutex<Ship>>, &Arc<AtomicU64>),
     jobs: &mut VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>,
     parallel: usize,
     version: u16,
@@ -540,9 +553,12 @@ fn fill(
             }
             // Count the record's cached size now; the ack releases it.
             s.shipped(id, e.last_lsn, u64::from(e.frame_len));
-            let disk = Arc::clone(&disk);
+            let (disk, busy_us) = (Arc::clone(&disk), Arc::clone(busy_us));
             jobs.push_back(tokio::task::spawn_blocking(move || {
-                prepare(disk, e, level, version)
+                let t = Instant::now();
+                let r = prepare(disk, e, level, version);
+                busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                r
             }));
         }
     }
@@ -658,6 +674,9 @@ fn prepare(
     };
     let out = CODECS.with(|c| {
         let mut c = c.borrow_mut();
+        // Only the current level's compressor stays warm: one per level the adaptive
+        // level passed through, on every blocking thread, took 210 MiB at level 9.
+        c.retain(|k, _| *k == (level, version));
         let codec = c.entry((level, version)).or_insert_with(|| {
             let mut codec = MessageCodec::new(compression);
             codec.set_version(version);
@@ -877,7 +896,7 @@ fn handle_reply(
 async fn send_paced(
     wr: &mut (impl tokio::io::AsyncWrite + Unpin),
     frame: &[u8],
-    rate_bps: &std::sync::atomic::AtomicU64,
+    rate_bps: &AtomicU64,
     pacer: &mut Pacer,
     timeout_ms: u64,
 ) -> Result<()> {
@@ -910,7 +929,7 @@ impl Default for Pacer {
 impl Pacer {
     /// Waits until `bytes` may leave at the rate in `rate_bps`, read again after each wait
     /// (a changed limit, or none, takes effect within [`crate::pace::PACE_RECHECK_MS`]).
-    async fn wait(&mut self, rate_bps: &std::sync::atomic::AtomicU64, bytes: usize) {
+    async fn wait(&mut self, rate_bps: &AtomicU64, bytes: usize) {
         loop {
             let now_us = self.epoch.elapsed().as_micros() as u64;
             match self
@@ -928,7 +947,7 @@ impl Pacer {
 mod tests {
     use super::*;
     use crate::pace::PACE_RECHECK_MS;
-    use std::sync::atomic::AtomicU64;
+    use AtomicU64;
 
     #[tokio::test(start_paused = true)]
     async fn a_lifted_limit_takes_effect_within_a_recheck() {
