@@ -221,9 +221,10 @@ pub fn begin_undo(
     len: usize,
     out: &mut Vec<u8>,
 ) -> usize {
+    // An UndoZeros record of it must be readable: readers bound its length by this.
     assert!(
-        UNDO_META_LEN + len <= MAX_BODY_LEN,
-        "journal bodies are bounded by the batch limit"
+        len <= wire_protocol::message::MAX_BATCH_DATA_LEN,
+        "a write is bounded by the batch limit"
     );
     let mut h = [0u8; HEADER_LEN];
     h[..4].copy_from_slice(&MAGIC);
@@ -406,7 +407,9 @@ fn record_at(
     {
         return Ok(None);
     }
-    let skip = kind == KIND_UNDO && !verify_undo;
+    // Undo bodies of either kind are checked when an export reads them: a flipped byte in
+    // an old one costs the points before it, never the disk.
+    let skip = (kind == KIND_UNDO || kind == KIND_UNDO_ZEROS) && !verify_undo;
     let read_len = if skip {
         UNDO_META_LEN.min(body_len)
     } else {
@@ -426,18 +429,13 @@ fn record_at(
             body_len: body_len as u32,
             zeros: false,
         }),
-        KIND_UNDO_ZEROS
-            if body_len == UNDO_ZEROS_BODY_LEN
-                && be64(&body[UNDO_META_LEN..])
-                    <= wire_protocol::message::MAX_BATCH_DATA_LEN as u64 =>
-        {
-            Found::Undo(UndoRef {
-                lsn: be64(body),
-                pos,
-                body_len: body_len as u32,
-                zeros: true,
-            })
-        }
+        // Its length is read, checked and bounded with its checksum (`read_undo`).
+        KIND_UNDO_ZEROS if body_len == UNDO_ZEROS_BODY_LEN => Found::Undo(UndoRef {
+            lsn: be64(body),
+            pos,
+            body_len: body_len as u32,
+            zeros: true,
+        }),
         KIND_COMMIT if body_len == 16 => Found::Commit(be64(body)),
         KIND_POINT if body_len >= 27 => {
             let tag_len = u16::from_be_bytes([body[25], body[26]]) as usize;
@@ -615,7 +613,10 @@ fn read_undo(f: &dyn FileHandle, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8
     f.read_exact_at(&mut buf, r.pos)
         .ctx(|| format!("read {}", path.display()))?;
     let crc = u32::from_be_bytes(buf[12..16].try_into().expect("4"));
-    if crc32c::crc32c_append(crc32c::crc32c(&buf[4..12]), &buf[HEADER_LEN..]) != crc {
+    let kind = if r.zeros { KIND_UNDO_ZEROS } else { KIND_UNDO };
+    if buf[4] != kind
+        || crc32c::crc32c_append(crc32c::crc32c(&buf[4..12]), &buf[HEADER_LEN..]) != crc
+    {
         return Err(Error::JournalCorrupt {
             path: path.into(),
             offset: r.pos,
@@ -625,8 +626,16 @@ fn read_undo(f: &dyn FileHandle, path: &Path, r: UndoRef) -> Result<(u64, Vec<u8
     let body = buf.split_off(HEADER_LEN);
     let offset = be64(&body[16..]);
     if r.zeros {
-        // Its length was bounded when the record was scanned.
-        return Ok((offset, vec![0; be64(&body[UNDO_META_LEN..]) as usize]));
+        let len = be64(&body[UNDO_META_LEN..]);
+        // A checksummed length past any write's is a bug's record, never an allocation.
+        if len > wire_protocol::message::MAX_BATCH_DATA_LEN as u64 {
+            return Err(Error::JournalCorrupt {
+                path: path.into(),
+                offset: r.pos,
+                detail: format!("an undo record of {len} zero bytes, more than any write"),
+            });
+        }
+        return Ok((offset, vec![0; len as usize]));
     }
     Ok((offset, body[UNDO_META_LEN..].to_vec()))
 }

@@ -112,7 +112,7 @@ fn a_flipped_byte_in_committed_records_is_corruption_never_a_rollback() {
         ("oldest", 2, "last", 20), // a commit inside a sealed segment: its twin remains
         ("newest", 4, "last", 40), // an undo of zeros: its length
         ("newest", 4, "first", 9),
-        ("oldest", 4, "first", 36), // its offset, in a sealed segment
+        ("oldest", 4, "first", 9), // its header, in a sealed segment
     ];
     for (which_seg, kind, which, off) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -174,21 +174,32 @@ fn a_flipped_byte_in_committed_records_is_corruption_never_a_rollback() {
 
 #[test]
 fn a_flipped_undo_body_in_a_sealed_segment_fails_the_export_never_a_wrong_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let committed = build(dir.path(), 13, 0x5a);
-    let seg = segments(dir.path())[0].clone();
-    // Sealed segments' undo bodies are checked when an export reads them, not at open.
-    // A record of the second group: the oldest point (after the first group) needs it.
-    flip(&seg, records(&seg, 1)[10] + 100);
-    let a = open(dir.path()).unwrap();
-    assert_eq!(a.committed_lsn(), committed);
+    // (disk fill, record kind, byte flipped: data; the zeros' offset; their length)
+    for (fill, kind, at) in [(0x5a, 1u8, 100), (0, 4, 36), (0, 4, 44)] {
+        let what = format!("kind {kind}, byte {at}");
+        let dir = tempfile::tempdir().unwrap();
+        let committed = build(dir.path(), 13, fill);
+        let seg = segments(dir.path())[0].clone();
+        // Sealed segments' undo bodies are checked when an export reads them, not at open.
+        // A record of the second group: the oldest point (after the first group) needs it.
+        flip(&seg, records(&seg, kind)[10] + at);
+        exports_fail(dir.path(), committed, &what);
+    }
+}
+
+/// The journal opens at `committed`, and exporting its oldest point fails as corrupt.
+fn exports_fail(dir: &Path, committed: u64, what: &str) {
+    let a = open(dir).unwrap();
+    assert_eq!(a.committed_lsn(), committed, "{what}");
     let oldest = a.journal().points().first().unwrap().clone();
-    let out = std::fs::File::create(dir.path().join("out.img")).unwrap();
+    let out = std::fs::File::create(dir.join("out.img")).unwrap();
+    // The export's size: the rewind checks every record against it.
+    out.set_len(DISK_BYTES).unwrap();
     let e = a
         .journal()
         .rewind(oldest.lsn, &out, &mut |_, _| {})
         .unwrap_err();
-    assert!(matches!(e, Error::JournalCorrupt { .. }), "{e}");
+    assert!(matches!(e, Error::JournalCorrupt { .. }), "{what}: {e}");
 }
 
 #[test]

@@ -203,7 +203,8 @@ fn quota_drops_oldest_points_never_the_disk() {
     let journal = Journal::open(&dir.path().join("journal"), &disk)
         .unwrap()
         .with_segment_target_bytes(128 << 10);
-    // Each batch journals 64 KiB of undo; a 512 KiB quota keeps only the newest few.
+    // Each batch over data journals 64 KiB of undo (over the new disk's zeros, almost
+    // nothing); a 512 KiB quota keeps only the newest few.
     let mut a = Applier::new(
         1,
         disk,
