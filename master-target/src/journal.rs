@@ -379,11 +379,57 @@ enum Found {
     Point(Point),
 }
 
+/// Bytes a scan reads ahead at a time: a segment of small records (a first replication's
+/// UndoZeros are 48 bytes) costs one read per this many bytes, not two per record.
+const READ_AHEAD_BYTES: usize = 1 << 20;
+
+/// Reads a segment through a window of [`READ_AHEAD_BYTES`]; larger reads go straight to
+/// the file.
+struct ReadAhead<'a> {
+    f: &'a dyn FileHandle,
+    len: u64,
+    /// Where the window starts in the file, and what it holds.
+    window: std::cell::RefCell<(u64, Vec<u8>)>,
+}
+
+impl<'a> ReadAhead<'a> {
+    fn new(f: &'a dyn FileHandle, len: u64) -> Self {
+        ReadAhead {
+            f,
+            len,
+            window: std::cell::RefCell::new((0, Vec::new())),
+        }
+    }
+
+    fn read_exact_at(&self, out: &mut [u8], pos: u64) -> std::io::Result<()> {
+        if out.len() > READ_AHEAD_BYTES {
+            return self.f.read_exact_at(out, pos);
+        }
+        let mut w = self.window.borrow_mut();
+        let end = pos + out.len() as u64;
+        if pos < w.0 || end > w.0 + w.1.len() as u64 {
+            let n = (self.len.saturating_sub(pos) as usize).min(READ_AHEAD_BYTES);
+            if n < out.len() {
+                return self.f.read_exact_at(out, pos);
+            }
+            w.1.resize(n, 0);
+            if let Err(e) = self.f.read_exact_at(&mut w.1, pos) {
+                w.1.clear();
+                return Err(e);
+            }
+            w.0 = pos;
+        }
+        let at = (pos - w.0) as usize;
+        out.copy_from_slice(&w.1[at..at + out.len()]);
+        Ok(())
+    }
+}
+
 /// The record at `pos`, if a valid one starts there, with where it ends. `verify_undo`
 /// reads and checks undo bodies too (otherwise only their metadata is read; their CRCs are
 /// checked when an export reads them).
 fn record_at(
-    f: &dyn FileHandle,
+    f: &ReadAhead<'_>,
     path: &Path,
     len: u64,
     pos: u64,
@@ -473,7 +519,7 @@ const SEARCH_CHUNK_BYTES: usize = 1 << 20;
 
 /// The next valid record (fully verified) after `from`, if any.
 fn next_valid(
-    f: &dyn FileHandle,
+    f: &ReadAhead<'_>,
     path: &Path,
     len: u64,
     from: u64,
@@ -483,7 +529,7 @@ fn next_valid(
     let mut at = from;
     while at < len {
         let n = ((len - at) as usize).min(chunk.len());
-        f.read_exact_at(&mut chunk[..n], at)
+        f.f.read_exact_at(&mut chunk[..n], at)
             .ctx(|| format!("read {}", path.display()))?;
         let mut i = 0;
         while i + MAGIC.len() <= n {
@@ -510,6 +556,7 @@ fn scan(fs: &dyn FileSystem, path: &Path, verify: bool) -> Result<Scan> {
     f.drop_cache()
         .ctx(|| format!("drop the cache of {}", path.display()))?;
     let len = f.len().ctx(|| format!("stat {}", path.display()))?;
+    let f = &ReadAhead::new(f, len);
     let mut s = Scan {
         len,
         ..Scan::default()
