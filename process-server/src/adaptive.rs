@@ -105,7 +105,7 @@ mod tests {
         );
         let mut fresh = AdaptiveLevel::new(AUTO_MIN, AUTO_MIN, AUTO_MAX);
         assert_eq!(
-            fresh.update(0.9, 0.3, 0.1),
+            fresh.update(0.6, 0.3, 0.1),
             AUTO_MIN + 1,
             "waits on a saturated pool while downstream is the bottleneck are latency: climb"
         );
@@ -122,13 +122,17 @@ mod tests {
             levels.push(a.update(0.9, 0.0, busy(l)));
         }
         assert_eq!(&levels[..5], &[2, 3, 4, 5, 4], "climbs, then steps back");
-        let held = &levels[5..5 + CEILING_HOLD_PERIODS as usize - 1];
+        // The step down (period 5) sets the hold: 5 stays out of reach for the next
+        // CEILING_HOLD_PERIODS periods, and the one after tries it again.
+        let hold = CEILING_HOLD_PERIODS as usize;
+        let held = &levels[5..5 + hold];
         assert!(
             held.iter().all(|&l| l == 4),
             "no see-saw while the ceiling holds: {held:?}"
         );
-        assert!(
-            levels[5 + CEILING_HOLD_PERIODS as usize..].contains(&5),
+        assert_eq!(
+            levels[5 + hold],
+            5,
             "tried again once the hold ends: {levels:?}"
         );
     }

@@ -41,14 +41,17 @@ use crate::shipper::{Nacked, Shipper as Ship};
 /// How often a link asks the master target again for disks it refused.
 pub const REATTACH_EVERY_MS: u64 = 5_000;
 /// Longest wait between reconnection attempts: a link that comes back is used within a
-/// second (a 5 s cap cost a drain 2.5 s on average, and RPO as much). An attempt on a down
-/// link is one TCP SYN; its warning is logged at most every [`DOWN_LOG_EVERY_S`].
+/// second (a 5 s cap cost a drain 2.5 s on average, and RPO as much). An attempt is a TCP
+/// connect, and a TLS handshake and Hello where the master target answers; its warning is
+/// logged at most every [`DOWN_LOG_EVERY_S`] per kind of error.
 pub const MAX_BACKOFF_MS: u64 = 1_000;
 /// A down link's warning, once per this many seconds per cause (with how many were
 /// suppressed): a new cause is logged at once.
 pub const DOWN_LOG_EVERY_S: u64 = 30;
 /// Shortest wait between reconnection attempts.
 pub const MIN_BACKOFF_MS: u64 = 100;
+/// Compressors kept warm per thread (see `prepare`).
+const WARM_CODECS: usize = 2;
 /// Batches being read and compressed at once, per core.
 pub const JOBS_PER_CORE: usize = 2;
 /// Records taken from one disk before the next disk's turn (fairness across disks).
@@ -61,12 +64,16 @@ type Pending = Arc<Mutex<Requests<AttachTx, DigestTx>>>;
 /// Runs the link forever: connects, ships, and reconnects with backoff when it drops.
 pub async fn run(state: Arc<State>, index: usize, mut requests: mpsc::Receiver<UplinkRequest>) {
     let up = &state.uplinks[index];
-    let mut backoff_ms = MIN_BACKOFF_MS;
+    // Jittered, so process servers that lost one master target do not return in step.
+    let mut backoff = runtime::net::Backoff::new(MIN_BACKOFF_MS, MAX_BACKOFF_MS);
     loop {
         match session(&state, index, &mut requests).await {
             Ok(()) => tracing::info!("link to the master target closed"),
             Err(e) => {
-                if let Some(suppressed) = DOWN_LOG.admit(&format!("{} {e}", up.target.addr)) {
+                // Keyed by the error's kind, not its text: a peer chooses parts of the text,
+                // and every new text would be logged at once and remembered.
+                let cause = format!("{} {:?}", up.target.addr, std::mem::discriminant(&e));
+                if let Some(suppressed) = DOWN_LOG.admit(&cause) {
                     tracing::warn!(error = %e, master_target = %up.target.addr, suppressed, "link to the master target down; retrying")
                 }
             }
@@ -74,14 +81,13 @@ pub async fn run(state: Arc<State>, index: usize, mut requests: mpsc::Receiver<U
         // A session that came up proves the path works: start the backoff afresh. One that
         // never did keeps backing off, up to MAX_BACKOFF_MS.
         if up.connected.swap(false, Ordering::AcqRel) {
-            backoff_ms = MIN_BACKOFF_MS;
+            backoff.reset();
         }
         // Requests that arrive while the link is down are answered at once.
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(backoff_ms);
+        let deadline = tokio::time::Instant::now() + backoff.next_delay();
         while let Ok(Some(r)) = tokio::time::timeout_at(deadline, requests.recv()).await {
             refuse(r);
         }
-        backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
     }
 }
 
@@ -234,8 +240,10 @@ struct Waits {
     adaptive: AdaptiveLevel,
     link: Duration,
     cpu: Duration,
-    /// Microseconds compression jobs ran (they add to it as they end).
+    /// CPU microseconds compression jobs used (they add to it as they end).
     busy_us: Arc<AtomicU64>,
+    /// Compression's share of the cores, averaged over periods.
+    busy: f64,
     cores: f64,
     since: Instant,
 }
@@ -251,8 +259,19 @@ impl Waits {
             link: Duration::ZERO,
             cpu: Duration::ZERO,
             busy_us: Arc::default(),
+            busy: 0.0,
             cores: std::thread::available_parallelism().map_or(2, |n| n.get()) as f64,
             since: Instant::now(),
+        }
+    }
+
+    /// The level this uplink compresses at: its own while adaptive (each uplink's link
+    /// differs; the metric shows the last one adapted), else the configured one.
+    fn level(&self, state: &State) -> i32 {
+        if state.cfg.adaptive_compression {
+            self.adaptive.level()
+        } else {
+            state.compression_level.load(Ordering::Relaxed)
         }
     }
 
@@ -261,7 +280,11 @@ impl Waits {
             return;
         }
         let p = self.since.elapsed().as_secs_f64();
-        let busy = self.busy_us.swap(0, Ordering::Relaxed) as f64 / 1e6 / p / self.cores;
+        let now = self.busy_us.swap(0, Ordering::Relaxed) as f64 / 1e6 / p / self.cores;
+        // Averaged over periods: a job's time counts when it ends, and large records at high
+        // levels end in bursts (one burst must not step a fine level down for 30 s).
+        self.busy = (self.busy + now) / 2.0;
+        let busy = self.busy;
         let (link, cpu) = (self.link.as_secs_f64() / p, self.cpu.as_secs_f64() / p);
         let level = self.adaptive.update(link, cpu, busy);
         tracing::trace!(level, link, cpu, busy, "compression period");
@@ -363,7 +386,14 @@ async fn ship_until_down(
     let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     loop {
-        fill(state, (&ship, &waits.busy_us), &mut jobs, parallel, version);
+        let level = waits.level(state);
+        fill(
+            state,
+            (&ship, &waits.busy_us),
+            &mut jobs,
+            (parallel, level),
+            version,
+        );
         waits.adapt(state);
         let window_full =
             ship.lock().expect("poisoned").in_flight_bytes() >= state.cfg.window_bytes;
@@ -392,7 +422,13 @@ async fn ship_until_down(
                 waits.link += sending.elapsed();
                 s.count();
             }
-            _ = state.work.notified(), if jobs.is_empty() => {}
+            _ = state.work.notified(), if jobs.is_empty() => {
+                // New work while the window is full (every group commit of ingest): the
+                // wait so far was on the link all the same.
+                if window_full {
+                    waits.link += waited_from.elapsed();
+                }
+            }
             _ = acked.notified(), if jobs.is_empty() => {
                 // Nothing to compress because the window was full: waiting on the link.
                 if window_full {
@@ -523,10 +559,9 @@ fn fill(
     state: &Arc<State>,
     (ship, busy_us): (&Arc<Mutex<Ship>>, &Arc<AtomicU64>),
     jobs: &mut VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>,
-    parallel: usize,
+    (parallel, level): (usize, i32),
     version: u16,
 ) {
-    let level = state.compression_level.load(Ordering::Relaxed);
     let window = state.cfg.window_bytes;
     let mut s = ship.lock().expect("poisoned");
     for disk in state.all() {
@@ -555,13 +590,29 @@ fn fill(
             s.shipped(id, e.last_lsn, u64::from(e.frame_len));
             let (disk, busy_us) = (Arc::clone(&disk), Arc::clone(busy_us));
             jobs.push_back(tokio::task::spawn_blocking(move || {
-                let t = Instant::now();
+                // CPU time, not wall time: waiting for a core, the cache's lock or a read
+                // is not compression's cost.
+                let t = thread_cpu_us();
                 let r = prepare(disk, e, level, version);
-                busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                busy_us.fetch_add(thread_cpu_us().saturating_sub(t), Ordering::Relaxed);
                 r
             }));
         }
     }
+}
+
+/// CPU time this thread has used, in microseconds (0 if the clock is not there).
+fn thread_cpu_us() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, which points at `t`.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    if r != 0 {
+        return 0;
+    }
+    (t.tv_sec as u64) * 1_000_000 + (t.tv_nsec as u64) / 1_000
 }
 
 thread_local! {
@@ -674,9 +725,12 @@ fn prepare(
     };
     let out = CODECS.with(|c| {
         let mut c = c.borrow_mut();
-        // Only the current level's compressor stays warm: one per level the adaptive
-        // level passed through, on every blocking thread, took 210 MiB at level 9.
-        c.retain(|k, _| *k == (level, version));
+        // A few compressors stay warm per thread (two uplinks may use two levels or
+        // versions): one per level the adaptive level passed through, on every blocking
+        // thread, took 210 MiB at level 9.
+        if !c.contains_key(&(level, version)) && c.len() >= WARM_CODECS {
+            c.clear();
+        }
         let codec = c.entry((level, version)).or_insert_with(|| {
             let mut codec = MessageCodec::new(compression);
             codec.set_version(version);
@@ -947,7 +1001,6 @@ impl Pacer {
 mod tests {
     use super::*;
     use crate::pace::PACE_RECHECK_MS;
-    use AtomicU64;
 
     #[tokio::test(start_paused = true)]
     async fn a_lifted_limit_takes_effect_within_a_recheck() {
