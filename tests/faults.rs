@@ -349,9 +349,15 @@ fn a_damaged_cache_position_waits_for_the_master_target_and_loses_nothing() {
 #[test]
 fn a_flipped_byte_in_a_committed_journal_record_is_refused_then_recovered() {
     // Every kind of record, in the oldest and the newest segment, in its header (the body
-    // length), its body's first byte (an undo's LSN) and an undo's data.
+    // length), its body's first byte (an undo's LSN) and an undo's data. Undo records of
+    // zeros (kind 4) are what a write over a fresh region of the disk leaves.
     let mut cases = Vec::new();
-    for (kind_name, kind) in [("undo", 1u8), ("commit", 2), ("point", 3)] {
+    for (kind_name, kind) in [
+        ("undo", 1u8),
+        ("undo of zeros", 4),
+        ("commit", 2),
+        ("point", 3),
+    ] {
         for newest in [false, true] {
             for (part, off) in [("header", 10usize), ("body", 16), ("data", 16 + 24 + 9)] {
                 if part != "data" || kind == 1 {
