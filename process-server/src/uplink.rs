@@ -45,6 +45,8 @@ pub const REATTACH_EVERY_MS: u64 = 5_000;
 /// connect, and a TLS handshake and Hello where the master target answers; its warning is
 /// logged at most every [`DOWN_LOG_EVERY_S`] per kind of error.
 pub const MAX_BACKOFF_MS: u64 = 1_000;
+/// A session up this long proves the path: the reconnect backoff starts afresh after it.
+pub const PROVEN_UP_S: u64 = 5;
 /// A down link's warning, once per this many seconds per cause (with how many were
 /// suppressed): a new cause is logged at once.
 pub const DOWN_LOG_EVERY_S: u64 = 30;
@@ -66,8 +68,16 @@ pub async fn run(state: Arc<State>, index: usize, mut requests: mpsc::Receiver<U
     let up = &state.uplinks[index];
     // Jittered, so process servers that lost one master target do not return in step.
     let mut backoff = runtime::net::Backoff::new(MIN_BACKOFF_MS, MAX_BACKOFF_MS);
+    // The level learnt on this link outlives its sessions (a flapping link would otherwise
+    // try a level found too costly again at every reconnect).
+    let mut adaptive = AdaptiveLevel::new(
+        state.compression_level.load(Ordering::Relaxed),
+        AUTO_MIN,
+        AUTO_MAX,
+    );
     loop {
-        match session(&state, index, &mut requests).await {
+        let began = Instant::now();
+        match session(&state, index, &mut requests, &mut adaptive).await {
             Ok(()) => tracing::info!("link to the master target closed"),
             Err(e) => {
                 // Keyed by the error's kind, not its text: a peer chooses parts of the text,
@@ -78,9 +88,12 @@ pub async fn run(state: Arc<State>, index: usize, mut requests: mpsc::Receiver<U
                 }
             }
         }
-        // A session that came up proves the path works: start the backoff afresh. One that
-        // never did keeps backing off, up to MAX_BACKOFF_MS.
-        if up.connected.swap(false, Ordering::AcqRel) {
+        // A session that came up and stayed up proves the path works: start the backoff
+        // afresh. One that never did, or that a master target ended at once (a bad state
+        // after the attach), keeps backing off, up to MAX_BACKOFF_MS.
+        if up.connected.swap(false, Ordering::AcqRel)
+            && began.elapsed() >= Duration::from_secs(PROVEN_UP_S)
+        {
             backoff.reset();
         }
         // Requests that arrive while the link is down are answered at once.
@@ -119,6 +132,7 @@ async fn session(
     state: &Arc<State>,
     index: usize,
     requests: &mut mpsc::Receiver<UplinkRequest>,
+    adaptive: &mut AdaptiveLevel,
 ) -> Result<()> {
     let up = &state.uplinks[index];
     let spec = ClientSpec {
@@ -140,7 +154,16 @@ async fn session(
     attach_all(state, index, &mut framed, &pending, &mut ship).await?;
     up.connected.store(true, Ordering::Release);
     tracing::info!(master_target = %up.target.addr, version, disks = ship.disks().len(), "link to the master target up");
-    ship_until_down(state, index, requests, framed, (version, pending), ship).await
+    ship_until_down(
+        state,
+        index,
+        requests,
+        framed,
+        (version, pending),
+        ship,
+        adaptive,
+    )
+    .await
 }
 
 /// Attaches every disk that replicates to this master target, one at a time, and learns
@@ -236,8 +259,8 @@ impl Outbox {
 
 /// How long the shipper waited on the link and on compression, and how long compression
 /// jobs ran: each second, the adaptive zstd level moves by it.
-struct Waits {
-    adaptive: AdaptiveLevel,
+struct Waits<'a> {
+    adaptive: &'a mut AdaptiveLevel,
     link: Duration,
     cpu: Duration,
     /// CPU microseconds compression jobs used (they add to it as they end).
@@ -248,14 +271,10 @@ struct Waits {
     since: Instant,
 }
 
-impl Waits {
-    fn new(state: &State) -> Waits {
+impl<'a> Waits<'a> {
+    fn new(adaptive: &'a mut AdaptiveLevel) -> Waits<'a> {
         Waits {
-            adaptive: AdaptiveLevel::new(
-                state.compression_level.load(Ordering::Relaxed),
-                AUTO_MIN,
-                AUTO_MAX,
-            ),
+            adaptive,
             link: Duration::ZERO,
             cpu: Duration::ZERO,
             busy_us: Arc::default(),
@@ -360,6 +379,7 @@ async fn ship_until_down(
     framed: Link,
     (version, pending): (u16, Pending),
     ship: Ship,
+    adaptive: &mut AdaptiveLevel,
 ) -> Result<()> {
     let parts = framed.into_parts();
     let (rd, wr) = tokio::io::split(parts.io);
@@ -382,7 +402,7 @@ async fn ship_until_down(
     let mut pacer = Pacer::default();
     let timeout_ms = state.cfg.link_timeout_s * 1000;
     let mut out = Outbox::new(wr, version, timeout_ms);
-    let mut waits = Waits::new(state);
+    let mut waits = Waits::new(adaptive);
     let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     loop {

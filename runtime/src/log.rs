@@ -65,6 +65,11 @@ impl Throttle {
         let mut seen = self.seen.lock().expect("poisoned");
         if seen.len() >= MAX_THROTTLE_KEYS && !seen.contains_key(key) {
             seen.retain(|_, (t, _)| now.duration_since(*t) < self.interval);
+            // Full of keys seen within the interval: a flood of distinct messages. This one
+            // is suppressed, not remembered (the bound holds), and not counted.
+            if seen.len() >= MAX_THROTTLE_KEYS {
+                return None;
+            }
         }
         match seen.get_mut(key) {
             Some((last, suppressed)) if now.duration_since(*last) < self.interval => {
@@ -86,6 +91,17 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_distinct_keys_stays_bounded() {
+        let t = Throttle::new(Duration::from_secs(60));
+        let admitted = (0..MAX_THROTTLE_KEYS + 100)
+            .filter(|i| t.admit(&format!("k{i}")).is_some())
+            .count();
+        assert_eq!(admitted, MAX_THROTTLE_KEYS, "the rest suppressed");
+        assert_eq!(t.seen.lock().unwrap().len(), MAX_THROTTLE_KEYS);
+        assert_eq!(t.admit("k1"), None, "a remembered key is still throttled");
+    }
 
     #[test]
     fn throttle_counts_what_it_suppresses() {
