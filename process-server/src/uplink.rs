@@ -45,8 +45,8 @@ pub const REATTACH_EVERY_MS: u64 = 5_000;
 /// connect, and a TLS handshake and Hello where the master target answers; its warning is
 /// logged at most every [`DOWN_LOG_EVERY_S`] per kind of error.
 pub const MAX_BACKOFF_MS: u64 = 1_000;
-/// A session up this long proves the path: the reconnect backoff starts afresh after it.
-pub const PROVEN_UP_S: u64 = 5;
+/// Characters of a down link's error that key its throttle.
+const DOWN_LOG_KEY_CHARS: usize = 120;
 /// A down link's warning, once per this many seconds per cause (with how many were
 /// suppressed): a new cause is logged at once.
 pub const DOWN_LOG_EVERY_S: u64 = 30;
@@ -76,24 +76,30 @@ pub async fn run(state: Arc<State>, index: usize, mut requests: mpsc::Receiver<U
         AUTO_MAX,
     );
     loop {
-        let began = Instant::now();
         match session(&state, index, &mut requests, &mut adaptive).await {
             Ok(()) => tracing::info!("link to the master target closed"),
             Err(e) => {
-                // Keyed by the error's kind, not its text: a peer chooses parts of the text,
-                // and every new text would be logged at once and remembered.
-                let cause = format!("{} {:?}", up.target.addr, std::mem::discriminant(&e));
+                // Keyed by the cause's words: its numbers (ports, seconds, lengths) vary,
+                // and a peer chooses parts of the text, so the key is cut short (the
+                // throttle bounds how many it keeps). The error's kind alone hid a stall's
+                // "link-timeout-s" behind an earlier reader error.
+                let words: String = e
+                    .to_string()
+                    .chars()
+                    .filter(|c| !c.is_ascii_digit())
+                    .take(DOWN_LOG_KEY_CHARS)
+                    .collect();
+                let cause = format!("{} {words}", up.target.addr);
                 if let Some(suppressed) = DOWN_LOG.admit(&cause) {
                     tracing::warn!(error = %e, master_target = %up.target.addr, suppressed, "link to the master target down; retrying")
                 }
             }
         }
-        // A session that came up and stayed up proves the path works: start the backoff
-        // afresh. One that never did, or that a master target ended at once (a bad state
-        // after the attach), keeps backing off, up to MAX_BACKOFF_MS.
-        if up.connected.swap(false, Ordering::AcqRel)
-            && began.elapsed() >= Duration::from_secs(PROVEN_UP_S)
-        {
+        // A session that came up proves the path works: start the backoff afresh (a link
+        // back from a transient fault is used within 100 ms). One that never did keeps
+        // backing off, up to MAX_BACKOFF_MS. (Requiring a session to last 5 s first made
+        // the link flap slower after every short fault.)
+        if up.connected.swap(false, Ordering::AcqRel) {
             backoff.reset();
         }
         // Requests that arrive while the link is down are answered at once.
