@@ -28,6 +28,7 @@ pub mod cuts;
 pub mod error;
 pub mod groups;
 pub mod ingest;
+pub mod merge;
 pub mod metrics;
 pub mod pace;
 pub mod requests;

@@ -26,6 +26,8 @@ struct InFlight {
     disk_id: u64,
     last_lsn: u64,
     bytes: u64,
+    /// The last LSN of the run this record left in (records merged into one frame).
+    run_last_lsn: u64,
 }
 
 /// What a nack did.
@@ -51,6 +53,10 @@ pub struct Shipper {
     last_rewind: HashMap<u64, u64>,
     /// Refusals of the data at (disk, LSN), counted.
     refusals: HashMap<(u64, u64), u32>,
+    /// Per disk, the last LSN shipped when the master target refused some of it: records up
+    /// to there are sent again one per batch, unmerged, so that a refusal names the record
+    /// refused and only that record can be given up as lost.
+    one_by_one_until: HashMap<u64, u64>,
 }
 
 impl Shipper {
@@ -77,6 +83,7 @@ impl Shipper {
     /// The master target holds `disk_id` up to `lsn`: ship from after it.
     pub fn attached(&mut self, disk_id: u64, lsn: u64) {
         self.cursor.insert(disk_id, lsn + 1);
+        self.one_by_one_until.remove(&disk_id);
     }
 
     /// `disk_id` ships no more (detached for failback).
@@ -85,6 +92,7 @@ impl Shipper {
         self.forget_in_flight(disk_id, 0);
         self.last_rewind.remove(&disk_id);
         self.refusals.retain(|&(d, _), _| d != disk_id);
+        self.one_by_one_until.remove(&disk_id);
     }
 
     /// Bytes sent and not yet acknowledged.
@@ -94,13 +102,32 @@ impl Shipper {
 
     /// A record of `disk_id` up to `last_lsn`, `bytes` long, is on its way.
     pub fn shipped(&mut self, disk_id: u64, last_lsn: u64, bytes: u64) {
-        self.in_flight.push_back(InFlight {
-            disk_id,
-            last_lsn,
-            bytes,
-        });
-        self.in_flight_bytes += bytes;
-        self.cursor.insert(disk_id, last_lsn + 1);
+        self.shipped_run(disk_id, &[(last_lsn, bytes)]);
+    }
+
+    /// Records of `disk_id` (last LSN, bytes), in LSN order, are on their way merged.
+    pub fn shipped_run(&mut self, disk_id: u64, records: &[(u64, u64)]) {
+        let Some(&(run_last_lsn, _)) = records.last() else {
+            return;
+        };
+        for &(last_lsn, bytes) in records {
+            self.in_flight.push_back(InFlight {
+                disk_id,
+                last_lsn,
+                bytes,
+                run_last_lsn,
+            });
+            self.in_flight_bytes += bytes;
+        }
+        self.cursor.insert(disk_id, run_last_lsn + 1);
+    }
+
+    /// Whether `disk_id`'s record at `lsn` must leave alone (not merged with the next): it
+    /// was shipped before a refusal.
+    pub fn one_by_one(&self, disk_id: u64, lsn: u64) -> bool {
+        self.one_by_one_until
+            .get(&disk_id)
+            .is_some_and(|&u| lsn <= u)
     }
 
     /// The master target holds `disk_id` durably up to `lsn`.
@@ -109,6 +136,13 @@ impl Shipper {
             self.last_rewind.remove(&disk_id);
         }
         self.refusals.retain(|&(d, l), _| d != disk_id || l > lsn);
+        if self
+            .one_by_one_until
+            .get(&disk_id)
+            .is_some_and(|&u| u <= lsn)
+        {
+            self.one_by_one_until.remove(&disk_id);
+        }
         let mut freed = 0;
         self.in_flight.retain(|f| {
             let done = f.disk_id == disk_id && f.last_lsn <= lsn;
@@ -136,6 +170,16 @@ impl Shipper {
             }
             // A refusal is news each time: the rewind is made again.
             self.last_rewind.remove(&disk_id);
+            // The refused frame began at `from_lsn`: the records it merged go again one
+            // at a time.
+            let run = self
+                .in_flight
+                .iter()
+                .find(|f| f.disk_id == disk_id && f.last_lsn >= from_lsn);
+            if let Some(run_last) = run.map(|f| f.run_last_lsn) {
+                let until = self.one_by_one_until.entry(disk_id).or_insert(0);
+                *until = (*until).max(run_last);
+            }
         }
         if self.last_rewind.get(&disk_id) == Some(&from_lsn) {
             return Nacked::Echo;
@@ -222,6 +266,55 @@ mod tests {
             Nacked::Rewound,
             "counting starts over"
         );
+    }
+
+    #[test]
+    fn after_a_refusal_what_was_shipped_goes_again_one_record_at_a_time() {
+        let mut s = Shipper::default();
+        s.attached(7, 0);
+        // Records 1..=4, 5..=8 and 9..=12 left merged in one frame, 13..=16 in the next;
+        // the master target refused the first.
+        s.shipped_run(7, &[(4, 10), (8, 10), (12, 10)]);
+        s.shipped_run(7, &[(16, 10)]);
+        assert!(!s.one_by_one(7, 1), "nothing refused yet");
+        assert_eq!(s.on_nack(7, 1, true), Nacked::Rewound);
+        assert_eq!(s.cursor(7), Some(1));
+        assert!(s.one_by_one(7, 1) && s.one_by_one(7, 12));
+        assert!(
+            !s.one_by_one(7, 13),
+            "the next frame was not refused: it merges again"
+        );
+        assert!(!s.one_by_one(8, 1), "another disk is not concerned");
+        // A gap is no refusal: it names no record.
+        let mut g = Shipper::default();
+        g.attached(7, 0);
+        g.shipped(7, 4, 10);
+        g.on_nack(7, 1, false);
+        assert!(!g.one_by_one(7, 1));
+        // Sent again one at a time, a record refused three times is the one lost, not
+        // the record the merged frame began with.
+        for (last, ack) in [(4, true), (8, false)] {
+            s.shipped(7, last, 10);
+            if ack {
+                s.on_ack(7, last);
+            }
+        }
+        assert!(s.one_by_one(7, 5));
+        for _ in 1..MAX_REFUSALS_PER_LSN {
+            assert_eq!(s.on_nack(7, 5, true), Nacked::Rewound);
+            s.shipped(7, 8, 10);
+        }
+        assert_eq!(s.on_nack(7, 5, true), Nacked::Lost, "5..=8, refused alone");
+        // Once the master target holds everything refused, merging resumes.
+        s.shipped(7, 8, 10);
+        s.on_ack(7, 12);
+        assert!(!s.one_by_one(7, 5) && !s.one_by_one(7, 12));
+        // A detach or a new attach starts clean.
+        s.shipped_run(7, &[(14, 10), (16, 10)]);
+        s.on_nack(7, 13, true);
+        assert!(s.one_by_one(7, 16));
+        s.attached(7, 12);
+        assert!(!s.one_by_one(7, 13));
     }
 
     #[test]
