@@ -162,24 +162,29 @@ impl Shipper {
         }
         let mut lost = false;
         if refused {
-            let count = self.refusals.entry((disk_id, from_lsn)).or_insert(0);
-            *count += 1;
-            if *count >= MAX_REFUSALS_PER_LSN {
-                self.refusals.remove(&(disk_id, from_lsn));
-                lost = true;
-            }
-            // A refusal is news each time: the rewind is made again.
-            self.last_rewind.remove(&disk_id);
-            // The refused frame began at `from_lsn`: the records it merged go again one
-            // at a time.
+            // The refused frame began at `from_lsn`. If it merged several records, the
+            // refused write may be in any of them: they go again one at a time, and the
+            // refusal counts against none (the first would be given up as lost sooner).
             let run = self
                 .in_flight
                 .iter()
-                .find(|f| f.disk_id == disk_id && f.last_lsn >= from_lsn);
-            if let Some(run_last) = run.map(|f| f.run_last_lsn) {
+                .find(|f| f.disk_id == disk_id && f.last_lsn >= from_lsn)
+                .map(|f| (f.last_lsn, f.run_last_lsn));
+            let merged = run.is_some_and(|(last, run_last)| last < run_last);
+            if let Some((_, run_last)) = run {
                 let until = self.one_by_one_until.entry(disk_id).or_insert(0);
                 *until = (*until).max(run_last);
             }
+            if !merged {
+                let count = self.refusals.entry((disk_id, from_lsn)).or_insert(0);
+                *count += 1;
+                if *count >= MAX_REFUSALS_PER_LSN {
+                    self.refusals.remove(&(disk_id, from_lsn));
+                    lost = true;
+                }
+            }
+            // A refusal is news each time: the rewind is made again.
+            self.last_rewind.remove(&disk_id);
         }
         if self.last_rewind.get(&disk_id) == Some(&from_lsn) {
             return Nacked::Echo;
@@ -291,6 +296,12 @@ mod tests {
         g.shipped(7, 4, 10);
         g.on_nack(7, 1, false);
         assert!(!g.one_by_one(7, 1));
+        // The merged refusal counted against no record: 1..=4, refused alone from now
+        // on, has all its chances.
+        for _ in 1..MAX_REFUSALS_PER_LSN {
+            s.shipped(7, 4, 10);
+            assert_eq!(s.on_nack(7, 1, true), Nacked::Rewound);
+        }
         // Sent again one at a time, a record refused three times is the one lost, not
         // the record the merged frame began with.
         for (last, ack) in [(4, true), (8, false)] {
@@ -304,7 +315,11 @@ mod tests {
             assert_eq!(s.on_nack(7, 5, true), Nacked::Rewound);
             s.shipped(7, 8, 10);
         }
-        assert_eq!(s.on_nack(7, 5, true), Nacked::Lost, "5..=8, refused alone");
+        assert_eq!(
+            s.on_nack(7, 5, true),
+            Nacked::Lost,
+            "5..=8, refused alone three times"
+        );
         // Once the master target holds everything refused, merging resumes.
         s.shipped(7, 8, 10);
         s.on_ack(7, 12);

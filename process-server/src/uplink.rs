@@ -65,7 +65,8 @@ pub const RUN_CACHED_MAX_BYTES: u64 = crate::merge::MERGED_DATA_MAX_BYTES as u64
 pub const MERGE_FROM_LEVEL: i32 = 3;
 /// Batches being read and compressed at once, per core.
 pub const JOBS_PER_CORE: usize = 2;
-/// Records taken from one disk before the next disk's turn (fairness across disks).
+/// Records taken from one disk before the next disk's turn (fairness across disks); also
+/// the most records one merged run holds (so records under 1 MiB merge into less than 8).
 pub const RECORDS_PER_TURN: usize = 8;
 
 type AttachTx = oneshot::Sender<Result<u64, ErrorMsg>>;
@@ -649,7 +650,8 @@ fn fill(
             let n = if level == 0 || !merge || s.one_by_one(id, cursor) {
                 1
             } else {
-                run_len(&entries)
+                // Within the window's room: a run overshoots it no more than one record did.
+                run_len(&entries, window.saturating_sub(s.in_flight_bytes()))
             };
             let run: Vec<crate::cache::Entry> = entries.into_iter().take(n).collect();
             if run.is_empty() {
@@ -678,14 +680,15 @@ fn fill(
 }
 
 /// How many of `entries` (a disk's next records) one job reads and merges: those whose
-/// LSNs follow on, within [`RUN_CACHED_MAX_BYTES`] of cache (at least one).
-fn run_len(entries: &[crate::cache::Entry]) -> usize {
+/// LSNs follow on, within [`RUN_CACHED_MAX_BYTES`] and `room` bytes of cache (at least one).
+fn run_len(entries: &[crate::cache::Entry], room: u64) -> usize {
     let mut cached = 0u64;
     let mut n = 0;
     for (i, e) in entries.iter().enumerate() {
         cached += u64::from(e.frame_len);
         let follows = i == 0 || entries[i - 1].last_lsn + 1 == e.first_lsn;
-        if i > 0 && (!follows || e.lost || entries[i - 1].lost || cached > RUN_CACHED_MAX_BYTES) {
+        let full = cached > RUN_CACHED_MAX_BYTES.min(room);
+        if i > 0 && (!follows || e.lost || entries[i - 1].lost || full) {
             break;
         }
         n += 1;
@@ -1162,21 +1165,35 @@ mod tests {
         let follow: Vec<_> = (0..8)
             .map(|i| entry(1 + 10 * i, 10 + 10 * i, mib, false))
             .collect();
-        assert_eq!(run_len(&follow), 8, "8 MiB of records that follow on");
-        assert_eq!(run_len(&[]), 0);
+        assert_eq!(
+            run_len(&follow, u64::MAX),
+            8,
+            "8 MiB of records that follow on"
+        );
+        assert_eq!(run_len(&[], u64::MAX), 0);
         let gap = [entry(1, 10, mib, false), entry(12, 20, mib, false)];
-        assert_eq!(run_len(&gap), 1, "a gap in the LSNs ends the run");
+        assert_eq!(run_len(&gap, u64::MAX), 1, "a gap in the LSNs ends the run");
         let lost = [
             entry(1, 10, mib, false),
             entry(11, 20, mib, true),
             entry(21, 30, mib, false),
         ];
-        assert_eq!(run_len(&lost), 1, "a lost record runs alone");
-        assert_eq!(run_len(&lost[1..]), 1, "a lost record runs alone");
+        assert_eq!(run_len(&lost, u64::MAX), 1, "a lost record runs alone");
+        assert_eq!(run_len(&lost[1..], u64::MAX), 1, "a lost record runs alone");
         let big = [entry(1, 10, 6 * mib, false), entry(11, 20, 4 * mib, false)];
-        assert_eq!(run_len(&big), 1, "past RUN_CACHED_MAX_BYTES");
+        assert_eq!(run_len(&big, u64::MAX), 1, "past RUN_CACHED_MAX_BYTES");
         let huge = [entry(1, 10, 16 * mib, false)];
-        assert_eq!(run_len(&huge), 1, "one record, however large, is a run");
+        assert_eq!(
+            run_len(&huge, u64::MAX),
+            1,
+            "one record, however large, is a run"
+        );
+        assert_eq!(
+            run_len(&follow, 3 * mib as u64),
+            3,
+            "within the window's room"
+        );
+        assert_eq!(run_len(&follow, 0), 1, "a run has one record at least");
     }
 
     #[tokio::test(start_paused = true)]
