@@ -364,9 +364,18 @@ impl Sim {
             if read.is_empty() {
                 break;
             }
-            for (m, bytes) in read {
-                trace!(self, "uplink ships lsn {}..={}", span(&m).0, span(&m).1);
-                self.shipper.shipped(DISK_ID, span(&m).1, bytes);
+            // Half the time records that follow on leave merged, as a link-bound uplink
+            // sends them (`process_server::merge`), unless a refusal asks for one at a time.
+            let merge = self.rng.bool() && !self.shipper.one_by_one(DISK_ID, cursor);
+            for (m, records) in runs(read, merge) {
+                trace!(
+                    self,
+                    "uplink ships lsn {}..={} ({} records)",
+                    span(&m).0,
+                    span(&m).1,
+                    records.len()
+                );
+                self.shipper.shipped_run(DISK_ID, &records);
                 let delay = self.delay();
                 self.link.as_mut().expect("checked").send_up(now, delay, m);
             }
@@ -717,4 +726,27 @@ fn group_check_catches_members_that_mark_without_holding() {
 #[test]
 fn group_check_catches_a_process_server_that_trusts_every_marker() {
     mutant_is_caught(group::Mutant::TrustsMarkers, "group point");
+}
+
+/// The records read, as the uplink ships them: merged where they follow on (if `merge`),
+/// each message with its records' (last LSN, cached bytes).
+fn runs(read: Vec<(Message, u64)>, merge: bool) -> Vec<(Message, Vec<(u64, u64)>)> {
+    let mut out: Vec<(Message, Vec<(u64, u64)>)> = Vec::new();
+    for (m, bytes) in read {
+        let record = (span(&m).1, bytes);
+        if let (true, Some((Message::WriteBatch(prev), records)), Message::WriteBatch(next)) =
+            (merge, out.last_mut(), &m)
+        {
+            if process_server::merge::follows(prev, next) {
+                let Message::WriteBatch(next) = m else {
+                    unreachable!("matched above")
+                };
+                process_server::merge::append(prev, next);
+                records.push(record);
+                continue;
+            }
+        }
+        out.push((m, vec![record]));
+    }
+    out
 }
