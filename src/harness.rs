@@ -48,8 +48,15 @@ const DURABLE_POLL_MS: u64 = 20;
 /// connection too, so a service restarted on the port it had (a process server after a
 /// SIGKILL) could find it taken by some client's connection (seen once in CI: the restarted
 /// process server exited "address in use"). Ports below the range are never given out
-/// that way.
+/// that way. Nor is a port handed out twice in one process: tests of one binary run in
+/// parallel, and a port released by the check could be picked again for another cluster
+/// before its service bound it (seen once in CI: "address in use" at a process server's
+/// first start).
 pub fn free_port() -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<Option<std::collections::HashSet<u16>>> =
+        std::sync::Mutex::new(None);
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = handed.get_or_insert_with(Default::default);
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
@@ -57,7 +64,8 @@ pub fn free_port() -> Result<u16> {
     if ephemeral_low > TEST_PORT_LOW + 1_000 {
         for _ in 0..FREE_PORT_TRIES {
             let port = fastrand::u16(TEST_PORT_LOW..ephemeral_low);
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if !handed.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed.insert(port);
                 return Ok(port);
             }
         }
