@@ -49,16 +49,29 @@ const LIMIT_WINDOW: Duration = Duration::from_secs(10);
 /// Skipped first: the attach and the first frames queued before the bucket ran.
 const LIMIT_WARMUP: Duration = Duration::from_secs(2);
 
+/// What the writes asked of the process server per second in the churn case with the sink
+/// master target: above the aim of 300 MB/s, so the process server (or the agent sharing
+/// its cores) sets the pace, not the trace.
+const SINK_CHURN_BYTES_S: f64 = 400e6;
+
 /// One case's cluster: the master target in `mt_netns` (if any) behind a relay adding
-/// `one_way_ms`, the process server here.
+/// `one_way_ms`, the process server here. With `sink`, the master target is
+/// [`crate::sink`], in this process.
 struct Setup {
     _dir: tempfile::TempDir,
     c: Cluster,
     relay: Option<DelayRelay>,
     tls: PathBuf,
+    sink: Option<crate::sink::Sink>,
 }
 
-fn setup(mt_netns: Option<&str>, one_way_ms: u64, relay: bool, ps_extra: &[String]) -> Setup {
+fn setup(
+    mt_netns: Option<&str>,
+    one_way_ms: u64,
+    relay: bool,
+    ps_extra: &[String],
+    sink: bool,
+) -> Setup {
     let bin = Path::new(env!("CARGO_BIN_EXE_failback"));
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
@@ -79,7 +92,10 @@ fn setup(mt_netns: Option<&str>, one_way_ms: u64, relay: bool, ps_extra: &[Strin
         r
     });
     c.ps_extra.extend(ps_extra.iter().cloned());
-    c.start_mt().unwrap();
+    let sink = sink.then(|| crate::sink::start(&c.tls, &c.mt_addr));
+    if sink.is_none() {
+        c.start_mt().unwrap();
+    }
     c.start_ps().unwrap();
     c.wait_linked(Duration::from_secs(60)).unwrap();
     Setup {
@@ -87,16 +103,18 @@ fn setup(mt_netns: Option<&str>, one_way_ms: u64, relay: bool, ps_extra: &[Strin
         c,
         relay,
         tls,
+        sink,
     }
 }
 
-/// Runs `case` with `content` on a link of `rate` (none: loopback).
+/// Runs `case` with `content` on a link of `rate` (none: loopback), toward the sink master
+/// target with `sink`.
 pub(crate) fn run(
     case: Case,
     content: &Path,
-    mt_netns: Option<&str>,
-    one_way_ms: u64,
+    (mt_netns, one_way_ms): (Option<&str>, u64),
     rate: Option<&str>,
+    sink: bool,
 ) -> serde_json::Value {
     // Loopback has no relay, except to be held down for a drain or tapped for a limit.
     let limit = match case {
@@ -104,7 +122,7 @@ pub(crate) fn run(
         _ => Vec::new(),
     };
     let relay = matches!(case, Case::Drain | Case::Limit(_));
-    let mut s = setup(mt_netns, one_way_ms, relay, &limit);
+    let mut s = setup(mt_netns, one_way_ms, relay, &limit, sink);
     let rate_bps = rate
         .and_then(|r| runtime::units::parse_rate(r).ok())
         .map(|b| b as f64);
@@ -114,7 +132,13 @@ pub(crate) fn run(
             s.c.stop();
             return v;
         }
-        Case::Churn(ratio) => churn(&s, content, rate_bps.unwrap_or(125e6), ratio),
+        Case::Churn(ratio) => {
+            let asked = match rate_bps {
+                Some(r) => CHURN_LOAD * r * ratio.max(1.0),
+                None => SINK_CHURN_BYTES_S,
+            };
+            churn(&s, content, asked)
+        }
         Case::Diff => {
             let mut v = differential(&s, content);
             v["rsync"] = crate::net::rsync(&s.c.dir, mt_netns, one_way_ms);
@@ -128,7 +152,8 @@ pub(crate) fn run(
     v["link_used"] = rate_bps.map(|r| wire / secs / r).into();
     s.c.stop();
     drop(s.relay.take());
-    if case == Case::Bulk {
+    drop(s.sink.take());
+    if case == Case::Bulk && !sink {
         let pipe = crate::net::pipe(content, &s.tls, mt_netns, one_way_ms);
         v["pipe_mb_s"] = pipe.map(|p| p.0).into();
         v["pipe_ratio"] = pipe.map(|p| p.1).into();
@@ -145,7 +170,7 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
     let c = &s.c;
     let src = c.dir.join("source/bench.img");
     std::fs::copy(content, &src).unwrap();
-    let started = Instant::now();
+    let (started, own_cpu) = (Instant::now(), own_cpu_s());
     let before = children_cpu_s();
     let agent = agent(
         c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
@@ -161,6 +186,7 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
         at: started,
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
+        own_cpu,
     };
     if let (true, Some(r)) = (drain, &s.relay) {
         // Timed from the release: the process server's reconnect is part of a drain.
@@ -205,7 +231,7 @@ fn differential(s: &Setup, content: &Path) -> serde_json::Value {
     }
     drop((from, to));
     std::fs::copy(&src, c.dir.join("rsync-source.img")).unwrap();
-    let started = Instant::now();
+    let (started, own_cpu) = (Instant::now(), own_cpu_s());
     let before = children_cpu_s();
     let agent = agent(
         c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
@@ -224,6 +250,7 @@ fn differential(s: &Setup, content: &Path) -> serde_json::Value {
         at: started,
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
+        own_cpu,
     };
     let mut v = durable(c, &from, agent_cpu);
     v["agent_exit_seconds"] = agent_exit_s.into();
@@ -301,17 +328,17 @@ fn bytes_and_burst(tap: &[(Instant, usize)], rate: f64) -> (f64, f64) {
     (sum, best)
 }
 
-/// Churn: the trace with the image's bytes, at the speed that puts half the link's rate on
-/// the wire (at the bulk case's compression `ratio`), looped to last [`CHURN_SECONDS`]; RPO
-/// sampled every 50 ms while it runs.
-fn churn(s: &Setup, content: &Path, rate_bps: f64, ratio: f64) -> serde_json::Value {
+/// Churn: the trace with the image's bytes, sped up to ask `asked_bytes_s` of writes (on a
+/// shaped link: half the link's rate on the wire at the bulk case's compression ratio),
+/// looped to last [`CHURN_SECONDS`]; RPO sampled every 50 ms while it runs.
+fn churn(s: &Setup, content: &Path, asked_bytes_s: f64) -> serde_json::Value {
     let c = &s.c;
-    let factor = CHURN_LOAD * rate_bps * ratio.max(1.0) / CHURN_TRACE_BYTES_PER_S;
+    let factor = asked_bytes_s / CHURN_TRACE_BYTES_PER_S;
     let reps = (CHURN_SECONDS * factor / CHURN_TRACE_SECONDS)
         .ceil()
         .max(1.0) as u32;
     let trace = looped_trace(&c.dir, reps);
-    let started = Instant::now();
+    let (started, own_cpu) = (Instant::now(), own_cpu_s());
     let mut cmd = c.agent("replay", 1, &c.dir.join("source/churn.img"), "1GiB");
     cmd.arg(format!("--trace={}", trace.display()))
         .arg("--format=msr")
@@ -339,6 +366,7 @@ fn churn(s: &Setup, content: &Path, rate_bps: f64, ratio: f64) -> serde_json::Va
         at: started,
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
+        own_cpu,
     };
     let mut v = durable(c, &from, agent_cpu);
     rpo.sort_unstable();
@@ -404,11 +432,13 @@ fn reap_said(agent: Child, c: &Cluster, before: f64) -> (f64, String) {
     (cpu, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Where a measurement starts: when, the counters, the services' CPU seconds (PS, MT).
+/// Where a measurement starts: when, the counters, the services' CPU seconds (PS, MT),
+/// and this bench's own (the sink master target's, when there is one).
 struct Mark {
     at: Instant,
     status: DiskStatus,
     cpu: (f64, f64),
+    own_cpu: f64,
 }
 
 fn mark(c: &Cluster) -> Mark {
@@ -421,6 +451,7 @@ fn mark(c: &Cluster) -> Mark {
         at: Instant::now(),
         status: status(c),
         cpu: (usage(ps_pid).0, usage(mt_pid).0),
+        own_cpu: own_cpu_s(),
     }
 }
 
@@ -448,6 +479,7 @@ fn durable(c: &Cluster, from: &Mark, agent_cpu: f64) -> serde_json::Value {
         "ratio": logical / wire.max(1.0),
         "ps_cpu_s_per_gb": (ps_cpu - from.cpu.0) / gb,
         "mt_cpu_s_per_gb": (mt_cpu - from.cpu.1) / gb,
+        "bench_cpu_s_per_gb": (own_cpu_s() - from.own_cpu) / gb,
         "agent_cpu_s_per_gb": agent_cpu / gb,
         "ps_peak_rss_mib": ps_rss,
         "mt_peak_rss_mib": mt_rss,
@@ -497,12 +529,22 @@ fn proc_usage(pid: u32) -> (f64, f64) {
     (cpu, rss_kib / 1024.0)
 }
 
+/// This process's CPU seconds so far (the sink master target runs in it).
+fn own_cpu_s() -> f64 {
+    rusage_s(libc::RUSAGE_SELF)
+}
+
 /// CPU seconds of the children reaped so far.
 fn children_cpu_s() -> f64 {
+    rusage_s(libc::RUSAGE_CHILDREN)
+}
+
+/// User + system CPU seconds of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
+fn rusage_s(who: libc::c_int) -> f64 {
     // SAFETY: an all-zero rusage is valid, and getrusage fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    unsafe { libc::getrusage(who, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }

@@ -20,8 +20,13 @@
 //! in 1% of its blocks, beside `rsync --inplace --no-whole-file` of the same two images on
 //! the same link (an rsync daemon where the master target runs).
 //!
+//! **The process server alone** (`WAN_LINKS=sink`): bulk, drain and churn on loopback
+//! toward a master target that acknowledges what it decodes and keeps nothing
+//! (`sink.rs`), the churn asking 400 MB/s of writes: what one process server carries on
+//! these two cores when no master target's apply shares them.
+//!
 //! Run: `cargo bench --bench wan` (`WAN_CASES=limit` or `bulk,drain,churn,diff` for a part,
-//! `WAN_LINKS=100mbit`, `1gbit` or `loopback` for some links;
+//! `WAN_LINKS=100mbit`, `1gbit`, `loopback` or `sink` for some links;
 //! root for the shaped links; without root, or without
 //! `ip`/`tc`, it says so and measures loopback only). Namespaces are named `fbwan-*`; they
 //! are removed when the bench ends or fails, on Ctrl-C or SIGTERM (with what runs in them
@@ -30,6 +35,7 @@
 mod case;
 mod net;
 mod plot;
+mod sink;
 
 use net::{can_shape, iperf3, Net};
 
@@ -43,6 +49,11 @@ const LINKS: [(&str, Option<&str>, u64); 3] = [
     ("1 Gbit/s, 2 ms RTT", Some("1gbit"), 2),
     ("loopback", None, 0),
 ];
+/// The process server alone: on loopback, toward a master target that acknowledges what it
+/// decodes and keeps nothing (`sink.rs`), so no master target's apply shares the cores.
+/// `WAN_LINKS=sink` runs it alone.
+const SINK: &str = "sink";
+const SINK_NAME: &str = "loopback, sink master target";
 /// The real-content image: its size, and the tree it holds.
 const CONTENT_BYTES: u64 = 1 << 30;
 const CONTENT_TREE: &str = "/usr/share";
@@ -91,9 +102,12 @@ fn main() {
         let a = &args[i + 1..];
         let v = cases(
             Path::new(&a[0]),
-            a.get(1).map(String::as_str),
-            a.get(2).map_or(0, |d| d.parse().unwrap()),
+            (
+                a.get(1).map(String::as_str),
+                a.get(2).map_or(0, |d| d.parse().unwrap()),
+            ),
             a.get(3).map(String::as_str),
+            false,
         );
         println!("{v}");
         return;
@@ -112,12 +126,17 @@ fn main() {
             continue;
         }
         let v = match (rate, &shaped) {
-            (None, _) => cases(&content, None, 0, None),
+            (None, _) => cases(&content, (None, 0), None, false),
             (Some(r), Ok(())) => shaped_case(&content, r, rtt_ms),
             (Some(_), Err(_)) => continue,
         };
         eprintln!("{name}: {v}");
         rows.push((name, v));
+    }
+    if link_wanted(Some(SINK)) {
+        let v = cases(&content, (None, 0), None, true);
+        eprintln!("{SINK_NAME}: {v}");
+        rows.push((SINK_NAME, v));
     }
     println!("bulk (agent start -> all durable on-premises): full resync of a 1 GiB ext4 image of {CONTENT_TREE}");
     println!("| link | logical MB/s | wire MB/s | link used | ratio | zstd-1+TLS pipe MB/s at its ratio (ours ÷ pipe) | iperf3 Mbit/s | CPU s/GB PS, MT, agent | peak RSS MiB PS, MT |");
@@ -192,6 +211,7 @@ fn main() {
             u("rpo_samples"),
         );
     }
+    print_alone(&rows);
     print_diff(&rows);
     print_limits(&rows);
     let plots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wan");
@@ -206,6 +226,40 @@ fn main() {
             .map(|(n, v)| serde_json::json!({"link": n, "cases": v}))
             .collect::<Vec<_>>())
     );
+}
+
+/// The process server alone (toward the sink master target): what it carried, and its CPU
+/// per logical GB beside the agent's and the sink's, which share its two cores here.
+fn print_alone(rows: &[(&str, serde_json::Value)]) {
+    let Some((_, v)) = rows.iter().find(|r| r.0 == SINK_NAME) else {
+        return;
+    };
+    println!("the process server alone: loopback, toward a master target that acknowledges what it decodes and keeps nothing (the agent and the sink still share the two cores)");
+    println!("| case | logical MB/s | ratio | CPU s/GB PS, agent, sink | the PS's CPU alone on 2 cores, MB/s | peak RSS MiB PS |");
+    println!("|---|---|---|---|---|---|");
+    for case in ["bulk", "drain", "churn"] {
+        let c = &v[case];
+        if c.is_null() {
+            continue;
+        }
+        let f = |k: &str| c[k].as_f64().unwrap_or(0.0);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+        // A drain is timed from the release: the agent was done before it.
+        let agent = if case == "drain" {
+            "-".into()
+        } else {
+            format!("{:.1}", f("agent_cpu_s_per_gb"))
+        };
+        println!(
+            "| {case} | {:.1} | {:.2}:1 | {:.1}, {agent}, {:.1} | {:.0} | {:.0} |",
+            f("logical_mb_s"),
+            f("ratio"),
+            f("ps_cpu_s_per_gb"),
+            f("bench_cpu_s_per_gb"),
+            cores / f("ps_cpu_s_per_gb").max(1e-9) * 1e3,
+            f("ps_peak_rss_mib"),
+        );
+    }
 }
 
 /// The differential resync's table: failback beside rsync on the same images and link.
@@ -274,15 +328,15 @@ fn used(v: &serde_json::Value) -> String {
         .map_or("-".into(), |u| format!("{u:.2}"))
 }
 
-/// Both cases on one link.
+/// The cases on one link (toward the sink master target with `sink`: no diff, no limits).
 fn cases(
     content: &Path,
-    mt_netns: Option<&str>,
-    one_way_ms: u64,
+    mt: (Option<&str>, u64),
     rate: Option<&str>,
+    sink: bool,
 ) -> serde_json::Value {
     use case::{run, Case};
-    let bulk = wanted("bulk").then(|| run(Case::Bulk, content, mt_netns, one_way_ms, rate));
+    let bulk = wanted("bulk").then(|| run(Case::Bulk, content, mt, rate, sink));
     let ratio = bulk
         .as_ref()
         .and_then(|b| b["ratio"].as_f64())
@@ -291,18 +345,18 @@ fn cases(
     let limits: Vec<_> = if rate == Some("100mbit") && wanted("limit") {
         BANDWIDTH_LIMITS
             .iter()
-            .map(|l| run(Case::Limit(l), content, mt_netns, one_way_ms, rate))
+            .map(|l| run(Case::Limit(l), content, mt, rate, false))
             .collect()
     } else {
         Vec::new()
     };
-    let churn = (rate.is_some() && wanted("churn"))
-        .then(|| run(Case::Churn(ratio), content, mt_netns, one_way_ms, rate));
-    let diff = wanted("diff").then(|| run(Case::Diff, content, mt_netns, one_way_ms, rate));
+    let churn = ((rate.is_some() || sink) && wanted("churn"))
+        .then(|| run(Case::Churn(ratio), content, mt, rate, sink));
+    let diff = (!sink && wanted("diff")).then(|| run(Case::Diff, content, mt, rate, false));
     serde_json::json!({
         "diff": diff,
         "limits": limits,
-        "drain": wanted("drain").then(|| run(Case::Drain, content, mt_netns, one_way_ms, rate)),
+        "drain": wanted("drain").then(|| run(Case::Drain, content, mt, rate, sink)),
         "churn": churn,
         "bulk": bulk,
     })
