@@ -452,7 +452,7 @@ impl Engine {
             );
             return Ok(None);
         }
-        let digest = hex(&self.source.disk_digest());
+        let digest = hex(&self.source.disk_digest()?);
         // Checked last, after the slow work: between here and the LSN (taken first thing in
         // `marker`) nothing waits and no write is captured, so a bookmark checked in time
         // is placed in time (a frozen filesystem is thawed at the deadline, not before).
@@ -692,7 +692,7 @@ impl Engine {
             self.flush().await?;
             let theirs = self.target_digests(r, b, count).await?;
             self.stats.resync_digest_bytes += 32 * u64::from(count);
-            let ours = &self.source.digests()[b as usize..(b + u64::from(count)) as usize];
+            let ours = &self.source.digests()?[b as usize..(b + u64::from(count)) as usize];
             (0..count as usize)
                 .filter(|&i| ours[i] != theirs[i])
                 .map(|i| b + i as u64)

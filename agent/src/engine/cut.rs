@@ -179,7 +179,7 @@ impl Engine {
     /// Puts the cut's marker in the stream (at the LSN after the held one: nothing was
     /// captured in between), records it with the disk's digest, and says so.
     async fn mark(&mut self, hold: &Cut, mark: &Cut, m: Marker, started: Instant) -> Result<()> {
-        let digest = hex(&self.source.disk_digest());
+        let digest = hex(&self.source.disk_digest()?);
         let lsn = match self
             .group_marker(m.kind, &m.tag, (m.cut_id, m.members))
             .await
