@@ -193,15 +193,25 @@ impl Loop {
     }
 }
 
+/// Forgets `h` only if the command that undid it succeeded. An interrupted demo's cleanup
+/// signals every child: an `umount` a destructor had just started could be killed before
+/// it unmounted, and a mount forgotten then was left behind for good (an interrupted live
+/// demo kept its ext4 mounted, once in a few runs). Kept, the cleanup undoes it.
+fn release_if_done(done: std::io::Result<std::process::ExitStatus>, h: Held) {
+    if done.is_ok_and(|s| s.success()) {
+        crate::cleanup::release(&h);
+    }
+}
+
 impl Drop for Loop {
     fn drop(&mut self) {
         if !self.dev.is_empty() {
-            let _ = Command::new("losetup")
+            let done = Command::new("losetup")
                 .arg("-d")
                 .arg(&self.dev)
                 .stderr(Stdio::null())
                 .status();
-            crate::cleanup::release(&Held::Loop(std::mem::take(&mut self.dev)));
+            release_if_done(done, Held::Loop(std::mem::take(&mut self.dev)));
         }
     }
 }
@@ -243,12 +253,12 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         if !self.dir.as_os_str().is_empty() {
             // Lazy: a failed test must not leave a mount behind a dead device.
-            let _ = Command::new("umount")
+            let done = Command::new("umount")
                 .arg("-l")
                 .arg(&self.dir)
                 .stderr(Stdio::null())
                 .status();
-            crate::cleanup::release(&Held::Mount(std::mem::take(&mut self.dir)));
+            release_if_done(done, Held::Mount(std::mem::take(&mut self.dir)));
         }
     }
 }
