@@ -576,6 +576,98 @@ fn full_resync_to_an_alternate_location_and_an_on_demand_bookmark() {
     verify(&c, 1, r["last_lsn"].as_u64().unwrap());
 }
 
+/// One disk's backlog does not hold another's back. Both resyncs are cached while the link
+/// is down, disk 1's 8 times the window, disk 2's a few MiB; once the link is back, disk 2
+/// is all durable on-premises while most of disk 1 still waits (the uplink handed each slot
+/// that freed to the lowest disk id, so disk 2 waited until disk 1 was all sent: 7/8 of it
+/// durable). Both disks then equal their sources.
+#[test]
+fn one_disks_backlog_does_not_hold_another_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
+    // The smallest window, and a limit that makes the drain last seconds: time to see
+    // the order in which the disks finish.
+    c.ps_extra
+        .extend(["--window=16MiB".into(), "--max-bandwidth=200mbit".into()]);
+    let relay = Relay::new(c.mt_addr.clone());
+    c.ps_upstream = Some(relay.addr.clone());
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let agents: Vec<(u64, Child)> = [(1u64, 128usize), (2, 16)]
+        .into_iter()
+        .map(|(disk, mib)| {
+            let src = source(&c, disk);
+            let mut data = vec![0u8; mib << 20];
+            agent::datagen::fill(disk, 0, 0.5, &mut data);
+            std::fs::write(&src, &data).unwrap();
+            let mut cmd = c.agent("resync", disk, &src, &format!("{mib}MiB"));
+            cmd.arg("--mode=full")
+                .stdout(std::process::Stdio::piped())
+                .stderr(
+                    std::fs::File::create(c.dir.join(format!("logs/agent-{disk}.log"))).unwrap(),
+                );
+            (disk, cmd.spawn().unwrap())
+        })
+        .collect();
+    // Down once both disks are attached (an attach needs the master target): the rest of
+    // both resyncs is cached in the process server, and the agents are done.
+    wait_streaming(&c, 1);
+    wait_streaming(&c, 2);
+    relay.cut();
+    for (disk, child) in agents {
+        // Bounded by the agent's own limits: a resync whose stream is cached ends.
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "agent {disk}: {}", stdout_of(&out));
+    }
+    let status = |d: u64| {
+        let st = c.ps_status().unwrap();
+        st.into_iter().find(|s| s.disk_id == d).unwrap()
+    };
+    let last_lsns = [(1u64, status(1).cached_lsn), (2, status(2).cached_lsn)];
+    assert!(
+        last_lsns
+            .iter()
+            .all(|&(d, lsn)| status(d).durable_lsn < lsn),
+        "both disks wait for the link (else this test shows nothing)"
+    );
+    relay.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let disk1_done_when_disk2_was = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "disk 2 not durable 120 s after the link came back"
+        );
+        let st = c.ps_status().unwrap_or_default();
+        let of = |d: u64| {
+            st.iter()
+                .find(|s| s.disk_id == d)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (d1, d2) = (of(1), of(2));
+        if d2.cached_lsn > 0 && d2.durable_lsn >= d2.cached_lsn {
+            break d1.durable_lsn as f64 / d1.cached_lsn.max(1) as f64;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        disk1_done_when_disk2_was < 0.5,
+        "disk 2 waited for disk 1's backlog: {:.0}% of disk 1 was durable when disk 2 was",
+        disk1_done_when_disk2_was * 100.0
+    );
+    for (disk, lsn) in last_lsns {
+        c.wait_durable(disk, lsn, Duration::from_secs(120), |_| {})
+            .unwrap();
+        c.detach(disk).unwrap();
+        assert_eq!(
+            file_blake3(&source(&c, disk)).unwrap(),
+            file_blake3(&onprem(&c, disk)).unwrap(),
+            "disk {disk}: on-premises disk equals the source"
+        );
+    }
+}
+
 /// Runs `count` agents at once (disks 1..=count, one each) replaying the TPC-C trace, and
 /// returns their reports.
 fn many_agents(

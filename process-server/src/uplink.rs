@@ -439,6 +439,8 @@ async fn ship_until_down(
     let mut waits = Waits::new(adaptive);
     let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
+    // The disk id the last run was made of: the next turn round the disks starts after it.
+    let mut served = 0u64;
     loop {
         let level = waits.level(state);
         fill(
@@ -446,7 +448,7 @@ async fn ship_until_down(
             (&ship, &waits.busy_us),
             &mut jobs,
             (parallel, level, waits.merge(level)),
-            version,
+            (version, &mut served),
         );
         waits.adapt(state);
         let window_full =
@@ -614,16 +616,24 @@ fn fill(
     (ship, busy_us): (&Arc<Mutex<Ship>>, &Arc<AtomicU64>),
     jobs: &mut VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>,
     (parallel, level, merge): (usize, i32, bool),
-    version: u16,
+    (version, served): (u16, &mut u64),
 ) {
     let window = state.cfg.window_bytes;
     let mut s = ship.lock().expect("poisoned");
     // Turns round the disks until the pool or the window is full or nothing is left: each
-    // disk gets one run of up to RECORDS_PER_TURN records per turn. (Each call starts from
-    // the first disk, as before runs: a disk with a lower id is served first.)
+    // disk gets one run of up to RECORDS_PER_TURN records per turn. A turn starts after
+    // the disk `served` last (across calls too): a slot frees one at a time, and handed
+    // to the lowest disk id each time, it let one disk's backlog (a resync) hold every
+    // other disk back until it was all sent.
     loop {
         let started = jobs.len();
-        for disk in state.all() {
+        let disks = state.all();
+        let first = disks
+            .iter()
+            .position(|d| d.attach.disk_id > *served)
+            .unwrap_or(0);
+        let (up_to_served, past_served) = disks.split_at(first);
+        for disk in past_served.iter().chain(up_to_served) {
             if jobs.len() >= parallel || s.in_flight_bytes() >= window {
                 return;
             }
@@ -663,7 +673,8 @@ fn fill(
                 .map(|e| (e.last_lsn, u64::from(e.frame_len)))
                 .collect();
             s.shipped_run(id, &records);
-            let (disk, busy_us) = (Arc::clone(&disk), Arc::clone(busy_us));
+            *served = id;
+            let (disk, busy_us) = (Arc::clone(disk), Arc::clone(busy_us));
             jobs.push_back(tokio::task::spawn_blocking(move || {
                 // CPU time, not wall time: waiting for a core, the cache's lock or a read
                 // is not compression's cost.
