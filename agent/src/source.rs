@@ -1,5 +1,5 @@
 //! The source disk: the failed-over VM's disk, as a file the agent owns, with per-block
-//! digests kept current as writes land.
+//! digests kept up to date as writes land (see the design constraints for when).
 //!
 //! The disk digest is blake3 over the concatenated per-block blake3 digests
 //! ([`DIGEST_BLOCK_BYTES`] blocks, the last one possibly short). [`image_digest`] computes
@@ -270,8 +270,8 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// The digests kept current write by write (whole blocks hashed from the write, the
-        /// edges read back) equal a fresh hash of the image.
+        /// The digests kept up to date write by write (whole blocks hashed from the write, the
+        /// edges marked stale and read back when the digests are read) equal a fresh hash of the image.
         #[test]
         fn kept_digests_equal_a_fresh_hash(
             writes in proptest::collection::vec((0u64..(1 << 20), 1usize..300_000, any::<u8>()), 1..12)
