@@ -193,12 +193,15 @@ impl Loop {
     }
 }
 
-/// Forgets `h` only if the command that undid it succeeded. An interrupted demo's cleanup
-/// signals every child: an `umount` a destructor had just started could be killed before
-/// it unmounted, and a mount forgotten then was left behind for good (an interrupted live
-/// demo kept its ext4 mounted, once in a few runs). Kept, the cleanup undoes it.
+/// Forgets `h` unless the command that was to undo it never ran to its end. An
+/// interrupted demo's cleanup signals every child: an `umount` a destructor had just
+/// started could be killed before it unmounted, and a mount forgotten then was left behind
+/// for good (an interrupted live demo kept its ext4 mounted, once in a few runs). Kept, the
+/// cleanup undoes it. A command that ran and failed (not mounted, no such device) is
+/// forgotten all the same: undoing it later could hit a loop device someone else took since.
 fn release_if_done(done: std::io::Result<std::process::ExitStatus>, h: Held) {
-    if done.is_ok_and(|s| s.success()) {
+    use std::os::unix::process::ExitStatusExt;
+    if done.is_ok_and(|s| s.signal().is_none()) {
         crate::cleanup::release(&h);
     }
 }

@@ -170,7 +170,7 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
     let c = &s.c;
     let src = c.dir.join("source/bench.img");
     std::fs::copy(content, &src).unwrap();
-    let (started, own_cpu) = (Instant::now(), own_cpu_s());
+    let (started, sink_cpu) = (Instant::now(), crate::sink::cpu_s());
     let before = children_cpu_s();
     let agent = agent(
         c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
@@ -186,7 +186,7 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
         at: started,
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
-        own_cpu,
+        sink_cpu,
     };
     if let (true, Some(r)) = (drain, &s.relay) {
         // Timed from the release: the process server's reconnect is part of a drain.
@@ -231,7 +231,7 @@ fn differential(s: &Setup, content: &Path) -> serde_json::Value {
     }
     drop((from, to));
     std::fs::copy(&src, c.dir.join("rsync-source.img")).unwrap();
-    let (started, own_cpu) = (Instant::now(), own_cpu_s());
+    let (started, sink_cpu) = (Instant::now(), crate::sink::cpu_s());
     let before = children_cpu_s();
     let agent = agent(
         c.agent("resync", 1, &src, &format!("{}k", CONTENT_BYTES >> 10))
@@ -250,7 +250,7 @@ fn differential(s: &Setup, content: &Path) -> serde_json::Value {
         at: started,
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
-        own_cpu,
+        sink_cpu,
     };
     let mut v = durable(c, &from, agent_cpu);
     v["agent_exit_seconds"] = agent_exit_s.into();
@@ -338,7 +338,7 @@ fn churn(s: &Setup, content: &Path, asked_bytes_s: f64) -> serde_json::Value {
         .ceil()
         .max(1.0) as u32;
     let trace = looped_trace(&c.dir, reps);
-    let (started, own_cpu) = (Instant::now(), own_cpu_s());
+    let (started, sink_cpu) = (Instant::now(), crate::sink::cpu_s());
     let mut cmd = c.agent("replay", 1, &c.dir.join("source/churn.img"), "1GiB");
     cmd.arg(format!("--trace={}", trace.display()))
         .arg("--format=msr")
@@ -366,7 +366,7 @@ fn churn(s: &Setup, content: &Path, asked_bytes_s: f64) -> serde_json::Value {
         at: started,
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
-        own_cpu,
+        sink_cpu,
     };
     let mut v = durable(c, &from, agent_cpu);
     rpo.sort_unstable();
@@ -433,12 +433,12 @@ fn reap_said(agent: Child, c: &Cluster, before: f64) -> (f64, String) {
 }
 
 /// Where a measurement starts: when, the counters, the services' CPU seconds (PS, MT),
-/// and this bench's own (the sink master target's, when there is one).
+/// and the sink master target's (when there is one).
 struct Mark {
     at: Instant,
     status: DiskStatus,
     cpu: (f64, f64),
-    own_cpu: f64,
+    sink_cpu: f64,
 }
 
 fn mark(c: &Cluster) -> Mark {
@@ -451,7 +451,7 @@ fn mark(c: &Cluster) -> Mark {
         at: Instant::now(),
         status: status(c),
         cpu: (usage(ps_pid).0, usage(mt_pid).0),
-        own_cpu: own_cpu_s(),
+        sink_cpu: crate::sink::cpu_s(),
     }
 }
 
@@ -479,7 +479,7 @@ fn durable(c: &Cluster, from: &Mark, agent_cpu: f64) -> serde_json::Value {
         "ratio": logical / wire.max(1.0),
         "ps_cpu_s_per_gb": (ps_cpu - from.cpu.0) / gb,
         "mt_cpu_s_per_gb": (mt_cpu - from.cpu.1) / gb,
-        "bench_cpu_s_per_gb": (own_cpu_s() - from.own_cpu) / gb,
+        "sink_cpu_s_per_gb": (crate::sink::cpu_s() - from.sink_cpu) / gb,
         "agent_cpu_s_per_gb": agent_cpu / gb,
         "ps_peak_rss_mib": ps_rss,
         "mt_peak_rss_mib": mt_rss,
@@ -529,22 +529,12 @@ fn proc_usage(pid: u32) -> (f64, f64) {
     (cpu, rss_kib / 1024.0)
 }
 
-/// This process's CPU seconds so far (the sink master target runs in it).
-fn own_cpu_s() -> f64 {
-    rusage_s(libc::RUSAGE_SELF)
-}
-
 /// CPU seconds of the children reaped so far.
 fn children_cpu_s() -> f64 {
-    rusage_s(libc::RUSAGE_CHILDREN)
-}
-
-/// User + system CPU seconds of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
-fn rusage_s(who: libc::c_int) -> f64 {
     // SAFETY: an all-zero rusage is valid, and getrusage fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(who, &mut ru) };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }

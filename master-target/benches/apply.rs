@@ -68,8 +68,12 @@ struct Twice {
 impl Twice {
     fn new(dir: &std::path::Path, preallocated: bool) -> Twice {
         let name = if preallocated { "twice-pre" } else { "twice" };
-        let disk = create(&dir.join(format!("{name}.img")));
-        disk.set_len(DISK_BYTES).unwrap();
+        // Filled with data first, as the journaled disks are: overwrites, not holes.
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(filled(dir, &format!("{name}.img")))
+            .unwrap();
         let journal = create(&dir.join(format!("{name}-journal")));
         if preallocated {
             let z = vec![0u8; 8 << 20];
@@ -152,19 +156,21 @@ fn create(p: &std::path::Path) -> File {
         .unwrap()
 }
 
+/// A disk of `DISK_BYTES` full of data. Warmed: the first pass over a fresh file is
+/// several times slower here, and overwritten zeros would journal no data.
+fn filled(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let f = create(&p);
+    let z = vec![0x5au8; 8 << 20];
+    for off in (0..DISK_BYTES).step_by(z.len()) {
+        f.write_all_at(&z, off).unwrap();
+    }
+    f.sync_all().unwrap();
+    p
+}
+
 fn setup(dir: &std::path::Path) -> (Plain, Journaled, Journaled) {
-    let mk = |name: &str| {
-        let p = dir.join(name);
-        let f = create(&p);
-        // Warm the file with data: the first pass over a fresh file is several times slower
-        // here, and overwritten zeros would journal no data.
-        let z = vec![0x5au8; 8 << 20];
-        for off in (0..DISK_BYTES).step_by(z.len()) {
-            f.write_all_at(&z, off).unwrap();
-        }
-        f.sync_all().unwrap();
-        p
-    };
+    let mk = |name: &str| filled(dir, name);
     let plain = Plain {
         f: OpenOptions::new()
             .read(true)
