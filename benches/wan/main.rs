@@ -167,22 +167,30 @@ fn main() {
         );
     }
     println!("drain of the same image held in the process server's cache, then released (release to all durable, the reconnect included)");
-    println!("| link | logical MB/s | wire MB/s | link used | wire ÷ iperf3 | CPU s/GB PS, MT | peak RSS MiB PS, MT |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| link | logical MB/s | wire MB/s | link used | wire ÷ iperf3 | from the first byte on the wire (the reconnect left out): s, link used, wire ÷ iperf3 | CPU s/GB PS, MT | peak RSS MiB PS, MT |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, v) in &rows {
         let d = &v["drain"];
         if d.is_null() {
             continue;
         }
         let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
+        let of_iperf3 = |wire_mb_s: f64| {
+            v["iperf3_mbit_s"]
+                .as_f64()
+                .map_or("-".into(), |m| format!("{:.2}", wire_mb_s * 8.0 / m))
+        };
         println!(
-            "| {name} | {:.1} | {:.1} | {} | {} | {:.1}, {:.1} | {:.0}, {:.0} |",
+            "| {name} | {:.1} | {:.1} | {} | {} | {:.1} s, {}, {} | {:.1}, {:.1} | {:.0}, {:.0} |",
             f("logical_mb_s"),
             f("wire_mb_s"),
             used(d),
-            v["iperf3_mbit_s"]
+            of_iperf3(f("wire_mb_s")),
+            f("linked_seconds"),
+            d["link_used_linked"]
                 .as_f64()
-                .map_or("-".into(), |m| format!("{:.2}", f("wire_mb_s") * 8.0 / m)),
+                .map_or("-".into(), |u| format!("{u:.2}")),
+            of_iperf3(f("wire_mb_s_linked")),
             f("ps_cpu_s_per_gb"),
             f("mt_cpu_s_per_gb"),
             f("ps_peak_rss_mib"),
