@@ -83,20 +83,29 @@ pub fn replay(c: &Cluster, disk: u64, trace: &str, format: &str, extra: &[&str])
     cmd.spawn().unwrap()
 }
 
-/// Waits for an agent (bounded) and returns its JSON report.
 /// The longest an agent of a test may run: a hang (a retry loop that never ends) fails the
 /// test instead of stalling the suite.
 pub const AGENT_MAX_RUN: Duration = Duration::from_secs(600);
 
-pub fn finish(c: &Cluster, disk: u64, mut child: Child) -> serde_json::Value {
+/// Waits until agent `disk`'s process has exited, at most [`AGENT_MAX_RUN`] (then it is
+/// killed and the test fails); its exit status.
+fn exited_within_max_run(disk: u64, child: &mut Child) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + AGENT_MAX_RUN;
-    while child.try_wait().unwrap().is_none() {
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             panic!("agent {disk} still ran after {AGENT_MAX_RUN:?}: killed");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits for an agent (bounded) and returns its JSON report.
+pub fn finish(c: &Cluster, disk: u64, mut child: Child) -> serde_json::Value {
+    exited_within_max_run(disk, &mut child);
     let out = child.wait_with_output().unwrap();
     let log = std::fs::read_to_string(c.dir.join("logs").join(format!("agent-{disk}.log")))
         .unwrap_or_default();
@@ -105,6 +114,28 @@ pub fn finish(c: &Cluster, disk: u64, mut child: Child) -> serde_json::Value {
     text.lines()
         .find_map(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("no report from agent {disk}: {text}"))
+}
+
+/// Waits (bounded) until `disk` is durable on the master target up to `lsn`, detaches it,
+/// and checks its on-premises disk equals the source (blake3 over the whole image).
+pub fn durable_and_equal(c: &Cluster, disk: u64, lsn: u64) {
+    c.wait_durable(disk, lsn, Duration::from_secs(300), |_| {})
+        .unwrap();
+    c.detach(disk).unwrap();
+    assert_eq!(
+        file_blake3(&source(c, disk)).unwrap(),
+        file_blake3(&onprem(c, disk)).unwrap(),
+        "disk {disk}: on-premises disk equals the source"
+    );
+}
+
+/// Waits for an agent that prints no JSON report (bounded by [`AGENT_MAX_RUN`]) and
+/// checks it succeeded, showing its log if not.
+pub fn wait_agent(c: &Cluster, disk: u64, mut child: Child) {
+    let status = exited_within_max_run(disk, &mut child);
+    let log = std::fs::read_to_string(c.dir.join("logs").join(format!("agent-{disk}.log")))
+        .unwrap_or_default();
+    assert!(status.success(), "agent {disk} failed: {log}");
 }
 
 /// Waits (bounded) until `disk` is attached and its writes are reaching the process server,
@@ -155,14 +186,7 @@ pub fn verify(c: &Cluster, disk: u64, last_lsn: u64) {
 /// [`verify`], where `lossy` allows bookmarks that made no point (taken while the master
 /// target was in a resync the agent did not know of); the last bookmark always needs one.
 pub fn verify_points(c: &Cluster, disk: u64, last_lsn: u64, lossy: bool) {
-    c.wait_durable(disk, last_lsn, Duration::from_secs(300), |_| {})
-        .unwrap();
-    c.detach(disk).unwrap();
-    assert_eq!(
-        file_blake3(&source(c, disk)).unwrap(),
-        file_blake3(&onprem(c, disk)).unwrap(),
-        "disk {disk}: on-premises disk equals the source"
-    );
+    durable_and_equal(c, disk, last_lsn);
     // The VMDK as ESXi would open it: qemu-img checks it and finds it equal to the source.
     let desc = onprem(c, disk).with_file_name(format!("vm{disk}-disk{disk}.vmdk"));
     qemu_img(&["check", desc.to_str().unwrap()]);
