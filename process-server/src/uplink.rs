@@ -279,6 +279,9 @@ struct Waits<'a> {
     adaptive: &'a mut AdaptiveLevel,
     link: Duration,
     cpu: Duration,
+    /// Waited on a job with the window full (so no other job could start): the trace
+    /// shows it, since the adaptive level cannot tell it from a short wait.
+    window: Duration,
     /// CPU microseconds compression jobs used (they add to it as they end).
     busy_us: Arc<AtomicU64>,
     /// Compression's share of the cores, averaged over periods.
@@ -295,6 +298,7 @@ impl<'a> Waits<'a> {
             adaptive,
             link: Duration::ZERO,
             cpu: Duration::ZERO,
+            window: Duration::ZERO,
             busy_us: Arc::default(),
             busy: 0.0,
             cores: std::thread::available_parallelism().map_or(2, |n| n.get()) as f64,
@@ -322,12 +326,15 @@ impl<'a> Waits<'a> {
         }
     }
 
-    fn adapt(&mut self, state: &State) {
+    /// Each period: the level moves (adaptive mode), and the period's waits are traced with
+    /// the bytes in flight at its end.
+    fn adapt(&mut self, state: &State, in_flight_bytes: u64) {
         if self.since.elapsed() < Duration::from_secs(1) {
             return;
         }
         let p = self.since.elapsed().as_secs_f64();
         self.downstream_bound = self.link.as_secs_f64() / p > crate::adaptive::LINK_BOUND;
+        let window = std::mem::take(&mut self.window).as_secs_f64() / p;
         if !state.cfg.adaptive_compression {
             (self.link, self.cpu, self.since) = (Duration::ZERO, Duration::ZERO, Instant::now());
             self.busy_us.store(0, Ordering::Relaxed);
@@ -340,7 +347,15 @@ impl<'a> Waits<'a> {
         let busy = self.busy;
         let (link, cpu) = (self.link.as_secs_f64() / p, self.cpu.as_secs_f64() / p);
         let level = self.adaptive.update(link, cpu, busy);
-        tracing::trace!(level, link, cpu, busy, "compression period");
+        tracing::trace!(
+            level,
+            link,
+            cpu,
+            busy,
+            window,
+            in_flight_bytes,
+            "compression period"
+        );
         if level != state.compression_level.swap(level, Ordering::Relaxed) {
             tracing::debug!(level, link, cpu, busy, "compression level adapted");
         }
@@ -450,9 +465,9 @@ async fn ship_until_down(
             (parallel, level, waits.merge(level)),
             (version, &mut served),
         );
-        waits.adapt(state);
-        let window_full =
-            ship.lock().expect("poisoned").in_flight_bytes() >= state.cfg.window_bytes;
+        let in_flight_bytes = ship.lock().expect("poisoned").in_flight_bytes();
+        waits.adapt(state, in_flight_bytes);
+        let window_full = in_flight_bytes >= state.cfg.window_bytes;
         let pool_full = jobs.len() >= parallel;
         let waited_from = Instant::now();
         tokio::select! {
@@ -471,6 +486,8 @@ async fn ship_until_down(
                 // held a 100 Mbit/s link at level 1.
                 if pool_full {
                     waits.cpu += waited_from.elapsed();
+                } else if window_full {
+                    waits.window += waited_from.elapsed();
                 }
                 let Some(s) = done.map_err(|e| Error::MasterTarget(format!("compression task: {e}")))?? else { continue };
                 let sending = Instant::now();
