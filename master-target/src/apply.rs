@@ -83,6 +83,8 @@ pub struct ApplyStats {
     pub groups: u64,
     /// Writes applied.
     pub writes: u64,
+    /// Writes whose bytes the disk already held: neither journaled nor written.
+    pub writes_unchanged: u64,
     /// Set while the quota has forced points inside the window out.
     pub quota_limited: bool,
     /// Blocks hashed for resync digest requests (cached digests are not counted).
@@ -338,10 +340,18 @@ impl Applier {
                     let at = begin_undo(*lsn, *timestamp_us, *offset, data.len(), undo);
                     self.disk.read_at(&mut undo[at..], *offset)?;
                     overlay(&mut undo[at..], *offset, &pending);
+                    last_time_us = last_time_us.max(*timestamp_us);
+                    if undo[at..] == data[..] {
+                        // The disk holds these bytes already (zeros onto a thin disk's
+                        // never-written blocks, a resync's unchanged blocks): no undo, no
+                        // write, so a thin disk stays thin and the journal holds nothing.
+                        undo.truncate(start);
+                        self.stats.writes_unchanged += 1;
+                        continue;
+                    }
                     finish_undo(undo, start);
                     pending.push((*offset, data));
                     max_undo_lsn = *lsn;
-                    last_time_us = last_time_us.max(*timestamp_us);
                 }
                 Item::Bookmark(b) => {
                     let kind = point_kind(b.kind);

@@ -7,12 +7,18 @@ use crate::server::RequestRefusals;
 
 use crate::service::{DiskStats, Disks};
 
-const SERIES: [Series<DiskStats>; 8] = [
+const SERIES: [Series<DiskStats>; 9] = [
     Series {
         name: "failback_mt_applied_bytes",
         kind: Kind::Counter,
         help: "Block bytes applied to the disk.",
         value: |d| Value::Int(d.bytes_applied),
+    },
+    Series {
+        name: "failback_mt_unchanged_writes",
+        kind: Kind::Counter,
+        help: "Writes whose bytes the disk already held (zeros onto never-written blocks): neither journaled nor written.",
+        value: |d| Value::Int(d.writes_unchanged),
     },
     Series {
         name: "failback_mt_apply_groups",

@@ -151,6 +151,8 @@ pub struct DiskStats {
     pub committed_lsn: u64,
     /// Block bytes applied since start.
     pub bytes_applied: u64,
+    /// Writes whose bytes the disk already held, since start.
+    pub writes_unchanged: u64,
     /// Groups applied since start.
     pub groups: u64,
     /// Sum of group apply times, microseconds.
@@ -705,6 +707,7 @@ fn publish(applier: &Applier, stats: &Mutex<DiskStats>, apply_us: u64) {
     let mut s = stats.lock().expect("poisoned");
     s.committed_lsn = applier.committed_lsn();
     s.bytes_applied = applier.stats.bytes_applied;
+    s.writes_unchanged = applier.stats.writes_unchanged;
     s.groups = applier.stats.groups;
     s.apply_us_total += apply_us;
     s.journal_bytes = j.bytes();

@@ -45,7 +45,9 @@ fn build(dir: &Path, groups: u64, fill: u8) -> u64 {
     for g in 0..groups {
         let writes = (0..8)
             .map(|i| {
-                let data = Bytes::from(vec![(g * 8 + i) as u8; 4096]);
+                // Never the disk's fill (0 or 0x5a): a write of what the disk holds is not
+                // journaled, and every write here must leave an undo record.
+                let data = Bytes::from(vec![1 + ((g * 8 + i) % 0x50) as u8; 4096]);
                 Write {
                     timestamp_us: g * 10 + 1,
                     offset: ((g * 8 + i) % 256) * 4096,

@@ -367,3 +367,74 @@ fn export(dir: &Path, a: &Applier, lsn: u64) -> Vec<u8> {
     f.read_exact_at(&mut got, 0).unwrap();
     got
 }
+
+/// A write of the bytes the disk already holds (a resync's zero blocks onto a fresh thin
+/// disk, a block rewritten unchanged) is neither journaled nor written: the thin disk stays
+/// unallocated, and the points around it still export exactly.
+#[test]
+fn writes_of_what_the_disk_holds_are_neither_journaled_nor_written() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    let mut a = open(dir.path());
+    let apply = |a: &mut Applier, lsn: u64, writes: &[(u64, usize, u8)]| {
+        let Verdict::Accept(items) = a.check_batch(&batch(lsn, lsn * 10, writes), lsn) else {
+            panic!("refused")
+        };
+        a.apply(&items).unwrap();
+    };
+    let allocated = || {
+        std::fs::metadata(dir.path().join("disk.img"))
+            .unwrap()
+            .blocks()
+    };
+    // The whole fresh disk written with zeros, 64 KiB at a time.
+    let zeros: Vec<_> = (0..DISK_BYTES / (64 << 10))
+        .map(|i| (i * (64 << 10), 64 << 10, 0u8))
+        .collect();
+    apply(&mut a, 1, &zeros);
+    let mut lsn = 1 + zeros.len() as u64;
+    assert_eq!(
+        allocated(),
+        0,
+        "zeros onto a thin disk's holes allocate nothing"
+    );
+    assert_eq!(a.stats.writes_unchanged, zeros.len() as u64);
+    assert_eq!(a.stats.bytes_applied, 0);
+    let journal_before = a.journal().bytes();
+    // Data, then the same data again, then a write that changes half of what it covers.
+    apply(&mut a, lsn, &[(0, 32 << 10, 7)]);
+    lsn += 1;
+    let after_data = a.journal().bytes();
+    assert!(
+        after_data - journal_before < 1 << 10,
+        "over zeros: no undo data"
+    );
+    apply(&mut a, lsn, &[(0, 32 << 10, 7)]);
+    lsn += 1;
+    assert!(
+        a.journal().bytes() - after_data < 1 << 10,
+        "the same bytes again journal nothing but the commit"
+    );
+    assert_eq!(a.stats.writes_unchanged, zeros.len() as u64 + 1);
+    apply(&mut a, lsn, &[(16 << 10, 32 << 10, 7)]);
+    assert!(
+        a.journal().bytes() - after_data > 32 << 10,
+        "a write that changes bytes journals all it overwrites"
+    );
+    let mut want = vec![0u8; DISK_BYTES as usize];
+    want[..48 << 10].fill(7);
+    assert!(export(dir.path(), &a, a.committed_lsn()) == want, "latest");
+    want[32 << 10..48 << 10].fill(0);
+    assert!(
+        export(dir.path(), &a, lsn - 1) == want,
+        "before the last write"
+    );
+    assert!(
+        export(dir.path(), &a, 0).iter().all(|&b| b == 0),
+        "before any write: zeros"
+    );
+}
