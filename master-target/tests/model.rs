@@ -62,6 +62,15 @@ fn open(dir: &Path) -> Applier {
     Applier::new(1, disk, journal, policy()).with_io(io)
 }
 
+/// An applier over a fresh sparse disk of `DISK_BYTES` (never written: holes).
+fn fresh(dir: &Path) -> Applier {
+    File::create(dir.join("disk.img"))
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    open(dir)
+}
+
 fn batch(first_lsn: u64, ts: u64, writes: &[(u64, usize, u8)]) -> WriteBatch {
     WriteBatch {
         disk_id: 1,
@@ -255,11 +264,7 @@ fn quota_drops_oldest_points_never_the_disk() {
 #[test]
 fn resync_digests_are_cached_and_invalidated_by_writes() {
     let dir = tempfile::tempdir().unwrap();
-    File::create(dir.path().join("disk.img"))
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let mut a = open(dir.path());
+    let mut a = fresh(dir.path());
     let first = a.block_digests(65536, 0, 4).unwrap();
     assert_eq!(a.stats.digests_hashed, 4);
     assert_eq!(
@@ -296,11 +301,7 @@ fn resync_digests_are_cached_and_invalidated_by_writes() {
 #[test]
 fn a_new_disks_first_replication_journals_no_data_and_exports_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    File::create(dir.path().join("disk.img"))
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let mut a = open(dir.path());
+    let mut a = fresh(dir.path());
     let (mut lsn, mut model) = (1u64, vec![0u8; DISK_BYTES as usize]);
     let mut snapshots = Vec::new();
     // Eight passes of 16 KiB writes: the first four fill the fresh disk (zeros overwritten),
@@ -375,11 +376,7 @@ fn export(dir: &Path, a: &Applier, lsn: u64) -> Vec<u8> {
 fn writes_of_what_the_disk_holds_are_neither_journaled_nor_written() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    File::create(dir.path().join("disk.img"))
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let mut a = open(dir.path());
+    let mut a = fresh(dir.path());
     let apply = |a: &mut Applier, lsn: u64, writes: &[(u64, usize, u8)]| {
         let Verdict::Accept(items) = a.check_batch(&batch(lsn, lsn * 10, writes), lsn) else {
             panic!("refused")
