@@ -17,7 +17,7 @@ const SERIES: [Series<DiskStats>; 9] = [
     Series {
         name: "failback_mt_unchanged_writes",
         kind: Kind::Counter,
-        help: "Writes whose bytes the disk already held (zeros onto never-written blocks): neither journaled nor written.",
+        help: "Writes whose bytes the disk already held (such as zeros onto never-written blocks): neither journaled nor written.",
         value: |d| Value::Int(d.writes_unchanged),
     },
     Series {

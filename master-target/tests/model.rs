@@ -179,11 +179,7 @@ proptest! {
 #[test]
 fn bad_digest_and_out_of_range_are_refused_before_any_write() {
     let dir = tempfile::tempdir().unwrap();
-    File::create(dir.path().join("disk.img"))
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let a = open(dir.path());
+    let a = fresh(dir.path());
     let mut b = batch(1, 1, &[(0, 512, 7)]);
     b.writes[0].digest[0] ^= 1;
     assert!(matches!(
@@ -434,4 +430,26 @@ fn writes_of_what_the_disk_holds_are_neither_journaled_nor_written() {
         export(dir.path(), &a, 0).iter().all(|&b| b == 0),
         "before any write: zeros"
     );
+    // Within one group, a write is compared with the disk as the group's earlier writes
+    // leave it: putting back the bytes an earlier write changed is a change, and writing
+    // what an earlier write wrote is not.
+    want[32 << 10..48 << 10].fill(7);
+    let far = DISK_BYTES - (64 << 10);
+    let unchanged = a.stats.writes_unchanged;
+    lsn = a.committed_lsn() + 1;
+    apply(&mut a, lsn, &[(far, 4096, 9), (far, 4096, 0)]);
+    apply(&mut a, lsn + 2, &[(far, 4096, 5), (far, 4096, 5)]);
+    assert_eq!(a.stats.writes_unchanged, unchanged + 1, "only the repeat");
+    want[far as usize..far as usize + 4096].fill(5);
+    let latest = a.committed_lsn();
+    assert!(export(dir.path(), &a, latest) == want, "latest");
+    want[far as usize..far as usize + 4096].fill(0);
+    assert!(export(dir.path(), &a, lsn + 1) == want, "zeros put back");
+    // A restart finds the same journal: committed LSN, points and exports.
+    let points = a.journal().points().to_vec();
+    drop(a);
+    let a = open(dir.path());
+    assert_eq!(a.committed_lsn(), latest);
+    assert_eq!(a.journal().points(), &points[..]);
+    assert!(export(dir.path(), &a, lsn + 1) == want, "after a restart");
 }
