@@ -243,7 +243,7 @@ pub fn begin_undo(
 /// after making it an UndoZeros record (no data) if the old data is all zeros.
 pub fn finish_undo(out: &mut Vec<u8>, start: usize) {
     let data = start + HEADER_LEN + UNDO_META_LEN;
-    if is_zeros(&out[data..]) {
+    if wire_protocol::is_zeros(&out[data..]) {
         let len = (out.len() - data) as u64;
         out.truncate(data);
         out.extend_from_slice(&len.to_be_bytes());
@@ -255,17 +255,6 @@ pub fn finish_undo(out: &mut Vec<u8>, start: usize) {
         &out[start + HEADER_LEN..],
     );
     out[start + 12..start + 16].copy_from_slice(&crc.to_be_bytes());
-}
-
-/// Whether `b` is all zeros (in 64-byte blocks the compiler vectorizes: this runs over every
-/// byte a group overwrites).
-fn is_zeros(b: &[u8]) -> bool {
-    let blocks = b.chunks_exact(64);
-    let tail = blocks.remainder();
-    blocks
-        .map(|c| c.iter().fold(0u8, |a, &x| a | x))
-        .all(|x| x == 0)
-        && tail.iter().all(|&x| x == 0)
 }
 
 /// The undo records of `buf` (whole records, as [`begin_undo`] and [`finish_undo`] wrote

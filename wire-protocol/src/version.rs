@@ -14,17 +14,20 @@
 //! | 1 | the first protocol |
 //! | 2 | request ids on attach, digest request, digest list and error ([`crate::message`]) |
 //! | 3 | replication groups: the attach's OS type, and [`crate::Cut`] (group-consistent cuts) |
+//! | 4 | zero extents: a write of zeros is sent as its length alone ([`crate::message::ZERO_EXTENT`]) |
 
 use crate::{Error, Result};
 
 /// The oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 /// The first version whose requests and replies carry request ids.
 pub const REQUEST_IDS_SINCE: u16 = 2;
 /// The first version with replication groups: the attach's OS type and [`crate::Cut`].
 pub const GROUPS_SINCE: u16 = 3;
+/// The first version with zero extents in write batches.
+pub const ZERO_EXTENTS_SINCE: u16 = 4;
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
 const _: () = assert!(
     PROTOCOL_VERSION_MIN >= 1,

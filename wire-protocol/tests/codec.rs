@@ -404,10 +404,11 @@ fn unknown_types_are_errors_unless_ignorable() {
 
 #[test]
 fn compression_is_used_only_when_it_pays() {
-    let zeros = Bytes::from(vec![0u8; 64 << 10]);
+    // Not zeros: from version 4 those cross as their length, with nothing to compress.
+    let repeated = Bytes::from(vec![7u8; 64 << 10]);
     let mut random = vec![0u8; 64 << 10];
     blake3::Hasher::new().finalize_xof().fill(&mut random);
-    for (data, expect_compressed) in [(zeros, true), (Bytes::from(random), false)] {
+    for (data, expect_compressed) in [(repeated, true), (Bytes::from(random), false)] {
         let msg = Message::WriteBatch(WriteBatch {
             disk_id: 1,
             first_lsn: 1,
@@ -497,4 +498,90 @@ fn version_1_layout_is_frozen_and_version_2_appends_the_request_id() {
     // A version-1 payload read as version 2 is short, and the reverse has trailing bytes.
     assert!(Message::decode_payload(2, types::DIGEST_REQUEST, v1.freeze()).is_err());
     assert!(Message::decode_payload(1, types::DIGEST_REQUEST, v2.freeze()).is_err());
+}
+
+/// A batch of one 1 MiB write of zeros and one 4 KiB write of data.
+fn zeros_and_data() -> Message {
+    let zeros = Bytes::from(vec![0u8; 1 << 20]);
+    let data = Bytes::from(vec![7u8; 4096]);
+    Message::WriteBatch(WriteBatch {
+        disk_id: 1,
+        first_lsn: 1,
+        writes: vec![
+            Write {
+                timestamp_us: 1,
+                offset: 0,
+                digest: digest(&zeros),
+                data: zeros,
+            },
+            Write {
+                timestamp_us: 2,
+                offset: 1 << 20,
+                digest: digest(&data),
+                data,
+            },
+        ],
+    })
+}
+
+/// From version 4 a write of zeros crosses as its length alone; before, as its bytes. Both
+/// decode to the same writes.
+#[test]
+fn a_write_of_zeros_is_sent_as_its_length_from_version_4() {
+    let msg = zeros_and_data();
+    let v4 = encode_in(version::ZERO_EXTENTS_SINCE, &msg, Compression::None);
+    let v3 = encode_in(version::ZERO_EXTENTS_SINCE - 1, &msg, Compression::None);
+    assert!(
+        v4.len() < 4096 + 1024,
+        "zeros are not on the wire: {}",
+        v4.len()
+    );
+    assert!(
+        v3.len() > 1 << 20,
+        "an older peer gets the bytes: {}",
+        v3.len()
+    );
+    assert_eq!(decode_all(v4).unwrap(), vec![msg.clone()]);
+    assert_eq!(decode_all(v3).unwrap(), vec![msg]);
+}
+
+/// The zero-extent bit means nothing before version 4 (there it is a length past the batch
+/// limit), and from version 4 zero extents count toward the batch limit like data: a peer
+/// cannot make a decoder hand out more zeros than a batch may carry.
+#[test]
+fn zero_extents_are_bounded_and_refused_before_version_4() {
+    let frame = |v: u16, lens: &[u32]| {
+        let mut p = BytesMut::new();
+        p.put_u64(1);
+        p.put_u64(1);
+        p.put_u32(lens.len() as u32);
+        for &len in lens {
+            p.put_u64(0);
+            p.put_u64(0);
+            p.put_u32(len | message::ZERO_EXTENT);
+            p.put_slice(&[0u8; 32]);
+        }
+        let mut out = BytesMut::new();
+        let header = Header {
+            version: v,
+            msg_type: types::WRITE_BATCH,
+            flags: 0,
+            wire_len: p.len() as u32,
+            raw_len: p.len() as u32,
+        };
+        put_frame(header, &p, &mut out).unwrap();
+        out
+    };
+    let half = (MAX_BATCH_DATA_LEN / 2) as u32;
+    let v4 = version::ZERO_EXTENTS_SINCE;
+    let ok = decode_all(frame(v4, &[half, half])).unwrap();
+    let Message::WriteBatch(b) = &ok[0] else {
+        panic!("{ok:?}")
+    };
+    assert_eq!(b.data_len(), MAX_BATCH_DATA_LEN);
+    assert!(b.writes.iter().all(|w| w.data.iter().all(|&x| x == 0)));
+    let over = decode_all(frame(v4, &[half, half, 1])).unwrap_err();
+    assert!(matches!(over, Error::TooLarge { .. }), "{over}");
+    let old = decode_all(frame(v4 - 1, &[4096])).unwrap_err();
+    assert!(matches!(old, Error::TooLarge { .. }), "{old}");
 }

@@ -16,6 +16,9 @@
 //!                      writes: [{ timestamp_us: u64, offset: u64, len: u32,
 //!                                 digest: [u8; 32], data: [u8; len] }; count] }
 //!                    // write i has LSN first_lsn + i; digest = blake3(data), made at capture
+//!                    // v4: len's top bit (ZERO_EXTENT) set: `data` is absent and is len & !ZERO_EXTENT
+//!                    // zeros (a never-written region: a resync of a thin disk sends its
+//!                    // holes in 52 bytes per write, not their size)
 //! Bookmark      = 4  { disk_id: u64, lsn: u64, kind: u8, time_us: u64, group_marker: u64, tag: str,
 //!                      v3: group_members: u32 }
 //!                    // a bookmark takes an LSN of its own in the disk's stream
@@ -82,6 +85,10 @@ const _: () = assert!(
         <= crate::frame::MAX_PAYLOAD_LEN,
     "the largest write batch fits one frame"
 );
+/// A write's `len` with this bit set (version 4) carries no data: the write is that many
+/// zeros. A length never reaches it ([`MAX_BATCH_DATA_LEN`]).
+pub const ZERO_EXTENT: u32 = 1 << 31;
+const _: () = assert!((MAX_BATCH_DATA_LEN as u64) < ZERO_EXTENT as u64);
 /// Capability bit: the sender can decode zstd-compressed payloads.
 pub const CAP_ZSTD: u32 = 1;
 

@@ -1,6 +1,7 @@
 //! Encoding and decoding of payloads, as the layouts in the [module doc](super) say, one
-//! function per message. The version in the frame header picks the layout; the only
-//! difference between versions today is version 2's trailing request id.
+//! function per message. The version in the frame header picks the layout: version 2 adds
+//! trailing request ids, version 3 the attach's OS type, the bookmark's group size and the
+//! cut, version 4 zero extents in write batches.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -9,9 +10,9 @@ use super::{
     invalid, Ack, AckEntry, Bookmark, BookmarkKind, Cut, CutPhase, DigestList, DigestRequest,
     DiskAttach, ErrorCode, ErrorMsg, Hello, LocationKind, Message, Nack, Role, Write, WriteBatch,
     BATCH_HEADER_LEN, IGNORABLE_TYPES_START, MAX_ACK_ENTRIES, MAX_BATCH_DATA_LEN,
-    MAX_DIGESTS_PER_LIST, MAX_WRITES_PER_BATCH, WRITE_META_LEN,
+    MAX_DIGESTS_PER_LIST, MAX_WRITES_PER_BATCH, WRITE_META_LEN, ZERO_EXTENT,
 };
-use crate::version::{GROUPS_SINCE, REQUEST_IDS_SINCE};
+use crate::version::{GROUPS_SINCE, REQUEST_IDS_SINCE, ZERO_EXTENTS_SINCE};
 use crate::{Error, Result};
 
 impl Message {
@@ -26,7 +27,7 @@ impl Message {
                 put_str(dst, &h.node_id)?;
             }
             Message::DiskAttach(a) => encode_attach(a, dst)?,
-            Message::WriteBatch(b) => encode_batch(b, dst)?,
+            Message::WriteBatch(b) => encode_batch(b, version >= ZERO_EXTENTS_SINCE, dst)?,
             Message::Bookmark(m) => {
                 dst.put_u64(m.disk_id);
                 dst.put_u64(m.lsn);
@@ -97,7 +98,8 @@ impl Message {
     }
 
     /// Decodes a message of type `msg_type` from its (decompressed) payload, laid out as
-    /// protocol `version` says. Write data are zero-copy slices of `payload`.
+    /// protocol `version` says. Write data are zero-copy slices of `payload`, or of a static
+    /// array of zeros for a zero extent (version 4).
     pub fn decode_payload(version: u16, msg_type: u16, payload: Bytes) -> Result<Message> {
         let what = match msg_type {
             HELLO => "hello",
@@ -117,7 +119,7 @@ impl Message {
             t => return Err(Error::UnknownMessage(t)),
         };
         let mut r = Reader { buf: payload, what };
-        let mut msg = decode_fields(msg_type, &mut r)?;
+        let mut msg = decode_fields(msg_type, version, &mut r)?;
         if version >= REQUEST_IDS_SINCE && carries_request_id(msg_type) {
             let id = r.u64()?;
             msg.set_request_id(id);
@@ -138,7 +140,7 @@ fn carries_request_id(msg_type: u16) -> bool {
 }
 
 /// The fields every version has, of a known message type.
-fn decode_fields(msg_type: u16, r: &mut Reader) -> Result<Message> {
+fn decode_fields(msg_type: u16, version: u16, r: &mut Reader) -> Result<Message> {
     Ok(match msg_type {
         HELLO => Message::Hello(Hello {
             proto_min: r.u16()?,
@@ -154,7 +156,7 @@ fn decode_fields(msg_type: u16, r: &mut Reader) -> Result<Message> {
             node_id: r.string("node id")?,
         }),
         DISK_ATTACH => Message::DiskAttach(decode_attach(r)?),
-        WRITE_BATCH => Message::WriteBatch(decode_batch(r)?),
+        WRITE_BATCH => Message::WriteBatch(decode_batch(r, version >= ZERO_EXTENTS_SINCE)?),
         BOOKMARK => Message::Bookmark(decode_bookmark(r)?),
         ACK => {
             let n = r.count(MAX_ACK_ENTRIES, 16)?;
@@ -318,7 +320,8 @@ fn decode_digests(r: &mut Reader) -> Result<DigestList> {
     })
 }
 
-fn encode_batch(b: &WriteBatch, dst: &mut BytesMut) -> Result<()> {
+/// Encodes a batch; with `zero_extents` (version 4), a write of zeros as its length alone.
+fn encode_batch(b: &WriteBatch, zero_extents: bool, dst: &mut BytesMut) -> Result<()> {
     if b.writes.is_empty() || b.writes.len() > MAX_WRITES_PER_BATCH {
         return Err(Error::Invalid {
             field: "write count",
@@ -338,16 +341,25 @@ fn encode_batch(b: &WriteBatch, dst: &mut BytesMut) -> Result<()> {
     dst.put_u64(b.first_lsn);
     dst.put_u32(b.writes.len() as u32);
     for w in &b.writes {
+        let zeros = zero_extents && crate::is_zeros(&w.data);
         dst.put_u64(w.timestamp_us);
         dst.put_u64(w.offset);
-        dst.put_u32(w.data.len() as u32);
+        dst.put_u32(w.data.len() as u32 | if zeros { ZERO_EXTENT } else { 0 });
         dst.put_slice(&w.digest);
-        dst.put_slice(&w.data);
+        if !zeros {
+            dst.put_slice(&w.data);
+        }
     }
     Ok(())
 }
 
-fn decode_batch(r: &mut Reader) -> Result<WriteBatch> {
+/// The bytes of a zero extent: a decoded one's data is a slice of this (never written, so
+/// its pages are the kernel's shared zero page, not memory of ours).
+static ZEROS: [u8; MAX_BATCH_DATA_LEN] = [0; MAX_BATCH_DATA_LEN];
+
+/// Decodes a batch; with `zero_extents` (version 4), a length with [`ZERO_EXTENT`] set is
+/// a write of that many zeros, its data absent.
+fn decode_batch(r: &mut Reader, zero_extents: bool) -> Result<WriteBatch> {
     let disk_id = r.u64()?;
     let first_lsn = r.u64()?;
     let n = r.count(MAX_WRITES_PER_BATCH, WRITE_META_LEN)?;
@@ -365,7 +377,14 @@ fn decode_batch(r: &mut Reader) -> Result<WriteBatch> {
     for _ in 0..n {
         let timestamp_us = r.u64()?;
         let offset = r.u64()?;
-        let len = r.u32()? as usize;
+        let raw_len = r.u32()?;
+        // Before version 4 the bit is part of the length, which the batch limit refuses.
+        let zeros = zero_extents && raw_len & ZERO_EXTENT != 0;
+        let len = if zeros {
+            raw_len & !ZERO_EXTENT
+        } else {
+            raw_len
+        } as usize;
         let digest = r.array()?;
         data_total += len;
         if data_total > MAX_BATCH_DATA_LEN {
@@ -378,7 +397,12 @@ fn decode_batch(r: &mut Reader) -> Result<WriteBatch> {
         if offset.checked_add(len as u64).is_none() {
             return Err(invalid("write offset", offset));
         }
-        let data = r.bytes(len)?;
+        let data = if zeros {
+            // Within the batch limit (checked above), so within ZEROS.
+            Bytes::from_static(&ZEROS[..len])
+        } else {
+            r.bytes(len)?
+        };
         writes.push(Write {
             timestamp_us,
             offset,
