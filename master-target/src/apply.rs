@@ -181,7 +181,7 @@ impl Applier {
         // Digests are the most expensive check: spread them over the cores.
         let bad = fresh
             .par_iter()
-            .position_first(|w| wire_protocol::digest(&w.data) != w.digest);
+            .position_first(|w| !wire_protocol::digest_matches(w));
         if let Some(i) = bad {
             return Verdict::Refuse(Error::DigestMismatch {
                 disk_id: self.disk_id,

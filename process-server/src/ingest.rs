@@ -258,7 +258,7 @@ fn refuse_content(msg: &Message, size_bytes: u64) -> Option<Message> {
             let bad = b
                 .writes
                 .iter()
-                .position(|w| wire_protocol::digest(&w.data) != w.digest)?;
+                .position(|w| !wire_protocol::digest_matches(w))?;
             Some(Message::Nack(Nack {
                 disk_id: b.disk_id,
                 from_lsn: b.first_lsn,

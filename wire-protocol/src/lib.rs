@@ -54,6 +54,43 @@ pub fn digest(data: &[u8]) -> [u8; 32] {
     *blake3::hash(data).as_bytes()
 }
 
+/// Digests of zeros a thread remembers, by length: zero extents come in few lengths (a
+/// resync's block size, a capture's write sizes); a peer sending many only refills it.
+const ZERO_DIGESTS_MAX: usize = 64;
+
+/// Whether a write's digest is that of its data. A decoded zero extent's (version 4) is
+/// compared with the digest of that many zeros, remembered per length: 52 bytes from a
+/// peer must not cost 8 MiB of hashing each time.
+pub fn digest_matches(w: &Write) -> bool {
+    let zeros = message::payload::ZEROS.as_ptr_range();
+    let data = w.data.as_ptr_range();
+    // Any slice inside the static array is zeros: it is never written.
+    if !w.data.is_empty() && zeros.start <= data.start && data.end <= zeros.end {
+        return zero_digest(w.data.len()) == w.digest;
+    }
+    digest(&w.data) == w.digest
+}
+
+/// The digest of `len` zeros (at most the batch limit), remembered per thread.
+fn zero_digest(len: usize) -> [u8; 32] {
+    thread_local! {
+        static KNOWN: std::cell::RefCell<std::collections::HashMap<usize, [u8; 32]>> =
+            std::cell::RefCell::default();
+    }
+    KNOWN.with(|k| {
+        let mut k = k.borrow_mut();
+        if let Some(d) = k.get(&len) {
+            return *d;
+        }
+        if k.len() >= ZERO_DIGESTS_MAX {
+            k.clear();
+        }
+        let d = digest(&message::payload::ZEROS[..len]);
+        k.insert(len, d);
+        d
+    })
+}
+
 /// Whether `b` is all zeros: in 64-byte blocks the compiler vectorizes, since this runs over
 /// every write sent (a zero extent) and every byte a master target overwrites (an undo of
 /// zeros); data that is not zeros is told from its first block.

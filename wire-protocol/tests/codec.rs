@@ -585,3 +585,34 @@ fn zero_extents_are_bounded_and_refused_before_version_4() {
     let old = decode_all(frame(v4 - 1, &[4096])).unwrap_err();
     assert!(matches!(old, Error::TooLarge { .. }), "{old}");
 }
+
+/// A decoded zero extent's digest is checked like any write's (without hashing its zeros
+/// again each time): the right one matches, a wrong one does not, and data that merely is
+/// zeros (not decoded from an extent) is hashed as ever.
+#[test]
+fn a_zero_extents_digest_is_checked() {
+    let msg = zeros_and_data();
+    let Message::WriteBatch(mut b) = decode_all(encode_in(
+        version::ZERO_EXTENTS_SINCE,
+        &msg,
+        Compression::None,
+    ))
+    .unwrap()
+    .remove(0) else {
+        panic!("a batch")
+    };
+    for _ in 0..2 {
+        assert!(b.writes.iter().all(digest_matches), "right digests");
+    }
+    b.writes[0].digest[0] ^= 1;
+    assert!(!digest_matches(&b.writes[0]), "a wrong digest of zeros");
+    let mut own = b.writes[0].clone();
+    own.data = Bytes::from(vec![0u8; own.data.len()]);
+    assert!(!digest_matches(&own));
+    own.digest = digest(&own.data);
+    assert!(digest_matches(&own));
+    let mut short = b.writes[0].clone();
+    short.data = short.data.slice(..4096);
+    short.digest = digest(&[0u8; 4096]);
+    assert!(digest_matches(&short), "a slice of an extent is zeros too");
+}

@@ -55,7 +55,7 @@
 //! answers no request (id 0) is never taken for an answer. An attach that succeeds is
 //! answered by an [`Ack`] of its disk (one attach of a disk is in flight at a time).
 
-mod payload;
+pub(crate) mod payload;
 
 use bytes::Bytes;
 

@@ -355,7 +355,7 @@ fn encode_batch(b: &WriteBatch, zero_extents: bool, dst: &mut BytesMut) -> Resul
 
 /// The bytes of a zero extent: a decoded one's data is a slice of this (never written, so
 /// its pages are the kernel's shared zero page, not memory of ours).
-static ZEROS: [u8; MAX_BATCH_DATA_LEN] = [0; MAX_BATCH_DATA_LEN];
+pub(crate) static ZEROS: [u8; MAX_BATCH_DATA_LEN] = [0; MAX_BATCH_DATA_LEN];
 
 /// Decodes a batch; with `zero_extents` (version 4), a length with [`ZERO_EXTENT`] set is
 /// a write of that many zeros, its data absent.
