@@ -555,13 +555,22 @@ fn full_resync_to_an_alternate_location_and_an_on_demand_bookmark() {
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(c.dir.join("logs/agent-1.log")).unwrap());
     let child = cmd.spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Asked once the agent listens (a fixed 2 s sleep lost the race to a slow start in CI).
+    let socket = agent::control::socket_path(&c.agent_state(1));
+    let t = std::time::Instant::now();
+    while !socket.exists() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = Command::new(BIN)
         .args(["agent", "bookmark", "--tag=operator-said-so"])
         .arg(format!("--state-dir={}", c.agent_state(1).display()))
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "on-demand bookmark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = finish(&c, 1, child);
     assert_eq!(
         r["resync_compared_bytes"].as_u64().unwrap(),
