@@ -843,7 +843,9 @@ fn not_journal(fs: &dyn FileSystem, listed: &[(u32, PathBuf)]) -> Result<(usize,
         return Ok((front, false));
     };
     let tail = scan(fs, last, true)?;
-    if !(tail.undos.is_empty() && tail.points.is_empty()) {
+    // A resync marker there is one a rotation carried over (`Journal::carry_resync`):
+    // the segment before it says the same.
+    if !(tail.undos.is_empty() && tail.points.iter().all(|p| !p.kind.is_point())) {
         return Ok((front, false));
     }
     let checkpoint = tail.last_commit().map_or(0, |c| c.0);
@@ -898,9 +900,11 @@ fn load(fs: &dyn FileSystem, listed: Vec<(u32, PathBuf)>, disk: &DiskFile) -> Re
             order.feed(fs, &path, *u)?;
         }
         let mut keep_len = s.len;
+        // Points past the last segment's last commit are a torn tail's: not kept, and not
+        // needing the segment.
+        let commit_lsn = s.last_commit().map_or(0, |c| c.0);
         if last {
             keep_len = roll_back_tail(fs, &path, &s, disk)?;
-            let commit_lsn = s.last_commit().map_or(0, |c| c.0);
             out.points
                 .extend(s.points.iter().filter(|p| p.lsn <= commit_lsn).cloned());
         } else {
@@ -924,7 +928,7 @@ fn load(fs: &dyn FileSystem, listed: Vec<(u32, PathBuf)>, disk: &DiskFile) -> Re
             last_point_lsn: s
                 .points
                 .iter()
-                .filter(|p| p.kind.is_point())
+                .filter(|p| p.kind.is_point() && (!last || p.lsn <= commit_lsn))
                 .map(|p| p.lsn)
                 .max()
                 .unwrap_or(0),
@@ -1223,7 +1227,12 @@ impl Journal {
     /// replication carries on). Returns whether anything was freed.
     pub fn reset_for_space(&mut self) -> Result<bool> {
         let checkpoint_len = 2 * COMMIT_RECORD_LEN;
-        if self.segments.len() != 1 || self.segments[0].bytes <= checkpoint_len {
+        let mut carried = Vec::new();
+        self.carry_resync(0, &mut carried);
+        // What a reset leaves: one that leaves as much as there is frees nothing (and
+        // answering that it did would have the caller retry forever on a full volume).
+        let reset_len = checkpoint_len + carried.len() as u64;
+        if self.segments.len() != 1 || self.segments[0].bytes <= reset_len {
             return Ok(false);
         }
         // Never truncate first: a crash between a truncation and the new checkpoint would
@@ -1245,6 +1254,13 @@ impl Journal {
         self.synced_bytes.set(checkpoint_len);
         self.points.clear();
         self.horizon_lsn = self.committed_lsn;
+        // The resync's start marker went with the rest: written again (a crash before
+        // this sync loses it; the volume was full and there is nowhere else to put it
+        // first, and the bytes past the checkpoint cannot be overwritten in place).
+        if !carried.is_empty() {
+            self.append(&carried)?;
+            self.sync()?;
+        }
         Ok(true)
     }
 
@@ -1254,10 +1270,7 @@ impl Journal {
         if self.segments.len() < 2 {
             return Ok(false);
         }
-        let dropped_lsn = self.drop_oldest_segment()?;
-        self.horizon_lsn = self.horizon_lsn.max(dropped_lsn);
-        let h = self.horizon_lsn;
-        self.points.retain(|p| p.lsn >= h);
+        self.drop_oldest_segment()?;
         Ok(true)
     }
 
@@ -1270,6 +1283,7 @@ impl Journal {
         let path = seg_path(&self.dir, seq);
         let mut buf = Vec::new();
         encode_commit(self.committed_lsn, time_us, &mut buf);
+        self.carry_resync(time_us, &mut buf);
         let f = self
             .fs
             .open(&path, OpenMode::CreateNew)
@@ -1316,24 +1330,53 @@ impl Journal {
         }
         let mut forced = false;
         while self.bytes() > quota_bytes && self.segments.len() > 1 {
-            let dropped_lsn = self.drop_oldest_segment()?;
-            self.horizon_lsn = self.horizon_lsn.max(dropped_lsn);
-            let before = self.points.len();
-            let h = self.horizon_lsn;
-            self.points.retain(|p| p.lsn >= h);
-            forced |= self.points.len() < before;
+            forced |= self.drop_oldest_segment()?;
         }
         Ok(forced)
     }
 
-    fn drop_oldest_segment(&mut self) -> Result<u64> {
+    /// Drops the oldest segment, and the points it takes with it: those it makes
+    /// unbuildable (their undo records were in it), and those whose record was in it. The
+    /// latter could still be built, but a restart would no longer list them: what is listed
+    /// must survive a restart. Returns whether a kept point went.
+    fn drop_oldest_segment(&mut self) -> Result<bool> {
         let seg = self.segments.remove(0);
         self.fs
             .remove_file(&seg.path)
             .ctx(|| format!("remove {}", seg.path.display()))?;
         // Durable now, so that no crash brings it back behind what follows it.
         sync_dir(&*self.fs, &self.dir)?;
-        Ok(seg.last_undo_lsn)
+        self.horizon_lsn = self.horizon_lsn.max(seg.last_undo_lsn);
+        let (h, recorded_to) = (self.horizon_lsn, seg.last_point_lsn);
+        let before = self.points.len();
+        self.points.retain(|p| p.lsn >= h && p.lsn > recorded_to);
+        Ok(self.points.len() < before)
+    }
+
+    /// Appends, while a resync is under way, a copy of its start marker (at the committed
+    /// LSN) and a commit of that LSN to `buf`, which follows a segment's checkpoint: the
+    /// marker that began the resync may be in a segment that pruning drops, and a restart
+    /// that no longer saw it would make recovery points of a half-resynced disk. The commit
+    /// after it keeps it out of the torn tail that a restart cuts off.
+    ///
+    /// ```text
+    /// segment start: Commit{C} Commit{C} [Point{ResyncStarted, lsn C} Commit{C} Commit{C}]
+    /// ```
+    fn carry_resync(&self, time_us: u64, buf: &mut Vec<u8>) {
+        if !self.resyncing {
+            return;
+        }
+        let marker = Point {
+            id: 0,
+            lsn: self.committed_lsn,
+            time_us,
+            kind: PointKind::ResyncStarted,
+            tag: "resync under way (carried to this segment)".into(),
+            group_marker: 0,
+            group_members: 0,
+        };
+        encode_point(&marker, buf);
+        encode_commit(self.committed_lsn, time_us, buf);
     }
 
     /// Writes the disk as it was at `point` into `out`, which holds a copy of the disk at

@@ -453,3 +453,160 @@ fn writes_of_what_the_disk_holds_are_neither_journaled_nor_written() {
     assert_eq!(a.journal().points(), &points[..]);
     assert!(export(dir.path(), &a, lsn + 1) == want, "after a restart");
 }
+
+/// An applier over a disk filled with 0xEE (every write's old bytes go to the journal as
+/// data), a segment per group, and a journal quota of `quota_bytes`.
+fn one_group_per_segment(dir: &Path, quota_bytes: u64) -> Applier {
+    std::fs::write(dir.join("disk.img"), vec![0xEE; DISK_BYTES as usize]).unwrap();
+    reopen(dir, quota_bytes)
+}
+
+fn reopen(dir: &Path, quota_bytes: u64) -> Applier {
+    let disk = DiskFile::open(&dir.join("disk.img")).unwrap();
+    let journal = Journal::open(&dir.join("journal"), &disk)
+        .unwrap()
+        .with_segment_target_bytes(1);
+    let policy = RetentionPolicy {
+        quota_bytes,
+        crash_point_interval_us: 1,
+        ..policy()
+    };
+    Applier::new(1, disk, journal, policy)
+}
+
+fn apply_batch(a: &mut Applier, ts: u64, writes: &[(u64, usize, u8)]) {
+    let next = a.committed_lsn() + 1;
+    let Verdict::Accept(items) = a.check_batch(&batch(next, ts, writes), next) else {
+        panic!("batch refused")
+    };
+    a.apply(&items).unwrap();
+}
+
+fn ids_and_lsns(a: &Applier) -> Vec<(u64, u64)> {
+    a.journal().points().iter().map(|p| (p.id, p.lsn)).collect()
+}
+
+/// The journal quota drops a segment holding the record of a point whose undo records are
+/// all in later segments (a group of unchanged writes journals a point and no undo): that
+/// point goes with it, so the points listed are the points a restart finds.
+#[test]
+fn the_points_listed_after_a_quota_drop_are_those_a_restart_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = one_group_per_segment(dir.path(), 256 << 10);
+    for i in 0..24u64 {
+        // Odd groups write again what the even group before them wrote: no undo.
+        let fill = (i / 2) as u8 + 1;
+        apply_batch(&mut a, i * 10 + 10, &[((i / 2 % 4) * 65536, 65536, fill)]);
+    }
+    let listed = ids_and_lsns(&a);
+    assert!(
+        listed.len() >= 4 && listed.len() < 24,
+        "the quota dropped the oldest points and kept some: {listed:?}"
+    );
+    drop(a);
+    let a = reopen(dir.path(), 256 << 10);
+    assert_eq!(ids_and_lsns(&a), listed, "a restart lists the same points");
+}
+
+/// A resync under way stays under way across a restart after the segment holding its
+/// start marker was dropped by the quota: no recovery point is made of a half-resynced
+/// disk, until the resync completes.
+#[test]
+fn a_resync_stays_under_way_when_its_start_markers_segment_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let quota = 256 << 10;
+    let mut a = one_group_per_segment(dir.path(), quota);
+    apply_batch(&mut a, 10, &[(0, 4096, 1)]);
+    let bookmark = |a: &mut Applier, kind, ts| {
+        let next = a.committed_lsn() + 1;
+        let bm = Bookmark {
+            disk_id: 1,
+            lsn: next,
+            kind,
+            time_us: ts,
+            group_marker: 0,
+            group_members: 0,
+            tag: "resync".into(),
+        };
+        let Verdict::Accept(items) = a.check_bookmark(&bm, next) else {
+            panic!("bookmark refused")
+        };
+        a.apply(&items).unwrap()
+    };
+    let first_segment = dir.path().join("journal/seg-00000001.fbj");
+    bookmark(&mut a, BookmarkKind::ResyncStarted, 20);
+    let points_before = ids_and_lsns(&a);
+    for i in 0..12u64 {
+        apply_batch(
+            &mut a,
+            30 + i * 10,
+            &[((i % 4) * 65536, 65536, i as u8 + 2)],
+        );
+    }
+    assert!(
+        !first_segment.exists() && !dir.path().join("journal/seg-00000002.fbj").exists(),
+        "the quota dropped the segments of the first group and of the start marker"
+    );
+    assert!(a.journal().resyncing());
+    for _ in 0..2 {
+        drop(a);
+        a = reopen(dir.path(), quota);
+        assert!(
+            a.journal().resyncing(),
+            "every restart still knows the resync is under way"
+        );
+    }
+    apply_batch(&mut a, 200, &[(4096, 4096, 9)]);
+    drop(a);
+    let mut a = reopen(dir.path(), quota);
+    apply_batch(&mut a, 300, &[(8192, 4096, 9)]);
+    let during: Vec<_> = ids_and_lsns(&a)
+        .into_iter()
+        .filter(|p| !points_before.contains(p))
+        .collect();
+    assert!(
+        during.is_empty(),
+        "points made during the resync: {during:?}"
+    );
+    bookmark(&mut a, BookmarkKind::ResyncCompleted, 400);
+    drop(a);
+    let mut a = reopen(dir.path(), quota);
+    assert!(!a.journal().resyncing(), "the completed resync is over");
+    apply_batch(&mut a, 500, &[(12288, 4096, 9)]);
+    assert!(
+        a.journal()
+            .points()
+            .last()
+            .is_some_and(|p| p.time_us == 500),
+        "points are made again once it completed"
+    );
+}
+
+/// A full volume empties a lone segment down to its checkpoint: a resync under way is
+/// written again after it, so a restart still makes no point of the half-resynced disk.
+#[test]
+fn emptying_the_journal_for_room_keeps_a_resync_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("disk.img"), vec![0xEE; DISK_BYTES as usize]).unwrap();
+    let disk = DiskFile::open(&dir.path().join("disk.img")).unwrap();
+    let open = || Journal::open(&dir.path().join("journal"), &disk).unwrap();
+    let mut j = open();
+    let marker = (1, 10, PointKind::ResyncStarted, "resync".into(), (0, 0));
+    j.commit(1, 10, vec![marker]).unwrap();
+    let mut undo = Vec::new();
+    encode_undo(2, 20, 0, &[0xEE; 4096], &mut undo);
+    j.append(&undo).unwrap();
+    j.commit(2, 20, Vec::new()).unwrap();
+    assert!(j.reset_for_space().unwrap(), "the segment was emptied");
+    assert!(j.resyncing());
+    assert!(
+        !j.reset_for_space().unwrap(),
+        "emptied, it frees nothing more (a caller on a full volume stops asking)"
+    );
+    for _ in 0..2 {
+        drop(j);
+        j = open();
+        assert!(j.resyncing(), "every restart knows the resync is under way");
+        assert_eq!(j.committed_lsn(), 2);
+    }
+}
