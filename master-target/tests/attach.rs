@@ -226,8 +226,20 @@ fn a_detached_disk_stays_detached_and_another_process_server_is_refused() {
         .unwrap_err();
     assert!(matches!(e, Error::Detached { .. }), "{e}");
     let f = std::fs::File::open(ds.join("vm1/vm1-disk1-flat.vmdk")).unwrap();
-    f.try_lock()
-        .expect("a detached disk is not locked after a restart");
+    // A closed lock can outlive `close` briefly: an io_uring ring's teardown runs in kernel
+    // workers (`LOCK_RELEASE_WAIT_MS`, which the service waits too), and a sibling test's
+    // `qemu-img` child holds copies of this process's descriptors until its exec. So the
+    // lock is tried for as long as the service would wait, then must be free.
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_millis(2 * master_target::disk::LOCK_RELEASE_WAIT_MS);
+    let locked = loop {
+        match f.try_lock() {
+            Ok(()) => break Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => break Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    };
+    locked.expect("a detached disk is not locked after a restart");
 }
 
 #[test]
