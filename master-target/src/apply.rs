@@ -446,6 +446,8 @@ impl Applier {
                 let reset = self.journal.reset_for_space()?;
                 if reset {
                     tracing::warn!(disk = self.disk_id, "a volume is full with one journal segment left: every recovery point of the disk is dropped to make room (the latest state stays)");
+                } else if self.journal.resyncing() {
+                    tracing::warn!(disk = self.disk_id, "a volume is full during a resync with one journal segment left: its recovery points, the only consistent ones until the resync completes, are kept, and the disk waits for room; free space on the retention volume");
                 }
                 reset
             };

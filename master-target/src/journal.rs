@@ -292,6 +292,22 @@ fn encode_commit(lsn: u64, time_us: u64, out: &mut Vec<u8>) {
     encode(KIND_COMMIT, &body, out);
 }
 
+/// A copy of a resync's start marker at `lsn` (the committed LSN) and a commit of it: see
+/// `Journal::carry_resync`.
+fn encode_carried_resync(lsn: u64, time_us: u64, out: &mut Vec<u8>) {
+    let marker = Point {
+        id: 0,
+        lsn,
+        time_us,
+        kind: PointKind::ResyncStarted,
+        tag: "resync under way (carried over)".into(),
+        group_marker: 0,
+        group_members: 0,
+    };
+    encode_point(&marker, out);
+    encode_commit(lsn, time_us, out);
+}
+
 fn encode_point(p: &Point, out: &mut Vec<u8>) {
     let tag = &p.tag.as_bytes()[..p.tag.len().min(u16::MAX as usize)];
     let mut body = Vec::with_capacity(27 + tag.len());
@@ -694,12 +710,22 @@ pub fn recover_damaged_in(
     let listed = list_segments(fs, dir)?;
     let n = listed.len();
     let mut committed = 0;
+    // Whether the newest resync marker that can be read says a resync is under way: the
+    // fresh journal says so too, or it would make points of a half-resynced disk.
+    let mut resyncing = false;
     disk.drop_cache()?;
     for (i, (_, path)) in listed.iter().enumerate() {
         let last = i + 1 == n;
         let s = scan(fs, path, last)?;
         if let Some(c) = s.last_commit() {
             committed = c.0;
+        }
+        for p in s.points.iter().filter(|p| !last || p.lsn <= committed) {
+            match p.kind {
+                PointKind::ResyncStarted => resyncing = true,
+                PointKind::ResyncCompleted => resyncing = false,
+                _ => {}
+            }
         }
         if last {
             let commit_end = s.last_commit().map_or(0, |c| c.1);
@@ -736,6 +762,9 @@ pub fn recover_damaged_in(
         .ctx(|| format!("create {}", path.display()))?;
     let mut buf = Vec::new();
     encode_commit(committed, 0, &mut buf);
+    if resyncing {
+        encode_carried_resync(committed, 0, &mut buf);
+    }
     f.write_all_at(&buf, 0)
         .and_then(|_| f.sync_all())
         .ctx(|| format!("write {}", path.display()))?;
@@ -1225,14 +1254,14 @@ impl Journal {
     /// Frees room on a full volume when a single segment is left: empties it down to a
     /// checkpoint of the committed LSN. Every recovery point goes (the latest state stays:
     /// replication carries on). Returns whether anything was freed.
+    ///
+    /// Never while a resync is under way: the points from before it are the only consistent
+    /// ones until it completes, and its start marker could not be written back after the
+    /// truncation without a moment when a crash loses it (and with it, the knowledge that
+    /// the disk is half resynced). The disk waits for room instead.
     pub fn reset_for_space(&mut self) -> Result<bool> {
         let checkpoint_len = 2 * COMMIT_RECORD_LEN;
-        let mut carried = Vec::new();
-        self.carry_resync(0, &mut carried);
-        // What a reset leaves: one that leaves as much as there is frees nothing (and
-        // answering that it did would have the caller retry forever on a full volume).
-        let reset_len = checkpoint_len + carried.len() as u64;
-        if self.segments.len() != 1 || self.segments[0].bytes <= reset_len {
+        if self.resyncing || self.segments.len() != 1 || self.segments[0].bytes <= checkpoint_len {
             return Ok(false);
         }
         // Never truncate first: a crash between a truncation and the new checkpoint would
@@ -1254,13 +1283,6 @@ impl Journal {
         self.synced_bytes.set(checkpoint_len);
         self.points.clear();
         self.horizon_lsn = self.committed_lsn;
-        // The resync's start marker went with the rest: written again (a crash before
-        // this sync loses it; the volume was full and there is nowhere else to put it
-        // first, and the bytes past the checkpoint cannot be overwritten in place).
-        if !carried.is_empty() {
-            self.append(&carried)?;
-            self.sync()?;
-        }
         Ok(true)
     }
 
@@ -1363,20 +1385,9 @@ impl Journal {
     /// segment start: Commit{C} Commit{C} [Point{ResyncStarted, lsn C} Commit{C} Commit{C}]
     /// ```
     fn carry_resync(&self, time_us: u64, buf: &mut Vec<u8>) {
-        if !self.resyncing {
-            return;
+        if self.resyncing {
+            encode_carried_resync(self.committed_lsn, time_us, buf);
         }
-        let marker = Point {
-            id: 0,
-            lsn: self.committed_lsn,
-            time_us,
-            kind: PointKind::ResyncStarted,
-            tag: "resync under way (carried to this segment)".into(),
-            group_marker: 0,
-            group_members: 0,
-        };
-        encode_point(&marker, buf);
-        encode_commit(self.committed_lsn, time_us, buf);
     }
 
     /// Writes the disk as it was at `point` into `out`, which holds a copy of the disk at

@@ -228,3 +228,39 @@ fn a_flipped_byte_in_the_newest_commit_keeps_its_twin_and_the_group() {
         );
     }
 }
+
+/// A damaged journal set aside during a resync: the fresh one still says a resync is under
+/// way (no point of the half-resynced disk), and says nothing of one that completed.
+#[test]
+fn recovery_of_a_damaged_journal_keeps_a_resync_under_way() {
+    use master_target::journal::{encode_undo, PointKind};
+    for completed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("disk.img"), vec![0x5a; DISK_BYTES as usize]).unwrap();
+        let disk = DiskFile::open(&dir.path().join("disk.img")).unwrap();
+        let jdir = dir.path().join("journal");
+        let mut j = Journal::open(&jdir, &disk).unwrap();
+        let marker = |lsn: u64, kind| (lsn, lsn * 10, kind, "r".to_string(), (0, 0));
+        j.commit(1, 10, vec![marker(1, PointKind::ResyncStarted)])
+            .unwrap();
+        let mut undo = Vec::new();
+        encode_undo(2, 20, 0, &[0x5a; 4096], &mut undo);
+        j.append(&undo).unwrap();
+        j.commit(2, 20, Vec::new()).unwrap();
+        if completed {
+            j.commit(3, 30, vec![marker(3, PointKind::ResyncCompleted)])
+                .unwrap();
+        }
+        drop(j);
+        let seg = segments(dir.path()).pop().unwrap();
+        flip(&seg, records(&seg, 1)[0] + 30);
+        assert!(matches!(
+            Journal::open(&jdir, &disk),
+            Err(Error::JournalCorrupt { .. })
+        ));
+        recover_damaged(&jdir, &disk).unwrap();
+        let j = Journal::open(&jdir, &disk).unwrap();
+        assert_eq!(j.resyncing(), !completed, "completed: {completed}");
+        assert_eq!(j.committed_lsn(), if completed { 3 } else { 2 });
+    }
+}

@@ -582,31 +582,40 @@ fn a_resync_stays_under_way_when_its_start_markers_segment_is_dropped() {
     );
 }
 
-/// A full volume empties a lone segment down to its checkpoint: a resync under way is
-/// written again after it, so a restart still makes no point of the half-resynced disk.
+/// A full volume empties a lone segment down to its checkpoint, dropping every point; not
+/// while a resync is under way (its points from before it are the only consistent ones, and
+/// its start marker must not be lost): the disk waits for room instead.
 #[test]
-fn emptying_the_journal_for_room_keeps_a_resync_under_way() {
+fn a_full_volume_never_empties_the_journal_of_a_disk_being_resynced() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("disk.img"), vec![0xEE; DISK_BYTES as usize]).unwrap();
     let disk = DiskFile::open(&dir.path().join("disk.img")).unwrap();
     let open = || Journal::open(&dir.path().join("journal"), &disk).unwrap();
     let mut j = open();
-    let marker = (1, 10, PointKind::ResyncStarted, "resync".into(), (0, 0));
-    j.commit(1, 10, vec![marker]).unwrap();
+    let point = |lsn, kind| (lsn, lsn * 10, kind, "t".to_string(), (0, 0));
+    j.commit(1, 10, vec![point(1, PointKind::AppConsistent)])
+        .unwrap();
+    j.commit(2, 20, vec![point(2, PointKind::ResyncStarted)])
+        .unwrap();
     let mut undo = Vec::new();
-    encode_undo(2, 20, 0, &[0xEE; 4096], &mut undo);
+    encode_undo(3, 30, 0, &[0xEE; 4096], &mut undo);
     j.append(&undo).unwrap();
-    j.commit(2, 20, Vec::new()).unwrap();
-    assert!(j.reset_for_space().unwrap(), "the segment was emptied");
+    j.commit(3, 30, Vec::new()).unwrap();
+    let bytes = j.bytes();
+    assert!(!j.reset_for_space().unwrap(), "refused during the resync");
+    assert_eq!((j.bytes(), j.points().len()), (bytes, 1), "nothing dropped");
+    drop(j);
+    j = open();
     assert!(j.resyncing());
+    j.commit(4, 40, vec![point(4, PointKind::ResyncCompleted)])
+        .unwrap();
     assert!(
-        !j.reset_for_space().unwrap(),
-        "emptied, it frees nothing more (a caller on a full volume stops asking)"
+        j.reset_for_space().unwrap(),
+        "once it completed, a reset may empty it"
     );
-    for _ in 0..2 {
-        drop(j);
-        j = open();
-        assert!(j.resyncing(), "every restart knows the resync is under way");
-        assert_eq!(j.committed_lsn(), 2);
-    }
+    assert!(j.points().is_empty() && !j.resyncing());
+    drop(j);
+    let j = open();
+    assert!(!j.resyncing() && j.points().is_empty());
+    assert_eq!(j.committed_lsn(), 4);
 }
