@@ -9,6 +9,9 @@
 //! bytes written twice (a journal append and the disk write), each made durable, and
 //! nothing else.
 //!
+//! Beside them, groups of 4,096 small writes (4 KiB) scattered over the disk and over a hot
+//! 4 MiB region, where most rewrite a block the group already wrote.
+//!
 //! Run: `cargo bench -p master-target --bench apply`. Prints the ratios at the end.
 
 use std::fs::{File, OpenOptions};
@@ -145,6 +148,50 @@ impl Journaled {
     }
 }
 
+impl Journaled {
+    /// One group of `writes` 4 KiB writes (slices of `d`) at pseudo-random 4 KiB-aligned
+    /// offsets within the first `region_bytes` of the disk: small scattered writes, as a
+    /// block trace's, that overlap each other more as the region shrinks.
+    fn scattered(&mut self, d: &Bytes, writes: usize, region_bytes: u64) {
+        const SMALL: usize = 4096;
+        let next = self.a.committed_lsn() + 1;
+        let blocks = region_bytes / SMALL as u64;
+        let mut x = next.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut writes: Vec<Write> = (0..writes)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (i % (d.len() / SMALL)) * SMALL;
+                let data = d.slice(at..at + SMALL);
+                Write {
+                    timestamp_us: next + i as u64,
+                    offset: (x % blocks) * SMALL as u64,
+                    digest: wire_protocol::digest(&data),
+                    data,
+                }
+            })
+            .collect();
+        // In batches the wire could carry (8 MiB of data each), applied as one group.
+        let mut items = Vec::new();
+        let per_batch = wire_protocol::message::MAX_BATCH_DATA_LEN / SMALL;
+        while !writes.is_empty() {
+            let rest = writes.split_off(writes.len().min(per_batch));
+            let first_lsn = next + items.len() as u64;
+            let b = WriteBatch {
+                disk_id: 1,
+                first_lsn,
+                writes: std::mem::replace(&mut writes, rest),
+            };
+            let Verdict::Accept(more) = self.a.check_batch(&b, first_lsn) else {
+                panic!("refused")
+            };
+            items.extend(more);
+        }
+        self.a.apply(&items).unwrap();
+    }
+}
+
 /// A new empty file, open for reading and writing.
 fn create(p: &std::path::Path) -> File {
     OpenOptions::new()
@@ -261,6 +308,15 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("journal-apply-io_uring-16x1MiB-group", |b| {
         b.iter(|| uring.group(&d, 16))
+    });
+    // 4,096 writes of 4 KiB in one group: spread over the whole disk (few overlap), and
+    // over 4 MiB (most rewrite a block the group wrote already, as a hot region does).
+    g.throughput(Throughput::Bytes(4096 * 4096));
+    g.bench_function("journal-apply-io_uring-4096x4KiB-scattered-group", |b| {
+        b.iter(|| uring.scattered(&d, 4096, DISK_BYTES))
+    });
+    g.bench_function("journal-apply-io_uring-4096x4KiB-hot-4MiB-group", |b| {
+        b.iter(|| uring.scattered(&d, 4096, 4 << 20))
     });
     g.finish();
     // The ratios, measured interleaved so all four see the same disk conditions.

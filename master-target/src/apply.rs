@@ -14,6 +14,7 @@ use wire_protocol::{Bookmark, BookmarkKind, WriteBatch};
 
 use crate::disk::DiskFile;
 use crate::error::{Error, Result};
+use crate::extents::Newest;
 use crate::journal::{
     begin_undo, finish_undo, undo_records, Journal, JournalMark, Point, PointKind,
 };
@@ -83,8 +84,12 @@ pub struct ApplyStats {
     pub groups: u64,
     /// Writes applied.
     pub writes: u64,
-    /// Writes whose bytes the disk already held: neither journaled nor written.
+    /// Writes of the bytes the disk already held, or that earlier writes of their group
+    /// had put there: neither journaled nor written.
     pub writes_unchanged: u64,
+    /// Writes wholly over what an earlier write of their group saved since its last
+    /// bookmark: written, not journaled.
+    pub writes_covered: u64,
     /// Set while the quota has forced points inside the window out.
     pub quota_limited: bool,
     /// Blocks hashed for resync digest requests (cached digests are not counted).
@@ -324,6 +329,12 @@ impl Applier {
             .sum();
         undo.reserve(undo_len);
         let mut pending: Vec<(u64, &Bytes)> = Vec::new();
+        // The newest pending write over each byte (the disk is written at the group's
+        // end, so a write's old bytes are the disk's with these laid over them).
+        let mut newest = Newest::default();
+        // What the group saved an undo record of since its start or its last bookmark (a
+        // point may be made at a bookmark, so what follows it saves again).
+        let mut saved = Newest::default();
         let mut max_undo_lsn = 0;
         let mut last_time_us = 0;
         let mut points = Vec::new();
@@ -335,12 +346,32 @@ impl Applier {
                     offset,
                     data,
                 } => {
+                    last_time_us = last_time_us.max(*timestamp_us);
+                    let end = *offset + data.len() as u64;
+                    if saved.covers(*offset, end) {
+                        // Its old bytes are an earlier write's of this group, never a
+                        // point's: rolling the group back, or rewinding to any point,
+                        // restores them from the earlier write's undo record. They are
+                        // all in the group's writes (no read), and may be these bytes.
+                        let same = newest.within(*offset, end).all(|(s, e, i)| {
+                            let (po, pd) = pending[i];
+                            pd[(s - po) as usize..(e - po) as usize]
+                                == data[(s - offset) as usize..(e - offset) as usize]
+                        });
+                        if same {
+                            self.stats.writes_unchanged += 1;
+                            continue;
+                        }
+                        newest.insert(*offset, end, pending.len());
+                        pending.push((*offset, data));
+                        self.stats.writes_covered += 1;
+                        continue;
+                    }
                     // The old bytes go straight into the journal buffer.
                     let start = undo.len();
                     let at = begin_undo(*lsn, *timestamp_us, *offset, data.len(), undo);
                     self.disk.read_at(&mut undo[at..], *offset)?;
-                    overlay(&mut undo[at..], *offset, &pending);
-                    last_time_us = last_time_us.max(*timestamp_us);
+                    overlay(&mut undo[at..], *offset, &pending, &newest);
                     if undo[at..] == data[..] {
                         // The disk holds these bytes already (zeros onto a thin disk's
                         // never-written blocks, a resync's unchanged blocks): no undo, no
@@ -350,10 +381,13 @@ impl Applier {
                         continue;
                     }
                     finish_undo(undo, start);
+                    newest.insert(*offset, end, pending.len());
+                    saved.insert(*offset, end, pending.len());
                     pending.push((*offset, data));
                     max_undo_lsn = *lsn;
                 }
                 Item::Bookmark(b) => {
+                    saved.clear();
                     let kind = point_kind(b.kind);
                     last_time_us = last_time_us.max(b.time_us);
                     if kind.is_point() && resyncing_after(&points, self.journal.resyncing()) {
@@ -574,16 +608,14 @@ fn digest_blocks(disk: &DiskFile, block_size: u64, blocks: Vec<u64>) -> Result<V
 }
 
 /// Copies into `old` (the disk's bytes at `offset`) the parts of earlier writes of the same
-/// group that overlap it: those are not on the disk yet, but will be when this write lands.
-fn overlay(old: &mut [u8], offset: u64, pending: &[(u64, &Bytes)]) {
+/// group that overlap it, the newest of each byte (`newest`, indexing `pending`): those are
+/// not on the disk yet, but will be when this write lands.
+fn overlay(old: &mut [u8], offset: u64, pending: &[(u64, &Bytes)], newest: &Newest) {
     let end = offset + old.len() as u64;
-    for (po, pd) in pending {
-        let pend = po + pd.len() as u64;
-        let (s, e) = (offset.max(*po), end.min(pend));
-        if s < e {
-            old[(s - offset) as usize..(e - offset) as usize]
-                .copy_from_slice(&pd[(s - po) as usize..(e - po) as usize]);
-        }
+    for (s, e, i) in newest.within(offset, end) {
+        let (po, pd) = pending[i];
+        old[(s - offset) as usize..(e - offset) as usize]
+            .copy_from_slice(&pd[(s - po) as usize..(e - po) as usize]);
     }
 }
 

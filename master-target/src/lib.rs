@@ -34,6 +34,7 @@ pub mod datastore;
 pub mod disk;
 pub mod error;
 pub mod export;
+pub mod extents;
 pub mod group_export;
 pub mod groups;
 pub mod journal;

@@ -7,7 +7,7 @@ use crate::server::RequestRefusals;
 
 use crate::service::{DiskStats, Disks};
 
-const SERIES: [Series<DiskStats>; 9] = [
+const SERIES: [Series<DiskStats>; 10] = [
     Series {
         name: "failback_mt_applied_bytes",
         kind: Kind::Counter,
@@ -17,8 +17,14 @@ const SERIES: [Series<DiskStats>; 9] = [
     Series {
         name: "failback_mt_unchanged_writes",
         kind: Kind::Counter,
-        help: "Writes whose bytes the disk already held (such as zeros onto never-written blocks): neither journaled nor written.",
+        help: "Writes of the bytes the disk already held (such as zeros onto never-written blocks), or that earlier writes of the same group had put there: neither journaled nor written.",
         value: |d| Value::Int(d.writes_unchanged),
+    },
+    Series {
+        name: "failback_mt_covered_writes",
+        kind: Kind::Counter,
+        help: "Writes wholly over bytes an earlier write of the same group (since its last bookmark) changed: written, with no undo record of their own.",
+        value: |d| Value::Int(d.writes_covered),
     },
     Series {
         name: "failback_mt_apply_groups",

@@ -153,6 +153,8 @@ pub struct DiskStats {
     pub bytes_applied: u64,
     /// Writes whose bytes the disk already held, since start.
     pub writes_unchanged: u64,
+    /// Writes over what their group had saved already (not journaled), since start.
+    pub writes_covered: u64,
     /// Groups applied since start.
     pub groups: u64,
     /// Sum of group apply times, microseconds.
@@ -708,6 +710,7 @@ fn publish(applier: &Applier, stats: &Mutex<DiskStats>, apply_us: u64) {
     s.committed_lsn = applier.committed_lsn();
     s.bytes_applied = applier.stats.bytes_applied;
     s.writes_unchanged = applier.stats.writes_unchanged;
+    s.writes_covered = applier.stats.writes_covered;
     s.groups = applier.stats.groups;
     s.apply_us_total += apply_us;
     s.journal_bytes = j.bytes();
