@@ -234,7 +234,8 @@ fn a_failed_forced_group_export_leaves_the_earlier_one_whole(
     c: &Cluster,
     points: &[serde_json::Value],
 ) {
-    // Room for the earlier export's two disks and one more, not two (ext4 keeps about 5%).
+    // A volume of 3.5 dense images (ext4 keeps about 5%), filled below once the earlier
+    // export is in it: exports are sparse.
     let image = c
         .dir
         .join(format!("group-{}", points[0]["id"]))
@@ -262,6 +263,29 @@ fn a_failed_forced_group_export_leaves_the_earlier_one_whole(
     };
     let before = digests(&out);
     assert_eq!(before.len(), 3, "two disks and the manifest: {before:?}");
+    // Exports are sparse, so the volume is filled up to room for the first disk of the new
+    // export and half the second: the second's write fails.
+    let allocated = |name: &str| {
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(out.join(name)).unwrap()) * 512
+    };
+    let (a1, a2) = (allocated("vm1-disk-1.img"), allocated("vm2-disk-2.img"));
+    assert!(a2 >= 1 << 20, "the second disk holds data: {a2} bytes");
+    let free = {
+        let path = std::ffi::CString::new(vol.dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs writes one struct through the pointer, which points at `st`.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        // The export runs as this user: root may use the reserved blocks too.
+        let blocks = if root() { st.f_bfree } else { st.f_bavail };
+        blocks * st.f_frsize
+    };
+    let filler = free.saturating_sub(a1 + a2 / 2);
+    let fill = Command::new("fallocate")
+        .arg(format!("-l{filler}"))
+        .arg(vol.dir.join("filler"))
+        .status()
+        .unwrap();
+    assert!(fill.success(), "fallocate {filler} bytes");
     let mut args = vec![
         "export".to_owned(),
         "--group=erp".into(),

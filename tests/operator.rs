@@ -116,6 +116,16 @@ fn export_never_writes_over_a_disk_and_replaces_files_only_when_told() {
         "the export prints the image's digest: {said}"
     );
     assert_eq!(file_blake3(&other).unwrap(), disk_before);
+    // A thin disk exports thin: never-written blocks stay holes in the export too.
+    let allocated =
+        |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
+    let size = std::fs::metadata(&flat).unwrap().len();
+    assert!(
+        allocated(&other) <= allocated(&flat) + (1 << 20) && allocated(&other) < size / 2,
+        "export allocates {} bytes, the disk {} of {size}",
+        allocated(&other),
+        allocated(&flat)
+    );
     // Nothing half-made is left beside the outputs.
     for d in [c.dir.clone(), folder] {
         let partial: Vec<_> = std::fs::read_dir(&d)

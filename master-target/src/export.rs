@@ -27,6 +27,8 @@ use crate::vmdk;
 
 /// Bytes copied per read while exporting.
 pub const COPY_CHUNK_BYTES: usize = 4 << 20;
+/// An export leaves a hole for each page of zeros this large: the filesystems' block.
+const SPARSE_PAGE_BYTES: usize = 4096;
 const _: () = assert!((COPY_CHUNK_BYTES as u64).is_multiple_of(DIGEST_BLOCK_BYTES));
 
 /// Which point to export.
@@ -379,31 +381,54 @@ fn data_path(out: &Path, format: Format) -> Result<PathBuf> {
     }
 }
 
-/// Copies the whole disk into `dst` (the file at `path`), hashing each block as it goes:
-/// the digests of what is meant.
+/// Copies the whole disk into `dst` (the file at `path`, new and empty), hashing each block
+/// as it goes: the digests of what is meant. Blocks of zeros are not written: the file's
+/// length is set first, so they read as zeros from holes, and a thin disk exports thin (a
+/// 1 TiB disk holding 20 GiB writes 20 GiB, and does not fill the output volume).
 fn copy_hashing(
     disk: &DiskFile,
     (dst, path): (&File, &Path),
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<[u8; 32]>> {
     let size = disk.size_bytes();
+    dst.set_len(size)
+        .ctx(|| format!("size {} to {size} bytes", path.display()))?;
     let mut digests = Vec::with_capacity(size.div_ceil(DIGEST_BLOCK_BYTES) as usize);
     let mut buf = vec![0u8; COPY_CHUNK_BYTES];
     let mut at = 0u64;
     while at < size {
         let n = (COPY_CHUNK_BYTES as u64).min(size - at) as usize;
         disk.read_at(&mut buf[..n], at)?;
-        dst.write_all_at(&buf[..n], at)
-            .ctx(|| format!("write {}", path.display()))?;
         digests.extend(
             buf[..n]
                 .chunks(DIGEST_BLOCK_BYTES as usize)
                 .map(block_digest),
         );
+        // Runs of pages holding data, written one run at a time.
+        let mut run: Option<usize> = None;
+        for (i, page) in buf[..n].chunks(SPARSE_PAGE_BYTES).enumerate() {
+            let start = i * SPARSE_PAGE_BYTES;
+            match (wire_protocol::is_zeros(page), run) {
+                (false, None) => run = Some(start),
+                (true, Some(from)) => {
+                    write_run(dst, path, &buf[from..start], at + from as u64)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(from) = run {
+            write_run(dst, path, &buf[from..n], at + from as u64)?;
+        }
         at += n as u64;
         bar.set_position(at);
     }
     Ok(digests)
+}
+
+fn write_run(dst: &File, path: &Path, data: &[u8], at: u64) -> Result<()> {
+    dst.write_all_at(data, at)
+        .ctx(|| format!("write {}", path.display()))
 }
 
 /// Hashes again the blocks a rewind changed.
