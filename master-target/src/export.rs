@@ -42,6 +42,8 @@ pub enum PointSel {
     Id(u64),
     /// The newest point at or before this time (microseconds since the Unix epoch).
     AtOrBefore(u64),
+    /// The newest point whose bookmark carries this tag (`tag:NAME`).
+    Tag(String),
 }
 
 impl std::str::FromStr for PointSel {
@@ -50,12 +52,20 @@ impl std::str::FromStr for PointSel {
         match s {
             "latest" => Ok(PointSel::Latest),
             "latest-app" => Ok(PointSel::LatestApp),
+            _ if s.starts_with("tag:") => {
+                let tag = &s["tag:".len()..];
+                wire_protocol::message::validate_tag(tag)
+                    .map_err(|e| format!("{s:?}: not a tag a bookmark can carry ({e})"))?;
+                Ok(PointSel::Tag(tag.to_owned()))
+            }
             _ => {
                 if let Ok(id) = s.parse() {
                     return Ok(PointSel::Id(id));
                 }
                 let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
-                    format!("{s:?}: use latest, latest-app, a point id, or an RFC 3339 time")
+                    format!(
+                        "{s:?}: use latest, latest-app, a point id, tag:NAME, or an RFC 3339 time"
+                    )
                 })?;
                 let us = t
                     .duration_since(std::time::UNIX_EPOCH)
@@ -80,6 +90,7 @@ impl std::fmt::Display for PointSel {
                     std::time::UNIX_EPOCH + std::time::Duration::from_micros(*us)
                 )
             ),
+            PointSel::Tag(tag) => write!(f, "the newest point tagged {tag:?}"),
         }
     }
 }
@@ -239,6 +250,7 @@ pub fn select(points: &[Point], committed_lsn: u64, sel: &PointSel) -> Result<Po
             .cloned(),
         PointSel::Id(id) => points.iter().find(|p| p.id == *id).cloned(),
         PointSel::AtOrBefore(t) => points.iter().rev().find(|p| p.time_us <= *t).cloned(),
+        PointSel::Tag(tag) => points.iter().rev().find(|p| p.tag == *tag).cloned(),
     };
     found.ok_or_else(|| {
         Error::NoSuchPoint(format!(
@@ -578,4 +590,39 @@ pub fn export(
         digest: on_device,
         files,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(id: u64, tag: &str) -> Point {
+        Point {
+            id,
+            lsn: id * 10,
+            time_us: id * 1_000_000,
+            kind: PointKind::AppConsistent,
+            tag: tag.into(),
+            group_marker: 0,
+            group_members: 0,
+        }
+    }
+
+    #[test]
+    fn a_tag_names_the_newest_point_that_carries_it() {
+        let sel: PointSel = "tag:pre-upgrade".parse().unwrap();
+        assert_eq!(sel, PointSel::Tag("pre-upgrade".into()));
+        let points = [
+            point(1, "pre-upgrade"),
+            point(2, "nightly"),
+            point(3, "pre-upgrade"),
+        ];
+        assert_eq!(select(&points, 40, &sel).unwrap().id, 3);
+        let none = select(&points, 40, &"tag:weekly".parse().unwrap()).unwrap_err();
+        assert!(matches!(none, Error::NoSuchPoint(_)), "{none}");
+        assert!(none.to_string().contains("\"weekly\""), "{none}");
+        let bad = "tag:".parse::<PointSel>().unwrap_err();
+        assert!(bad.contains("not a tag"), "{bad}");
+        assert_eq!("7".parse::<PointSel>().unwrap(), PointSel::Id(7));
+    }
 }

@@ -119,7 +119,7 @@ pub fn whole(group: &str, per_disk: Vec<(u64, String, Vec<Point>)>) -> Vec<Group
     out
 }
 
-/// Which group point: `latest`, `latest-app` or a group point's id.
+/// Which group point: `latest`, `latest-app`, a group point's id, a time or a tag.
 pub fn select(group: &str, points: &[GroupPoint], sel: &PointSel) -> Result<GroupPoint> {
     let found = match sel {
         PointSel::Latest => points.last(),
@@ -129,6 +129,7 @@ pub fn select(group: &str, points: &[GroupPoint], sel: &PointSel) -> Result<Grou
             .find(|p| p.kind == PointKind::AppConsistent),
         PointSel::Id(id) => points.iter().find(|p| p.id == *id),
         PointSel::AtOrBefore(t) => points.iter().rev().find(|p| p.time_us <= *t),
+        PointSel::Tag(tag) => points.iter().rev().find(|p| p.tag == *tag),
     };
     found.cloned().ok_or_else(|| {
         Error::NoSuchPoint(format!(
