@@ -13,7 +13,7 @@ use crate::{CONTENT_BYTES, IP_MT};
 /// The trace replayed under churn (245 MB of writes over 147 s at its own speed).
 const CHURN_TRACE: &str = "tests/data/traces/tencent-cbs-50k.msr.csv";
 /// Its writes per second of trace time, in bytes: the churn's speed factor comes from it.
-const CHURN_TRACE_BYTES_PER_S: f64 = 244_600_832.0 / CHURN_TRACE_SECONDS;
+pub(crate) const CHURN_TRACE_BYTES_PER_S: f64 = 244_600_832.0 / CHURN_TRACE_SECONDS;
 /// The churn's load: this share of the link's rate, on the wire.
 const CHURN_LOAD: f64 = 0.5;
 /// The churn trace's own length in seconds.
