@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use failback::harness::Cluster;
+use failback::harness::{file_blake3, Cluster};
 
 const GROUP: &str = "erp";
 
@@ -136,6 +136,18 @@ fn group_points_are_cut_together_and_export_every_disk_exactly() {
             let d = agent::source::hex(&agent::source::image_digest(&img).unwrap());
             assert_eq!(d, rec.disk_digest, "disk {disk} at group point {}", p["id"]);
         }
+    }
+    // By its tag, the tagged group point: the same images as by its id.
+    let by_tag = c.dir.join("group-by-tag");
+    export_group(&c, "erp", "tag:before-upgrade", &by_tag).unwrap();
+    for disk in [1, 2] {
+        let name = format!("vm{disk}-disk-{disk}.img");
+        let by_id = c.dir.join(format!("group-{}", tagged["id"])).join(&name);
+        assert_eq!(
+            file_blake3(&by_tag.join(&name)).unwrap(),
+            file_blake3(&by_id).unwrap(),
+            "disk {disk} by the group point's tag"
+        );
     }
     a_group_export_replaces_only_an_earlier_one_and_whole(&c, &points);
     if root() {

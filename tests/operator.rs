@@ -92,6 +92,17 @@ fn export_never_writes_over_a_disk_and_replaces_files_only_when_told() {
     for (args, cwd) in &attempts {
         fails_saying(run_owned(args, *cwd), &["refused", "disk 1"]);
     }
+    // A FIFO (as a device node would be) is never replaced by the image renamed over it.
+    let fifo = c.dir.join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    fails_saying(
+        run_owned(&export_args(&c, 1, &fifo, "raw", &["--force"]), None),
+        &["refused", "not a file"],
+    );
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &std::fs::symlink_metadata(&fifo).unwrap().file_type()
+    ));
     std::fs::remove_file(c.dir.join("hard-link.img")).unwrap();
     assert_eq!(
         file_blake3(&flat).unwrap(),

@@ -101,8 +101,8 @@ enum Command {
         /// --group`, latest or latest-app); --out is then a directory.
         #[arg(long)]
         group: Option<String>,
-        /// latest, latest-app, a point id, tag:NAME (the newest point of a bookmark tagged
-        /// NAME), or an RFC 3339 time (the newest point at or before it).
+        /// latest, latest-app, a point id, tag:NAME (the point of the bookmark tagged NAME;
+        /// refused if several carry it), or an RFC 3339 time (the newest point at or before it).
         #[arg(long)]
         point: PointSel,
         /// Output file (for vmdk: the descriptor; the flat extent goes beside it); with

@@ -42,7 +42,7 @@ pub enum PointSel {
     Id(u64),
     /// The newest point at or before this time (microseconds since the Unix epoch).
     AtOrBefore(u64),
-    /// The newest point whose bookmark carries this tag (`tag:NAME`).
+    /// The point whose bookmark carries this tag (`tag:NAME`); refused if several do.
     Tag(String),
 }
 
@@ -90,7 +90,7 @@ impl std::fmt::Display for PointSel {
                     std::time::UNIX_EPOCH + std::time::Duration::from_micros(*us)
                 )
             ),
-            PointSel::Tag(tag) => write!(f, "the newest point tagged {tag:?}"),
+            PointSel::Tag(tag) => write!(f, "the point tagged {tag:?}"),
         }
     }
 }
@@ -231,6 +231,23 @@ fn open_when_free(path: &Path) -> Result<DiskFile> {
     }
 }
 
+/// Several points carry `tag`: the agent inside the VM names bookmarks, so a later one of
+/// the same name (a script run twice, or a compromised VM covering its tracks) must never be
+/// taken silently for the one the operator means.
+pub fn ambiguous_tag(tag: &str, points: impl Iterator<Item = (u64, u64)>) -> Error {
+    let listed: Vec<String> = points
+        .map(|(id, time_us)| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(time_us);
+            format!("{id} ({})", humantime::format_rfc3339_seconds(t))
+        })
+        .collect();
+    Error::NoSuchPoint(format!(
+        "{} points carry the tag {tag:?}: {}; name one by its id",
+        listed.len(),
+        listed.join(", ")
+    ))
+}
+
 /// Picks the point `sel` names.
 pub fn select(points: &[Point], committed_lsn: u64, sel: &PointSel) -> Result<Point> {
     let found = match sel {
@@ -250,7 +267,13 @@ pub fn select(points: &[Point], committed_lsn: u64, sel: &PointSel) -> Result<Po
             .cloned(),
         PointSel::Id(id) => points.iter().find(|p| p.id == *id).cloned(),
         PointSel::AtOrBefore(t) => points.iter().rev().find(|p| p.time_us <= *t).cloned(),
-        PointSel::Tag(tag) => points.iter().rev().find(|p| p.tag == *tag).cloned(),
+        PointSel::Tag(tag) => {
+            let tagged: Vec<&Point> = points.iter().filter(|p| p.tag == *tag).collect();
+            if tagged.len() > 1 {
+                return Err(ambiguous_tag(tag, tagged.iter().map(|p| (p.id, p.time_us))));
+            }
+            tagged.first().map(|p| (*p).clone())
+        }
     };
     found.ok_or_else(|| {
         Error::NoSuchPoint(format!(
@@ -272,8 +295,8 @@ fn known_files(reg: &Registry) -> HashMap<(u64, u64), (u64, PathBuf)> {
     known
 }
 
-/// Refuses an output that is a disk's file, a directory, or (without `force`) any existing
-/// file. Links are followed: a link to a disk is that disk.
+/// Refuses an output that is a disk's file, a directory, a device, FIFO or socket, or
+/// (without `force`) any existing file. Links are followed: a link to a disk is that disk.
 fn check_output(
     out: &Path,
     known: &HashMap<(u64, u64), (u64, PathBuf)>,
@@ -315,6 +338,14 @@ fn check_output(
         }
         if m.is_dir() {
             return Err(refuse("it is a directory: name a file".into()));
+        }
+        // A device, FIFO or socket would be replaced by a file renamed over its node (an
+        // export writes an image file beside the output, then renames it): /dev/sdb would
+        // become a file in RAM, gone at the next boot, and the disk never written.
+        if !m.is_file() {
+            return Err(refuse(
+                "it is a device, FIFO or socket, not a file: an export writes an image file; name a file on a volume (then copy it to a device with dd or qemu-img if that is the aim)".into(),
+            ));
         }
     }
     if std::fs::symlink_metadata(out).is_ok() && !force {
@@ -609,15 +640,22 @@ mod tests {
     }
 
     #[test]
-    fn a_tag_names_the_newest_point_that_carries_it() {
+    fn a_tag_names_the_one_point_that_carries_it() {
         let sel: PointSel = "tag:pre-upgrade".parse().unwrap();
         assert_eq!(sel, PointSel::Tag("pre-upgrade".into()));
-        let points = [
+        let points = [point(1, "pre-upgrade"), point(2, "nightly")];
+        assert_eq!(select(&points, 40, &sel).unwrap().id, 1);
+        // A second point of the same tag: neither is taken, both are named.
+        let twice = [
             point(1, "pre-upgrade"),
             point(2, "nightly"),
             point(3, "pre-upgrade"),
         ];
-        assert_eq!(select(&points, 40, &sel).unwrap().id, 3);
+        let e = select(&twice, 40, &sel).unwrap_err().to_string();
+        assert!(
+            e.contains("2 points") && e.contains("1 (") && e.contains("3 ("),
+            "{e}"
+        );
         let none = select(&points, 40, &"tag:weekly".parse().unwrap()).unwrap_err();
         assert!(matches!(none, Error::NoSuchPoint(_)), "{none}");
         assert!(none.to_string().contains("\"weekly\""), "{none}");

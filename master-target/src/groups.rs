@@ -129,7 +129,16 @@ pub fn select(group: &str, points: &[GroupPoint], sel: &PointSel) -> Result<Grou
             .find(|p| p.kind == PointKind::AppConsistent),
         PointSel::Id(id) => points.iter().find(|p| p.id == *id),
         PointSel::AtOrBefore(t) => points.iter().rev().find(|p| p.time_us <= *t),
-        PointSel::Tag(tag) => points.iter().rev().find(|p| p.tag == *tag),
+        PointSel::Tag(tag) => {
+            let tagged: Vec<&GroupPoint> = points.iter().filter(|p| p.tag == *tag).collect();
+            if tagged.len() > 1 {
+                return Err(crate::export::ambiguous_tag(
+                    tag,
+                    tagged.iter().map(|p| (p.id, p.time_us)),
+                ));
+            }
+            tagged.first().copied()
+        }
     };
     found.cloned().ok_or_else(|| {
         Error::NoSuchPoint(format!(
