@@ -1439,8 +1439,14 @@ impl Journal {
                         ),
                     });
                 }
-                out.write_all_at(&old, offset)
-                    .ctx(|| "write export".to_owned())?;
+                // What was zeros (a never-written region) goes back to a hole: an export of
+                // a point before a disk grew stays as thin as the disk was.
+                if r.zeros {
+                    out.zero_range(offset, old.len() as u64)
+                } else {
+                    out.write_all_at(&old, offset)
+                }
+                .ctx(|| "write export".to_owned())?;
                 touched(offset, old.len() as u64);
                 applied += 1;
             }

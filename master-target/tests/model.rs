@@ -376,6 +376,12 @@ fn a_new_disks_first_replication_journals_no_data_and_exports_exactly() {
         got.iter().all(|&b| b == 0),
         "before the first write the disk was zeros"
     );
+    let out = dir.path().join("export.img");
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(out).unwrap()) * 512;
+    assert!(
+        allocated < DISK_BYTES / 4,
+        "what was never written is a hole again: {allocated} bytes allocated"
+    );
 }
 
 /// The disk as of `lsn`: a copy of it rewound by the journal.

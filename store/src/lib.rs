@@ -59,6 +59,12 @@ pub trait FileHandle: Debug + Send + Sync {
     }
     /// Truncates or zero-extends the file (not yet durable).
     fn set_len(&self, len_bytes: u64) -> io::Result<()>;
+    /// Makes `len_bytes` at `offset`, within the file's length, read as zeros (not yet
+    /// durable). A real file gives their blocks back where its filesystem can (a hole);
+    /// otherwise zeros are written.
+    fn zero_range(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        write_zeros(self, offset, len_bytes)
+    }
     /// Makes the data written so far durable (`fdatasync`).
     fn sync_data(&self) -> io::Result<()>;
     /// Makes data and metadata (the length) durable (`fsync`).
@@ -92,6 +98,20 @@ pub trait FileSystem: Debug + Send + Sync {
     fn exists(&self, path: &Path) -> bool;
 }
 
+/// Zeros written over `len_bytes` at `offset`, a bounded buffer at a time.
+fn write_zeros<H: FileHandle + ?Sized>(h: &H, offset: u64, len_bytes: u64) -> io::Result<()> {
+    /// The zeros written at a time.
+    const CHUNK_BYTES: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK_BYTES.min(len_bytes) as usize];
+    let mut done = 0;
+    while done < len_bytes {
+        let n = CHUNK_BYTES.min(len_bytes - done);
+        h.write_all_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 impl FileHandle for File {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
@@ -104,6 +124,29 @@ impl FileHandle for File {
     }
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
         File::set_len(self, len_bytes)
+    }
+    fn zero_range(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len_bytes)) else {
+            return write_zeros(self, offset, len_bytes);
+        };
+        // SAFETY: a plain syscall on a descriptor this File owns; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            // The filesystem has no holes (vfat, some network filesystems): zeros, written.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => write_zeros(self, offset, len_bytes),
+            _ => Err(io::Error::last_os_error()),
+        }
     }
     fn sync_data(&self) -> io::Result<()> {
         File::sync_data(self)
