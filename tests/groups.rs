@@ -282,22 +282,7 @@ fn a_failed_forced_group_export_leaves_the_earlier_one_whole(
     };
     let (a1, a2) = (allocated("vm1-disk-1.img"), allocated("vm2-disk-2.img"));
     assert!(a2 >= 1 << 20, "the second disk holds data: {a2} bytes");
-    let free = {
-        let path = std::ffi::CString::new(vol.dir.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: statvfs writes one struct through the pointer, which points at `st`.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
-        // The export runs as this user: root may use the reserved blocks too.
-        let blocks = if root() { st.f_bfree } else { st.f_bavail };
-        blocks * st.f_frsize
-    };
-    let filler = free.saturating_sub(a1 + a2 / 2);
-    let fill = Command::new("fallocate")
-        .arg(format!("-l{filler}"))
-        .arg(vol.dir.join("filler"))
-        .status()
-        .unwrap();
-    assert!(fill.success(), "fallocate {filler} bytes");
+    fill_leaving(&vol.dir, a1 + a2 / 2);
     let mut args = vec![
         "export".to_owned(),
         "--group=erp".into(),
@@ -572,4 +557,30 @@ fn a_process_server_restarted_without_the_group_never_stops_its_agents() {
         unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
         finish(&c, disk, a);
     }
+}
+
+/// Fills the volume at `dir` until only `room_bytes` (and less than a page more) can be
+/// allocated: `room_bytes` held by a probe file, the rest taken by filler files in halving
+/// sizes (the filesystem keeps reserves that statvfs does not show), then the probe freed.
+fn fill_leaving(dir: &Path, room_bytes: u64) {
+    let alloc = |name: String, bytes: u64| -> bool {
+        let f = std::fs::File::create(dir.join(name)).unwrap();
+        // SAFETY: a plain syscall on a descriptor `f` owns; no memory is passed.
+        unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, bytes as i64) == 0 }
+    };
+    assert!(
+        alloc("probe".into(), room_bytes),
+        "room for {room_bytes} bytes"
+    );
+    let mut size = 1u64 << 40;
+    for i in 0..256 {
+        if size < 4096 {
+            break;
+        }
+        if !alloc(format!("filler-{i}"), size) {
+            std::fs::remove_file(dir.join(format!("filler-{i}"))).unwrap();
+            size /= 2;
+        }
+    }
+    std::fs::remove_file(dir.join("probe")).unwrap();
 }
