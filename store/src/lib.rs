@@ -142,10 +142,11 @@ impl FileHandle for File {
         if rc == 0 {
             return Ok(());
         }
-        match io::Error::last_os_error().raw_os_error() {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
             // The filesystem has no holes (vfat, some network filesystems): zeros, written.
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => write_zeros(self, offset, len_bytes),
-            _ => Err(io::Error::last_os_error()),
+            _ => Err(e),
         }
     }
     fn sync_data(&self) -> io::Result<()> {
