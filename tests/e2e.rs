@@ -435,6 +435,98 @@ fn link_cut_and_restored_resumes_exactly() {
     );
 }
 
+/// Bytes the process server sent as chunks of its links' zstd streams (protocol 5).
+fn stream_bytes(c: &Cluster) -> u64 {
+    http_get(&c.ps_admin, "/metrics")
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with("failback_ps_link_stream_bytes_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// While the link is the bottleneck, batches go as one zstd stream per connection, each
+/// compressed with the history of those before it. A master target killed (SIGKILL) and a
+/// link cut while chunks are in flight: each new connection starts a new stream on both
+/// sides, nothing is decoded against the wrong history, and the disk ends equal.
+#[test]
+fn a_link_bound_resync_goes_as_one_stream_through_kills_and_cuts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
+    // 5 MB/s: the link, not the cores, is the bottleneck, so the level climbs and
+    // batches merge and stream.
+    c.ps_extra.push("--max-bandwidth=40mbit".into());
+    let relay = Relay::new(c.mt_addr.clone());
+    c.ps_upstream = Some(relay.addr.clone());
+    c.start_mt().unwrap();
+    c.start_ps().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    let mib = 96;
+    let src = source(&c, 1);
+    // Blocks of 16 MiB that compress 2:1 alone, each the same: a batch compressed alone
+    // finds no match outside itself, the stream finds the whole block 16 MiB back.
+    let mut block = vec![0u8; 16 << 20];
+    agent::datagen::fill(1, 0, 0.5, &mut block);
+    std::fs::write(&src, block.repeat(mib / 16)).unwrap();
+    let mut cmd = c.agent("resync", 1, &src, &format!("{mib}MiB"));
+    cmd.arg("--mode=full")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(c.dir.join("logs/agent-1.log")).unwrap());
+    let child = cmd.spawn().unwrap();
+    let streaming = |c: &Cluster| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let from = stream_bytes(c);
+        while stream_bytes(c) <= from {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no batch went as a stream chunk in 60 s: {:?}",
+                c.ps_status()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    streaming(&c);
+    c.kill_mt();
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_mt().unwrap();
+    c.wait_linked(Duration::from_secs(30)).unwrap();
+    streaming(&c);
+    relay.cut();
+    std::thread::sleep(Duration::from_millis(800));
+    relay.restore();
+    streaming(&c);
+    wait_agent(&c, 1, child);
+    let lsn = c
+        .ps_status()
+        .unwrap()
+        .iter()
+        .find(|s| s.disk_id == 1)
+        .unwrap()
+        .cached_lsn;
+    durable_and_equal(&c, 1, lsn);
+    assert!(
+        stream_bytes(&c) >= 16 << 20,
+        "most of the resync went as stream chunks: {} bytes",
+        stream_bytes(&c)
+    );
+    // Each batch alone would cross at 2:1; the stream finds the repeats (the first second
+    // of each of the three sessions goes batch by batch, and what was in flight at the
+    // kill and the cut goes again).
+    let st = c.ps_status().unwrap();
+    let (logical, wire) = (st[0].logical_bytes, st[0].wire_bytes);
+    assert!(
+        wire * 10 < logical * 4,
+        "the stream's history shrank the repeats: {wire} wire bytes for {logical}"
+    );
+    let log = std::fs::read_to_string(c.dir.join("logs/process-server.log")).unwrap();
+    assert!(
+        log.matches("link to the master target up").count() >= 3,
+        "the process server reconnected after the kill and the cut"
+    );
+}
+
 #[test]
 fn a_corrupt_cache_record_is_never_shipped_and_the_agent_resyncs() {
     let dir = tempfile::tempdir().unwrap();

@@ -189,6 +189,7 @@ fn resync(s: &Setup, content: &Path, drain: bool) -> serde_json::Value {
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
         sink_cpu,
+        streamed: 0.0,
     };
     if let (true, Some(r)) = (drain, &s.relay) {
         // Timed from the release: the process server's reconnect is part of a drain.
@@ -253,6 +254,7 @@ fn differential(s: &Setup, content: &Path) -> serde_json::Value {
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
         sink_cpu,
+        streamed: 0.0,
     };
     let mut v = durable(c, &from, agent_cpu);
     v["agent_exit_seconds"] = agent_exit_s.into();
@@ -369,6 +371,7 @@ fn churn(s: &Setup, content: &Path, asked_bytes_s: f64) -> serde_json::Value {
         status: DiskStatus::default(),
         cpu: (0.0, 0.0),
         sink_cpu,
+        streamed: 0.0,
     };
     let mut v = durable(c, &from, agent_cpu);
     rpo.sort_unstable();
@@ -441,7 +444,20 @@ struct Mark {
     status: DiskStatus,
     cpu: (f64, f64),
     sink_cpu: f64,
+    streamed: f64,
 }
+
+/// The sum of the process server's samples named `name` (all labels).
+fn ps_metric(c: &Cluster, name: &str) -> f64 {
+    failback::harness::http_get(&c.ps_admin, "/metrics").map_or(0.0, |(_, body)| {
+        body.lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    })
+}
+
+const STREAM_BYTES: &str = "failback_ps_link_stream_bytes_total";
 
 fn mark(c: &Cluster) -> Mark {
     assert!(
@@ -454,6 +470,7 @@ fn mark(c: &Cluster) -> Mark {
         status: status(c),
         cpu: (usage(ps_pid).0, usage(mt_pid).0),
         sink_cpu: crate::sink::cpu_s(),
+        streamed: ps_metric(c, STREAM_BYTES),
     }
 }
 
@@ -496,6 +513,10 @@ fn durable(c: &Cluster, from: &Mark, agent_cpu: f64) -> serde_json::Value {
         "agent_cpu_s_per_gb": agent_cpu / gb,
         "ps_peak_rss_mib": ps_rss,
         "mt_peak_rss_mib": mt_rss,
+        // Of the bytes sent, the share that went as chunks of the link's zstd stream, and
+        // the level the process server ended at.
+        "streamed_share": (ps_metric(c, STREAM_BYTES) - from.streamed) / logical.max(1.0),
+        "level_at_end": ps_metric(c, "failback_ps_compression_level"),
     })
 }
 

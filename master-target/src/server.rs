@@ -267,7 +267,13 @@ async fn connection(
     requests: Arc<RequestRefusals>,
 ) -> crate::error::Result<()> {
     let identity = peer.identity;
-    let (mut sink, mut stream) = peer.framed.split();
+    let mut framed = peer.framed;
+    // A process server may compress its batches as one zstd stream (protocol 5): every
+    // frame of this connection is decoded here, in order, which a stream needs.
+    if identity.role == PeerRole::ProcessServer {
+        framed.codec_mut().accept_stream();
+    }
+    let (mut sink, mut stream) = framed.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE_DEPTH);
     let mut detaches = disks.detach_notices();
     let mut writer = AbortOnDropHandle::new(tokio::spawn(async move {

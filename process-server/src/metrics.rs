@@ -213,6 +213,22 @@ pub fn render(state: &State, refusals: &Refusals) -> String {
         "1 while connected to the master target.",
         links,
     );
+    let streamed = state
+        .uplinks
+        .iter()
+        .map(|u| {
+            (
+                vec![("master_target", Escaped::new(&u.target.addr))],
+                Value::Int(u.stream_bytes.load(Ordering::Relaxed)),
+            )
+        })
+        .collect();
+    e.family(
+        "failback_ps_link_stream_bytes",
+        Kind::Counter,
+        "Frame bytes (before compression) sent as chunks of the link's zstd stream: while the link is the bottleneck, batches are compressed with the history of those before them.",
+        streamed,
+    );
     e.single(
         "failback_ps_max_bandwidth_bytes_per_second",
         Kind::Gauge,

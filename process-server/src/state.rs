@@ -225,6 +225,8 @@ pub struct Uplink {
     pub requests: mpsc::Sender<UplinkRequest>,
     /// True while connected.
     pub connected: AtomicBool,
+    /// Frame bytes (before compression) sent as chunks of the link's zstd stream.
+    pub stream_bytes: AtomicU64,
 }
 
 /// The agent connection a disk's stream comes from. Two agents streaming one disk (one
@@ -325,6 +327,7 @@ impl State {
                 target,
                 requests,
                 connected: AtomicBool::new(false),
+                stream_bytes: AtomicU64::new(0),
             })
             .collect();
         let lock = runtime::lock::DirLock::acquire(&cfg.cache_dir, "process server")?;

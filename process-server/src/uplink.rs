@@ -22,6 +22,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use wire_protocol::frame::FLAG_ZSTD;
+use wire_protocol::stream::StreamCompressor;
+use wire_protocol::version::STREAM_SINCE;
 use wire_protocol::{Compression, DigestList, ErrorCode, ErrorMsg, Message, MessageCodec, Role};
 
 use crate::adaptive::{AdaptiveLevel, AUTO_MAX, AUTO_MIN};
@@ -63,6 +65,9 @@ pub const RUN_CACHED_MAX_BYTES: u64 = crate::merge::MERGED_DATA_MAX_BYTES as u64
 /// merging gains little (1 MiB against 8 MiB frames of the WAN bench's image: 4.40:1 against
 /// 4.46:1 at level 1, 4.76:1 against 4.99:1 at 3, 5.01:1 against 5.43:1 at 9).
 pub const MERGE_FROM_LEVEL: i32 = 3;
+/// Periods (about 1 s each) the link's zstd stream is left after it held the link back,
+/// so that on a link one core nearly fills it does not go on and off every second.
+pub const STREAM_OFF_PERIODS: u32 = 10;
 /// Batches being read and compressed at once, per core.
 pub const JOBS_PER_CORE: usize = 2;
 /// Records taken from one disk before the next disk's turn (fairness across disks); also
@@ -142,6 +147,76 @@ fn io(context: &str, source: std::io::Error) -> Error {
 
 type Link = tokio_util::codec::Framed<ClientStream, MessageCodec>;
 type Jobs = VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>;
+
+/// The link's zstd stream (protocol 5, `wire_protocol::stream`), handed from one stream
+/// job to the next in the order they were made, which is the order they are sent: each
+/// job reads, merges and coalesces alongside the others, then waits for the stream,
+/// compresses its frames as its next chunks, and hands it on. A session's stream dies with
+/// it; the next session's starts afresh, as the master target's does.
+struct Baton {
+    /// Where the next stream job gets the stream.
+    next: oneshot::Receiver<StreamCompressor>,
+}
+
+impl Baton {
+    fn new() -> Baton {
+        let (tx, rx) = oneshot::channel();
+        tx.send(StreamCompressor::default())
+            .expect("the receiver is here");
+        Baton { next: rx }
+    }
+
+    /// The next stream job's turn.
+    fn next(&mut self) -> Turn {
+        let (pass, rx) = oneshot::channel();
+        Turn {
+            wait: std::mem::replace(&mut self.next, rx),
+            pass,
+        }
+    }
+}
+
+/// One stream job's place in the order.
+struct Turn {
+    wait: oneshot::Receiver<StreamCompressor>,
+    pass: oneshot::Sender<StreamCompressor>,
+}
+
+impl Turn {
+    /// Waits for the stream (on a blocking thread), compresses `s`'s frames as its next
+    /// chunks at `level` and hands the stream on; with the CPU microseconds it took. On an
+    /// error the stream is dropped: the jobs after this one fail too, and the session, which
+    /// sends in order, ends at this one.
+    fn compress(self, s: Shipped, level: i32) -> (Result<Shipped>, u64) {
+        let Ok(mut stream) = self.wait.blocking_recv() else {
+            return (
+                Err(Error::MasterTarget(
+                    "the link's zstd stream was lost with the batch before this one".into(),
+                )),
+                0,
+            );
+        };
+        let t = thread_cpu_us();
+        let mut out = BytesMut::with_capacity(s.frame.len() / 2);
+        let r = wire_protocol::codec::stream_frames(&mut stream, level, &s.frame, &mut out);
+        let cpu_us = thread_cpu_us().saturating_sub(t);
+        if let Err(e) = r {
+            return (Err(e.into()), cpu_us);
+        }
+        // The session may have ended meanwhile: then nobody waits for the stream.
+        let _ = self.pass.send(stream);
+        let streamed = s.frame.len() as u64;
+        let frame = out.freeze();
+        (
+            Ok(Shipped {
+                frame,
+                streamed,
+                ..s
+            }),
+            cpu_us,
+        )
+    }
+}
 
 /// One session of the link: connect, attach every disk, then ship until the link fails.
 async fn session(
@@ -290,6 +365,14 @@ struct Waits<'a> {
     since: Instant,
     /// The last period waited mostly downstream (the link, or the master target).
     downstream_bound: bool,
+    /// Whether batches compress into the link's zstd stream: from the start, left when
+    /// compression holds the link back (one core compresses the stream), taken again when
+    /// the link is full.
+    streaming: bool,
+    /// The session's first period is under way.
+    filling: bool,
+    /// Periods before the stream may be taken again after it held the link back.
+    stream_off: u32,
 }
 
 impl<'a> Waits<'a> {
@@ -304,6 +387,9 @@ impl<'a> Waits<'a> {
             cores: std::thread::available_parallelism().map_or(2, |n| n.get()) as f64,
             since: Instant::now(),
             downstream_bound: false,
+            streaming: true,
+            filling: true,
+            stream_off: 0,
         }
     }
 
@@ -314,6 +400,13 @@ impl<'a> Waits<'a> {
     /// room to spare).
     fn merge(&self, level: i32) -> bool {
         self.downstream_bound && level >= MERGE_FROM_LEVEL
+    }
+
+    /// Whether jobs compress into the link's zstd stream (protocol 5): unless the stream
+    /// (one core) held the link back, at any level. History beats level: the WAN bench's image goes 5.39:1 at level 2 in one stream (315 MB/s on one
+    /// core) against 5.01:1 at level 9 in 1 MiB frames (70 MB/s).
+    fn stream(&self, level: i32) -> bool {
+        self.streaming && level > 0
     }
 
     /// The level this uplink compresses at: its own while adaptive (each uplink's link
@@ -333,9 +426,48 @@ impl<'a> Waits<'a> {
             return;
         }
         let p = self.since.elapsed().as_secs_f64();
+        if std::mem::take(&mut self.filling) {
+            // A session's first period fills the empty window as fast as the cores go: it
+            // waits on compression whatever the level (a drain's first second stepped the
+            // level down and, held there for 30 s by the ceiling, the whole drain ran at
+            // level 2 on a link that left the cores idle).
+            tracing::trace!(
+                link = self.link.as_secs_f64() / p,
+                cpu = self.cpu.as_secs_f64() / p,
+                in_flight_bytes,
+                "first period of the session (the window's first fill): level kept"
+            );
+            (self.link, self.cpu, self.window, self.since) = (
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::ZERO,
+                Instant::now(),
+            );
+            self.busy_us.store(0, Ordering::Relaxed);
+            return;
+        }
         self.downstream_bound = self.link.as_secs_f64() / p > crate::adaptive::LINK_BOUND;
         let window = std::mem::take(&mut self.window).as_secs_f64() / p;
-        if !state.cfg.adaptive_compression {
+        // A full window is the link holding all it may: downstream too, for the stream (a
+        // stream job waits its turn, and that wait falls here rather than on the link).
+        let full_link = (self.link.as_secs_f64() / p + window) > crate::adaptive::LINK_BOUND;
+        let cpu_bound = self.cpu.as_secs_f64() / p > crate::adaptive::CPU_BOUND && !full_link;
+        self.stream_off = self.stream_off.saturating_sub(1);
+        let mut left_stream = false;
+        if self.streaming && cpu_bound {
+            tracing::debug!(
+                "the link's zstd stream is the bottleneck: batches compress alone, on every core"
+            );
+            (self.streaming, self.stream_off, left_stream) = (false, STREAM_OFF_PERIODS, true);
+        } else if !self.streaming && full_link && self.stream_off == 0 {
+            tracing::debug!(
+                "the link is the bottleneck: batches compress into the link's zstd stream"
+            );
+            self.streaming = true;
+        }
+        // Leaving the stream answers this period's wait on compression: the level stays
+        // (lowering it too held it down for 30 s for nothing).
+        if !state.cfg.adaptive_compression || left_stream {
             (self.link, self.cpu, self.since) = (Duration::ZERO, Duration::ZERO, Instant::now());
             self.busy_us.store(0, Ordering::Relaxed);
             return;
@@ -447,6 +579,7 @@ async fn ship_until_down(
         began,
     );
     let mut jobs: Jobs = VecDeque::new();
+    let mut baton = Baton::new();
     let parallel = JOBS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut pacer = Pacer::default();
     let timeout_ms = state.cfg.link_timeout_s * 1000;
@@ -461,8 +594,8 @@ async fn ship_until_down(
         fill(
             state,
             (&ship, &waits.busy_us),
-            &mut jobs,
-            (parallel, level, waits.merge(level)),
+            (&mut jobs, &mut baton),
+            (parallel, level, waits.merge(level), waits.stream(level)),
             (version, &mut served),
         );
         let in_flight_bytes = ship.lock().expect("poisoned").in_flight_bytes();
@@ -494,6 +627,7 @@ async fn ship_until_down(
                 send_paced(&mut out.wr, &s.frame, &state.max_bandwidth_bps, &mut pacer, timeout_ms).await?;
                 waits.link += sending.elapsed();
                 s.count();
+                state.uplinks[index].stream_bytes.fetch_add(s.streamed, Ordering::Relaxed);
             }
             _ = state.work.notified(), if jobs.is_empty() => {
                 // New work while the window is full (every group commit of ingest): the
@@ -599,6 +733,8 @@ struct Shipped {
     frame: Bytes,
     logical: u64,
     coalesced: u64,
+    /// Frame bytes that went into the link's zstd stream (before compression).
+    streamed: u64,
 }
 
 impl Shipped {
@@ -631,10 +767,11 @@ fn alive(began: Instant, heard_ms: &AtomicU64, timeout_ms: u64) -> Result<()> {
 fn fill(
     state: &Arc<State>,
     (ship, busy_us): (&Arc<Mutex<Ship>>, &Arc<AtomicU64>),
-    jobs: &mut VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>,
-    (parallel, level, merge): (usize, i32, bool),
+    (jobs, baton): (&mut Jobs, &mut Baton),
+    (parallel, level, merge, stream): (usize, i32, bool, bool),
     (version, served): (u16, &mut u64),
 ) {
+    let stream = stream && version >= STREAM_SINCE;
     let window = state.cfg.window_bytes;
     let mut s = ship.lock().expect("poisoned");
     // Turns round the disks until the pool or the window is full or nothing is left: each
@@ -692,12 +829,22 @@ fn fill(
             s.shipped_run(id, &records);
             *served = id;
             let (disk, busy_us) = (Arc::clone(disk), Arc::clone(busy_us));
+            let turn = stream.then(|| baton.next());
             jobs.push_back(tokio::task::spawn_blocking(move || {
-                // CPU time, not wall time: waiting for a core, the cache's lock or a read
-                // is not compression's cost.
+                // CPU time, not wall time: waiting for a core, the cache's lock, a read or
+                // the stream's turn is not compression's cost.
                 let t = thread_cpu_us();
-                let r = prepare(disk, run, level, version);
-                busy_us.fetch_add(thread_cpu_us().saturating_sub(t), Ordering::Relaxed);
+                let r = prepare(disk, run, level, version, turn.is_some());
+                let mut cpu_us = thread_cpu_us().saturating_sub(t);
+                let r = match (r, turn) {
+                    (Ok(Some(s)), Some(turn)) => {
+                        let r = turn.compress(s, level);
+                        cpu_us += r.1;
+                        r.0.map(Some)
+                    }
+                    (r, _) => r,
+                };
+                busy_us.fetch_add(cpu_us, Ordering::Relaxed);
                 r
             }));
         }
@@ -784,19 +931,22 @@ fn substitute(disk_id: u64, first: u64, last: u64, version: u16) -> Result<Bytes
 
 /// Reads a run of a disk's cached records, merges those that follow on, coalesces, and
 /// encodes them for the link (in the link's negotiated protocol `version`, whatever version
-/// the agent sent them in): one or more frames, in LSN order. Merged as read: one merged
+/// the agent sent them in): one or more frames, in LSN order, uncompressed when they go
+/// into the link's `stream`. Merged as read: one merged
 /// batch and one record are held decoded at a time, however large the run decodes.
 fn prepare(
     disk: Arc<Disk>,
     run: Vec<crate::cache::Entry>,
     level: i32,
     version: u16,
+    stream: bool,
 ) -> Result<Option<Shipped>> {
     let mut done = Prepared {
         out: BytesMut::new(),
         logical: 0,
         coalesced: 0,
-        level,
+        // Frames for the stream are encoded uncompressed: the stream compresses them.
+        level: if stream { 0 } else { level },
         version,
     };
     let mut merging: Option<Message> = None;
@@ -837,6 +987,7 @@ fn prepare(
         frame: done.out.freeze(),
         logical: done.logical,
         coalesced: done.coalesced,
+        streamed: 0,
     }))
 }
 

@@ -10,9 +10,13 @@ use bytes::{Bytes, BytesMut};
 
 use bytes::BufMut;
 
-use crate::frame::{Frame, FrameCodec, Header, FLAG_ZSTD, HEADER_LEN, MAX_PAYLOAD_LEN};
+use crate::frame::{
+    Frame, FrameCodec, Header, FLAG_ZSTD, FLAG_ZSTD_STREAM, HEADER_LEN, MAX_PAYLOAD_LEN,
+    TRAILER_LEN,
+};
 use crate::message::Message;
-use crate::version::PROTOCOL_VERSION_MIN;
+use crate::stream::{StreamCompressor, StreamDecompressor};
+use crate::version::{PROTOCOL_VERSION_MIN, STREAM_SINCE};
 use crate::{Error, Result};
 
 /// Payloads shorter than this are never compressed: zstd's frame overhead eats the gain.
@@ -54,6 +58,10 @@ pub struct MessageCodec {
     version: u16,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    /// Whether stream chunks are taken (see [`MessageCodec::accept_stream`]), and the
+    /// connection's stream once the first arrived.
+    accept_stream: bool,
+    stream_in: Option<StreamDecompressor>,
     /// Counters since the codec was made.
     pub stats: CodecStats,
 }
@@ -85,6 +93,8 @@ impl MessageCodec {
             version: PROTOCOL_VERSION_MIN,
             compressor: None,
             decompressor: None,
+            accept_stream: false,
+            stream_in: None,
             stats: CodecStats::default(),
         }
     }
@@ -114,9 +124,30 @@ impl MessageCodec {
         Ok(out.freeze())
     }
 
+    /// Takes stream chunks ([`FLAG_ZSTD_STREAM`]) from now on: for a connection whose every
+    /// frame this codec decodes, in order (a master target's, from a process server). Any
+    /// other codec refuses them: a frame decoded alone (one a cache stored) has no stream.
+    pub fn accept_stream(&mut self) {
+        self.accept_stream = true;
+    }
+
     /// Decodes the message in an already verified frame (for caches that store frames).
     pub fn decode_frame(&mut self, frame: Frame) -> Result<Message> {
-        let payload = if frame.header.flags & FLAG_ZSTD != 0 {
+        let payload = if frame.header.flags & FLAG_ZSTD_STREAM != 0 {
+            if !self.accept_stream {
+                return Err(Error::Invalid {
+                    field: "flags",
+                    detail: "a chunk of a zstd stream where none is taken: only a process \
+                             server sends them, to a master target"
+                        .into(),
+                });
+            }
+            let d = match &mut self.stream_in {
+                Some(d) => d,
+                None => self.stream_in.insert(StreamDecompressor::new()?),
+            };
+            Bytes::from(d.decompress(&frame.payload, frame.header.raw_len as usize)?)
+        } else if frame.header.flags & FLAG_ZSTD != 0 {
             let raw_len = frame.header.raw_len as usize;
             debug_assert!(raw_len <= MAX_PAYLOAD_LEN, "checked in Header::parse");
             let d = match &mut self.decompressor {
@@ -228,4 +259,49 @@ impl MessageCodec {
         self.stats.wire_bytes_out += (dst.len() - start) as u64;
         Ok(())
     }
+}
+
+/// Rewrites `frames` (whole frames as [`MessageCodec::encode`] made them, uncompressed, in
+/// a version with stream chunks) onto `out` with each payload of at least
+/// [`MIN_COMPRESS_LEN`] bytes compressed as the next chunk of `stream`, at `level`. Every
+/// chunk goes out, even one that saved nothing: the receiver's history must hold what the
+/// sender's does. Frames already compressed, or short, pass as they are.
+pub fn stream_frames(
+    stream: &mut StreamCompressor,
+    level: i32,
+    frames: &[u8],
+    out: &mut BytesMut,
+) -> Result<()> {
+    let mut rest = frames;
+    let mut chunk = Vec::new();
+    while !rest.is_empty() {
+        if rest.len() < HEADER_LEN {
+            return Err(Error::UnexpectedEof {
+                buffered: rest.len(),
+            });
+        }
+        let h = Header::parse(&rest[..HEADER_LEN])?;
+        let total = HEADER_LEN + h.wire_len as usize + TRAILER_LEN;
+        if rest.len() < total {
+            return Err(Error::UnexpectedEof {
+                buffered: rest.len(),
+            });
+        }
+        let (frame, after) = rest.split_at(total);
+        rest = after;
+        let payload = &frame[HEADER_LEN..HEADER_LEN + h.wire_len as usize];
+        if h.flags != 0 || payload.len() < MIN_COMPRESS_LEN || h.version < STREAM_SINCE {
+            out.extend_from_slice(frame);
+            continue;
+        }
+        chunk.clear();
+        stream.compress(level, payload, &mut chunk)?;
+        let header = Header {
+            flags: FLAG_ZSTD_STREAM,
+            wire_len: chunk.len() as u32,
+            ..h
+        };
+        crate::frame::put_frame(header, &chunk, out)?;
+    }
+    Ok(())
 }

@@ -6,7 +6,9 @@
 //!     magic:        [u8; 4],   // b"FBK1"
 //!     version:      u16,       // protocol version the payload is encoded in
 //!     msg_type:     u16,       // MessageType; numbers are fixed forever, never reused
-//!     flags:        u16,       // bit 0: payload is zstd-compressed; other bits must be zero
+//!     flags:        u16,       // bit 0: payload is one zstd frame; bit 1 (version >= 5):
+//!                              // payload continues the connection's zstd stream; at most
+//!                              // one of the two; other bits must be zero
 //!     reserved:     u16,       // must be zero
 //!     wire_len:     u32,       // payload bytes that follow the header (<= MAX_PAYLOAD_LEN)
 //!     raw_len:      u32,       // payload bytes after decompression (== wire_len if raw)
@@ -40,7 +42,12 @@ pub const MAX_PAYLOAD_LEN: usize = 16 << 20;
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD_LEN + TRAILER_LEN;
 /// Flag bit: the payload is one zstd frame of `raw_len` bytes.
 pub const FLAG_ZSTD: u16 = 1;
-const KNOWN_FLAGS: u16 = FLAG_ZSTD;
+/// Flag bit (version >= [`crate::version::STREAM_SINCE`]): the payload is the next chunk of
+/// the sender's zstd stream on this connection and decodes to `raw_len` bytes only after
+/// every earlier such chunk, in order (`crate::stream`). A receiver accepts it only where it
+/// said it would (a master target, from a process server).
+pub const FLAG_ZSTD_STREAM: u16 = 2;
+const KNOWN_FLAGS: u16 = FLAG_ZSTD | FLAG_ZSTD_STREAM;
 const _: () = assert!(crate::message::MAX_BATCH_DATA_LEN + (1 << 20) <= MAX_PAYLOAD_LEN);
 
 /// The fixed header of a frame, decoded and verified.
@@ -50,7 +57,7 @@ pub struct Header {
     pub version: u16,
     /// Message type number.
     pub msg_type: u16,
-    /// Flag bits (see [`FLAG_ZSTD`]).
+    /// Flag bits (see [`FLAG_ZSTD`] and [`FLAG_ZSTD_STREAM`]).
     pub flags: u16,
     /// Payload bytes on the wire.
     pub wire_len: u32,
@@ -120,7 +127,20 @@ impl Header {
                 });
             }
         }
-        if flags & FLAG_ZSTD == 0 && raw_len != wire_len {
+        if flags & FLAG_ZSTD != 0 && flags & FLAG_ZSTD_STREAM != 0 {
+            return Err(Error::Invalid {
+                field: "flags",
+                detail: "a payload is either one zstd frame or a chunk of the stream, not both"
+                    .into(),
+            });
+        }
+        if flags & FLAG_ZSTD_STREAM != 0 && version < crate::version::STREAM_SINCE {
+            return Err(Error::Invalid {
+                field: "flags",
+                detail: format!("a stream chunk in a version {version} frame"),
+            });
+        }
+        if flags & (FLAG_ZSTD | FLAG_ZSTD_STREAM) == 0 && raw_len != wire_len {
             return Err(Error::Invalid {
                 field: "raw_len",
                 detail: format!("{raw_len} differs from wire_len {wire_len} in a raw frame"),

@@ -10,6 +10,8 @@
 //! - [`message`]: the messages carried in frames, their payload layouts and their stable
 //!   type numbers.
 //! - [`codec`]: [`MessageCodec`], frames and messages together, with per-batch compression.
+//! - [`stream`]: one zstd stream per connection (version 5): payloads compressed with the
+//!   history of the ones before them.
 //! - [`version`]: protocol version negotiation.
 //! - [`handshake`]: the Hello exchange, as pure checks the services' shells call.
 //! - [`digest`]: the disk digest (per-block blake3, then blake3 of the block digests).
@@ -37,6 +39,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod stream;
 #[cfg(feature = "tokio-codec")]
 mod tokio_codec;
 pub mod version;

@@ -15,19 +15,22 @@
 //! | 2 | request ids on attach, digest request, digest list and error ([`crate::message`]) |
 //! | 3 | replication groups: the attach's OS type, and [`crate::Cut`] (group-consistent cuts) |
 //! | 4 | zero extents: a write of zeros is sent as its length alone ([`crate::message::ZERO_EXTENT`]) |
+//! | 5 | stream chunks: payloads compressed as one zstd stream per connection ([`crate::frame::FLAG_ZSTD_STREAM`], [`crate::stream`]); payloads as in 4 |
 
 use crate::{Error, Result};
 
 /// The oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 4;
+pub const PROTOCOL_VERSION_MAX: u16 = 5;
 /// The first version whose requests and replies carry request ids.
 pub const REQUEST_IDS_SINCE: u16 = 2;
 /// The first version with replication groups: the attach's OS type and [`crate::Cut`].
 pub const GROUPS_SINCE: u16 = 3;
 /// The first version with zero extents in write batches.
 pub const ZERO_EXTENTS_SINCE: u16 = 4;
+/// The first version whose frames may carry chunks of a connection's zstd stream.
+pub const STREAM_SINCE: u16 = 5;
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
 const _: () = assert!(
     PROTOCOL_VERSION_MIN >= 1,
