@@ -99,7 +99,7 @@ fn disjoint_versions_get_both_ranges_then_a_close() {
             let mut f = Framed::new(s, MessageCodec::default());
             f.send(Message::Hello(Hello {
                 proto_min: 1,
-                proto_max: 5,
+                proto_max: wire_protocol::version::PROTOCOL_VERSION_MAX + 1,
                 role,
                 capabilities: 0,
                 node_id: "newer-peer".into(),

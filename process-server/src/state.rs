@@ -227,6 +227,8 @@ pub struct Uplink {
     pub connected: AtomicBool,
     /// Frame bytes (before compression) sent as chunks of the link's zstd stream.
     pub stream_bytes: AtomicU64,
+    /// Whether the link's last session compressed into its zstd stream when it ended.
+    pub streaming: AtomicBool,
 }
 
 /// The agent connection a disk's stream comes from. Two agents streaming one disk (one
@@ -328,6 +330,7 @@ impl State {
                 requests,
                 connected: AtomicBool::new(false),
                 stream_bytes: AtomicU64::new(0),
+                streaming: AtomicBool::new(false),
             })
             .collect();
         let lock = runtime::lock::DirLock::acquire(&cfg.cache_dir, "process server")?;

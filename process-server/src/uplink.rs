@@ -365,9 +365,10 @@ struct Waits<'a> {
     since: Instant,
     /// The last period waited mostly downstream (the link, or the master target).
     downstream_bound: bool,
-    /// Whether batches compress into the link's zstd stream: from the start, left when
-    /// compression holds the link back (one core compresses the stream), taken again when
-    /// the link is full.
+    /// Whether batches compress into the link's zstd stream: taken when the link is full,
+    /// left when compression holds the link back (one core compresses the stream). Not from
+    /// the link's first session: where the cores are the bottleneck (1 Gbit/s here) its
+    /// first seconds went at one core's pace. A later session starts as the last one ended.
     streaming: bool,
     /// The session's first period is under way.
     filling: bool,
@@ -387,7 +388,7 @@ impl<'a> Waits<'a> {
             cores: std::thread::available_parallelism().map_or(2, |n| n.get()) as f64,
             since: Instant::now(),
             downstream_bound: false,
-            streaming: true,
+            streaming: false,
             filling: true,
             stream_off: 0,
         }
@@ -402,8 +403,8 @@ impl<'a> Waits<'a> {
         self.downstream_bound && level >= MERGE_FROM_LEVEL
     }
 
-    /// Whether jobs compress into the link's zstd stream (protocol 5): unless the stream
-    /// (one core) held the link back, at any level. History beats level: the WAN bench's image goes 5.39:1 at level 2 in one stream (315 MB/s on one
+    /// Whether jobs compress into the link's zstd stream (protocol 5): while the link is
+    /// full, unless the stream (one core) held it back, at any level. History beats level: the WAN bench's image goes 5.39:1 at level 2 in one stream (315 MB/s on one
     /// core) against 5.01:1 at level 9 in 1 MiB frames (70 MB/s).
     fn stream(&self, level: i32) -> bool {
         self.streaming && level > 0
@@ -454,7 +455,10 @@ impl<'a> Waits<'a> {
         let cpu_bound = self.cpu.as_secs_f64() / p > crate::adaptive::CPU_BOUND && !full_link;
         self.stream_off = self.stream_off.saturating_sub(1);
         let mut left_stream = false;
-        if self.streaming && cpu_bound {
+        // A stream holding the link back steps its level down first (the stream at level 2
+        // still beats every level batch by batch); it is left only at the lowest level.
+        let can_step_down = state.cfg.adaptive_compression && self.adaptive.level() > AUTO_MIN;
+        if self.streaming && cpu_bound && !can_step_down {
             tracing::debug!(
                 "the link's zstd stream is the bottleneck: batches compress alone, on every core"
             );
@@ -465,8 +469,7 @@ impl<'a> Waits<'a> {
             );
             self.streaming = true;
         }
-        // Leaving the stream answers this period's wait on compression: the level stays
-        // (lowering it too held it down for 30 s for nothing).
+        // Leaving the stream answers this period's wait on compression.
         if !state.cfg.adaptive_compression || left_stream {
             (self.link, self.cpu, self.since) = (Duration::ZERO, Duration::ZERO, Instant::now());
             self.busy_us.store(0, Ordering::Relaxed);
@@ -585,6 +588,9 @@ async fn ship_until_down(
     let timeout_ms = state.cfg.link_timeout_s * 1000;
     let mut out = Outbox::new(wr, version, timeout_ms);
     let mut waits = Waits::new(adaptive);
+    // What the link learnt outlives its sessions: a flapping link must not spend each new
+    // session's first seconds finding out again that it is the bottleneck.
+    waits.streaming = state.uplinks[index].streaming.load(Ordering::Relaxed);
     let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     // The disk id the last run was made of: the next turn round the disks starts after it.
@@ -600,6 +606,9 @@ async fn ship_until_down(
         );
         let in_flight_bytes = ship.lock().expect("poisoned").in_flight_bytes();
         waits.adapt(state, in_flight_bytes);
+        state.uplinks[index]
+            .streaming
+            .store(waits.streaming, Ordering::Relaxed);
         let window_full = in_flight_bytes >= state.cfg.window_bytes;
         let pool_full = jobs.len() >= parallel;
         let waited_from = Instant::now();

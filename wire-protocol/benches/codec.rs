@@ -1,6 +1,7 @@
 //! Codec throughput: encode+compress and decode+verify (frame CRCs, decompression, and the
 //! blake3 digest of every extent, as the master target checks them), for 64 KiB and 1 MiB
-//! extents of compressible (~2:1) and random data. Also prints the framing overhead.
+//! extents of compressible (~2:1) and random data; and compression into the link's zstd
+//! stream (protocol 5). Also prints the framing overhead.
 //!
 //! Run: `cargo bench -p wire-protocol --bench codec`
 
@@ -29,9 +30,14 @@ fn data(len: usize, compressible: bool, seed: u64) -> Bytes {
 }
 
 fn batch(extent: usize, compressible: bool) -> Message {
+    batch_from(extent, compressible, 0)
+}
+
+/// A batch whose extents' data is seeded from `seed`, `seed + 1`, ...
+fn batch_from(extent: usize, compressible: bool, seed: u64) -> Message {
     let writes = (0..BATCH_BYTES / extent)
         .map(|i| {
-            let d = data(extent, compressible, i as u64);
+            let d = data(extent, compressible, seed + i as u64);
             Write {
                 timestamp_us: i as u64,
                 offset: (i * extent) as u64,
@@ -107,5 +113,41 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Batches a stream bench cycles through: 64 MiB of distinct data, twice the stream's
+/// window, so no batch is found whole in the history (which would flatter the stream).
+const STREAM_BATCHES: u64 = 16;
+
+/// Compressing into the link's zstd stream (protocol 5) at level 2, as a link-bound process
+/// server does: one core, batch after batch of distinct data.
+fn stream(c: &mut Criterion) {
+    use wire_protocol::codec::stream_frames;
+    use wire_protocol::stream::StreamCompressor;
+    let mut g = c.benchmark_group("codec");
+    g.sample_size(10);
+    for compressible in [true, false] {
+        let mut plain = MessageCodec::default();
+        plain.set_version(wire_protocol::version::STREAM_SINCE);
+        let frames: Vec<Bytes> = (0..STREAM_BATCHES)
+            .map(|i| {
+                let msg = batch_from(1 << 20, compressible, i * 1000);
+                plain.encode_to_bytes(&msg).unwrap()
+            })
+            .collect();
+        let label = format!("1024KiB-{}", if compressible { "2to1" } else { "random" });
+        g.throughput(Throughput::Bytes(BATCH_BYTES as u64));
+        let mut s = StreamCompressor::default();
+        let mut out = BytesMut::new();
+        let mut next = 0;
+        g.bench_function(BenchmarkId::new("encode-stream2", &label), |b| {
+            b.iter(|| {
+                out.clear();
+                stream_frames(&mut s, 2, &frames[next % frames.len()], &mut out).unwrap();
+                next += 1;
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, stream);
 criterion_main!(benches);
