@@ -455,9 +455,9 @@ fn stream_bytes(c: &Cluster) -> u64 {
 fn a_link_bound_resync_goes_as_one_stream_through_kills_and_cuts() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::new(dir.path(), Path::new(BIN)).unwrap();
-    // 5 MB/s: the link, not the cores, is the bottleneck, so the level climbs and
-    // batches merge and stream.
-    c.ps_extra.push("--max-bandwidth=40mbit".into());
+    // 3 MB/s: the link, not the cores, is the bottleneck, so batches stream; and slow
+    // enough that a backlog is left after the kill and the cut, for the last check.
+    c.ps_extra.push("--max-bandwidth=24mbit".into());
     let relay = Relay::new(c.mt_addr.clone());
     c.ps_upstream = Some(relay.addr.clone());
     c.start_mt().unwrap();

@@ -226,7 +226,7 @@ pub fn render(state: &State, refusals: &Refusals) -> String {
     e.family(
         "failback_ps_link_stream_bytes",
         Kind::Counter,
-        "Frame bytes (before compression) sent as chunks of the link's zstd stream: while the link is the bottleneck, batches are compressed with the history of those before them.",
+        "Bytes of the frames (before compression, headers and short frames passed as they were included) of batches sent through the link's zstd stream: while the link is the bottleneck, batches are compressed with the history of those before them.",
         streamed,
     );
     e.single(

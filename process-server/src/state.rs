@@ -225,7 +225,8 @@ pub struct Uplink {
     pub requests: mpsc::Sender<UplinkRequest>,
     /// True while connected.
     pub connected: AtomicBool,
-    /// Frame bytes (before compression) sent as chunks of the link's zstd stream.
+    /// Bytes of the frames (before compression) of batches sent through the link's zstd
+    /// stream, headers and short frames passed as they were included.
     pub stream_bytes: AtomicU64,
     /// Whether the link's last session compressed into its zstd stream when it ended.
     pub streaming: AtomicBool,

@@ -374,6 +374,8 @@ struct Waits<'a> {
     filling: bool,
     /// Periods before the stream may be taken again after it held the link back.
     stream_off: u32,
+    /// The link's version has streams (5 or later).
+    can_stream: bool,
 }
 
 impl<'a> Waits<'a> {
@@ -391,6 +393,7 @@ impl<'a> Waits<'a> {
             streaming: false,
             filling: true,
             stream_off: 0,
+            can_stream: false,
         }
     }
 
@@ -463,7 +466,7 @@ impl<'a> Waits<'a> {
                 "the link's zstd stream is the bottleneck: batches compress alone, on every core"
             );
             (self.streaming, self.stream_off, left_stream) = (false, STREAM_OFF_PERIODS, true);
-        } else if !self.streaming && full_link && self.stream_off == 0 {
+        } else if !self.streaming && full_link && self.stream_off == 0 && self.can_stream {
             tracing::debug!(
                 "the link is the bottleneck: batches compress into the link's zstd stream"
             );
@@ -588,9 +591,10 @@ async fn ship_until_down(
     let timeout_ms = state.cfg.link_timeout_s * 1000;
     let mut out = Outbox::new(wr, version, timeout_ms);
     let mut waits = Waits::new(adaptive);
+    waits.can_stream = version >= STREAM_SINCE;
     // What the link learnt outlives its sessions: a flapping link must not spend each new
     // session's first seconds finding out again that it is the bottleneck.
-    waits.streaming = state.uplinks[index].streaming.load(Ordering::Relaxed);
+    waits.streaming = waits.can_stream && state.uplinks[index].streaming.load(Ordering::Relaxed);
     let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     // The disk id the last run was made of: the next turn round the disks starts after it.
