@@ -407,8 +407,9 @@ impl<'a> Waits<'a> {
     }
 
     /// Whether jobs compress into the link's zstd stream (protocol 5): while the link is
-    /// full, unless the stream (one core) held it back, at any level. History beats level: the WAN bench's image goes 5.39:1 at level 2 in one stream (315 MB/s on one
-    /// core) against 5.01:1 at level 9 in 1 MiB frames (70 MB/s).
+    /// full, unless the stream (one core) held it back, at any level. History beats level:
+    /// the WAN bench's image goes 5.39:1 at level 2 in one stream (315 MB/s on one core)
+    /// against 5.01:1 at level 9 in 1 MiB frames (70 MB/s).
     fn stream(&self, level: i32) -> bool {
         self.streaming && level > 0
     }
