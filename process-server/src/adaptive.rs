@@ -14,6 +14,12 @@
 //!   room), or over [`BUSY_MAX`] of the cores: one step down.
 //! - No see-saw: the level that proved too slow is a ceiling for [`CEILING_HOLD_PERIODS`];
 //!   then it is tried again (the load, the content or the link may have changed).
+//! - The link's zstd stream (protocol 5, [`StreamChoice`]) is one core's work: taken while
+//!   the link is full, its level stepped down first when it holds the link back, and left
+//!   only at the lowest level. While it compresses all period long, jobs that wait with the
+//!   window full are waiting their turn for it: that wait is compression's, not the link's.
+//!   The level follows the stream's own, which climbs more slowly (a zstd frame's level is
+//!   fixed), so a step down always lowers what is compressed.
 
 /// Waiting downstream more than this fraction of a period makes it the bottleneck.
 pub const LINK_BOUND: f64 = 0.5;
@@ -26,6 +32,12 @@ pub const BUSY_CLIMB_MAX: f64 = 0.35;
 pub const BUSY_MAX: f64 = 0.6;
 /// Periods a level that proved too slow stays out of reach (periods are about 1 s).
 pub const CEILING_HOLD_PERIODS: u32 = 30;
+/// The link's zstd stream compressing more than this share of a period (wall time, one
+/// job at a time holds it) is the bottleneck: it cannot go faster on one core.
+pub const STREAM_SATURATED: f64 = 0.9;
+/// Periods (about 1 s each) the link's zstd stream is left after it held the link back,
+/// so that on a link one core nearly fills it does not go on and off every second.
+pub const STREAM_OFF_PERIODS: u32 = 10;
 /// Level range of the automatic mode: past 9, zstd's cost grows much faster than its gain.
 pub const AUTO_MIN: i32 = 1;
 /// See [`AUTO_MIN`].
@@ -58,6 +70,17 @@ impl AdaptiveLevel {
         self.level
     }
 
+    /// Brings the level down to `level` if it is above: the level the link's zstd stream
+    /// really compresses at, which climbs more slowly than this one asks.
+    pub fn follow(&mut self, level: i32) {
+        self.level = self.level.min(level.clamp(self.min, self.max));
+    }
+
+    /// Whether a step down would lower the level.
+    pub fn can_step_down(&self) -> bool {
+        self.level > self.min
+    }
+
     /// Takes one period's waits and compression's busy share of the cores (fractions) and
     /// returns the next level.
     pub fn update(&mut self, link_wait: f64, cpu_wait: f64, busy: f64) -> i32 {
@@ -77,6 +100,119 @@ impl AdaptiveLevel {
             }
         }
         self.level
+    }
+}
+
+/// One period's waits of the shipper, as fractions of the period (measured by the uplink).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Period {
+    /// Sending (socket full, bandwidth limit), or idle with the window full.
+    pub link: f64,
+    /// On the front job with every compression job running.
+    pub cpu: f64,
+    /// On the front job with the window full, so that no other job could start.
+    pub window: f64,
+    /// Compression's share of the cores, averaged over periods.
+    pub busy: f64,
+    /// The share of the period the link's zstd stream spent compressing (wall time).
+    pub stream_busy: f64,
+}
+
+/// What the link's zstd stream did in a period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamStep {
+    /// As it was.
+    Kept,
+    /// Taken: the link is full.
+    Taken,
+    /// Left: it held the link back at the lowest level.
+    Left,
+}
+
+/// One period's decisions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// The next level, when it was adapted this period (adaptive mode, stream not left).
+    pub level: Option<i32>,
+    /// What the stream did.
+    pub stream: StreamStep,
+    /// The period waited mostly on the link (or the master target).
+    pub downstream_bound: bool,
+    /// The compression waits the period was judged by (the window's wait counts in
+    /// while the stream was saturated).
+    pub cpu_wait: f64,
+}
+
+/// Whether batches compress into the link's zstd stream, from period to period.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamChoice {
+    streaming: bool,
+    /// Periods before the stream may be taken again after it held the link back.
+    off_periods: u32,
+    /// The link's version has streams (5 or later).
+    can_stream: bool,
+}
+
+impl StreamChoice {
+    /// A session's choice: `streaming` as the link's last session ended.
+    pub fn new(can_stream: bool, streaming: bool) -> Self {
+        StreamChoice {
+            streaming: can_stream && streaming,
+            off_periods: 0,
+            can_stream,
+        }
+    }
+
+    /// Whether batches compress into the stream.
+    pub fn streaming(&self) -> bool {
+        self.streaming
+    }
+
+    /// Takes a period's waits, the adaptive level (`None` where the level is configured)
+    /// and the stream's own level (`None` before its first chunk), and decides.
+    pub fn period(
+        &mut self,
+        p: Period,
+        mut adaptive: Option<&mut AdaptiveLevel>,
+        stream_level: Option<i32>,
+    ) -> Decision {
+        let saturated = self.streaming && p.stream_busy > STREAM_SATURATED;
+        // A full window is the link holding all it may, unless the stream compressed all
+        // period: then the jobs waited with the window full were waiting their turn.
+        let (link, cpu) = if saturated {
+            (p.link, p.cpu + p.window)
+        } else {
+            (p.link + p.window, p.cpu)
+        };
+        let full_link = link > LINK_BOUND;
+        let cpu_bound = cpu > CPU_BOUND && !full_link;
+        self.off_periods = self.off_periods.saturating_sub(1);
+        if let (Some(a), true, Some(s)) = (adaptive.as_deref_mut(), self.streaming, stream_level) {
+            a.follow(s);
+        }
+        let can_step_down = adaptive
+            .as_deref()
+            .is_some_and(AdaptiveLevel::can_step_down);
+        let stream = if self.streaming && cpu_bound && !can_step_down {
+            (self.streaming, self.off_periods) = (false, STREAM_OFF_PERIODS);
+            StreamStep::Left
+        } else if !self.streaming && full_link && self.off_periods == 0 && self.can_stream {
+            self.streaming = true;
+            StreamStep::Taken
+        } else {
+            StreamStep::Kept
+        };
+        // Leaving the stream answers this period's wait on compression.
+        let level = match adaptive {
+            Some(a) if stream != StreamStep::Left => Some(a.update(p.link, cpu, p.busy)),
+            _ => None,
+        };
+        Decision {
+            level,
+            stream,
+            downstream_bound: p.link > LINK_BOUND,
+            cpu_wait: cpu,
+        }
     }
 }
 
@@ -135,5 +271,112 @@ mod tests {
             5,
             "tried again once the hold ends: {levels:?}"
         );
+    }
+
+    fn period(link: f64, cpu: f64, window: f64, stream_busy: f64) -> Period {
+        Period {
+            link,
+            cpu,
+            window,
+            busy: 0.3,
+            stream_busy,
+        }
+    }
+
+    #[test]
+    fn the_stream_is_taken_when_the_link_is_full_and_only_where_the_link_has_it() {
+        let full = period(0.3, 0.0, 0.4, 0.2);
+        let mut old = StreamChoice::new(false, true);
+        assert!(!old.streaming(), "a version-4 link never streams");
+        assert_eq!(old.period(full, None, None).stream, StreamStep::Kept);
+        let mut s = StreamChoice::new(true, false);
+        let quiet = period(0.2, 0.0, 0.2, 0.1);
+        assert_eq!(s.period(quiet, None, None).stream, StreamStep::Kept);
+        assert_eq!(
+            s.period(full, None, None).stream,
+            StreamStep::Taken,
+            "the link and the full window waited on for most of the period"
+        );
+        assert!(s.streaming());
+        assert!(
+            StreamChoice::new(true, true).streaming(),
+            "a new session carries on as the last one ended"
+        );
+    }
+
+    #[test]
+    fn a_saturated_stream_counts_the_full_window_as_compressions_wait() {
+        // Jobs wait their turn for the stream with the window full, the link mostly idle:
+        // before, that read as a full link and the stream stayed on at its level.
+        let turn_waits = period(0.1, 0.0, 0.8, 0.97);
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, true);
+        let d = s.period(turn_waits, Some(&mut a), Some(3));
+        assert_eq!(d.level, Some(2), "stepped down: {d:?}");
+        assert_eq!(
+            d.stream,
+            StreamStep::Kept,
+            "the stream at level 2 still beats batches"
+        );
+        assert!(
+            (d.cpu_wait - 0.8).abs() < 1e-9,
+            "the window's wait is compression's: {d:?}"
+        );
+        // The same waits with the stream idle most of the period: the link is the limit.
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        let d = s.period(period(0.1, 0.0, 0.8, 0.4), Some(&mut a), Some(3));
+        assert_eq!(d.level, Some(3), "{d:?}");
+        assert_eq!(d.stream, StreamStep::Kept);
+    }
+
+    #[test]
+    fn the_stream_is_left_only_at_the_lowest_level_and_not_taken_again_at_once() {
+        let turn_waits = period(0.1, 0.0, 0.8, 0.97);
+        let mut a = AdaptiveLevel::new(AUTO_MIN + 1, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, true);
+        assert_eq!(
+            s.period(turn_waits, Some(&mut a), Some(AUTO_MIN + 1)).level,
+            Some(AUTO_MIN)
+        );
+        let d = s.period(turn_waits, Some(&mut a), Some(AUTO_MIN));
+        assert_eq!((d.stream, d.level), (StreamStep::Left, None), "{d:?}");
+        assert!(!s.streaming());
+        // A full link right after: the stream stays off for STREAM_OFF_PERIODS periods.
+        let full = period(0.9, 0.0, 0.0, 0.0);
+        let steps: Vec<StreamStep> = (0..STREAM_OFF_PERIODS)
+            .map(|_| s.period(full, Some(&mut a), None).stream)
+            .collect();
+        assert_eq!(
+            steps[..STREAM_OFF_PERIODS as usize - 1],
+            vec![StreamStep::Kept; STREAM_OFF_PERIODS as usize - 1]
+        );
+        assert_eq!(
+            steps[STREAM_OFF_PERIODS as usize - 1],
+            StreamStep::Taken,
+            "{steps:?}"
+        );
+        // A configured level cannot step down: a stream that holds the link back goes.
+        let mut fixed = StreamChoice::new(true, true);
+        let d = fixed.period(period(0.0, 0.5, 0.0, 0.95), None, Some(3));
+        assert_eq!((d.stream, d.level), (StreamStep::Left, None));
+    }
+
+    #[test]
+    fn the_level_follows_the_streams_own_so_a_step_down_lowers_it() {
+        // The adaptive level climbed to 6 a step a second; the stream, a step per frame,
+        // is at 3. Compression holds the link back: the next level is 2, not 5.
+        let mut a = AdaptiveLevel::new(6, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, true);
+        let d = s.period(period(0.1, 0.5, 0.0, 0.95), Some(&mut a), Some(3));
+        assert_eq!(d.level, Some(2), "{d:?}");
+        // Link-bound, it asks one step above the stream, not above its own last ask.
+        let mut a = AdaptiveLevel::new(6, AUTO_MIN, AUTO_MAX);
+        let d = s.period(period(0.9, 0.0, 0.0, 0.3), Some(&mut a), Some(3));
+        assert_eq!(d.level, Some(4), "{d:?}");
+        // Out of the stream the level is its own.
+        let mut off = StreamChoice::new(true, false);
+        let mut a = AdaptiveLevel::new(6, AUTO_MIN, AUTO_MAX);
+        let d = off.period(period(0.1, 0.5, 0.0, 0.0), Some(&mut a), Some(3));
+        assert_eq!(d.level, Some(5), "{d:?}");
     }
 }

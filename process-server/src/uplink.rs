@@ -26,10 +26,13 @@ use wire_protocol::stream::StreamCompressor;
 use wire_protocol::version::STREAM_SINCE;
 use wire_protocol::{Compression, DigestList, ErrorCode, ErrorMsg, Message, MessageCodec, Role};
 
-use crate::adaptive::{AdaptiveLevel, AUTO_MAX, AUTO_MIN};
+use crate::adaptive::{AdaptiveLevel, StreamChoice, AUTO_MAX, AUTO_MIN};
 use crate::error::{Error, Result};
 use crate::requests::{AttachAnswer, ErrorFor, Requests};
 use crate::state::{Disk, State, UplinkRequest};
+
+mod waits;
+use waits::{StreamGauge, Waits};
 
 /// Repeated warnings of one kind and disk are logged once a second, with a count of the rest.
 static LOG_THROTTLE: std::sync::LazyLock<runtime::log::Throttle> =
@@ -65,9 +68,6 @@ pub const RUN_CACHED_MAX_BYTES: u64 = crate::merge::MERGED_DATA_MAX_BYTES as u64
 /// merging gains little (1 MiB against 8 MiB frames of the WAN bench's image: 4.40:1 against
 /// 4.46:1 at level 1, 4.76:1 against 4.99:1 at 3, 5.01:1 against 5.43:1 at 9).
 pub const MERGE_FROM_LEVEL: i32 = 3;
-/// Periods (about 1 s each) the link's zstd stream is left after it held the link back,
-/// so that on a link one core nearly fills it does not go on and off every second.
-pub const STREAM_OFF_PERIODS: u32 = 10;
 /// Batches being read and compressed at once, per core.
 pub const JOBS_PER_CORE: usize = 2;
 /// Records taken from one disk before the next disk's turn (fairness across disks); also
@@ -156,14 +156,16 @@ type Jobs = VecDeque<tokio::task::JoinHandle<Result<Option<Shipped>>>>;
 struct Baton {
     /// Where the next stream job gets the stream.
     next: oneshot::Receiver<StreamCompressor>,
+    /// Where the jobs report how long they held the stream, and its level.
+    gauge: Arc<StreamGauge>,
 }
 
 impl Baton {
-    fn new() -> Baton {
+    fn new(gauge: Arc<StreamGauge>) -> Baton {
         let (tx, rx) = oneshot::channel();
         tx.send(StreamCompressor::default())
             .expect("the receiver is here");
-        Baton { next: rx }
+        Baton { next: rx, gauge }
     }
 
     /// The next stream job's turn.
@@ -172,6 +174,7 @@ impl Baton {
         Turn {
             wait: std::mem::replace(&mut self.next, rx),
             pass,
+            gauge: Arc::clone(&self.gauge),
         }
     }
 }
@@ -180,6 +183,7 @@ impl Baton {
 struct Turn {
     wait: oneshot::Receiver<StreamCompressor>,
     pass: oneshot::Sender<StreamCompressor>,
+    gauge: Arc<StreamGauge>,
 }
 
 impl Turn {
@@ -196,10 +200,17 @@ impl Turn {
                 0,
             );
         };
-        let t = thread_cpu_us();
+        let (t, held) = (thread_cpu_us(), Instant::now());
         let mut out = BytesMut::with_capacity(s.frame.len() / 2);
         let r = wire_protocol::codec::stream_frames(&mut stream, level, &s.frame, &mut out);
         let cpu_us = thread_cpu_us().saturating_sub(t);
+        // Wall time: a stream held while its thread waits for a core holds the link back
+        // all the same.
+        let held_us = u64::try_from(held.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.gauge.busy_us.fetch_add(held_us, Ordering::Relaxed);
+        self.gauge
+            .level
+            .store(stream.level().unwrap_or(0), Ordering::Relaxed);
         if let Err(e) = r {
             return (Err(e.into()), cpu_us);
         }
@@ -348,160 +359,6 @@ impl Outbox {
     }
 }
 
-/// How long the shipper waited on the link and on compression, and how long compression
-/// jobs ran: each second, the adaptive zstd level moves by it.
-struct Waits<'a> {
-    adaptive: &'a mut AdaptiveLevel,
-    link: Duration,
-    cpu: Duration,
-    /// Waited on a job with the window full (so no other job could start): the trace
-    /// shows it, since the adaptive level cannot tell it from a short wait.
-    window: Duration,
-    /// CPU microseconds compression jobs used (they add to it as they end).
-    busy_us: Arc<AtomicU64>,
-    /// Compression's share of the cores, averaged over periods.
-    busy: f64,
-    cores: f64,
-    since: Instant,
-    /// The last period waited mostly downstream (the link, or the master target).
-    downstream_bound: bool,
-    /// Whether batches compress into the link's zstd stream: taken when the link is full,
-    /// left when compression holds the link back (one core compresses the stream). Not from
-    /// the link's first session: where the cores are the bottleneck (1 Gbit/s here) its
-    /// first seconds went at one core's pace. A later session starts as the last one ended.
-    streaming: bool,
-    /// The session's first period is under way.
-    filling: bool,
-    /// Periods before the stream may be taken again after it held the link back.
-    stream_off: u32,
-    /// The link's version has streams (5 or later).
-    can_stream: bool,
-}
-
-impl<'a> Waits<'a> {
-    fn new(adaptive: &'a mut AdaptiveLevel) -> Waits<'a> {
-        Waits {
-            adaptive,
-            link: Duration::ZERO,
-            cpu: Duration::ZERO,
-            window: Duration::ZERO,
-            busy_us: Arc::default(),
-            busy: 0.0,
-            cores: std::thread::available_parallelism().map_or(2, |n| n.get()) as f64,
-            since: Instant::now(),
-            downstream_bound: false,
-            streaming: false,
-            filling: true,
-            stream_off: 0,
-            can_stream: false,
-        }
-    }
-
-    /// Whether jobs merge the records that follow on (`merge.rs`): a larger frame
-    /// compresses better but pipelines worse (a 1 Gbit/s drain, bound by the cores, fell
-    /// from 213-245 to 185 MB/s, and RPO under churn doubled), so only while the link is
-    /// the bottleneck and the level has climbed to [`MERGE_FROM_LEVEL`] (the cores have
-    /// room to spare).
-    fn merge(&self, level: i32) -> bool {
-        self.downstream_bound && level >= MERGE_FROM_LEVEL
-    }
-
-    /// Whether jobs compress into the link's zstd stream (protocol 5): while the link is
-    /// full, unless the stream (one core) held it back, at any level. History beats level:
-    /// the WAN bench's image goes 5.39:1 at level 2 in one stream (315 MB/s on one core)
-    /// against 5.01:1 at level 9 in 1 MiB frames (70 MB/s).
-    fn stream(&self, level: i32) -> bool {
-        self.streaming && level > 0
-    }
-
-    /// The level this uplink compresses at: its own while adaptive (each uplink's link
-    /// differs; the metric shows the last one adapted), else the configured one.
-    fn level(&self, state: &State) -> i32 {
-        if state.cfg.adaptive_compression {
-            self.adaptive.level()
-        } else {
-            state.compression_level.load(Ordering::Relaxed)
-        }
-    }
-
-    /// Each period: the level moves (adaptive mode), and the period's waits are traced with
-    /// the bytes in flight at its end.
-    fn adapt(&mut self, state: &State, in_flight_bytes: u64) {
-        if self.since.elapsed() < Duration::from_secs(1) {
-            return;
-        }
-        let p = self.since.elapsed().as_secs_f64();
-        if std::mem::take(&mut self.filling) {
-            // A session's first period fills the empty window as fast as the cores go: it
-            // waits on compression whatever the level (a drain's first second stepped the
-            // level down and, held there for 30 s by the ceiling, the whole drain ran at
-            // level 2 on a link that left the cores idle).
-            tracing::trace!(
-                link = self.link.as_secs_f64() / p,
-                cpu = self.cpu.as_secs_f64() / p,
-                in_flight_bytes,
-                "first period of the session (the window's first fill): level kept"
-            );
-            (self.link, self.cpu, self.window, self.since) = (
-                Duration::ZERO,
-                Duration::ZERO,
-                Duration::ZERO,
-                Instant::now(),
-            );
-            self.busy_us.store(0, Ordering::Relaxed);
-            return;
-        }
-        self.downstream_bound = self.link.as_secs_f64() / p > crate::adaptive::LINK_BOUND;
-        let window = std::mem::take(&mut self.window).as_secs_f64() / p;
-        // A full window is the link holding all it may: downstream too, for the stream (a
-        // stream job waits its turn, and that wait falls here rather than on the link).
-        let full_link = (self.link.as_secs_f64() / p + window) > crate::adaptive::LINK_BOUND;
-        let cpu_bound = self.cpu.as_secs_f64() / p > crate::adaptive::CPU_BOUND && !full_link;
-        self.stream_off = self.stream_off.saturating_sub(1);
-        let mut left_stream = false;
-        // A stream holding the link back steps its level down first (the stream at level 2
-        // still beats every level batch by batch); it is left only at the lowest level.
-        let can_step_down = state.cfg.adaptive_compression && self.adaptive.level() > AUTO_MIN;
-        if self.streaming && cpu_bound && !can_step_down {
-            tracing::debug!(
-                "the link's zstd stream is the bottleneck: batches compress alone, on every core"
-            );
-            (self.streaming, self.stream_off, left_stream) = (false, STREAM_OFF_PERIODS, true);
-        } else if !self.streaming && full_link && self.stream_off == 0 && self.can_stream {
-            tracing::debug!(
-                "the link is the bottleneck: batches compress into the link's zstd stream"
-            );
-            self.streaming = true;
-        }
-        // Leaving the stream answers this period's wait on compression.
-        if !state.cfg.adaptive_compression || left_stream {
-            (self.link, self.cpu, self.since) = (Duration::ZERO, Duration::ZERO, Instant::now());
-            self.busy_us.store(0, Ordering::Relaxed);
-            return;
-        }
-        let now = self.busy_us.swap(0, Ordering::Relaxed) as f64 / 1e6 / p / self.cores;
-        // Averaged over periods: a job's time counts when it ends, and large records at high
-        // levels end in bursts (one burst must not step a fine level down for 30 s).
-        self.busy = (self.busy + now) / 2.0;
-        let busy = self.busy;
-        let (link, cpu) = (self.link.as_secs_f64() / p, self.cpu.as_secs_f64() / p);
-        let level = self.adaptive.update(link, cpu, busy);
-        tracing::trace!(
-            level,
-            link,
-            cpu,
-            busy,
-            window,
-            in_flight_bytes,
-            "compression period"
-        );
-        if level != state.compression_level.swap(level, Ordering::Relaxed) {
-            tracing::debug!(level, link, cpu, busy, "compression level adapted");
-        }
-        (self.link, self.cpu, self.since) = (Duration::ZERO, Duration::ZERO, Instant::now());
-    }
-}
-
 /// Heartbeats: four per link timeout, so a live link is never taken for a dead one.
 struct Beat {
     tick: tokio::time::Interval,
@@ -586,16 +443,18 @@ async fn ship_until_down(
         began,
     );
     let mut jobs: Jobs = VecDeque::new();
-    let mut baton = Baton::new();
     let parallel = JOBS_PER_CORE * std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut pacer = Pacer::default();
     let timeout_ms = state.cfg.link_timeout_s * 1000;
     let mut out = Outbox::new(wr, version, timeout_ms);
-    let mut waits = Waits::new(adaptive);
-    waits.can_stream = version >= STREAM_SINCE;
     // What the link learnt outlives its sessions: a flapping link must not spend each new
     // session's first seconds finding out again that it is the bottleneck.
-    waits.streaming = waits.can_stream && state.uplinks[index].streaming.load(Ordering::Relaxed);
+    let stream = StreamChoice::new(
+        version >= STREAM_SINCE,
+        state.uplinks[index].streaming.load(Ordering::Relaxed),
+    );
+    let mut waits = Waits::new(adaptive, stream);
+    let mut baton = Baton::new(Arc::clone(&waits.gauge));
     let mut beat = Beat::new(timeout_ms);
     let mut retry = every(Duration::from_millis(REATTACH_EVERY_MS));
     // The disk id the last run was made of: the next turn round the disks starts after it.
@@ -613,7 +472,7 @@ async fn ship_until_down(
         waits.adapt(state, in_flight_bytes);
         state.uplinks[index]
             .streaming
-            .store(waits.streaming, Ordering::Relaxed);
+            .store(waits.streaming(), Ordering::Relaxed);
         let window_full = in_flight_bytes >= state.cfg.window_bytes;
         let pool_full = jobs.len() >= parallel;
         let waited_from = Instant::now();
