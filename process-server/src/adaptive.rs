@@ -18,6 +18,10 @@
 //!   the link is full, its level stepped down first when it holds the link back, and left
 //!   only at the lowest level. While it compresses all period long, jobs that wait with the
 //!   window full are waiting their turn for it: that wait is compression's, not the link's.
+//!   Short of that, in the stream (and only there) a full window's wait is the link's: it
+//!   keeps a short wait on a full pool from stepping down, and counts toward a climb when
+//!   the link itself was waited on for over [`STREAM_CLIMB_LINK_MIN`]: the stream has a
+//!   core's room, and its history makes each level worth more than batch by batch.
 //!   The level follows the stream's own, which climbs more slowly (a zstd frame's level is
 //!   fixed), so a step down always lowers what is compressed.
 
@@ -33,8 +37,13 @@ pub const BUSY_MAX: f64 = 0.6;
 /// Periods a level that proved too slow stays out of reach (periods are about 1 s).
 pub const CEILING_HOLD_PERIODS: u32 = 30;
 /// The link's zstd stream compressing more than this share of a period (wall time, one
-/// job at a time holds it) is the bottleneck: it cannot go faster on one core.
+/// job at a time holds it; averaged over two periods, since a job adds its hold as it ends
+/// and one period may read over 1) is the bottleneck: it cannot go faster on one core.
 pub const STREAM_SATURATED: f64 = 0.9;
+/// In the stream, the full window's wait counts toward a climb only where the link itself
+/// was waited on for more than this share of the period: a master target applying slowly
+/// fills the window too, and a higher level does nothing for it.
+pub const STREAM_CLIMB_LINK_MIN: f64 = 0.25;
 /// Periods (about 1 s each) the link's zstd stream is left after it held the link back,
 /// so that on a link one core nearly fills it does not go on and off every second.
 pub const STREAM_OFF_PERIODS: u32 = 10;
@@ -76,9 +85,10 @@ impl AdaptiveLevel {
         self.level = self.level.min(level.clamp(self.min, self.max));
     }
 
-    /// Whether a step down would lower the level.
-    pub fn can_step_down(&self) -> bool {
-        self.level > self.min
+    /// Whether a step down would lower the level, once it followed `stream` (the level
+    /// of the link's zstd stream, if it is in use).
+    pub fn can_step_down_from(&self, stream: Option<i32>) -> bool {
+        stream.map_or(self.level, |s| self.level.min(s)) > self.min
     }
 
     /// Takes one period's waits and compression's busy share of the cores (fractions) and
@@ -141,6 +151,8 @@ pub struct Decision {
     /// The compression waits the period was judged by (the window's wait counts in
     /// while the stream was saturated).
     pub cpu_wait: f64,
+    /// The stream's busy share the period was judged by (averaged over two periods).
+    pub stream_busy: f64,
 }
 
 /// Whether batches compress into the link's zstd stream, from period to period.
@@ -151,6 +163,8 @@ pub struct StreamChoice {
     off_periods: u32,
     /// The link's version has streams (5 or later).
     can_stream: bool,
+    /// The last period's [`Period::stream_busy`].
+    last_stream_busy: f64,
 }
 
 impl StreamChoice {
@@ -160,6 +174,7 @@ impl StreamChoice {
             streaming: can_stream && streaming,
             off_periods: 0,
             can_stream,
+            last_stream_busy: 0.0,
         }
     }
 
@@ -173,10 +188,16 @@ impl StreamChoice {
     pub fn period(
         &mut self,
         p: Period,
-        mut adaptive: Option<&mut AdaptiveLevel>,
+        adaptive: Option<&mut AdaptiveLevel>,
         stream_level: Option<i32>,
     ) -> Decision {
-        let saturated = self.streaming && p.stream_busy > STREAM_SATURATED;
+        let was_streaming = self.streaming;
+        // Averaged over two periods: a job adds its hold of the stream as it ends, so one
+        // period may read over 1 and the next near 0 (one long chunk ending late must not
+        // step a fine level down and hold it there for CEILING_HOLD_PERIODS).
+        let stream_busy = (self.last_stream_busy + p.stream_busy) / 2.0;
+        self.last_stream_busy = p.stream_busy;
+        let saturated = was_streaming && stream_busy > STREAM_SATURATED;
         // A full window is the link holding all it may, unless the stream compressed all
         // period: then the jobs waited with the window full were waiting their turn.
         let (link, cpu) = if saturated {
@@ -187,12 +208,14 @@ impl StreamChoice {
         let full_link = link > LINK_BOUND;
         let cpu_bound = cpu > CPU_BOUND && !full_link;
         self.off_periods = self.off_periods.saturating_sub(1);
-        if let (Some(a), true, Some(s)) = (adaptive.as_deref_mut(), self.streaming, stream_level) {
-            a.follow(s);
-        }
+        // In the stream, the level compressed at is the stream's own where it is lower.
+        let followed = match (was_streaming, stream_level) {
+            (true, Some(s)) => Some(s),
+            _ => None,
+        };
         let can_step_down = adaptive
             .as_deref()
-            .is_some_and(AdaptiveLevel::can_step_down);
+            .is_some_and(|a| a.can_step_down_from(followed));
         let stream = if self.streaming && cpu_bound && !can_step_down {
             (self.streaming, self.off_periods) = (false, STREAM_OFF_PERIODS);
             StreamStep::Left
@@ -202,9 +225,29 @@ impl StreamChoice {
         } else {
             StreamStep::Kept
         };
-        // Leaving the stream answers this period's wait on compression.
+        let level_link = if saturated {
+            // Both at their limit: neither climb nor, on the link's account, step down.
+            p.link.min(LINK_BOUND)
+        } else if was_streaming && p.link > STREAM_CLIMB_LINK_MIN {
+            // In the stream, short of saturating it, the full window's wait is the link's
+            // for the level too: it climbs until the stream is busy all period.
+            link
+        } else if was_streaming {
+            // The same, save the climb: a wait on a full pool with the window full too is
+            // no reason to step down while the stream has room.
+            link.min(LINK_BOUND)
+        } else {
+            p.link
+        };
+        // Leaving the stream answers this period's wait on compression: batches go at the
+        // level of their own, on every core.
         let level = match adaptive {
-            Some(a) if stream != StreamStep::Left => Some(a.update(p.link, cpu, p.busy)),
+            Some(a) if stream != StreamStep::Left => {
+                if let Some(s) = followed {
+                    a.follow(s);
+                }
+                Some(a.update(level_link, cpu, p.busy))
+            }
             _ => None,
         };
         Decision {
@@ -212,6 +255,7 @@ impl StreamChoice {
             stream,
             downstream_bound: p.link > LINK_BOUND,
             cpu_wait: cpu,
+            stream_busy,
         }
     }
 }
@@ -273,12 +317,13 @@ mod tests {
         );
     }
 
+    /// A period's waits, with compression well under the climbing cap.
     fn period(link: f64, cpu: f64, window: f64, stream_busy: f64) -> Period {
         Period {
             link,
             cpu,
             window,
-            busy: 0.3,
+            busy: 0.1,
             stream_busy,
         }
     }
@@ -311,6 +356,12 @@ mod tests {
         let turn_waits = period(0.1, 0.0, 0.8, 0.97);
         let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
         let mut s = StreamChoice::new(true, true);
+        let first = s.period(turn_waits, Some(&mut a), Some(3));
+        assert_eq!(
+            (first.level, first.cpu_wait),
+            (Some(3), 0.0),
+            "one period is not enough (a hold counts when it ends): {first:?}"
+        );
         let d = s.period(turn_waits, Some(&mut a), Some(3));
         assert_eq!(d.level, Some(2), "stepped down: {d:?}");
         assert_eq!(
@@ -322,11 +373,14 @@ mod tests {
             (d.cpu_wait - 0.8).abs() < 1e-9,
             "the window's wait is compression's: {d:?}"
         );
-        // The same waits with the stream idle most of the period: the link is the limit.
+        // The same waits with the stream idle most of the period: the link is the limit,
+        // and the stream has room for a higher level.
+        let mut s = StreamChoice::new(true, true);
         let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
-        let d = s.period(period(0.1, 0.0, 0.8, 0.4), Some(&mut a), Some(3));
-        assert_eq!(d.level, Some(3), "{d:?}");
-        assert_eq!(d.stream, StreamStep::Kept);
+        let roomy = period(0.3, 0.0, 0.6, 0.4);
+        assert_eq!(s.period(roomy, Some(&mut a), Some(3)).level, Some(4));
+        let d = s.period(roomy, Some(&mut a), Some(4));
+        assert_eq!((d.level, d.stream), (Some(5), StreamStep::Kept), "{d:?}");
     }
 
     #[test]
@@ -334,10 +388,9 @@ mod tests {
         let turn_waits = period(0.1, 0.0, 0.8, 0.97);
         let mut a = AdaptiveLevel::new(AUTO_MIN + 1, AUTO_MIN, AUTO_MAX);
         let mut s = StreamChoice::new(true, true);
-        assert_eq!(
-            s.period(turn_waits, Some(&mut a), Some(AUTO_MIN + 1)).level,
-            Some(AUTO_MIN)
-        );
+        s.period(turn_waits, Some(&mut a), Some(AUTO_MIN + 1));
+        let d = s.period(turn_waits, Some(&mut a), Some(AUTO_MIN + 1));
+        assert_eq!((d.stream, d.level), (StreamStep::Kept, Some(AUTO_MIN)));
         let d = s.period(turn_waits, Some(&mut a), Some(AUTO_MIN));
         assert_eq!((d.stream, d.level), (StreamStep::Left, None), "{d:?}");
         assert!(!s.streaming());
@@ -346,19 +399,60 @@ mod tests {
         let steps: Vec<StreamStep> = (0..STREAM_OFF_PERIODS)
             .map(|_| s.period(full, Some(&mut a), None).stream)
             .collect();
-        assert_eq!(
-            steps[..STREAM_OFF_PERIODS as usize - 1],
-            vec![StreamStep::Kept; STREAM_OFF_PERIODS as usize - 1]
-        );
-        assert_eq!(
-            steps[STREAM_OFF_PERIODS as usize - 1],
-            StreamStep::Taken,
-            "{steps:?}"
-        );
+        let off = STREAM_OFF_PERIODS as usize - 1;
+        assert_eq!(steps[..off], vec![StreamStep::Kept; off]);
+        assert_eq!(steps[off], StreamStep::Taken, "{steps:?}");
         // A configured level cannot step down: a stream that holds the link back goes.
         let mut fixed = StreamChoice::new(true, true);
         let d = fixed.period(period(0.0, 0.5, 0.0, 0.95), None, Some(3));
         assert_eq!((d.stream, d.level), (StreamStep::Left, None));
+    }
+
+    #[test]
+    fn leaving_the_stream_keeps_the_level_batches_had() {
+        // Taken again at level 3 after batches climbed there, the stream still goes on at
+        // the lowest level it was left at (it climbs a step per frame), and compression
+        // holds the link back: it is left, and batches go on at 3 on every core.
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, true);
+        let d = s.period(period(0.1, 0.5, 0.0, 0.5), Some(&mut a), Some(AUTO_MIN));
+        assert_eq!((d.stream, d.level), (StreamStep::Left, None), "{d:?}");
+        assert_eq!(a.level(), 3);
+    }
+
+    #[test]
+    fn in_the_stream_the_level_climbs_on_the_full_windows_wait_until_the_stream_saturates() {
+        // The link and the window share the period: the link is all the stream waits on.
+        let shared = period(0.4, 0.0, 0.55, 0.5);
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, true);
+        assert_eq!(s.period(shared, Some(&mut a), Some(3)).level, Some(4));
+        let mut batches = StreamChoice::new(false, false);
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        assert_eq!(
+            batches.period(shared, Some(&mut a), None).level,
+            Some(3),
+            "out of the stream a full window alone does not climb"
+        );
+        // The window full with the link hardly waited on: the master target's pace.
+        let mut s = StreamChoice::new(true, true);
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        let slow_target = period(0.1, 0.0, 0.85, 0.5);
+        assert_eq!(s.period(slow_target, Some(&mut a), Some(3)).level, Some(3));
+        // Nor is a short wait on a full pool then a reason to step down (a drain's trace:
+        // link 0.24, window 0.62, pool 0.11 stepped 4 to 3 and held 4 off for 30 s).
+        let pool_and_window = period(0.24, 0.11, 0.62, 0.74);
+        assert_eq!(
+            s.period(pool_and_window, Some(&mut a), Some(3)).level,
+            Some(3)
+        );
+        // Saturated with the link full too: both at their limit, the level stays.
+        let both = period(0.6, 0.0, 0.0, 0.95);
+        let mut s = StreamChoice::new(true, true);
+        let mut a = AdaptiveLevel::new(4, AUTO_MIN, AUTO_MAX);
+        s.period(both, Some(&mut a), Some(4));
+        let d = s.period(both, Some(&mut a), Some(4));
+        assert_eq!(d.level, Some(4), "{d:?}");
     }
 
     #[test]
@@ -367,7 +461,7 @@ mod tests {
         // is at 3. Compression holds the link back: the next level is 2, not 5.
         let mut a = AdaptiveLevel::new(6, AUTO_MIN, AUTO_MAX);
         let mut s = StreamChoice::new(true, true);
-        let d = s.period(period(0.1, 0.5, 0.0, 0.95), Some(&mut a), Some(3));
+        let d = s.period(period(0.1, 0.5, 0.0, 0.5), Some(&mut a), Some(3));
         assert_eq!(d.level, Some(2), "{d:?}");
         // Link-bound, it asks one step above the stream, not above its own last ask.
         let mut a = AdaptiveLevel::new(6, AUTO_MIN, AUTO_MAX);

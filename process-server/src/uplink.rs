@@ -207,7 +207,7 @@ impl Turn {
         // Wall time: a stream held while its thread waits for a core holds the link back
         // all the same.
         let held_us = u64::try_from(held.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.gauge.busy_us.fetch_add(held_us, Ordering::Relaxed);
+        self.gauge.held_us.fetch_add(held_us, Ordering::Relaxed);
         self.gauge
             .level
             .store(stream.level().unwrap_or(0), Ordering::Relaxed);

@@ -20,9 +20,11 @@ use super::MERGE_FROM_LEVEL;
 /// which level its frame under way is.
 #[derive(Debug, Default)]
 pub(super) struct StreamGauge {
-    /// Wall microseconds the stream spent compressing (one job at a time holds it).
-    pub(super) busy_us: AtomicU64,
-    /// The level of the stream's zstd frame under way; 0 before its first chunk.
+    /// Wall microseconds jobs held the stream, added as each hold ends (one job at a
+    /// time holds it).
+    pub(super) held_us: AtomicU64,
+    /// The level of the stream's zstd frame under way; 0 before its first chunk. It stays
+    /// as it was when the stream is left; the policy reads it only while streaming.
     pub(super) level: AtomicI32,
 }
 
@@ -111,7 +113,7 @@ impl<'a> Waits<'a> {
         }
         let fraction = |d: Duration| d.as_secs_f64() / p;
         let busy_now = self.busy_us.swap(0, Ordering::Relaxed) as f64 / 1e6 / p / self.cores;
-        let stream_busy = self.gauge.busy_us.swap(0, Ordering::Relaxed) as f64 / 1e6 / p;
+        let stream_busy = self.gauge.held_us.swap(0, Ordering::Relaxed) as f64 / 1e6 / p;
         let period = Period {
             link: fraction(std::mem::take(&mut self.link)),
             cpu: fraction(std::mem::take(&mut self.cpu)),
@@ -135,6 +137,8 @@ impl<'a> Waits<'a> {
             );
             return;
         }
+        // Averaged in every judged period, whatever the mode (the level is configured, or
+        // the stream was left): the average is of the cores, not of a level.
         self.busy = period.busy;
         let stream_level = match self.gauge.level.load(Ordering::Relaxed) {
             0 => None,
@@ -155,23 +159,29 @@ impl<'a> Waits<'a> {
             ),
             StreamStep::Kept => {}
         }
-        let Some(level) = d.level else { return };
+        // The trace shows the period as measured, and what it was judged by (`cpu_judged`
+        // holds the window's wait while the stream was saturated; `stream_busy_judged` is
+        // averaged over two periods).
         tracing::trace!(
-            level,
+            level = d.level,
             link = period.link,
-            cpu = d.cpu_wait,
-            busy = period.busy,
+            cpu = period.cpu,
             window = period.window,
+            busy = period.busy,
             stream_busy,
+            cpu_judged = d.cpu_wait,
+            stream_busy_judged = d.stream_busy,
             stream_level,
             in_flight_bytes,
             "compression period"
         );
+        let Some(level) = d.level else { return };
         if level != state.compression_level.swap(level, Ordering::Relaxed) {
             tracing::debug!(
                 level,
                 link = period.link,
                 cpu = d.cpu_wait,
+                stream_busy = d.stream_busy,
                 "compression level adapted"
             );
         }
