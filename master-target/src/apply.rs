@@ -370,7 +370,7 @@ impl Applier {
                     // The old bytes go straight into the journal buffer.
                     let start = undo.len();
                     let at = begin_undo(*lsn, *timestamp_us, *offset, data.len(), undo);
-                    self.disk.read_at(&mut undo[at..], *offset)?;
+                    self.disk.read_at_sparse(&mut undo[at..], *offset)?;
                     overlay(&mut undo[at..], *offset, &pending, &newest);
                     if undo[at..] == data[..] {
                         // The disk holds these bytes already (zeros onto a thin disk's

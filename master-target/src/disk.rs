@@ -105,6 +105,15 @@ impl DiskFile {
             .ctx(|| format!("read {} at {offset}", self.path.display()))
     }
 
+    /// [`DiskFile::read_at`] for old bytes about to be overwritten: a range the filesystem
+    /// holds no data for (never written on a thin disk) is zeros without a read (see
+    /// `store::FileHandle::read_exact_at_sparse`).
+    pub fn read_at_sparse(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_exact_at_sparse(buf, offset)
+            .ctx(|| format!("read {} at {offset}", self.path.display()))
+    }
+
     /// Writes all of `data` at `offset` (into the page cache; see [`DiskFile::sync`]).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         // Callers check ranges against the wire; this check also covers what comes from a

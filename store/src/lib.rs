@@ -49,6 +49,13 @@ pub enum OpenMode {
 pub trait FileHandle: Debug + Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// [`FileHandle::read_exact_at`], where bytes the filesystem reports as a hole (no
+    /// data at all: `SEEK_DATA`) are zeros without a read. Reading a hole of a thin disk
+    /// makes the kernel zero page-cache pages for it, and for what it reads ahead: a tenth
+    /// of two cores in a 1 Gbit/s resync onto a new disk. Any doubt reads.
+    fn read_exact_at_sparse(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
     /// Writes all of `data` at `offset`, growing the file if needed (not yet durable).
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
     /// The file's length in bytes.
@@ -112,8 +119,36 @@ fn write_zeros<H: FileHandle + ?Sized>(h: &H, offset: u64, len_bytes: u64) -> io
     Ok(())
 }
 
+/// Whether `len_bytes` at `offset`, within `f`'s length, hold no data: the next data at or
+/// after `offset` (`lseek(SEEK_DATA)`) starts at or past their end. Every filesystem that
+/// reports holes also reports as data what is written but not yet allocated (ext4's and
+/// xfs's delayed allocation, tmpfs's pages); one that has no holes reports all data. An
+/// error says no. The call moves the descriptor's cursor, which positioned I/O ignores.
+fn is_hole(f: &File, offset: u64, len_bytes: u64) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Some(end)) = (i64::try_from(offset), offset.checked_add(len_bytes)) else {
+        return false;
+    };
+    // SAFETY: a plain syscall on a descriptor this File owns; no memory is passed.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), off, libc::SEEK_DATA) };
+    if data >= 0 {
+        return data as u64 >= end;
+    }
+    // ENXIO: no data from `offset` to the end of the file, or `offset` past it. A read
+    // past the end must still fail as one.
+    io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+        && f.metadata().is_ok_and(|m| end <= m.len())
+}
+
 impl FileHandle for File {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+    fn read_exact_at_sparse(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if is_hole(self, offset, buf.len() as u64) {
+            buf.fill(0);
+            return Ok(());
+        }
         FileExt::read_exact_at(self, buf, offset)
     }
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
