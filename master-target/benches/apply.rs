@@ -123,6 +123,17 @@ impl Journaled {
     /// `n` 1 MiB batches applied as one group, as the service does when batches queue up.
     fn group(&mut self, d: &Bytes, n: usize) {
         let next = self.a.committed_lsn() + 1;
+        // Each pass over the disk writes other bytes: the same ones again would find the
+        // disk holding them, and an unchanged write is neither journaled nor written.
+        let pass = self.pos / DISK_BYTES;
+        let d = &{
+            let mut v = d.to_vec();
+            v[..8]
+                .iter_mut()
+                .zip(pass.to_le_bytes())
+                .for_each(|(b, p)| *b ^= p);
+            Bytes::from(v)
+        };
         // The sender's digest, made once (the applier verifies every write's).
         let digest = wire_protocol::digest(d);
         let writes = (0..n * BATCH_BYTES / WRITE_BYTES)
@@ -133,7 +144,8 @@ impl Journaled {
                 data: d.clone(),
             })
             .collect();
-        self.pos = (self.pos + (n * BATCH_BYTES) as u64) % DISK_BYTES;
+        // Counted on (not wrapped): the pass is `pos / DISK_BYTES`.
+        self.pos += (n * BATCH_BYTES) as u64;
         let Verdict::Accept(items) = self.a.check_batch(
             &WriteBatch {
                 disk_id: 1,
