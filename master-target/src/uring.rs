@@ -117,12 +117,12 @@ impl IoBackend {
                 }
             }
             let expect = part.len() + usize::from(last);
-            ring.submit_and_wait(expect)?;
+            wait_for(ring, expect)?;
             let mut seen = 0;
             // Bounded: exactly `expect` completions belong to this chunk.
             while seen < expect {
                 let Some(cqe) = ring.completion().next() else {
-                    ring.submit_and_wait(1)?;
+                    wait_for(ring, 1)?;
                     continue;
                 };
                 seen += 1;
@@ -144,6 +144,19 @@ impl IoBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// Submits what is queued and waits for `n` completions, again when a signal interrupted
+/// the wait: a signal (the service's SIGTERM, delivered to this thread) must not return
+/// while the kernel still writes from the caller's buffers, nor roll a group back under
+/// writes still landing.
+fn wait_for(ring: &mut io_uring::IoUring, n: usize) -> io::Result<()> {
+    loop {
+        match ring.submit_and_wait(n) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r.map(|_| ()),
+        }
     }
 }
 

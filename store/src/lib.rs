@@ -119,25 +119,52 @@ fn write_zeros<H: FileHandle + ?Sized>(h: &H, offset: u64, len_bytes: u64) -> io
     Ok(())
 }
 
+/// Filesystems (`statfs` magic numbers) whose `SEEK_DATA` reports as data everything that
+/// reads as data, written or not yet allocated (delayed allocation, unwritten extents with
+/// dirty pages): ext4, xfs, btrfs, tmpfs. Any other is read: OpenZFS before 2.1.14 and
+/// 2.2.2 reported holes over data written but not yet committed (openzfs/zfs#15526), and
+/// NFS and FUSE answer whatever their server says.
+const SEEK_DATA_TRUSTED: [u64; 4] = [
+    0xEF53,      // ext2/3/4
+    0x5846_5342, // xfs
+    0x9123_683E, // btrfs
+    0x0102_1994, // tmpfs
+];
+
 /// Whether `len_bytes` at `offset`, within `f`'s length, hold no data: the next data at or
-/// after `offset` (`lseek(SEEK_DATA)`) starts at or past their end. Every filesystem that
-/// reports holes also reports as data what is written but not yet allocated (ext4's and
-/// xfs's delayed allocation, tmpfs's pages); one that has no holes reports all data. An
-/// error says no. The call moves the descriptor's cursor, which positioned I/O ignores.
+/// after `offset` (`lseek(SEEK_DATA)`) starts at or past their end. Only on the filesystems
+/// of [`SEEK_DATA_TRUSTED`], and only in a file with holes at all: in one whose blocks
+/// are all allocated (preallocated, or written through), `SEEK_DATA` could walk every
+/// unwritten extent to the end and find nothing. An error says no. The call moves the
+/// descriptor's cursor, which positioned I/O ignores.
 fn is_hole(f: &File, offset: u64, len_bytes: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::io::AsRawFd;
     let (Ok(off), Some(end)) = (i64::try_from(offset), offset.checked_add(len_bytes)) else {
         return false;
     };
+    // SAFETY: statfs is plain data; fstatfs writes one through the pointer, which points at it.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the descriptor is this File's.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut fs) } != 0
+        || !SEEK_DATA_TRUSTED.contains(&(fs.f_type as u64))
+    {
+        return false;
+    }
+    let Ok(meta) = f.metadata() else {
+        return false;
+    };
+    // Past the end a read must still fail as one; and a file with no hole has none here.
+    if end > meta.len() || meta.blocks().saturating_mul(512) >= meta.len() {
+        return false;
+    }
     // SAFETY: a plain syscall on a descriptor this File owns; no memory is passed.
     let data = unsafe { libc::lseek(f.as_raw_fd(), off, libc::SEEK_DATA) };
     if data >= 0 {
         return data as u64 >= end;
     }
-    // ENXIO: no data from `offset` to the end of the file, or `offset` past it. A read
-    // past the end must still fail as one.
+    // ENXIO: no data from `offset` to the end of the file.
     io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
-        && f.metadata().is_ok_and(|m| end <= m.len())
 }
 
 impl FileHandle for File {

@@ -23,8 +23,9 @@ fn thin(dir: &std::path::Path, len_bytes: u64) -> std::fs::File {
 /// What both reads give for `len` bytes at `offset`.
 fn both(f: &std::fs::File, offset: u64, len: usize) -> (Vec<u8>, Vec<u8>) {
     let (mut plain, mut sparse) = (vec![0xAA; len], vec![0x55; len]);
-    FileHandle::read_exact_at(f, &mut plain, offset).unwrap();
+    // The sparse read first: the plain one fills the page cache.
     f.read_exact_at_sparse(&mut sparse, offset).unwrap();
+    FileHandle::read_exact_at(f, &mut plain, offset).unwrap();
     (plain, sparse)
 }
 
@@ -52,6 +53,30 @@ fn holes_read_as_zeros_and_data_as_written_even_unsynced() {
     assert_eq!(at_data, data, "the unsynced data itself");
     let (_, hole) = both(&f, 8 * MIB, 4096);
     assert!(hole.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn data_written_into_a_preallocated_range_and_not_synced_is_read() {
+    use std::os::unix::io::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let f = thin(dir.path(), 16 * MIB);
+    // Unwritten extents (the case filesystems have got wrong): allocated, reading as
+    // zeros, with a write into them still in the page cache only.
+    // SAFETY: a plain syscall on a descriptor the File owns; no memory is passed.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 8 << 20, 2 << 20) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let data = vec![0x42u8; 4096];
+    FileHandle::write_all_at(&f, &data, 9 * MIB).unwrap();
+    for (offset, len) in [
+        (8 * MIB, 2 * MIB as usize),
+        (9 * MIB, 4096),
+        (9 * MIB - 512, 1024),
+    ] {
+        let (plain, sparse) = both(&f, offset, len);
+        assert_eq!(plain, sparse, "{len} bytes at {offset}");
+    }
+    let (_, at_data) = both(&f, 9 * MIB, 4096);
+    assert_eq!(at_data, data);
 }
 
 #[test]
