@@ -117,12 +117,12 @@ impl IoBackend {
                 }
             }
             let expect = part.len() + usize::from(last);
-            wait_for(ring, expect)?;
+            wait_for(ring, expect);
             let mut seen = 0;
             // Bounded: exactly `expect` completions belong to this chunk.
             while seen < expect {
                 let Some(cqe) = ring.completion().next() else {
-                    wait_for(ring, 1)?;
+                    wait_for(ring, 1);
                     continue;
                 };
                 seen += 1;
@@ -151,11 +151,22 @@ impl IoBackend {
 /// the wait: a signal (the service's SIGTERM, delivered to this thread) must not return
 /// while the kernel still writes from the caller's buffers, nor roll a group back under
 /// writes still landing.
-fn wait_for(ring: &mut io_uring::IoUring, n: usize) -> io::Result<()> {
+///
+/// Any other failure of the wait aborts the process. The ring is sized so that its
+/// completions never overflow, so such a failure is a broken invariant, and nothing
+/// after it is safe: the kernel may still write from buffers the caller would free, over
+/// whatever comes next (a rollback, the next group). Unwinding would free those buffers
+/// too. On restart, the journal's recovery puts the uncommitted group back.
+fn wait_for(ring: &mut io_uring::IoUring, n: usize) {
     loop {
         match ring.submit_and_wait(n) {
+            Ok(_) => return,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r.map(|_| ()),
+            Err(e) => {
+                tracing::error!(error = %e, "io_uring wait failed with writes in flight: aborting; the journal's recovery puts the group back at the next start");
+                eprintln!("failback master target: io_uring wait failed with writes in flight ({e}): aborting; the journal's recovery puts the group back at the next start");
+                std::process::abort();
+            }
         }
     }
 }
