@@ -117,10 +117,15 @@ pub(crate) fn run(
     sink: bool,
 ) -> serde_json::Value {
     // Loopback has no relay, except to be held down for a drain or tapped for a limit.
-    let limit = match case {
+    let mut limit = match case {
         Case::Limit(l) => vec![format!("--max-bandwidth={l}")],
         _ => Vec::new(),
     };
+    // `WAN_PS_ARGS` (e.g. `--compression-level=6`): the process server's own flags, to
+    // measure a setting against the default on the same link.
+    if let Ok(extra) = std::env::var("WAN_PS_ARGS") {
+        limit.extend(extra.split_whitespace().map(str::to_owned));
+    }
     let relay = matches!(case, Case::Drain | Case::Limit(_));
     let mut s = setup(mt_netns, one_way_ms, relay, &limit, sink);
     let rate_bps = rate

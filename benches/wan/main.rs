@@ -26,7 +26,8 @@
 //! these two cores when no master target's apply shares them.
 //!
 //! Run: `cargo bench --bench wan` (`WAN_CASES=limit` or `bulk,drain,churn,diff` for a part,
-//! `WAN_LINKS=100mbit`, `1gbit`, `loopback` or `sink` for some links;
+//! `WAN_LINKS=100mbit`, `1gbit`, `loopback` or `sink` for some links,
+//! `WAN_PS_ARGS="--compression-level=6"` to give the process server flags of its own;
 //! root for the shaped links; without root, or without
 //! `ip`/`tc`, it says so and measures loopback only). Namespaces are named `fbwan-*`; they
 //! are removed when the bench ends or fails, on Ctrl-C or SIGTERM (with what runs in them

@@ -13,7 +13,10 @@
 //! - Compression as the bottleneck (waited on for over [`CPU_BOUND`] while downstream had
 //!   room), or over [`BUSY_MAX`] of the cores: one step down.
 //! - No see-saw: the level that proved too slow is a ceiling for [`CEILING_HOLD_PERIODS`];
-//!   then it is tried again (the load, the content or the link may have changed).
+//!   then it is tried again (the load, the content or the link may have changed). The
+//!   level it starts at is a guess, not a level it climbed into: a step down from it sets
+//!   no ceiling (the first seconds of a resync, its processes starting on shared cores,
+//!   would otherwise hold a whole run at the level below).
 //! - The link's zstd stream (protocol 5, [`StreamChoice`]) is one core's work: taken while
 //!   the link is full, its level stepped down first when it holds the link back, and left
 //!   only at the lowest level. While it compresses all period long, jobs that wait with the
@@ -22,7 +25,8 @@
 //!   keeps a short wait on a full pool from stepping down, and counts toward a climb when
 //!   the link itself was waited on for over [`STREAM_CLIMB_LINK_MIN`]: the stream has a
 //!   core's room, and its history makes each level worth more than batch by batch.
-//!   The level follows the stream's own, which climbs more slowly (a zstd frame's level is
+//!   It climbs only while the stream is under [`STREAM_CLIMB_BUSY_MAX`] busy, so that the
+//!   next level still leaves it room. The level follows the stream's own, which climbs more slowly (a zstd frame's level is
 //!   fixed), so a step down always lowers what is compressed.
 
 /// Waiting downstream more than this fraction of a period makes it the bottleneck.
@@ -44,6 +48,14 @@ pub const STREAM_SATURATED: f64 = 0.9;
 /// was waited on for more than this share of the period: a master target applying slowly
 /// fills the window too, and a higher level does nothing for it.
 pub const STREAM_CLIMB_LINK_MIN: f64 = 0.25;
+/// In the stream, the level climbs only while the stream compresses for less than this
+/// share of the period: a step up costs it up to 1.4× (level 4 to 5 on the WAN bench's
+/// image: 116 to 84 MB/s on one core), so from under half busy the next level stays near
+/// 0.7, short of [`STREAM_SATURATED`] by the margin the noise of shared cores needs. A
+/// climb to the edge saturated the stream, stepped it down (a new zstd frame, its history
+/// lost) and held that level off for [`CEILING_HOLD_PERIODS`]: the bench's 100 Mbit/s bulk
+/// went 1.10-1.13x the pipe so, 1.17x at a level held at 4.
+pub const STREAM_CLIMB_BUSY_MAX: f64 = 0.5;
 /// Periods (about 1 s each) the link's zstd stream is left after it held the link back,
 /// so that on a link one core nearly fills it does not go on and off every second.
 pub const STREAM_OFF_PERIODS: u32 = 10;
@@ -60,6 +72,11 @@ pub struct AdaptiveLevel {
     max: i32,
     /// A level that proved too slow, and for how many more periods it stays out of reach.
     ceiling: Option<(i32, u32)>,
+    /// Still at the level it started at, which is a guess, not a level climbed into: a
+    /// step down from it sets no ceiling. A bulk resync's first seconds (the agent, the
+    /// cache and the first jobs starting on the same cores) stepped the start level 3 down
+    /// once, and its ceiling then held the whole 18 s run at 2.
+    at_start: bool,
 }
 
 impl AdaptiveLevel {
@@ -71,6 +88,7 @@ impl AdaptiveLevel {
             min,
             max,
             ceiling: None,
+            at_start: true,
         }
     }
 
@@ -82,7 +100,9 @@ impl AdaptiveLevel {
     /// Brings the level down to `level` if it is above: the level the link's zstd stream
     /// really compresses at, which climbs more slowly than this one asks.
     pub fn follow(&mut self, level: i32) {
-        self.level = self.level.min(level.clamp(self.min, self.max));
+        let followed = self.level.min(level.clamp(self.min, self.max));
+        self.at_start &= followed == self.level;
+        self.level = followed;
     }
 
     /// Whether a step down would lower the level, once it followed `stream` (the level
@@ -94,12 +114,13 @@ impl AdaptiveLevel {
     /// Takes one period's waits and compression's busy share of the cores (fractions) and
     /// returns the next level.
     pub fn update(&mut self, link_wait: f64, cpu_wait: f64, busy: f64) -> i32 {
+        let before = self.level;
         self.ceiling = match self.ceiling {
             Some((_, 0)) | None => None,
             Some((c, n)) => Some((c, n - 1)),
         };
         if (cpu_wait > CPU_BOUND && link_wait < LINK_BOUND) || busy > BUSY_MAX {
-            if self.level > self.min {
+            if self.level > self.min && !self.at_start {
                 self.ceiling = Some((self.level, CEILING_HOLD_PERIODS));
             }
             self.level = (self.level - 1).max(self.min);
@@ -109,6 +130,7 @@ impl AdaptiveLevel {
                 self.level = next;
             }
         }
+        self.at_start &= self.level == before;
         self.level
     }
 }
@@ -228,6 +250,9 @@ impl StreamChoice {
         let level_link = if saturated {
             // Both at their limit: neither climb nor, on the link's account, step down.
             p.link.min(LINK_BOUND)
+        } else if was_streaming && stream_busy >= STREAM_CLIMB_BUSY_MAX {
+            // Room for this level, not for the next one.
+            link.min(LINK_BOUND)
         } else if was_streaming && p.link > STREAM_CLIMB_LINK_MIN {
             // In the stream, short of saturating it, the full window's wait is the link's
             // for the level too: it climbs until the stream is busy all period.
@@ -315,6 +340,29 @@ mod tests {
             5,
             "tried again once the hold ends: {levels:?}"
         );
+    }
+
+    #[test]
+    fn a_step_down_from_the_start_level_sets_no_ceiling_but_one_from_a_climb_does() {
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        assert_eq!(a.update(0.2, 0.2, 0.1), 2, "the start's burst: down a step");
+        assert_eq!(
+            a.update(0.9, 0.0, 0.1),
+            3,
+            "and back at once: 3 was a guess"
+        );
+        assert_eq!(
+            a.update(0.2, 0.2, 0.1),
+            2,
+            "3 proved too slow after a climb"
+        );
+        let held: Vec<i32> = (0..5).map(|_| a.update(0.9, 0.0, 0.1)).collect();
+        assert_eq!(held, vec![2; 5], "now it is a ceiling");
+        // Brought down by the stream, the start level is left too.
+        let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
+        a.follow(2);
+        assert_eq!(a.update(0.2, 0.2, 0.1), 1);
+        assert_eq!(a.update(0.9, 0.0, 0.1), 1, "2 is held off");
     }
 
     /// A period's waits, with compression well under the climbing cap.
@@ -453,6 +501,32 @@ mod tests {
         s.period(both, Some(&mut a), Some(4));
         let d = s.period(both, Some(&mut a), Some(4));
         assert_eq!(d.level, Some(4), "{d:?}");
+    }
+
+    #[test]
+    fn in_the_stream_the_level_climbs_only_while_the_next_one_leaves_room() {
+        // The link full, the stream busy over half of each period: it stays where it is.
+        let mut a = AdaptiveLevel::new(4, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, true);
+        let busy = period(0.9, 0.0, 0.0, 0.6);
+        let levels: Vec<_> = (0..5)
+            .map(|_| {
+                let stream_level = a.level();
+                s.period(busy, Some(&mut a), Some(stream_level)).level
+            })
+            .collect();
+        // The first period averages in an idle one before it (0.3): it climbs once.
+        assert_eq!(levels, vec![Some(5), Some(5), Some(5), Some(5), Some(5)]);
+        // Under half busy it climbs a step a period.
+        let mut a = AdaptiveLevel::new(4, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, true);
+        let roomy = period(0.9, 0.0, 0.0, 0.45);
+        s.period(roomy, Some(&mut a), Some(4));
+        assert_eq!(s.period(roomy, Some(&mut a), Some(5)).level, Some(6));
+        // Out of the stream the stream's busy share is not asked.
+        let mut off = StreamChoice::new(true, false);
+        let mut a = AdaptiveLevel::new(4, AUTO_MIN, AUTO_MAX);
+        assert_eq!(off.period(busy, Some(&mut a), None).level, Some(5));
     }
 
     #[test]
