@@ -117,23 +117,25 @@ pub(crate) fn run(
     sink: bool,
 ) -> serde_json::Value {
     // Loopback has no relay, except to be held down for a drain or tapped for a limit.
-    let mut limit = match case {
+    let mut ps_args = match case {
         Case::Limit(l) => vec![format!("--max-bandwidth={l}")],
         _ => Vec::new(),
     };
-    // `WAN_PS_ARGS` (e.g. `--compression-level=6`): the process server's own flags, to
-    // measure a setting against the default on the same link.
-    if let Ok(extra) = std::env::var("WAN_PS_ARGS") {
-        limit.extend(extra.split_whitespace().map(str::to_owned));
-    }
+    // `WAN_PS_ARGS` (e.g. `--compression-level=6`): the process server's own flags, split
+    // at white space (no quoting), to measure a setting against the default on the same
+    // link. Recorded in the case's results, so that such a run is never taken for one of
+    // the defaults.
+    let extra = std::env::var("WAN_PS_ARGS").unwrap_or_default();
+    ps_args.extend(extra.split_whitespace().map(str::to_owned));
     let relay = matches!(case, Case::Drain | Case::Limit(_));
-    let mut s = setup(mt_netns, one_way_ms, relay, &limit, sink);
+    let mut s = setup(mt_netns, one_way_ms, relay, &ps_args, sink);
     let rate_bps = rate
         .and_then(|r| runtime::units::parse_rate(r).ok())
         .map(|b| b as f64);
     let mut v = match case {
         Case::Limit(l) => {
-            let v = limited(&s, content, l);
+            let mut v = limited(&s, content, l);
+            v["ps_args"] = extra.into();
             s.c.stop();
             return v;
         }
@@ -151,6 +153,7 @@ pub(crate) fn run(
         }
         _ => resync(&s, content, case == Case::Drain),
     };
+    v["ps_args"] = extra.into();
     let secs = v["seconds"].as_f64().unwrap_or(1.0);
     let wire = v["wire_bytes"].as_f64().unwrap_or(0.0);
     // parse_rate gives bytes per second.

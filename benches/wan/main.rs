@@ -139,6 +139,9 @@ fn main() {
         eprintln!("{SINK_NAME}: {v}");
         rows.push((SINK_NAME, v));
     }
+    if let Ok(extra) = std::env::var("WAN_PS_ARGS") {
+        println!("process server run with WAN_PS_ARGS: {extra}");
+    }
     println!("bulk (agent start -> all durable on-premises): full resync of a 1 GiB ext4 image of {CONTENT_TREE}");
     println!("| link | logical MB/s | wire MB/s | link used | ratio | zstd-1+TLS pipe MB/s at its ratio (ours ÷ pipe) | iperf3 Mbit/s | CPU s/GB PS, MT, agent | peak RSS MiB PS, MT |");
     println!("|---|---|---|---|---|---|---|---|---|");

@@ -25,9 +25,10 @@
 //!   keeps a short wait on a full pool from stepping down, and counts toward a climb when
 //!   the link itself was waited on for over [`STREAM_CLIMB_LINK_MIN`]: the stream has a
 //!   core's room, and its history makes each level worth more than batch by batch.
-//!   It climbs only while the stream is under [`STREAM_CLIMB_BUSY_MAX`] busy, so that the
-//!   next level still leaves it room. The level follows the stream's own, which climbs more slowly (a zstd frame's level is
-//!   fixed), so a step down always lowers what is compressed.
+//!   In the stream the level climbs (on any wait) only while the stream is under
+//!   [`STREAM_CLIMB_BUSY_MAX`] busy, so that the next level still leaves it room. The level
+//!   follows the stream's own, which climbs more slowly (a zstd frame's level is fixed), so
+//!   a step down always lowers what is compressed.
 
 /// Waiting downstream more than this fraction of a period makes it the bottleneck.
 pub const LINK_BOUND: f64 = 0.5;
@@ -75,7 +76,8 @@ pub struct AdaptiveLevel {
     /// Still at the level it started at, which is a guess, not a level climbed into: a
     /// step down from it sets no ceiling. A bulk resync's first seconds (the agent, the
     /// cache and the first jobs starting on the same cores) stepped the start level 3 down
-    /// once, and its ceiling then held the whole 18 s run at 2.
+    /// once, and its ceiling then held the whole 18 s run at 2. Only that one step is
+    /// spared: a burst over two periods (3 to 2 to 1) still makes 2 a ceiling.
     at_start: bool,
 }
 
@@ -185,8 +187,8 @@ pub struct StreamChoice {
     off_periods: u32,
     /// The link's version has streams (5 or later).
     can_stream: bool,
-    /// The last period's [`Period::stream_busy`].
-    last_stream_busy: f64,
+    /// The last period's [`Period::stream_busy`], if it was in the stream.
+    last_stream_busy: Option<f64>,
 }
 
 impl StreamChoice {
@@ -196,7 +198,7 @@ impl StreamChoice {
             streaming: can_stream && streaming,
             off_periods: 0,
             can_stream,
-            last_stream_busy: 0.0,
+            last_stream_busy: None,
         }
     }
 
@@ -217,8 +219,13 @@ impl StreamChoice {
         // Averaged over two periods: a job adds its hold of the stream as it ends, so one
         // period may read over 1 and the next near 0 (one long chunk ending late must not
         // step a fine level down and hold it there for CEILING_HOLD_PERIODS).
-        let stream_busy = (self.last_stream_busy + p.stream_busy) / 2.0;
-        self.last_stream_busy = p.stream_busy;
+        let prior = self.last_stream_busy.take();
+        let stream_busy = (prior.unwrap_or(0.0) + p.stream_busy) / 2.0;
+        self.last_stream_busy = was_streaming.then_some(p.stream_busy);
+        // A climb asks the other way round: with no period in the stream before this one
+        // (a session's first, or the first after taking it), this one alone, lest an
+        // average with nothing read a stream compressing all period as half busy.
+        let climb_busy = prior.map_or(p.stream_busy, |_| stream_busy);
         let saturated = was_streaming && stream_busy > STREAM_SATURATED;
         // A full window is the link holding all it may, unless the stream compressed all
         // period: then the jobs waited with the window full were waiting their turn.
@@ -250,12 +257,12 @@ impl StreamChoice {
         let level_link = if saturated {
             // Both at their limit: neither climb nor, on the link's account, step down.
             p.link.min(LINK_BOUND)
-        } else if was_streaming && stream_busy >= STREAM_CLIMB_BUSY_MAX {
+        } else if was_streaming && climb_busy >= STREAM_CLIMB_BUSY_MAX {
             // Room for this level, not for the next one.
             link.min(LINK_BOUND)
         } else if was_streaming && p.link > STREAM_CLIMB_LINK_MIN {
-            // In the stream, short of saturating it, the full window's wait is the link's
-            // for the level too: it climbs until the stream is busy all period.
+            // In the stream, with room for the next level, the full window's wait is the
+            // link's for the level too.
             link
         } else if was_streaming {
             // The same, save the climb: a wait on a full pool with the window full too is
@@ -469,9 +476,9 @@ mod tests {
     }
 
     #[test]
-    fn in_the_stream_the_level_climbs_on_the_full_windows_wait_until_the_stream_saturates() {
+    fn in_the_stream_the_level_climbs_on_the_full_windows_wait_while_the_stream_has_room() {
         // The link and the window share the period: the link is all the stream waits on.
-        let shared = period(0.4, 0.0, 0.55, 0.5);
+        let shared = period(0.4, 0.0, 0.55, 0.3);
         let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
         let mut s = StreamChoice::new(true, true);
         assert_eq!(s.period(shared, Some(&mut a), Some(3)).level, Some(4));
@@ -515,14 +522,23 @@ mod tests {
                 s.period(busy, Some(&mut a), Some(stream_level)).level
             })
             .collect();
-        // The first period averages in an idle one before it (0.3): it climbs once.
-        assert_eq!(levels, vec![Some(5), Some(5), Some(5), Some(5), Some(5)]);
+        // The session's first period too: an average with no period before it would read
+        // 0.3 and climb.
+        assert_eq!(levels, vec![Some(4); 5]);
         // Under half busy it climbs a step a period.
         let mut a = AdaptiveLevel::new(4, AUTO_MIN, AUTO_MAX);
         let mut s = StreamChoice::new(true, true);
         let roomy = period(0.9, 0.0, 0.0, 0.45);
         s.period(roomy, Some(&mut a), Some(4));
         assert_eq!(s.period(roomy, Some(&mut a), Some(5)).level, Some(6));
+        // Nor in the first period after the stream is taken (the one before had none).
+        let mut a = AdaptiveLevel::new(4, AUTO_MIN, AUTO_MAX);
+        let mut s = StreamChoice::new(true, false);
+        assert_eq!(s.period(busy, Some(&mut a), None).stream, StreamStep::Taken);
+        let d = s.period(period(0.9, 0.0, 0.0, 0.8), Some(&mut a), Some(5));
+        assert_eq!(d.level, Some(5), "{d:?}");
+        let d = s.period(period(0.9, 0.0, 0.0, 0.8), Some(&mut a), Some(5));
+        assert_eq!(d.level, Some(5), "{d:?}");
         // Out of the stream the stream's busy share is not asked.
         let mut off = StreamChoice::new(true, false);
         let mut a = AdaptiveLevel::new(4, AUTO_MIN, AUTO_MAX);
