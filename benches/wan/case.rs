@@ -158,8 +158,8 @@ pub(crate) fn run(
     let wire = v["wire_bytes"].as_f64().unwrap_or(0.0);
     // parse_rate gives bytes per second.
     v["link_used"] = rate_bps.map(|r| wire / secs / r).into();
-    let linked = v["linked_seconds"].as_f64().unwrap_or(secs);
-    v["link_used_linked"] = rate_bps.map(|r| wire / linked / r).into();
+    let linked = v["linked_seconds"].as_f64();
+    v["link_used_linked"] = rate_bps.zip(linked).map(|(r, l)| wire / l / r).into();
     s.c.stop();
     drop(s.relay.take());
     drop(s.sink.take());
@@ -487,19 +487,20 @@ fn durable(c: &Cluster, from: &Mark, agent_cpu: f64) -> serde_json::Value {
     let lsn = status(c).cached_lsn;
     let mut last = None;
     // When the first byte of this measurement went on the wire: a drain's reconnect is
-    // before it (the link used "while linked" is counted from it).
-    let mut first_wire = None;
+    // before it (the link used "while linked" is counted from it). Known only if a poll
+    // saw none first: a bulk's polls start once the agent is done, long after it.
+    let (mut idle_seen, mut first_wire) = (false, None);
     c.wait_durable(1, lsn, Duration::from_secs(1800), |s| {
-        if first_wire.is_none() && s.wire_bytes > from.status.wire_bytes {
+        if s.wire_bytes <= from.status.wire_bytes {
+            idle_seen = true;
+        } else if first_wire.is_none() && idle_seen {
             first_wire = Some(Instant::now());
         }
         last = Some(s.clone())
     })
     .unwrap();
     let secs = from.at.elapsed().as_secs_f64();
-    let linked_secs = first_wire
-        .map_or(secs, |t| t.elapsed().as_secs_f64())
-        .max(1e-3);
+    let linked_secs = first_wire.map(|t| t.elapsed().as_secs_f64().max(1e-3));
     let s = last.unwrap_or_else(|| status(c));
     let logical = s.logical_bytes.saturating_sub(from.status.logical_bytes) as f64;
     let wire = s.wire_bytes.saturating_sub(from.status.wire_bytes) as f64;
@@ -513,7 +514,7 @@ fn durable(c: &Cluster, from: &Mark, agent_cpu: f64) -> serde_json::Value {
         "logical_mb_s": logical / secs / 1e6,
         "wire_mb_s": wire / secs / 1e6,
         "linked_seconds": linked_secs,
-        "wire_mb_s_linked": wire / linked_secs / 1e6,
+        "wire_mb_s_linked": linked_secs.map(|l| wire / l / 1e6),
         "ratio": logical / wire.max(1.0),
         "ps_cpu_s_per_gb": (ps_cpu - from.cpu.0) / gb,
         "mt_cpu_s_per_gb": (mt_cpu - from.cpu.1) / gb,

@@ -142,9 +142,11 @@ fn main() {
     if let Ok(extra) = std::env::var("WAN_PS_ARGS") {
         println!("process server run with WAN_PS_ARGS: {extra}");
     }
-    println!("bulk (agent start -> all durable on-premises): full resync of a 1 GiB ext4 image of {CONTENT_TREE}");
-    println!("| link | logical MB/s | wire MB/s | link used | ratio | zstd-1+TLS pipe MB/s at its ratio (ours ÷ pipe) | iperf3 Mbit/s | CPU s/GB PS, MT, agent | peak RSS MiB PS, MT |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    if ran(&rows, "bulk") {
+        println!("bulk (agent start -> all durable on-premises): full resync of a 1 GiB ext4 image of {CONTENT_TREE}");
+        println!("| link | logical MB/s | wire MB/s | link used | ratio | zstd-1+TLS pipe MB/s at its ratio (ours ÷ pipe) | iperf3 Mbit/s | CPU s/GB PS, MT, agent | peak RSS MiB PS, MT |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+    }
     for (name, v) in &rows {
         let b = &v["bulk"];
         if b.is_null() {
@@ -170,9 +172,11 @@ fn main() {
             f("mt_peak_rss_mib"),
         );
     }
-    println!("drain of the same image held in the process server's cache, then released (release to all durable, the reconnect included)");
-    println!("| link | logical MB/s | wire MB/s | link used | wire ÷ iperf3 | from the first byte on the wire (the reconnect left out): s, link used, wire ÷ iperf3 | CPU s/GB PS, MT | peak RSS MiB PS, MT |");
-    println!("|---|---|---|---|---|---|---|---|");
+    if ran(&rows, "drain") {
+        println!("drain of the same image held in the process server's cache, then released (release to all durable, the reconnect included)");
+        println!("| link | logical MB/s | wire MB/s | link used | wire ÷ iperf3 | from the first byte on the wire (the reconnect left out): s, link used, wire ÷ iperf3 | CPU s/GB PS, MT | peak RSS MiB PS, MT |");
+        println!("|---|---|---|---|---|---|---|---|");
+    }
     for (name, v) in &rows {
         let d = &v["drain"];
         if d.is_null() {
@@ -185,25 +189,29 @@ fn main() {
                 .map_or("-".into(), |m| format!("{:.2}", wire_mb_s * 8.0 / m))
         };
         println!(
-            "| {name} | {:.1} | {:.1} | {} | {} | {:.1} s, {}, {} | {:.1}, {:.1} | {:.0}, {:.0} |",
+            "| {name} | {:.1} | {:.1} | {} | {} | {} s, {}, {} | {:.1}, {:.1} | {:.0}, {:.0} |",
             f("logical_mb_s"),
             f("wire_mb_s"),
             used(d),
             of_iperf3(f("wire_mb_s")),
-            f("linked_seconds"),
+            d["linked_seconds"]
+                .as_f64()
+                .map_or("-".into(), |s| format!("{s:.1}")),
             d["link_used_linked"]
                 .as_f64()
                 .map_or("-".into(), |u| format!("{u:.2}")),
-            of_iperf3(f("wire_mb_s_linked")),
+            d["wire_mb_s_linked"].as_f64().map_or("-".into(), of_iperf3),
             f("ps_cpu_s_per_gb"),
             f("mt_cpu_s_per_gb"),
             f("ps_peak_rss_mib"),
             f("mt_peak_rss_mib"),
         );
     }
-    println!("churn: the Tencent CBS trace with the image's bytes, looped and sped up to put half the link's rate on the wire (at the bulk ratio; run again at the churn's own ratio when that put under 45% of the link on the wire and the writes asked were carried)");
-    println!("| link | speed | logical MB/s | wire MB/s | link used | RPO p50 / p99 / max ms (samples) |");
-    println!("|---|---|---|---|---|---|");
+    if ran(&rows, "churn") {
+        println!("churn: the Tencent CBS trace with the image's bytes, looped and sped up to put half the link's rate on the wire (at the bulk ratio; run again at the churn's own ratio when that put under 45% of the link on the wire and the writes asked were carried)");
+        println!("| link | speed | logical MB/s | wire MB/s | link used | RPO p50 / p99 / max ms (samples) |");
+        println!("|---|---|---|---|---|---|");
+    }
     for (name, v) in &rows {
         let ch = &v["churn"];
         if ch.is_null() {
@@ -238,6 +246,11 @@ fn main() {
             .map(|(n, v)| serde_json::json!({"link": n, "cases": v}))
             .collect::<Vec<_>>())
     );
+}
+
+/// Whether any link ran `case` (a partial run prints no empty tables).
+fn ran(rows: &[(&str, serde_json::Value)], case: &str) -> bool {
+    rows.iter().any(|(_, v)| !v[case].is_null())
 }
 
 /// The process server alone (toward the sink master target): what it carried, and its CPU
@@ -276,6 +289,9 @@ fn print_alone(rows: &[(&str, serde_json::Value)]) {
 
 /// The differential resync's table: failback beside rsync on the same images and link.
 fn print_diff(rows: &[(&str, serde_json::Value)]) {
+    if !ran(rows, "diff") {
+        return;
+    }
     println!("differential resync to the original location: the 1 GiB image with 1% of its 64 KiB blocks replaced by other blocks of it; failback agent start -> all durable and verified, beside rsync --inplace --no-whole-file (daemon, plain TCP) of the same images on the same link");
     println!("| link | failback s | failback MB on the link (both ways) | rsync s | rsync MB (both ways) | failback ÷ rsync time |");
     println!("|---|---|---|---|---|---|");
@@ -304,6 +320,12 @@ fn print_diff(rows: &[(&str, serde_json::Value)]) {
 
 /// The bandwidth limits' table (the links they were measured through).
 fn print_limits(rows: &[(&str, serde_json::Value)]) {
+    if rows
+        .iter()
+        .all(|(_, v)| v["limits"].as_array().is_none_or(Vec::is_empty))
+    {
+        return;
+    }
     println!("bandwidth limit (--max-bandwidth) with a 1 GiB resync to carry: bytes leaving the process server for the master target, timed at the relay, over 10 s after 2 s");
     println!("| link | limit | measured | ÷ limit | longest burst beyond the steady rate |");
     println!("|---|---|---|---|---|");
@@ -420,7 +442,14 @@ fn make_content(img: &Path) {
 fn shaped_case(content: &Path, rate: &str, rtt_ms: u64) -> serde_json::Value {
     let net = Net::new(rate);
     let me = std::env::current_exe().unwrap();
+    // The inner run's own working directory (the source disk, the on-premises disks, the
+    // TLS keys) goes inside this run's: an interrupt SIGKILLs the inner run with its
+    // namespace, so only the outer one's removal can take it.
+    let dir = content
+        .parent()
+        .expect("the content image is in the run's directory");
     let out = Command::new("ip")
+        .env("TMPDIR", dir)
         .args(["netns", "exec", &net.a])
         .arg(&me)
         .arg("--inner")

@@ -15,7 +15,13 @@ const COLOURS: [RGBColor; 3] = [BLUE, RED, GREEN];
 /// `utilization.svg` (link utilization per case, one bar group per link) into `dir`.
 pub(crate) fn write(dir: &Path, rows: &[(&str, serde_json::Value)]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    churn(&dir.join("churn.svg"), rows).map_err(|e| format!("churn.svg: {e}"))?;
+    // A partial run without churn leaves an earlier run's plot of it alone.
+    if rows
+        .iter()
+        .any(|(_, v)| v["churn"]["link_used"].is_number())
+    {
+        churn(&dir.join("churn.svg"), rows).map_err(|e| format!("churn.svg: {e}"))?;
+    }
     utilization(&dir.join("utilization.svg"), rows).map_err(|e| format!("utilization.svg: {e}"))
 }
 

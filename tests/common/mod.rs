@@ -582,6 +582,12 @@ impl Drop for SmallVolume {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Still busy after 5 s (a killed service's files not yet closed): detached lazily,
+        // so that no mount of a removed directory outlives the test.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
     }
 }
 
