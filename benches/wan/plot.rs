@@ -15,14 +15,17 @@ const COLOURS: [RGBColor; 3] = [BLUE, RED, GREEN];
 /// `utilization.svg` (link utilization per case, one bar group per link) into `dir`.
 pub(crate) fn write(dir: &Path, rows: &[(&str, serde_json::Value)]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    // A partial run without churn leaves an earlier run's plot of it alone.
-    if rows
-        .iter()
-        .any(|(_, v)| v["churn"]["link_used"].is_number())
-    {
+    // A partial run leaves an earlier run's plots alone where it lacks their cases (a
+    // missing case would draw as a bar of zero).
+    let shaped = |case: &str| rows.iter().any(|(_, v)| v[case]["link_used"].is_number());
+    if shaped("churn") {
         churn(&dir.join("churn.svg"), rows).map_err(|e| format!("churn.svg: {e}"))?;
     }
-    utilization(&dir.join("utilization.svg"), rows).map_err(|e| format!("utilization.svg: {e}"))
+    if ["bulk", "drain", "churn"].iter().all(|c| shaped(c)) {
+        utilization(&dir.join("utilization.svg"), rows)
+            .map_err(|e| format!("utilization.svg: {e}"))?;
+    }
+    Ok(())
 }
 
 /// (seconds, RPO ms, logical MB/s over the last sample) of a churn case.
