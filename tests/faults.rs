@@ -588,7 +588,9 @@ fn on_small_volume(
     data_subdir: &str,
     mib: u64,
     configure: impl FnOnce(&mut Cluster),
-) -> Option<(tempfile::TempDir, Cluster, SmallVolume)> {
+) -> Option<(tempfile::TempDir, SmallVolume, Cluster)> {
+    // In that order: on a failed test the cluster (declared last) stops first, so the
+    // volume is no longer busy when it is unmounted.
     if !root() {
         eprintln!("full volumes need root (mount -o loop): run the fault suite as root (CI does)");
         return None;
@@ -604,13 +606,13 @@ fn on_small_volume(
     c.start_mt().unwrap();
     c.start_ps().unwrap();
     c.wait_linked(Duration::from_secs(30)).unwrap();
-    Some((dir, c, vol))
+    Some((dir, vol, c))
 }
 
 #[test]
 fn a_full_cache_volume_holds_agents_back_and_loses_nothing() {
     // The limit above the volume: the volume fills first.
-    let Some((_dir, mut c, vol)) = on_small_volume("process-server", 96, |c| {
+    let Some((_dir, vol, mut c)) = on_small_volume("process-server", 96, |c| {
         c.ps_extra.push("--cache-limit=1GiB".into())
     }) else {
         return;
@@ -640,7 +642,7 @@ fn a_full_cache_volume_holds_agents_back_and_loses_nothing() {
 #[test]
 fn a_full_retention_volume_prunes_or_holds_and_a_smaller_quota_starts() {
     // A quota the volume cannot hold.
-    let Some((_dir, mut c, vol)) = on_small_volume("retention", 48, |c| {
+    let Some((_dir, vol, mut c)) = on_small_volume("retention", 48, |c| {
         c.mt_extra.push("--journal-quota=1GiB".into())
     }) else {
         return;

@@ -66,6 +66,7 @@ struct Setup {
 }
 
 fn setup(
+    content_dir: &Path,
     mt_netns: Option<&str>,
     one_way_ms: u64,
     relay: bool,
@@ -73,7 +74,10 @@ fn setup(
     sink: bool,
 ) -> Setup {
     let bin = Path::new(env!("CARGO_BIN_EXE_failback"));
-    let dir = tempfile::tempdir().unwrap();
+    // Inside the run's own directory (where the content image is), which the Ctrl-C handler
+    // removes: an interrupt exits without running destructors, and an inner run (a shaped
+    // link) is SIGKILLed with its namespace.
+    let dir = tempfile::tempdir_in(content_dir).unwrap();
     let tls = dir.path().join("tls");
     std::fs::create_dir_all(&tls).unwrap();
     let names = ["localhost".into(), "127.0.0.1".into(), IP_MT.into()];
@@ -128,7 +132,10 @@ pub(crate) fn run(
     let extra = std::env::var("WAN_PS_ARGS").unwrap_or_default();
     ps_args.extend(extra.split_whitespace().map(str::to_owned));
     let relay = matches!(case, Case::Drain | Case::Limit(_));
-    let mut s = setup(mt_netns, one_way_ms, relay, &ps_args, sink);
+    let content_dir = content
+        .parent()
+        .expect("the content image is in the run's directory");
+    let mut s = setup(content_dir, mt_netns, one_way_ms, relay, &ps_args, sink);
     let rate_bps = rate
         .and_then(|r| runtime::units::parse_rate(r).ok())
         .map(|b| b as f64);

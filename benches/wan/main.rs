@@ -259,6 +259,9 @@ fn print_alone(rows: &[(&str, serde_json::Value)]) {
     let Some((_, v)) = rows.iter().find(|r| r.0 == SINK_NAME) else {
         return;
     };
+    if ["bulk", "drain", "churn"].iter().all(|c| v[c].is_null()) {
+        return;
+    }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     println!("the process server alone: loopback, toward a master target that acknowledges what it decodes and keeps nothing (the agent, the sink and, in the drain, the relay still share the {cores} cores)");
     println!("| case | logical MB/s | ratio | CPU s/GB PS, agent, sink | {cores} cores ÷ the PS's CPU per GB, MB/s | peak RSS MiB PS |");
@@ -442,14 +445,7 @@ fn make_content(img: &Path) {
 fn shaped_case(content: &Path, rate: &str, rtt_ms: u64) -> serde_json::Value {
     let net = Net::new(rate);
     let me = std::env::current_exe().unwrap();
-    // The inner run's own working directory (the source disk, the on-premises disks, the
-    // TLS keys) goes inside this run's: an interrupt SIGKILLs the inner run with its
-    // namespace, so only the outer one's removal can take it.
-    let dir = content
-        .parent()
-        .expect("the content image is in the run's directory");
     let out = Command::new("ip")
-        .env("TMPDIR", dir)
         .args(["netns", "exec", &net.a])
         .arg(&me)
         .arg("--inner")

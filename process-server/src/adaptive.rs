@@ -492,7 +492,7 @@ mod tests {
         // The window full with the link hardly waited on: the master target's pace.
         let mut s = StreamChoice::new(true, true);
         let mut a = AdaptiveLevel::new(3, AUTO_MIN, AUTO_MAX);
-        let slow_target = period(0.1, 0.0, 0.85, 0.5);
+        let slow_target = period(0.1, 0.0, 0.85, 0.3);
         assert_eq!(s.period(slow_target, Some(&mut a), Some(3)).level, Some(3));
         // Nor is a short wait on a full pool then a reason to step down (a drain's trace:
         // link 0.24, window 0.62, pool 0.11 stepped 4 to 3 and held 4 off for 30 s).

@@ -584,6 +584,10 @@ impl Drop for SmallVolume {
         }
         // Still busy after 5 s (a killed service's files not yet closed): detached lazily,
         // so that no mount of a removed directory outlives the test.
+        eprintln!(
+            "{} still busy after 5 s: detached lazily (a process of the test still uses it)",
+            self.dir.display()
+        );
         let _ = std::process::Command::new("umount")
             .arg("-l")
             .arg(&self.dir)
