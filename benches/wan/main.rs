@@ -70,14 +70,25 @@ const IP_MT: &str = "10.79.0.2";
 /// killed, and waits for the handler's exit instead of reporting it.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Ctrl-C or SIGTERM: the services in this run's namespaces are killed, the namespaces and
-/// the working directory (a 1 GiB image) removed, and the bench exits 130.
+/// Ctrl-C or SIGTERM: the services it started (in its namespaces or beside it) are killed,
+/// the namespaces and the working directory (a 1 GiB image, every case's disks and keys)
+/// removed, and the bench exits 130.
 fn on_interrupt(dir: &Path) {
+    // A case that fails because the handler killed what it waits on holds its report
+    // until the handler has cleaned up and exited.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_secs(30));
+        }
+        report(info);
+    }));
     let dir = dir.to_owned();
     let ours = format!("{NS_PREFIX}{}-", std::process::id());
     let set = ctrlc::set_handler(move || {
         INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         eprintln!("wan: interrupted: stopping its services, removing its namespaces");
+        net::kill_descendants();
         net::remove_namespaces(&ours);
         let _ = std::fs::remove_dir_all(&dir);
         eprintln!(

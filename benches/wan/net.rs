@@ -91,6 +91,41 @@ fn remove_stale() {
 
 /// Kills what runs in every namespace named `prefix*` and removes those namespaces (with
 /// them the veth pair).
+/// SIGKILLs every process descended from this one (`/proc`'s parent links): on loopback the
+/// services run beside the bench, in no namespace of its own, and outlive its exit.
+pub(crate) fn kill_descendants() {
+    let me = std::process::id() as i32;
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut ours = vec![me];
+    let mut i = 0;
+    while i < ours.len() {
+        let parent = ours[i];
+        ours.extend(parents.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    for &pid in &ours[1..] {
+        // SAFETY: kill has no memory preconditions; the pid is a descendant found above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 pub(crate) fn remove_namespaces(prefix: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
