@@ -89,8 +89,6 @@ fn remove_stale() {
     remove_namespaces(NS_PREFIX);
 }
 
-/// Kills what runs in every namespace named `prefix*` and removes those namespaces (with
-/// them the veth pair).
 /// SIGKILLs every process descended from this one (`/proc`'s parent links): on loopback the
 /// services run beside the bench, in no namespace of its own, and outlive its exit.
 pub(crate) fn kill_descendants() {
@@ -126,6 +124,8 @@ pub(crate) fn kill_descendants() {
     }
 }
 
+/// Kills what runs in every namespace named `prefix*` and removes those namespaces (with
+/// them the veth pair).
 pub(crate) fn remove_namespaces(prefix: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
